@@ -1,0 +1,1 @@
+"""clusters/rig package."""

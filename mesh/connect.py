@@ -1,0 +1,91 @@
+"""HTTP/1.1 CONNECT for the local hop, sidecar -> its cluster's gateway (egress).
+
+The request names the target as `<svc>.<ns>.svc.clusterset.local:<port>` and the destination
+cluster in `Fedgate-Cluster` (as Istio's HBONE names its target in the CONNECT authority), plus
+W3C `traceparent`. After `200` the connection carries the inner TLS bytes opaquely.
+Parsing is bounded (RFC 9112 leaves limits to us: `MAX_REQUEST`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.errors import CodecError, MeshError
+from mesh.naming import ServiceKey
+
+MAX_REQUEST = 8192
+CLUSTER_HEADER = "fedgate-cluster"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    service: ServiceKey
+    port: int
+    cluster: str
+    traceparent: str = ""
+
+
+def encode_request(r: ConnectRequest) -> bytes:
+    authority = f"{r.service.fqdn}:{r.port}"
+    lines = [
+        f"CONNECT {authority} HTTP/1.1",
+        f"Host: {authority}",
+        f"Fedgate-Cluster: {r.cluster}",
+    ]
+    if r.traceparent:
+        lines.append(f"traceparent: {r.traceparent}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def split_head(buf: bytes) -> tuple[bytes, bytes] | None:
+    """(head, rest) once the blank line arrived; None if more is needed; error if too long."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_REQUEST:
+            raise CodecError(f"CONNECT head exceeds {MAX_REQUEST} bytes")
+        return None
+    if end + 4 > MAX_REQUEST:
+        raise CodecError(f"CONNECT head exceeds {MAX_REQUEST} bytes")
+    return buf[:end], buf[end + 4 :]
+
+
+def parse_request(head: bytes) -> ConnectRequest:
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise CodecError("CONNECT head is not ASCII") from e
+    request_line, *header_lines = text.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or parts[0] != "CONNECT" or parts[2] != "HTTP/1.1":
+        raise CodecError(f"malformed CONNECT request line {request_line[:80]!r}")
+    host, sep, port_text = parts[1].rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise CodecError(f"CONNECT authority {parts[1][:80]!r} has no valid port")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise CodecError(f"malformed header line {line[:80]!r}")
+        headers[name.lower()] = value.strip()
+    cluster = headers.get(CLUSTER_HEADER, "")
+    if not cluster:
+        raise CodecError("CONNECT has no Fedgate-Cluster header")
+    try:
+        service = ServiceKey.parse_fqdn(host)
+    except MeshError as e:
+        raise CodecError(f"CONNECT target: {e}") from e
+    return ConnectRequest(service, int(port_text), cluster, headers.get("traceparent", ""))
+
+
+def encode_response(status: int, reason: str) -> bytes:
+    # The reason phrase carries our explanation (no silent 503s); keep it one clean line.
+    clean = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in reason)[:200]
+    return f"HTTP/1.1 {status} {clean}\r\n\r\n".encode("ascii")
+
+
+def parse_response(head: bytes) -> tuple[int, str]:
+    line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit():
+        raise CodecError(f"malformed CONNECT response {line[:80]!r}")
+    return int(parts[1]), parts[2] if len(parts) > 2 else ""
