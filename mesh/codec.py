@@ -211,7 +211,9 @@ def service_from_json(o: Mapping[str, Any]) -> MergedService:
         ),
         conditions=tuple(
             Condition(
-                _req(c, "type", str), _req(c, "status", bool), _req(c, "reason", str),
+                _req(c, "type", str),
+                _req(c, "status", bool),
+                _req(c, "reason", str),
                 str(c.get("message", "")),
             )
             for c in o.get("conditions", [])
@@ -310,17 +312,18 @@ def split_frame(buf: bytes) -> tuple[Json, bytes] | None:
     return loads(buf[_PREFIX.size : end], "stream header"), buf[end:]
 
 
+def _header(x: Mapping[str, Any]) -> StreamHeader:
+    return StreamHeader(
+        service=ServiceKey(_req(x, "ns", str), _req(x, "svc", str)),
+        port=ServicePort("p", _req(x, "port", int)).port,
+        cluster=_req(x, "cluster", str),
+        traceparent=_req(x, "traceparent", str),
+    )
+
+
 def header_from_json(o: Mapping[str, Any]) -> StreamHeader:
-    return _guard(
-        "stream header",
-        lambda x: StreamHeader(
-            service=ServiceKey(_req(x, "ns", str), _req(x, "svc", str)),
-            port=ServicePort("p", _req(x, "port", int)).port,
-            cluster=_req(x, "cluster", str),
-            traceparent=_req(x, "traceparent", str),
-        ),
-        o,
-    )  # type: ignore[no-any-return]
+    header: StreamHeader = _guard("stream header", _header, o)
+    return header
 
 
 def reply_from_json(o: Mapping[str, Any]) -> StreamReply:

@@ -8,7 +8,7 @@ class MeshError(Exception):
     """Base of every error raised by mesh/."""
 
 
-class NameError_(MeshError):  # noqa: N801 - trailing underscore avoids shadowing the builtin
+class InvalidNameError(MeshError):
     """A clusterset service name or SPIFFE ID is malformed."""
 
 

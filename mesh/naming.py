@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mesh.errors import NameError_
+from mesh.errors import InvalidNameError
 
 CLUSTERSET_SUFFIX = "svc.clusterset.local"
 DEFAULT_FEDERATION_DOMAIN = "fedgate.local"
@@ -23,7 +23,7 @@ _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,253}[a-z0-9])?$")
 
 def check_label(value: str, what: str) -> str:
     if not _LABEL.match(value):
-        raise NameError_(f"{what} {value!r} is not an RFC 1123 label")
+        raise InvalidNameError(f"{what} {value!r} is not an RFC 1123 label")
     return value
 
 
@@ -51,10 +51,10 @@ class ServiceKey:
         name = fqdn.lower().rstrip(".")
         suffix = "." + CLUSTERSET_SUFFIX
         if not name.endswith(suffix):
-            raise NameError_(f"{fqdn!r} is not under {CLUSTERSET_SUFFIX}")
+            raise InvalidNameError(f"{fqdn!r} is not under {CLUSTERSET_SUFFIX}")
         parts = name[: -len(suffix)].split(".")
         if len(parts) != 2:
-            raise NameError_(f"{fqdn!r} is not <service>.<namespace>.{CLUSTERSET_SUFFIX}")
+            raise InvalidNameError(f"{fqdn!r} is not <service>.<namespace>.{CLUSTERSET_SUFFIX}")
         return cls(namespace=parts[1], name=parts[0])
 
     @classmethod
@@ -62,7 +62,7 @@ class ServiceKey:
         """Parse `<svc>.<ns>` as used on the command line."""
         parts = text.split(".")
         if len(parts) != 2:
-            raise NameError_(f"{text!r} is not <service>.<namespace>")
+            raise InvalidNameError(f"{text!r} is not <service>.<namespace>")
         return cls(namespace=parts[1], name=parts[0])
 
 
@@ -80,7 +80,7 @@ class SpiffeId:
 
     def __post_init__(self) -> None:
         if not _TRUST_DOMAIN.match(self.trust_domain):
-            raise NameError_(f"trust domain {self.trust_domain!r} is malformed")
+            raise InvalidNameError(f"trust domain {self.trust_domain!r} is malformed")
         check_label(self.namespace, "namespace")
         check_label(self.service_account, "service account")
 
@@ -95,11 +95,11 @@ class SpiffeId:
     def parse(cls, uri: str) -> SpiffeId:
         prefix = "spiffe://"
         if not uri.startswith(prefix):
-            raise NameError_(f"{uri!r} is not a spiffe:// URI")
+            raise InvalidNameError(f"{uri!r} is not a spiffe:// URI")
         trust_domain, _, path = uri[len(prefix) :].partition("/")
         parts = path.split("/")
         if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
-            raise NameError_(f"{uri!r} is not spiffe://<trust-domain>/ns/<ns>/sa/<sa>")
+            raise InvalidNameError(f"{uri!r} is not spiffe://<trust-domain>/ns/<ns>/sa/<sa>")
         return cls(trust_domain=trust_domain, namespace=parts[1], service_account=parts[3])
 
 
@@ -110,3 +110,12 @@ def gateway_identity(trust_domain: str) -> SpiffeId:
 def gateway_dns_name(cluster: str, federation_domain: str = DEFAULT_FEDERATION_DOMAIN) -> str:
     """The DNS SAN every gateway certificate carries (peers verify it as the TLS server name)."""
     return f"gateway.{cluster}.{federation_domain}"
+
+
+def controller_identity(federation_domain: str = DEFAULT_FEDERATION_DOMAIN) -> SpiffeId:
+    """The controller lives in the federation's own trust domain, not in any one cluster's."""
+    return SpiffeId(federation_domain, SYSTEM_NAMESPACE, "controller")
+
+
+def controller_dns_name(federation_domain: str = DEFAULT_FEDERATION_DOMAIN) -> str:
+    return f"controller.{federation_domain}"

@@ -46,11 +46,11 @@ def cluster_weights(
                     raw[c] = raw.get(c, 0.0) + w.weight * counts[c] / total
             elif w.cluster in counts:
                 raw[w.cluster] = raw.get(w.cluster, 0.0) + w.weight
-        if sum(raw.values()) <= 0:
+        if sum(raw.values(), 0.0) <= 0:
             # Every weighted cluster is empty: fall back to what exists rather than fail.
             raw = {c: float(n) for c, n in counts.items()}
-    total = sum(raw.values())
-    return tuple(ClusterChoice(c, w / total) for c, w in sorted(raw.items()) if w > 0)
+    weight_sum = sum(raw.values(), 0.0)
+    return tuple(ClusterChoice(c, w / weight_sum) for c, w in sorted(raw.items()) if w > 0)
 
 
 def pick_cluster(choices: tuple[ClusterChoice, ...], rng: random.Random) -> str:

@@ -1,0 +1,153 @@
+"""The thin config-stream client every sidecar, gateway and agent uses.
+
+`ConfigClient.snapshots()` yields each new snapshot the controller sends, after ACKing it;
+a response that does not decode (or that `validate` refuses) is NACKed with the reason and the
+last good snapshot stays in force. Stream errors reconnect with bounded exponential backoff
+(0.2 s doubling to 5 s, with jitter, reset once a response arrives); every new stream
+announces the last good version, so a controller with nothing newer sends nothing.
+
+Session rules live in `federation.api.session`; credentials (mTLS with the proxy's SVID) are the
+caller's business. `credentials=None` means a plaintext channel, for tests on loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncGenerator
+
+import grpc
+import grpc.aio
+import structlog
+
+from federation.api.config_pb2 import ConfigResponse
+from federation.api.config_pb2_grpc import ConfigDiscoveryStub
+from federation.api.session import Accepted, ClientSession, NodeInfo, Rejected, Validator
+from mesh.model import Snapshot
+
+__all__ = ["ConfigClient", "NodeInfo"]
+
+_log = structlog.get_logger("fedgate.federation.api.client")
+
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+MAX_MESSAGE = 64 * 1024 * 1024  # a large federation's snapshot outgrows gRPC's 4 MiB default
+
+
+class _StreamEndedError(Exception):
+    """The controller closed the stream; we reconnect."""
+
+
+class ConfigClient:
+    """The config stream of one proxy.
+
+    Name the proxy with `node=NodeInfo(...)` or with `node_id=`, `cluster=`, `kind=`.
+    `credentials` are the proxy's mTLS channel credentials; a plaintext channel needs an
+    explicit `insecure=True` (loopback tests only), so a missing credential never silently
+    downgrades the stream.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        node: NodeInfo | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name_override: str | None = None,
+        *,
+        node_id: str | None = None,
+        cluster: str | None = None,
+        kind: str = "sidecar",
+        insecure: bool = False,
+        validate: Validator | None = None,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+        rng: random.Random | None = None,
+    ) -> None:
+        if node is None:
+            if not node_id or not cluster:
+                raise ValueError("ConfigClient needs node=NodeInfo(...) or node_id= and cluster=")
+            node = NodeInfo(node_id, cluster, kind)
+        elif node_id is not None or cluster is not None:
+            raise ValueError("pass either node= or node_id=/cluster=, not both")
+        if credentials is None and not insecure:
+            raise ValueError("ConfigClient needs channel credentials (insecure=True for tests)")
+        self._target = target
+        self._node = node
+        self._credentials = credentials
+        self._server_name = server_name_override
+        self._session = ClientSession(node, validate)
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._rng = rng or random.Random()
+        self._log = _log.bind(node=node.id, cluster=node.cluster, target=target)
+        self.reconnects = 0  # metric
+        self.nacks = 0  # metric
+
+    @property
+    def node(self) -> NodeInfo:
+        return self._node
+
+    @property
+    def latest(self) -> Snapshot | None:
+        """The last snapshot accepted (None before the first)."""
+        return self._session.latest
+
+    def _channel(self) -> grpc.aio.Channel:
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # Notice a dead controller on an idle stream: ping every 30 s, also without data
+            # (gRPC stops after 2 such pings by default); `federation.server.serve` permits it.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self._target, options=options)
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        return grpc.aio.secure_channel(self._target, self._credentials, options=options)
+
+    async def snapshots(self) -> AsyncGenerator[Snapshot, None]:
+        """Each new good snapshot, for ever; reconnects on its own. Close it to stop."""
+        delay = self._backoff_initial
+        while True:
+            channel = self._channel()
+            call = ConfigDiscoveryStub(channel).StreamConfig()
+            try:
+                await call.write(self._session.hello())
+                while True:
+                    response = await call.read()
+                    if not isinstance(response, ConfigResponse):  # grpc.aio.EOF
+                        raise _StreamEndedError("controller closed the config stream")
+                    delay = self._backoff_initial
+                    outcome = self._session.receive(response)
+                    match outcome:
+                        case Accepted(snapshot=snapshot, ack=ack):
+                            await call.write(ack)
+                            self._log.info("config accepted", version=snapshot.version)
+                            yield snapshot
+                        case Rejected(error=error, nack=nack):
+                            self.nacks += 1
+                            self._log.warning(
+                                "config rejected",
+                                version=response.version_info,
+                                kept=self._session.version,
+                                error=error,
+                            )
+                            await call.write(nack)
+                        case _:
+                            raise AssertionError(f"unknown session outcome {outcome!r}")
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, _StreamEndedError) as e:
+                self._log.warning("config stream failed, reconnecting", error=_describe(e))
+            finally:
+                call.cancel()
+                await channel.close(None)
+            self.reconnects += 1
+            await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._backoff_max)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details() or ''}"
+    return str(e)

@@ -1,0 +1,163 @@
+"""The config stream's session logic, both halves, pure (no I/O, no clock).
+
+xDS-style rules (as Envoy's state-of-the-world ADS, one resource type):
+- The client's first request names its node and the version it already runs ("" at start).
+- The server sends a response only when its snapshot's version differs from the last version
+  it sent on this stream (or, before sending anything, from the version the client runs).
+- The client answers every response: ACK = that response's version + nonce; NACK = the last
+  version it accepted + the response's nonce + error_detail. A NACKed version is not resent;
+  the next different snapshot is.
+- Answers are matched to responses by nonce. An answer may arrive after a newer response was
+  sent (it still tells which version the client accepted or refused); a request naming no
+  unanswered nonce is stale and ignored.
+
+The drivers are `federation.api.client.ConfigClient` and `federation.server`; this module only
+decides what to send and what a message means, so both halves are tested back to back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from federation.api.config_pb2 import ConfigRequest, ConfigResponse, Node
+from mesh.codec import decode, snapshot_from_json
+from mesh.errors import CodecError
+from mesh.model import Snapshot
+
+MAX_UNANSWERED = 16  # responses remembered per stream while awaiting their ACK/NACK
+Validator = Callable[[Snapshot], None]  # raises ValueError to NACK a decodable snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """Who is asking for config: `id` unique per proxy, its `cluster`, and `kind`."""
+
+    id: str
+    cluster: str
+    kind: str = "sidecar"
+
+    def to_proto(self) -> Node:
+        return Node(id=self.id, cluster=self.cluster, kind=self.kind)
+
+    @classmethod
+    def from_proto(cls, node: Node) -> NodeInfo:
+        return cls(id=node.id, cluster=node.cluster, kind=node.kind)
+
+
+# --- client half ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    snapshot: Snapshot
+    ack: ConfigRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    error: str
+    nack: ConfigRequest
+
+
+class ClientSession:
+    """Decodes responses, keeps the last good snapshot, and says what to answer."""
+
+    def __init__(self, node: NodeInfo, validate: Validator | None = None) -> None:
+        self._node = node
+        self._validate = validate
+        self.latest: Snapshot | None = None
+
+    @property
+    def version(self) -> str:
+        return self.latest.version if self.latest is not None else ""
+
+    def hello(self) -> ConfigRequest:
+        """The first request of a stream: resending our version spares an unchanged server."""
+        return ConfigRequest(node=self._node.to_proto(), version_info=self.version)
+
+    def receive(self, response: ConfigResponse) -> Accepted | Rejected:
+        try:
+            snapshot: Snapshot = decode(response.snapshot, snapshot_from_json, "snapshot")
+            if snapshot.version != response.version_info:
+                raise CodecError(
+                    f"snapshot version {snapshot.version!r} is not the response's "
+                    f"version_info {response.version_info!r}"
+                )
+            if self._validate is not None:
+                self._validate(snapshot)
+        except (CodecError, ValueError) as e:
+            nack = ConfigRequest(
+                node=self._node.to_proto(),
+                version_info=self.version,
+                response_nonce=response.nonce,
+                error_detail=str(e) or type(e).__name__,
+            )
+            return Rejected(nack.error_detail, nack)
+        self.latest = snapshot
+        ack = ConfigRequest(
+            node=self._node.to_proto(),
+            version_info=response.version_info,
+            response_nonce=response.nonce,
+        )
+        return Accepted(snapshot, ack)
+
+
+# --- server half ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    rejected: str  # the version the client refused
+    kept: str  # the version it keeps running
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    nonce: str
+
+
+class ServerSession:
+    """One stream, server side: which snapshot to send and what each request means."""
+
+    def __init__(self, hello: ConfigRequest) -> None:
+        self.node = NodeInfo.from_proto(hello.node)
+        self.client_version = hello.version_info  # what the client runs, as far as we know
+        self._sent_version: str | None = None
+        self._count = 0
+        # Responses not answered yet, oldest first. A newer snapshot may go out before the
+        # answer to the previous one arrives; that answer is still an ACK/NACK of its version.
+        self._unanswered: dict[str, str] = {}
+
+    def offer(self, version: str, payload: bytes) -> ConfigResponse | None:
+        """The response carrying `payload` (snapshot `version`), or None if nothing is new."""
+        known = self._sent_version if self._sent_version is not None else self.client_version
+        if version == known:
+            return None
+        self._count += 1
+        nonce = str(self._count)
+        self._sent_version = version
+        self._unanswered[nonce] = version
+        if len(self._unanswered) > MAX_UNANSWERED:  # a client that never answers: forget oldest
+            del self._unanswered[next(iter(self._unanswered))]
+        return ConfigResponse(version_info=version, nonce=nonce, snapshot=payload)
+
+    def receive(self, request: ConfigRequest) -> Ack | Nack | Stale:
+        version = self._unanswered.get(request.response_nonce)
+        if version is None:
+            return Stale(request.response_nonce)
+        # The client answers in order: this answer settles every older response too.
+        for nonce in list(self._unanswered):
+            del self._unanswered[nonce]
+            if nonce == request.response_nonce:
+                break
+        self.client_version = request.version_info
+        if request.error_detail:
+            return Nack(rejected=version, kept=request.version_info, error=request.error_detail)
+        return Ack(request.version_info)

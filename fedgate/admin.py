@@ -1,0 +1,82 @@
+"""The admin port every fedgate process serves: /healthz, /readyz, /config, /metrics.
+
+A deliberately tiny HTTP/1.1 server (GET only, one request per connection, bounded head): it is
+an operator's window, not a data path, and must not pull a web framework into every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+_log = structlog.get_logger("fedgate.admin")
+MAX_HEAD = 4096
+
+
+@dataclass
+class AdminState:
+    """What the admin port reports; the owning process fills the callbacks in."""
+
+    ready: Callable[[], bool] = lambda: False
+    config: Callable[[], dict[str, Any]] = dict
+    metrics: Callable[[], str] = str
+    extra: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+
+
+def _response(status: int, body: bytes, content_type: str) -> bytes:
+    reason = {200: "OK", 404: "Not Found", 400: "Bad Request", 503: "Service Unavailable"}
+    head = (
+        f"HTTP/1.1 {status} {reason.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def route(state: AdminState, path: str) -> tuple[int, bytes, str]:
+    path = path.split("?", 1)[0]
+    if path == "/healthz":
+        return 200, b"ok\n", "text/plain"
+    if path == "/readyz":
+        ok = state.ready()
+        return (200 if ok else 503), (b"ready\n" if ok else b"not ready\n"), "text/plain"
+    if path == "/config":
+        return 200, json.dumps(state.config(), indent=2).encode() + b"\n", "application/json"
+    if path == "/metrics":
+        return 200, state.metrics().encode(), "text/plain; version=0.0.4"
+    if path.lstrip("/") in state.extra:
+        body = json.dumps(state.extra[path.lstrip("/")](), indent=2).encode() + b"\n"
+        return 200, body, "application/json"
+    return 404, b"not found\n", "text/plain"
+
+
+async def _handle(
+    state: AdminState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        parts = head.split(b"\r\n", 1)[0].decode("ascii", "replace").split(" ")
+        if len(parts) != 3 or parts[0] != "GET":
+            writer.write(_response(400, b"GET only\n", "text/plain"))
+        else:
+            status, body, ctype = route(state, parts[1])
+            writer.write(_response(status, body, ctype))
+        await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+        pass
+    except Exception:  # an admin bug must never take the process down
+        _log.exception("admin request failed")
+    finally:
+        writer.close()
+
+
+async def serve(state: AdminState, host: str, port: int) -> asyncio.Server:
+    server = await asyncio.start_server(
+        lambda r, w: _handle(state, r, w), host, port, limit=MAX_HEAD, reuse_address=True
+    )
+    _log.info("admin serving", listen=f"{host}:{port}")
+    return server

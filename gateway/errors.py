@@ -1,0 +1,23 @@
+"""The gateway boundary's exception family. Third-party errors (aioquic, OSError) are
+translated into these at the edge, with `raise ... from e`."""
+
+
+class GatewayError(Exception):
+    """Base of every error raised by gateway/."""
+
+
+class TunnelError(GatewayError):
+    """The tunnel to a peer gateway failed: handshake refused, connection lost, stream reset."""
+
+
+class TunnelTimeoutError(TunnelError):
+    """A tunnel step (handshake, stream reply) did not finish in time."""
+
+
+class CallRefusedError(GatewayError):
+    """A call answered with an error status; `reason` becomes the reason phrase."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason

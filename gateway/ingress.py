@@ -1,0 +1,135 @@
+"""Ingress: serve tunnel streams from peer gateways with this cluster's endpoints.
+
+For each stream whose header arrived (the peer gateway is already authenticated and authorized
+by the mTLS handshake): the service must exist in the snapshot, have the requested port and
+have endpoints in *this* cluster; one is picked (`mesh.routing.pick_endpoint`), its sidecar
+inbound port is dialled, and the stream is answered `200` and spliced. Otherwise the stream is
+answered with an error reply whose reason names this hop and the cause:
+
+* 421  the header names another cluster (misdirected)
+* 503  unknown service, no such port, no healthy endpoint here
+* 502  the endpoint refused the connection / 504 the connection timed out
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from gateway.errors import CallRefusedError
+from gateway.splice import Splice
+from gateway.stream import TunnelStream, refuse
+from mesh.codec import StreamHeader, StreamReply, encode_reply
+from mesh.errors import NoRouteError
+from mesh.model import Endpoint, Snapshot
+from mesh.routing import pick_endpoint
+from mesh.tasks import TaskSet
+
+_log = structlog.get_logger("fedgate.gateway.ingress")
+_ids = itertools.count(1)
+
+
+class Ingress:
+    def __init__(
+        self,
+        cluster: str,
+        snapshot: Callable[[], Snapshot],
+        inbound_port: int,
+        connect_timeout: float = 5.0,
+        rng: random.Random | None = None,
+        log: Any = _log,
+    ) -> None:
+        self.cluster = cluster
+        self._snapshot = snapshot
+        self._inbound_port = inbound_port
+        self._connect_timeout = connect_timeout
+        self._rng = rng or random.Random()
+        self.log = log
+        self.tasks = TaskSet("gateway-ingress")
+        self.active: set[Splice] = set()
+        self.counters: dict[str, int] = {"calls": 0, "ok": 0, "refused": 0}
+
+    def route(self, header: StreamHeader) -> Endpoint:
+        """The endpoint serving `header` here, or CallRefusedError (pure given the snapshot)."""
+        if header.cluster and header.cluster != self.cluster:
+            raise CallRefusedError(421, f"stream for cluster {header.cluster} reached this gateway")
+        service = self._snapshot().service(header.service)
+        if service is None:
+            raise CallRefusedError(503, f"unknown service {header.service}")
+        if service.port(header.port) is None:
+            raise CallRefusedError(503, f"{header.service} has no port {header.port}")
+        try:
+            return pick_endpoint(service.endpoints_in(self.cluster), self._rng)
+        except NoRouteError as e:
+            raise CallRefusedError(503, f"no healthy endpoint for {header.service}") from e
+
+    def handle(self, stream: TunnelStream, header: StreamHeader) -> None:
+        """`StreamHandler` of the tunnel server: never raises."""
+        self.counters["calls"] += 1
+        log = self.log.bind(
+            cluster=self.cluster,
+            peer=stream.conn.peer_cluster,
+            conn=f"i{next(_ids)}",
+            stream=stream.id,
+            service=str(header.service),
+            port=header.port,
+        )
+        try:
+            endpoint = self.route(header)
+        except CallRefusedError as r:
+            self._refuse(stream, r, log)
+            return
+        self.tasks.spawn(self._dial(stream, endpoint, log), f"dial-{stream.id}")
+
+    async def _dial(self, stream: TunnelStream, endpoint: Endpoint, log: Any) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        target = f"{endpoint.address}:{self._inbound_port}"
+
+        def done(splice: Splice, outcome: str) -> None:
+            self.active.discard(splice)
+            ok = outcome == "ok"
+            if ok:
+                self.counters["ok"] += 1
+            (log.info if ok else log.warning)(
+                "ingress call",
+                endpoint=target,
+                outcome=outcome,
+                bytes_up=stream.bytes_in,
+                bytes_down=stream.bytes_out,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
+        splice = Splice(stream, preamble=encode_reply(StreamReply(200)), on_done=done)
+        self.active.add(splice)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: splice, endpoint.address, self._inbound_port),
+                self._connect_timeout,
+            )
+        except TimeoutError:
+            self.active.discard(splice)
+            self._refuse(stream, CallRefusedError(504, f"endpoint {target} timed out"), log)
+        except OSError as e:
+            self.active.discard(splice)
+            self._refuse(
+                stream, CallRefusedError(502, f"endpoint {target}: {e.strerror or e}"), log
+            )
+
+    def _refuse(self, stream: TunnelStream, r: CallRefusedError, log: Any) -> None:
+        self.counters["refused"] += 1
+        reason = f"fedgate ingress {self.cluster}: {r.reason}"
+        log.warning("ingress call refused", status=r.status, reason=reason)
+        refuse(stream, r.status, reason)
+
+    async def aclose(self) -> None:
+        await self.tasks.aclose()
+        for splice in list(self.active):
+            if splice.transport is not None:
+                splice.transport.abort()

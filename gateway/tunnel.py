@@ -1,0 +1,470 @@
+"""The QUIC tunnel between gateways: a thin asyncio driver around aioquic's QuicConnection.
+
+One `TunnelConnection` drives one QUIC connection (model: aioquic `asyncio/protocol.py`): feed
+datagrams in, drain events, flush datagrams, re-arm one timer. Each call is one bidirectional
+stream (`gateway.stream.TunnelStream`): the opener sends a `StreamHeader` frame, the other side
+answers with a `StreamReply` frame, then bytes flow both ways with FIN (half-close) propagated
+and a reset on error. A stream hands its bytes to a `StreamSink` (the TCP side,
+`gateway.splice`); until one is attached, it buffers within its flow-control window
+(`gateway.quic_flow`), never more.
+
+Rules:
+* A peer's protocol violation (garbage header, bad reply) closes that stream with a logged
+  reason; an exception inside aioquic closes that connection; nothing escapes the driver.
+* The server side only learns of a stream from the peer; stream ids below the highest one seen
+  that are unknown belong to streams already finished and are ignored.
+* Backpressure: a sink pauses its TCP reads when `backlog()` exceeds `send_high_water` and is
+  told `stream_writable()` once it falls under `send_low_water`; it holds the stream's receive
+  window while its TCP write buffer is full (`hold_credit`/`release_credit`).
+
+Not here: stream phases (`gateway.stream`), listening (`gateway.server`), pooling per peer
+(`gateway.pool`), TCP (`gateway.splice`). A little over the ~400-line aim: the connection's
+event dispatch, timers, keepalive and teardown read best as one class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress
+
+from ca.errors import VerificationError
+from gateway.errors import TunnelError, TunnelTimeoutError
+from gateway.quic_flow import TunnelQuicConnection
+from gateway.quic_mtls import PeerPolicy
+from gateway.stream import HeaderPhase, StreamHandler, TunnelStream
+from mesh.naming import SpiffeId
+
+ALPN = "fedgate-tunnel/1"
+
+# CONNECTION_CLOSE application codes.
+CLOSE_SHUTDOWN = 0x0
+CLOSE_UNAUTHENTICATED = 0x10
+CLOSE_INTERNAL = 0x11
+MAX_ICMP_REFUSED = 3
+TIMER_GRANULARITY = 0.001
+# aioquic's clock. Not loop.time(): uvloop's has millisecond resolution, which starves the
+# pacer; both loops' timers use CLOCK_MONOTONIC, so call_at() accepts these instants.
+_clock = time.monotonic
+
+_log = structlog.get_logger("fedgate.gateway.tunnel")
+_uids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    """QUIC tunnel tuning. Windows are large because the WAN hop is long and fat; every buffer
+    is still bounded by them."""
+
+    max_datagram_size: int = 1350
+    idle_timeout: float = 30.0
+    keepalive_interval: float = 10.0
+    handshake_timeout: float = 5.0
+    reply_timeout: float = 10.0
+    max_stream_data: int = 4 * 1024 * 1024
+    max_data: int = 16 * 1024 * 1024
+    max_streams: int = 1024
+    max_connections: int = 256
+    send_high_water: int = 512 * 1024
+    send_low_water: int = 128 * 1024
+
+    def configuration(self, *, is_client: bool) -> QuicConfiguration:
+        return QuicConfiguration(
+            alpn_protocols=[ALPN],
+            is_client=is_client,
+            idle_timeout=self.idle_timeout,
+            max_datagram_size=self.max_datagram_size,
+            max_stream_data=self.max_stream_data,
+            max_data=self.max_data,
+        )
+
+
+class TunnelConnection(asyncio.DatagramProtocol):
+    """Drives one QUIC connection. Client: it owns its UDP socket; server: `TunnelServer`
+    feeds it datagrams and lends it the listening socket."""
+
+    def __init__(
+        self,
+        quic: TunnelQuicConnection,
+        settings: TunnelSettings,
+        *,
+        log: Any = _log,
+        stream_handler: StreamHandler | None = None,
+        identify: Callable[[SpiffeId], str] | None = None,
+    ) -> None:
+        self.quic = quic
+        self.settings = settings
+        self.log = log.bind(conn=quic.original_destination_connection_id.hex()[:8])
+        quic.log = self.log
+        self.peer_identity: SpiffeId | None = None
+        self.peer_cluster = ""
+        self.close_reason = ""
+        self.counters: dict[str, int] = {"streams": 0, "bad_headers": 0}
+        self.streams: dict[int, TunnelStream] = {}
+        self.retiring = False
+        self.on_cid_issued: Callable[[bytes], None] = lambda cid: None
+        self.on_cid_retired: Callable[[bytes], None] = lambda cid: None
+        self.on_closed: Callable[[TunnelConnection], None] = lambda conn: None
+        self._stream_handler = stream_handler
+        self._identify = identify
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._owns_transport = False
+        self._connected: asyncio.Future[None] = self._loop.create_future()
+        self._closed = asyncio.Event()
+        self._timer: asyncio.Handle | None = None
+        self._timer_at: float | None = None
+        self._transmit_handle: asyncio.Handle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._watched: set[TunnelStream] = set()
+        self._next_peer_stream = 0
+        self._refused = 0
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.done() and not self._connected.exception()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.retiring and not self.close_reason
+
+    async def wait_connected(self) -> None:
+        """Wait for an authenticated handshake (the caller bounds the wait); TunnelError."""
+        await asyncio.shield(self._connected)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # --- API --------------------------------------------------------------------------------
+
+    def open_stream(self) -> TunnelStream:
+        if not self.usable:
+            raise TunnelError(f"tunnel connection is closing ({self.close_reason or 'retired'})")
+        stream_id = self.quic.get_next_available_stream_id()
+        stream = TunnelStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.counters["streams"] += 1
+        return stream
+
+    def close(self, reason: str, code: int = CLOSE_SHUTDOWN) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        self.quic.close(error_code=code, reason_phrase=reason)
+        self.transmit()
+
+    def revalidate(self) -> str | None:
+        """Re-check the peer against the current bundle and policy (after a config change,
+        a removed root or an expired certificate); close the connection if it no longer
+        passes. Returns the reason it was closed, or None."""
+        if not self.connected or self.closed:
+            return None
+        try:
+            identity = self.quic.authenticated_peer()
+            denied = self.quic.peer_policy.authorize(identity)
+        except VerificationError as e:
+            denied = str(e)
+        if denied is not None:
+            self.log.warning("tunnel peer no longer trusted", reason=denied)
+            self.close(f"peer no longer trusted: {denied}", CLOSE_UNAUTHENTICATED)
+        return denied
+
+    def retire(self) -> None:
+        """Take no new streams; close once the open ones are done."""
+        self.retiring = True
+        self._cancel_keepalive()
+        if not self.streams:
+            self.close("retired")
+
+    # --- asyncio.DatagramProtocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+        self._owns_transport = True
+
+    def use_transport(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+
+    def connect(self, addr: NetworkAddress) -> None:
+        self.quic.connect(addr, now=_clock())
+        self.transmit()
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        self._refused = 0
+        try:
+            self.quic.receive_datagram(cast(bytes, data), addr, now=_clock())
+        except Exception as e:  # aioquic bug or unexpected input: lose this connection only
+            self.log.error("tunnel connection failed on input", error=repr(e), exc_info=e)
+            self.close(f"internal error: {e!r}"[:200], CLOSE_INTERNAL)
+        self._process_events()
+        # Deferred so a burst of datagrams is acknowledged in one flush.
+        self.transmit_soon()
+
+    def error_received(self, exc: Exception) -> None:
+        self.log.debug("udp error", error=str(exc))
+        if isinstance(exc, ConnectionRefusedError):
+            # ICMP port unreachable on our connected socket: nobody listens there. Fail fast
+            # instead of at the handshake or idle timeout; once connected, only after several
+            # in a row with nothing received (ICMP is unauthenticated, RFC 9000 §14.2.1 asks
+            # for care), and the pool reconnects anyway.
+            self._refused += 1
+            if not self._connected.done() or self._refused >= MAX_ICMP_REFUSED:
+                self.close(f"peer unreachable: {exc}", CLOSE_INTERNAL)
+                self._terminated(f"peer unreachable: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self._terminated(f"socket closed: {exc}" if exc else "socket closed")
+
+    # --- driver ------------------------------------------------------------------------------
+
+    def transmit_soon(self) -> None:
+        if self._transmit_handle is None:
+            self._transmit_handle = self._loop.call_soon(self.transmit)
+
+    def transmit(self) -> None:
+        if self._transmit_handle is not None:
+            self._transmit_handle.cancel()
+            self._transmit_handle = None
+        if self._transport is None or self.closed:
+            return
+        sendto = self._transport.sendto
+        if self._owns_transport:  # a connected UDP socket: the kernel knows the peer
+            for data, _ in self.quic.datagrams_to_send(now=_clock()):
+                sendto(data)
+        else:
+            for data, addr in self.quic.datagrams_to_send(now=_clock()):
+                sendto(data, addr)
+        timer_at = self.quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            if timer_at - _clock() < TIMER_GRANULARITY:
+                # Event-loop timers wake at millisecond granularity at best, and aioquic's
+                # pacer releases at most 16 datagrams per wake-up: sleeping for a sub-ms
+                # pacing gap would cap a stream at ~16 datagrams/ms. Yield to I/O instead.
+                self._timer = self._loop.call_soon(self._handle_timer)
+            else:
+                self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
+        if self._watched:
+            self._check_writable()
+
+    def _handle_timer(self) -> None:
+        # The real time, even when woken early (sub-ms timers, see `transmit`): pretending
+        # it is `_timer_at` would run aioquic's clock ahead and defeat pacing and RTT samples.
+        now = _clock()
+        self._timer = None
+        self._timer_at = None
+        self.quic.handle_timer(now=now)
+        self._process_events()
+        self.transmit()
+
+    def _process_events(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            match event:
+                case events.StreamDataReceived():
+                    self._on_stream_data(event)
+                case events.StreamReset():
+                    self._abort_stream(
+                        event.stream_id, f"peer reset the stream ({event.error_code})", True
+                    )
+                case events.StopSendingReceived():
+                    self._stop_sending(event.stream_id, event.error_code)
+                case events.HandshakeCompleted():
+                    self._on_handshake(event)
+                case events.ConnectionTerminated():
+                    reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+                    self._terminated(self.close_reason or f"closed by peer: {reason}")
+                case events.ConnectionIdIssued():
+                    self.on_cid_issued(event.connection_id)
+                case events.ConnectionIdRetired():
+                    self.on_cid_retired(event.connection_id)
+                case events.PingAcknowledged() | events.ProtocolNegotiated():
+                    pass
+                case events.DatagramFrameReceived():
+                    pass  # we never advertise DATAGRAM support; aioquic refuses them anyway
+                case _:
+                    raise AssertionError(f"unhandled QUIC event {event!r}")
+
+    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+        try:
+            if event.alpn_protocol != ALPN:
+                raise VerificationError(f"peer negotiated ALPN {event.alpn_protocol!r}")
+            identity = self.quic.authenticated_peer()
+        except VerificationError as e:
+            self.log.warning("tunnel handshake refused", reason=str(e))
+            self.close(f"unauthenticated: {e}", CLOSE_UNAUTHENTICATED)
+            self._fail_connected(TunnelError(f"peer not authenticated: {e}"))
+            return
+        self.peer_identity = identity
+        if self._identify is not None:
+            self.peer_cluster = self._identify(identity)
+        self.log = self.log.bind(peer=self.peer_cluster or identity.uri)
+        self.quic.log = self.log
+        self.log.info("tunnel connected", peer_identity=identity.uri)
+        if not self._connected.done():
+            self._connected.set_result(None)
+        if self.quic.configuration.is_client and self.settings.keepalive_interval > 0:
+            self._schedule_keepalive()
+
+    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            stream = self._accept_stream(event.stream_id)
+            if stream is None:
+                return
+        stream._on_data(event.data, event.end_stream)
+
+    def _accept_stream(self, stream_id: int) -> TunnelStream | None:
+        is_peer_initiated = bool(stream_id & 1) != (not self.quic.configuration.is_client)
+        if (
+            self._stream_handler is None
+            or not is_peer_initiated
+            or stream_id & 2  # unidirectional: not part of the tunnel protocol
+            or stream_id < self._next_peer_stream
+            or not self.connected
+        ):
+            return None  # a finished stream's late data, or not ours to accept
+        self._next_peer_stream = stream_id + 4
+        stream = TunnelStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.counters["streams"] += 1
+        stream.attach(HeaderPhase(stream, self._stream_handler))
+        return stream
+
+    def _abort_stream(self, stream_id: int, reason: str, recv_finished: bool = False) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._on_abort(reason, recv_finished=recv_finished)
+        self.transmit_soon()
+
+    def _stop_sending(self, stream_id: int, code: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if stream._reply is not None and not stream._reply.done():
+            # A refusing peer sends its reply, FIN and STOP_SENDING together, and aioquic
+            # writes STOP_SENDING first in a packet: keep reading, the reply is coming.
+            stream.send_done = True  # aioquic already reset our sending side (RFC 9000 §3.5)
+            self._stream_maybe_done(stream)
+            return
+        self._abort_stream(stream_id, f"peer stopped reading ({code})")
+
+    def _stream_maybe_done(self, stream: TunnelStream) -> None:
+        if stream.send_done and stream.recv_done:
+            self.streams.pop(stream.id, None)
+            self._watched.discard(stream)
+            self.quic.release(stream.id)
+            if self.retiring and not self.streams:
+                self.close("retired")
+
+    def _watch(self, stream: TunnelStream) -> None:
+        self._watched.add(stream)
+        self.transmit_soon()
+
+    def _check_writable(self) -> None:
+        low = self.settings.send_low_water
+        for stream in list(self._watched):
+            if stream.backlog() <= low:
+                self._watched.discard(stream)
+                stream._watching = False
+                if stream._sink is not None:
+                    stream._sink.stream_writable()
+
+    def _fail_connected(self, exc: TunnelError) -> None:
+        if not self._connected.done():
+            self._connected.set_exception(exc)
+            self._connected.exception()  # mark retrieved: on a server nobody waits for it
+
+    def _schedule_keepalive(self) -> None:
+        self._keepalive = self._loop.call_later(self.settings.keepalive_interval, self._ping)
+
+    def _ping(self) -> None:
+        if self.closed or self.retiring:
+            return
+        self.quic.send_ping(next(_uids))
+        self.transmit()
+        self._schedule_keepalive()
+
+    def _cancel_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    def _terminated(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close_reason = self.close_reason or reason
+        self._closed.set()
+        self._cancel_keepalive()
+        for handle in (self._timer, self._transmit_handle):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._transmit_handle = None
+        self._fail_connected(TunnelError(f"tunnel connection failed: {reason}"))
+        for stream in list(self.streams.values()):
+            stream._on_abort(f"tunnel connection closed: {reason}")
+        self.streams.clear()
+        self._watched.clear()
+        self.log.info("tunnel connection closed", reason=self.close_reason)
+        if self._owns_transport and self._transport is not None:
+            self._transport.close()
+        self.on_closed(self)
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    policy: PeerPolicy,
+    settings: TunnelSettings,
+    log: Any = _log,
+    identify: Callable[[SpiffeId], str] | None = None,
+) -> TunnelConnection:
+    """Open and authenticate a client tunnel connection (raises TunnelError)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        raise TunnelError(f"cannot resolve {host}: {e}") from e
+    family, _, _, _, addr = infos[0]
+    quic = TunnelQuicConnection(
+        configuration=configuration, peer_policy=policy, max_streams=settings.max_streams
+    )
+    try:
+        _, conn = await loop.create_datagram_endpoint(
+            lambda: TunnelConnection(quic, settings, log=log, identify=identify),
+            remote_addr=cast(tuple[str, int], addr),
+            family=family,
+        )
+    except OSError as e:
+        raise TunnelError(f"cannot open a UDP socket to {host}:{port}: {e}") from e
+    conn.connect(addr)
+    try:
+        async with asyncio.timeout(settings.handshake_timeout):
+            await conn.wait_connected()
+    except TimeoutError as e:
+        limit = settings.handshake_timeout
+        conn.close(f"handshake timed out after {limit:g}s", CLOSE_INTERNAL)
+        raise TunnelTimeoutError(f"QUIC handshake timed out after {limit:g}s") from e
+    except TunnelError:
+        conn.close("handshake failed")
+        raise
+    return conn

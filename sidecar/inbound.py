@@ -1,0 +1,173 @@
+"""Inbound proxy: mutual TLS from other sidecars -> the pod's application on loopback.
+
+For each connection to the inbound port:
+
+1. TLS 1.3 handshake with the pod's SVID; a client certificate is required. Then
+   `ca.tls.peer_identity` applies the trust-domain-scoped SPIFFE check that OpenSSL cannot
+   (a west root must not vouch for an east identity). A refusal is logged with a short reason:
+   `no client certificate`, `foreign root`, `expired`, `trust-domain mismatch`, ...
+2. The stream header (bounded) names service and port. Only a port the snapshot declares for a
+   known service is served, so a mesh identity cannot reach arbitrary loopback ports (the
+   admin endpoint, DNS). Unknown: stream reply 404 with the reason.
+3. TCP to `<app_host>:<port>`; failure -> stream reply 503 with the OS reason. Else 200, and
+   bytes are relayed both ways with half-close.
+
+Each accepted stream is logged with the caller's verified SPIFFE ID: the destination sees the
+real caller, even through gateways. What this module does not do: authorization policy
+(`AuthorizationPolicy` comes later; any identity the bundle verifies is accepted here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from ca.errors import VerificationError
+from ca.tls import peer_identity
+from mesh.codec import StreamReply, encode_reply, header_from_json, split_frame
+from mesh.errors import CodecError
+from mesh.tasks import TaskSet
+from sidecar.errors import ProxyError
+from sidecar.pipe import Conn, open_conn, relay
+from sidecar.settings import SidecarSettings
+from sidecar.state import ProxyState
+
+_log = structlog.get_logger("fedgate.sidecar")
+_ids = itertools.count(1)
+
+
+def identity_failure(e: VerificationError) -> ProxyError:
+    """Categorise `ca.verify`'s reasons. OpenSSL already chained the certificate to *some*
+    root of the bundle, so a chain that reaches no root of its own domain is a mismatch."""
+    text = str(e)
+    if "expired" in text:
+        return ProxyError("expired", text)
+    if "not valid before" in text:
+        return ProxyError("not yet valid", text)
+    if "no root in the trust bundle" in text or "not signed by any root of its trust" in text:
+        return ProxyError("trust-domain mismatch", text)
+    if "no certificate" in text:
+        return ProxyError("no client certificate", text)
+    return ProxyError("identity rejected", text)
+
+
+class Inbound:
+    """The inbound mTLS listener and its connection handlers."""
+
+    def __init__(self, settings: SidecarSettings, state: Callable[[], ProxyState]) -> None:
+        self._settings = settings
+        self._state = state
+        self._tasks = TaskSet("sidecar-inbound")
+        self._server: asyncio.Server | None = None
+        self.active = 0
+        self.total = 0
+        self.refused = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self._settings
+        self._server = await loop.create_server(
+            lambda: Conn("caller", self._accepted), s.inbound_host, s.inbound_port
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "not started"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._tasks.aclose()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _accepted(self, caller: Conn) -> None:
+        self._tasks.spawn(self.handle(caller), "conn")
+
+    async def handle(self, caller: Conn) -> None:
+        """Serve one connection accepted on the inbound port."""
+        s = self._settings
+        state = self._state()
+        peer = caller.transport.get_extra_info("peername")
+        log = _log.bind(
+            pod=s.pod,
+            cluster=s.cluster,
+            conn=f"{s.pod}/i{next(_ids)}",
+            src=f"{peer[0]}:{peer[1]}" if peer else "?",
+        )
+        self.total += 1
+        self.active += 1
+        app: Conn | None = None
+        try:
+            app = await self._serve(caller, state, log)
+        finally:
+            self.active -= 1
+            # Refusals closed gracefully already; anything still open was cancelled mid-way.
+            caller.reset_if_open()
+            if app is not None:
+                app.reset_if_open()
+
+    def _refuse(self, log: Any, caller: Conn, error: ProxyError, status: int = 0) -> None:
+        self.refused += 1
+        log.warning("inbound refused", reason=error.reason, detail=error.detail)
+        if status and caller.tls is not None and caller.tls.handshake_done:
+            caller.write(encode_reply(StreamReply(status, f"{error.reason}: {error.detail}")))
+            caller.finish()
+        else:
+            caller.close()
+
+    async def _serve(self, caller: Conn, state: ProxyState, log: Any) -> Conn | None:
+        s = self._settings
+        started = time.monotonic()
+        if state.server_ctx is None:
+            self._refuse(log, caller, ProxyError("not ready", "no SVID or trust bundle yet"))
+            return None
+        try:
+            async with asyncio.timeout(s.setup_timeout):
+                ssl_obj = await caller.start_tls(state.server_ctx, server_side=True)
+                try:
+                    caller_id = peer_identity(ssl_obj, state.bundle)
+                except VerificationError as e:
+                    self._refuse(log, caller, identity_failure(e), 403)
+                    return None
+                log = log.bind(caller=caller_id.uri)
+                raw = await caller.read_frame(split_frame, "stream header")
+        except TimeoutError:
+            self._refuse(log, caller, ProxyError("timeout", f"setup over {s.setup_timeout} s"))
+            return None
+        except ProxyError as e:
+            self._refuse(log, caller, e, 400)
+            return None
+        try:
+            header = header_from_json(raw)
+        except CodecError as e:
+            self._refuse(log, caller, ProxyError("malformed stream header", str(e)), 400)
+            return None
+        log = log.bind(service=str(header.service), port=header.port)
+        if not state.routes.serves(header.service, header.port):
+            detail = f"{header.service} port {header.port} is not a known service port"
+            self._refuse(log, caller, ProxyError("unknown service", detail), 404)
+            return None
+        try:
+            app = await open_conn(s.app_host, header.port, "app", s.connect_timeout)
+        except ProxyError as e:
+            self._refuse(log, caller, ProxyError("app unavailable", e.detail), 503)
+            return None
+        caller.write(encode_reply(StreamReply(200)))
+        log.info("inbound accepted")
+        error = await relay(caller, app)
+        log.info(
+            "inbound closed",
+            bytes_received=caller.relayed,
+            bytes_sent=app.relayed,
+            duration_s=round(time.monotonic() - started, 3),
+            **({"reason": error.reason, "detail": error.detail} if error else {}),
+        )
+        return app

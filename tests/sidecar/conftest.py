@@ -1,0 +1,112 @@
+"""Shared fixtures: per-run PKI (east and west roots) and hand-built snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pytest
+import uvloop
+
+from ca.authority import CertificateAuthority, Svid
+from ca.bundle import TrustBundle
+from mesh.model import (
+    ClusterInfo,
+    ClusterWeight,
+    Endpoint,
+    GatewayAddress,
+    MergedService,
+    ServicePort,
+    Snapshot,
+    TrafficPolicy,
+)
+from mesh.naming import ServiceKey, SpiffeId
+
+EAST = "east.fedgate.local"
+WEST = "west.fedgate.local"
+PAYMENTS = ServiceKey("shop", "payments")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Proxy tests run on asyncio and on uvloop (what fedgate runs in production)."""
+    if item.path.name == "test_proxy.py":
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+def spiffe(trust_domain: str, sa: str, ns: str = "shop") -> SpiffeId:
+    return SpiffeId(trust_domain, ns, sa)
+
+
+@dataclass
+class Pki:
+    east: CertificateAuthority
+    west: CertificateAuthority
+    rogue_east: CertificateAuthority  # claims the east trust domain, not in any bundle
+    now: dt.datetime
+
+    @property
+    def bundle(self) -> TrustBundle:
+        return TrustBundle.from_pem({EAST: [self.east.root_pem], WEST: [self.west.root_pem]})
+
+    def bundle_map(self) -> dict[str, tuple[str, ...]]:
+        return {EAST: (self.east.root_pem.decode(),), WEST: (self.west.root_pem.decode(),)}
+
+    def svid(self, ca: CertificateAuthority, spiffe_id: SpiffeId) -> Svid:
+        return ca.issue(spiffe_id, self.now)
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    now = dt.datetime.now(dt.UTC)
+    return Pki(
+        east=CertificateAuthority.create(EAST, now),
+        west=CertificateAuthority.create(WEST, now),
+        rogue_east=CertificateAuthority.create(EAST, now),
+        now=now,
+    )
+
+
+def cluster(name: str, egress: tuple[str, int] | None = ("127.0.0.1", 15443)) -> ClusterInfo:
+    gw = None
+    if egress is not None:
+        gw = GatewayAddress("127.0.0.1", 15444, egress[0], egress[1], "tls")
+    return ClusterInfo(name, f"{name}.fedgate.local", gw, ())
+
+
+def endpoint(cluster_name: str, address: str, pod: str, sa: str = "payments") -> Endpoint:
+    return Endpoint(cluster_name, address, pod, spiffe(f"{cluster_name}.fedgate.local", sa))
+
+
+def snapshot(
+    *,
+    clusters: tuple[ClusterInfo, ...] = (),
+    endpoints: tuple[Endpoint, ...] = (),
+    weights: tuple[tuple[str, int], ...] = (),
+    vip: str = "127.77.0.10",
+    port: int = 8080,
+    version: str = "v1",
+    trust_bundle: dict[str, tuple[str, ...]] | None = None,
+    service: ServiceKey = PAYMENTS,
+) -> Snapshot:
+    svc = MergedService(
+        key=service,
+        vip=vip,
+        ports=(ServicePort("http", port),),
+        clusters=tuple(sorted({e.cluster for e in endpoints})),
+        endpoints=endpoints,
+    )
+    policies: tuple[TrafficPolicy, ...] = ()
+    if weights:
+        policies = (TrafficPolicy(service, tuple(ClusterWeight(c, w) for c, w in weights)),)
+    return Snapshot(
+        version=version,
+        clusters=clusters,
+        services=(svc,),
+        policies=policies,
+        trust_bundle=trust_bundle or {},
+    )
