@@ -13,7 +13,9 @@ import pytest
 
 from clusters.rig import bringup, lifecycle
 
-PREFIX = "fge"  # distinct from the demo's "fg" so a test run never touches a user's rig
+# Distinct from the demo's "fg" so a test run never touches a user's rig; overridable so that
+# several test runs (or developers) can each have a rig on one machine at once.
+PREFIX = os.environ.get("FEDGATE_TEST_RIG_PREFIX", "fge")
 
 
 def _why_no_rig() -> str | None:
