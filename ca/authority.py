@@ -56,6 +56,10 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def root_id(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()[:16]
+
+
 def _san(spiffe_id: SpiffeId, dns_names: tuple[str, ...]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id.uri)]
     names += [x509.DNSName(d) for d in dns_names]
@@ -71,6 +75,11 @@ class CertificateAuthority:
         self.root = root
         self.root_pem = cert_to_pem(root)
 
+    @property
+    def root_id(self) -> str:
+        """A short stable name of this CA's root (its SHA-256 fingerprint, 16 hex digits)."""
+        return root_id(self.root)
+
     def __repr__(self) -> str:
         return f"CertificateAuthority({self.trust_domain})"
 
@@ -79,10 +88,13 @@ class CertificateAuthority:
         cls, trust_domain: str, now: dt.datetime, ttl: dt.timedelta = DEFAULT_ROOT_TTL
     ) -> CertificateAuthority:
         key = new_private_key()
+        # Each root gets its own subject (the key id): during a rotation two roots of one
+        # domain are trusted side by side, and TLS stacks look issuers up by subject name.
+        skid = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:8]
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedgate"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"fedgate root {trust_domain}"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"fedgate root {trust_domain} {skid}"),
             ]
         )
         spiffe_td = x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")

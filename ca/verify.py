@@ -5,11 +5,16 @@
 2. every certificate is within its validity period at `now`;
 3. the chain leads, by signature, to a root of the *leaf's own* trust domain in the bundle
    (SPIFFE federation: a root vouches only for its own domain);
-4. intermediates are CAs.
+4. intermediates are CAs;
+5. the identity (or its trust domain) is not on the bundle's deny list (revocation on top of
+   short lifetimes), checked last so a forged chain is reported as forged.
+
+Expiry raises `CertificateExpiredError` and denial `DeniedError` (both `VerificationError`s), so
+a caller re-checking a live connection can tell "drain it" from "cut it".
 
 TLS stacks (OpenSSL via `ssl`, aioquic) also validate chains against all roots, but none of them
-knows trust-domain scoping: call this after every handshake. It does not do revocation
-(short lifetimes instead, and deny lists later) and does not check who may call what (authz).
+knows trust-domain scoping or the deny list: call this after every handshake. It does not check
+who may call what (authz).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from ca.bundle import TrustBundle
-from ca.errors import VerificationError
+from ca.errors import CertificateExpiredError, DeniedError, VerificationError
 from mesh.errors import MeshError
 from mesh.naming import SpiffeId
 
@@ -54,7 +59,7 @@ def _check_time(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
     if now < cert.not_valid_before_utc:
         raise VerificationError(f"{what} is not valid before {cert.not_valid_before_utc}")
     if now > cert.not_valid_after_utc:
-        raise VerificationError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
+        raise CertificateExpiredError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -97,6 +102,7 @@ def verify_certs(
         for root in roots:
             if _issued_by(current, root):
                 _check_time(root, now, f"root of {spiffe_id.trust_domain}")
+                _check_denied(spiffe_id, bundle)
                 return spiffe_id
         nxt = next((i for i in intermediates if _issued_by(current, i)), None)
         if nxt is None:
@@ -110,6 +116,14 @@ def verify_certs(
         f"certificate of {spiffe_id} is not signed by any root of its trust domain "
         f"{spiffe_id.trust_domain} (foreign root, trust-domain mismatch or tampered chain)"
     )
+
+
+def _check_denied(spiffe_id: SpiffeId, bundle: TrustBundle) -> None:
+    entry = bundle.denial(spiffe_id)
+    if entry is None:
+        return
+    what = "identity" if entry == spiffe_id.uri else f"trust domain of {spiffe_id}"
+    raise DeniedError(f"{what} is denied by the federation's deny list ({entry})")
 
 
 def verify_chain(chain_der: Sequence[bytes], bundle: TrustBundle, now: dt.datetime) -> SpiffeId:

@@ -32,13 +32,24 @@ class Agent:
         self._retry = retry_interval
         self.exports: tuple[ServiceExport, ...] = ()
         self.published = False
+        self._lock = asyncio.Lock()  # one publish at a time (source changes, new info)
 
     async def run(self) -> None:
         async for exports in self._source.changes():
             self.exports = exports
             await self._publish()
 
+    async def set_info(self, info: ClusterInfo) -> None:
+        """Publish new cluster info (e.g. the CA's roots after a rotation step)."""
+        self.info = info
+        if self.published or self._lock.locked():  # else the first publish will carry it
+            await self._publish()
+
     async def _publish(self) -> None:
+        async with self._lock:
+            await self._publish_locked()
+
+    async def _publish_locked(self) -> None:
         # The store may be briefly unreachable (etcd restart, member loss): keep trying with
         # the newest state rather than dropping it; the source's next change supersedes us.
         while True:

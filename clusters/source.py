@@ -4,7 +4,8 @@ The rig (and anyone without Kubernetes) describes each cluster in `<rigdir>/clus
 
     exports.json  [{"namespace", "name", "ports": [{"name", "port", "protocol"}],
                     "created": <epoch seconds>,
-                    "endpoints": [{"pod", "address", "serviceAccount"}]}, ...]
+                    "endpoints": [{"pod", "address", "serviceAccount",
+                                   optional "labels": {"version": "v2", ...}}]}, ...]
     tokens.json   {"<join token>": {"namespace", "serviceAccount"}, ...}
 
 Parsing is strict (unknown keys, duplicates and bad values are errors naming the field), because
@@ -65,6 +66,7 @@ class EndpointEntry:
     pod: str
     address: str
     service_account: str
+    labels: tuple[tuple[str, str], ...] = ()  # sorted; subsets select on them
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,7 @@ def _port(value: object, where: str) -> ServicePort:
 
 
 def _endpoint(value: object, where: str) -> EndpointEntry:
-    d = _obj(value, where, {"pod", "address", "serviceAccount"}, set())
+    d = _obj(value, where, {"pod", "address", "serviceAccount"}, {"labels"})
     address = _str(d["address"], f"{where}.address")
     try:
         ipaddress.ip_address(address)
@@ -146,7 +148,14 @@ def _endpoint(value: object, where: str) -> EndpointEntry:
         pod=_str(d["pod"], f"{where}.pod"),
         address=address,
         service_account=_label(d["serviceAccount"], f"{where}.serviceAccount", "service account"),
+        labels=_labels(d.get("labels", {}), f"{where}.labels"),
     )
+
+
+def _labels(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise SourceError(f"{where}: expected an object, got {type(value).__name__}")
+    return tuple(sorted((_str(k, where), _str(v, f"{where}.{k}")) for k, v in value.items()))
 
 
 def _export(value: object, where: str) -> ExportEntry:
@@ -208,7 +217,12 @@ def exports_to_json(entries: Sequence[ExportEntry]) -> str:
             "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in e.ports],
             "created": e.created,
             "endpoints": [
-                {"pod": ep.pod, "address": ep.address, "serviceAccount": ep.service_account}
+                {
+                    "pod": ep.pod,
+                    "address": ep.address,
+                    "serviceAccount": ep.service_account,
+                    **({"labels": dict(ep.labels)} if ep.labels else {}),
+                }
                 for ep in e.endpoints
             ],
         }
@@ -233,6 +247,7 @@ def to_service_exports(
                 address=ep.address,
                 pod=ep.pod,
                 identity=SpiffeId(trust_domain, e.namespace, ep.service_account),
+                labels=ep.labels,
             )
             for ep in e.endpoints
         )
@@ -338,7 +353,13 @@ def remove_export(path: Path, namespace: str, name: str) -> bool:
 
 
 def add_endpoint(
-    path: Path, namespace: str, name: str, pod: str, address: str, service_account: str
+    path: Path,
+    namespace: str,
+    name: str,
+    pod: str,
+    address: str,
+    service_account: str,
+    labels: Mapping[str, str] | None = None,
 ) -> None:
     """Add (or replace, by pod name) an endpoint of an existing export."""
 
@@ -346,7 +367,9 @@ def add_endpoint(
         i = _find(entries, namespace, name)
         if i is None:
             raise SourceError(f"{path}: no export {name}.{namespace} to add pod {pod!r} to")
-        endpoint = EndpointEntry(pod, address, service_account)
+        endpoint = EndpointEntry(
+            pod, address, service_account, tuple(sorted((labels or {}).items()))
+        )
         kept = tuple(ep for ep in entries[i].endpoints if ep.pod != pod)
         entries[i] = replace(entries[i], endpoints=(*kept, endpoint))
         return entries

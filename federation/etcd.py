@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
@@ -23,6 +24,7 @@ from etcd3aio import (
     EtcdPermissionDeniedError,
     EtcdTransientError,
     EtcdUnauthenticatedError,
+    TokenRefresher,
 )
 
 from federation.errors import (
@@ -32,10 +34,21 @@ from federation.errors import (
     StoreUnavailableError,
 )
 
-__all__ = ["Etcd3Client", "etcd_client", "open_client", "parse_endpoint", "store_errors"]
+__all__ = [
+    "Etcd3Client",
+    "EtcdCredentials",
+    "etcd_client",
+    "open_client",
+    "parse_endpoint",
+    "store_errors",
+]
 
+MAX_RECEIVE = 64 * 1024 * 1024
+TOKEN_REFRESH = 120.0  # seconds; etcd's simple tokens live 300 s (--auth-token-ttl)
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _AUTH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# etcd answers these auth failures with INVALID_ARGUMENT (rpctypes.ErrGRPCAuthFailed, ...).
+_AUTH_DETAILS = ("authentication failed", "user name is empty", "invalid auth token")
 
 
 @contextlib.contextmanager
@@ -53,13 +66,40 @@ def store_errors(operation: str) -> Iterator[None]:
         message = f"{operation}: {e.code().name}: {e.details() or ''}"
         if e.code() in _UNAVAILABLE:
             raise StoreUnavailableError(message) from e
-        if e.code() in _AUTH:
+        if e.code() in _AUTH or any(text in (e.details() or "") for text in _AUTH_DETAILS):
             raise StoreAuthError(message) from e
         if e.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (e.details() or ""):
             raise LeaseLostError(message) from e
         raise StoreError(message) from e
     except TimeoutError as e:
         raise StoreUnavailableError(f"{operation}: timed out") from e
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdCredentials:
+    """An etcd user (etcd auth); see federation.etcd_auth for the roles fedgate uses."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+class _Client(Etcd3Client):
+    """An Etcd3Client whose auth token refresher (if any) stops when the client closes."""
+
+    _refresher: TokenRefresher | None = None
+
+    async def login(self, credentials: EtcdCredentials) -> None:
+        refresher = self.token_refresher(
+            credentials.user, credentials.password, interval=TOKEN_REFRESH
+        )
+        await refresher.__aenter__()
+        self._refresher = refresher
+
+    async def close(self) -> None:
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            await refresher.__aexit__(None, None, None)
+        await super().close()
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -104,22 +144,31 @@ async def open_client(
     server_name: str | None = None,
     check: bool = True,
     connect_timeout: float = 5.0,
+    credentials: EtcdCredentials | None = None,
 ) -> Etcd3Client:
     """A connected etcd3aio client for `endpoints` (`host:port`, round-robin).
 
     TLS is on when `ca_cert` is given (mutual TLS with `cert_key` + `cert_chain`). With `check`
     the cluster must answer a read within `connect_timeout` seconds, else `StoreUnavailableError`.
+    With `credentials` (etcd auth on) the client authenticates and keeps its token fresh until
+    `close()`; wrong credentials raise `StoreAuthError`.
     """
     targets, first_name = await _resolve(endpoints)
     tls_name = server_name or (first_name if ca_cert is not None else None)
-    client = Etcd3Client(
+    client = _Client(
         targets, tls_server_name=tls_name, ca_cert=ca_cert, cert_key=cert_key, cert_chain=cert_chain
     )
+    # gRPC's default 4 MiB receive limit is one page of a large catalog or one big watch
+    # response; etcd3aio has no option for it (pinned <0.4, so its manager's list is stable).
+    client._manager.grpc_options.append(("grpc.max_receive_message_length", MAX_RECEIVE))
     try:
         with store_errors("connect"):
             await client.connect()
-            if check:
-                await client.ping(write_check=False, timeout=connect_timeout)
+            if credentials is not None:
+                await client.login(credentials)
+            if check:  # Status needs no key permission: any user (or none) may ask
+                assert client.maintenance is not None
+                await client.maintenance.status(timeout=connect_timeout)
     except BaseException:
         await client.close()
         raise
@@ -136,6 +185,7 @@ async def etcd_client(
     server_name: str | None = None,
     check: bool = True,
     connect_timeout: float = 5.0,
+    credentials: EtcdCredentials | None = None,
 ) -> AsyncIterator[Etcd3Client]:
     """`open_client` as an async context manager that closes the client."""
     client = await open_client(
@@ -146,6 +196,7 @@ async def etcd_client(
         server_name=server_name,
         check=check,
         connect_timeout=connect_timeout,
+        credentials=credentials,
     )
     try:
         yield client

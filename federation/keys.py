@@ -4,8 +4,18 @@
 /fedgate/clusters/<cluster>/info                 ClusterInfo JSON        (agent, leased)
 /fedgate/clusters/<cluster>/exports/<ns>/<svc>   ServiceExport JSON      (agent, leased)
 /fedgate/vips/<ns>/<svc>                         "10.255.x.y"            (controller)
-/fedgate/config/policies/<ns>/<svc>              TrafficPolicy JSON      (controller)
+/fedgate/config/policies/<ns>/<svc>              TrafficPolicy JSON      (GitOps sync; seed: leader)
+/fedgate/config/commit                           commit SHA of the config (GitOps sync)
+/fedgate/config/denied/...                       deny list (identity issue)
+/fedgate/config/...                              other GitOps documents, read raw
+/fedgate/leader                                  LeaderRecord JSON       (elected replica, leased)
+/fedgate/status/clusters/<cluster>               ClusterStatus JSON      (leader: liveness, damping)
+/fedgate/status/services/<ns>/<svc>              ServiceStatus JSON      (leader: MCS conditions)
+/fedgate/status/config                           ConfigStatus JSON       (leader: served version)
 ```
+
+The controller reads everything under /fedgate/config/ as one consistent config (GitOps writes it
+in one transaction with the commit key); keys it does not understand reach `generate()` raw.
 
 Every name segment is an RFC 1123 label (checked by `mesh.naming`), so no segment can contain
 `/` and a prefix scan of one cluster never reaches another's keys. Parsing is strict because
@@ -23,7 +33,15 @@ from mesh.naming import ServiceKey, check_label
 ROOT = "/fedgate/"
 CLUSTERS_PREFIX = ROOT + "clusters/"
 VIPS_PREFIX = ROOT + "vips/"
-POLICIES_PREFIX = ROOT + "config/policies/"
+CONFIG_PREFIX = ROOT + "config/"
+POLICIES_PREFIX = CONFIG_PREFIX + "policies/"
+DENIED_PREFIX = CONFIG_PREFIX + "denied/"
+COMMIT_KEY = CONFIG_PREFIX + "commit"
+LEADER_KEY = ROOT + "leader"
+STATUS_PREFIX = ROOT + "status/"
+CLUSTER_STATUS_PREFIX = STATUS_PREFIX + "clusters/"
+SERVICE_STATUS_PREFIX = STATUS_PREFIX + "services/"
+CONFIG_STATUS_KEY = STATUS_PREFIX + "config"
 
 
 class KeyLayoutError(ValueError):
@@ -52,6 +70,25 @@ def vip_key(service: ServiceKey) -> str:
 
 def policy_key(service: ServiceKey) -> str:
     return f"{POLICIES_PREFIX}{service.namespace}/{service.name}"
+
+
+def cluster_status_key(cluster: str) -> str:
+    return CLUSTER_STATUS_PREFIX + check_label(cluster, "cluster name")
+
+
+def service_status_key(service: ServiceKey) -> str:
+    return f"{SERVICE_STATUS_PREFIX}{service.namespace}/{service.name}"
+
+
+def parse_cluster_status_key(key: str) -> str:
+    """The cluster named by `/fedgate/status/clusters/<cluster>`."""
+    if not key.startswith(CLUSTER_STATUS_PREFIX):
+        raise KeyLayoutError(f"{key!r} is not under {CLUSTER_STATUS_PREFIX}")
+    name = key[len(CLUSTER_STATUS_PREFIX) :]
+    try:
+        return check_label(name, "cluster name")
+    except MeshError as e:
+        raise KeyLayoutError(f"{key!r}: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)

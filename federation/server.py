@@ -1,21 +1,29 @@
 """Config distribution: the current snapshot, its subscribers, and the gRPC servicer.
 
-`SnapshotPublisher` holds the current snapshot (encoded once) and every open stream's
-subscription. Each subscription is an asyncio.Queue(maxsize=1) whose overflow policy is
-"keep the newest": a slow stream is never fed a backlog, it gets the latest snapshot when it
-is ready again, and `update()` never waits for anyone. `superseded` counts the snapshots a slow
-stream never saw.
+`SnapshotPublisher` holds the current snapshot and every open stream's subscription. Each
+subscription is a bounded queue of one whose overflow policy is "keep the newest": a slow
+stream is never fed a backlog, it gets the latest snapshot when it is ready again (a delta from
+what it runs, or the full snapshot), and `update()` never waits for anyone. `superseded`
+counts the snapshots a slow stream never saw.
+
+Encoding is lazy and shared: the full payload of a version is built once, from the per-service
+fragments of a `FragmentCache` (federation.api.delta), and only if some stream needs it; a
+delta from a base version is built once per (base, version) from the last `HISTORY` snapshots.
+So an endpoint change costs every up-to-date stream one small delta, not the federation.
 
 `ConfigDiscoveryServicer` runs one `ServerSession` (federation.api.session) per stream: it
 sends a snapshot when the version differs from what the proxy runs, and logs every ACK and
-NACK with the node's id, cluster and versions. Who may open a stream is decided by the
-`authorize(context)` callable (the lead plugs in ca/'s SPIFFE verifier); it returns an error
-text to refuse with PERMISSION_DENIED. Config generation happens elsewhere (federation.generate).
+NACK with the node's id, cluster and versions. A replica without a snapshot yet waits up to
+`first_snapshot_timeout` and then refuses the stream with UNAVAILABLE, so a proxy fails over to
+another replica instead of hanging on one that cannot serve. Who may open a stream is decided
+by the `authorize(context)` callable (the lead plugs in ca/'s SPIFFE verifier); it returns an
+error text to refuse with PERMISSION_DENIED. Config generation happens elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,6 +33,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from federation.aio import wait_event
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 from federation.api.config_pb2_grpc import (
     ConfigDiscoveryServicer as _ServicerBase,
@@ -32,9 +41,9 @@ from federation.api.config_pb2_grpc import (
 from federation.api.config_pb2_grpc import (
     add_ConfigDiscoveryServicer_to_server,
 )
-from federation.api.session import Ack, Nack, ServerSession, Stale
+from federation.api.delta import FragmentCache, encode_delta, encode_full
+from federation.api.session import Ack, Nack, Resync, ServerSession, Stale
 from federation.errors import FederationError
-from mesh.codec import dumps, snapshot_to_json
 from mesh.model import Snapshot
 from mesh.tasks import TaskSet
 
@@ -43,35 +52,82 @@ _log = structlog.get_logger("fedgate.federation.server")
 Context = grpc.aio.ServicerContext[ConfigRequest, ConfigResponse]
 Authorizer = Callable[[Context], "str | None"]
 MAX_MESSAGE = 64 * 1024 * 1024
+HISTORY = 8  # recent snapshots kept to build deltas from
+DELTAS_PER_VERSION = 8  # delta payloads cached per published version (one per base)
 
 
 def allow_all(context: Context) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
 class Published:
-    snapshot: Snapshot
-    payload: bytes  # mesh.codec.dumps(snapshot_to_json(snapshot)), encoded once for every stream
+    """One version as the streams see it: its payloads are encoded at most once, on demand."""
+
+    def __init__(self, snapshot: Snapshot, publisher: SnapshotPublisher) -> None:
+        self.snapshot = snapshot
+        self._publisher = publisher
+        self._payload: bytes | None = None
+        self._deltas: OrderedDict[str, bytes | None] = OrderedDict()
+
+    @property
+    def version(self) -> str:
+        return self.snapshot.version
+
+    @property
+    def payload(self) -> bytes:
+        """The full snapshot: byte-identical to mesh.codec.dumps(snapshot_to_json(...))."""
+        if self._payload is None:
+            self._payload = encode_full(self.snapshot, self._publisher.fragments)
+            self._publisher.full_encodings += 1
+        return self._payload
+
+    def full(self) -> bytes:
+        return self.payload
+
+    def delta(self, base: str) -> bytes | None:
+        """A delta from `base` to this version, or None if `base` is not in recent history."""
+        if base in self._deltas:
+            return self._deltas[base]
+        old = self._publisher.historic(base)
+        # Even when everything changed a delta is barely larger than the full snapshot, and
+        # checking would cost the full encoding this avoids.
+        body = None if old is None else encode_delta(old, self.snapshot, self._publisher.fragments)
+        self._deltas[base] = body
+        if len(self._deltas) > DELTAS_PER_VERSION:
+            self._deltas.popitem(last=False)
+        return body
 
 
 class Subscription:
-    """One stream's view of the publisher: the newest snapshot it has not taken yet."""
+    """One stream's view of the publisher: the newest snapshot it has not taken yet.
+
+    A bounded queue of one whose overflow policy is "keep the newest" (a slot and a waiter,
+    not an asyncio.Queue: `offer` runs once per stream per version, 1,000 streams per sync).
+    """
 
     def __init__(self, publisher: SnapshotPublisher) -> None:
         self._publisher = publisher
-        self._queue: asyncio.Queue[Published] = asyncio.Queue(maxsize=1)
+        self._item: Published | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self.superseded = 0  # metric: snapshots replaced before this stream took them
 
     def offer(self, item: Published) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
+        if self._item is not None:
             self.superseded += 1
             self._publisher.superseded += 1
-        self._queue.put_nowait(item)
+        self._item = item
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self) -> Published:
-        return await self._queue.get()
+        while self._item is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item, self._item = self._item, None
+        return item
 
     def close(self) -> None:
         self._publisher._subscriptions.discard(self)
@@ -89,24 +145,45 @@ class Subscription:
 
 
 class SnapshotPublisher:
-    def __init__(self) -> None:
+    def __init__(self, fragments: FragmentCache | None = None) -> None:
+        self.fragments = fragments or FragmentCache()
         self._current: Published | None = None
+        self._history: OrderedDict[str, Snapshot] = OrderedDict()
         self._subscriptions: set[Subscription] = set()
+        self._first = asyncio.Event()
         self.superseded = 0  # metric, summed over every subscription
+        self.full_encodings = 0  # metric: full payloads encoded
 
     @property
     def current(self) -> Snapshot | None:
         return self._current.snapshot if self._current is not None else None
 
     @property
+    def published(self) -> Published | None:
+        return self._current
+
+    @property
     def subscribers(self) -> int:
         return len(self._subscriptions)
+
+    def historic(self, version: str) -> Snapshot | None:
+        return self._history.get(version)
+
+    @property
+    def first(self) -> asyncio.Event:
+        """Set once there is a snapshot."""
+        return self._first
 
     def update(self, snapshot: Snapshot) -> bool:
         """Make `snapshot` current and offer it to every stream; False if the version is same."""
         if self._current is not None and self._current.snapshot.version == snapshot.version:
             return False
-        self._current = Published(snapshot, dumps(snapshot_to_json(snapshot)))
+        self._current = Published(snapshot, self)
+        self._history[snapshot.version] = snapshot
+        self._history.move_to_end(snapshot.version)
+        while len(self._history) > HISTORY:
+            self._history.popitem(last=False)
+        self._first.set()
         for subscription in self._subscriptions:
             subscription.offer(self._current)
         return True
@@ -120,12 +197,24 @@ class SnapshotPublisher:
 
 
 class ConfigDiscoveryServicer(_ServicerBase):
-    def __init__(self, publisher: SnapshotPublisher, authorize: Authorizer = allow_all) -> None:
+    def __init__(
+        self,
+        publisher: SnapshotPublisher,
+        authorize: Authorizer = allow_all,
+        *,
+        replica: str = "",
+        first_snapshot_timeout: float = 10.0,
+    ) -> None:
         self._publisher = publisher
         self._authorize = authorize
+        self._replica = replica
+        self._first_timeout = first_snapshot_timeout
         self._tasks = TaskSet("config-streams")
         self.acks = 0  # metrics
         self.nacks = 0
+        self.resyncs = 0
+        self.deltas = 0
+        self.fulls = 0
 
     async def StreamConfig(  # noqa: N802 - the gRPC method name
         self, request_iterator: Any, context: Context
@@ -134,6 +223,10 @@ class ConfigDiscoveryServicer(_ServicerBase):
         if refusal is not None:
             _log.warning("config stream refused", peer=context.peer(), error=refusal)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        if self._publisher.current is None:
+            await wait_event(self._publisher.first, self._first_timeout)
+            if self._publisher.current is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "controller has no config yet")
         hello = await context.read()
         if not isinstance(hello, ConfigRequest):  # grpc.aio.EOF before any request
             return
@@ -145,27 +238,42 @@ class ConfigDiscoveryServicer(_ServicerBase):
             peer=context.peer(),
         )
         log.info("config stream opened", version=hello.version_info)
-        reader = self._tasks.spawn(self._read(context, session, log), f"read:{session.node.id}")
         taking: asyncio.Future[Published] | None = None
+        reader: asyncio.Task[None] | None = None
         try:
             with self._publisher.subscribe() as subscription:
+                reader = self._tasks.spawn(
+                    self._read(context, session, subscription, log), f"read:{session.node.id}"
+                )
                 while not reader.done():
                     taking = asyncio.ensure_future(subscription.next())
                     await asyncio.wait({reader, taking}, return_when=asyncio.FIRST_COMPLETED)
                     if not taking.done():
                         break  # the proxy closed its side
                     item = taking.result()
-                    response = session.offer(item.snapshot.version, item.payload)
+                    response = session.offer(item.version, item.full, item.delta)
                     if response is not None:
+                        response.replica = self._replica
+                        if response.base_version:
+                            self.deltas += 1
+                        else:
+                            self.fulls += 1
                         await context.write(response)
-                        log.debug("config sent", version=response.version_info)
+                        log.debug(
+                            "config sent",
+                            version=response.version_info,
+                            delta_from=response.base_version,
+                            size=len(response.snapshot),
+                        )
         finally:
             for task in (reader, taking):
                 if task is not None:
                     task.cancel()
             log.info("config stream closed", version=session.client_version)
 
-    async def _read(self, context: Context, session: ServerSession, log: Any) -> None:
+    async def _read(
+        self, context: Context, session: ServerSession, subscription: Subscription, log: Any
+    ) -> None:
         while True:
             request = await context.read()
             if not isinstance(request, ConfigRequest):  # the proxy half-closed the stream
@@ -180,6 +288,12 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     log.warning("config NACK", version=rejected, kept=kept, error=error)
                 case Stale(nonce=nonce):
                     log.debug("stale config request ignored", nonce=nonce)
+                case Resync(kept=kept):
+                    self.resyncs += 1
+                    log.info("config resync requested", kept=kept)
+                    current = self._publisher.published
+                    if current is not None:
+                        subscription.offer(current)
                 case _:
                     raise AssertionError(f"unknown session event {event!r}")
 

@@ -1,12 +1,17 @@
 """The etcd adapters of the catalog: agents publish (leased), controllers load and watch.
 
 - `EtcdCatalogPublisher` (mesh.interfaces.CatalogPublisher) writes one cluster's `info` and
-  exports under `/fedgate/clusters/<cluster>/`, every key attached to one lease, in ONE
-  transaction that also deletes the cluster's keys that are no longer published. It keeps the
-  lease alive; if etcd lost the lease (expired during a partition) it grants a new one and
-  republishes everything. A cluster that dies simply stops renewing: its keys expire after TTL.
+  exports under `/fedgate/clusters/<cluster>/`, every key attached to one lease. It writes only
+  the keys whose value (or lease) differ from the store and deletes the ones no longer
+  published, in one transaction when the change fits etcd's --max-txn-ops (128), else in a
+  chain of guarded transactions. It keeps the lease alive; if etcd lost the lease (expired
+  during a partition) it grants a new one and republishes everything. A cluster that dies
+  simply stops renewing: its keys expire after TTL.
 - `EtcdCatalogState` (mesh.interfaces.CatalogState) decodes every key under
   `/fedgate/clusters/` and watches the prefix, resuming from the last revision it saw.
+- `EtcdWatcher` is the controller's incremental feed: every key under a prefix at one revision
+  (paged), then the watch's events in order (federation.catalog applies them), resuming after
+  a failure from the revision after the last event it delivered, on any member of the cluster.
 
 Keys are written by agents of other clusters, so the reader trusts nothing: a key off the
 layout, a value that does not decode, or one that names another cluster than its key (an export
@@ -20,16 +25,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
 from etcd3aio import Etcd3Client, prefix_range_end
-from etcd3aio._protobuf import Compare  # etcd3aio has helpers for every compare but MOD
+
+# etcd3aio has helpers for every compare but MOD. Its watch helper resumes after a reconnect
+# from the response *header* revision, which can skip events a catching-up watcher had not got
+# yet, and sets no `hasleader`; so `watch_stream` drives the raw Watch RPC itself.
+from etcd3aio._protobuf import (
+    Compare,
+    WatchCreateRequest,
+    WatchRequest,
+    WatchStub,
+)
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 from etcd3aio.watch import WatchService
 
 from federation import keys
+from federation.catalog import KeyEvent
 from federation.errors import (
     LeaseLostError,
     StoreConflictError,
@@ -54,6 +70,8 @@ _log = structlog.get_logger("fedgate.federation.store")
 
 DEFAULT_TIMEOUT = 5.0  # seconds per etcd request: a partitioned etcd must not hang us forever
 TXN_ATTEMPTS = 5  # compare-and-swap retries before giving up with StoreConflictError
+TXN_MAX_OPS = 128  # etcd's default --max-txn-ops
+LOAD_PAGE = 500  # keys per range request: stays under gRPC's 4 MiB default message size
 
 
 def kv_service(client: Etcd3Client) -> KVService:
@@ -130,7 +148,7 @@ class EtcdCatalogPublisher:
         return self._lease
 
     async def publish(self, info: ClusterInfo, exports: Sequence[ServiceExport]) -> None:
-        """Make the store hold exactly `info` and `exports` for this cluster (one transaction)."""
+        """Make the store hold exactly `info` and `exports` for this cluster."""
         state = (info, tuple(exports))
         self._check(*state)
         async with self._lock:
@@ -204,24 +222,37 @@ class EtcdCatalogPublisher:
         )
 
     async def _txn(self, lease: int, info: ClusterInfo, exports: tuple[ServiceExport, ...]) -> bool:
+        """Write only what differs from the store, in transactions of at most TXN_MAX_OPS.
+
+        Each transaction is guarded by "nothing under the prefix changed since I read (or last
+        wrote) it", so a concurrent writer is detected; a large change spans several
+        transactions (etcd refuses more than --max-txn-ops operations in one) and a failure
+        between them is repaired by the retry, which diffs again.
+        """
         kv = kv_service(self._client)
         prefix = keys.cluster_prefix(self._cluster)
         with store_errors("publish: read current keys"):
-            current = await kv.get(
-                prefix, prefix_range_end(prefix), keys_only=True, timeout=self._timeout
-            )
+            current = await kv.get(prefix, prefix_range_end(prefix), timeout=self._timeout)
         wanted = {keys.info_key(self._cluster).encode(): dumps(cluster_to_json(info))}
         for x in exports:
             wanted[keys.export_key(self._cluster, x.key).encode()] = dumps(export_to_json(x))
-        ops = [kv.txn_op_put(k, v, lease=lease) for k, v in wanted.items()]
-        ops += [kv.txn_op_delete(item.key) for item in current.kvs if item.key not in wanted]
-        with store_errors("publish"):
-            result = await kv.txn(
-                [unchanged_since(prefix, int(current.header.revision))], ops, timeout=self._timeout
-            )
-        if result.succeeded:
-            self._log.debug("published", exports=len(exports), deleted=len(ops) - len(wanted))
-        return bool(result.succeeded)
+        have = {bytes(item.key): (bytes(item.value), int(item.lease)) for item in current.kvs}
+        ops = [
+            kv.txn_op_put(k, v, lease=lease) for k, v in wanted.items() if have.get(k) != (v, lease)
+        ]
+        ops += [kv.txn_op_delete(k) for k in have if k not in wanted]
+        revision = int(current.header.revision)
+        for start in range(0, len(ops), TXN_MAX_OPS):
+            chunk = ops[start : start + TXN_MAX_OPS]
+            with store_errors("publish"):
+                result = await kv.txn(
+                    [unchanged_since(prefix, revision)], chunk, timeout=self._timeout
+                )
+            if not result.succeeded:
+                return False
+            revision = int(result.header.revision)
+        self._log.debug("published", exports=len(exports), changed=len(ops))
+        return True
 
     async def _keepalive_loop(self) -> None:
         interval = self._ttl / 3
@@ -248,16 +279,30 @@ class EtcdCatalogPublisher:
                     self._log.info("republished", lease=self._lease)
 
     async def _renew(self, lease: int) -> int:
-        """Renew `lease` once; the TTL etcd answered (0 when etcd no longer has the lease)."""
-        call = _lease_service(self._client).keep_alive(lease)
-        try:
-            with store_errors("lease keepalive"):
-                async with asyncio.timeout(self._timeout):
-                    async for response in call:
-                        return int(response.TTL)
-        finally:
-            call.cancel()
+        return await renew_lease(self._client, lease, self._timeout)
+
+
+async def renew_lease(client: Etcd3Client, lease: int, seconds: float) -> int:
+    """Renew `lease` once; the TTL etcd answered (0 when etcd no longer has the lease).
+
+    Waits with `asyncio.wait`, not `asyncio.timeout`: on Python 3.11 a cancellation racing the
+    timeout can surface as TimeoutError (here: StoreUnavailableError), which keepalive loops
+    retry, so the loop could never be cancelled.
+    """
+    call = _lease_service(client).keep_alive(lease)
+    reading = asyncio.ensure_future(call.read())
+    try:
+        with store_errors("lease keepalive"):
+            done, _ = await asyncio.wait({reading}, timeout=seconds)
+            if not done:
+                raise TimeoutError
+            response = reading.result()
+    finally:
+        reading.cancel()
+        call.cancel()
+    if not hasattr(response, "TTL"):  # grpc.aio.EOF
         raise StoreUnavailableError("lease keepalive stream closed without an answer")
+    return int(response.TTL)
 
 
 class EtcdCatalogState:
@@ -276,15 +321,13 @@ class EtcdCatalogState:
 
     async def load(self) -> tuple[tuple[ClusterInfo, ...], tuple[ServiceExport, ...]]:
         """Every cluster's info and exports, at one revision; bad keys are logged and skipped."""
-        kv = kv_service(self._client)
-        prefix = keys.CLUSTERS_PREFIX
-        with store_errors("load catalog"):
-            response = await kv.get(prefix, prefix_range_end(prefix), timeout=self._timeout)
+        loaded = await load_prefix(self._client, keys.CLUSTERS_PREFIX, timeout=self._timeout)
         infos: dict[str, ClusterInfo] = {}
         pending: list[tuple[bytes, int, ServiceExport]] = []
         reported: set[tuple[bytes, int]] = set()
-        for item in response.kvs:
-            key = item.key.decode("utf-8", "replace")
+        for item in loaded.events:
+            key = item.key
+            assert item.value is not None
             try:
                 parsed = keys.parse_cluster_key(key)
                 if parsed.service is None:
@@ -299,9 +342,9 @@ class EtcdCatalogState:
                 foreign = sorted({e.cluster for e in export.endpoints} - {parsed.cluster})
                 if foreign:
                     raise ValueError(f"endpoints of other clusters {foreign}")
-                pending.append((item.key, int(item.mod_revision), export))
+                pending.append((item.key.encode(), item.revision, export))
             except (ValueError, MeshError) as e:
-                self._skip(reported, item.key, int(item.mod_revision), str(e))
+                self._skip(reported, item.key.encode(), item.revision, str(e))
         exports: list[ServiceExport] = []
         for raw_key, mod_revision, export in pending:
             info_ = infos.get(export.cluster)
@@ -312,7 +355,7 @@ class EtcdCatalogState:
                 continue
             exports.append(export)
         self._reported = reported
-        self._revision = int(response.header.revision)
+        self._revision = loaded.revision
         return (
             tuple(sorted(infos.values(), key=lambda c: c.name)),
             tuple(sorted(exports, key=lambda x: (x.key, x.cluster))),
@@ -375,3 +418,177 @@ class EtcdCatalogState:
                 resume = max(resume, self._revision + 1)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+
+# --- the controller's incremental feed ----------------------------------------------------
+
+EVENT_DELETE = 1  # mvccpb.Event.EventType
+# etcd cancels a watch carrying this metadata when its member loses the raft leader, so a watch
+# on a member cut off from the quorum fails over instead of going silent (clientv3's
+# WithRequireLeader).
+REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Every key under the prefix at `revision`: replace the whole view."""
+
+    events: tuple[KeyEvent, ...]
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """The events of one watch response, in revision order."""
+
+    events: tuple[KeyEvent, ...]
+    revision: int
+
+
+async def load_prefix(
+    client: Etcd3Client,
+    prefix: str,
+    *,
+    page: int = LOAD_PAGE,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - a per-request etcd deadline
+) -> Loaded:
+    """Every key under `prefix` at one revision, read `page` keys per request."""
+    kv = kv_service(client)
+    end = prefix_range_end(prefix)
+    start: bytes = prefix.encode()
+    revision = 0
+    events: list[KeyEvent] = []
+    while True:
+        with store_errors(f"load {prefix}"):
+            response = await kv.get(start, end, revision=revision, limit=page, timeout=timeout)
+        revision = revision or int(response.header.revision)
+        for item in response.kvs:
+            events.append(
+                KeyEvent(item.key.decode("utf-8", "replace"), bytes(item.value), item.mod_revision)
+            )
+        if not response.more or not response.kvs:
+            return Loaded(tuple(events), revision)
+        start = bytes(response.kvs[-1].key) + b"\0"
+
+
+class CompactedError(StoreError):
+    """The revision a watch wanted to resume from was compacted away: load again."""
+
+
+async def watch_stream(
+    client: Etcd3Client, prefix: str, start_revision: int, *, exact: bool = False
+) -> AsyncGenerator[Changed, None]:
+    """One Watch RPC on `prefix` (or the one key, `exact`) from `start_revision`.
+
+    It ends with an exception, never quietly.
+
+    Raises `CompactedError` if the history is gone and `StoreUnavailableError` when the stream
+    breaks or etcd cancels it; the caller resumes from the revision after the last batch.
+    """
+    channel = client._channel  # etcd3aio keeps its channel private; pinned <0.4
+    if channel is None:
+        raise StoreError("etcd client is not connected")
+    metadata = REQUIRE_LEADER + tuple(_watch_service(client)._metadata)
+    create = WatchCreateRequest(
+        key=prefix.encode(),
+        range_end=b"" if exact else prefix_range_end(prefix),
+        start_revision=start_revision,
+    )
+
+    done = asyncio.Event()
+
+    async def requests() -> AsyncGenerator[WatchRequest, None]:
+        yield WatchRequest(create_request=create)
+        await done.wait()  # keep the request side open for the stream's lifetime
+
+    call = WatchStub(channel).Watch(requests(), metadata=metadata)
+    try:
+        while True:
+            with store_errors(f"watch {prefix}"):
+                response = await call.read()
+            if not hasattr(response, "events"):  # grpc.aio.EOF: the server ended the stream
+                raise StoreUnavailableError(f"watch {prefix}: stream ended")
+            if response.compact_revision > 0:
+                raise CompactedError(
+                    f"watch {prefix}: revision {start_revision} compacted "
+                    f"(oldest kept {response.compact_revision})"
+                )
+            if response.canceled:
+                raise StoreUnavailableError(f"watch {prefix} cancelled: {response.cancel_reason}")
+            if response.events:
+                events = tuple(
+                    KeyEvent(
+                        ev.kv.key.decode("utf-8", "replace"),
+                        None if ev.type == EVENT_DELETE else bytes(ev.kv.value),
+                        int(ev.kv.mod_revision),
+                    )
+                    for ev in response.events
+                )
+                yield Changed(events, max(e.revision for e in events))
+    finally:
+        done.set()  # lets gRPC's request-consuming task end by itself, not by cancellation
+        call.cancel()
+
+
+class EtcdWatcher:
+    """`Loaded` first, then `Changed` batches for ever; `Loaded` again after a compaction.
+
+    A broken watch (member lost, network) is retried with backoff from the revision after the
+    last batch delivered; the channel round-robins over every endpoint, so another member
+    answers. `resumes` and `reloads` count both (metrics).
+    """
+
+    def __init__(
+        self,
+        client: Etcd3Client,
+        prefix: str = keys.ROOT,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._timeout = timeout
+        self._backoff = (backoff_initial, backoff_max)
+        self.revision = 0
+        self.resumes = 0
+        self.reloads = 0
+
+    async def _load(self) -> Loaded:
+        delay = self._backoff[0]
+        while True:
+            try:
+                loaded = await load_prefix(self._client, self._prefix, timeout=self._timeout)
+            except StoreError as e:
+                _log.warning("load failed, retrying", prefix=self._prefix, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
+                continue
+            self.revision = loaded.revision
+            return loaded
+
+    async def batches(self) -> AsyncGenerator[Loaded | Changed, None]:
+        yield await self._load()
+        delay = self._backoff[0]
+        while True:
+            try:
+                stream = watch_stream(self._client, self._prefix, self.revision + 1)
+                async with contextlib.aclosing(stream):
+                    async for batch in stream:
+                        delay = self._backoff[0]
+                        self.revision = max(self.revision, batch.revision)
+                        yield batch
+            except CompactedError as e:
+                _log.warning("watch history compacted, reloading", error=str(e))
+                self.reloads += 1
+                yield await self._load()
+                continue
+            except StoreError as e:
+                _log.warning(
+                    "watch broke, resuming", prefix=self._prefix, revision=self.revision + 1,
+                    error=str(e), retry_in=delay,
+                )  # fmt: skip
+            self.resumes += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff[1])

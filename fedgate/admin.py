@@ -1,6 +1,7 @@
 """The admin port every fedgate process serves: /healthz, /readyz, /config, /metrics.
 
-A deliberately tiny HTTP/1.1 server (GET only, one request per connection, bounded head): it is
+A deliberately tiny HTTP/1.1 server (GET, and POST for bodiless actions such as the GitOps
+webhook `POST /sync`; one request per connection, bounded head): it is
 an operator's window, not a data path, and must not pull a web framework into every process.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ class AdminState:
     config: Callable[[], dict[str, Any]] = dict
     metrics: Callable[[], str] = str
     extra: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    # POST actions by path (no body is read): e.g. "sync" -> trigger a GitOps round now.
+    actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
 
 
 def _response(status: int, body: bytes, content_type: str) -> bytes:
@@ -60,8 +63,12 @@ async def _handle(
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
         parts = head.split(b"\r\n", 1)[0].decode("ascii", "replace").split(" ")
-        if len(parts) != 3 or parts[0] != "GET":
-            writer.write(_response(400, b"GET only\n", "text/plain"))
+        action = state.actions.get(parts[1].lstrip("/")) if len(parts) == 3 else None
+        if len(parts) == 3 and parts[0] == "POST" and action is not None:
+            body = json.dumps(await action(), indent=2).encode() + b"\n"
+            writer.write(_response(200, body, "application/json"))
+        elif len(parts) != 3 or parts[0] != "GET":
+            writer.write(_response(400, b"GET, or POST to an action\n", "text/plain"))
         else:
             status, body, ctype = route(state, parts[1])
             writer.write(_response(status, body, ctype))

@@ -40,14 +40,57 @@ def main() -> None:
 @click.option("--listen", required=True, help="gRPC config-stream address (mTLS).")
 @click.option("--admin", required=True, help="Admin HTTP address (host:port).")
 @click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
-@click.option("--config-dir", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TrafficPolicy YAML seeding /fedgate/config/ while no GitOps commit exists.",
+)
+@click.option("--replica", default="", help="Replica name (default: the --listen address).")
+@click.option(
+    "--leader-ttl",
+    type=click.IntRange(2),
+    default=5,
+    show_default=True,
+    help="Seconds before a dead leader's lease expires and another replica takes over.",
+)
+@click.option("--config-repo", default=None, help="GitOps repository (path or URL) to follow.")
+@click.option("--config-branch", default="main", show_default=True)
+@click.option("--config-path", default="", help="Config directory inside the repository.")
+@click.option("--config-poll", type=float, default=15.0, show_default=True)
+@click.option(
+    "--config-workdir",
+    type=click.Path(path_type=Path),
+    default=Path("/var/lib/fedgate/gitops"),
+    show_default=True,
+    help="This replica's private clone of the repository.",
+)
 def controller(
-    etcd_endpoints: str, listen: str, admin: str, ca_dir: Path, config_dir: Path
+    etcd_endpoints: str,
+    listen: str,
+    admin: str,
+    ca_dir: Path,
+    config_dir: Path | None,
+    replica: str,
+    leader_ttl: int,
+    config_repo: str | None,
+    config_branch: str,
+    config_path: str,
+    config_poll: float,
+    config_workdir: Path,
 ) -> None:
-    """Run the federation controller."""
+    """Run a federation controller replica (run several; one is elected leader)."""
+    from federation.gitops.sync import SyncSettings
     from fedgate import processes
 
-    processes.controller(etcd_endpoints.split(","), listen, admin, ca_dir, config_dir)
+    gitops = (
+        SyncSettings(config_repo, config_branch, config_path, config_poll, config_workdir)
+        if config_repo
+        else None
+    )
+    processes.controller(
+        etcd_endpoints.split(","), listen, admin, ca_dir, config_dir, replica, leader_ttl, gitops
+    )
 
 
 @main.command()
@@ -61,6 +104,19 @@ def controller(
 @click.option("--gateway-egress", required=True)
 @click.option("--admin", required=True)
 @click.option("--lease-ttl", type=int, default=10, show_default=True)
+@click.option(
+    "--ca-renew-listen",
+    default="",
+    help="Renewal address of the CA (mTLS) [default: --ca-listen with port + 1].",
+)
+@click.option(
+    "--transport",
+    type=click.Choice(["tls", "quic", "passthrough"]),
+    default="tls",
+    show_default=True,
+    help="How peer gateways reach this cluster's gateway (published with --gateway-tunnel, "
+    "which must be that transport's listener).",
+)
 def agent(
     cluster: str,
     etcd_endpoints: str,
@@ -72,6 +128,8 @@ def agent(
     gateway_egress: str,
     admin: str,
     lease_ttl: int,
+    ca_renew_listen: str,
+    transport: str,
 ) -> None:
     """Run a cluster's agent (publishes the catalog) and its CA."""
     from fedgate import processes
@@ -87,6 +145,8 @@ def agent(
         gateway_egress,
         admin,
         lease_ttl,
+        ca_renew_listen,
+        transport,
     )
 
 
@@ -98,6 +158,20 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
             click.option("--ca", "ca_address", required=True),
             click.option("--controller", "controller_address", required=True),
             click.option("--admin", required=True),
+            click.option(
+                "--svid-ttl",
+                type=click.IntRange(0),
+                default=0,
+                envvar="FEDGATE_SVID_TTL",
+                help="Requested SVID lifetime in seconds (0: the CA's maximum, 1 h by default); "
+                "renewed at half life.",
+            ),
+            click.option(
+                "--ca-renew",
+                "ca_renew_address",
+                default="",
+                help="The CA's renewal address (mTLS) [default: --ca with port + 1].",
+            ),
         ]
     ):
         f = opt(f)
@@ -106,22 +180,49 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
 
 @main.command()
 @_proxy_options
-@click.option("--tunnel-listen", required=True)
+@click.option("--tunnel-listen", required=True, help="QUIC tunnel listener (UDP host:port).")
 @click.option("--egress-listen", required=True)
+@click.option(
+    "--tls-listen",
+    default="",
+    help="tls tunnel listener (TCP host:port, same host) [default: --tunnel-listen]; 'off'.",
+)
+@click.option(
+    "--passthrough-listen",
+    default="",
+    help="passthrough tunnel listener (TCP host:port, same host) [default: off]. It does not "
+    "authenticate peer gateways (docs/transports.md).",
+)
+@click.option("--no-quic", is_flag=True, help="Do not serve QUIC on --tunnel-listen.")
+@click.option("--reuse-port", is_flag=True, help="SO_REUSEPORT on the TCP listeners (replicas).")
 def gateway(
     cluster: str,
     identity_dir: Path,
     ca_address: str,
     controller_address: str,
     admin: str,
+    svid_ttl: int,
+    ca_renew_address: str,
     tunnel_listen: str,
     egress_listen: str,
+    tls_listen: str,
+    passthrough_listen: str,
+    no_quic: bool,
+    reuse_port: bool,
 ) -> None:
     """Run a cluster's east-west gateway."""
     from fedgate import processes
 
     processes.gateway(
-        cluster, identity_dir, ca_address, controller_address, admin, tunnel_listen, egress_listen
+        cluster,
+        identity_dir,
+        ca_address,
+        controller_address,
+        admin,
+        tunnel_listen,
+        egress_listen,
+        identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
+        tunnels=processes.TunnelListeners(tls_listen, passthrough_listen, not no_quic, reuse_port),
     )
 
 
@@ -136,6 +237,8 @@ def sidecar(
     ca_address: str,
     controller_address: str,
     admin: str,
+    svid_ttl: int,
+    ca_renew_address: str,
     pod: str,
     namespace: str,
     no_capture: bool,
@@ -152,6 +255,7 @@ def sidecar(
         pod,
         namespace,
         capture=not no_capture,
+        identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
     )
 
 
@@ -191,15 +295,22 @@ def _need_root() -> None:
 
 @rig.command("up")
 @click.option("--clusters", "count", type=click.IntRange(1, 20), default=2, show_default=True)
+@click.option(
+    "--transport",
+    type=click.Choice(["tls", "quic", "passthrough"]),
+    default="tls",
+    show_default=True,
+    help="The tunnel transport every cluster publishes for its gateway.",
+)
 @_rig_dir_option
-def rig_up(count: int, rig_dir: Path) -> None:
+def rig_up(count: int, transport: str, rig_dir: Path) -> None:
     """Create N clusters and start the whole federation on them."""
     from clusters.rig import bringup
     from clusters.rig.errors import RigError
 
     _need_root()
     try:
-        bringup.up(rig_dir, count, _rig_command())  # type: ignore[arg-type]
+        bringup.up(rig_dir, count, _rig_command(), transport=transport)  # type: ignore[arg-type]
     except RigError as e:
         raise click.ClickException(str(e)) from e
 
@@ -264,21 +375,9 @@ def demo(rig_dir: Path, calls: int, keep: bool) -> None:
     sys.exit(demo_mod.run(rig_dir, _rig_command(), calls, keep))  # type: ignore[arg-type]
 
 
-@main.group("ca")
-def ca_group() -> None:
-    """Certificate authority tools."""
-
-
-@ca_group.command("init")
-@click.option("--trust-domain", required=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-def ca_init(trust_domain: str, out: Path) -> None:
-    """Create a root CA for a trust domain (root.pem, root.key)."""
-    from ca.authority import CertificateAuthority
-    from ca.verify import utcnow
-
-    CertificateAuthority.create(trust_domain, utcnow()).save(out)
-    click.echo(f"root CA for {trust_domain} written to {out}")
+main.add_command(__import__("fedgate.cli_ca", fromlist=["ca"]).ca)  # fedgate ca ... (identity)
+main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group)  # GitOps
+main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
 
 
 if __name__ == "__main__":

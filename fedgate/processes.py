@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
 
 from ca.authority import CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
-from ca.bundle import EMPTY_BUNDLE, TrustBundle
+from ca.bundle import TrustBundle
+from ca.service import SelfIssued
 from fedgate import admin, logs
 from fedgate.wiring import (
     ProxyWiring,
@@ -19,11 +24,16 @@ from fedgate.wiring import (
     parse_hostport,
     run_proxy,
     run_with_loop,
+    snapshot_bundle,
     until_signalled,
 )
 from mesh import codec
 from mesh.model import ClusterInfo, GatewayAddress, Snapshot
 from mesh.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from federation.gitops.sync import GitOpsSync, SyncSettings
+    from federation.leader import LeaderElection
 
 _log = structlog.get_logger("fedgate")
 
@@ -32,78 +42,162 @@ _log = structlog.get_logger("fedgate")
 
 
 def controller_credentials(
-    svid: Svid, control_root_pem: bytes, current: Any
+    svid: Svid | SelfIssued, control_root_pem: bytes, current: Any
 ) -> grpc.ServerCredentials:
-    """mTLS server credentials whose client roots follow the federated trust bundle.
+    """mTLS server credentials whose client roots follow the federated trust bundle and whose
+    own certificate follows the controller's renewed identity.
 
     gRPC asks the fetcher on new handshakes; a cluster that joins later is trusted as soon as
-    its root is in the bundle, without restarting the server or dropping streams.
+    its root is in the bundle, and a renewed certificate is presented from the next handshake
+    on, without restarting the server or dropping streams.
     """
-    pair = [(svid.key_pem, svid.cert_pem)]
+    identity = svid if isinstance(svid, SelfIssued) else None
+    fixed = svid if isinstance(svid, Svid) else None
     last: list[bytes] = [b""]
 
-    def roots() -> bytes:
+    def config() -> tuple[grpc.ServerCertificateConfiguration, bytes]:
+        own = identity.svid if identity is not None else fixed
+        assert own is not None
         snap: Snapshot | None = current()
-        bundle = TrustBundle.from_pem(snap.trust_bundle) if snap else EMPTY_BUNDLE
-        return control_root_pem + bundle.all_roots_pem()
+        roots = control_root_pem + snapshot_bundle(snap).all_roots_pem()
+        pair = [(own.key_pem, own.cert_pem)]
+        return grpc.ssl_server_certificate_configuration(pair, root_certificates=roots), (
+            own.cert_pem + roots
+        )
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        pem = roots()
-        if pem == last[0]:
+        cfg, stamp = config()
+        if stamp == last[0]:
             return None
-        last[0] = pem
-        return grpc.ssl_server_certificate_configuration(pair, root_certificates=pem)
+        last[0] = stamp
+        return cfg
 
-    initial = roots()
-    last[0] = initial
+    initial, last[0] = config()
     return grpc.dynamic_ssl_server_credentials(
-        grpc.ssl_server_certificate_configuration(pair, root_certificates=initial),
+        initial,
         fetch,  # type: ignore[arg-type]  # grpc documents None as "unchanged"; stubs omit it
         require_client_authentication=True,
     )
 
 
 def controller(
-    etcd_endpoints: list[str], listen: str, admin_addr: str, ca_dir: Path, config_dir: Path
+    etcd_endpoints: list[str],
+    listen: str,
+    admin_addr: str,
+    ca_dir: Path,
+    config_dir: Path | None,
+    replica: str = "",
+    leader_ttl: int = 5,
+    gitops: SyncSettings | None = None,
 ) -> None:
     logs.configure("controller")
-    run_with_loop(_controller(etcd_endpoints, listen, admin_addr, ca_dir, config_dir))
+    structlog.contextvars.bind_contextvars(replica=replica or listen)
+    run_with_loop(
+        _controller(
+            etcd_endpoints, listen, admin_addr, ca_dir, config_dir, replica, leader_ttl, gitops
+        )
+    )
+
+
+async def follow_repo_while_leader(
+    election: LeaderElection | None, sync: GitOpsSync, check_interval: float = 0.25
+) -> None:
+    """Only the leader applies commits: start the sync on election, cancel it on loss.
+
+    Every apply is also fenced on the leader key, so a replica that lost leadership between
+    two checks cannot write; this loop just avoids useless fetches on followers.
+    """
+    while True:
+        # Polled: the election belongs to the controller and has no waitable event to share.
+        while election is not None and not election.is_leader:  # noqa: ASYNC110
+            await asyncio.sleep(check_interval)
+        task = asyncio.create_task(sync.run(), name="controller:gitops")
+        try:
+            while not task.done() and (election is None or election.is_leader):  # noqa: ASYNC110
+                await asyncio.sleep(check_interval)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _log.error("gitops sync died, restarting", error=repr(task.exception()))
+            await asyncio.sleep(1.0)
 
 
 async def _controller(
-    etcd_endpoints: list[str], listen: str, admin_addr: str, ca_dir: Path, config_dir: Path
+    etcd_endpoints: list[str],
+    listen: str,
+    admin_addr: str,
+    ca_dir: Path,
+    config_dir: Path | None,
+    replica: str,
+    leader_ttl: int,
+    gitops: SyncSettings | None,
 ) -> None:
-    from federation.controller import Controller
+    from federation.controller import Controller, ControllerSettings
     from federation.etcd import open_client
+    from federation.gitops.store import ConfigStore
+    from federation.gitops.sync import GitOpsSync
     from federation.policy_file import load_policies
     from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
-    from federation.store import EtcdCatalogState
 
     ca = CertificateAuthority.load(ca_dir)
     svid = controller_svid(ca)
-    policies = load_policies(config_dir)
+    # The config directory only seeds /fedgate/config/ until GitOps applies a commit.
+    seed = load_policies(config_dir) if config_dir is not None else None
     client = await open_client(etcd_endpoints)
     publisher = SnapshotPublisher()
-    ctl = Controller(EtcdCatalogState(client), client, publisher, policies)
+    settings = ControllerSettings(
+        replica=replica or listen,
+        grpc_address=listen,
+        admin_address=admin_addr,
+        leader_ttl=leader_ttl,
+        freeze_gc=True,
+    )
+    ctl = Controller(client, publisher, settings=settings, seed_policies=seed)
 
     def bundle() -> TrustBundle:
-        snap = ctl.current()
-        return TrustBundle.from_pem(snap.trust_bundle) if snap else EMPTY_BUNDLE
+        return snapshot_bundle(ctl.current())  # roots and deny list
 
-    servicer = ConfigDiscoveryServicer(publisher, authorize=authorize_peer(bundle))
+    servicer = ConfigDiscoveryServicer(
+        publisher, authorize=authorize_peer(bundle), replica=settings.replica
+    )
+    sync: GitOpsSync | None = None
+    if gitops is not None:
+        election = ctl.election
+        fence: Callable[[], Sequence[Any]] = election.fence if election is not None else tuple
+        sync = GitOpsSync.from_settings(gitops, ConfigStore(client), fence=fence)
     server = await serve(servicer, listen, controller_credentials(svid, ca.root_pem, ctl.current))
     state = admin.AdminState(
         ready=lambda: ctl.ready,
         config=lambda: {
-            "identity": svid.spiffe_id.uri,
+            "identity": svid.svid.spiffe_id.uri,
+            "identityNotAfter": svid.svid.not_after.isoformat(),
+            "identityPem": svid.svid.cert_pem.decode(),  # `fedgate ca inspect --admin`
             "subscribers": publisher.subscribers,
-            "snapshot": codec.snapshot_to_json(s) if (s := ctl.current()) else None,
+            "controller": ctl.status(),
+            "version": s.version if (s := ctl.current()) else "",
+            "gitops": sync.status() if sync is not None else None,
+            "snapshot": codec.snapshot_to_json(s) if s else None,
         },
     )
+    if sync is not None:
+        the_sync = sync
+
+        async def trigger() -> dict[str, Any]:
+            # The webhook: a push notification makes the leader fetch now, not at the next poll.
+            if ctl.election is not None and not ctl.election.is_leader:
+                return {"result": "not-leader", "leader": ctl.status().get("leader")}
+            outcome = await asyncio.wait_for(the_sync.trigger(), 30)
+            return {"result": outcome.result, "sha": outcome.sha, "detail": outcome.detail}
+
+        state.actions["sync"] = trigger
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(state, host, port)
     tasks = TaskSet("controller")
     tasks.spawn(ctl.run(), "sync")
+    if sync is not None:
+        tasks.spawn(follow_repo_while_leader(ctl.election, sync), "gitops")
     try:
         await until_signalled()
     finally:
@@ -127,6 +221,8 @@ def agent(
     gateway_egress: str,
     admin_addr: str,
     lease_ttl: int,
+    ca_renew_listen: str = "",
+    transport: str = "tls",
 ) -> None:
     logs.configure("agent", cluster)
     run_with_loop(
@@ -141,6 +237,8 @@ def agent(
             gateway_egress,
             admin_addr,
             lease_ttl,
+            ca_renew_listen,
+            transport,
         )
     )
 
@@ -156,15 +254,19 @@ async def _agent(
     gateway_egress: str,
     admin_addr: str,
     lease_ttl: int,
+    ca_renew_listen: str = "",
+    transport: str = "tls",
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
     from clusters.source import FileClusterSource, read_tokens
+    from federation import denied
     from federation.etcd import open_client
     from federation.store import EtcdCatalogPublisher
+    from fedgate.identity import AgentCA
     from mesh.naming import SpiffeId
 
-    ca = CertificateAuthority.load(ca_dir)
+    ca = AgentCA(ca_dir)  # the CA directory, reloaded on change (root rotation)
 
     def resolve(token: str) -> SpiffeId | None:
         grant = read_tokens(tokens).get(token)  # re-read: the rig adds pods while we run
@@ -172,14 +274,18 @@ async def _agent(
             return None
         return SpiffeId(ca.trust_domain, grant.namespace, grant.service_account)
 
-    ca_server = await ca_service.serve(ca, resolve, ca_listen)
+    ca_server = await ca_service.serve(
+        ca.view, resolve, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
+    )
     th, tp = parse_hostport(gateway_tunnel)
     eh, ep = parse_hostport(gateway_egress)
     info = ClusterInfo(
         name=cluster,
         trust_domain=ca.trust_domain,
-        gateway=GatewayAddress(th, tp, eh, ep, "quic"),
-        roots=(ca.root_pem.decode(),),
+        # `transport`: what peers use to reach this cluster's gateway (`gateway_tunnel` is
+        # that transport's listener: TCP for tls and passthrough, UDP for quic).
+        gateway=GatewayAddress(th, tp, eh, ep, transport),
+        roots=ca.published_roots(),
     )
     client = await open_client(etcd_endpoints)
     publisher = EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
@@ -187,10 +293,21 @@ async def _agent(
     the_agent = Agent(info, source, publisher)
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(
-        admin.AdminState(ready=lambda: the_agent.published, config=the_agent.status), host, port
+        admin.AdminState(
+            ready=lambda: the_agent.published,
+            config=lambda: {**the_agent.status(), "ca": ca.status()},
+        ),
+        host,
+        port,
     )
     tasks = TaskSet("agent")
     tasks.spawn(the_agent.run(), "publish")
+
+    async def publish_roots(roots: tuple[str, ...]) -> None:
+        await the_agent.set_info(replace(the_agent.info, roots=roots))
+
+    tasks.spawn(ca.follow(publish_roots), "ca-directory")
+    tasks.spawn(denied.follow(client, ca.set_denied), "deny-list")
     try:
         await until_signalled()
     finally:
@@ -204,6 +321,14 @@ async def _agent(
 # --- proxies ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityOptions:
+    """`--svid-ttl` (seconds, 0: the CA's maximum) and `--ca-renew` ("": CA port + 1)."""
+
+    svid_ttl: int = 0
+    ca_renew_address: str = ""
+
+
 def _proxy_wiring(
     kind: str,
     node_id: str,
@@ -212,6 +337,7 @@ def _proxy_wiring(
     ca_address: str,
     controller_address: str,
     admin_addr: str,
+    identity: IdentityOptions = IdentityOptions(),
 ) -> ProxyWiring:
     host, port = parse_hostport(admin_addr)
     return ProxyWiring(
@@ -223,6 +349,8 @@ def _proxy_wiring(
         controller_address=controller_address,
         admin_host=host,
         admin_port=port,
+        svid_ttl_seconds=identity.svid_ttl,
+        ca_renew_address=identity.ca_renew_address,
     )
 
 
@@ -234,6 +362,8 @@ def gateway(
     admin_addr: str,
     tunnel_listen: str,
     egress_listen: str,
+    identity: IdentityOptions = IdentityOptions(),
+    tunnels: TunnelListeners | None = None,
 ) -> None:
     logs.configure("gateway", cluster)
     w = _proxy_wiring(
@@ -244,22 +374,71 @@ def gateway(
         ca_address,
         controller_address,
         admin_addr,
+        identity,
     )
-    run_with_loop(_gateway(w, tunnel_listen, egress_listen))
+    run_with_loop(_gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners()))
 
 
-async def _gateway(w: ProxyWiring, tunnel_listen: str, egress_listen: str) -> None:
+def tune_malloc() -> bool:
+    """Keep glibc from mapping and unmapping every buffer of 128 KiB or more.
+
+    The data plane moves 64-256 KiB chunks (socket reads, TLS records joined into frames); by
+    default each such allocation is an mmap + page faults + munmap, which made a 256 KiB frame
+    cost ~200 µs instead of ~20 µs (docs/transports.md). Larger thresholds keep them on the
+    heap; the price is up to ~32 MiB of freed heap kept per process. glibc only; elsewhere a
+    no-op. Returns whether it applied."""
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(m_mmap_threshold, 4 * 1024 * 1024) == 1
+    return bool(mallopt(m_trim_threshold, 32 * 1024 * 1024) == 1 and ok)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelListeners:
+    """Which tunnel transports a gateway accepts peers on. `tls`: host:port (TCP), "" for the
+    `--tunnel-listen` address, "off" for none; `passthrough`: host:port (TCP) or "" for off
+    (it authenticates no peer); `quic`: whether `--tunnel-listen` also serves QUIC (UDP)."""
+
+    tls: str = ""
+    passthrough: str = ""
+    quic: bool = True
+    reuse_port: bool = False
+
+
+async def _gateway(
+    w: ProxyWiring, tunnel_listen: str, egress_listen: str, tunnels: TunnelListeners
+) -> None:
     from gateway.gateway import Gateway, GatewaySettings
 
+    tune_malloc()
     th, tp = parse_hostport(tunnel_listen)
     eh, ep = parse_hostport(egress_listen)
+    tls_port: int | None = None
+    if tunnels.tls != "off":
+        tls_host, tls_port = parse_hostport(tunnels.tls or tunnel_listen)
+        if tls_host != th:
+            raise SystemExit("fedgate: every tunnel listener must use the --tunnel-listen host")
+    pt_port: int | None = None
+    if tunnels.passthrough:
+        pt_host, pt_port = parse_hostport(tunnels.passthrough)
+        if pt_host != th:
+            raise SystemExit("fedgate: every tunnel listener must use the --tunnel-listen host")
     settings = GatewaySettings(
         cluster=w.cluster,
         trust_domain=w.bootstrap.trust_domain,
         tunnel_host=th,
-        tunnel_port=tp,
+        tunnel_port=tp if tunnels.quic else None,
+        tls_port=tls_port,
+        passthrough_port=pt_port,
         egress_host=eh,
         egress_port=ep,
+        reuse_port=tunnels.reuse_port,
     )
     await run_proxy(w, Gateway(settings, w.bootstrap.anchors))
 
@@ -273,6 +452,7 @@ def sidecar(
     pod: str,
     namespace: str,
     capture: bool,
+    identity: IdentityOptions = IdentityOptions(),
 ) -> None:
     logs.configure("sidecar", cluster)
     structlog.contextvars.bind_contextvars(pod=pod)
@@ -290,6 +470,7 @@ def sidecar(
         ca_address,
         controller_address,
         admin_addr,
+        identity,
     )
     run_with_loop(_sidecar(w, pod, namespace, capture))
 

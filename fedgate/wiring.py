@@ -16,11 +16,13 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
-from ca.authority import CertificateAuthority, Svid
+from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
-from ca.bundle import TrustBundle
+from ca.bundle import EMPTY_BUNDLE, TrustBundle
 from ca.client import obtain_svid
 from ca.errors import VerificationError
+from ca.renewal import RenewalPolicy, RenewalSchedule
+from ca.service import SelfIssued, renew_address_for
 from ca.verify import utcnow, verify_chain
 from fedgate import admin
 from mesh import codec
@@ -68,7 +70,12 @@ class ProxyWiring:
     controller_address: str
     admin_host: str
     admin_port: int
-    svid_ttl_seconds: int = 0
+    svid_ttl_seconds: int = 0  # 0: the CA's maximum (default 1 h)
+    ca_renew_address: str = ""  # "": the CA address's port + 1 (ca.service.renew_address_for)
+
+    @property
+    def renew_address(self) -> str:
+        return self.ca_renew_address or renew_address_for(self.ca_address)
 
 
 def config_credentials(svid: Svid, control_root_pem: bytes) -> grpc.ChannelCredentials:
@@ -91,6 +98,7 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy) -> None:
     )
     _log.info("identity obtained", spiffe_id=svid.spiffe_id.uri, not_after=str(svid.not_after))
     proxy.set_identity(svid)
+    current = [svid]  # the SVID in use (renewal replaces it)
     started = False
     latest: list[Snapshot] = []
     state = admin.AdminState(
@@ -98,8 +106,9 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy) -> None:
         config=lambda: {
             "kind": w.kind,
             "node": w.node_id,
-            "identity": svid.spiffe_id.uri,
-            "identityNotAfter": svid.not_after.isoformat(),
+            "identity": current[0].spiffe_id.uri,
+            "identityNotAfter": current[0].not_after.isoformat(),
+            "identityPem": current[0].cert_pem.decode(),
             "version": latest[-1].version if latest else "",
             "status": proxy.status(),
             "snapshot": codec.snapshot_to_json(latest[-1]) if latest else None,
@@ -135,7 +144,17 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy) -> None:
                 started = True
                 _log.info("serving", version=snapshot.version)
 
+    def install(new: Svid) -> None:
+        proxy.set_identity(new)  # new handshakes use it; established connections keep theirs
+        client.set_credentials(config_credentials(new, w.bootstrap.control_root_pem))
+        current[0] = new
+
     tasks.spawn(follow(), "config-stream")
+
+    def anchors() -> bytes:
+        return ca_anchors(w.bootstrap, latest[-1] if latest else None)
+
+    tasks.spawn(keep_identity(w, svid, anchors, install), "identity-renewal")
     try:
         await until_signalled()
     finally:
@@ -144,7 +163,81 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy) -> None:
         admin_server.close()
 
 
+def ca_anchors(bootstrap: Bootstrap, snapshot: Snapshot | None) -> bytes:
+    """Roots that may vouch for the CA's serving certificate: the bootstrap anchors plus every
+    root the snapshot lists for our own trust domain (so a root rotation is followed)."""
+    pem = bootstrap.cluster_root_pem
+    if snapshot is not None:
+        for root in snapshot.trust_bundle.get(bootstrap.trust_domain, ()):
+            if root.encode() not in pem:
+                pem += root.encode()
+    return pem
+
+
+async def keep_identity(
+    w: ProxyWiring,
+    first: Svid,
+    anchors: Callable[[], bytes],
+    install: Callable[[Svid], None],
+    *,
+    policy: RenewalPolicy | None = None,
+    now: Callable[[], dt.datetime] = utcnow,
+) -> None:
+    """Renew the proxy's SVID at half life (with jitter), for ever (`ca.renewal` has the rules).
+
+    Renewal presents the current SVID to the CA's renewal port (mTLS); once it has expired
+    (the CA was unreachable for half a lifetime) the bootstrap token is used again. While the
+    CA is unreachable the proxy keeps serving on the SVID it has and says how long is left."""
+    schedule = RenewalSchedule(now(), first.not_after, policy)
+    current = first
+    log = _log.bind(spiffe_id=first.spiffe_id.uri)
+    while True:
+        await asyncio.sleep(schedule.delay(now()))
+        if not schedule.due(now()):
+            continue
+        via = "token" if schedule.expired(now()) else "svid"
+        try:
+            new = await obtain_svid(
+                w.ca_address if via == "token" else w.renew_address,
+                w.bootstrap.token,
+                anchors(),
+                w.bootstrap.trust_domain,
+                ttl_seconds=w.svid_ttl_seconds,
+                attempts=1,
+                current=None if via == "token" else current,
+            )
+            install(new)
+        except Exception as e:  # CA refusal or outage, or the proxy refusing the new SVID:
+            # renewal must go on either way (asyncio.CancelledError is not an Exception).
+            retry = schedule.failed(now())
+            left = schedule.seconds_left(now())
+            log.warning(
+                "identity renewal failed" if left > 0 else "identity expired, renewal failing",
+                seconds_left=round(left, 1),
+                retry_in_s=round(retry, 1),
+                failures=schedule.failures,
+                via=via,
+                error=str(e),
+            )
+            continue
+        current = new
+        schedule.renewed(now(), new.not_after)
+        log.info(
+            "identity renewed",
+            via=via,
+            not_after=new.not_after.isoformat(),
+            next_renewal_in_s=round(schedule.delay(now()), 1),
+        )
+
+
 # --- controller ---------------------------------------------------------------------------
+
+
+def snapshot_bundle(snapshot: Snapshot | None) -> TrustBundle:
+    """The federated bundle and deny list of `snapshot` (empty before the first)."""
+    if snapshot is None:
+        return EMPTY_BUNDLE
+    return TrustBundle.from_pem(snapshot.trust_bundle).with_denied(snapshot.denied)
 
 
 def _peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
@@ -181,10 +274,17 @@ def run_with_loop(main: Awaitable[None]) -> None:
         asyncio.run(main)  # type: ignore[arg-type]
 
 
-def controller_svid(ca: CertificateAuthority) -> Svid:
-    return ca.issue(
-        controller_identity(ca.trust_domain),
-        utcnow(),
-        ttl=dt.timedelta(days=1),
-        dns_names=(controller_dns_name(),),
-    )
+def controller_svid(
+    ca: CertificateAuthority,
+    ttl: dt.timedelta = DEFAULT_SVID_TTL,
+    now: Callable[[], dt.datetime] = utcnow,
+) -> SelfIssued:
+    """The controller's serving identity, issued in-process by the control-plane CA and
+    re-issued at half life (pulled by new handshakes, see `ca.service.SelfIssued`)."""
+
+    def issue(at: dt.datetime) -> Svid:
+        return ca.issue(
+            controller_identity(ca.trust_domain), at, ttl=ttl, dns_names=(controller_dns_name(),)
+        )
+
+    return SelfIssued(issue, now=now)

@@ -1,12 +1,15 @@
 """Egress: the TCP listener the cluster's own sidecars CONNECT to.
 
 Per connection: read the CONNECT head (bounded, `mesh.connect`), find the destination cluster's
-gateway in the current snapshot, open a tunnel stream naming the destination, wait for the
+gateway in the current snapshot, open a tunnel stream naming the destination over the transport
+that cluster's gateway publishes (`GatewayAddress.transport`: tls, quic or passthrough; one
+`StreamDialer` per transport this gateway enables), wait for the
 remote `StreamReply`, then answer `200` and splice. Every failure is answered with a status
 and a reason phrase naming the hop and the cause, and logged:
 
 * 400  malformed CONNECT, or a target this gateway does not tunnel to (its own cluster)
-* 503  no route: unknown cluster, no gateway, or the remote ingress refused (its reason is
+* 503  no route: unknown cluster, no gateway, a transport this gateway does not dial, this
+       gateway is draining, or the remote ingress refused (its reason is
        passed through verbatim: "fedgate ingress west: no healthy endpoint for echo.demo")
 * 502  the tunnel failed: handshake refused, connection lost, stream reset, bad reply
 * 504  the handshake or the remote reply timed out
@@ -19,15 +22,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 
 from gateway.errors import CallRefusedError, TunnelError, TunnelTimeoutError
-from gateway.pool import PeerPool, PeerTarget
 from gateway.splice import Splice
-from gateway.stream import RESET_ABORTED, TunnelStream
+from gateway.transport import RESET_ABORTED, PeerTarget, Stream, StreamDialer
 from mesh.codec import StreamHeader, encode_header
 from mesh.connect import ConnectRequest, encode_response, parse_request, split_head
 from mesh.errors import CodecError
@@ -45,13 +47,14 @@ class Egress:
         self,
         cluster: str,
         snapshot: Callable[[], Snapshot],
-        pool: PeerPool,
+        dialers: Mapping[str, StreamDialer],
         reply_timeout: float,
         log: Any = _log,
     ) -> None:
         self.cluster = cluster
         self._snapshot = snapshot
-        self._pool = pool
+        self._dialers = dialers
+        self.draining = False
         self._reply_timeout = reply_timeout
         self.log = log
         self.tasks = TaskSet("gateway-egress")
@@ -74,19 +77,24 @@ class Egress:
         gw = info.gateway
         if gw is None:
             raise CallRefusedError(503, f"cluster {request.cluster} has no gateway")
-        if gw.transport != "quic":
+        if gw.transport not in self._dialers:
+            enabled = ", ".join(sorted(self._dialers)) or "none"
             raise CallRefusedError(
-                503, f"gateway of {request.cluster} speaks {gw.transport}, not quic"
+                503,
+                f"gateway of {request.cluster} speaks {gw.transport}; this gateway dials {enabled}",
             )
-        return PeerTarget(request.cluster, gw.tunnel_host, gw.tunnel_port, info.trust_domain)
+        return PeerTarget(
+            request.cluster, gw.tunnel_host, gw.tunnel_port, info.trust_domain, gw.transport
+        )
 
-    async def open(self, request: ConnectRequest) -> TunnelStream:
+    async def open(self, request: ConnectRequest) -> Stream:
         """Open a tunnel stream for `request`; wait for the remote 200 (else CallRefusedError)."""
+        if self.draining:
+            raise CallRefusedError(503, "gateway draining")
         target = self.target(request)
         hop = f"tunnel to {target.cluster}"
         try:
-            conn = await self._pool.connection(target)
-            stream = conn.open_stream()
+            stream = await self._dialers[target.transport].open_stream(target)
         except TunnelTimeoutError as e:
             raise CallRefusedError(504, f"{hop}: {e}") from e
         except TunnelError as e:
@@ -119,8 +127,7 @@ class Egress:
     async def aclose(self) -> None:
         await self.tasks.aclose()
         for conn in list(self.active):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort("gateway shutting down")
 
 
 class EgressConnection(Splice):
@@ -174,6 +181,8 @@ class EgressConnection(Splice):
         return self._routing  # keep the socket open only if a route is being set up
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handing_off:
+            return  # the socket lives on in a zero-copy relay, which ends the call
         self._egress.active.discard(self)
         if self.stream is None:
             self._finish("client went away" if self._routing else "closed before CONNECT")
@@ -201,7 +210,8 @@ class EgressConnection(Splice):
         if self._early_eof:
             stream.write_eof()
             self._maybe_close()
-        transport.resume_reading()
+        if not self.zero_copy():
+            transport.resume_reading()
 
     def _answer(self, status: int, reason: str) -> None:
         hop = f"fedgate egress {self._egress.cluster}"
@@ -213,6 +223,7 @@ class EgressConnection(Splice):
         self._finish(f"{status} {text}")
 
     def _done(self, _: Splice, outcome: str) -> None:
+        self._egress.active.discard(self)
         if self.stream is None:
             return
         counters = self._egress.counters

@@ -1,13 +1,15 @@
 """Ingress: serve tunnel streams from peer gateways with this cluster's endpoints.
 
-For each stream whose header arrived (the peer gateway is already authenticated and authorized
-by the mTLS handshake): the service must exist in the snapshot, have the requested port and
-have endpoints in *this* cluster; one is picked (`mesh.routing.pick_endpoint`), its sidecar
-inbound port is dialled, and the stream is answered `200` and spliced. Otherwise the stream is
-answered with an error reply whose reason names this hop and the cause:
+For each stream whose header arrived, whatever the transport (over `tls` and `quic` the peer
+gateway is already authenticated and authorized by the mTLS handshake; over `passthrough` it is
+not, and the endpoint's sidecar authenticates the caller): the service must exist in the
+snapshot, have the requested port and have endpoints in *this* cluster; one is picked
+(`mesh.routing.pick_endpoint`), its sidecar inbound port is dialled, and the stream is
+answered `200` and spliced. Otherwise the stream is answered with an error reply whose reason
+names this hop and the cause:
 
 * 421  the header names another cluster (misdirected)
-* 503  unknown service, no such port, no healthy endpoint here
+* 503  unknown service, no such port, no healthy endpoint here, this gateway is draining
 * 502  the endpoint refused the connection / 504 the connection timed out
 """
 
@@ -24,7 +26,7 @@ import structlog
 
 from gateway.errors import CallRefusedError
 from gateway.splice import Splice
-from gateway.stream import TunnelStream, refuse
+from gateway.transport import Stream
 from mesh.codec import StreamHeader, StreamReply, encode_reply
 from mesh.errors import NoRouteError
 from mesh.model import Endpoint, Snapshot
@@ -54,6 +56,7 @@ class Ingress:
         self.tasks = TaskSet("gateway-ingress")
         self.active: set[Splice] = set()
         self.counters: dict[str, int] = {"calls": 0, "ok": 0, "refused": 0}
+        self.draining = False
 
     def route(self, header: StreamHeader) -> Endpoint:
         """The endpoint serving `header` here, or CallRefusedError (pure given the snapshot)."""
@@ -69,25 +72,27 @@ class Ingress:
         except NoRouteError as e:
             raise CallRefusedError(503, f"no healthy endpoint for {header.service}") from e
 
-    def handle(self, stream: TunnelStream, header: StreamHeader) -> None:
+    def handle(self, stream: Stream, header: StreamHeader) -> None:
         """`StreamHandler` of the tunnel server: never raises."""
         self.counters["calls"] += 1
         log = self.log.bind(
             cluster=self.cluster,
-            peer=stream.conn.peer_cluster,
+            peer=stream.peer_cluster,
             conn=f"i{next(_ids)}",
             stream=stream.id,
             service=str(header.service),
             port=header.port,
         )
         try:
+            if self.draining:
+                raise CallRefusedError(503, "gateway draining")
             endpoint = self.route(header)
         except CallRefusedError as r:
             self._refuse(stream, r, log)
             return
         self.tasks.spawn(self._dial(stream, endpoint, log), f"dial-{stream.id}")
 
-    async def _dial(self, stream: TunnelStream, endpoint: Endpoint, log: Any) -> None:
+    async def _dial(self, stream: Stream, endpoint: Endpoint, log: Any) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         target = f"{endpoint.address}:{self._inbound_port}"
@@ -122,14 +127,13 @@ class Ingress:
                 stream, CallRefusedError(502, f"endpoint {target}: {e.strerror or e}"), log
             )
 
-    def _refuse(self, stream: TunnelStream, r: CallRefusedError, log: Any) -> None:
+    def _refuse(self, stream: Stream, r: CallRefusedError, log: Any) -> None:
         self.counters["refused"] += 1
         reason = f"fedgate ingress {self.cluster}: {r.reason}"
         log.warning("ingress call refused", status=r.status, reason=reason)
-        refuse(stream, r.status, reason)
+        stream.refuse(r.status, reason)
 
     async def aclose(self) -> None:
         await self.tasks.aclose()
         for splice in list(self.active):
-            if splice.transport is not None:
-                splice.transport.abort()
+            splice.abort("gateway shutting down")

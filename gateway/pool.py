@@ -1,78 +1,128 @@
-"""One long-lived tunnel connection per peer gateway, shared by every call to that cluster.
+"""A small pool of long-lived tunnel connections per peer gateway, shared by every call to that
+cluster. Used by the multiplexed transports (`quic`: one connection per peer; `tls`: a few, so
+one TCP connection's congestion window or one CPU-bound TLS record stream is not the limit).
 
-Rules (per peer cluster):
-* no connection, or the last one is closed    -> connect (concurrent callers share one attempt)
-* connected, same target                      -> reuse
-* connected, target changed (new address, new trust domain) -> open a new one; the old one is
-  retired: it takes no new streams and closes when its last stream ends
-* an established connection is lost           -> one immediate reconnect attempt in the
+Rules (per peer cluster, per slot `0..size-1`):
+* no connection in a slot, or it closed        -> connect (concurrent callers share one attempt)
+* a call picks, among the usable connections to the current target, the one with the fewest
+  open streams; if none is usable yet, it waits for the first attempt to finish
+* target changed (new address, trust domain or transport) -> new connections; the old ones
+  are retired: they take no new streams and close when their last stream ends
+* an established connection is lost            -> one immediate reconnect attempt in the
   background, so the next call finds a warm connection; on failure, the next call retries
-The connection keeps itself alive with PINGs (`TunnelSettings.keepalive_interval`).
+Connections keep themselves alive (keepalive PINGs of each transport).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from gateway.errors import TunnelError
-from gateway.tunnel import CLOSE_SHUTDOWN, TunnelConnection
+from gateway.transport import PeerTarget, Stream
+from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 
+__all__ = ["Connector", "PeerPool", "PeerTarget", "PooledConnection"]
+
 _log = structlog.get_logger("fedgate.gateway.pool")
+CLOSE_SHUTDOWN = 0
 
 
-@dataclass(frozen=True, slots=True)
-class PeerTarget:
-    cluster: str
-    host: str
-    port: int
-    trust_domain: str
+class PooledConnection(Protocol):
+    """What the pool needs of a transport's connection (QUIC and TLS connections have it)."""
+
+    streams: Any  # a sized container of the open streams
+    counters: dict[str, int]
+    peer_identity: SpiffeId | None
+    close_reason: str
+    rtt: float | None
+    on_closed: Callable[[Any], None]
+
+    @property
+    def usable(self) -> bool: ...
+
+    def open_stream(self) -> Any: ...
+
+    def close(self, reason: str, code: int = ...) -> None: ...
+
+    def retire(self) -> None: ...
+
+    def revalidate(self) -> str | None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def _terminated(self, reason: str) -> None: ...
 
 
-Connector = Callable[[PeerTarget], Awaitable[TunnelConnection]]
+Connector = Callable[[PeerTarget], Awaitable[Any]]
+_Slot = tuple[str, int]
 
 
 class PeerPool:
-    def __init__(self, connector: Connector, log: Any = _log) -> None:
+    def __init__(self, connector: Connector, size: int = 1, log: Any = _log) -> None:
+        if size < 1:
+            raise ValueError("a peer pool needs at least one connection per peer")
         self._connector = connector
+        self._size = size
         self._log = log
-        self._conns: dict[str, tuple[PeerTarget, TunnelConnection]] = {}
-        self._connecting: dict[str, tuple[PeerTarget, asyncio.Future[TunnelConnection]]] = {}
-        self._retired: set[TunnelConnection] = set()
+        self._conns: dict[_Slot, tuple[PeerTarget, PooledConnection]] = {}
+        self._connecting: dict[_Slot, tuple[PeerTarget, asyncio.Future[Any]]] = {}
+        self._retired: set[Any] = set()
         self._tasks = TaskSet("gateway-pool")
         self._closing = False
         self.counters: dict[str, int] = {"connects": 0, "connect_failures": 0, "losses": 0}
 
-    async def connection(self, target: PeerTarget) -> TunnelConnection:
+    async def open_stream(self, target: PeerTarget) -> Stream:
+        conn = await self.connection(target)
+        stream: Stream = conn.open_stream()
+        return stream
+
+    async def connection(self, target: PeerTarget) -> PooledConnection:
         if self._closing:
             raise TunnelError("gateway is shutting down")
-        have = self._conns.get(target.cluster)
-        if have is not None:
-            old_target, conn = have
-            if conn.usable and old_target == target:
-                return conn
-            del self._conns[target.cluster]
-            if conn.usable:
-                self._log.info("peer gateway changed, retiring its connection", peer=target)
-                self._retire(conn)
-        pending = self._connecting.get(target.cluster)
-        fut = pending[1] if pending is not None and pending[0] == target else self._start(target)
-        return await asyncio.shield(fut)
+        usable: list[PooledConnection] = []
+        for slot in self._slots(target.cluster):
+            have = self._conns.get(slot)
+            if have is not None:
+                old_target, conn = have
+                if conn.usable and old_target == target:
+                    usable.append(conn)
+                    continue
+                del self._conns[slot]
+                if conn.usable:
+                    self._log.info("peer gateway changed, retiring its connection", peer=target)
+                    self._retire(conn)
+            pending = self._connecting.get(slot)
+            if pending is None or pending[0] != target:
+                self._start(slot, target)
+        if usable:
+            return min(usable, key=lambda c: len(c.streams))
+        # asyncio.wait never cancels what it waits for: a cancelled caller leaves the
+        # attempts running for the next call.
+        attempts = [self._connecting[s][1] for s in self._slots(target.cluster)]
+        done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+        first = sorted(done, key=lambda f: f.cancelled() or f.exception() is not None)[0]
+        if first.cancelled():
+            raise TunnelError("tunnel connect cancelled")
+        got: PooledConnection = first.result()  # raises the attempt's TunnelError
+        return got
 
-    def _start(self, target: PeerTarget) -> asyncio.Future[TunnelConnection]:
-        fut: asyncio.Future[TunnelConnection] = asyncio.get_running_loop().create_future()
+    def _slots(self, cluster: str) -> list[_Slot]:
+        return [(cluster, i) for i in range(self._size)]
+
+    def _start(self, slot: _Slot, target: PeerTarget) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Mark the outcome retrieved: a background reconnect may have no waiter.
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._connecting[target.cluster] = (target, fut)
-        self._tasks.spawn(self._attempt(target, fut), f"connect-{target.cluster}")
+        self._connecting[slot] = (target, fut)
+        self._tasks.spawn(self._attempt(slot, target, fut), f"connect-{slot[0]}-{slot[1]}")
         return fut
 
-    async def _attempt(self, target: PeerTarget, fut: asyncio.Future[TunnelConnection]) -> None:
+    async def _attempt(self, slot: _Slot, target: PeerTarget, fut: asyncio.Future[Any]) -> None:
         try:
             conn = await self._connector(target)
         except asyncio.CancelledError:
@@ -85,52 +135,71 @@ class PeerPool:
             fut.set_exception(err)
             return
         finally:
-            if self._connecting.get(target.cluster, (None, None))[1] is fut:
-                del self._connecting[target.cluster]
+            if self._connecting.get(slot, (None, None))[1] is fut:
+                del self._connecting[slot]
         self.counters["connects"] += 1
         if self._closing:
             conn.close("gateway shutting down", CLOSE_SHUTDOWN)
             fut.set_exception(TunnelError("gateway is shutting down"))
             return
-        conn.on_closed = lambda c: self._lost(target, c)
-        self._conns[target.cluster] = (target, conn)
+        conn.on_closed = lambda c: self._lost(slot, target, c)
+        self._conns[slot] = (target, conn)
         fut.set_result(conn)
 
-    def _lost(self, target: PeerTarget, conn: TunnelConnection) -> None:
+    def _lost(self, slot: _Slot, target: PeerTarget, conn: PooledConnection) -> None:
         self._retired.discard(conn)
-        if self._conns.get(target.cluster, (None, None))[1] is not conn:
+        if self._conns.get(slot, (None, None))[1] is not conn:
             return
-        del self._conns[target.cluster]
+        del self._conns[slot]
         self.counters["losses"] += 1
         self._log.info("tunnel lost", peer=target.cluster, reason=conn.close_reason)
-        if not self._closing and target.cluster not in self._connecting:
-            self._start(target)  # warm reconnect; a failure is logged, the next call retries
+        if not self._closing and slot not in self._connecting:
+            self._start(slot, target)  # warm reconnect; a failure is logged, the next call retries
 
-    def _retire(self, conn: TunnelConnection) -> None:
+    def _retire(self, conn: PooledConnection) -> None:
         self._retired.add(conn)
         conn.on_closed = lambda c: self._retired.discard(c)
         conn.retire()
 
     def forget_missing(self, clusters: set[str]) -> None:
-        """Retire connections to clusters that left the snapshot."""
-        for cluster in [c for c in self._conns if c not in clusters]:
-            _, conn = self._conns.pop(cluster)
+        """Retire connections to clusters that left the snapshot (or use another transport)."""
+        for slot in [s for s in self._conns if s[0] not in clusters]:
+            _, conn = self._conns.pop(slot)
             self._retire(conn)
 
-    def connections(self) -> list[TunnelConnection]:
+    def connections(self) -> list[PooledConnection]:
         return [c for _, c in self._conns.values()] + list(self._retired)
+
+    def connections_to(self, cluster: str) -> list[PooledConnection]:
+        return [c for (name, _), (_, c) in sorted(self._conns.items()) if name == cluster]
 
     def status(self) -> dict[str, Any]:
         peers: dict[str, Any] = {}
-        for cluster, (target, conn) in sorted(self._conns.items()):
-            peers[cluster] = {
-                "address": f"{target.host}:{target.port}",
-                "state": "connected" if conn.usable else "closing",
-                "identity": conn.peer_identity.uri if conn.peer_identity else None,
-                "open_streams": len(conn.streams),
-                "streams_total": conn.counters["streams"],
-            }
-        for cluster in self._connecting:
+        for (cluster, _), (target, conn) in sorted(self._conns.items()):
+            peer = peers.setdefault(
+                cluster,
+                {
+                    "address": f"{target.host}:{target.port}",
+                    "transport": target.transport,
+                    "state": "closing",
+                    "identity": None,
+                    "connections": 0,
+                    "open_streams": 0,
+                    "streams_total": 0,
+                    "rtt_ms": None,
+                },
+            )
+            if conn.rtt is not None:
+                rtt = round(conn.rtt * 1000, 3)
+                peer["rtt_ms"] = rtt if peer["rtt_ms"] is None else min(peer["rtt_ms"], rtt)
+            if conn.usable:
+                peer["state"] = "connected"
+            if conn.peer_identity is not None:
+                peer["identity"] = conn.peer_identity.uri
+            peer["connections"] += 1
+            peer["open_streams"] += len(conn.streams)
+            peer["streams_total"] += conn.counters["streams"]
+        for cluster, _ in self._connecting:
             peers.setdefault(cluster, {"state": "connecting"})
         return {"peers": peers, "retired": len(self._retired), **self.counters}
 

@@ -79,6 +79,11 @@ class TunnelServer(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         self.log.debug("udp error", error=str(exc))
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The shared socket is gone: every connection on it is, too.
+        for conn in list(self.connections):
+            conn._terminated(f"tunnel socket closed: {exc}" if exc else "tunnel socket closed")
+
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         data = cast(bytes, data)
         try:

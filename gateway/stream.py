@@ -1,91 +1,69 @@
-"""One call through the tunnel: a bidirectional QUIC stream and the phases it goes through.
+"""One call through the QUIC tunnel: a bidirectional QUIC stream (`gateway.transport` has the
+transport-neutral phases: pending bytes, the reply, the server's header phase).
 
 Opener side: `TunnelStream.read_reply()` waits for the peer's `StreamReply` frame; the bytes
 after it wait (within the flow-control window) until a `StreamSink` is attached. Server side:
-`HeaderPhase` reads the `StreamHeader` frame through `gateway.framing.HeaderGate` and hands the
-stream to the `StreamHandler`, which answers with `refuse()` or attaches a sink after its 200.
-Then bytes flow both ways with FIN (half-close) propagated; `reset()` aborts both directions
-(RESET_STREAM + STOP_SENDING). The connection driver (`gateway.tunnel`) feeds the events in.
+`HeaderPhase` reads the `StreamHeader` frame and hands the stream to the `StreamHandler`, which
+answers with `refuse()` or attaches a sink after its 200. Then bytes flow both ways with FIN
+(half-close) propagated; `reset()` aborts both directions (RESET_STREAM + STOP_SENDING). The
+connection driver (`gateway.tunnel`) feeds the events in.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
-from gateway.errors import TunnelError
-from gateway.framing import FrameReader, HeaderAccepted, HeaderGate, HeaderRefused, read_reply
-from mesh.codec import StreamHeader, StreamReply, encode_reply
-from mesh.errors import CodecError
+from gateway.transport import (
+    RESET_ABORTED,
+    RESET_PROTOCOL,
+    BaseStream,
+    HeaderPhase,
+    StreamHandler,
+    StreamSink,
+)
 
 if TYPE_CHECKING:
     from gateway.tunnel import TunnelConnection
 
-# Application error codes for RESET_STREAM / STOP_SENDING (RFC 9000 §20.2 leaves them to us).
-RESET_ABORTED = 0x1  # the TCP side on this end failed or was reset
-RESET_PROTOCOL = 0x2  # malformed header or reply
+__all__ = [
+    "RESET_ABORTED",
+    "RESET_PROTOCOL",
+    "HeaderPhase",
+    "StreamHandler",
+    "StreamSink",
+    "TunnelStream",
+    "refuse",
+]
 
 
-class StreamSink(Protocol):
-    """Where a tunnel stream delivers what the peer sent."""
-
-    def stream_data(self, data: bytes) -> None: ...
-
-    def stream_eof(self) -> None: ...
-
-    def stream_reset(self, reason: str) -> None: ...
-
-    def stream_writable(self) -> None: ...
-
-
-StreamHandler = Callable[["TunnelStream", StreamHeader], None]
-"""Server side: called once a stream's header has arrived; must attach a sink or close it."""
-
-
-class TunnelStream:
+class TunnelStream(BaseStream):
     """One call: a bidirectional QUIC stream of a `TunnelConnection`."""
 
     def __init__(self, conn: TunnelConnection, stream_id: int) -> None:
+        super().__init__()
         self.conn = conn
         self.id = stream_id
-        self.recv_done = False  # FIN or reset received (or we stopped reading)
-        self.send_done = False  # FIN or reset sent
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self._sink: StreamSink | None = None
-        self._pending = bytearray()
-        self._pending_eof = False
-        self._pending_reset: str | None = None
         self._watching = False
-        self._reply: asyncio.Future[StreamReply] | None = None
-        self._reader: FrameReader | None = None
         conn.quic.hold(stream_id)  # no sink yet: grant no credit beyond the initial window
 
-    # --- sending ------------------------------------------------------------------------------
+    @property
+    def log(self) -> Any:
+        return self.conn.log
 
-    def write(self, data: bytes) -> None:
-        if self.send_done or not data:
-            return
-        self.bytes_out += len(data)
-        self._send(data, False)
+    @property
+    def high_water(self) -> int:
+        return self.conn.settings.send_high_water
 
-    def write_eof(self) -> None:
-        if self.send_done:
-            return
-        self._send(b"", True)
-        self.send_done = True
-        self.conn._stream_maybe_done(self)
+    @property
+    def peer_cluster(self) -> str:
+        return self.conn.peer_cluster
 
-    def reset(self, reason: str, code: int = RESET_ABORTED) -> None:
-        """Abort both directions (RESET_STREAM + STOP_SENDING) and drop the sink."""
-        self._abort_quic(code)
-        self._sink = None
-        self.conn.log.debug("stream reset", stream=self.id, reason=reason)
-        self.conn._stream_maybe_done(self)
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.conn.counters
 
-    def _abort_quic(self, code: int) -> None:
+    def _abort(self, code: int) -> None:
         quic = self.conn.quic
         if not self.send_done:
             self.send_done = True
@@ -96,6 +74,15 @@ class TunnelStream:
             with contextlib.suppress(ValueError):
                 quic.stop_stream(self.id, code)
         self.conn.transmit_soon()
+
+    def _stop_reading(self) -> None:
+        if not self.recv_done:
+            self.recv_done = True
+            with contextlib.suppress(ValueError):
+                self.conn.quic.stop_stream(self.id, RESET_PROTOCOL)
+
+    def _maybe_done(self) -> None:
+        self.conn._stream_maybe_done(self)
 
     def backlog(self) -> int:
         return self.conn.quic.send_backlog(self.id)
@@ -113,85 +100,6 @@ class TunnelStream:
         self.conn.quic.release(self.id)
         self.conn.transmit_soon()
 
-    # --- receiving ----------------------------------------------------------------------------
-
-    def attach(self, sink: StreamSink) -> None:
-        """Deliver everything received so far, then all that follows, to `sink`."""
-        self._sink = sink
-        if self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
-            sink.stream_data(data)
-        if self._pending_reset is not None:
-            sink.stream_reset(self._pending_reset)
-        elif self._pending_eof:
-            sink.stream_eof()
-        self.release_credit()
-
-    async def read_reply(self) -> StreamReply:
-        """Client side: wait for the peer's StreamReply (the caller bounds the wait); bytes
-        after it stay pending until a sink is attached. Raises TunnelError.
-
-        Call it right after writing the header, before yielding to the loop: bytes that
-        arrived earlier would be taken for payload."""
-        if self._pending_reset is not None:
-            raise TunnelError(self._pending_reset)
-        self._reply = asyncio.get_running_loop().create_future()
-        self._reader = FrameReader()
-        try:
-            return await self._reply
-        finally:
-            self._reply = None
-            self._reader = None
-
-    def _reply_data(self, data: bytes) -> None:
-        assert self._reply is not None
-        assert self._reader is not None
-        try:
-            got = read_reply(self._reader, data)
-        except CodecError as e:
-            self._reply.set_exception(TunnelError(f"malformed stream reply: {e}"))
-            self.reset(f"malformed stream reply: {e}", RESET_PROTOCOL)
-            return
-        if got is None:
-            return
-        reply, rest = got
-        self._pending += rest
-        self._reply.set_result(reply)
-
-    def _on_data(self, data: bytes, fin: bool) -> None:
-        self.bytes_in += len(data)
-        if self._reply is not None and not self._reply.done():
-            self._reply_data(data)
-            if fin and not self._reply.done():
-                self._reply.set_exception(TunnelError("stream ended before its reply"))
-        elif self._sink is not None:
-            if data:
-                self._sink.stream_data(data)
-        else:
-            self._pending += data
-        if fin:
-            self.recv_done = True
-            if self._sink is not None:
-                self._sink.stream_eof()
-            else:
-                self._pending_eof = True
-            self.conn._stream_maybe_done(self)
-
-    def _on_abort(self, reason: str, *, recv_finished: bool = False) -> None:
-        """The peer reset the stream or stopped reading, or the connection died."""
-        if recv_finished:
-            self.recv_done = True
-        self._abort_quic(RESET_ABORTED)
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(TunnelError(reason))
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            sink.stream_reset(reason)
-        else:
-            self._pending_reset = reason
-        self.conn._stream_maybe_done(self)
-
     def _send(self, data: bytes, fin: bool) -> None:
         try:
             self.conn.quic.send_stream_data(self.id, data, end_stream=fin)
@@ -204,54 +112,6 @@ class TunnelStream:
         self.conn.transmit_soon()
 
 
-class HeaderPhase:
-    """Server side sink until the stream header is complete (decisions in `HeaderGate`)."""
-
-    def __init__(self, stream: TunnelStream, handler: StreamHandler) -> None:
-        self._stream = stream
-        self._handler = handler
-        self._gate = HeaderGate()
-
-    def stream_data(self, data: bytes) -> None:
-        self._decide(self._gate.feed(data))
-
-    def stream_eof(self) -> None:
-        self._decide(self._gate.eof())
-
-    def _decide(self, outcome: HeaderAccepted | HeaderRefused | None) -> None:
-        stream = self._stream
-        match outcome:
-            case None:
-                pass
-            case HeaderRefused(status, reason):
-                stream.conn.counters["bad_headers"] += 1
-                stream.conn.log.warning("tunnel stream refused", stream=stream.id, reason=reason)
-                refuse(stream, status, reason)
-            case HeaderAccepted(header, rest):
-                stream._sink = None
-                stream._pending += rest
-                stream.hold_credit()
-                self._handler(stream, header)
-            case _:
-                raise AssertionError(f"unknown header outcome {outcome!r}")
-
-    def stream_reset(self, reason: str) -> None:
-        pass
-
-    def stream_writable(self) -> None:
-        pass
-
-
-def refuse(stream: TunnelStream, status: int, reason: str) -> None:
+def refuse(stream: BaseStream, status: int, reason: str) -> None:
     """Answer a stream with an error reply and close it (we read no more of it)."""
-    try:
-        stream.write(encode_reply(StreamReply(status, reason[:1000])))
-    except CodecError:
-        stream.write(encode_reply(StreamReply(status, "refused")))
-    stream.write_eof()
-    if not stream.recv_done:
-        stream.recv_done = True
-        with contextlib.suppress(ValueError):
-            stream.conn.quic.stop_stream(stream.id, RESET_PROTOCOL)
-    stream._sink = None
-    stream.conn._stream_maybe_done(stream)
+    stream.refuse(status, reason)

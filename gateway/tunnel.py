@@ -128,6 +128,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._watched: set[TunnelStream] = set()
         self._next_peer_stream = 0
         self._refused = 0
+        self._pings_out: dict[int, float] = {}
+        self.rtt: float | None = None  # seconds, from the keepalive PINGs (client side)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         if self._transmit_handle is not None:
             self._transmit_handle.cancel()
             self._transmit_handle = None
-        if self._transport is None or self.closed:
+        if self._transport is None or self.closed or self._transport.is_closing():
             return
         sendto = self._transport.sendto
         if self._owns_transport:  # a connected UDP socket: the kernel knows the peer
@@ -295,7 +297,11 @@ class TunnelConnection(asyncio.DatagramProtocol):
                     self.on_cid_issued(event.connection_id)
                 case events.ConnectionIdRetired():
                     self.on_cid_retired(event.connection_id)
-                case events.PingAcknowledged() | events.ProtocolNegotiated():
+                case events.PingAcknowledged(uid):
+                    sent = self._pings_out.pop(uid, None)
+                    if sent is not None:
+                        self.rtt = _clock() - sent
+                case events.ProtocolNegotiated():
                     pass
                 case events.DatagramFrameReceived():
                     pass  # we never advertise DATAGRAM support; aioquic refuses them anyway
@@ -398,7 +404,9 @@ class TunnelConnection(asyncio.DatagramProtocol):
     def _ping(self) -> None:
         if self.closed or self.retiring:
             return
-        self.quic.send_ping(next(_uids))
+        uid = next(_uids)
+        self._pings_out = {uid: _clock()}  # only the latest one is timed
+        self.quic.send_ping(uid)
         self.transmit()
         self._schedule_keepalive()
 
@@ -463,8 +471,10 @@ async def connect(
     except TimeoutError as e:
         limit = settings.handshake_timeout
         conn.close(f"handshake timed out after {limit:g}s", CLOSE_INTERNAL)
+        conn._terminated("handshake timed out")  # CONNECTION_CLOSE is sent: free the socket
         raise TunnelTimeoutError(f"QUIC handshake timed out after {limit:g}s") from e
-    except TunnelError:
+    except BaseException:  # refused, or the caller gave up (cancelled): free the socket
         conn.close("handshake failed")
+        conn._terminated("handshake failed")
         raise
     return conn

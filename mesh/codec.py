@@ -19,15 +19,30 @@ from typing import Any
 
 from mesh.errors import CodecError, MeshError
 from mesh.model import (
+    AuthorizationPolicy,
+    AuthorizationRule,
     ClusterInfo,
     ClusterWeight,
     Condition,
+    ConnectionPool,
     Endpoint,
+    Fault,
+    FaultAbort,
+    FaultDelay,
     GatewayAddress,
+    HttpRoute,
+    LocalityFailover,
     MergedService,
+    Mirror,
+    OutlierDetection,
+    RequestMatch,
+    Retries,
     ServiceExport,
     ServicePort,
     Snapshot,
+    StringMatch,
+    Subset,
+    SubsetWeight,
     TrafficPolicy,
 )
 from mesh.naming import ServiceKey, SpiffeId
@@ -57,7 +72,11 @@ def port_to_json(p: ServicePort) -> Json:
 
 
 def endpoint_to_json(e: Endpoint) -> Json:
-    return {"cluster": e.cluster, "address": e.address, "pod": e.pod, "identity": e.identity.uri}
+    out: Json = {"cluster": e.cluster, "address": e.address, "pod": e.pod}
+    out["identity"] = e.identity.uri
+    if e.labels:  # absent when empty, so unlabelled catalogs keep their versions
+        out["labels"] = dict(e.labels)
+    return out
 
 
 def gateway_to_json(g: GatewayAddress) -> Json:
@@ -93,11 +112,115 @@ def export_to_json(x: ServiceExport) -> Json:
     }
 
 
+# TrafficPolicy and AuthorizationPolicy use the GitOps documents' field names; durations are
+# seconds (numbers), unset fields are left out so a policy with weights only stays small.
+
+
+def _cluster_weights_to_json(ws: tuple[ClusterWeight, ...]) -> list[Json]:
+    return [{"cluster": w.cluster, "weight": w.weight} for w in ws]
+
+
+def _retries_to_json(r: Retries) -> Json:
+    out: Json = {"attempts": r.attempts, "retryOn": list(r.retry_on)}
+    if r.per_try_timeout is not None:
+        out["perTryTimeout"] = r.per_try_timeout
+    if r.retriable_status_codes:
+        out["retriableStatusCodes"] = list(r.retriable_status_codes)
+    return out
+
+
+def _fault_to_json(f: Fault) -> Json:
+    out: Json = {}
+    if f.delay is not None:
+        out["delay"] = {"percentage": f.delay.percentage, "fixedDelay": f.delay.fixed_delay}
+    if f.abort is not None:
+        out["abort"] = {"percentage": f.abort.percentage, "httpStatus": f.abort.http_status}
+    return out
+
+
+def _mirror_to_json(m: Mirror) -> Json:
+    return {"cluster": m.cluster, "subset": m.subset, "percentage": m.percentage}
+
+
+def _string_match_to_json(m: StringMatch) -> Json:
+    return {m.kind: m.value}
+
+
+def _match_to_json(m: RequestMatch) -> Json:
+    out: Json = {"headers": {name: _string_match_to_json(v) for name, v in m.headers}}
+    if m.uri is not None:
+        out["uri"] = _string_match_to_json(m.uri)
+    return out
+
+
+def _overrides_to_json(
+    out: Json,
+    subset_weights: tuple[SubsetWeight, ...],
+    retries: Retries | None,
+    timeout: float | None,
+    fault: Fault | None,
+    mirror: Mirror | None,
+) -> Json:
+    if subset_weights:
+        out["subsetWeights"] = [{"subset": w.subset, "weight": w.weight} for w in subset_weights]
+    if retries is not None:
+        out["retries"] = _retries_to_json(retries)
+    if timeout is not None:
+        out["timeout"] = timeout
+    if fault is not None:
+        out["fault"] = _fault_to_json(fault)
+    if mirror is not None:
+        out["mirror"] = _mirror_to_json(mirror)
+    return out
+
+
+def _route_to_json(r: HttpRoute) -> Json:
+    out: Json = {
+        "name": r.name,
+        "match": [_match_to_json(m) for m in r.matches],
+        "clusterWeights": _cluster_weights_to_json(r.cluster_weights),
+    }
+    return _overrides_to_json(out, r.subset_weights, r.retries, r.timeout, r.fault, r.mirror)
+
+
 def policy_to_json(p: TrafficPolicy) -> Json:
-    return {
+    out: Json = {
         "namespace": p.key.namespace,
         "name": p.key.name,
-        "clusterWeights": [{"cluster": w.cluster, "weight": w.weight} for w in p.cluster_weights],
+        "clusterWeights": _cluster_weights_to_json(p.cluster_weights),
+    }
+    if p.subsets:
+        out["subsets"] = [{"name": s.name, "labels": dict(s.labels)} for s in p.subsets]
+    if p.locality_failover is not None:
+        out["localityFailover"] = {"spillOverThreshold": p.locality_failover.spill_over_threshold}
+    if p.connection_pool is not None:
+        cp = p.connection_pool
+        pool = {
+            "maxConnections": cp.max_connections,
+            "http1MaxPendingRequests": cp.http1_max_pending_requests,
+            "http2MaxRequests": cp.http2_max_requests,
+        }
+        out["connectionPool"] = {k: v for k, v in pool.items() if v is not None}
+    if p.outlier_detection is not None:
+        od = p.outlier_detection
+        out["outlierDetection"] = {
+            "consecutive5xxErrors": od.consecutive_5xx_errors,
+            "interval": od.interval,
+            "baseEjectionTime": od.base_ejection_time,
+            "maxEjectionPercent": od.max_ejection_percent,
+        }
+    if p.routes:
+        out["routes"] = [_route_to_json(r) for r in p.routes]
+    return _overrides_to_json(out, p.subset_weights, p.retries, p.timeout, p.fault, p.mirror)
+
+
+def authorization_to_json(a: AuthorizationPolicy) -> Json:
+    return {
+        "namespace": a.key.namespace,
+        "service": a.key.name,
+        "name": a.name,
+        "action": a.action,
+        "rules": [{"principals": list(r.principals), "ports": list(r.ports)} for r in a.rules],
     }
 
 
@@ -123,6 +246,13 @@ def snapshot_to_json(s: Snapshot) -> Json:
         "services": [service_to_json(x) for x in s.services],
         "policies": [policy_to_json(p) for p in s.policies],
         "trustBundle": {td: list(roots) for td, roots in sorted(s.trust_bundle.items())},
+        # absent when empty, like `denied`: configs without it keep their versions
+        **(
+            {"authorization": [authorization_to_json(a) for a in s.authorization]}
+            if s.authorization
+            else {}
+        ),
+        **({"denied": list(s.denied)} if s.denied else {}),  # absent when empty (older peers)
     }
 
 
@@ -153,7 +283,16 @@ def endpoint_from_json(o: Mapping[str, Any]) -> Endpoint:
         address=_req(o, "address", str),
         pod=_req(o, "pod", str),
         identity=SpiffeId.parse(_req(o, "identity", str)),
+        labels=_labels(o.get("labels", {})),
     )
+
+
+def _labels(o: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(o, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in o.items()
+    ):
+        raise CodecError("field 'labels' must map strings to strings")
+    return tuple(sorted(o.items()))
 
 
 def gateway_from_json(o: Mapping[str, Any]) -> GatewayAddress:
@@ -192,12 +331,139 @@ def export_from_json(o: Mapping[str, Any]) -> ServiceExport:
     )
 
 
-def policy_from_json(o: Mapping[str, Any]) -> TrafficPolicy:
-    weights = tuple(
-        ClusterWeight(_req(w, "cluster", str), _req(w, "weight", int))
-        for w in _req(o, "clusterWeights", list)
+def _opt(o: Mapping[str, Any], name: str, kind: type) -> Any:
+    """An optional field: None when absent or null, else checked like `_req`."""
+    return None if o.get(name) is None else _req(o, name, kind)
+
+
+def _number(o: Mapping[str, Any], name: str) -> float:
+    return float(_req(o, name, (int, float)))  # type: ignore[arg-type]
+
+
+def _opt_number(o: Mapping[str, Any], name: str) -> float | None:
+    return None if o.get(name) is None else _number(o, name)
+
+
+def _cluster_weights(items: list[Any]) -> tuple[ClusterWeight, ...]:
+    return tuple(ClusterWeight(_req(w, "cluster", str), _req(w, "weight", int)) for w in items)
+
+
+def _retries(o: Mapping[str, Any]) -> Retries:
+    return Retries(
+        attempts=_req(o, "attempts", int),
+        per_try_timeout=_opt_number(o, "perTryTimeout"),
+        retry_on=tuple(str(c) for c in _req(o, "retryOn", list)),
+        retriable_status_codes=tuple(int(c) for c in o.get("retriableStatusCodes", [])),
     )
-    return TrafficPolicy(key=_key(o), cluster_weights=weights)
+
+
+def _fault(o: Mapping[str, Any]) -> Fault:
+    delay = _opt(o, "delay", dict)
+    abort = _opt(o, "abort", dict)
+    return Fault(
+        delay=FaultDelay(_number(delay, "percentage"), _number(delay, "fixedDelay"))
+        if delay is not None
+        else None,
+        abort=FaultAbort(_number(abort, "percentage"), _req(abort, "httpStatus", int))
+        if abort is not None
+        else None,
+    )
+
+
+def _mirror(o: Mapping[str, Any]) -> Mirror:
+    return Mirror(_req(o, "cluster", str), _req(o, "subset", str), _number(o, "percentage"))
+
+
+def _string_match(o: Mapping[str, Any]) -> StringMatch:
+    if not isinstance(o, Mapping) or len(o) != 1:
+        raise CodecError("a string match must have exactly one of exact, prefix, regex")
+    ((kind, value),) = o.items()
+    if not isinstance(value, str):
+        raise CodecError(f"string match {kind!r} must be a string")
+    return StringMatch(str(kind), value)
+
+
+def _request_match(o: Mapping[str, Any]) -> RequestMatch:
+    uri = _opt(o, "uri", dict)
+    return RequestMatch(
+        uri=_string_match(uri) if uri is not None else None,
+        headers=tuple(
+            (str(name), _string_match(m)) for name, m in _req(o, "headers", dict).items()
+        ),
+    )
+
+
+def _overrides(o: Mapping[str, Any]) -> dict[str, Any]:
+    retries = _opt(o, "retries", dict)
+    fault = _opt(o, "fault", dict)
+    mirror = _opt(o, "mirror", dict)
+    return {
+        "cluster_weights": _cluster_weights(_req(o, "clusterWeights", list)),
+        "subset_weights": tuple(
+            SubsetWeight(_req(w, "subset", str), _req(w, "weight", int))
+            for w in o.get("subsetWeights", [])
+        ),
+        "retries": _guard("retries", _retries, retries) if retries is not None else None,
+        "timeout": _opt_number(o, "timeout"),
+        "fault": _guard("fault", _fault, fault) if fault is not None else None,
+        "mirror": _guard("mirror", _mirror, mirror) if mirror is not None else None,
+    }
+
+
+def _route(o: Mapping[str, Any]) -> HttpRoute:
+    matches = tuple(_guard("match", _request_match, m) for m in _req(o, "match", list))
+    return HttpRoute(name=_req(o, "name", str), matches=matches, **_overrides(o))
+
+
+def policy_from_json(o: Mapping[str, Any]) -> TrafficPolicy:
+    failover = _opt(o, "localityFailover", dict)
+    pool = _opt(o, "connectionPool", dict)
+    outlier = _opt(o, "outlierDetection", dict)
+    return TrafficPolicy(
+        key=_key(o),
+        subsets=tuple(
+            Subset(
+                _req(s, "name", str),
+                tuple(sorted((str(k), str(v)) for k, v in _req(s, "labels", dict).items())),
+            )
+            for s in o.get("subsets", [])
+        ),
+        locality_failover=LocalityFailover(_number(failover, "spillOverThreshold"))
+        if failover is not None
+        else None,
+        connection_pool=ConnectionPool(
+            _opt(pool, "maxConnections", int),
+            _opt(pool, "http1MaxPendingRequests", int),
+            _opt(pool, "http2MaxRequests", int),
+        )
+        if pool is not None
+        else None,
+        outlier_detection=OutlierDetection(
+            _req(outlier, "consecutive5xxErrors", int),
+            _number(outlier, "interval"),
+            _number(outlier, "baseEjectionTime"),
+            _number(outlier, "maxEjectionPercent"),
+        )
+        if outlier is not None
+        else None,
+        routes=tuple(_guard("route", _route, r) for r in o.get("routes", [])),
+        **_overrides(o),
+    )
+
+
+def authorization_from_json(o: Mapping[str, Any]) -> AuthorizationPolicy:
+    return AuthorizationPolicy(
+        name=_req(o, "name", str),
+        key=ServiceKey(_req(o, "namespace", str), _req(o, "service", str)),
+        action=_req(o, "action", str),
+        rules=tuple(
+            AuthorizationRule(
+                tuple(str(p) for p in _req(r, "principals", list)),
+                tuple(ServicePort("p", int(n)).port for n in _req(r, "ports", list)),
+            )
+            for r in _req(o, "rules", list)
+        ),
+    )
 
 
 def service_from_json(o: Mapping[str, Any]) -> MergedService:
@@ -229,7 +495,28 @@ def snapshot_from_json(o: Mapping[str, Any]) -> Snapshot:
         services=tuple(_guard("service", service_from_json, s) for s in _req(o, "services", list)),
         policies=tuple(_guard("policy", policy_from_json, p) for p in _req(o, "policies", list)),
         trust_bundle={str(td): tuple(str(r) for r in roots) for td, roots in bundle.items()},
+        authorization=tuple(
+            _guard("authorization", authorization_from_json, a) for a in o.get("authorization", [])
+        ),
+        denied=_denied(o.get("denied", [])),
     )
+
+
+def _denied(items: Any) -> tuple[str, ...]:
+    """Deny-list entries: `spiffe://<td>` or a full SPIFFE ID (checked again by ca/)."""
+    if not isinstance(items, list):
+        raise CodecError("field 'denied' must be list")
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.startswith("spiffe://"):
+            raise CodecError(f"deny entry {item!r} is not a spiffe:// URI")
+        domain, _, path = item[len("spiffe://") :].partition("/")
+        if path:
+            SpiffeId.parse(item)
+        elif not domain:
+            raise CodecError(f"deny entry {item!r} names no trust domain")
+        out.append(item)
+    return tuple(sorted(set(out)))
 
 
 def loads(data: bytes | str, what: str = "document") -> Json:

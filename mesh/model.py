@@ -6,7 +6,8 @@ a `Snapshot`; components keep the last `Snapshot` they accepted and route from i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -38,6 +39,12 @@ class Endpoint:
     address: str
     pod: str
     identity: SpiffeId
+    # The pod's labels as sorted (key, value) pairs (subsets select on them, e.g. `version`).
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def has_labels(self, wanted: tuple[tuple[str, str], ...]) -> bool:
+        """Whether every (key, value) of `wanted` is among this endpoint's labels."""
+        return all(pair in self.labels for pair in wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,18 +115,218 @@ class MergedService:
         return tuple(e for e in self.endpoints if e.cluster == cluster)
 
 
+# --- traffic policy (runtime form of the GitOps `TrafficPolicy` document) ------------------
+#
+# Durations are float seconds and percentages floats in 0..100. A field left as None (or an
+# empty tuple) is not configured: the data plane applies its own default. The YAML schema, its
+# validation and the field-by-field reference live in federation/schema.py and docs/config.md.
+
+SPECIAL_CLUSTERS = ("local", "remote")
+RETRY_CONDITIONS = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes")
+STRING_MATCH_KINDS = ("exact", "prefix", "regex")
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterWeight:
-    """A weight for `local`, `remote` or a named cluster (relative, need not add to 100)."""
+    """A weight for `local`, `remote` or a named cluster.
+
+    The GitOps schema requires a policy's weights to sum to 100; routing treats them as relative
+    (a weighted cluster without endpoints is dropped and the rest renormalised).
+    """
 
     cluster: str
     weight: int
 
 
 @dataclass(frozen=True, slots=True)
+class Subset:
+    """A named group of a service's endpoints: those carrying every label in `labels`."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
+
+
+@dataclass(frozen=True, slots=True)
+class SubsetWeight:
+    subset: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityFailover:
+    """Priority tiers: same cluster, then same region, then any cluster.
+
+    When the healthy share of a tier's endpoints falls below `spill_over_threshold` percent, the
+    missing share of traffic spills proportionally to the next tier (graded, not all-or-nothing).
+    """
+
+    spill_over_threshold: float = 70.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: tuple[str, ...] = ()  # conditions from RETRY_CONDITIONS
+    retriable_status_codes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    max_connections: int | None = None
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Istio's defaults: eject after 5 consecutive 5xx, scan every 10 s, for 30 s, at most 10 %."""
+
+    consecutive_5xx_errors: int = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    percentage: float
+    fixed_delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    percentage: float
+    http_status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """Copy `percentage` % of requests to the same service in `cluster` and/or `subset`."""
+
+    cluster: str = ""  # "" = wherever routing picks; else `local`, `remote` or a cluster name
+    subset: str = ""
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: str  # one of STRING_MATCH_KINDS
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMatch:
+    """Matches when the path matches `uri` (if set) AND every header matches (names lower-case)."""
+
+    uri: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    """A request-level override: the first route with a matching `matches` entry applies.
+
+    Fields left unset inherit the policy's own; requests matching no route use the policy's.
+    """
+
+    name: str
+    matches: tuple[RequestMatch, ...]
+    cluster_weights: tuple[ClusterWeight, ...] = ()
+    subset_weights: tuple[SubsetWeight, ...] = ()
+    retries: Retries | None = None
+    timeout: float | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
+    """Everything the source side applies to calls to one service (Istio's VirtualService and
+    DestinationRule in one document)."""
+
     key: ServiceKey
     cluster_weights: tuple[ClusterWeight, ...] = ()
+    subsets: tuple[Subset, ...] = ()
+    subset_weights: tuple[SubsetWeight, ...] = ()
+    locality_failover: LocalityFailover | None = None
+    retries: Retries | None = None
+    timeout: float | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    routes: tuple[HttpRoute, ...] = ()
+
+    def subset(self, name: str) -> Subset | None:
+        return next((s for s in self.subsets if s.name == name), None)
+
+
+# --- authorization (runtime form of the GitOps `AuthorizationPolicy` document) ----------------
+
+AUTHZ_ACTIONS = ("ALLOW", "DENY")
+
+
+def principal_matches(pattern: str, principal: str) -> bool:
+    """`pattern` is an exact SPIFFE ID, `*` (any caller), or a SPIFFE ID with `*` wildcards,
+    each matching any run of characters except `/` (e.g. `spiffe://*.fedgate.local/ns/demo/sa/*`).
+    """
+    if pattern == "*":
+        return True
+    if "*" not in pattern:
+        return pattern == principal
+    regex = "[^/]*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, principal) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationRule:
+    """Matches a call when the caller matches one of `principals` (none listed: any caller) and
+    the port is one of `ports` (none listed: any port)."""
+
+    principals: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+    def matches(self, principal: str, port: int) -> bool:
+        if self.ports and port not in self.ports:
+            return False
+        return not self.principals or any(principal_matches(p, principal) for p in self.principals)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    """Who may call `key`, by SPIFFE ID and port (`name` is unique within `key.namespace`)."""
+
+    name: str
+    key: ServiceKey
+    action: str = "ALLOW"  # one of AUTHZ_ACTIONS
+    rules: tuple[AuthorizationRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.action not in AUTHZ_ACTIONS:
+            raise ValueError(f"action {self.action!r} is not one of {', '.join(AUTHZ_ACTIONS)}")
+
+    def matches(self, principal: str, port: int) -> bool:
+        return any(r.matches(principal, port) for r in self.rules)
+
+
+def authorized(policies: Iterable[AuthorizationPolicy], principal: str, port: int) -> bool:
+    """Istio's evaluation for one service's policies: a matching DENY refuses; then, if the
+    service has any ALLOW policy, a call is allowed only when one of them matches (an ALLOW policy
+    without rules matches nothing); a service without ALLOW policies admits every caller."""
+    allow: list[AuthorizationPolicy] = []
+    for p in policies:
+        if p.action == "DENY" and p.matches(principal, port):
+            return False
+        if p.action == "ALLOW":
+            allow.append(p)
+    return not allow or any(p.matches(principal, port) for p in allow)
 
 
 def _frozen_bundle(bundle: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:
@@ -136,6 +343,10 @@ class Snapshot:
     policies: tuple[TrafficPolicy, ...] = ()
     # Federated trust bundle: trust domain -> PEM roots that may vouch for that domain only.
     trust_bundle: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _frozen_bundle({}))
+    authorization: tuple[AuthorizationPolicy, ...] = ()
+    # Deny list (revocation), sorted: exact SPIFFE IDs (`spiffe://<td>/ns/<ns>/sa/<sa>`) or
+    # whole trust domains (`spiffe://<td>`). Every verifier refuses a match (ca.verify).
+    denied: tuple[str, ...] = ()
 
     def cluster(self, name: str) -> ClusterInfo | None:
         return next((c for c in self.clusters if c.name == name), None)
@@ -148,6 +359,9 @@ class Snapshot:
 
     def policy(self, key: ServiceKey) -> TrafficPolicy | None:
         return next((p for p in self.policies if p.key == key), None)
+
+    def authorization_for(self, key: ServiceKey) -> tuple[AuthorizationPolicy, ...]:
+        return tuple(p for p in self.authorization if p.key == key)
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", clusters=(), services=())

@@ -27,10 +27,12 @@ from typing import Any
 
 import structlog
 
-from ca.errors import VerificationError
+from ca.bundle import TrustBundle
+from ca.errors import DeniedError, VerificationError
 from ca.tls import peer_identity
 from mesh.codec import StreamReply, encode_reply, header_from_json, split_frame
 from mesh.errors import CodecError
+from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from sidecar.errors import ProxyError
 from sidecar.pipe import Conn, open_conn, relay
@@ -45,6 +47,8 @@ def identity_failure(e: VerificationError) -> ProxyError:
     """Categorise `ca.verify`'s reasons. OpenSSL already chained the certificate to *some*
     root of the bundle, so a chain that reaches no root of its own domain is a mismatch."""
     text = str(e)
+    if isinstance(e, DeniedError):
+        return ProxyError("denied", text)
     if "expired" in text:
         return ProxyError("expired", text)
     if "not valid before" in text:
@@ -54,6 +58,20 @@ def identity_failure(e: VerificationError) -> ProxyError:
     if "no certificate" in text:
         return ProxyError("no client certificate", text)
     return ProxyError("identity rejected", text)
+
+
+def close_denied(live: dict[Conn, SpiffeId], bundle: TrustBundle, side: str) -> int:
+    """Reset each connection in `live` whose peer identity is denied (revocation of
+    established connections; the relay then fails both halves)."""
+    closed = 0
+    for conn, peer in list(live.items()):
+        entry = bundle.denial(peer)
+        if entry is not None:
+            _log.warning(f"{side} connection closed", reason="denied", peer=peer.uri, entry=entry)
+            live.pop(conn, None)
+            conn.reset()
+            closed += 1
+    return closed
 
 
 class Inbound:
@@ -67,6 +85,7 @@ class Inbound:
         self.active = 0
         self.total = 0
         self.refused = 0
+        self.live: dict[Conn, SpiffeId] = {}  # accepted callers, to close them once denied
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +106,10 @@ class Inbound:
         await self._tasks.aclose()
         if self._server is not None:
             await self._server.wait_closed()
+
+    def close_denied(self, bundle: TrustBundle) -> int:
+        """Reset accepted connections whose caller `bundle` now denies; how many."""
+        return close_denied(self.live, bundle, "inbound")
 
     def _accepted(self, caller: Conn) -> None:
         self._tasks.spawn(self.handle(caller), "conn")
@@ -109,6 +132,7 @@ class Inbound:
             app = await self._serve(caller, state, log)
         finally:
             self.active -= 1
+            self.live.pop(caller, None)
             # Refusals closed gracefully already; anything still open was cancelled mid-way.
             caller.reset_if_open()
             if app is not None:
@@ -161,6 +185,7 @@ class Inbound:
             self._refuse(log, caller, ProxyError("app unavailable", e.detail), 503)
             return None
         caller.write(encode_reply(StreamReply(200)))
+        self.live[caller] = caller_id
         log.info("inbound accepted")
         error = await relay(caller, app)
         log.info(

@@ -10,19 +10,25 @@ For each connection redirected to the outbound port:
    identities the decision allows, the stream header sent, a `200` stream reply required.
 4. Bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
 
+A service port declared `HTTP` (or a `TCP` port whose first bytes are an HTTP/1.x request) is
+served by `sidecar.http.proxy.HttpProxy` instead: each request is routed on its own, with the
+policy's retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
+connections made by the same `_mesh_upstream` as steps 2-3.
+
 Every failure resets the app's connection and logs one line with the reason, pod, service,
 clusters and connection id; success logs one access line when the connection ends.
-What this module does not do: retries, timeouts per request, HTTP awareness, or traceparent
-generation (the header carries an empty one in this version).
+What this module does not do: HTTP (see above) or traceparent generation (the header carries
+an empty one in this version).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -32,9 +38,12 @@ from ca.tls import peer_identity
 from mesh.codec import StreamHeader, encode_header, reply_from_json, split_frame
 from mesh.connect import ConnectRequest, encode_request, parse_response, split_head
 from mesh.errors import CodecError, NoRouteError
+from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from sidecar.capture import original_dst
 from sidecar.errors import CaptureError, ProxyError
+from sidecar.http.flow import FlowConn, open_flow_conn
+from sidecar.http.proxy import SNIFF_TIMEOUT, HttpProxy
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
@@ -55,6 +64,8 @@ class Outbound:
         state: Callable[[], ProxyState],
         rng: random.Random | None = None,
         original_dst_of: OriginalDst = original_dst,
+        *,
+        sniff_timeout: float = SNIFF_TIMEOUT,
     ) -> None:
         self._settings = settings
         self._state = state
@@ -65,12 +76,20 @@ class Outbound:
         self.active = 0
         self.total = 0
         self.failed = 0
+        self.live: dict[Conn, SpiffeId] = {}  # mesh upstreams by server identity (revocation)
+        self.http = HttpProxy(
+            state,
+            functools.partial(self._mesh_upstream, opener=open_flow_conn),
+            self.live,
+            self._rng,
+            sniff_timeout=sniff_timeout,
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self._settings
         self._server = await loop.create_server(
-            lambda: Conn("app", self._accepted), s.outbound_host, s.outbound_port
+            lambda: FlowConn("app", self._accepted), s.outbound_host, s.outbound_port
         )
 
     @property
@@ -83,6 +102,7 @@ class Outbound:
         if self._server is not None:
             self._server.close()
         await self._tasks.aclose()
+        await self.http.aclose()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -119,13 +139,28 @@ class Outbound:
         started = time.monotonic()
         upstream: Conn | None = None
         facts: dict[str, object] = {}  # what we learned, for the one log line either way
+        admitted: ServiceRoute | None = None
         try:
+            route = state.routes.lookup(*dst)
+            if (
+                route is not None
+                and isinstance(app, FlowConn)
+                and await self.http.wants(app, route)
+            ):
+                await self.http.serve(app, dst, log.bind(service=str(route.service), mode="http"))
+                return
             try:
+                if route is not None:
+                    # maxConnections holds for per-connection traffic too (Istio's tcp pool).
+                    self.http.tcp_admit(route)
+                    admitted = route
                 upstream = await self._upstream(dst, state, facts)
             except ProxyError as e:
                 self.failed += 1
                 log.warning("outbound failed", reason=e.reason, detail=e.detail, **facts)
                 return
+            if "peer" in facts:
+                self.live[upstream] = SpiffeId.parse(str(facts["peer"]))
             error = await relay(app, upstream)
             log.info(
                 "outbound closed",
@@ -137,6 +172,10 @@ class Outbound:
             )
         finally:
             self.active -= 1
+            if admitted is not None:
+                self.http.tcp_release(admitted)
+            if upstream is not None:
+                self.live.pop(upstream, None)
             # After a failure the app gets a RST; after cancellation both sides do.
             app.reset_if_open()
             if upstream is not None:
@@ -157,7 +196,7 @@ class Outbound:
         if state.client_ctx is None:
             raise ProxyError("not ready", "no SVID or trust bundle yet")
         try:
-            decision = route.decide(self._rng)
+            decision = route.decide(self._rng, self.http.health(route))
         except NoRouteError as e:
             raise ProxyError("no route", str(e)) from e
         match decision:
@@ -167,7 +206,13 @@ class Outbound:
                 facts.update(dst_cluster=cluster, gateway=f"{egress.host}:{egress.port}")
             case _:
                 raise AssertionError(f"unknown route decision {decision!r}")
-        return await self._mesh_upstream(route, decision, state, facts)
+        try:
+            conn = await self._mesh_upstream(route, decision, state, facts)
+        except ProxyError:
+            self.http.tcp_result(route, decision, ok=False)  # for outlier detection
+            raise
+        self.http.tcp_result(route, decision, ok=True)
+        return conn
 
     async def _mesh_upstream(
         self,
@@ -175,6 +220,8 @@ class Outbound:
         decision: Decision,
         state: ProxyState,
         facts: dict[str, object],
+        *,
+        opener: Callable[[str, int, str, float], Awaitable[Conn]] = open_conn,
     ) -> Conn:
         s = self._settings
         assert state.client_ctx is not None
@@ -184,15 +231,13 @@ class Outbound:
             async with asyncio.timeout(s.setup_timeout):
                 if isinstance(decision, Local):
                     cluster = s.cluster
-                    upstream = await open_conn(
+                    upstream = await opener(
                         decision.endpoint.address, s.inbound_port, "sidecar", s.connect_timeout
                     )
                 else:
                     cluster = decision.cluster
                     egress = decision.egress
-                    upstream = await open_conn(
-                        egress.host, egress.port, "gateway", s.connect_timeout
-                    )
+                    upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
                     step = "CONNECT"
                     request = ConnectRequest(route.service, route.port.port, cluster, "")
                     upstream.write(encode_request(request))

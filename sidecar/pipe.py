@@ -198,7 +198,10 @@ class Conn(asyncio.Protocol):
             self.tls.close_write()
             self._flush_tls()
         if transport.can_write_eof():
-            transport.write_eof()
+            # The peer may have closed already (ENOTCONN): that ends this direction too, and
+            # must not escape and leave the relay's other side open.
+            with contextlib.suppress(OSError):
+                transport.write_eof()
         self._maybe_finish()
 
     def finish(self) -> None:

@@ -6,7 +6,10 @@ A connection captured to `(VIP, port)` is looked up here. A known service port y
 - `Local(endpoint)`: straight to the endpoint's sidecar inbound port, in this cluster;
 - `Remote(cluster, egress)`: through this cluster's gateway egress, which carries it to `cluster`.
 
-Cluster weights come from `mesh.routing.cluster_weights` with the service's `TrafficPolicy`.
+Cluster weights come from `mesh.routing.cluster_weights` with the service's `TrafficPolicy`;
+the choice itself (subsets, locality tiers, health, retries avoiding tried hosts) is the
+route's `Balancer` (`sidecar.traffic.balance`): `decide` for a TCP connection, `target` and
+`decision_for` for each try of an HTTP request.
 Endpoints in other clusters are unreachable when the local cluster publishes no gateway; as
 Istio drops endpoints of networks without a gateway, they are then left out before weighting.
 Each decision carries the SPIFFE IDs the server end of the inner TLS may present.
@@ -18,14 +21,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from mesh.errors import NoRouteError
 from mesh.model import Endpoint, MergedService, ServicePort, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey, SpiffeId
-from mesh.routing import ClusterChoice, cluster_weights, pick_cluster, pick_endpoint
+from mesh.routing import ClusterChoice, cluster_weights
+from sidecar.traffic.balance import Balancer, Healthy, Target
+from sidecar.traffic.match import Effective, effective
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +67,47 @@ class ServiceRoute:
     choices: tuple[ClusterChoice, ...]
     endpoints: Mapping[str, tuple[Endpoint, ...]]  # cluster -> endpoints
     egress: Egress | None
+    policy: TrafficPolicy | None = None
+    regions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
-    def decide(self, rng: random.Random) -> Decision:
-        """Pick a cluster by weight, then (locally) an endpoint; NoRouteError if none exists."""
+    @property
+    def balancer(self) -> Balancer:
+        return Balancer(self.local_cluster, self.endpoints, self.regions, self.policy)
+
+    def decide(self, rng: random.Random, healthy: Healthy | None = None) -> Decision:
+        """Where one TCP connection goes (the policy without route matching); NoRouteError if
+        nowhere."""
         if not self.choices:
             raise NoRouteError(f"{self.service} has no reachable endpoint")
-        cluster = pick_cluster(self.choices, rng)
-        endpoints = self.endpoints.get(cluster, ())
-        if cluster == self.local_cluster:
-            endpoint = pick_endpoint(endpoints, rng)
-            return Local(endpoint, frozenset((endpoint.identity,)))
+        eff = effective(self.policy, None)
+        target = self.balancer.pick(eff, rng, healthy) if healthy else self.balancer.pick(eff, rng)
+        return self.decision_for(target)
+
+    def target(
+        self,
+        eff: Effective,
+        rng: random.Random,
+        healthy: Healthy,
+        exclude: frozenset[str] = frozenset(),
+        *,
+        subset: str | None = None,
+        cluster_ref: str = "",
+    ) -> Target:
+        """Where one try of a request goes (see `sidecar.traffic.balance`)."""
+        if not self.choices:
+            raise NoRouteError(f"{self.service} has no reachable endpoint")
+        return self.balancer.pick(
+            eff, rng, healthy, exclude, subset=subset, cluster_ref=cluster_ref
+        )
+
+    def decision_for(self, target: Target) -> Decision:
+        if target.endpoint is not None:
+            return Local(target.endpoint, target.identities)
         if self.egress is None:  # excluded when building; kept as a guard for hand-built routes
-            raise NoRouteError(f"cluster {self.local_cluster} has no gateway to reach {cluster}")
-        return Remote(cluster, self.egress, frozenset(e.identity for e in endpoints))
+            raise NoRouteError(
+                f"cluster {self.local_cluster} has no gateway to reach {target.cluster}"
+            )
+        return Remote(target.cluster, self.egress, target.identities)
 
 
 def _route(
@@ -83,6 +116,7 @@ def _route(
     policy: TrafficPolicy | None,
     local_cluster: str,
     egress: Egress | None,
+    regions: Mapping[str, str] = MappingProxyType({}),
 ) -> ServiceRoute:
     reachable = service
     if egress is None:
@@ -97,6 +131,8 @@ def _route(
         choices=cluster_weights(reachable, policy, local_cluster),
         endpoints=MappingProxyType({c: tuple(sorted(es)) for c, es in by_cluster.items()}),
         egress=egress,
+        policy=policy,
+        regions=regions,
     )
 
 
@@ -120,6 +156,7 @@ class RouteTable:
         routes: dict[tuple[str, int], ServiceRoute] = {}
         vips: dict[ServiceKey, str] = {}
         ports: dict[ServiceKey, frozenset[int]] = {}
+        regions = MappingProxyType({c.name: c.region for c in snapshot.clusters})
         for service in snapshot.services:
             ports[service.key] = frozenset(p.port for p in service.ports)
             if not service.vip:  # not allocated yet: neither resolvable nor routable
@@ -128,7 +165,7 @@ class RouteTable:
             policy = snapshot.policy(service.key)
             for port in service.ports:
                 routes[(service.vip, port.port)] = _route(
-                    service, port, policy, local_cluster, egress
+                    service, port, policy, local_cluster, egress, regions
                 )
         return cls(
             version=snapshot.version,

@@ -26,7 +26,7 @@ from mesh.naming import ServiceKey
 from sidecar.capture import CaptureConfig, capture_rules, install, original_dst
 from sidecar.dns import DnsServer
 from sidecar.errors import ConfigRejectedError
-from sidecar.inbound import Inbound
+from sidecar.inbound import Inbound, close_denied
 from sidecar.outbound import OriginalDst, Outbound
 from sidecar.routes import RouteTable
 from sidecar.settings import SidecarSettings
@@ -76,12 +76,22 @@ class Sidecar:
         """Route and verify by `snapshot` from now on; ConfigRejectedError keeps the old one
         (the wiring NACKs the version with the message)."""
         try:
-            bundle = TrustBundle.from_pem(snapshot.trust_bundle).merged(self._anchors)
+            bundle = (
+                TrustBundle.from_pem(snapshot.trust_bundle)
+                .with_denied(snapshot.denied)
+                .merged(self._anchors)
+            )
         except CAError as e:
             raise ConfigRejectedError(f"snapshot {snapshot.version}: {e}") from e
         routes = RouteTable.build(snapshot, self.settings.cluster)
         self._state = self._build(routes, bundle, self._state.svid)
         self._snapshot = snapshot
+        # Requests in flight keep their config; idle pooled connections to endpoints that left
+        # the catalog are closed, and so is their outlier state.
+        self.outbound.http.prune(routes)
+        # Revocation also ends established connections of a denied peer (either direction).
+        self.inbound.close_denied(bundle)
+        close_denied(self.outbound.live, bundle, "outbound")
         _log.info(
             "sidecar config applied",
             pod=self.settings.pod,
@@ -173,6 +183,7 @@ class Sidecar:
                 "inbound_total": self.inbound.total,
                 "inbound_refused": self.inbound.refused,
             },
+            "http": self.outbound.http.status(),
         }
 
 

@@ -9,18 +9,21 @@ operator would run. It does not decide anything about routing: it writes exports
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ca.authority import CertificateAuthority
+from ca import cadir
+from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority
 from ca.bootstrap import Bootstrap
 from ca.verify import utcnow
 from clusters import source
-from clusters.rig import cmd, lifecycle, procs, topology
+from clusters.rig import cmd, config_repo, control, lifecycle, procs, topology
 from clusters.rig.errors import RigError
 from mesh.model import ServicePort
 from mesh.naming import DEFAULT_FEDERATION_DOMAIN, SYSTEM_NAMESPACE, trust_domain_for
@@ -28,22 +31,12 @@ from mesh.naming import DEFAULT_FEDERATION_DOMAIN, SYSTEM_NAMESPACE, trust_domai
 DEMO_NAMESPACE = "demo"
 ECHO_PORT = 8080
 LEASE_TTL = 5
+# The gateways' tunnel transport (DESIGN: tls by default); quic and passthrough are the others.
+DEFAULT_TRANSPORT = "tls"
+PASSTHROUGH_PORT = topology.TUNNEL_PORT + 1  # TCP, on the cluster's WAN address
 READY_TIMEOUT = 60.0
 
-DEFAULT_POLICY = """\
-apiVersion: fedgate.io/v1alpha1
-kind: TrafficPolicy
-metadata:
-  name: echo
-  namespace: demo
-spec:
-  host: echo.demo.svc.clusterset.local
-  clusterWeights:
-    - cluster: local
-      weight: 70
-    - cluster: remote
-      weight: 30
-"""
+# The GitOps sync polls the rig's config repository this often (seconds); it is local, so cheap.
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +75,8 @@ def _issue_bootstrap(
     directory = identity_dir(rigdir, cluster, who)
     Bootstrap(
         token=token,
-        cluster_root_pem=(ca_dir(rigdir, cluster) / "root.pem").read_bytes(),
+        # Every root the CA publishes (during a rotation: old and new).
+        cluster_root_pem=cadir.anchors_pem(ca_dir(rigdir, cluster), utcnow()),
         control_root_pem=(ca_dir(rigdir, "control") / "root.pem").read_bytes(),
         trust_domain=trust_domain_for(cluster),
     ).write(directory)
@@ -106,15 +100,29 @@ def up(
     command: RigCommand,
     prefix: str = topology.DEFAULT_PREFIX,
     progress: Progress = print,
+    svid_ttl: int = 0,
+    etcd_members: int = 1,
+    controllers: int = 2,
+    transport: str = DEFAULT_TRANSPORT,
 ) -> None:
-    """Build the rig and start the whole federation on it; returns once calls can flow."""
+    """Build the rig and start the whole federation on it; returns once calls can flow.
+
+    `transport` (tls, quic or passthrough): what every cluster's agent publishes for its
+    gateway, so what the gateways use between them. Every gateway listens for all three
+    (tls on TCP and quic on UDP at the tunnel port, passthrough on TCP `PASSTHROUGH_PORT`).
+
+    `svid_ttl` (seconds, 0: 1 h): the cluster CAs' longest SVID lifetime, and what every
+    gateway and sidecar asks for (tests use ~20 s to watch renewals and rotations)."""
     started = time.monotonic()
     state = lifecycle.up(rigdir, clusters, prefix)
+    _svid_ttl_file(rigdir).write_text(f"{svid_ttl}\n")
     progress(f"namespaces ready for {', '.join(c.name for c in state.clusters)}")
     try:
-        _start_control_plane(rigdir, command, state.prefix)
+        _start_control_plane(
+            rigdir, command, state.prefix, control.layout(state.prefix, etcd_members, controllers)
+        )
         for c in state.clusters:
-            _start_cluster(rigdir, command, state.prefix, c.name, c.index)
+            _start_cluster(rigdir, command, state.prefix, c.name, c.index, transport)
         for c in state.clusters:
             add_pod(rigdir, command, c.name, "client", DEMO_NAMESPACE, "client", None, None)
             add_pod(
@@ -155,72 +163,66 @@ def up(
     progress(f"rig up in {time.monotonic() - started:.1f} s")
 
 
-def _start_control_plane(rigdir: Path, command: RigCommand, prefix: str) -> None:
-    ctl = topology.control(prefix)
+def _start_control_plane(
+    rigdir: Path, command: RigCommand, prefix: str, plan: control.ControlLayout
+) -> None:
     now = utcnow()
     CertificateAuthority.create(DEFAULT_FEDERATION_DOMAIN, now).save(ca_dir(rigdir, "control"))
+    # GitOps: the rig's config repository is the source of truth (echo.demo local 70 / remote
+    # 30); the config directory stays empty (it would only seed etcd before the first commit).
     config_dir(rigdir).mkdir(parents=True, exist_ok=True)
-    (config_dir(rigdir) / "echo.yaml").write_text(DEFAULT_POLICY)
-    etcd_data = rigdir / "etcd"
-    lifecycle.start_process(
+    (config_dir(rigdir) / "echo.yaml").unlink(missing_ok=True)
+    repo = config_repo.create(rigdir, [(c.name, c.name) for c in lifecycle.load(rigdir).clusters])
+    # etcd members and controller replicas: clusters.rig.control.
+    control.start(
         rigdir,
-        "etcd",
-        ctl.netns,
-        [
-            command.etcd,
-            "--name",
-            "fedgate",
-            "--data-dir",
-            str(etcd_data),
-            "--listen-client-urls",
-            f"http://{ctl.ip}:{topology.ETCD_PORT}",
-            "--advertise-client-urls",
-            f"http://{ctl.ip}:{topology.ETCD_PORT}",
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "fedgate=http://127.0.0.1:2380",
-            "--log-level",
-            "warn",
-        ],
-    )
-    record = lifecycle.load(rigdir).process("etcd")
-    procs.wait_tcp(
-        ctl.netns,
-        ctl.ip,
-        topology.ETCD_PORT,
-        READY_TIMEOUT,
-        log_path=lifecycle.log_path(rigdir, "etcd"),
-        pid=record.pid if record else None,
-    )
-    lifecycle.start_process(
-        rigdir,
-        "controller",
-        ctl.netns,
-        [
-            *command.fedgate,
-            "controller",
-            "--etcd",
-            f"{ctl.ip}:{topology.ETCD_PORT}",
-            "--listen",
-            f"{ctl.ip}:{topology.CONTROLLER_GRPC_PORT}",
-            "--admin",
-            f"{ctl.ip}:{topology.CONTROLLER_ADMIN_PORT}",
-            "--ca-dir",
-            str(ca_dir(rigdir, "control")),
-            "--config-dir",
-            str(config_dir(rigdir)),
-        ],
+        command.etcd,
+        command.fedgate,
+        plan,
+        ca_dir(rigdir, "control"),
+        config_dir(rigdir),
+        repo,
     )
 
 
-def _start_cluster(rigdir: Path, command: RigCommand, prefix: str, name: str, index: int) -> None:
+def _svid_ttl_file(rigdir: Path) -> Path:
+    return rigdir / "svid-ttl"
+
+
+def _svid_ttl(rigdir: Path) -> int:
+    try:
+        return int(_svid_ttl_file(rigdir).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _identity_args(rigdir: Path) -> list[str]:
+    """`--svid-ttl N` for gateways and sidecars when the rig was brought up with one."""
+    ttl = _svid_ttl(rigdir)
+    return ["--svid-ttl", str(ttl)] if ttl else []
+
+
+def _start_cluster(
+    rigdir: Path,
+    command: RigCommand,
+    prefix: str,
+    name: str,
+    index: int,
+    transport: str = DEFAULT_TRANSPORT,
+) -> None:
     plan = topology.cluster(prefix, index)
-    ctl = topology.control(prefix)
+    passthrough = (plan.wan_ip, PASSTHROUGH_PORT)
+    published = passthrough if transport == "passthrough" else plan.tunnel_address
     td = trust_domain_for(name)
-    CertificateAuthority.create(td, utcnow()).save(ca_dir(rigdir, name))
+    # A fresh CA per rig (the directory layout of ca.cadir: root rotation works on it).
+    shutil.rmtree(ca_dir(rigdir, name), ignore_errors=True)
+    ttl = _svid_ttl(rigdir)
+    cadir.init_ca_dir(
+        ca_dir(rigdir, name),
+        td,
+        utcnow(),
+        max_svid_ttl=dt.timedelta(seconds=ttl) if ttl else DEFAULT_SVID_TTL,
+    )
     lifecycle.start_process(
         rigdir,
         f"{name}-agent",
@@ -231,7 +233,7 @@ def _start_cluster(rigdir: Path, command: RigCommand, prefix: str, name: str, in
             "--cluster",
             name,
             "--etcd",
-            f"{ctl.ip}:{topology.ETCD_PORT}",
+            control.load(rigdir, prefix).etcd_arg,
             "--ca-dir",
             str(ca_dir(rigdir, name)),
             "--ca-listen",
@@ -241,7 +243,9 @@ def _start_cluster(rigdir: Path, command: RigCommand, prefix: str, name: str, in
             "--tokens",
             str(source.tokens_path(rigdir, name)),
             "--gateway-tunnel",
-            _addr(plan.tunnel_address),
+            _addr(published),
+            "--transport",
+            transport,
             "--gateway-egress",
             _addr(plan.egress_address),
             "--admin",
@@ -265,13 +269,16 @@ def _start_cluster(rigdir: Path, command: RigCommand, prefix: str, name: str, in
             "--ca",
             _addr(plan.agent_ca_address),
             "--controller",
-            f"{ctl.ip}:{topology.CONTROLLER_GRPC_PORT}",
+            control.load(rigdir, prefix).controllers_arg,
             "--tunnel-listen",
             _addr(plan.tunnel_address),
+            "--passthrough-listen",
+            _addr(passthrough),
             "--egress-listen",
             _addr(plan.egress_address),
             "--admin",
             _addr(plan.gateway_admin_address),
+            *_identity_args(rigdir),
         ],
     )
 
@@ -293,7 +300,6 @@ def add_pod(
     ident = _issue_bootstrap(rigdir, cluster, pod, namespace, service_account)
     plan = next(c for c in state.clusters if c.name == cluster)
     cplan = topology.cluster(state.prefix, plan.index)
-    ctl = topology.control(state.prefix)
     lifecycle.start_process(
         rigdir,
         f"{cluster}-{pod}-sidecar",
@@ -312,9 +318,10 @@ def add_pod(
             "--ca",
             _addr(cplan.agent_ca_address),
             "--controller",
-            f"{ctl.ip}:{topology.CONTROLLER_GRPC_PORT}",
+            control.load(rigdir, state.prefix).controllers_arg,
             "--admin",
             f"127.0.0.1:{topology.SIDECAR_ADMIN_PORT}",
+            *_identity_args(rigdir),
         ],
     )
     if workload:

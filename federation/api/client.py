@@ -2,9 +2,16 @@
 
 `ConfigClient.snapshots()` yields each new snapshot the controller sends, after ACKing it;
 a response that does not decode (or that `validate` refuses) is NACKed with the reason and the
-last good snapshot stays in force. Stream errors reconnect with bounded exponential backoff
-(0.2 s doubling to 5 s, with jitter, reset once a response arrives); every new stream
-announces the last good version, so a controller with nothing newer sends nothing.
+last good snapshot stays in force. Deltas are applied to the last good snapshot (a delta
+against another version asks for a full resync).
+
+Several controller replicas: `target` may list several addresses (a sequence, or
+"host:port,host:port"). The client starts at a random one (spreading proxies over replicas)
+and, when its stream fails, moves on to the next at once; only after a whole round of failures
+does it back off (0.2 s doubling to 5 s, with jitter, reset once a response arrives). Every new
+stream announces the last good version, and versions are equal on every replica, so failing
+over sends nothing unless the config changed meanwhile. The proxy keeps routing on its last
+good snapshot the whole time.
 
 Session rules live in `federation.api.session`; credentials (mTLS with the proxy's SVID) are the
 caller's business. `credentials=None` means a plaintext channel, for tests on loopback only.
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 import grpc.aio
@@ -22,7 +29,14 @@ import structlog
 
 from federation.api.config_pb2 import ConfigResponse
 from federation.api.config_pb2_grpc import ConfigDiscoveryStub
-from federation.api.session import Accepted, ClientSession, NodeInfo, Rejected, Validator
+from federation.api.session import (
+    Accepted,
+    ClientSession,
+    NodeInfo,
+    Rejected,
+    ResyncNeeded,
+    Validator,
+)
 from mesh.model import Snapshot
 
 __all__ = ["ConfigClient", "NodeInfo"]
@@ -49,7 +63,7 @@ class ConfigClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         node: NodeInfo | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         server_name_override: str | None = None,
@@ -71,7 +85,10 @@ class ConfigClient:
             raise ValueError("pass either node= or node_id=/cluster=, not both")
         if credentials is None and not insecure:
             raise ValueError("ConfigClient needs channel credentials (insecure=True for tests)")
-        self._target = target
+        targets = target.split(",") if isinstance(target, str) else list(target)
+        self._targets = [t.strip() for t in targets if t.strip()]
+        if not self._targets:
+            raise ValueError("ConfigClient needs at least one controller address")
         self._node = node
         self._credentials = credentials
         self._server_name = server_name_override
@@ -79,20 +96,44 @@ class ConfigClient:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._rng = rng or random.Random()
-        self._log = _log.bind(node=node.id, cluster=node.cluster, target=target)
-        self.reconnects = 0  # metric
-        self.nacks = 0  # metric
+        self._index = self._rng.randrange(len(self._targets))
+        self._log = _log.bind(node=node.id, cluster=node.cluster)
+        self.reconnects = 0  # metrics
+        self.failovers = 0
+        self.nacks = 0
+        self.resyncs = 0
+        self.replica = ""  # the controller replica that sent the last response
 
     @property
     def node(self) -> NodeInfo:
         return self._node
+
+    def set_credentials(self, credentials: grpc.ChannelCredentials) -> None:
+        """Use `credentials` from the next (re)connect on (a renewed SVID); the stream that
+        is up keeps the TLS session it authenticated with."""
+        if self._credentials is None:
+            raise ValueError("an insecure ConfigClient cannot switch to TLS")
+        self._credentials = credentials
 
     @property
     def latest(self) -> Snapshot | None:
         """The last snapshot accepted (None before the first)."""
         return self._session.latest
 
-    def _channel(self) -> grpc.aio.Channel:
+    @property
+    def target(self) -> str:
+        """The controller address in use (or tried next)."""
+        return self._targets[self._index]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self._targets)
+
+    @property
+    def deltas(self) -> int:
+        return self._session.deltas
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             # Notice a dead controller on an idle stream: ping every 30 s, also without data
@@ -102,16 +143,18 @@ class ConfigClient:
             ("grpc.http2.max_pings_without_data", 0),
         ]
         if self._credentials is None:
-            return grpc.aio.insecure_channel(self._target, options=options)
+            return grpc.aio.insecure_channel(target, options=options)
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
-        return grpc.aio.secure_channel(self._target, self._credentials, options=options)
+        return grpc.aio.secure_channel(target, self._credentials, options=options)
 
     async def snapshots(self) -> AsyncGenerator[Snapshot, None]:
-        """Each new good snapshot, for ever; reconnects on its own. Close it to stop."""
+        """Each new good snapshot, for ever; reconnects (and fails over) on its own."""
         delay = self._backoff_initial
+        failed_in_a_row = 0
         while True:
-            channel = self._channel()
+            target = self._targets[self._index]
+            channel = self._channel(target)
             call = ConfigDiscoveryStub(channel).StreamConfig()
             try:
                 await call.write(self._session.hello())
@@ -120,6 +163,8 @@ class ConfigClient:
                     if not isinstance(response, ConfigResponse):  # grpc.aio.EOF
                         raise _StreamEndedError("controller closed the config stream")
                     delay = self._backoff_initial
+                    failed_in_a_row = 0
+                    self.replica = response.replica or target
                     outcome = self._session.receive(response)
                     match outcome:
                         case Accepted(snapshot=snapshot, ack=ack):
@@ -135,14 +180,30 @@ class ConfigClient:
                                 error=error,
                             )
                             await call.write(nack)
+                        case ResyncNeeded(base=base, request=request):
+                            self.resyncs += 1
+                            self._log.info("config delta base mismatch, resync", base=base)
+                            await call.write(request)
                         case _:
                             raise AssertionError(f"unknown session outcome {outcome!r}")
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, _StreamEndedError) as e:
-                self._log.warning("config stream failed, reconnecting", error=_describe(e))
+                self._log.warning(
+                    "config stream failed, reconnecting", target=target, error=_describe(e)
+                )
             finally:
                 call.cancel()
                 await channel.close(None)
             self.reconnects += 1
+            failed_in_a_row += 1
+            if len(self._targets) > 1:
+                self._index = (self._index + 1) % len(self._targets)
+                self.failovers += 1
+            if failed_in_a_row < len(self._targets):
+                # Another replica may well be up: try it almost at once (a little jitter so
+                # thousands of proxies do not arrive in the same millisecond).
+                await asyncio.sleep(self._backoff_initial * self._rng.uniform(0.0, 0.25))
+                continue
+            failed_in_a_row = 0
             await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
             delay = min(delay * 2, self._backoff_max)
 

@@ -10,6 +10,10 @@ xDS-style rules (as Envoy's state-of-the-world ADS, one resource type):
 - Answers are matched to responses by nonce. An answer may arrive after a newer response was
   sent (it still tells which version the client accepted or refused); a request naming no
   unanswered nonce is stale and ignored.
+- Deltas (federation.api.delta): a client whose hello sets `accept_delta` may get a response
+  whose `base_version` names the version it is assumed to run (the last version sent on the
+  stream, else the version it announced). A client that runs another version answers with
+  `resync` instead of ACK/NACK; the server then sends the full snapshot of its current version.
 
 The drivers are `federation.api.client.ConfigClient` and `federation.server`; this module only
 decides what to send and what a message means, so both halves are tested back to back.
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse, Node
+from federation.api.delta import DeltaBaseError, apply_delta
 from mesh.codec import decode, snapshot_from_json
 from mesh.errors import CodecError
 from mesh.model import Snapshot
@@ -60,13 +65,25 @@ class Rejected:
     nack: ConfigRequest
 
 
+@dataclass(frozen=True, slots=True)
+class ResyncNeeded:
+    """A delta against a version we do not run: ask for the full snapshot."""
+
+    base: str
+    request: ConfigRequest
+
+
 class ClientSession:
     """Decodes responses, keeps the last good snapshot, and says what to answer."""
 
-    def __init__(self, node: NodeInfo, validate: Validator | None = None) -> None:
+    def __init__(
+        self, node: NodeInfo, validate: Validator | None = None, *, accept_delta: bool = True
+    ) -> None:
         self._node = node
         self._validate = validate
+        self._accept_delta = accept_delta
         self.latest: Snapshot | None = None
+        self.deltas = 0  # metric: snapshots received as deltas
 
     @property
     def version(self) -> str:
@@ -74,11 +91,22 @@ class ClientSession:
 
     def hello(self) -> ConfigRequest:
         """The first request of a stream: resending our version spares an unchanged server."""
-        return ConfigRequest(node=self._node.to_proto(), version_info=self.version)
+        return ConfigRequest(
+            node=self._node.to_proto(),
+            version_info=self.version,
+            accept_delta=self._accept_delta,
+        )
 
-    def receive(self, response: ConfigResponse) -> Accepted | Rejected:
+    def receive(self, response: ConfigResponse) -> Accepted | Rejected | ResyncNeeded:
         try:
-            snapshot: Snapshot = decode(response.snapshot, snapshot_from_json, "snapshot")
+            snapshot: Snapshot
+            if response.base_version:
+                if self.latest is None or self.latest.version != response.base_version:
+                    raise DeltaBaseError(response.base_version)
+                snapshot = apply_delta(self.latest, response.snapshot)
+                self.deltas += 1
+            else:
+                snapshot = decode(response.snapshot, snapshot_from_json, "snapshot")
             if snapshot.version != response.version_info:
                 raise CodecError(
                     f"snapshot version {snapshot.version!r} is not the response's "
@@ -86,6 +114,14 @@ class ClientSession:
                 )
             if self._validate is not None:
                 self._validate(snapshot)
+        except DeltaBaseError:
+            resync = ConfigRequest(
+                node=self._node.to_proto(),
+                version_info=self.version,
+                response_nonce=response.nonce,
+                resync=True,
+            )
+            return ResyncNeeded(response.base_version, resync)
         except (CodecError, ValueError) as e:
             nack = ConfigRequest(
                 node=self._node.to_proto(),
@@ -123,20 +159,39 @@ class Stale:
     nonce: str
 
 
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The client could not apply a delta: offer it the current snapshot again, in full."""
+
+    kept: str
+
+
+Payload = bytes | Callable[[], bytes]  # a full snapshot, possibly encoded only when needed
+DeltaSource = Callable[[str], "bytes | None"]  # base version -> delta payload, None if unknown
+
+
 class ServerSession:
     """One stream, server side: which snapshot to send and what each request means."""
 
     def __init__(self, hello: ConfigRequest) -> None:
         self.node = NodeInfo.from_proto(hello.node)
         self.client_version = hello.version_info  # what the client runs, as far as we know
+        self.accepts_delta = hello.accept_delta
+        self.deltas = 0  # metric: responses sent as deltas
         self._sent_version: str | None = None
         self._count = 0
         # Responses not answered yet, oldest first. A newer snapshot may go out before the
         # answer to the previous one arrives; that answer is still an ACK/NACK of its version.
         self._unanswered: dict[str, str] = {}
 
-    def offer(self, version: str, payload: bytes) -> ConfigResponse | None:
-        """The response carrying `payload` (snapshot `version`), or None if nothing is new."""
+    def offer(
+        self, version: str, payload: Payload, delta: DeltaSource | None = None
+    ) -> ConfigResponse | None:
+        """The response carrying snapshot `version`, or None if nothing is new.
+
+        With `delta` and a client that accepts deltas, the response is a delta against the
+        version the client is assumed to run, when `delta` can produce one.
+        """
         known = self._sent_version if self._sent_version is not None else self.client_version
         if version == known:
             return None
@@ -146,12 +201,28 @@ class ServerSession:
         self._unanswered[nonce] = version
         if len(self._unanswered) > MAX_UNANSWERED:  # a client that never answers: forget oldest
             del self._unanswered[next(iter(self._unanswered))]
-        return ConfigResponse(version_info=version, nonce=nonce, snapshot=payload)
+        if self.accepts_delta and delta is not None and known:
+            body = delta(known)
+            if body is not None:
+                self.deltas += 1
+                return ConfigResponse(
+                    version_info=version, nonce=nonce, snapshot=body, base_version=known
+                )
+        full = payload if isinstance(payload, bytes) else payload()
+        return ConfigResponse(version_info=version, nonce=nonce, snapshot=full)
 
-    def receive(self, request: ConfigRequest) -> Ack | Nack | Stale:
+    def receive(self, request: ConfigRequest) -> Ack | Nack | Stale | Resync:
         version = self._unanswered.get(request.response_nonce)
         if version is None:
             return Stale(request.response_nonce)
+        if request.resync:
+            # The client runs `version_info`, not the delta's base: what is in flight is moot.
+            # The next offer is against what it runs (a delta if we still have that version,
+            # else the full snapshot).
+            self._unanswered.clear()
+            self.client_version = request.version_info
+            self._sent_version = None
+            return Resync(request.version_info)
         # The client answers in order: this answer settles every older response too.
         for nonce in list(self._unanswered):
             del self._unanswered[nonce]

@@ -9,10 +9,10 @@ from etcd3aio import Etcd3Client
 
 from federation.api.client import ConfigClient
 from federation.api.session import NodeInfo
-from federation.controller import Controller
+from federation.controller import Controller, ControllerSettings
 from federation.owned import ControllerStore
 from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
-from federation.store import EtcdCatalogPublisher, EtcdCatalogState
+from federation.store import EtcdCatalogPublisher
 from mesh.model import ClusterWeight, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey
 from tests.federation.conftest import eventually
@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
 ECHO = ServiceKey("demo", "echo")
 POLICY = TrafficPolicy(ECHO, (ClusterWeight("local", 80), ClusterWeight("remote", 20)))
+SINGLE = ControllerSettings(debounce=0.05, elect=False)  # one replica that always leads
 
 
 def endpoint_clusters(snapshot: Snapshot | None) -> set[str]:
@@ -36,7 +37,7 @@ async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3C
     east = EtcdCatalogPublisher(etcd, "east", ttl=2)
     west = EtcdCatalogPublisher(etcd, "west", ttl=2)
     publisher = SnapshotPublisher()
-    controller = Controller(EtcdCatalogState(etcd), etcd, publisher, (POLICY,), debounce=0.05)
+    controller = Controller(etcd, publisher, settings=SINGLE, seed_policies=(POLICY,))
     running = await serve(ConfigDiscoveryServicer(publisher), "127.0.0.1:0", None)
     task = asyncio.create_task(controller.run(), name="test:controller")
     proxy = ConfigClient(
@@ -95,8 +96,8 @@ async def test_restarted_controller_keeps_vips_and_version(etcd: Etcd3Client) ->
     east = EtcdCatalogPublisher(etcd, "east", ttl=5)
     try:
         await east.publish(info("east"), [export("east", "db"), export("east", "echo")])
-        first = await Controller(EtcdCatalogState(etcd), etcd, SnapshotPublisher()).sync()
-        second = await Controller(EtcdCatalogState(etcd), etcd, SnapshotPublisher()).sync()
+        first = await Controller(etcd, SnapshotPublisher(), settings=SINGLE).sync()
+        second = await Controller(etcd, SnapshotPublisher(), settings=SINGLE).sync()
         assert first == second
         assert [(s.key.name, s.vip) for s in first.services] == [
             ("db", "10.255.0.1"),

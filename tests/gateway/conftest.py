@@ -18,6 +18,9 @@ from ca.authority import CertificateAuthority, Svid
 from ca.bundle import TrustBundle
 from ca.service import dns_names_for
 from gateway.gateway import Gateway, GatewaySettings
+from gateway.passthrough import PassthroughSettings
+from gateway.tls_tunnel import TlsTunnelSettings
+from gateway.transport import TRANSPORTS
 from gateway.tunnel import TunnelSettings
 from mesh.connect import ConnectRequest, encode_request, parse_response
 from mesh.model import (
@@ -102,14 +105,15 @@ def build_snapshot(
     west_ca: CertificateAuthority,
     version: str = "v1",
     echo_clusters: tuple[str, ...] = ("west",),
+    transport: str = "quic",
 ) -> Snapshot:
     def info(gw: Gateway, ca: CertificateAuthority) -> ClusterInfo:
-        t_host, t_port = gw.tunnel_address
+        t_host, t_port = gw.listen_address(transport)
         e_host, e_port = gw.egress_address
         return ClusterInfo(
             name=gw.settings.cluster,
             trust_domain=ca.trust_domain,
-            gateway=GatewayAddress(t_host, t_port, e_host, e_port),
+            gateway=GatewayAddress(t_host, t_port, e_host, e_port, transport),
             roots=(ca.root_pem.decode(),),
         )
 
@@ -148,25 +152,58 @@ class Pair:
     east: Gateway
     west: Gateway
     snapshot: Snapshot
+    transport: str = "quic"
 
 
 def make_gateway(
-    cluster: str, ca: CertificateAuthority, inbound_port: int, **tunnel: Any
+    cluster: str,
+    ca: CertificateAuthority,
+    inbound_port: int,
+    tls: dict[str, Any] | None = None,
+    passthrough: dict[str, Any] | None = None,
+    **tunnel: Any,
 ) -> Gateway:
+    """A gateway on loopback listening for every transport (ephemeral ports)."""
     settings = GatewaySettings(
         cluster=cluster,
         trust_domain=ca.trust_domain,
         tunnel_host=LOOPBACK,
         tunnel_port=0,
+        tls_port=0,
+        passthrough_port=0,
         egress_host=LOOPBACK,
         egress_port=0,
         inbound_port=inbound_port,
         tunnel=replace(TunnelSettings(), handshake_timeout=3.0, reply_timeout=5.0, **tunnel),
+        tls=replace(TlsTunnelSettings(), handshake_timeout=3.0, reply_timeout=5.0, **(tls or {})),
+        passthrough=replace(PassthroughSettings(), connect_timeout=3.0, **(passthrough or {})),
     )
     anchors = TrustBundle.from_pem({ca.trust_domain: [ca.root_pem]})
     gw = Gateway(settings, anchors)
     gw.set_identity(gateway_svid(ca))
     return gw
+
+
+async def start_pair(
+    east_ca: CertificateAuthority,
+    west_ca: CertificateAuthority,
+    inbound_port: int,
+    transport: str,
+    **settings: Any,
+) -> Pair:
+    east = make_gateway("east", east_ca, inbound_port, **settings)
+    west = make_gateway("west", west_ca, inbound_port, **settings)
+    await east.start()
+    await west.start()
+    snapshot = build_snapshot(east, west, east_ca, west_ca, transport=transport)
+    east.apply(snapshot)
+    west.apply(snapshot)
+    return Pair(east, west, snapshot, transport)
+
+
+async def stop_pair(pair: Pair) -> None:
+    await pair.east.aclose()
+    await pair.west.aclose()
 
 
 @pytest.fixture
@@ -176,18 +213,28 @@ async def pair(
     west_ca: CertificateAuthority,
     echo_port: int,
 ) -> AsyncIterator[Pair]:
-    east = make_gateway("east", east_ca, echo_port)
-    west = make_gateway("west", west_ca, echo_port)
-    await east.start()
-    await west.start()
-    snapshot = build_snapshot(east, west, east_ca, west_ca)
-    east.apply(snapshot)
-    west.apply(snapshot)
+    """East and west gateways whose peers publish the QUIC transport."""
+    p = await start_pair(east_ca, west_ca, echo_port, "quic")
     try:
-        yield Pair(east, west, snapshot)
+        yield p
     finally:
-        await east.aclose()
-        await west.aclose()
+        await stop_pair(p)
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def tpair(
+    request: pytest.FixtureRequest,
+    logs: LogCapture,
+    east_ca: CertificateAuthority,
+    west_ca: CertificateAuthority,
+    echo_port: int,
+) -> AsyncIterator[Pair]:
+    """The same pair, once per transport (the conformance suite runs on it)."""
+    p = await start_pair(east_ca, west_ca, echo_port, request.param)
+    try:
+        yield p
+    finally:
+        await stop_pair(p)
 
 
 async def connect_via(

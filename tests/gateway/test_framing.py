@@ -159,7 +159,7 @@ async def _never(_: object) -> object:
     ],
 )
 def test_egress_targets(cluster: str, status: int, reason: str) -> None:
-    egress = Egress("east", lambda: SNAPSHOT, PeerPool(_never), reply_timeout=1.0)  # type: ignore[arg-type]
+    egress = Egress("east", lambda: SNAPSHOT, {"quic": PeerPool(_never)}, reply_timeout=1.0)
     with pytest.raises(CallRefusedError) as e:
         egress.target(ConnectRequest(ECHO, 7000, cluster))
     assert (e.value.status, e.value.reason) == (status, reason)

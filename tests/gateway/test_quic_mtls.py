@@ -278,13 +278,13 @@ async def test_rotated_identity_is_used_by_new_handshakes(
     assert status == 200
     rotated = gateway_svid(west_ca)
     pair.west.set_identity(rotated)
-    _, old = pair.east.pool._conns["west"]
+    (old,) = pair.east.pools["quic"].connections_to("west")
     old.close("test: force a new handshake")
     await asyncio.wait_for(old.wait_closed(), 5)
     status, reason, _, writer = await connect_via(pair.east)
     await close_writer(writer)
     assert status == 200, reason
-    _, new = pair.east.pool._conns["west"]
+    (new,) = pair.east.pools["quic"].connections_to("west")
     presented = new.quic.tls._peer_certificate
     assert presented is not None
     assert presented == x509.load_pem_x509_certificate(rotated.cert_pem)

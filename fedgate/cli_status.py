@@ -1,0 +1,159 @@
+"""`fedgate status`: the federation as etcd holds it, for operators.
+
+Reads (never writes) etcd: the leader record, the config status the leader wrote (version,
+commit), every cluster's leased `info` key (present = its agent's lease is alive) and liveness
+record (Live / Down / Suppressed by flap damping), and every service's status (VIP, ports,
+endpoints per cluster, MCS conditions with the conflict message). With `--rig-dir` and no
+`--etcd` it runs itself inside the rig's control namespace, where etcd listens.
+
+`collect()` returns plain data (also printed by `--json`), `render()` the table; neither
+decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clusters.rig import topology
+
+Json = dict[str, Any]
+
+
+async def collect(endpoints: list[str]) -> Json:
+    from federation import keys
+    from federation.etcd import open_client
+    from federation.fedconfig import commit_sha
+    from federation.store import load_prefix
+
+    client = await open_client(endpoints)
+    try:
+        loaded = await load_prefix(client, keys.ROOT)
+    finally:
+        await client.close()
+    values = {e.key: e.value for e in loaded.events if e.value is not None}
+
+    def obj(raw: bytes | None) -> Json:
+        if raw is None:
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {"error": "malformed"}
+        return value if isinstance(value, dict) else {"error": "malformed"}
+
+    clusters: dict[str, Json] = {}
+    for key in values:
+        if key.startswith(keys.CLUSTERS_PREFIX) and key.endswith("/info"):
+            name = key[len(keys.CLUSTERS_PREFIX) : -len("/info")]
+            clusters.setdefault(name, {})["lease"] = "alive"
+        elif key.startswith(keys.CLUSTER_STATUS_PREFIX):
+            name = key[len(keys.CLUSTER_STATUS_PREFIX) :]
+            clusters.setdefault(name, {})["liveness"] = obj(values[key])
+    config = obj(values.get(keys.CONFIG_STATUS_KEY))
+    routed = set(config.get("clusters", []))
+    for name, c in clusters.items():
+        c.setdefault("lease", "expired")
+        c["routed"] = name in routed
+    services = [
+        obj(v) for k, v in sorted(values.items()) if k.startswith(keys.SERVICE_STATUS_PREFIX)
+    ]
+    return {
+        "revision": loaded.revision,
+        "leader": obj(values.get(keys.LEADER_KEY)),
+        "config": config,
+        "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
+        "clusters": dict(sorted(clusters.items())),
+        "services": services,
+    }
+
+
+def _ago(t: object, now: float) -> str:
+    if not isinstance(t, int | float) or not t:
+        return "-"
+    seconds = max(0.0, now - float(t))
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def render(data: Json, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    out: list[str] = []
+    config, leader = data["config"], data["leader"]
+    commit = data["commit"] or "(no GitOps commit: seeded config)"
+    out.append(
+        f"config    version {config.get('version') or '-'}  commit {commit}  "
+        f"etcd revision {data['revision']}"
+    )
+    if leader.get("id"):
+        out.append(
+            f"leader    {leader['id']}  grpc {leader.get('grpc') or '-'}  "
+            f"admin {leader.get('admin') or '-'}  since {_ago(leader.get('since'), now)}"
+        )
+    else:
+        out.append("leader    NONE (no controller replica holds the election)")
+    out.append("")
+    out.append(f"{'CLUSTER':<14}{'LEASE':<9}{'ROUTED':<8}{'STATE':<12}{'LOSSES':<8}SINCE")
+    for name, c in data["clusters"].items():
+        live = c.get("liveness", {})
+        out.append(
+            f"{name:<14}{c['lease']:<9}{'yes' if c['routed'] else 'no':<8}"
+            f"{live.get('state', '-'):<12}{live.get('losses', 0)!s:<8}"
+            f"{_ago(live.get('since'), now)}"
+        )
+    out.append("")
+    out.append(f"{'SERVICE':<28}{'VIP':<14}{'PORTS':<24}{'ENDPOINTS':<24}CONDITIONS")
+    for s in data["services"]:
+        name = f"{s.get('name')}.{s.get('namespace')}"
+        ports = ",".join(f"{p['name'] or '-'}:{p['port']}/{p['protocol']}" for p in s["ports"])
+        endpoints = " ".join(f"{c}={n}" for c, n in sorted(s.get("endpoints", {}).items()))
+        conditions = s.get("conditions", [])
+        kinds = ",".join(c["type"] for c in conditions if c.get("status"))
+        out.append(f"{name:<28}{s.get('vip') or '-':<14}{ports:<24}{endpoints or '-':<24}{kinds}")
+        for c in conditions:
+            if c.get("message"):
+                out.append(f"    {c['type']} ({c.get('reason', '')}): {c['message']}")
+    return "\n".join(out)
+
+
+@click.command("status")
+@click.option("--etcd", "etcd_endpoints", default="", help="host:port[,host:port...]")
+@click.option(
+    "--rig-dir",
+    type=click.Path(path_type=Path),
+    default=topology.DEFAULT_RIG_DIR,
+    show_default=True,
+    help="Without --etcd: read the etcd of the rig at this directory.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the collected data as JSON.")
+def status(etcd_endpoints: str, rig_dir: Path, as_json: bool) -> None:
+    """Show clusters (liveness), services (endpoints, MCS conditions) and the config version."""
+    if not etcd_endpoints:
+        sys.exit(_in_rig(rig_dir, as_json))
+    try:
+        data = asyncio.run(collect(etcd_endpoints.split(",")))
+    except Exception as e:  # an operator tool: one clear line, not a traceback
+        raise click.ClickException(f"cannot read etcd at {etcd_endpoints}: {e}") from e
+    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+
+
+def _in_rig(rig_dir: Path, as_json: bool) -> int:
+    from clusters.rig import control, lifecycle
+    from clusters.rig.errors import RigError
+
+    try:
+        state = lifecycle.load(rig_dir)
+    except RigError as e:
+        raise click.ClickException(f"{e}; or pass --etcd") from e
+    endpoints = control.load(rig_dir, state.prefix).etcd_endpoints
+    argv = [sys.executable, "-m", "fedgate", "status", "--etcd", ",".join(endpoints)]
+    if as_json:
+        argv.append("--json")
+    netns = topology.control(state.prefix).netns
+    return subprocess.call(["ip", "netns", "exec", netns, *argv])

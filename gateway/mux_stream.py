@@ -1,0 +1,95 @@
+"""One call over the `tls` transport: a stream of a `gateway.tls_tunnel.TlsTunnelConnection`,
+implementing `gateway.transport.Stream` on top of the mux core (`gateway.mux`).
+
+Credit: bytes handed to the sink are reported consumed (the peer may send more) unless the
+sink holds credit (its TCP write buffer is full) or no sink is attached yet; then they are
+counted and reported on `release_credit`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway import mux
+from gateway.transport import RESET_PROTOCOL, BaseStream
+
+if TYPE_CHECKING:
+    from gateway.tls_tunnel import TlsTunnelConnection
+
+
+class MuxStream(BaseStream):
+    """One call: a stream of a `TlsTunnelConnection`."""
+
+    def __init__(self, conn: TlsTunnelConnection, stream_id: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.id = stream_id
+        self._held = True  # no sink yet: grant no credit beyond the initial window
+        self._unconsumed = 0
+        self._watching = False
+
+    @property
+    def log(self) -> Any:
+        return self.conn.log
+
+    @property
+    def high_water(self) -> int:
+        return self.conn.settings.send_high_water
+
+    @property
+    def peer_cluster(self) -> str:
+        return self.conn.peer_cluster
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.conn.counters
+
+    def _send(self, data: bytes, fin: bool) -> None:
+        try:
+            self.conn.mux.send_data(self.id, data, fin)
+        except mux.MuxError as e:
+            self.conn.log.debug("stream send refused", stream=self.id, error=str(e))
+            self.send_done = True
+            return
+        self.conn.flush_soon()
+
+    def _abort(self, code: int) -> None:
+        if not (self.send_done and self.recv_done):
+            self.conn.mux.reset_stream(self.id, code)
+            self.conn.flush_soon()
+        self.send_done = self.recv_done = True
+
+    def _stop_reading(self) -> None:
+        if not self.recv_done:
+            self.recv_done = True
+            # The reply and FIN are queued before it: the peer reads them, then the reset.
+            self.conn.mux.reset_stream(self.id, RESET_PROTOCOL)
+            self.conn.flush_soon()
+
+    def _maybe_done(self) -> None:
+        self.conn._stream_maybe_done(self)
+
+    def backlog(self) -> int:
+        return self.conn.mux.backlog(self.id) + self.conn.write_backlog()
+
+    def notify_writable(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self.conn._watched.add(self)
+
+    def hold_credit(self) -> None:
+        self._held = True
+
+    def release_credit(self) -> None:
+        self._held = False
+        if self._unconsumed:
+            n, self._unconsumed = self._unconsumed, 0
+            self.conn.mux.consumed(self.id, n)
+            self.conn.flush_soon()
+
+    def _received(self, data: bytes, fin: bool) -> None:
+        self._on_data(data, fin)
+        if self._held:
+            self._unconsumed += len(data)
+        else:
+            self.conn.mux.consumed(self.id, len(data))

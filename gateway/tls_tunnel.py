@@ -1,0 +1,487 @@
+"""The `tls` tunnel transport: TLS 1.3 over TCP between gateways, streams multiplexed inside
+(`gateway.mux`), a thin asyncio driver around the mux core and an `ssl.SSLObject` on memory
+BIOs (model: `sidecar.tlsio`; not `loop.start_tls`, so every handshake failure is ours to log
+with its reason, and the peer is authorized before a single stream byte is read).
+
+Handshake and authentication (both sides, before any stream):
+* OpenSSL verifies the chain against the contexts' roots (`ca.tls`; the client trusts only the
+  peer cluster's own roots) and requires a client certificate;
+* then `ca.tls.peer_identity` applies the trust-domain-scoped SPIFFE check against the current
+  bundle and `PeerPolicy.authorize` decides (the same `gateway.quic_mtls.PeerPolicy` as QUIC);
+* the server answers an accepted client with READY; the client counts as connected only then,
+  so a refused client never opens a stream. A refusal is logged ("tunnel handshake refused")
+  with its reason, and the server tells an authenticated-but-refused client why (GOAWAY).
+
+Each call is one mux stream (`MuxStream`), which implements `gateway.transport.Stream`.
+Backpressure: a stream's backlog is what waits for the peer's credit, plus the connection's
+TCP write buffer while it is above its high-water mark; receive credit is held while the sink's
+TCP write buffer is full (`hold_credit`/`release_credit`). Keepalive: the client PINGs every
+`keepalive_interval`; either side closes a connection that received nothing for
+`idle_timeout`. Not here: the listener and `connect` (`gateway.tls_server`), pooling
+(`gateway.pool`), the TCP side (`gateway.splice`). A little over the ~400-line aim: the
+connection's handshake, record loop, event dispatch and teardown read best as one class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+
+from ca.errors import VerificationError
+from ca.tls import peer_identity
+from ca.verify import verify_chain
+from gateway import mux
+from gateway.errors import TunnelError
+from gateway.mux_stream import MuxStream
+from gateway.quic_mtls import PeerPolicy
+from gateway.transport import HeaderPhase, StreamHandler
+from mesh.naming import SpiffeId
+
+ALPN = "fedgate-mux/1"
+READ_SIZE = 256 * 1024
+_log = structlog.get_logger("fedgate.gateway.tls")
+_ids = itertools.count(1)
+_pings = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsTunnelSettings:
+    """`tls` transport tuning. Buffering per stream is bounded by `window` (receive) and the
+    high-water marks (send)."""
+
+    handshake_timeout: float = 5.0
+    reply_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    keepalive_interval: float = 10.0
+    window: int = 1024 * 1024
+    max_streams: int = 1024
+    max_connections: int = 256
+    connections_per_peer: int = 2
+    send_high_water: int = 512 * 1024
+    send_low_water: int = 128 * 1024
+
+
+def tls_reason(e: ssl.SSLError) -> str:
+    """A short reason for a TLS failure, as operators search for it in logs."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate refused: {e.verify_message}"
+    if e.reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+        return "no client certificate"
+    if e.reason and "ALERT" in e.reason:
+        return f"tls alert: {e.reason.lower()}"
+    return f"tls error: {e.reason or e}"
+
+
+class TlsTunnelConnection(asyncio.Protocol):
+    """Drives one TLS connection carrying mux streams (client or server side)."""
+
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        context: ssl.SSLContext,
+        policy: PeerPolicy,
+        settings: TlsTunnelSettings,
+        server_hostname: str | None = None,
+        stream_handler: StreamHandler | None = None,
+        identify: Callable[[SpiffeId], str] | None = None,
+        log: Any = _log,
+    ) -> None:
+        self.settings = settings
+        self.mux = mux.MuxConnection(
+            is_client=is_client, window=settings.window, max_streams=settings.max_streams
+        )
+        self.log = log.bind(conn=f"t{next(_ids)}")
+        self.peer_identity: SpiffeId | None = None
+        self.peer_cluster = ""
+        self.close_reason = ""
+        self.counters: dict[str, int] = {"streams": 0, "bad_headers": 0}
+        self.streams: dict[int, MuxStream] = {}
+        self.retiring = False
+        self.on_closed: Callable[[Any], None] = lambda conn: None
+        self._is_client = is_client
+        self._policy = policy
+        self._handler = stream_handler
+        self._identify = identify
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=not is_client,
+            server_hostname=server_hostname,
+        )
+        self._handshake_done = False
+        self._rview = memoryview(bytearray(READ_SIZE))
+        self._peer_der = b""
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._connected: asyncio.Future[None] = self._loop.create_future()
+        self._closed = asyncio.Event()
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_rx = self._loop.time()
+        self._paused = False
+        self._watched: set[MuxStream] = set()
+        self._in_receive = False
+        self._pings_out: dict[int, float] = {}
+        self.rtt: float | None = None  # seconds, from the keepalive PINGs (client side)
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.done() and not self._connected.exception()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self.connected
+            and not self.closed
+            and not self.retiring
+            and not self.close_reason
+            and not self.mux.goaway_received
+            and self.mux.error is None
+        )
+
+    async def wait_connected(self) -> None:
+        await asyncio.shield(self._connected)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def write_backlog(self) -> int:
+        t = self._transport
+        return t.get_write_buffer_size() if self._paused and t is not None else 0
+
+    # --- API --------------------------------------------------------------------------------
+
+    def open_stream(self) -> MuxStream:
+        if not self.usable:
+            raise TunnelError(f"tunnel connection is closing ({self.close_reason or 'retired'})")
+        try:
+            stream_id = self.mux.open_stream()
+        except mux.MuxError as e:
+            raise TunnelError(f"tunnel connection takes no new streams: {e}") from e
+        stream = MuxStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.counters["streams"] += 1
+        return stream
+
+    def close(self, reason: str, code: int = 0) -> None:
+        """Tell the peer why (GOAWAY) and close; open streams are reset."""
+        if self.closed:
+            return
+        if not self.close_reason:
+            self.close_reason = reason
+        self.mux.goaway(reason)
+        self._flush()
+        self._terminated(reason)
+
+    def retire(self) -> None:
+        """Take no new streams; close once the open ones are done."""
+        self.retiring = True
+        if not self.streams:
+            self.close("retired")
+
+    def drain(self, reason: str = "draining") -> None:
+        """Server side: the peer opens no new stream here (GOAWAY); close once idle."""
+        self.mux.goaway(reason)
+        self.flush_soon()
+        self.retire()
+
+    def revalidate(self) -> str | None:
+        """Re-check the peer against the current bundle and policy; close if it fails."""
+        if not self.connected or self.closed or not self._peer_der:
+            return None
+        try:
+            identity = verify_chain([self._peer_der], self._policy.bundle(), self._policy.now())
+            denied = self._policy.authorize(identity)
+        except VerificationError as e:
+            denied = str(e)
+        if denied is not None:
+            self.log.warning("tunnel peer no longer trusted", reason=denied)
+            self.close(f"peer no longer trusted: {denied}")
+        return denied
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.log = self.log.bind(peer_addr=f"{peer[0]}:{peer[1]}")
+        self._timer = self._loop.call_later(self.settings.handshake_timeout, self._tick)
+        if self._is_client:
+            self._advance_handshake()
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._last_rx = self._loop.time()
+        self._incoming.write(data)
+        if not self._handshake_done:
+            self._advance_handshake()
+            if not self._handshake_done or self.closed:
+                self._flush()
+                return
+        self._in_receive = True
+        try:
+            self._read_records()
+        finally:
+            self._in_receive = False
+        if not self.closed:
+            self._process_events()
+            self._flush()
+
+    def eof_received(self) -> bool:
+        self._terminated(self.close_reason or "peer closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self._terminated(f"connection lost: {exc}" if exc else "connection closed by peer")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._check_writable()
+
+    # --- driver ---------------------------------------------------------------------------------
+
+    def _advance_handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLError as e:
+            self._refuse(tls_reason(e), tell_peer=False)
+            return
+        self._handshake_done = True
+        try:
+            if self._ssl.selected_alpn_protocol() != ALPN:
+                raise VerificationError(
+                    f"peer negotiated ALPN {self._ssl.selected_alpn_protocol()}"
+                )
+            self._peer_der = self._ssl.getpeercert(binary_form=True) or b""
+            identity = peer_identity(self._ssl, self._policy.bundle())
+            denied = self._policy.authorize(identity)
+        except VerificationError as e:
+            self._refuse(str(e), tell_peer=True)
+            return
+        except Exception as e:  # a policy bug must fail closed, never escape the driver
+            self._refuse(f"peer check failed: {e!r}", tell_peer=True)
+            return
+        if denied is not None:
+            self._refuse(f"{identity} not authorized: {denied}", tell_peer=True)
+            return
+        self.peer_identity = identity
+        if self._identify is not None:
+            self.peer_cluster = self._identify(identity)
+        self.log = self.log.bind(peer=self.peer_cluster or identity.uri)
+        if not self._is_client:
+            self.mux.ready()
+            self._set_connected()
+        # The client is connected once the server's READY arrives (`_process_events`).
+
+    def _set_connected(self) -> None:
+        uri = self.peer_identity.uri if self.peer_identity else None
+        self.log.info("tunnel connected", peer_identity=uri, transport="tls")
+        if not self._connected.done():
+            self._connected.set_result(None)
+        self._arm_timer()
+
+    def _refuse(self, reason: str, *, tell_peer: bool) -> None:
+        side = "server" if self._is_client else "client"
+        self.log.warning("tunnel handshake refused", reason=f"{side}: {reason}", transport="tls")
+        self.close_reason = f"unauthenticated: {reason}"
+        if tell_peer:
+            self.mux.goaway(f"refused: {reason}")
+        self._flush()
+        self._terminated(self.close_reason)
+
+    def _read_records(self) -> None:
+        """Decrypt everything buffered into one preallocated buffer, then hand it to the mux in
+        one piece: one frame parse and one sink write per batch instead of per 16 KiB record
+        (measured: ~2.5x fewer Python calls per byte on the receive side)."""
+        view = self._rview
+        size = len(view)
+        read = self._ssl.read
+        used = 0
+        ended = ""
+        while True:
+            if used == size:
+                self.mux.receive_data(bytes(view[:used]))
+                used = 0
+            try:
+                n = cast(int, read(size - used, view[used:]))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                n = 0
+            except ssl.SSLError as e:
+                ended = tls_reason(e)
+                break
+            if not n:
+                ended = self.close_reason or "peer closed the TLS session"
+                break
+            used += n
+        if used:
+            self.mux.receive_data(bytes(view[:used]))
+        if ended:
+            self._process_events()  # what arrived before the end is still delivered
+            self._terminated(ended)
+
+    def _process_events(self) -> None:
+        mux_conn = self.mux
+        while (event := mux_conn.next_event()) is not None:
+            match event:
+                case mux.StreamData(stream_id, data, end_stream):
+                    stream = self.streams.get(stream_id)
+                    if stream is not None:
+                        stream._received(data, end_stream)
+                case mux.StreamOpened(stream_id):
+                    self._accept(stream_id)
+                case mux.StreamReset(stream_id, code):
+                    stream = self.streams.get(stream_id)
+                    if stream is not None:
+                        stream.send_done = stream.recv_done = True
+                        stream._on_abort(f"peer reset the stream ({code})", recv_finished=True)
+                case mux.PeerReady():
+                    if self._is_client and self.peer_identity is not None:
+                        self._set_connected()
+                case mux.GoAway(_, reason):
+                    self.log.info("peer is going away", reason=reason)
+                    if not self.connected:
+                        self._terminated(reason or "peer refused the connection")
+                        return
+                    self.retire()
+                case mux.ConnectionFailed(reason):
+                    self.log.warning("tunnel protocol error", reason=reason)
+                    self._flush()
+                    self._terminated(f"protocol error: {reason}")
+                    return
+                case mux.PingAcked(value):
+                    sent = self._pings_out.pop(value, None)
+                    if sent is not None:
+                        self.rtt = self._loop.time() - sent
+                case _:
+                    raise AssertionError(f"unhandled mux event {event!r}")
+        if self._watched:
+            self._check_writable()
+
+    def _accept(self, stream_id: int) -> None:
+        if self._handler is None or not self.connected:
+            self.mux.reset_stream(stream_id, mux.RESET_REFUSED)
+            return
+        stream = MuxStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.counters["streams"] += 1
+        stream.attach(HeaderPhase(stream, self._handler))
+
+    def _stream_maybe_done(self, stream: MuxStream) -> None:
+        if stream.send_done and stream.recv_done:
+            self.streams.pop(stream.id, None)
+            self._watched.discard(stream)
+            if self.retiring and not self.streams:
+                self.close("retired")
+
+    def _check_writable(self) -> None:
+        low = self.settings.send_low_water
+        for stream in list(self._watched):
+            if stream.backlog() <= low:
+                self._watched.discard(stream)
+                stream._watching = False
+                if stream._sink is not None:
+                    stream._sink.stream_writable()
+
+    def flush_soon(self) -> None:
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        out = self.mux.data_to_send()
+        if out and self._handshake_done:
+            try:
+                self._ssl.write(out)
+            except ssl.SSLError as e:
+                self._terminated(tls_reason(e))
+                return
+        data = self._outgoing.read()
+        if data:
+            transport.write(data)
+        if self._watched:
+            self._check_writable()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        interval = min(self.settings.keepalive_interval, self.settings.idle_timeout / 2)
+        self._timer = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if not self.connected:
+            limit = self.settings.handshake_timeout
+            self.log.warning("tunnel handshake refused", reason=f"not completed in {limit:g}s")
+            self._terminated(f"handshake not completed in {limit:g}s")
+            return
+        if self._loop.time() - self._last_rx > self.settings.idle_timeout:
+            self.close(f"idle for {self.settings.idle_timeout:g}s")
+            return
+        if self._is_client:
+            value = next(_pings) & 0xFFFFFFFF
+            self._pings_out = {value: self._loop.time()}  # only the latest one is timed
+            self.mux.ping(value)
+            self._flush()
+        self._arm_timer()
+
+    def _terminated(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close_reason = self.close_reason or reason
+        self._closed.set()
+        for handle in (self._timer, self._flush_handle):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._flush_handle = None
+        if not self._connected.done():
+            self._connected.set_exception(TunnelError(f"tunnel connection failed: {reason}"))
+            self._connected.exception()  # mark retrieved: on a server nobody waits for it
+        for stream in list(self.streams.values()):
+            stream.send_done = stream.recv_done = True
+            stream._on_abort(f"tunnel connection closed: {reason}")
+        self.streams.clear()
+        self._watched.clear()
+        if self.peer_identity is not None:
+            self.log.info("tunnel connection closed", reason=self.close_reason)
+        if self._transport is not None:
+            self._transport.close()  # flushes a GOAWAY or alert queued before
+        self.on_closed(self)

@@ -1,0 +1,464 @@
+"""Forwarding one HTTP request: its tries, retries, outlier bookkeeping, response and mirror.
+
+`Forwarder.forward` tries upstream targets chosen by the route's balancer (subsets, locality
+tiers, outlier health, avoiding hosts already tried), each try on a pooled inner mTLS
+connection (`sidecar.http.pool`) under the connection-pool limits and the per-try deadline;
+retries by the policy (`sidecar.traffic.retry`) with backoff; records each try's result for
+outlier detection; and streams the final response back with backpressure, under the overall
+timeout.
+
+Every failure the sidecar answers itself carries `x-fedgate-reason` and is logged with the same
+reason: 503 `max requests` / `pending overflow` (limits), `no route`, `upstream connect
+failure`, `upstream reset`; 502 `bad upstream response`; 504 `upstream timeout`. A failure
+after the response head went out resets the app's connection (a short body is worse than an
+error). A 101 Switching Protocols (e.g. WebSocket) leaves HTTP: both connections are spliced.
+Mirrors are fire-and-forget copies of replayable requests, bounded in number, responses
+discarded, `-shadow` appended to their Host (Envoy's convention).
+
+It is a little over 400 lines because a try, its outcome and the response that ends it share
+one state (the pool lease, the request budget); splitting would spread that bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mesh.errors import NoRouteError
+from mesh.naming import SpiffeId
+from mesh.tasks import TaskSet
+from sidecar.errors import ProxyError
+from sidecar.http.body import RequestBody, next_event
+from sidecar.http.codec import (
+    CHUNKED,
+    UNTIL_CLOSE,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    Framing,
+    HttpProtocolError,
+    Reader,
+    Request,
+    Response,
+)
+from sidecar.http.encode import (
+    LAST_CHUNK,
+    encode_chunk,
+    encode_request,
+    encode_response,
+    local_response,
+)
+from sidecar.http.flow import FlowConn
+from sidecar.http.pool import PoolKey, PoolRefusedError, ServicePool, Upstream, UpstreamPool
+from sidecar.pipe import Conn, relay
+from sidecar.routes import Decision, ServiceRoute
+from sidecar.state import ProxyState
+from sidecar.traffic.balance import Target
+from sidecar.traffic.match import Effective
+from sidecar.traffic.outlier import Ejected, OutlierDetector
+from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, STATUS, TIMEOUT, Outcome, RetryPlan
+
+DISCARD_LIMIT = 64 * 1024  # a retried response's body is read and dropped up to this, else closed
+DISCARD_TIMEOUT = 2.0
+MAX_MIRRORS = 64  # mirrored requests in flight per sidecar; beyond, a mirror is dropped (counted)
+MIRROR_TIMEOUT = 10.0
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+
+MeshConnect = Callable[[ServiceRoute, Decision, ProxyState, dict[str, object]], Awaitable[Conn]]
+
+
+@dataclass(eq=False, slots=True)
+class ServiceRuntime:
+    """What outlives one snapshot for a service port: its pool and its outlier state."""
+
+    pool: ServicePool
+    outlier: OutlierDetector | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    req: Request  # as forwarded (Expect handled)
+    route: ServiceRoute
+    state: ProxyState
+    eff: Effective
+    runtime: ServiceRuntime
+    body: RequestBody
+    log: Any
+    head_sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Got:
+    up: Upstream
+    resp: Response
+    reader: Reader
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    outcome: Outcome
+    status: int
+    reason: str
+    detail: str
+
+
+class Forwarder:
+    """Sends requests upstream for an `HttpProxy` (which owns the pool and the counters)."""
+
+    def __init__(
+        self,
+        connect: MeshConnect,
+        pool: UpstreamPool,
+        rng: random.Random,
+        stats: collections.Counter[str],
+    ) -> None:
+        self._connect = connect
+        self.pool = pool
+        self._rng = rng
+        self.stats = stats
+        self._tasks = TaskSet("sidecar-http-mirror")
+        self._mirrors = 0
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+    async def local(
+        self,
+        app: FlowConn,
+        req: Request,
+        body: RequestBody,
+        log: Any,
+        status: int,
+        reason: str,
+        detail: str,
+    ) -> bool:
+        """Answer the app ourselves (reason in `x-fedgate-reason`); keep the connection only if
+        the request was read whole."""
+        self.stats["local_replies"] += 1
+        keep = req.keep_alive and (body.complete or await body.discard(DISCARD_LIMIT))
+        log.warning("http request failed", status=status, reason=reason, detail=detail)
+        app.write(local_response(status, reason, detail, close=not keep))
+        return keep
+
+    # -- tries ------------------------------------------------------------------------------
+
+    async def forward(self, app: FlowConn, call: Call) -> bool:
+        loop = asyncio.get_running_loop()
+        eff, route, rt = call.eff, call.route, call.runtime
+        plan = RetryPlan(eff.retries, eff.timeout, loop.time(), self._rng)
+        plan.replayable = call.body.complete
+        tried: set[str] = set()
+        while True:
+            now = loop.time()
+            deadline = plan.start_try(now)
+            try:
+                healthy = health_check(rt.outlier, now)
+                target = route.target(eff, self._rng, healthy, frozenset(tried))
+            except NoRouteError as e:
+                body = call.body
+                return await self.local(app, call.req, body, call.log, 503, "no route", str(e))
+            tried.add(target.host)
+            result = await self._try(call, target, deadline)
+            outcome = result.outcome if isinstance(result, _Failed) else Outcome(STATUS, 0)
+            if isinstance(result, _Got):
+                outcome = Outcome(STATUS, result.resp.status)
+            self._record(call, target, outcome)
+            wait = plan.backoff(outcome, loop.time())
+            if wait is None:
+                call.log = call.log.bind(tries=plan.tries, dst_cluster=target.cluster)
+                if target.endpoint is not None:
+                    call.log = call.log.bind(endpoint=target.endpoint.address)
+                if isinstance(result, _Got):
+                    return await self._respond(app, call, result, plan.deadline)
+                self.stats["failed"] += 1
+                body = call.body
+                status, reason, detail = result.status, result.reason, result.detail
+                return await self.local(app, call.req, body, call.log, status, reason, detail)
+            self.stats["retries"] += 1
+            if isinstance(result, _Got):
+                detail = f"status {result.resp.status}"
+                await self._discard(call, result)
+            else:
+                detail = f"{result.reason}: {result.detail}"
+            call.log.info(
+                "http retry", try_=plan.tries, host=target.host, detail=detail, backoff_s=wait
+            )
+            await asyncio.sleep(wait)
+
+    def _record(self, call: Call, target: Target, outcome: Outcome) -> None:
+        outlier = call.runtime.outlier
+        if outlier is None or outcome.kind == LOCAL:
+            return
+        outlier.record(target.host, outcome.failed, _now(), len(call.route.balancer.hosts()))
+        log_outlier_events(outlier, call.log, self.stats)
+
+    async def _try(self, call: Call, target: Target, deadline: float | None) -> _Got | _Failed:
+        """One try: a connection, the request, the response head. Never raises for upstream
+        failures (they become `_Failed` with the outcome that retries and outlier detection
+        judge); an app failure while streaming the request body raises ProxyError."""
+        route, state, svc = call.route, call.state, call.runtime.pool
+        decision = route.decision_for(target)
+        key = PoolKey(route.service, route.port.port, target.cluster, _address(target))
+        refusal = svc.budget.start_request()
+        if refusal is not None:
+            return _Failed(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
+        facts: dict[str, object] = {}
+
+        async def opener() -> tuple[FlowConn, SpiffeId]:
+            conn = await self._connect(route, decision, state, facts)
+            assert isinstance(conn, FlowConn)
+            return conn, SpiffeId.parse(str(facts["peer"]))
+
+        head = encode_request(call.req, call.body.out_framing)
+        phase = "connect"
+        up: Upstream | None = None
+        got_out = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                for fresh in (False, True):
+                    phase = "connect"
+                    up, reused = await self.pool.acquire(
+                        svc, key, decision.identities.__contains__, state.svid, opener, fresh=fresh
+                    )
+                    phase = "request"
+                    try:
+                        await call.body.send(up.conn, head)
+                        phase = "response"
+                        resp, reader = await self._response_head(up.conn, call.req)
+                    except (ProxyError, HttpProtocolError):
+                        self.pool.discard(svc, up)
+                        up = None
+                        # A pooled connection the server closed while idle: the request never
+                        # reached it. Once, on a fresh connection, if that is safe to repeat.
+                        stale = reused and call.body.complete and not call.body.streamed
+                        if fresh or not stale or call.req.method not in IDEMPOTENT:
+                            raise
+                        self.stats["stale_connections"] += 1
+                        continue
+                    got = _Got(up, resp, reader)
+                    up, got_out = None, True
+                    return got  # the request stays counted until the response is done
+        except PoolRefusedError as e:
+            return _Failed(Outcome(LOCAL), 503, e.reason, e.detail)
+        except TimeoutError:
+            return _Failed(Outcome(TIMEOUT), 504, "upstream timeout", _timeout_detail(call, phase))
+        except HttpProtocolError as e:
+            if phase == "request":
+                raise  # only the app's streamed body is parsed while sending the request
+            return _Failed(Outcome(RESET), 502, "bad upstream response", e.detail)
+        except ProxyError as e:
+            if phase == "connect":
+                return _Failed(Outcome(CONNECT_FAILURE), 503, "upstream connect failure", str(e))
+            if phase == "request" and call.body.streamed and _failed(call.body.app):
+                raise  # the app went away mid-body: nothing to answer
+            return _Failed(Outcome(RESET), 503, "upstream reset", f"{phase}: {e}")
+        finally:
+            if up is not None:
+                self.pool.discard(svc, up)
+            if not got_out:
+                svc.budget.end_request()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _response_head(self, conn: FlowConn, req: Request) -> tuple[Response, Reader]:
+        reader = Reader("response")
+        reader.expect(req.method)
+        while True:
+            event = await next_event(conn, reader)
+            match event:
+                case Response(status=status) if status < 200:
+                    if status == 101 and req.upgrade:
+                        return event, reader
+                    continue  # 100, 102, 103: interim, dropped (we answered 100 ourselves)
+                case Response():
+                    return event, reader
+                case ConnectionClosed():
+                    raise ProxyError("upstream closed", "the connection ended before a response")
+                case _:
+                    raise AssertionError(f"unexpected {event!r} before a response")
+
+    async def _discard(self, call: Call, got: _Got) -> None:
+        """Drop a response we will retry; keep its connection if that is cheap."""
+        svc = call.runtime.pool
+        try:
+            async with asyncio.timeout(DISCARD_TIMEOUT):
+                dropped = 0
+                while not isinstance(
+                    event := await next_event(got.up.conn, got.reader), EndOfMessage
+                ):
+                    if isinstance(event, Data):
+                        dropped += len(event.data)
+                        if dropped > DISCARD_LIMIT:
+                            raise ProxyError("too large", "response body to discard")
+        except (TimeoutError, ProxyError, HttpProtocolError):
+            self.pool.discard(svc, got.up)
+        else:
+            self.pool.release(svc, got.up, _reusable(got))
+        finally:
+            svc.budget.end_request()
+
+    async def _respond(self, app: FlowConn, call: Call, got: _Got, deadline: float | None) -> bool:
+        """Stream the final response to the app; whether the app connection may continue."""
+        svc, resp, reader, up = call.runtime.pool, got.resp, got.reader, got.up
+        call.log = call.log.bind(status=resp.status)
+        try:
+            if resp.status == 101:
+                return await self._upgrade(app, call, got)
+            framing = reader.framing
+            version = call.req.version
+            out: Framing = framing
+            if framing.kind == "close" or (framing.kind == "chunked" and version == "1.0"):
+                out = CHUNKED if version == "1.1" else UNTIL_CLOSE
+            keep = call.req.keep_alive and out.kind != "close" and call.body.complete
+            try:
+                async with asyncio.timeout_at(deadline):
+                    app.write(encode_response(resp, out, close=not keep))
+                    call.head_sent = True
+                    while True:
+                        event = await next_event(up.conn, reader)
+                        if isinstance(event, EndOfMessage):
+                            break
+                        assert isinstance(event, Data), event
+                        app.write(encode_chunk(event.data) if out is CHUNKED else event.data)
+                        await app.drain()
+                    if out is CHUNKED:
+                        app.write(LAST_CHUNK)
+            except (TimeoutError, ProxyError, HttpProtocolError) as e:
+                self.pool.discard(svc, up)
+                why = "response timeout" if isinstance(e, TimeoutError) else "response failed"
+                call.log.warning("http request failed", reason=why, detail=str(e) or why)
+                self.stats["failed"] += 1
+                app.reset()  # the head went out: only a reset tells the app it is incomplete
+                return False
+            self.pool.release(svc, up, _reusable(got))
+            return keep
+        finally:
+            svc.budget.end_request()
+
+    async def _upgrade(self, app: FlowConn, call: Call, got: _Got) -> bool:
+        """101 Switching Protocols: forward it, then splice both connections until they end."""
+        svc, up = call.runtime.pool, got.up
+        app.write(encode_response(got.resp, Framing("none")))
+        rest = got.reader.take_buffer()
+        if rest:
+            app.write(rest)
+        pending = call.body.reader.take_buffer()
+        if pending:
+            up.conn.write(pending)
+        self.pool.detach(svc, up)
+        call.log.info("http upgraded", upgrade=got.resp.get("upgrade") or "")
+        error = await relay(app, up.conn)
+        self.pool.forget(up)
+        if error is not None:
+            call.log.info("http upgraded connection ended", reason=error.reason)
+        return False
+
+    # -- mirroring --------------------------------------------------------------------------
+
+    def mirror(self, call: Call) -> None:
+        if not call.body.complete:
+            self.stats["mirrors_skipped"] += 1  # the body streams: it cannot be sent twice
+            return
+        if self._mirrors >= MAX_MIRRORS:
+            self.stats["mirrors_dropped"] += 1
+            call.log.warning("http mirror dropped", reason="too many in flight", limit=MAX_MIRRORS)
+            return
+        self._mirrors += 1
+        self._tasks.spawn(self._send_mirror(call), "mirror")
+
+    async def _send_mirror(self, call: Call) -> None:
+        mirror = call.eff.mirror
+        assert mirror is not None
+        req = replace(call.req, headers=_shadow_host(call.req.headers))
+        shadow = replace(call, req=req, log=call.log.bind(mirror=True))
+        loop = asyncio.get_running_loop()
+        try:
+            target = call.route.target(
+                call.eff,
+                self._rng,
+                lambda h: True,
+                subset=mirror.subset or None,
+                cluster_ref=mirror.cluster,
+            )
+            result = await self._try(
+                shadow, target, loop.time() + (call.eff.timeout or MIRROR_TIMEOUT)
+            )
+            if isinstance(result, _Got):
+                self.stats["mirrored"] += 1
+                shadow.log.info(
+                    "http mirrored",
+                    host=target.host,
+                    dst_cluster=target.cluster,
+                    status=result.resp.status,
+                )
+                await self._discard(shadow, result)
+            else:
+                self.stats["mirror_failures"] += 1
+                shadow.log.info("http mirror failed", reason=result.reason, detail=result.detail)
+        except NoRouteError as e:
+            self.stats["mirror_failures"] += 1
+            shadow.log.info("http mirror failed", reason="no route", detail=str(e))
+        finally:
+            self._mirrors -= 1
+
+
+def _now() -> float:
+    """Outlier detection's clock (not the loop's: `status()` may run outside it)."""
+    return time.monotonic()
+
+
+def log_outlier_events(outlier: OutlierDetector, log: Any, stats: collections.Counter[str]) -> None:
+    for event in outlier.events:
+        if isinstance(event, Ejected):
+            stats["ejections"] += 1
+            log.warning(
+                "outlier ejected",
+                host=event.host,
+                consecutive_failures=event.consecutive,
+                for_s=round(event.until - _now(), 3),
+            )
+        else:
+            log.info("outlier returned", host=event.host)
+    outlier.events.clear()
+
+
+def health_check(outlier: OutlierDetector | None, now: float) -> Callable[[str], bool]:
+    if outlier is None:
+        return lambda host: True
+    return lambda host: not outlier.is_ejected(host, now)
+
+
+def _failed(conn: FlowConn) -> bool:
+    return conn.error is not None or conn.closed.done()
+
+
+def _address(target: Target) -> str:
+    return target.endpoint.address if target.endpoint is not None else ""
+
+
+def _reusable(got: _Got) -> bool:
+    return got.resp.keep_alive and got.reader.framing.kind != "close" and got.reader.buffered == 0
+
+
+def _timeout_detail(call: Call, phase: str) -> str:
+    r = call.eff.retries
+    per_try = r.per_try_timeout if r is not None else None
+    limits = [f"per-try timeout {per_try} s"] if per_try else []
+    if call.eff.timeout:
+        limits.append(f"timeout {call.eff.timeout} s")
+    return f"{phase} not done within {' / '.join(limits) or 'the deadline'}"
+
+
+def _shadow_host(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Envoy's convention: a mirrored request's authority gets `-shadow` appended."""
+    out = []
+    for k, v in headers:
+        if k.lower() == "host":
+            host, colon, port = v.rpartition(":") if v.count(":") == 1 else (v, "", "")
+            v = f"{host}-shadow{colon}{port}"
+        out.append((k, v))
+    return tuple(out)

@@ -1,0 +1,306 @@
+"""HTTP/1.1 in the source sidecar: each request of an app connection is routed on its own.
+
+`HttpProxy.serve` drives one captured app connection whose service port speaks HTTP (declared,
+or sniffed on a TCP port): it parses requests (`sidecar.http.codec`), and for each one takes
+the sidecar's current config (a policy change applies to the next request; a request in flight
+keeps the config it started with), matches the policy's routes, reads the body ahead for
+replay (`sidecar.http.body`), injects faults (the abort answered with its status and
+`x-fedgate-reason: fault abort`), maybe mirrors, and hands the request to
+`sidecar.http.forward.Forwarder`. A malformed request gets 400/431/501/505 with the reason and
+the connection is closed.
+
+The per-service-port state that outlives snapshots (connection pool, outlier detection) lives
+here, keyed by (service, port); `prune` drops what a new snapshot no longer has.
+What this module does not do: HTTP/2 and gRPC (those ports stay per-connection L4), pipelining
+(requests of one connection are served in turn), traceparent generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from mesh.naming import ServiceKey, SpiffeId
+from mesh.tasks import TaskSet
+from sidecar.errors import ProxyError
+from sidecar.http.body import RequestBody, next_event
+from sidecar.http.codec import (
+    ConnectionClosed,
+    HttpProtocolError,
+    Reader,
+    Request,
+    sniff_http1,
+)
+from sidecar.http.encode import (
+    local_response,
+)
+from sidecar.http.flow import FlowConn
+from sidecar.http.forward import (
+    Call,
+    Forwarder,
+    MeshConnect,
+    ServiceRuntime,
+    health_check,
+    log_outlier_events,
+)
+from sidecar.http.pool import PoolKey, ServicePool, UpstreamPool
+from sidecar.pipe import Conn
+from sidecar.routes import Decision, Local, RouteTable, ServiceRoute
+from sidecar.state import ProxyState
+from sidecar.traffic.balance import remote_host
+from sidecar.traffic.experiments import fault_action, mirror_this
+from sidecar.traffic.match import RequestInfo, effective
+from sidecar.traffic.outlier import OutlierDetector
+
+_log = structlog.get_logger("fedgate.sidecar")
+_ids = itertools.count(1)
+
+SNIFF_TIMEOUT = 0.1  # wait this long for a TCP port's first bytes to tell HTTP/1.x from others
+
+
+class HttpProxy:
+    def __init__(
+        self,
+        state: Callable[[], ProxyState],
+        connect: MeshConnect,
+        live: dict[Conn, SpiffeId],
+        rng: random.Random,
+        *,
+        sniff_timeout: float = SNIFF_TIMEOUT,
+    ) -> None:
+        self._state = state
+        self._connect = connect
+        self._rng = rng
+        self.sniff_timeout = sniff_timeout
+        self.pool = UpstreamPool(live)
+        self._runtimes: dict[tuple[ServiceKey, int], ServiceRuntime] = {}
+        self._tasks = TaskSet("sidecar-http")
+        self._sweeper: asyncio.Task[None] | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.forwarder = Forwarder(connect, self.pool, rng, self.stats)
+
+    # -- lifecycle and config ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+        await self.forwarder.aclose()
+        await self.pool.close_all(rt.pool for rt in self._runtimes.values())
+
+    def prune(self, routes: RouteTable) -> None:
+        """After a config change: close idle connections and forget outlier state of hosts
+        that left the catalog (connections in use finish their request)."""
+        keys: set[PoolKey] = set()
+        hosts: dict[tuple[ServiceKey, int], frozenset[str]] = {}
+        for route in routes.routes.values():
+            for cluster, eps in route.endpoints.items():
+                if cluster == route.local_cluster:
+                    keys.update(
+                        PoolKey(route.service, route.port.port, cluster, e.address) for e in eps
+                    )
+                else:
+                    keys.add(PoolKey(route.service, route.port.port, cluster, ""))
+            hosts[(route.service, route.port.port)] = frozenset(route.balancer.hosts())
+        for rk, rt in self._runtimes.items():
+            self.pool.sweep(rt.pool, keep=keys.__contains__)
+            if rt.outlier is not None:
+                rt.outlier.forget(hosts.get(rk, frozenset()))
+
+    def status(self) -> dict[str, object]:
+        return {
+            **dict(sorted(self.stats.items())),
+            "connections_opened": self.pool.opened,
+            "connections_reused": self.pool.reused,
+            "services": {
+                f"{k.fqdn}:{port}": {
+                    "connections": rt.pool.budget.connections,
+                    "idle": rt.pool.idle_count(),
+                    "pending": rt.pool.budget.pending,
+                    "requests": rt.pool.budget.requests,
+                    "ejected": sorted(rt.outlier.ejected(_now())) if rt.outlier else [],
+                }
+                for (k, port), rt in sorted(self._runtimes.items(), key=lambda i: str(i[0]))
+            },
+        }
+
+    def _runtime(self, route: ServiceRoute) -> ServiceRuntime:
+        key = (route.service, route.port.port)
+        rt = self._runtimes.get(key)
+        if rt is None:
+            rt = self._runtimes[key] = ServiceRuntime(ServicePool())
+        policy = route.policy
+        rt.pool.budget.configure(policy.connection_pool if policy else None)
+        od = policy.outlier_detection if policy else None
+        if od is None:
+            rt.outlier = None
+        elif rt.outlier is None:
+            rt.outlier = OutlierDetector(od, _now())
+        else:
+            rt.outlier.configure(od)
+        return rt
+
+    # -- per-connection (TCP) traffic shares the limits and outlier state -----------------
+
+    def health(self, route: ServiceRoute) -> Callable[[str], bool]:
+        """Whether a host of `route` is in rotation (not ejected by outlier detection)."""
+        return health_check(self._runtime(route).outlier, _now())
+
+    def tcp_admit(self, route: ServiceRoute) -> None:
+        """Count a TCP connection against `maxConnections`; ProxyError if over it."""
+        budget = self._runtime(route).pool.budget
+        if not budget.may_open():
+            self.stats["tcp_refused"] += 1
+            cap = budget.limits.max_connections
+            raise ProxyError("max connections", f"{budget.connections} open, limit {cap}")
+        budget.opened()
+
+    def tcp_release(self, route: ServiceRoute) -> None:
+        rt = self._runtimes.get((route.service, route.port.port))
+        if rt is not None:
+            rt.pool.budget.closed()
+
+    def tcp_result(self, route: ServiceRoute, decision: Decision, ok: bool) -> None:
+        """A TCP connection's setup succeeded or failed (outlier detection's input)."""
+        outlier = self._runtime(route).outlier
+        if outlier is None:
+            return
+        if isinstance(decision, Local):
+            host = decision.endpoint.address
+        else:
+            host = remote_host(decision.cluster)
+        outlier.record(host, not ok, _now(), len(route.balancer.hosts()))
+        log_outlier_events(outlier, _log.bind(service=str(route.service), mode="tcp"), self.stats)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = self._tasks.spawn(self._sweep_forever(), "pool-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.pool.idle_timeout / 2)
+            for rt in list(self._runtimes.values()):
+                self.pool.sweep(rt.pool)
+
+    # -- protocol choice --------------------------------------------------------------------
+
+    async def wants(self, app: FlowConn, route: ServiceRoute) -> bool:
+        """Whether to serve this connection as HTTP/1.1: declared HTTP, or a TCP port whose
+        first bytes (within `sniff_timeout`) start an HTTP/1.x request. Sniffed bytes stay
+        buffered for whichever path serves the connection."""
+        protocol = route.port.protocol
+        if protocol == "HTTP":
+            return True
+        if protocol != "TCP" or self.sniff_timeout <= 0:
+            return False  # HTTP2 and GRPC: per-connection until HTTP/2 is parsed
+        app.resume_reading()
+
+        def verdict(buf: bytes) -> tuple[bool, bytes] | None:
+            v = sniff_http1(buf)
+            return None if v is None else (v, buf)
+
+        try:
+            async with asyncio.timeout(self.sniff_timeout):
+                found = await app.read_frame(verdict, "first bytes")
+        except (TimeoutError, ProxyError):
+            return False
+        if found:
+            self.stats["sniffed_http"] += 1
+        return found
+
+    # -- one app connection -----------------------------------------------------------------
+
+    async def serve(self, app: FlowConn, dst: tuple[str, int], log: Any) -> None:
+        """Serve requests on `app` (captured to `dst`) until it or we end the connection."""
+        self._ensure_sweeper()
+        app.resume_reading()
+        reader = Reader("request")
+        try:
+            while True:
+                try:
+                    event = await next_event(app, reader)
+                except HttpProtocolError as e:
+                    self.stats["bad_requests"] += 1
+                    log.warning("http request refused", reason="malformed request", detail=e.detail)
+                    app.write(local_response(e.status, "malformed request", e.detail, close=True))
+                    break
+                if isinstance(event, ConnectionClosed):
+                    break
+                assert isinstance(event, Request), event
+                rlog = log.bind(req=f"r{next(_ids)}", method=event.method, path=event.target)
+                if not await self._exchange(app, reader, event, dst, rlog):
+                    break
+                reader.next_message()
+        except ProxyError as e:  # the app's connection failed
+            log.info("http connection ended", reason=e.reason, detail=e.detail)
+            app.reset_if_open()
+            return
+        except HttpProtocolError as e:  # a malformed body, once its head was answered
+            log.warning("http connection reset", reason="malformed request body", detail=e.detail)
+            app.reset_if_open()
+            return
+        app.finish()
+
+    async def _exchange(
+        self, app: FlowConn, reader: Reader, req: Request, dst: tuple[str, int], log: Any
+    ) -> bool:
+        """One request and its response; whether the app connection may carry another."""
+        started = time.monotonic()
+        self.stats["requests"] += 1
+        state = self._state()
+        route = state.routes.lookup(*dst)
+        if (req.get("expect") or "").lower() == "100-continue" and reader.framing.kind != "none":
+            # Answer for the upstream (Envoy's default): the body is read ahead anyway.
+            app.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        fwd = replace(req, headers=tuple((k, v) for k, v in req.headers if k.lower() != "expect"))
+        body = RequestBody(app, reader)
+        try:
+            await body.prefetch()
+        except HttpProtocolError as e:
+            self.stats["bad_requests"] += 1
+            log.warning("http request refused", reason="malformed request body", detail=e.detail)
+            app.write(local_response(e.status, "malformed request body", e.detail, close=True))
+            return False
+        if route is None:
+            return await self.forwarder.local(
+                app, req, body, log, 503, "no route", f"{dst} left the mesh"
+            )
+        if state.client_ctx is None:
+            return await self.forwarder.local(app, req, body, log, 503, "not ready", "no SVID yet")
+        if req.method == "CONNECT":
+            detail = "CONNECT to a mesh service"
+            return await self.forwarder.local(app, req, body, log, 501, "not supported", detail)
+        info = RequestInfo.build(req.method, req.target, req.headers)
+        eff = effective(route.policy, info)
+        log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
+        call = Call(fwd, route, state, eff, self._runtime(route), body, log)
+        action = fault_action(eff.fault, self._rng)
+        if action.delay:
+            self.stats["fault_delays"] += 1
+            await asyncio.sleep(action.delay)
+        if action.abort:
+            self.stats["fault_aborts"] += 1
+            detail = f"injected by the policy of {route.service}"
+            return await self.forwarder.local(
+                app, req, body, log, action.abort, "fault abort", detail
+            )
+        if mirror_this(eff.mirror, self._rng):
+            self.forwarder.mirror(call)
+        keep = await self.forwarder.forward(app, call)
+        call.log.info(
+            "http request",
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            **({"fault_delay_s": action.delay} if action.delay else {}),
+        )
+        return keep
+
+
+def _now() -> float:
+    """Outlier detection's clock (not the loop's: `status()` may run outside it)."""
+    return time.monotonic()

@@ -1,0 +1,114 @@
+"""Retries and timeouts of one request as a pure plan: what each try may take, whether to retry.
+
+Conditions (`retryOn`, Envoy's meanings):
+
+| condition | retries when the try |
+|---|---|
+| `5xx` | got a 5xx, failed to connect, was reset before a response, or hit its per-try timeout |
+| `gateway-error` | got a 502, 503 or 504, or hit its per-try timeout |
+| `reset` | was reset (or the connection closed) before a response, or hit its per-try timeout |
+| `connect-failure` | could not connect (TCP, gateway CONNECT, TLS, identity, stream reply) |
+| `retriable-status-codes` | got one of `retriableStatusCodes` |
+
+Without a `retryOn` list the default is Istio's: `connect-failure,reset,503`. A refusal by the
+sidecar itself (connection-pool overflow, no route) is never retried. Between tries the plan
+waits a fully jittered exponential backoff (25 ms base, 250 ms cap, Envoy's defaults), and never
+past the overall `timeout`, which spans every try, from the first try to the end of the
+response. A try's deadline is the earlier of its `perTryTimeout` and the overall deadline.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from mesh.model import Retries
+
+BASE_BACKOFF = 0.025
+MAX_BACKOFF = 0.25
+DEFAULT_RETRY_ON = ("connect-failure", "reset", "retriable-status-codes")
+DEFAULT_RETRY_CODES = (503,)
+
+# Outcome kinds; "status" carries the code.
+STATUS = "status"
+CONNECT_FAILURE = "connect-failure"
+RESET = "reset"
+TIMEOUT = "timeout"  # this try's deadline passed (per-try or overall)
+LOCAL = "local"  # the sidecar refused (overflow, no route): never retried
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str
+    status: int = 0
+
+    @property
+    def failed(self) -> bool:
+        """What outlier detection counts as a failure (Envoy's consecutive 5xx, local origin
+        errors included)."""
+        return self.kind in (CONNECT_FAILURE, RESET, TIMEOUT) or (
+            self.kind == STATUS and self.status >= 500
+        )
+
+
+def retriable(retries: Retries, outcome: Outcome) -> bool:
+    conditions = retries.retry_on or DEFAULT_RETRY_ON
+    codes = retries.retriable_status_codes if retries.retry_on else DEFAULT_RETRY_CODES
+    kind, status = outcome.kind, outcome.status
+    for c in conditions:
+        if c == "5xx" and (kind in (CONNECT_FAILURE, RESET, TIMEOUT) or status >= 500):
+            return True
+        if c == "gateway-error" and (kind == TIMEOUT or status in (502, 503, 504)):
+            return True
+        if c == "reset" and kind in (RESET, TIMEOUT):
+            return True
+        if c == CONNECT_FAILURE and kind == CONNECT_FAILURE:
+            return True
+        if c == "retriable-status-codes" and kind == STATUS and status in codes:
+            return True
+    return False
+
+
+class RetryPlan:
+    """The tries of one request. `now` is any monotonic clock, in seconds."""
+
+    def __init__(
+        self,
+        retries: Retries | None,
+        timeout: float | None,
+        now: float,
+        rng: random.Random,
+        *,
+        replayable: bool = True,
+    ) -> None:
+        self.retries = retries
+        self.deadline = now + timeout if timeout else None
+        self._rng = rng
+        self.tries = 0  # started so far
+        self.replayable = replayable  # False: the request body cannot be sent again
+
+    @property
+    def max_tries(self) -> int:
+        return 1 + (self.retries.attempts if self.retries is not None else 0)
+
+    def start_try(self, now: float) -> float | None:
+        """Count a try starting at `now`; its deadline (None: none)."""
+        self.tries += 1
+        per_try = self.retries.per_try_timeout if self.retries is not None else None
+        ends = [d for d in (self.deadline, now + per_try if per_try else None) if d is not None]
+        return min(ends) if ends else None
+
+    def overall_expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def backoff(self, outcome: Outcome, now: float) -> float | None:
+        """Seconds to wait before the next try, or None: answer with this outcome."""
+        if self.retries is None or self.tries >= self.max_tries or not self.replayable:
+            return None
+        if outcome.kind == LOCAL or not retriable(self.retries, outcome):
+            return None
+        upper = min(MAX_BACKOFF, BASE_BACKOFF * (2**self.tries - 1))
+        wait = self._rng.uniform(0, upper)
+        if self.deadline is not None and now + wait >= self.deadline:
+            return None
+        return wait
