@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import structlog
 
-from ca.errors import VerificationError
+from ca.errors import CertificateExpiredError, VerificationError
 from ca.tls import peer_identity
 from ca.verify import verify_chain
 from gateway import mux
@@ -209,6 +209,14 @@ class TlsTunnelConnection(asyncio.Protocol):
         try:
             identity = verify_chain([self._peer_der], self._policy.bundle(), self._policy.now())
             denied = self._policy.authorize(identity)
+        except CertificateExpiredError:
+            # Expired after a routine renewal, not revoked: let open streams finish and move
+            # new calls to a fresh handshake (the dialler retires, the acceptor sends GOAWAY).
+            if self._is_client:
+                self.retire()
+            else:
+                self.drain("peer certificate expired")
+            return None
         except VerificationError as e:
             denied = str(e)
         if denied is not None:

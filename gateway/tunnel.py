@@ -37,7 +37,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress
 
-from ca.errors import VerificationError
+from ca.errors import CertificateExpiredError, VerificationError
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
@@ -178,6 +178,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         try:
             identity = self.quic.authenticated_peer()
             denied = self.quic.peer_policy.authorize(identity)
+        except CertificateExpiredError:
+            # The certificate the peer authenticated with expired after a routine renewal: the
+            # connection stays trusted for its open streams, and the dialling side retires it
+            # so new calls get a fresh handshake with the renewed certificates.
+            if self.quic.configuration.is_client:
+                self.retire()
+            return None
         except VerificationError as e:
             denied = str(e)
         if denied is not None:

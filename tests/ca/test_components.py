@@ -262,13 +262,6 @@ async def test_gateway_deny_closes_the_tunnel_and_refuses_handshakes(
     await close_writer(writer)
 
 
-@pytest.mark.xfail(
-    reason="gateway revalidation (tunnel.py/tls_tunnel.py, issue 7) closes a live tunnel whose "
-    "handshake-time peer certificate has since expired, at the next config push, killing open "
-    "streams after a routine renewal; it should drain (retire) on CertificateExpiredError and "
-    "close only on a removed root or a denial",
-    strict=False,
-)
 async def test_a_config_push_after_renewal_does_not_cut_open_streams(gpair: Any) -> None:
     east_ca, west_ca = gpair.cas
     now = dt.datetime.now(dt.UTC)
