@@ -309,6 +309,8 @@ async def test_garbage_input_closes_only_its_connection(
     assert not [e for e in logs.entries if e.get("log_level") == "error"]
 
 
+# QUIC's malformed-header case needs a raw aioquic client: tests/gateway/test_tunnel_robustness.
+@pytest.mark.parametrize("tpair", ["tls", "passthrough"], indirect=True)
 async def test_malformed_stream_header_gets_400_and_other_streams_live(
     tpair: Pair, east_ca: CertificateAuthority, west_ca: CertificateAuthority
 ) -> None:
@@ -317,13 +319,11 @@ async def test_malformed_stream_header_gets_400_and_other_streams_live(
     if tpair.transport == "tls":
         ctx = tls_client_context(gateway_svid(east_ca), west_ca)
         got = await raw_mux_call(port, ctx, bad)
-    elif tpair.transport == "passthrough":
+    else:
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(bad)
         got = await asyncio.wait_for(reader.read(), 5)
         await close_writer(writer)
-    else:
-        pytest.skip("QUIC: test_tunnel_robustness drives a raw aioquic client for this")
     frame = split_frame(got)
     assert frame is not None
     assert frame[0]["status"] == 400
@@ -353,6 +353,11 @@ def _identities(
     raise AssertionError(kind)
 
 
+# Passthrough authenticates no peer gateway, by design (docs/transports.md): not generated.
+AUTHENTICATING = pytest.mark.parametrize("tpair", ["tls", "quic"], indirect=True)
+
+
+@AUTHENTICATING
 @pytest.mark.parametrize("kind", ["valid", "none", "foreign-root", "wrong-domain", "not-a-gateway"])
 async def test_peer_authentication(
     tpair: Pair,
@@ -361,8 +366,6 @@ async def test_peer_authentication(
     west_ca: CertificateAuthority,
     logs: LogCapture,
 ) -> None:
-    if tpair.transport == "passthrough":
-        pytest.skip("passthrough authenticates no peer gateway, by design")
     svid = _identities(kind, east_ca, west_ca)
     port = tpair.west.listen_address(tpair.transport)[1]
     header = encode_header(StreamHeader(ECHO, ECHO_PORT, "west"))
@@ -385,11 +388,10 @@ async def test_peer_authentication(
     await echo_roundtrip(tpair.east)  # real peers are still served
 
 
+@AUTHENTICATING
 async def test_client_refuses_a_server_that_is_not_the_expected_gateway(
     tpair: Pair, west_ca: CertificateAuthority, logs: LogCapture
 ) -> None:
-    if tpair.transport == "passthrough":
-        pytest.skip("passthrough authenticates no peer gateway, by design")
     import datetime as dt
 
     from cryptography import x509
