@@ -19,7 +19,6 @@ from pathlib import Path
 import click
 
 from clusters.rig import bringup, config_repo, lifecycle
-from mesh.model import ServicePort
 
 ECHO_URL = "http://echo.demo.svc.clusterset.local:8080/"
 REDIS_HOST = "redis.demo.svc.clusterset.local"
@@ -106,27 +105,7 @@ def run(rig_dir: Path, command: bringup.RigCommand, calls: int, keep: bool) -> i
         click.secho(
             "== starting redis-server as pod west/redis, exported as redis.demo:6379", bold=True
         )
-        bringup.add_pod(
-            rig_dir,
-            command,
-            "west",
-            "redis",
-            "demo",
-            "redis",
-            [
-                "redis-server",
-                "--port",
-                "6379",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
-            ("redis.demo", ServicePort("tcp", 6379, "TCP")),
-        )
-        bringup.wait_routes(rig_dir, "redis", "demo", 1)
+        bringup.add_redis(rig_dir, command, "west")
 
         ok = _calls_round(rig_dir, calls, 70, 30)
 

@@ -439,3 +439,32 @@ def wait_routes(
                     f"expected {expected} within {timeout:.0f} s"
                 )
             time.sleep(0.2)
+
+
+# A stock Redis with no persistence: the rig's example of a non-HTTP workload a user brings.
+REDIS_ARGV = (
+    "redis-server",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--protected-mode",
+    "no",
+)
+
+
+def add_redis(rigdir: Path, command: RigCommand, cluster: str) -> None:
+    """Pod `<cluster>/redis` running Redis, exported as redis.demo:6379, routed everywhere."""
+    add_pod(
+        rigdir,
+        command,
+        cluster,
+        "redis",
+        DEMO_NAMESPACE,
+        "redis",
+        list(REDIS_ARGV),
+        (f"redis.{DEMO_NAMESPACE}", ServicePort("tcp", 6379, "TCP")),
+    )
+    wait_routes(rigdir, "redis", DEMO_NAMESPACE, 1)

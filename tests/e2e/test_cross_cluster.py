@@ -71,27 +71,7 @@ def test_weights_hold_within_tolerance(rig: Path) -> None:
 
 
 def test_non_http_tcp_client_reaches_the_other_cluster(rig: Path) -> None:
-    bringup.add_pod(
-        rig,
-        rig_command(),
-        "west",
-        "redis",
-        "demo",
-        "redis",
-        [
-            "redis-server",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-        ("redis.demo", ServicePort("tcp", 6379, "TCP")),
-    )
-    bringup.wait_routes(rig, "redis", "demo", 1)
+    bringup.add_redis(rig, rig_command(), "west")
     host = "redis.demo.svc.clusterset.local"
     assert in_pod(rig, "east/client", ["redis-cli", "-h", host, "SET", "k", "v1"]).strip() == "OK"
     assert in_pod(rig, "east/client", ["redis-cli", "-h", host, "GET", "k"]).strip() == "v1"

@@ -17,7 +17,6 @@ from cryptography import x509
 
 from ca.authority import root_id
 from clusters.rig import bringup, lifecycle, topology
-from mesh.model import ServicePort
 from tests.e2e.conftest import PREFIX, _why_no_rig, rig_command
 
 pytestmark = pytest.mark.rig
@@ -43,27 +42,7 @@ def idrig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         bringup.up(
             rig_dir, 2, rig_command(), prefix=ID_PREFIX, progress=lambda m: None, svid_ttl=SVID_TTL
         )
-        bringup.add_pod(
-            rig_dir,
-            rig_command(),
-            "west",
-            "redis",
-            "demo",
-            "redis",
-            [
-                "redis-server",
-                "--port",
-                "6379",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
-            ("redis.demo", ServicePort("tcp", 6379, "TCP")),
-        )
-        bringup.wait_routes(rig_dir, "redis", "demo", 1)
+        bringup.add_redis(rig_dir, rig_command(), "west")
         yield rig_dir
     finally:
         lifecycle.down(rig_dir, ID_PREFIX)
