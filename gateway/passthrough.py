@@ -30,12 +30,12 @@ import structlog
 
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.transport import (
-    LISTEN_BACKLOG,
     BaseStream,
     HeaderPhase,
     PeerTarget,
     Stream,
     StreamHandler,
+    TcpListener,
 )
 
 _log = structlog.get_logger("fedgate.gateway.passthrough")
@@ -254,7 +254,7 @@ class _Timed:
         pass
 
 
-class PassthroughServer:
+class PassthroughServer(TcpListener):
     """Listens on TCP; each connection is one stream whose cleartext header names its target."""
 
     def __init__(
@@ -263,22 +263,8 @@ class PassthroughServer:
         self.settings = settings
         self._handler = stream_handler
         self.log = log
-        self._server: asyncio.Server | None = None
-        self._closing = False
         self.streams: set[PassthroughStream] = set()
         self.counters: dict[str, int] = {"streams": 0, "bad_headers": 0, "refused": 0}
-
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol, host, port, reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG
-        )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
 
     def _protocol(self) -> asyncio.Protocol:
         if self._closing or len(self.streams) >= self.settings.max_connections:
@@ -291,17 +277,13 @@ class PassthroughServer:
         return stream
 
     def drain(self) -> None:
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
+        self.stop_listening()
 
     async def aclose(self) -> None:
         self.drain()
         for stream in list(self.streams):
             stream.reset("gateway shutting down")
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self.wait_stopped()
 
 
 class _Abort(asyncio.Protocol):

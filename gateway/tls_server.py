@@ -16,13 +16,13 @@ import structlog
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.quic_mtls import PeerPolicy
 from gateway.tls_tunnel import TlsTunnelConnection, TlsTunnelSettings
-from gateway.transport import LISTEN_BACKLOG, StreamHandler
+from gateway.transport import StreamHandler, TcpListener
 from mesh.naming import SpiffeId
 
 _log = structlog.get_logger("fedgate.gateway.tls")
 
 
-class TlsTunnelServer:
+class TlsTunnelServer(TcpListener):
     """Listens on TCP for peer gateways (`tls` transport)."""
 
     def __init__(
@@ -40,22 +40,8 @@ class TlsTunnelServer:
         self._handler = stream_handler
         self._identify = identify
         self.log = log
-        self._server: asyncio.Server | None = None
-        self._closing = False
         self.connections: set[TlsTunnelConnection] = set()
         self.counters: dict[str, int] = {"connections": 0, "connections_refused": 0}
-
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol, host, port, reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG
-        )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
 
     def _protocol(self) -> asyncio.Protocol:
         if self._closing or len(self.connections) >= self.settings.max_connections:
@@ -83,22 +69,16 @@ class TlsTunnelServer:
 
     def drain(self) -> None:
         """Stop accepting connections and tell every peer to open no new stream here."""
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
+        self.stop_listening()
         for conn in list(self.connections):
             conn.drain("gateway draining")
 
     async def aclose(self, grace: float = 1.0) -> None:
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
+        self.stop_listening()
         conns = list(self.connections)
         for conn in conns:
             conn.close("gateway shutting down")
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self.wait_stopped()
 
 
 class _Refused(asyncio.Protocol):

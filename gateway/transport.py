@@ -41,6 +41,43 @@ TRANSPORTS = ("tls", "quic", "passthrough")
 # queue (asyncio's default is 100; a dropped SYN costs the caller a 1 s retransmission).
 LISTEN_BACKLOG = 4096
 
+
+class TcpListener:
+    """The TCP listening socket both TCP transports (tls, passthrough) share.
+
+    Subclasses supply `_protocol`, the factory asyncio calls per accepted connection.
+    """
+
+    _server: asyncio.Server | None = None
+    _closing: bool = False
+
+    def _protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, host, port, reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def stop_listening(self) -> None:
+        """Accept nothing new (connections already accepted carry on)."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_stopped(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
 # Stream abort codes (QUIC RESET_STREAM / STOP_SENDING, mux RESET). Transport-neutral values.
 RESET_ABORTED = 0x1  # the TCP side on this end failed or was reset
 RESET_PROTOCOL = 0x2  # malformed header or reply
