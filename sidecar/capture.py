@@ -7,8 +7,14 @@
   `lo` or 127.0.0.0/8 returns (local calls stay local); every other TCP connection is REDIRECTed
   to the outbound port (15001), where `original_dst` recovers where it was going.
 - filter INPUT (chain `FEDGATE_INBOUND`): accept `lo`, established/related, and new TCP to the
-  inbound port (15006); drop every other new inbound TCP connection, so a pod's applications are
-  reachable only through the sidecar's mutual TLS.
+  inbound port (15006); drop every other inbound connection attempt (SYN), so a pod's
+  applications are reachable only through the sidecar's mutual TLS.
+
+Both tables act on SYNs only. The sidecar opens its config stream before it captures, and the
+first nat rule starts connection tracking in the namespace: the next packet of a connection that
+already exists is then tracked as NEW. Matching NEW alone would drop that stream's next inbound
+packet (and every retransmission), or redirect an app's open connection mid-stream; a non-SYN
+packet cannot open a connection, so leaving it alone admits nothing new.
 
 `install` runs `iptables-restore` (it replaces the nat and filter tables of the namespace it runs
 in: call it only inside a pod namespace). `original_dst` reads SO_ORIGINAL_DST from an accepted
@@ -67,7 +73,7 @@ def capture_rules(config: CaptureConfig) -> str:
         f"-A {OUTPUT_CHAIN} -m owner --gid-owner {config.proxy_gid} -j RETURN",
         f"-A {OUTPUT_CHAIN} -o lo -j RETURN",
         f"-A {OUTPUT_CHAIN} -d 127.0.0.0/8 -j RETURN",
-        f"-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {config.outbound_port}",
+        f"-A {OUTPUT_CHAIN} -p tcp --syn -j REDIRECT --to-ports {config.outbound_port}",
         "COMMIT",
         "*filter",
         ":INPUT ACCEPT [0:0]",
@@ -78,7 +84,7 @@ def capture_rules(config: CaptureConfig) -> str:
         f"-A {INBOUND_CHAIN} -i lo -j ACCEPT",
         f"-A {INBOUND_CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         f"-A {INBOUND_CHAIN} -p tcp --dport {config.inbound_port} -j ACCEPT",
-        f"-A {INBOUND_CHAIN} -p tcp -m conntrack --ctstate NEW -j DROP",
+        f"-A {INBOUND_CHAIN} -p tcp --syn -m conntrack --ctstate NEW -j DROP",
         "COMMIT",
     ]
     return "\n".join(lines) + "\n"

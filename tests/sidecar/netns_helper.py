@@ -8,6 +8,8 @@ Roles (each bounded by an alarm so nothing outlives the test):
   connect HOST PORT [GID]  (optionally setgid first) connect, print the answer or "error ..."
   http DIR                 an HTTP file server for DIR on 127.0.0.1:8080
   sidecar CONFIG.json      a real Sidecar with capture on, GID 1337, logs as JSON on stderr
+  push HOST PORT           accept one connection, then send "pushed" when stdin gives a line
+  hold HOST PORT GID       setgid, connect, print "ready", then print the first line received
 """
 
 from __future__ import annotations
@@ -120,6 +122,22 @@ def main(argv: list[str]) -> None:
                 print(s.makefile().readline().strip(), flush=True)
         except OSError as e:
             print(f"error {type(e).__name__}", flush=True)
+    elif role == "push":
+        with socket.create_server((args[0], int(args[1]))) as srv:
+            print("ready", flush=True)
+            conn, _ = srv.accept()
+            with conn:
+                sys.stdin.readline()
+                conn.sendall(b"pushed\n")
+                sys.stdin.readline()  # hold the connection until the test is done
+    elif role == "hold":
+        drop_to_capture_gid(int(args[2]))
+        with socket.create_connection((args[0], int(args[1])), timeout=5) as s:
+            print("ready", flush=True)
+            try:
+                print(s.makefile().readline().strip(), flush=True)
+            except OSError as e:
+                print(f"error {type(e).__name__}", flush=True)
     else:
         raise SystemExit(f"unknown role {role}")
 

@@ -37,7 +37,7 @@ def test_rules_capture_tcp_except_the_proxy_gid_and_loopback() -> None:
         "-A FEDGATE_OUTPUT -m owner --gid-owner 1337 -j RETURN",
         "-A FEDGATE_OUTPUT -o lo -j RETURN",
         "-A FEDGATE_OUTPUT -d 127.0.0.0/8 -j RETURN",
-        "-A FEDGATE_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+        "-A FEDGATE_OUTPUT -p tcp --syn -j REDIRECT --to-ports 15001",
     ]
     assert "-A OUTPUT -p tcp -j FEDGATE_OUTPUT" in nat
 
@@ -49,7 +49,7 @@ def test_rules_admit_only_the_inbound_port() -> None:
         "-A FEDGATE_INBOUND -i lo -j ACCEPT",
         "-A FEDGATE_INBOUND -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         "-A FEDGATE_INBOUND -p tcp --dport 16006 -j ACCEPT",
-        "-A FEDGATE_INBOUND -p tcp -m conntrack --ctstate NEW -j DROP",
+        "-A FEDGATE_INBOUND -p tcp --syn -m conntrack --ctstate NEW -j DROP",
     ]
     assert filt[-1] == "COMMIT"
 
@@ -97,10 +97,15 @@ class Netns:
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    def background(self, ns: str, *args: str, log: Path | None = None) -> None:
+    def background(self, ns: str, *args: str, log: Path | None = None) -> subprocess.Popen[str]:
         stderr = log.open("w") if log is not None else None
         proc = subprocess.Popen(
-            self._argv(ns, *args), stdout=subprocess.PIPE, stderr=stderr, text=True, env=self._env()
+            self._argv(ns, *args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=self._env(),
         )
         if stderr is not None:
             stderr.close()  # the child holds its own descriptor
@@ -109,13 +114,15 @@ class Netns:
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready, f"{args} did not start"
         assert proc.stdout.readline().strip() == "ready"
+        return proc
 
     def stop(self) -> None:
         for proc in self.procs:
             proc.kill()
             proc.wait(timeout=5)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
 
 
 @pytest.fixture
@@ -159,6 +166,24 @@ def test_capture_in_a_network_namespace(netns: Netns) -> None:
     # From outside only the inbound port answers; the app port is dropped (connect times out).
     assert netns.run(PEER, "connect", "10.99.0.1", "15006") == "inbound"
     assert netns.run(PEER, "connect", "10.99.0.1", "8081") == "error TimeoutError"
+
+
+def test_capture_leaves_connections_opened_before_it_alone(netns: Netns) -> None:
+    """The sidecar opens its config stream before it installs capture. Installing the first nat
+    rule starts connection tracking in the namespace, and the next packet of that stream is
+    then tracked as NEW: if it comes in from the controller, a rule dropping NEW TCP would drop
+    it and every retransmission (the stream stalls until keepalive gives up). Only SYNs are
+    connection attempts, so only SYNs may be dropped or redirected."""
+    push = netns.background(PEER, "push", "10.99.0.2", "8090")
+    hold = netns.background(POD, "hold", "10.99.0.2", "8090", "1337")
+    assert netns.run(POD, "install", "15001", "15006", "1337") == "ok"
+    assert push.stdin is not None
+    assert hold.stdout is not None
+    push.stdin.write("go\n")  # the first packet after install flows inbound
+    push.stdin.flush()
+    ready, _, _ = select.select([hold.stdout], [], [], 10)
+    assert ready, "the held connection never answered"
+    assert hold.stdout.readline().strip() == "pushed"
 
 
 def test_install_names_the_rejected_rule(netns: Netns) -> None:
