@@ -12,6 +12,8 @@ its config directory (and only while no commit key exists).
 - `/fedgate/config/policies/<ns>/<svc>` -> `policies` (TrafficPolicy JSON, mesh.codec)
 - `/fedgate/config/denied/<rest>`       -> `denied[<rest>]` (value text; the identity issue
                                            defines what an entry means)
+- `/fedgate/config/federation`          -> `localities` (each cluster's declared network,
+                                           region and zone), and kept in `documents` too
 - any other key                         -> `documents[<key>]` (raw bytes), for the config kinds
                                            other modules add (AuthorizationPolicy, ...)
 
@@ -34,6 +36,15 @@ from mesh.model import TrafficPolicy
 
 
 @dataclass(frozen=True, slots=True)
+class Locality:
+    """Where the Federation document says a cluster is ("" = not declared)."""
+
+    network: str = ""
+    region: str = ""
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class FederationConfig:
     """The config `generate()` applies; equal configs generate equal snapshots."""
 
@@ -41,6 +52,7 @@ class FederationConfig:
     policies: tuple[TrafficPolicy, ...] = ()
     denied: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     documents: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
+    localities: Mapping[str, Locality] = field(default_factory=lambda: MappingProxyType({}))
 
 
 EMPTY_CONFIG = FederationConfig()
@@ -63,6 +75,31 @@ class ConfigProblem:
     error: str
 
 
+def localities_from_federation(raw: bytes) -> dict[str, Locality]:
+    """Each cluster's declared locality from the normalised Federation JSON (as the GitOps sync
+    stores it: `spec.clusters[].{name, network, locality.{region, zone}}`); ValueError names
+    what is malformed."""
+    try:
+        clusters = json.loads(raw)["spec"]["clusters"]
+        out: dict[str, Locality] = {}
+        for c in clusters:
+            loc = c.get("locality") or {}
+            fields = (
+                c["name"],
+                c.get("network") or "",
+                loc.get("region") or "",
+                loc.get("zone") or "",
+            )
+            if not all(isinstance(f, str) for f in fields):
+                raise TypeError(f"cluster {fields[0]!r}: name, network, region, zone are strings")
+            found = Locality(*fields[1:])
+            if found != Locality():
+                out[fields[0]] = found
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"Federation document is malformed: {type(e).__name__}: {e}") from e
+    return out
+
+
 def config_from_entries(
     entries: Mapping[str, bytes],
 ) -> tuple[FederationConfig, tuple[ConfigProblem, ...]]:
@@ -71,6 +108,7 @@ def config_from_entries(
     policies: dict[object, TrafficPolicy] = {}
     denied: dict[str, str] = {}
     documents: dict[str, bytes] = {}
+    localities: dict[str, Locality] = {}
     problems: list[ConfigProblem] = []
     for key in sorted(entries):
         value = entries[key]
@@ -90,10 +128,16 @@ def config_from_entries(
             denied[key[len(keys.DENIED_PREFIX) :]] = value.decode("utf-8", "replace")
         elif key.startswith(keys.CONFIG_PREFIX):
             documents[key] = bytes(value)
+            if key == keys.FEDERATION_KEY:
+                try:
+                    localities = localities_from_federation(value)
+                except ValueError as e:
+                    problems.append(ConfigProblem(key, str(e)))
     config = FederationConfig(
         commit=commit,
         policies=tuple(policies[k] for k in sorted(policies, key=str)),
         denied=MappingProxyType(denied),
         documents=MappingProxyType(documents),
+        localities=MappingProxyType(localities),
     )
     return config, tuple(problems)

@@ -10,7 +10,9 @@ service's JSON, not the federation's.
 
 `config` is a `FederationConfig` (federation.fedconfig): everything the controller read under
 /fedgate/config/. New config kinds extend that object, not this signature. (A plain iterable of
-`TrafficPolicy` is still accepted.)
+`TrafficPolicy` is still accepted.) Where the Federation document declares a cluster's network,
+region or zone, that declaration wins over what the cluster's agent published: it is the
+operator's reviewed config, and locality failover's "same region" tier depends on it.
 
 The federated trust bundle maps each live cluster's trust domain to the roots that cluster
 published; a root vouches only for its own domain (SPIFFE federation, enforced by ca/'s
@@ -27,7 +29,7 @@ from types import MappingProxyType
 
 from ca.denylist import entries_from_config
 from federation.api.delta import FragmentCache, skeleton_json, sort_services
-from federation.fedconfig import EMPTY_CONFIG, FederationConfig
+from federation.fedconfig import EMPTY_CONFIG, FederationConfig, Locality
 from mesh.model import ClusterInfo, MergedService, Snapshot, TrafficPolicy
 
 VERSION_BYTES = 8  # 16 hex digits: plenty to tell configs apart, short enough to log
@@ -50,6 +52,18 @@ def content_version(snapshot: Snapshot, cache: FragmentCache | None = None) -> s
     return h.hexdigest()[: VERSION_BYTES * 2]
 
 
+def with_locality(cluster: ClusterInfo, declared: Locality | None) -> ClusterInfo:
+    """`cluster` with the Federation's declared locality fields laid over what it published."""
+    if declared is None:
+        return cluster
+    return replace(
+        cluster,
+        network=declared.network or cluster.network,
+        region=declared.region or cluster.region,
+        zone=declared.zone or cluster.zone,
+    )
+
+
 def _as_config(config: FederationConfig | Iterable[TrafficPolicy]) -> FederationConfig:
     if isinstance(config, FederationConfig):
         return config
@@ -64,7 +78,9 @@ def generate(
     cache: FragmentCache | None = None,
 ) -> Snapshot:
     cfg = _as_config(config)
-    live = tuple(sorted(clusters, key=lambda c: c.name))
+    live = tuple(
+        with_locality(c, cfg.localities.get(c.name)) for c in sorted(clusters, key=lambda c: c.name)
+    )
     unversioned = Snapshot(
         version="",
         clusters=live,

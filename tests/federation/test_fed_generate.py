@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import replace
 
+from federation import keys
+from federation.fedconfig import config_from_entries
 from federation.generate import generate
 from federation.merge import merge
 from mesh.codec import decode, dumps, snapshot_from_json, snapshot_to_json
@@ -82,3 +85,33 @@ def test_request_routed_through_generated_config_follows_policy() -> None:
     service = snapshot.service(ECHO)
     assert service is not None
     assert {c.cluster for c in cluster_weights(service, policy, "east")} == {"east"}
+
+
+def test_the_federation_documents_locality_is_laid_over_what_agents_published() -> None:
+    federation = {
+        "spec": {
+            "clusters": [
+                {"name": "east", "network": "net-a", "locality": {"region": "eu", "zone": "a"}},
+                {"name": "west"},
+            ]
+        }
+    }
+    config, problems = config_from_entries({keys.FEDERATION_KEY: json.dumps(federation).encode()})
+    assert problems == ()
+    east = ClusterInfo("east", "east.fedgate.local", None, (), region="agent-said")
+    west = ClusterInfo("west", "west.fedgate.local", None, (), region="us-west")
+    snap = generate([east, west], [], config)
+    by_name = {c.name: c for c in snap.clusters}
+    assert (by_name["east"].network, by_name["east"].region, by_name["east"].zone) == (
+        "net-a",
+        "eu",
+        "a",
+    )
+    assert by_name["west"].region == "us-west"  # nothing declared: the agent's value stands
+
+
+def test_a_malformed_federation_document_is_a_named_problem_not_a_crash() -> None:
+    config, problems = config_from_entries({keys.FEDERATION_KEY: b'{"spec": {"clusters": 3}}'})
+    assert [p.key for p in problems] == [keys.FEDERATION_KEY]
+    assert "Federation document is malformed" in problems[0].error
+    assert dict(config.localities) == {}

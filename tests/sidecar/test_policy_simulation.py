@@ -1,7 +1,9 @@
 """Route decisions, simulated through the generated config (Istio's pilot/pkg/simulation style).
 
-An operator's YAML goes through the real GitOps validation and conversion, endpoints through
-the real MCS merge, config generation and the snapshot's JSON codec (what the wire carries);
+An operator's YAML goes through the real GitOps validation and conversion and the etcd entries
+the controller reads back, endpoints through the real MCS merge, config generation (which lays
+the Federation's declared regions over what the agents published) and the snapshot's JSON
+codec (what the wire carries);
 the sidecar's route table is built from the result and requests are "sent" through it with a
 seeded rng. Assertions are about where requests went, never about the config's shape.
 """
@@ -14,8 +16,10 @@ from collections.abc import Iterable
 
 import pytest
 
+from federation.fedconfig import config_from_entries
 from federation.generate import generate
 from federation.gitops.load import SourceFile
+from federation.gitops.store import desired_entries
 from federation.gitops.validate import validate_files
 from federation.merge import merge
 from mesh.codec import snapshot_from_json, snapshot_to_json
@@ -64,13 +68,14 @@ def ep(cluster: str, n: int, version: str = "v1") -> Endpoint:
     )
 
 
-def cluster(name: str, region: str) -> ClusterInfo:
+def cluster(name: str) -> ClusterInfo:
+    """A cluster as its agent publishes it: no region (the Federation document declares it)."""
     octet = {"east": 1, "north": 2, "west": 3}[name]
     gw = GatewayAddress(f"172.30.0.{10 + octet}", 15443, f"10.{octet}.0.1", 15008)
-    return ClusterInfo(name, f"{name}.fedgate.local", gw, (), region=region)
+    return ClusterInfo(name, f"{name}.fedgate.local", gw, ())
 
 
-CLUSTERS = (cluster("east", "us-east"), cluster("north", "us-east"), cluster("west", "us-west"))
+CLUSTERS = (cluster("east"), cluster("north"), cluster("west"))
 
 
 def route_for(spec: str, endpoints: Iterable[Endpoint], local: str = "east") -> ServiceRoute:
@@ -88,7 +93,9 @@ def route_for(spec: str, endpoints: Iterable[Endpoint], local: str = "east") -> 
         for c, eps in by_cluster.items()
     ]
     services = merge(CLUSTERS, exports, {API: VIP})
-    snap = generate(CLUSTERS, services, result.config.policies)
+    config, problems = config_from_entries(desired_entries(result.config))  # as etcd holds it
+    assert problems == ()
+    snap = generate(CLUSTERS, services, config)
     wire = snapshot_from_json(snapshot_to_json(snap))  # what a sidecar receives
     route = RouteTable.build(wire, local).lookup(VIP, 8080)
     assert route is not None
