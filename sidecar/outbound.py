@@ -45,6 +45,7 @@ from sidecar.errors import CaptureError, ProxyError
 from sidecar.http.flow import FlowConn, open_flow_conn
 from sidecar.http.proxy import SNIFF_TIMEOUT, HttpProxy
 from sidecar.pipe import Conn, open_conn, relay
+from sidecar.resume import SessionCache
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
 from sidecar.state import ProxyState
@@ -77,6 +78,7 @@ class Outbound:
         self.total = 0
         self.failed = 0
         self.live: dict[Conn, SpiffeId] = {}  # mesh upstreams by server identity (revocation)
+        self.sessions = SessionCache()  # TLS tickets per destination (sidecar.resume)
         self.http = HttpProxy(
             state,
             functools.partial(self._mesh_upstream, opener=open_flow_conn),
@@ -231,11 +233,13 @@ class Outbound:
             async with asyncio.timeout(s.setup_timeout):
                 if isinstance(decision, Local):
                     cluster = s.cluster
+                    dest: tuple[object, ...] = (decision.endpoint.address,)
                     upstream = await opener(
                         decision.endpoint.address, s.inbound_port, "sidecar", s.connect_timeout
                     )
                 else:
                     cluster = decision.cluster
+                    dest = (cluster, route.service, route.port.port)
                     egress = decision.egress
                     upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
                     step = "CONNECT"
@@ -246,7 +250,11 @@ class Outbound:
                     if status != 200:
                         raise ProxyError("gateway refused", f"{status} {phrase}")
                 step = "TLS handshake"
-                ssl_obj = await upstream.start_tls(state.client_ctx, server_side=False)
+                ctx = state.client_ctx
+                ssl_obj = await upstream.start_tls(
+                    ctx, server_side=False, session=self.sessions.get(dest, ctx)
+                )
+                facts["tls_resumed"] = ssl_obj.session_reused
                 try:
                     server = peer_identity(
                         ssl_obj, state.bundle, allowed=decision.identities.__contains__
@@ -263,6 +271,7 @@ class Outbound:
                     raise ProxyError("malformed stream reply", str(e)) from e
                 if answer.status != 200:
                     raise ProxyError("destination refused", f"{answer.status} {answer.reason}")
+                self.sessions.done(dest, ctx, ssl_obj)  # the reply brought the tickets
         except TimeoutError as e:
             if upstream is not None:
                 upstream.reset()

@@ -157,9 +157,11 @@ class Conn(asyncio.Protocol):
                 raise ProxyError("peer closed", f"{self.label} closed before a complete {what}")
             await self._wait()
 
-    async def start_tls(self, ctx: ssl.SSLContext, server_side: bool) -> ssl.SSLObject:
+    async def start_tls(
+        self, ctx: ssl.SSLContext, server_side: bool, session: ssl.SSLSession | None = None
+    ) -> ssl.SSLObject:
         """Run a TLS handshake on this connection; bytes already buffered are fed to it."""
-        tls = self.tls = TlsSession(ctx, server_side)
+        tls = self.tls = TlsSession(ctx, server_side, session)
         pending, self._buf = bytes(self._buf), bytearray()
         self._check_buffer()
         self.data_received(pending)

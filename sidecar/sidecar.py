@@ -103,6 +103,17 @@ class Sidecar:
     def _build(self, routes: RouteTable, bundle: TrustBundle, svid: Svid | None) -> ProxyState:
         if svid is None:
             return ProxyState(routes, bundle)
+        old = self._state
+        if (
+            old.svid is svid
+            and old.client_ctx is not None
+            and old.server_ctx is not None
+            and old.bundle.all_roots_pem() == bundle.all_roots_pem()
+        ):
+            # Same key and roots (most snapshots change endpoints only): keep the contexts, so
+            # their session tickets stay valid and nothing is loaded again. The deny list is
+            # checked per handshake from `bundle`, not by the contexts.
+            return ProxyState(routes, bundle, svid, old.client_ctx, old.server_ctx)
         try:
             return ProxyState(
                 routes, bundle, svid, client_context(svid, bundle), server_context(svid, bundle)
@@ -179,6 +190,7 @@ class Sidecar:
                 "outbound_active": self.outbound.active,
                 "outbound_total": self.outbound.total,
                 "outbound_failed": self.outbound.failed,
+                "tls_sessions": self.outbound.sessions.status(),
                 "inbound_active": self.inbound.active,
                 "inbound_total": self.inbound.total,
                 "inbound_refused": self.inbound.refused,

@@ -19,10 +19,13 @@ READ_CHUNK = 256 * 1024
 class TlsSession:
     """TLS over two memory BIOs: ciphertext in and out, plaintext through calls. No I/O."""
 
-    def __init__(self, ctx: ssl.SSLContext, server_side: bool) -> None:
+    def __init__(
+        self, ctx: ssl.SSLContext, server_side: bool, session: ssl.SSLSession | None = None
+    ) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
+        # `session` (client side): a ticket to resume with (sidecar.resume).
+        self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, session=session)
         self.handshake_done = False
         self.read_closed = False  # the peer's close_notify arrived
         self.write_closed = False  # ours was sent

@@ -175,6 +175,39 @@ async def test_unexpected_server_identity_is_refused(rig: Rig, logs: Logs) -> No
     assert "spiffe://east.fedgate.local/ns/shop/sa/payments is not allowed" in failed["detail"]
 
 
+async def test_a_second_connection_resumes_tls_and_is_still_checked(rig: Rig, logs: Logs) -> None:
+    from tests.sidecar.conftest import endpoint
+
+    sessions = rig.source.outbound.sessions
+    local = (("east", 100),)
+    rig.apply(weights=local)
+    assert await converse(rig, (VIP, rig.app_port), size=1000) == b"payments-0:bye"
+    assert (sessions.full, sessions.resumed) == (1, 0)
+    # A snapshot that changes routes only keeps the TLS contexts, and the ticket stays good.
+    rig.apply(version="v2", weights=local)
+    assert await converse(rig, (VIP, rig.app_port), size=1000) == b"payments-0:bye"
+    assert (sessions.full, sessions.resumed) == (1, 1)
+    closed = [e for e in logs if e["event"] == "outbound closed"]
+    assert [e["tls_resumed"] for e in closed] == [False, True]
+    callers = [e["caller"] for e in logs if e["event"] == "inbound accepted"]
+    assert callers == ["spiffe://east.fedgate.local/ns/shop/sa/client"] * 2
+    # Resuming skips no check: the server's identity is verified again and refused here.
+    rig.apply(
+        version="v3",
+        weights=local,
+        endpoints=(endpoint("east", "127.0.0.2", "payments-0", sa="ledger"),),
+    )
+    await assert_reset(rig, (VIP, rig.app_port))
+    failed = await wait_log(logs, "outbound failed", pod="client-0")
+    assert failed["reason"] == "server identity rejected"
+    assert failed["tls_resumed"] is True
+    # A new SVID means a new context: its first handshake is a full one.
+    rig.apply(version="v4", weights=local)
+    rig.source.set_identity(rig.pki.svid(rig.pki.east, spiffe(EAST, "client-v2")))
+    assert await converse(rig, (VIP, rig.app_port), size=1000) == b"payments-0:bye"
+    assert sessions.full == 2
+
+
 async def test_non_vip_destination_is_passed_through(rig: Rig, logs: Logs) -> None:
     tail = await converse(rig, ("127.0.0.12", rig.app_port), size=10_000)
     assert tail == b"payments-0:bye"
