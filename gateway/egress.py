@@ -99,7 +99,9 @@ class Egress:
             raise CallRefusedError(504, f"{hop}: {e}") from e
         except TunnelError as e:
             raise CallRefusedError(502, f"{hop}: {e}") from e
-        header = StreamHeader(request.service, request.port, request.cluster, request.traceparent)
+        header = StreamHeader(
+            request.service, request.port, request.cluster, request.traceparent, request.labels
+        )
         try:
             stream.write(encode_header(header))
         except CodecError as e:  # e.g. a huge traceparent

@@ -9,7 +9,8 @@ answered `200` and spliced. Otherwise the stream is answered with an error reply
 names this hop and the cause:
 
 * 421  the header names another cluster (misdirected)
-* 503  unknown service, no such port, no healthy endpoint here, this gateway is draining
+* 503  unknown service, no such port, no healthy endpoint here (with the subset's labels, when
+       the header names some), this gateway is draining
 * 502  the endpoint refused the connection / 504 the connection timed out
 """
 
@@ -28,6 +29,7 @@ from gateway.errors import CallRefusedError
 from gateway.splice import Splice
 from gateway.transport import Stream
 from mesh.codec import StreamHeader, StreamReply, encode_reply
+from mesh.connect import format_labels
 from mesh.errors import NoRouteError
 from mesh.model import Endpoint, Snapshot
 from mesh.routing import pick_endpoint
@@ -67,10 +69,14 @@ class Ingress:
             raise CallRefusedError(503, f"unknown service {header.service}")
         if service.port(header.port) is None:
             raise CallRefusedError(503, f"{header.service} has no port {header.port}")
+        endpoints = service.endpoints_in(self.cluster)
+        if header.labels:  # a subset: only endpoints carrying all its labels
+            endpoints = tuple(e for e in endpoints if e.has_labels(header.labels))
         try:
-            return pick_endpoint(service.endpoints_in(self.cluster), self._rng)
+            return pick_endpoint(endpoints, self._rng)
         except NoRouteError as e:
-            raise CallRefusedError(503, f"no healthy endpoint for {header.service}") from e
+            subset = f" with labels {format_labels(header.labels)}" if header.labels else ""
+            raise CallRefusedError(503, f"no healthy endpoint for {header.service}{subset}") from e
 
     def handle(self, stream: Stream, header: StreamHeader) -> None:
         """`StreamHandler` of the tunnel server: never raises."""

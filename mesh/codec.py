@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.connect import check_labels
 from mesh.errors import CodecError, MeshError
 from mesh.model import (
     AuthorizationPolicy,
@@ -549,6 +550,7 @@ class StreamHeader:
     port: int
     cluster: str = ""
     traceparent: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # a subset's labels (mesh.connect): pick among those
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,6 +576,8 @@ def encode_header(h: StreamHeader) -> bytes:
             "port": h.port,
             "cluster": h.cluster,
             "traceparent": h.traceparent,
+            # absent when empty: gateways that predate subsets read the header unchanged
+            **({"labels": dict(h.labels)} if h.labels else {}),
         }
     )
 
@@ -605,6 +609,7 @@ def _header(x: Mapping[str, Any]) -> StreamHeader:
         port=ServicePort("p", _req(x, "port", int)).port,
         cluster=_req(x, "cluster", str),
         traceparent=_req(x, "traceparent", str),
+        labels=check_labels(_labels(x.get("labels", {}))),
     )
 
 

@@ -2,12 +2,16 @@
 
 The request names the target as `<svc>.<ns>.svc.clusterset.local:<port>` and the destination
 cluster in `Fedgate-Cluster` (as Istio's HBONE names its target in the CONNECT authority), plus
-W3C `traceparent`. After `200` the connection carries the inner TLS bytes opaquely.
+W3C `traceparent`, plus `Fedgate-Subset: key=value,...` when the call is for a subset: the
+remote ingress then picks an endpoint carrying those labels (a remote cluster whose endpoints
+run mixed versions can still serve a subset). After `200` the connection carries the inner TLS
+bytes opaquely.
 Parsing is bounded (RFC 9112 leaves limits to us: `MAX_REQUEST`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mesh.errors import CodecError, MeshError
@@ -15,6 +19,41 @@ from mesh.naming import ServiceKey
 
 MAX_REQUEST = 8192
 CLUSTER_HEADER = "fedgate-cluster"
+SUBSET_HEADER = "fedgate-subset"
+MAX_LABELS = 16
+# Kubernetes label keys (optional DNS prefix) and values, without the length rules.
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def check_labels(labels: Labels) -> Labels:
+    """`labels` sorted, or CodecError naming the bad pair (what a subset selects by)."""
+    if len(labels) > MAX_LABELS:
+        raise CodecError(f"{len(labels)} subset labels, at most {MAX_LABELS}")
+    for key, value in labels:
+        if not _LABEL_KEY.match(key) or len(key) > 253:
+            raise CodecError(f"subset label key {key[:80]!r} is not a Kubernetes label key")
+        if not _LABEL_VALUE.match(value) or len(value) > 63:
+            raise CodecError(f"subset label {key}={value[:80]!r}: not a Kubernetes label value")
+    return tuple(sorted(labels))
+
+
+def format_labels(labels: Labels) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels)
+
+
+def parse_labels(text: str) -> Labels:
+    pairs: list[tuple[str, str]] = []
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep:
+            raise CodecError(f"subset label {item[:80]!r} is not key=value")
+        pairs.append((key, value))
+    return check_labels(tuple(pairs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +62,7 @@ class ConnectRequest:
     port: int
     cluster: str
     traceparent: str = ""
+    labels: Labels = ()  # the subset's labels: the remote ingress picks among those endpoints
 
 
 def encode_request(r: ConnectRequest) -> bytes:
@@ -34,6 +74,8 @@ def encode_request(r: ConnectRequest) -> bytes:
     ]
     if r.traceparent:
         lines.append(f"traceparent: {r.traceparent}")
+    if r.labels:
+        lines.append(f"Fedgate-Subset: {format_labels(check_labels(r.labels))}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
@@ -74,7 +116,14 @@ def parse_request(head: bytes) -> ConnectRequest:
         service = ServiceKey.parse_fqdn(host)
     except MeshError as e:
         raise CodecError(f"CONNECT target: {e}") from e
-    return ConnectRequest(service, int(port_text), cluster, headers.get("traceparent", ""))
+    subset = headers.get(SUBSET_HEADER, "")
+    return ConnectRequest(
+        service,
+        int(port_text),
+        cluster,
+        headers.get("traceparent", ""),
+        parse_labels(subset) if subset else (),
+    )
 
 
 def encode_response(status: int, reason: str) -> bytes:

@@ -239,11 +239,13 @@ class Outbound:
                     )
                 else:
                     cluster = decision.cluster
-                    dest = (cluster, route.service, route.port.port)
+                    dest = (cluster, route.service, route.port.port, decision.labels)
                     egress = decision.egress
                     upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
                     step = "CONNECT"
-                    request = ConnectRequest(route.service, route.port.port, cluster, "")
+                    request = ConnectRequest(
+                        route.service, route.port.port, cluster, "", decision.labels
+                    )
                     upstream.write(encode_request(request))
                     head = await upstream.read_frame(split_head, "CONNECT response")
                     status, phrase = _parse_connect(head)

@@ -52,6 +52,7 @@ class Remote:
     cluster: str
     egress: Egress
     identities: frozenset[SpiffeId]
+    labels: tuple[tuple[str, str], ...] = ()  # a subset's: the remote ingress picks by them
 
 
 Decision = Local | Remote
@@ -107,7 +108,7 @@ class ServiceRoute:
             raise NoRouteError(
                 f"cluster {self.local_cluster} has no gateway to reach {target.cluster}"
             )
-        return Remote(target.cluster, self.egress, target.identities)
+        return Remote(target.cluster, self.egress, target.identities, target.labels)
 
 
 def _route(

@@ -203,7 +203,9 @@ class Forwarder:
         judge); an app failure while streaming the request body raises ProxyError."""
         route, state, svc = call.route, call.state, call.runtime.pool
         decision = route.decision_for(target)
-        key = PoolKey(route.service, route.port.port, target.cluster, _address(target))
+        key = PoolKey(
+            route.service, route.port.port, target.cluster, _address(target), target.labels
+        )
         refusal = svc.budget.start_request()
         if refusal is not None:
             return _Failed(Outcome(LOCAL), 503, refusal.reason, refusal.detail)

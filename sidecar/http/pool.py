@@ -46,6 +46,7 @@ class PoolKey:
     port: int
     cluster: str
     endpoint: str  # the endpoint address; "" for a remote cluster (through the gateway)
+    labels: tuple[tuple[str, str], ...] = ()  # remote: the subset the ingress picked within
 
 
 @dataclass(eq=False, slots=True)

@@ -108,8 +108,12 @@ class HttpProxy:
                 else:
                     keys.add(PoolKey(route.service, route.port.port, cluster, ""))
             hosts[(route.service, route.port.port)] = frozenset(route.balancer.hosts())
+
+        def keep(key: PoolKey) -> bool:  # a remote key is kept whatever subset it is for
+            return replace(key, labels=()) in keys
+
         for rk, rt in self._runtimes.items():
-            self.pool.sweep(rt.pool, keep=keys.__contains__)
+            self.pool.sweep(rt.pool, keep=keep)
             if rt.outlier is not None:
                 rt.outlier.forget(hosts.get(rk, frozenset()))
 

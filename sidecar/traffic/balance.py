@@ -3,9 +3,10 @@
 Order of decisions, each over what the previous left:
 
 1. **Subset**: by the effective `subsetWeights` among subsets that have endpoints (a mirror
-   names its subset instead). A subset holds the local endpoints carrying all its labels; a
-   remote cluster is one host behind its gateway, whose ingress picks the endpoint without
-   knowing subsets, so a remote cluster belongs to a subset only when *all* its endpoints do.
+   names its subset instead). A subset holds the endpoints carrying all its labels, local or
+   remote; a remote cluster is one host behind its gateway, so a call for a subset carries the
+   subset's labels (`Target.labels`) and the remote ingress picks among the endpoints that
+   carry them (a cluster running mixed versions serves each subset with the right ones).
 2. **Health**: a host (a local endpoint, or a whole remote cluster) is healthy unless outlier
    detection ejected it. If no host of the candidates is healthy, all are used (Envoy's panic
    mode: better an ejected host that may have recovered than certain failure). Hosts already
@@ -58,6 +59,7 @@ class Target:
     identities: frozenset[SpiffeId]
     subset: str = ""
     panic: bool = False  # every candidate host was ejected; picked among them anyway
+    labels: tuple[tuple[str, str], ...] = ()  # the subset's, for a remote cluster's ingress
 
     @property
     def host(self) -> str:
@@ -109,7 +111,9 @@ class Balancer:
         if cluster == self.local_cluster:
             endpoint = pick_endpoint(usable[cluster], rng)
             return Target(cluster, endpoint, frozenset((endpoint.identity,)), subset_name, panic)
-        return Target(cluster, None, frozenset(e.identity for e in eps), subset_name, panic)
+        labels = self._labels(subset_name)
+        identities = frozenset(e.identity for e in eps)
+        return Target(cluster, None, identities, subset_name, panic, labels)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -140,17 +144,17 @@ class Balancer:
             raise NoRouteError(f"subset {subset} is not defined")
         return self._in_subset(subset), subset
 
+    def _labels(self, subset: str) -> tuple[tuple[str, str], ...]:
+        s = self.policy.subset(subset) if self.policy is not None and subset else None
+        return s.labels if s is not None else ()
+
     def _in_subset(self, name: str) -> dict[str, tuple[Endpoint, ...]]:
         s = self.policy.subset(name) if self.policy is not None else None
         if s is None:
             return {}
-        out: dict[str, tuple[Endpoint, ...]] = {}
-        for c, eps in self.by_cluster.items():
-            if c == self.local_cluster:
-                out[c] = tuple(e for e in eps if e.has_labels(s.labels))
-            elif eps and all(e.has_labels(s.labels) for e in eps):
-                out[c] = eps
-        return out
+        return {
+            c: tuple(e for e in eps if e.has_labels(s.labels)) for c, eps in self.by_cluster.items()
+        }
 
     def _usable(
         self, groups: Mapping[str, tuple[Endpoint, ...]], healthy: Healthy, exclude: frozenset[str]

@@ -1,10 +1,11 @@
 """Traffic policy on the rig, with real curl: each feature committed to the GitOps repository
 the way an operator would, then measured from the east client pod.
 
-Service `web.demo` (HTTP, port 8080) runs the echo workload in four pods: east web-1, web-2
-(version v1) and web-3 (v2), west web-w1 (v1). Labels travel from the rig's file source
-through the agent, etcd, the controller and the config stream to the client's sidecar. Echo's
-fail ratio is set at run time on 127.0.0.1 inside its pod (`/__echo/fail-ratio/<r>`).
+Service `web.demo` (HTTP, port 8080) runs the echo workload in five pods: east web-1, web-2
+(version v1) and web-3 (v2), west web-w1 (v1) and web-w2 (v2). Labels travel from the rig's
+file source through the agent, etcd, the controller and the config stream to the client's
+sidecar. Echo's fail ratio is set at run time on 127.0.0.1 inside its pod
+(`/__echo/fail-ratio/<r>`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.rig
 URL = "http://web.demo.svc.clusterset.local:8080"
 POLICY_FILE = "policies/web.yaml"
 PODS = (("east", "web-1", "v1"), ("east", "web-2", "v1"), ("east", "web-3", "v2"))
-REMOTE = ("west", "web-w1", "v1")
+REMOTES = (("west", "web-w1", "v1"), ("west", "web-w2", "v2"))
+WEST = ("web-w1", "web-w2")
 APPLY_WITHIN = 30.0
 SUBSETS = """
 subsets:
@@ -141,13 +143,13 @@ def web(rig: Path) -> Iterator[Path]:
         if agent is not None and not procs.owned(agent):
             control.restart(rig, agent.name)
     fedgate = rig_command().fedgate
-    for cluster, pod, _ in (*PODS, REMOTE):
+    for cluster, pod, _ in (*PODS, *REMOTES):
         argv = [*fedgate, "echo", "--cluster", cluster, "--pod", pod, "--port", "8080"]
         bringup.add_pod(rig, rig_command(), cluster, pod, "demo", "web", argv, None)
     port = ServicePort("http", 8080, "HTTP")
     for cluster in ("east", "west"):
         source.add_export(source.exports_path(rig, cluster), "demo", "web", [port])
-    for cluster, pod, version in (*PODS, REMOTE):
+    for cluster, pod, version in (*PODS, *REMOTES):
         record = lifecycle.load(rig).pod(cluster, pod)
         assert record is not None
         control.wait_tcp(rig, record.netns, f"{cluster}-{pod}", "127.0.0.1", 8080)
@@ -160,9 +162,9 @@ def web(rig: Path) -> Iterator[Path]:
             "web",
             labels={"version": version},
         )
-    bringup.wait_routes(rig, "web", "demo", 4)
+    bringup.wait_routes(rig, "web", "demo", len(PODS) + len(REMOTES))
     # The destination sidecars refuse services they do not know yet: wait for theirs too.
-    for cluster, pod, _ in (*PODS, REMOTE):
+    for cluster, pod, _ in (*PODS, *REMOTES):
         deadline = time.monotonic() + APPLY_WITHIN
         while not bringup.endpoints_seen(bringup.sidecar_config(rig, cluster, pod), "web", "demo"):
             assert time.monotonic() < deadline, f"{cluster}/{pod}'s sidecar never learnt web.demo"
@@ -175,6 +177,11 @@ def web(rig: Path) -> Iterator[Path]:
 
 def pods(answers: list[Answer]) -> Counter[str]:
     return Counter(a.pod if a.status == 200 else str(a.status) for a in answers)
+
+
+def share(answers: list[Answer], names: tuple[str, ...]) -> float:
+    seen = pods(answers)
+    return sum(seen[n] for n in names) / len(answers)
 
 
 def test_canary_subset_at_ten_percent(web: Path) -> None:
@@ -192,6 +199,28 @@ subsetWeights: [{subset: v1, weight: 90}, {subset: v2, weight: 10}]
     print(f"canary v2 share over 400 calls: {seen['web-3'] / 400:.3f}")
     # Binomial s.d. of the v2 share over 400 calls: 1.5 points; +-5 points is 3.3 s.d.
     assert 0.05 <= seen["web-3"] / 400 <= 0.15, seen
+
+
+def test_a_subset_is_served_by_a_remote_cluster_running_mixed_versions(web: Path) -> None:
+    # west runs v1 and v2: the call names the subset, west's ingress picks its v2 endpoint.
+    apply_policy(
+        web,
+        SUBSETS
+        + """
+clusterWeights: [{cluster: west, weight: 100}]
+subsetWeights: [{subset: v2, weight: 100}]
+""",
+    )
+    assert pods(curl(web, 40)) == {"web-w2": 40}
+    apply_policy(
+        web,
+        SUBSETS
+        + """
+clusterWeights: [{cluster: west, weight: 100}]
+subsetWeights: [{subset: v1, weight: 100}]
+""",
+    )
+    assert pods(curl(web, 40)) == {"web-w1": 40}
 
 
 def test_retries_hide_an_endpoint_that_fails_half_its_requests(web: Path) -> None:
@@ -306,7 +335,7 @@ def test_mirrored_traffic_arrives_at_the_mirror(web: Path) -> None:
         + """
 clusterWeights: [{cluster: local, weight: 100}]
 subsetWeights: [{subset: v1, weight: 100}]
-mirror: {subset: v2}
+mirror: {subset: v2, cluster: local}
 mirrorPercentage: {value: 50}
 """,
     )
@@ -334,7 +363,7 @@ outlierDetection: {consecutive5xxErrors: 1, interval: 500ms, baseEjectionTime: 4
 """,
     )
     all_up = curl(web, 60)
-    assert pods(all_up)["web-w1"] == 0, pods(all_up)  # a healthy local tier keeps everything
+    assert share(all_up, WEST) == 0, pods(all_up)  # a healthy local tier keeps everything
     shares = []
     stopped = []
     try:
@@ -345,7 +374,7 @@ outlierDetection: {consecutive5xxErrors: 1, interval: 500ms, baseEjectionTime: 4
             lifecycle.stop_process(web, record.name)  # the workload dies; its sidecar stays
             answers = curl(web, 120)
             assert Counter(a.status for a in answers) == {200: 120}, answers
-            shares.append(pods(answers)["web-w1"] / 120)
+            shares.append(share(answers, WEST))
     finally:
         for record in stopped:
             lifecycle.start_process(web, record.name, record.netns, list(record.argv))
@@ -358,4 +387,4 @@ outlierDetection: {consecutive5xxErrors: 1, interval: 500ms, baseEjectionTime: 4
     time.sleep(4.6)  # the ejections end: traffic comes back to the local tier
     back = curl(web, 60)
     assert Counter(a.status for a in back) == {200: 60}
-    assert pods(back)["web-w1"] <= 6, pods(back)
+    assert share(back, WEST) <= 0.1, pods(back)

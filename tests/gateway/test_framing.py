@@ -59,8 +59,20 @@ SNAPSHOT = Snapshot(
             ports=(ServicePort("tcp", 7000),),
             clusters=("east", "west"),
             endpoints=(
-                Endpoint("west", "10.2.0.1", "echo-1", SpiffeId("west.fedgate.local", "demo", "e")),
-                Endpoint("west", "10.2.0.2", "echo-2", SpiffeId("west.fedgate.local", "demo", "e")),
+                Endpoint(
+                    "west",
+                    "10.2.0.1",
+                    "echo-1",
+                    SpiffeId("west.fedgate.local", "demo", "e"),
+                    (("version", "v1"),),
+                ),
+                Endpoint(
+                    "west",
+                    "10.2.0.2",
+                    "echo-2",
+                    SpiffeId("west.fedgate.local", "demo", "e"),
+                    (("version", "v2"),),
+                ),
                 Endpoint("east", "10.1.0.1", "echo-3", SpiffeId("east.fedgate.local", "demo", "e")),
             ),
         ),
@@ -125,9 +137,20 @@ def test_ingress_routes_to_a_local_endpoint_only() -> None:
     assert chosen == {"10.2.0.1", "10.2.0.2"}
 
 
+def test_ingress_picks_within_the_subset_the_header_names() -> None:
+    ingress = _ingress()
+    v2 = StreamHeader(ECHO, 7000, "west", "", (("version", "v2"),))
+    assert {ingress.route(v2).address for _ in range(50)} == {"10.2.0.2"}
+
+
 @pytest.mark.parametrize(
     ("header", "status", "reason"),
     [
+        (
+            StreamHeader(ECHO, 7000, "west", "", (("version", "v3"),)),
+            503,
+            "no healthy endpoint for echo.demo with labels version=v3",
+        ),
         (StreamHeader(ServiceKey("demo", "nope"), 7000, "west"), 503, "unknown service nope.demo"),
         (StreamHeader(ECHO, 7001, "west"), 503, "echo.demo has no port 7001"),
         (StreamHeader(ECHO, 7000, "east"), 421, "stream for cluster east reached this gateway"),

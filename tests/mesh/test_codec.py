@@ -98,6 +98,35 @@ def test_connect_round_trip() -> None:
     )
 
 
+def test_a_subset_rides_the_connect_and_the_stream_header() -> None:
+    labels = (("version", "v2"), ("app.kubernetes.io/tier", "gold"))
+    req = connect.ConnectRequest(KEY, 8080, "west", "", labels)
+    head, _ = connect.split_head(connect.encode_request(req)) or (b"", b"")
+    assert b"Fedgate-Subset: app.kubernetes.io/tier=gold,version=v2" in head
+    assert connect.parse_request(head).labels == tuple(sorted(labels))
+    header = codec.StreamHeader(KEY, 8080, "west", "", tuple(sorted(labels)))
+    out = codec.split_frame(codec.encode_header(header))
+    assert out is not None
+    assert codec.header_from_json(out[0]) == header
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("version", "is not key=value"),
+        ("version=v 2", "not a Kubernetes label value"),
+        ("-bad=v1", "not a Kubernetes label key"),
+        (",".join(f"k{i}=v" for i in range(17)), "at most 16"),
+    ],
+)
+def test_a_bad_subset_header_is_refused_by_name(value: str, why: str) -> None:
+    head = (
+        f"CONNECT {KEY.fqdn}:8080 HTTP/1.1\r\nFedgate-Cluster: west\r\nFedgate-Subset: {value}"
+    ).encode()
+    with pytest.raises(CodecError, match=why):
+        connect.parse_request(head)
+
+
 def test_connect_head_is_bounded() -> None:
     with pytest.raises(CodecError, match="exceeds"):
         connect.split_head(b"CONNECT " + b"a" * connect.MAX_REQUEST)

@@ -179,13 +179,21 @@ def test_cluster_weights_hold_and_remote_share_splits_by_endpoints() -> None:
     assert share(seen, "west") == pytest.approx(0.30, abs=0.015)
 
 
-def test_a_remote_cluster_serves_a_subset_only_if_all_its_endpoints_are_in_it() -> None:
+def test_a_remote_cluster_with_mixed_versions_serves_a_subset_by_its_labels() -> None:
     route = route_for(
         SUBSETS + "subsetWeights: [{subset: v2, weight: 100}]",
         (*EAST_V1, ep("north", 0, "v2"), ep("west", 0, "v2"), ep("west", 1, "v1")),
     )
-    # east has no v2, west is mixed (its gateway could pick a v1): only north qualifies.
-    assert simulate(route, 500) == {"north": 500}
+    # east has no v2; north and west have one v2 endpoint each (west also runs a v1).
+    seen = simulate(route, 2000)
+    assert set(seen) == {"north", "west"}
+    assert share(seen, "west") == pytest.approx(0.5, abs=0.05)
+    # The call carries the subset's labels, so west's ingress picks its v2 endpoint only, and
+    # only the identities of v2 endpoints are accepted.
+    eff = effective(route.policy, RequestInfo.build("GET", "/", ()))
+    target = route.target(eff, random.Random(3), lambda h: True, cluster_ref="west")
+    assert target.labels == (("version", "v2"),)
+    assert target.identities == {ep("west", 0, "v2").identity}
 
 
 def test_locality_failover_spills_gradually_tier_by_tier() -> None:
