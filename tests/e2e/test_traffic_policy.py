@@ -179,6 +179,22 @@ def pods(answers: list[Answer]) -> Counter[str]:
     return Counter(a.pod if a.status == 200 else str(a.status) for a in answers)
 
 
+def ejected(rig: Path) -> list[str]:
+    services = client_status(rig)["services"]
+    assert isinstance(services, dict)
+    found: list[str] = services["web.demo.svc.clusterset.local:8080"]["ejected"]
+    return found
+
+
+def wait_all_returned(rig: Path, within: float) -> float:
+    """Poll the client sidecar until outlier detection has returned every host; the wait."""
+    started = time.monotonic()
+    while ejected(rig):
+        assert time.monotonic() - started < within, f"still ejected: {ejected(rig)}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
 def share(answers: list[Answer], names: tuple[str, ...]) -> float:
     seen = pods(answers)
     return sum(seen[n] for n in names) / len(answers)
@@ -296,12 +312,14 @@ outlierDetection: {consecutive5xxErrors: 3, interval: 500ms, baseEjectionTime: 3
     set_fail_ratio(web, "web-2", 1.0)
     try:
         answers = curl(web, 60)
-        ejected = client_status(web)["services"]["web.demo.svc.clusterset.local:8080"]["ejected"]  # type: ignore[index]
+        ejected_then = ejected(web)
     finally:
         set_fail_ratio(web, "web-2", 0.0)
     assert Counter(a.status for a in answers)[503] == 3  # exactly the three that ejected it
-    assert ejected == [web2.ip]
-    time.sleep(3.6)  # base ejection time, then the next interval tick
+    assert ejected_then == [web2.ip]
+    # Back after the base ejection time (3 s), at the next interval tick (every 500 ms).
+    waited = wait_all_returned(web, 6.0)
+    assert waited <= 3.6
     back = curl(web, 60)
     assert Counter(a.status for a in back) == {200: 60}
     assert pods(back)["web-2"] >= 5
@@ -384,7 +402,7 @@ outlierDetection: {consecutive5xxErrors: 1, interval: 500ms, baseEjectionTime: 4
     assert shares[0] < 0.2
     assert 0.3 <= shares[1] <= 0.75
     assert shares[2] == 1.0
-    time.sleep(4.6)  # the ejections end: traffic comes back to the local tier
+    wait_all_returned(web, 8.0)  # the ejections end: traffic comes back to the local tier
     back = curl(web, 60)
     assert Counter(a.status for a in back) == {200: 60}
     assert share(back, WEST) <= 0.1, pods(back)
