@@ -3,7 +3,8 @@
 usage:
   identity_client.py hold HOST PORT SECONDS
       one long-lived Redis connection sending PING every 0.2 s for SECONDS (stops early if it
-      fails), plus a fresh connection with one PING every 2 s (new handshakes).
+      fails), plus a fresh connection with one PING every 2 s (new handshakes); says
+      "connected" on stderr once the first PING was answered.
   identity_client.py calls SECONDS URL_OR_REDIS...
       back-to-back short calls, round robin over the targets (`http://...` GET, or
       `redis://host:port` PING), each on a new connection.
@@ -58,6 +59,8 @@ def hold(host: str, port: int, seconds: float) -> dict[str, object]:
                 out["failed_after_s"] = round(time.monotonic() - start, 2)
                 break
             out["pings"] = int(out["pings"]) + 1  # type: ignore[call-overload]
+            if out["pings"] == 1:
+                print("connected", file=sys.stderr, flush=True)
             if time.monotonic() >= next_fresh:
                 next_fresh += 2
                 try:

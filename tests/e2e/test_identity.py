@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -95,6 +96,14 @@ def start_client(rig: Path, target: str, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def wait_connected(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Until a `hold` client says its long-lived connection answered a first PING."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    assert ready, f"the client did not connect within {timeout} s"
+    assert proc.stderr.readline().strip() == "connected"
 
 
 def result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
@@ -226,7 +235,7 @@ def test_root_rotation_under_continuous_traffic_fails_no_request(idrig: Path) ->
 
 def test_a_denied_identity_is_refused_everywhere_within_one_push(idrig: Path) -> None:
     hold = start_client(idrig, "east/client", "hold", REDIS, "6379", "40")
-    time.sleep(2)  # the long-lived connection is up
+    wait_connected(hold, 10)
     refused_before = len(log_events(idrig, "west-redis-sidecar", "inbound refused"))
     denied_at = time.monotonic()
     fedgate_in_control(idrig, "ca", "deny", "--etcd", etcd(idrig), "--identity", EAST_CLIENT)
