@@ -135,8 +135,17 @@ class Conn(asyncio.Protocol):
         self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
+        """Read again, unless unread bytes are over `BUFFER_LIMIT` before the splice: then
+        reading resumes once they are taken (a handler resuming a connection whose buffer
+        filled meanwhile must not lift the bound, or a fast sender fills memory)."""
+        if self.transport.is_closing():
+            return
+        if self._peer is None and len(self._buf) > BUFFER_LIMIT:
+            self._buffer_paused = True
+            self.transport.pause_reading()
+            return
+        self._buffer_paused = False
+        self.transport.resume_reading()
 
     async def read_frame(self, parse: Callable[[bytes], tuple[T, bytes] | None], what: str) -> T:
         """Wait until `parse` accepts the buffered bytes; what follows stays buffered."""

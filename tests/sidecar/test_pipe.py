@@ -10,7 +10,7 @@ import pytest
 
 from ca.tls import client_context, server_context
 from sidecar.errors import ProxyError
-from sidecar.pipe import open_conn
+from sidecar.pipe import BUFFER_LIMIT, Conn, open_conn
 from sidecar.tlsio import TlsSession
 from tests.sidecar.conftest import EAST, Pki, spiffe
 
@@ -83,6 +83,42 @@ async def test_fin_without_close_notify_is_a_truncation(pki: Pki) -> None:
         conn.reset_if_open()
         server.close()
         await server.wait_closed()
+
+
+async def test_resuming_a_connection_keeps_its_unread_buffer_bounded() -> None:
+    """A handler resumes reading (e.g. to sniff) after bytes piled up: the bound holds."""
+    loop = asyncio.get_running_loop()
+    sent = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * 4_000_000)  # far more than BUFFER_LIMIT
+        sent.set()
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    sender = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = sender.sockets[0].getsockname()[1]
+    try:
+        _, conn = await loop.create_connection(lambda: Conn("test"), "127.0.0.1", port)
+        await sent.wait()
+
+        def over_limit(b: bytes) -> tuple[None, bytes] | None:  # takes nothing
+            return (None, b) if len(b) > BUFFER_LIMIT else None
+
+        async with asyncio.timeout(5):
+            await conn.read_frame(over_limit, "a full buffer")
+        assert not conn.transport.is_reading()  # reading paused itself over the limit
+        conn.resume_reading()  # what a sniffing handler does
+        assert not conn.transport.is_reading()
+        first = await conn.read_frame(lambda b: (b[:10], b[10:]), "ten bytes")
+        assert first == b"x" * 10
+        assert not conn.transport.is_reading()  # still over the limit
+        await conn.read_frame(lambda b: (b, b""), "the rest")
+        assert conn.transport.is_reading()  # drained: reading again
+        conn.reset()
+    finally:
+        sender.close()
+        await sender.wait_closed()
 
 
 async def test_connect_failure_names_the_address() -> None:
