@@ -167,6 +167,13 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
                 "renewed at half life.",
             ),
             click.option(
+                "--otlp-endpoint",
+                default="",
+                envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+                help="Export traces with OTLP/gRPC to this collector (http://host:port, "
+                "https://host:port or unix:/path); empty: tracing off (docs/observability.md).",
+            ),
+            click.option(
                 "--ca-renew",
                 "ca_renew_address",
                 default="",
@@ -202,6 +209,7 @@ def gateway(
     controller_address: str,
     admin: str,
     svid_ttl: int,
+    otlp_endpoint: str,
     ca_renew_address: str,
     tunnel_listen: str,
     egress_listen: str,
@@ -223,6 +231,7 @@ def gateway(
         egress_listen,
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
         tunnels=processes.TunnelListeners(tls_listen, passthrough_listen, not no_quic, reuse_port),
+        otlp_endpoint=otlp_endpoint,
     )
 
 
@@ -238,6 +247,7 @@ def sidecar(
     controller_address: str,
     admin: str,
     svid_ttl: int,
+    otlp_endpoint: str,
     ca_renew_address: str,
     pod: str,
     namespace: str,
@@ -256,6 +266,7 @@ def sidecar(
         namespace,
         capture=not no_capture,
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
+        otlp_endpoint=otlp_endpoint,
     )
 
 
