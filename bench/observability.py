@@ -10,12 +10,12 @@ that machine noise hits each alike:
 - `off`: `mesh.telemetry.OFF` (no SDK object exists: one attribute check per request);
 - `metrics`: Prometheus request metrics only;
 - `tracing`: OpenTelemetry spans at both sidecars, batched and exported with OTLP/gRPC to a
-  collector in this process (tests/e2e/otlp.py), no metrics;
+  collector in another process (tests/e2e/otlp.py on loopback TCP), no metrics;
 - `tracing+metrics`: both (what `fedgate sidecar --otlp-endpoint` runs).
 
-Prints figures only; a benchmark is not a test. One process holds the client, both sidecars,
-the app and the collector, so exporting competes with the proxies for the same interpreter:
-an upper bound on what the export costs a sidecar in its own process.
+Prints figures only; a benchmark is not a test. One process holds the client, both sidecars
+and the app, so the exporter threads of both sidecars compete with both proxies for one
+interpreter: an upper bound on what tracing costs one sidecar in its own process.
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ import asyncio
 import datetime as dt
 import os
 import statistics
+import subprocess
+import sys
 import time
 
-import structlog
-
 from ca.authority import CertificateAuthority
-from fedgate import telemetry
+from fedgate import logs, telemetry
 from mesh.model import ClusterWeight, TrafficPolicy
 from mesh.telemetry import OFF, Telemetry
 from sidecar.sidecar import Sidecar
-from tests.e2e.otlp import Collector
 from tests.sidecar.conftest import EAST, WEST, Pki
 from tests.sidecar.http_rig import SVC, HttpRig, start_http_rig, stop_http_rig
 
@@ -67,7 +66,7 @@ def _run(rig: HttpRig, n: int) -> tuple[list[float], float]:
         conn.close()
 
 
-async def main(n: int, rounds: int) -> None:
+async def main(n: int, rounds: int, endpoint: str) -> None:
     now = dt.datetime.now(dt.UTC)
     pki = Pki(
         CertificateAuthority.create(EAST, now),
@@ -75,8 +74,6 @@ async def main(n: int, rounds: int) -> None:
         CertificateAuthority.create(EAST, now),
         now,
     )
-    collector = Collector()
-    endpoint = collector.start("127.0.0.1:0")
 
     def settings(metrics: bool, otlp: str = "") -> telemetry.TelemetrySettings:
         return telemetry.TelemetrySettings("fedgate-bench", "bench", "east", otlp, metrics)
@@ -106,7 +103,6 @@ async def main(n: int, rounds: int) -> None:
     for t in modes.values():
         if isinstance(t, telemetry.ProcessTelemetry):
             await asyncio.to_thread(t.shutdown)  # flush what is queued
-    collector.stop()
 
     print(f"{n} sequential requests x {rounds} rounds per mode, interleaved")
     print(f"{'mode':<16} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   vs off: rate  p50   p99")
@@ -119,9 +115,16 @@ async def main(n: int, rounds: int) -> None:
             f"{mode:<16} {rate:8.0f} {p50:8.3f} {p99:8.3f}   "
             f"{rate / base[0]:13.2f} {p50 / base[1]:5.2f} {p99 / base[2]:5.2f}"
         )
-    spans = len(collector.spans)
-    traced = 2 * n * rounds * 2  # two tracing modes, a span at each of two sidecars
-    print(f"collector received {spans} spans ({traced} expected) in {collector.batches} batches")
+
+
+def collector() -> subprocess.Popen[str]:
+    """The OTLP collector, in its own process; its first line is its endpoint."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.otlp", "127.0.0.1:0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 if __name__ == "__main__":
@@ -130,7 +133,16 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     # Access lines are part of the cost (the destination's per-request line comes with
-    # telemetry): render them, as the processes do, but into /dev/null.
-    with open(os.devnull, "w") as sink:
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sink))
-        asyncio.run(main(args.requests, args.rounds))
+    # telemetry): render them as the processes do (fedgate.logs: JSON), into /dev/null.
+    with open(os.devnull, "w") as sink, collector() as otlp:
+        assert otlp.stdout is not None
+        endpoint = otlp.stdout.readline().strip()
+        real_stderr, sys.stderr = sys.stderr, sink
+        try:
+            logs.configure("bench")
+        finally:
+            sys.stderr = real_stderr
+        asyncio.run(main(args.requests, args.rounds, endpoint))
+        received, _ = otlp.communicate("", timeout=30)  # stdin closed: it reports and exits
+    expected = 2 * args.requests * args.rounds * 2  # two tracing modes, two sidecars
+    print(f"collector received {received.strip()} spans ({expected} expected)")

@@ -43,6 +43,8 @@ from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
 
 _log = structlog.get_logger("fedgate.gateway.ingress")
+# The source cluster of a stream whose peer is not authenticated (passthrough).
+UNKNOWN_PEER = "unknown"
 _ids = itertools.count(1)
 
 
@@ -94,7 +96,7 @@ class Ingress:
                 tm.INGRESS,
                 parent,
                 {
-                    tm.SOURCE_CLUSTER: stream.peer_cluster or "",
+                    tm.SOURCE_CLUSTER: stream.peer_cluster or UNKNOWN_PEER,
                     tm.DESTINATION_CLUSTER: self.cluster,
                     tm.SERVICE: header.service.fqdn,
                     "server.port": header.port,
@@ -187,7 +189,7 @@ class Ingress:
             self.telemetry.record(
                 tm.INGRESS,
                 "tcp",
-                stream.peer_cluster or "",
+                stream.peer_cluster or UNKNOWN_PEER,
                 self.cluster,
                 call.header.service.fqdn,
                 code,

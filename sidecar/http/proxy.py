@@ -293,7 +293,7 @@ class HttpProxy:
                     span.set(tm.ENDPOINT, seen.endpoint)
                 if seen.status:
                     span.set(tm.STATUS, seen.status)
-                span.end(seen.reason or ("" if 0 < seen.status < 500 else f"{seen.status}"))
+                span.end(seen.reason or _status_error(seen.status))
             tel.record(
                 tm.SOURCE,
                 "http",
@@ -366,6 +366,13 @@ class HttpProxy:
             **({"fault_delay_s": action.delay} if action.delay else {}),
         )
         return keep
+
+
+def _status_error(status: int) -> str:
+    """A span's error for a response the upstream gave (5xx), or none came."""
+    if not status:
+        return "no response"
+    return f"status {status}" if status >= 500 else ""
 
 
 def _now() -> float:

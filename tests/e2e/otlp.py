@@ -94,3 +94,20 @@ class Collector(pb_grpc.TraceServiceServicer):
             if done(spans) or time.monotonic() > deadline:
                 return spans
             time.sleep(0.1)
+
+
+def main() -> None:
+    """`python -m tests.e2e.otlp ADDRESS`: serve in its own process (the bench's collector, so
+    decoding spans does not share the measured interpreter); prints the endpoint, then, once
+    stdin closes, how many spans arrived."""
+    import sys
+
+    collector = Collector()
+    print(collector.start(sys.argv[1]), flush=True)
+    sys.stdin.read()
+    print(len(collector.spans), flush=True)
+    collector.stop()
+
+
+if __name__ == "__main__":
+    main()
