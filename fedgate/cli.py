@@ -313,15 +313,26 @@ def _need_root() -> None:
     show_default=True,
     help="The tunnel transport every cluster publishes for its gateway.",
 )
+@click.option(
+    "--otlp-endpoint",
+    default="",
+    help="Gateways and sidecars export traces there (OTLP/gRPC; unix:/path reaches a collector "
+    "from every namespace) [default: tracing off].",
+)
 @_rig_dir_option
-def rig_up(count: int, transport: str, rig_dir: Path) -> None:
+def rig_up(count: int, transport: str, otlp_endpoint: str, rig_dir: Path) -> None:
     """Create N clusters and start the whole federation on them."""
+    from dataclasses import replace
+
     from clusters.rig import bringup
     from clusters.rig.errors import RigError
 
     _need_root()
+    base = _rig_command()
+    assert isinstance(base, bringup.RigCommand)
+    command = replace(base, otlp_endpoint=otlp_endpoint)
     try:
-        bringup.up(rig_dir, count, _rig_command(), transport=transport)  # type: ignore[arg-type]
+        bringup.up(rig_dir, count, command, transport=transport)
     except RigError as e:
         raise click.ClickException(str(e)) from e
 

@@ -103,6 +103,7 @@ class Seen:
     reason: str = ""
     dst_cluster: str = ""
     endpoint: str = ""
+    subset: str = ""
     retries: int = 0
     request_bytes: int = 0
     response_bytes: int = 0
@@ -197,6 +198,7 @@ class Forwarder:
                 if call.seen is not None:
                     call.seen.dst_cluster = target.cluster
                     call.seen.endpoint = _address(target)
+                    call.seen.subset = target.subset
                     call.seen.retries = plan.tries - 1
                 if isinstance(result, _Got):
                     return await self._respond(app, call, result, plan.deadline)

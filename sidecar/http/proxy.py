@@ -291,6 +291,8 @@ class HttpProxy:
                 span.set(tm.RETRIES, seen.retries)
                 if seen.endpoint:
                     span.set(tm.ENDPOINT, seen.endpoint)
+                if seen.subset:
+                    span.set(tm.SUBSET, seen.subset)
                 if seen.status:
                     span.set(tm.STATUS, seen.status)
                 span.end(seen.reason or _status_error(seen.status))
