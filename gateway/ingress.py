@@ -89,7 +89,7 @@ class Ingress:
         """`StreamHandler` of the tunnel server: never raises."""
         self.counters["calls"] += 1
         parent = tracecontext.parse(header.traceparent)
-        call = _Call(header, time.monotonic(), parent)
+        call = _Call(header, time.monotonic())
         if self.telemetry.tracing:
             call.span = self.telemetry.start_span(
                 f"ingress {header.service}",
@@ -207,12 +207,11 @@ class Ingress:
 class _Call:
     """One stream's telemetry state."""
 
-    __slots__ = ("header", "parent", "span", "started")
+    __slots__ = ("header", "span", "started")
 
-    def __init__(self, header: StreamHeader, started: float, parent: Any) -> None:
+    def __init__(self, header: StreamHeader, started: float) -> None:
         self.header = header
         self.started = started
-        self.parent = parent
         self.span: Span | None = None
 
 

@@ -208,7 +208,7 @@ class Inbound:
         log.info("inbound accepted")
         watch: _Watch | None = None
         if self.telemetry.tracing or self.telemetry.metrics:
-            watch = _Watch(self, header, caller_id, log, started)
+            watch = _Watch(self.telemetry, s.cluster, header, caller_id, log, started)
             caller.tap, app.tap = watch.tap.from_caller, watch.tap.from_app
         error = await relay(caller, app)
         log = watch.connection_log(log) if watch is not None else log
@@ -228,10 +228,16 @@ class _Watch:
     """The telemetry of one accepted inbound connection (see the module docstring)."""
 
     def __init__(
-        self, inbound: Inbound, header: StreamHeader, caller: SpiffeId, log: Any, started: float
+        self,
+        telemetry: Telemetry,
+        cluster: str,
+        header: StreamHeader,
+        caller: SpiffeId,
+        log: Any,
+        started: float,
     ) -> None:
-        self.telemetry = inbound.telemetry
-        self.cluster = inbound._settings.cluster
+        self.telemetry = telemetry
+        self.cluster = cluster
         self.header = header
         self.service = header.service.fqdn
         self.caller = caller
