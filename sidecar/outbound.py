@@ -156,7 +156,11 @@ class Outbound:
         s = self._settings
         state = self._state()
         log = _log.bind(
-            pod=s.pod, cluster=s.cluster, conn=f"{s.pod}/o{next(_ids)}", dst=f"{dst[0]}:{dst[1]}"
+            pod=s.pod,
+            cluster=s.cluster,
+            hop=tm.SOURCE,
+            conn=f"{s.pod}/o{next(_ids)}",
+            dst=f"{dst[0]}:{dst[1]}",
         )
         self.total += 1
         self.active += 1
@@ -177,7 +181,6 @@ class Outbound:
                 await self.http.serve(app, dst, log.bind(service=str(route.service), mode="http"))
                 return
             tcp = True
-            log = log.bind(hop=tm.SOURCE)
             tel = self.telemetry
             if route is not None and tel.tracing:
                 span = tel.start_span(

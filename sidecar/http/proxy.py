@@ -279,7 +279,7 @@ class HttpProxy:
                 server=False,
             )
         seen = Seen()
-        log = log.bind(hop=tm.SOURCE, **tm.log_ids(span, parent))
+        log = log.bind(**tm.log_ids(span, parent))
         route = self._state().routes.lookup(*dst)
         service = route.service.fqdn if route is not None else f"{dst[0]}:{dst[1]}"
         try:
