@@ -167,6 +167,13 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
                 "renewed at half life.",
             ),
             click.option(
+                "--otlp-endpoint",
+                default="",
+                envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+                help="Export traces with OTLP/gRPC to this collector (http://host:port, "
+                "https://host:port or unix:/path); empty: tracing off (docs/observability.md).",
+            ),
+            click.option(
                 "--ca-renew",
                 "ca_renew_address",
                 default="",
@@ -202,6 +209,7 @@ def gateway(
     controller_address: str,
     admin: str,
     svid_ttl: int,
+    otlp_endpoint: str,
     ca_renew_address: str,
     tunnel_listen: str,
     egress_listen: str,
@@ -223,6 +231,7 @@ def gateway(
         egress_listen,
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
         tunnels=processes.TunnelListeners(tls_listen, passthrough_listen, not no_quic, reuse_port),
+        otlp_endpoint=otlp_endpoint,
     )
 
 
@@ -238,6 +247,7 @@ def sidecar(
     controller_address: str,
     admin: str,
     svid_ttl: int,
+    otlp_endpoint: str,
     ca_renew_address: str,
     pod: str,
     namespace: str,
@@ -256,6 +266,7 @@ def sidecar(
         namespace,
         capture=not no_capture,
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
+        otlp_endpoint=otlp_endpoint,
     )
 
 
@@ -302,15 +313,26 @@ def _need_root() -> None:
     show_default=True,
     help="The tunnel transport every cluster publishes for its gateway.",
 )
+@click.option(
+    "--otlp-endpoint",
+    default="",
+    help="Gateways and sidecars export traces there (OTLP/gRPC; unix:/path reaches a collector "
+    "from every namespace) [default: tracing off].",
+)
 @_rig_dir_option
-def rig_up(count: int, transport: str, rig_dir: Path) -> None:
+def rig_up(count: int, transport: str, otlp_endpoint: str, rig_dir: Path) -> None:
     """Create N clusters and start the whole federation on them."""
+    from dataclasses import replace
+
     from clusters.rig import bringup
     from clusters.rig.errors import RigError
 
     _need_root()
+    base = _rig_command()
+    assert isinstance(base, bringup.RigCommand)
+    command = replace(base, otlp_endpoint=otlp_endpoint)
     try:
-        bringup.up(rig_dir, count, _rig_command(), transport=transport)  # type: ignore[arg-type]
+        bringup.up(rig_dir, count, command, transport=transport)
     except RigError as e:
         raise click.ClickException(str(e)) from e
 

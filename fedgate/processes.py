@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ from ca.authority import CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
 from ca.bundle import TrustBundle
 from ca.service import SelfIssued
-from fedgate import admin, logs
+from fedgate import admin, logs, telemetry
 from fedgate.wiring import (
     ProxyWiring,
     authorize_peer,
@@ -30,6 +30,7 @@ from fedgate.wiring import (
 from mesh import codec
 from mesh.model import ClusterInfo, GatewayAddress, Snapshot
 from mesh.tasks import TaskSet
+from mesh.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from federation.gitops.sync import GitOpsSync, SyncSettings
@@ -170,6 +171,7 @@ async def _controller(
     server = await serve(servicer, listen, controller_credentials(svid, ca.root_pem, ctl.current))
     state = admin.AdminState(
         ready=lambda: ctl.ready,
+        metrics=telemetry.exposition,
         config=lambda: {
             "identity": svid.svid.spiffe_id.uri,
             "identityNotAfter": svid.svid.not_after.isoformat(),
@@ -295,6 +297,7 @@ async def _agent(
     admin_server = await admin.serve(
         admin.AdminState(
             ready=lambda: the_agent.published,
+            metrics=telemetry.exposition,
             config=lambda: {**the_agent.status(), "ca": ca.status()},
         ),
         host,
@@ -364,6 +367,7 @@ def gateway(
     egress_listen: str,
     identity: IdentityOptions = IdentityOptions(),
     tunnels: TunnelListeners | None = None,
+    otlp_endpoint: str = "",
 ) -> None:
     logs.configure("gateway", cluster)
     w = _proxy_wiring(
@@ -376,7 +380,8 @@ def gateway(
         admin_addr,
         identity,
     )
-    run_with_loop(_gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners()))
+    tel = telemetry.TelemetrySettings("fedgate-gateway", w.node_id, cluster, otlp_endpoint)
+    run_with_loop(_gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners(), tel))
 
 
 def tune_malloc() -> bool:
@@ -412,7 +417,11 @@ class TunnelListeners:
 
 
 async def _gateway(
-    w: ProxyWiring, tunnel_listen: str, egress_listen: str, tunnels: TunnelListeners
+    w: ProxyWiring,
+    tunnel_listen: str,
+    egress_listen: str,
+    tunnels: TunnelListeners,
+    tel: telemetry.TelemetrySettings,
 ) -> None:
     from gateway.gateway import Gateway, GatewaySettings
 
@@ -440,7 +449,26 @@ async def _gateway(
         egress_port=ep,
         reuse_port=tunnels.reuse_port,
     )
-    await run_proxy(w, Gateway(settings, w.bootstrap.anchors))
+    async with _telemetry(tel) as t:
+        await run_proxy(
+            w, Gateway(settings, w.bootstrap.anchors, telemetry=t), telemetry.exposition
+        )
+
+
+@contextlib.asynccontextmanager
+async def _telemetry(s: telemetry.TelemetrySettings) -> AsyncIterator[Telemetry]:
+    """The process's telemetry; queued spans are flushed (off the loop) when it stops."""
+    try:
+        t = telemetry.setup(s)
+    except ValueError as e:
+        raise SystemExit(f"fedgate: {e}") from e
+    if s.otlp_endpoint:
+        _log.info("tracing on", otlp_endpoint=s.otlp_endpoint)
+    try:
+        yield t
+    finally:
+        if isinstance(t, telemetry.ProcessTelemetry):
+            await asyncio.to_thread(t.shutdown)
 
 
 def sidecar(
@@ -453,6 +481,7 @@ def sidecar(
     namespace: str,
     capture: bool,
     identity: IdentityOptions = IdentityOptions(),
+    otlp_endpoint: str = "",
 ) -> None:
     logs.configure("sidecar", cluster)
     structlog.contextvars.bind_contextvars(pod=pod)
@@ -472,13 +501,18 @@ def sidecar(
         admin_addr,
         identity,
     )
-    run_with_loop(_sidecar(w, pod, namespace, capture))
+    tel = telemetry.TelemetrySettings("fedgate-sidecar", w.node_id, cluster, otlp_endpoint)
+    run_with_loop(_sidecar(w, pod, namespace, capture, tel))
 
 
-async def _sidecar(w: ProxyWiring, pod: str, namespace: str, capture: bool) -> None:
+async def _sidecar(
+    w: ProxyWiring, pod: str, namespace: str, capture: bool, tel: telemetry.TelemetrySettings
+) -> None:
     from sidecar.settings import SidecarSettings
     from sidecar.sidecar import Sidecar
 
     # capture=True: the sidecar installs its iptables rules in the pod netns when it starts.
     settings = SidecarSettings(cluster=w.cluster, pod=pod, namespace=namespace, capture=capture)
-    await run_proxy(w, Sidecar(settings, w.bootstrap.anchors))
+    async with _telemetry(tel) as t:
+        sidecar = Sidecar(settings, w.bootstrap.anchors, telemetry=t)
+        await run_proxy(w, sidecar, telemetry.exposition)

@@ -86,7 +86,8 @@ def config_credentials(svid: Svid, control_root_pem: bytes) -> grpc.ChannelCrede
     )
 
 
-async def run_proxy(w: ProxyWiring, proxy: Proxy) -> None:
+async def run_proxy(w: ProxyWiring, proxy: Proxy, metrics: Callable[[], str] = str) -> None:
+    """Identity, then config, then serve until signalled. `metrics`: the admin `/metrics`."""
     from federation.api.client import ConfigClient
 
     svid = await obtain_svid(
@@ -103,6 +104,7 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy) -> None:
     latest: list[Snapshot] = []
     state = admin.AdminState(
         ready=lambda: started,
+        metrics=metrics,
         config=lambda: {
             "kind": w.kind,
             "node": w.node_id,

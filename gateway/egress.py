@@ -15,6 +15,14 @@ and a reason phrase naming the hop and the cause, and logged:
 * 504  the handshake or the remote reply timed out
 
 The inner bytes after the CONNECT head are the sidecars' end-to-end TLS: relayed, never read.
+
+Telemetry (hop `egress-gateway`): with tracing on, a CLIENT span per call, child of the
+CONNECT's `traceparent`, from the CONNECT to the remote reply (the bytes after are opaque;
+the access line at the call's end has their count and duration); the stream header carries
+this span, and the `200` carries the remote ingress's span back (or ours) so the caller can
+parent the destination sidecar's span on the hop before it. Access lines: `egress call
+established` once the remote answered, `egress call` at the end (or `egress call refused` with
+the reason), all with the trace and span ids; one metrics record per call.
 """
 
 from __future__ import annotations
@@ -30,11 +38,14 @@ import structlog
 from gateway.errors import CallRefusedError, TunnelError, TunnelTimeoutError
 from gateway.splice import Splice
 from gateway.transport import RESET_ABORTED, PeerTarget, Stream, StreamDialer
+from mesh import telemetry as tm
+from mesh import tracecontext
 from mesh.codec import StreamHeader, encode_header
 from mesh.connect import ConnectRequest, encode_response, parse_request, split_head
 from mesh.errors import CodecError
 from mesh.model import Snapshot
 from mesh.tasks import TaskSet
+from mesh.telemetry import OFF, Span, Telemetry
 
 _log = structlog.get_logger("fedgate.gateway.egress")
 _ids = itertools.count(1)
@@ -50,8 +61,10 @@ class Egress:
         dialers: Mapping[str, StreamDialer],
         reply_timeout: float,
         log: Any = _log,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.cluster = cluster
+        self.telemetry = telemetry
         self._snapshot = snapshot
         self._dialers = dialers
         self.draining = False
@@ -87,8 +100,9 @@ class Egress:
             request.cluster, gw.tunnel_host, gw.tunnel_port, info.trust_domain, gw.transport
         )
 
-    async def open(self, request: ConnectRequest) -> Stream:
-        """Open a tunnel stream for `request`; wait for the remote 200 (else CallRefusedError)."""
+    async def open(self, request: ConnectRequest, span: Span | None = None) -> tuple[Stream, str]:
+        """Open a tunnel stream for `request`; wait for the remote 200 (else CallRefusedError).
+        Returns the stream and the traceparent to answer with (the remote hop's span)."""
         if self.draining:
             raise CallRefusedError(503, "gateway draining")
         target = self.target(request)
@@ -99,8 +113,9 @@ class Egress:
             raise CallRefusedError(504, f"{hop}: {e}") from e
         except TunnelError as e:
             raise CallRefusedError(502, f"{hop}: {e}") from e
+        traceparent = span.context.format() if span is not None else request.traceparent
         header = StreamHeader(
-            request.service, request.port, request.cluster, request.traceparent, request.labels
+            request.service, request.port, request.cluster, traceparent, request.labels
         )
         try:
             stream.write(encode_header(header))
@@ -124,7 +139,7 @@ class Egress:
             raise CallRefusedError(
                 reply.status, reply.reason or f"{hop}: refused with {reply.status}"
             )
-        return stream
+        return stream, reply.traceparent or traceparent
 
     async def aclose(self) -> None:
         await self.tasks.aclose()
@@ -144,7 +159,9 @@ class EgressConnection(Splice):
         self._early_eof = False
         self._started = time.monotonic()
         self._request: ConnectRequest | None = None
-        self.log = egress.log.bind(cluster=egress.cluster, conn=f"e{self._id}")
+        self._span: Span | None = None
+        self._code = ""
+        self.log = egress.log.bind(cluster=egress.cluster, conn=f"e{self._id}", hop=tm.EGRESS)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -165,6 +182,7 @@ class EgressConnection(Splice):
             head, rest = got
             request = parse_request(head)
         except CodecError as e:
+            self.log.warning("egress call refused", status=400, reason=f"malformed CONNECT: {e}")
             self._answer(400, f"malformed CONNECT: {e}")
             return
         self._request = request
@@ -192,19 +210,52 @@ class EgressConnection(Splice):
         super().connection_lost(exc)
 
     async def _route(self, request: ConnectRequest) -> None:
-        log = self.log.bind(peer=request.cluster, service=str(request.service), port=request.port)
+        tel = self._egress.telemetry
+        parent = tracecontext.parse(request.traceparent)
+        span: Span | None = None
+        if tel.tracing:
+            span = self._span = tel.start_span(
+                f"egress {request.service}",
+                tm.EGRESS,
+                parent,
+                {
+                    tm.SOURCE_CLUSTER: self._egress.cluster,
+                    tm.DESTINATION_CLUSTER: request.cluster,
+                    tm.SERVICE: request.service.fqdn,
+                    "server.port": request.port,
+                },
+                server=False,
+            )
+        log = self.log.bind(
+            peer=request.cluster,
+            service=str(request.service),
+            port=request.port,
+            **tm.log_ids(span, parent),
+        )
+        self.log = log
         try:
-            stream = await self._egress.open(request)
+            stream, traceparent = await self._egress.open(request, span)
         except CallRefusedError as r:
+            self._code = str(r.status)
             log.warning("egress call refused", status=r.status, reason=r.reason)
+            if span is not None:
+                span.set(tm.STATUS, r.status)
+                span.end(r.reason)
+                self._span = None
             self._answer(r.status, r.reason)
             return
+        if span is not None:
+            span.set(tm.STATUS, 200)
+            span.end()
+            self._span = None
         transport = self.transport
         if transport is None or transport.is_closing():
             stream.reset("client went away", RESET_ABORTED)
             return
-        self.log = log
-        transport.write(encode_response(200, "Connection established"))
+        transport.write(encode_response(200, "Connection established", traceparent))
+        # A stream may carry a pooled inner connection for minutes: say it is up now, as Envoy
+        # flushes a tunnel's access log once established; `egress call` follows at its end.
+        log.info("egress call established", duration_ms=_ms_since(self._started))
         self.start(stream)
         if self._head:
             stream.write(self._head)
@@ -226,6 +277,24 @@ class EgressConnection(Splice):
 
     def _done(self, _: Splice, outcome: str) -> None:
         self._egress.active.discard(self)
+        if self._span is not None:  # the caller left while the call was being routed
+            self._span.end(outcome)
+            self._span = None
+        request = self._request
+        tel = self._egress.telemetry
+        if tel.metrics and request is not None:
+            stream = self.stream
+            tel.record(
+                tm.EGRESS,
+                "tcp",
+                self._egress.cluster,
+                request.cluster,
+                request.service.fqdn,
+                self._code or ("ok" if outcome == "ok" else "error"),
+                time.monotonic() - self._started,
+                stream.bytes_out if stream is not None else 0,
+                stream.bytes_in if stream is not None else 0,
+            )
         if self.stream is None:
             return
         counters = self._egress.counters
@@ -239,5 +308,9 @@ class EgressConnection(Splice):
             outcome=outcome,
             bytes_up=self.stream.bytes_out,
             bytes_down=self.stream.bytes_in,
-            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            duration_ms=_ms_since(self._started),
         )
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)

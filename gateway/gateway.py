@@ -53,6 +53,7 @@ from gateway.transport import LISTEN_BACKLOG, TRANSPORTS, PeerTarget, StreamDial
 from gateway.tunnel import TunnelConnection, TunnelSettings, connect
 from mesh.model import EMPTY_SNAPSHOT, Snapshot
 from mesh.naming import SpiffeId, gateway_identity
+from mesh.telemetry import EGRESS, INGRESS, OFF, Telemetry
 
 _log = structlog.get_logger("fedgate.gateway")
 
@@ -104,6 +105,7 @@ class Gateway:
         *,
         rng: random.Random | None = None,
         now: Callable[[], Any] = utcnow,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.settings = settings
         self._anchors = anchors
@@ -132,6 +134,7 @@ class Gateway:
             settings.connect_timeout,
             rng=rng,
             log=self.log,
+            telemetry=telemetry,
         )
         self.egress = Egress(
             settings.cluster,
@@ -139,6 +142,7 @@ class Gateway:
             self.dialers,
             self._tunnel.reply_timeout,
             log=self.log,
+            telemetry=telemetry,
         )
         self._server_policy = PeerPolicy(
             bundle=lambda: self._bundle, authorize=self._authorize_peer, now=now
@@ -214,7 +218,7 @@ class Gateway:
                     self._server_policy,
                     self.ingress.handle,
                     identify=self._cluster_of,
-                    log=self.log,
+                    log=self.log.bind(hop=INGRESS),  # names the hop in handshake refusals
                 )
             if s.tls_port is not None:
                 self._tls_server = TlsTunnelServer(
@@ -223,11 +227,13 @@ class Gateway:
                     self._server_policy,
                     self.ingress.handle,
                     identify=self._cluster_of,
-                    log=self.log,
+                    log=self.log.bind(hop=INGRESS),  # names the hop in handshake refusals
                 )
                 await self._tls_server.start(s.tunnel_host, s.tls_port, reuse_port=s.reuse_port)
             if s.passthrough_port is not None:
-                self._pt_server = PassthroughServer(s.passthrough, self.ingress.handle, self.log)
+                self._pt_server = PassthroughServer(
+                    s.passthrough, self.ingress.handle, self.log.bind(hop=INGRESS)
+                )
                 await self._pt_server.start(
                     s.tunnel_host, s.passthrough_port, reuse_port=s.reuse_port
                 )
@@ -443,7 +449,7 @@ class Gateway:
             configuration=config,
             policy=self._client_policy(target),
             settings=self._tunnel,
-            log=self.log.bind(peer=target.cluster),
+            log=self.log.bind(peer=target.cluster, hop=EGRESS),
             identify=lambda _: target.cluster,
         )
 
@@ -456,7 +462,7 @@ class Gateway:
             server_hostname=dns_names_for(expected)[0],
             policy=self._client_policy(target),
             settings=self.settings.tls,
-            log=self.log.bind(peer=target.cluster),
+            log=self.log.bind(peer=target.cluster, hop=EGRESS),
             identify=lambda _: target.cluster,
         )
 

@@ -12,6 +12,12 @@ names this hop and the cause:
 * 503  unknown service, no such port, no healthy endpoint here (with the subset's labels, when
        the header names some), this gateway is draining
 * 502  the endpoint refused the connection / 504 the connection timed out
+
+Telemetry (hop `ingress-gateway`): with tracing on, a SERVER span per stream, child of the
+header's `traceparent`, from the header to the endpoint's connection (or the refusal); the
+`200` reply carries it back so the caller can parent the destination sidecar on it. Access
+lines: `ingress call established` once the endpoint is connected, `ingress call` at the
+stream's end (or `ingress call refused` with the reason); one metrics record per stream.
 """
 
 from __future__ import annotations
@@ -28,14 +34,19 @@ import structlog
 from gateway.errors import CallRefusedError
 from gateway.splice import Splice
 from gateway.transport import Stream
+from mesh import telemetry as tm
+from mesh import tracecontext
 from mesh.codec import StreamHeader, StreamReply, encode_reply
 from mesh.connect import format_labels
 from mesh.errors import NoRouteError
 from mesh.model import Endpoint, Snapshot
 from mesh.routing import pick_endpoint
 from mesh.tasks import TaskSet
+from mesh.telemetry import OFF, Span, Telemetry
 
 _log = structlog.get_logger("fedgate.gateway.ingress")
+# The source cluster of a stream whose peer is not authenticated (passthrough).
+UNKNOWN_PEER = "unknown"
 _ids = itertools.count(1)
 
 
@@ -48,8 +59,10 @@ class Ingress:
         connect_timeout: float = 5.0,
         rng: random.Random | None = None,
         log: Any = _log,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.cluster = cluster
+        self.telemetry = telemetry
         self._snapshot = snapshot
         self._inbound_port = inbound_port
         self._connect_timeout = connect_timeout
@@ -81,27 +94,46 @@ class Ingress:
     def handle(self, stream: Stream, header: StreamHeader) -> None:
         """`StreamHandler` of the tunnel server: never raises."""
         self.counters["calls"] += 1
+        parent = tracecontext.parse(header.traceparent)
+        call = _Call(header, time.monotonic())
+        if self.telemetry.tracing:
+            call.span = self.telemetry.start_span(
+                f"ingress {header.service}",
+                tm.INGRESS,
+                parent,
+                {
+                    tm.SOURCE_CLUSTER: stream.peer_cluster or UNKNOWN_PEER,
+                    tm.DESTINATION_CLUSTER: self.cluster,
+                    tm.SERVICE: header.service.fqdn,
+                    "server.port": header.port,
+                },
+                server=True,
+            )
         log = self.log.bind(
             cluster=self.cluster,
+            hop=tm.INGRESS,
             peer=stream.peer_cluster,
             conn=f"i{next(_ids)}",
             stream=stream.id,
             service=str(header.service),
             port=header.port,
+            **tm.log_ids(call.span, parent),
         )
         try:
             if self.draining:
                 raise CallRefusedError(503, "gateway draining")
             endpoint = self.route(header)
         except CallRefusedError as r:
-            self._refuse(stream, r, log)
+            self._refuse(stream, r, log, call)
             return
-        self.tasks.spawn(self._dial(stream, endpoint, log), f"dial-{stream.id}")
+        self.tasks.spawn(self._dial(stream, endpoint, log, call), f"dial-{stream.id}")
 
-    async def _dial(self, stream: Stream, endpoint: Endpoint, log: Any) -> None:
+    async def _dial(self, stream: Stream, endpoint: Endpoint, log: Any, call: _Call) -> None:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
+        started = call.started
         target = f"{endpoint.address}:{self._inbound_port}"
+        if call.span is not None:
+            call.span.set(tm.ENDPOINT, endpoint.address)
 
         def done(splice: Splice, outcome: str) -> None:
             self.active.discard(splice)
@@ -115,9 +147,14 @@ class Ingress:
                 bytes_up=stream.bytes_in,
                 bytes_down=stream.bytes_out,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                **({} if ok else {"reason": outcome}),
             )
+            self._record(stream, call, "ok" if ok else "error")
 
-        splice = Splice(stream, preamble=encode_reply(StreamReply(200)), on_done=done)
+        # The reply names the span the destination sidecar should hang under: ours, or with
+        # tracing off the caller's, passed on unchanged.
+        reply = StreamReply(200, traceparent=_format(call.span) or call.header.traceparent)
+        splice = Splice(stream, preamble=encode_reply(reply), on_done=done)
         self.active.add(splice)
         try:
             await asyncio.wait_for(
@@ -126,20 +163,63 @@ class Ingress:
             )
         except TimeoutError:
             self.active.discard(splice)
-            self._refuse(stream, CallRefusedError(504, f"endpoint {target} timed out"), log)
+            refusal = CallRefusedError(504, f"endpoint {target} timed out")
+            self._refuse(stream, refusal, log, call)
+            return
         except OSError as e:
             self.active.discard(splice)
-            self._refuse(
-                stream, CallRefusedError(502, f"endpoint {target}: {e.strerror or e}"), log
-            )
+            refusal = CallRefusedError(502, f"endpoint {target}: {e.strerror or e}")
+            self._refuse(stream, refusal, log, call)
+            return
+        log.info(
+            "ingress call established",
+            endpoint=target,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        if call.span is not None:
+            call.span.set(tm.STATUS, 200)
+            call.span.end()
 
-    def _refuse(self, stream: Stream, r: CallRefusedError, log: Any) -> None:
+    def _refuse(self, stream: Stream, r: CallRefusedError, log: Any, call: _Call) -> None:
         self.counters["refused"] += 1
         reason = f"fedgate ingress {self.cluster}: {r.reason}"
         log.warning("ingress call refused", status=r.status, reason=reason)
         stream.refuse(r.status, reason)
+        if call.span is not None:
+            call.span.set(tm.STATUS, r.status)
+            call.span.end(reason)
+        self._record(stream, call, str(r.status))
+
+    def _record(self, stream: Stream, call: _Call, code: str) -> None:
+        if self.telemetry.metrics:
+            self.telemetry.record(
+                tm.INGRESS,
+                "tcp",
+                stream.peer_cluster or UNKNOWN_PEER,
+                self.cluster,
+                call.header.service.fqdn,
+                code,
+                time.monotonic() - call.started,
+                stream.bytes_in,
+                stream.bytes_out,
+            )
 
     async def aclose(self) -> None:
         await self.tasks.aclose()
         for splice in list(self.active):
             splice.abort("gateway shutting down")
+
+
+class _Call:
+    """One stream's telemetry state."""
+
+    __slots__ = ("header", "span", "started")
+
+    def __init__(self, header: StreamHeader, started: float) -> None:
+        self.header = header
+        self.started = started
+        self.span: Span | None = None
+
+
+def _format(span: Span | None) -> str:
+    return span.context.format() if span is not None else ""

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh import tracecontext
 from mesh.connect import check_labels
 from mesh.errors import CodecError, MeshError
 from mesh.model import (
@@ -559,6 +560,9 @@ class StreamReply:
 
     status: int
     reason: str = ""
+    # The answering hop's span, so the caller can parent the next hop's span on it (the
+    # inner stream's destination sidecar under the ingress gateway). Optional on the wire.
+    traceparent: str = ""
 
 
 def _frame(obj: Json) -> bytes:
@@ -583,7 +587,10 @@ def encode_header(h: StreamHeader) -> bytes:
 
 
 def encode_reply(r: StreamReply) -> bytes:
-    return _frame({"status": r.status, "reason": r.reason})
+    obj: Json = {"status": r.status, "reason": r.reason}
+    if r.traceparent:  # absent when empty: older decoders never see the key
+        obj["traceparent"] = r.traceparent
+    return _frame(obj)
 
 
 def split_frame(buf: bytes) -> tuple[Json, bytes] | None:
@@ -608,9 +615,18 @@ def _header(x: Mapping[str, Any]) -> StreamHeader:
         service=ServiceKey(_req(x, "ns", str), _req(x, "svc", str)),
         port=ServicePort("p", _req(x, "port", int)).port,
         cluster=_req(x, "cluster", str),
-        traceparent=_req(x, "traceparent", str),
+        traceparent=_traceparent(x),
         labels=check_labels(_labels(x.get("labels", {}))),
     )
+
+
+def _traceparent(x: Mapping[str, Any]) -> str:
+    """Optional (older peers), a string if present; an invalid value is dropped, not refused
+    (W3C Trace Context 3.2.2: restart the trace), so it never costs a call."""
+    value = x.get("traceparent", "")
+    if not isinstance(value, str):
+        raise CodecError("field 'traceparent' must be a string")
+    return value if tracecontext.parse(value) is not None else ""
 
 
 def header_from_json(o: Mapping[str, Any]) -> StreamHeader:
@@ -619,4 +635,6 @@ def header_from_json(o: Mapping[str, Any]) -> StreamHeader:
 
 
 def reply_from_json(o: Mapping[str, Any]) -> StreamReply:
-    return StreamReply(status=_req(o, "status", int), reason=_req(o, "reason", str))
+    return StreamReply(
+        status=_req(o, "status", int), reason=_req(o, "reason", str), traceparent=_traceparent(o)
+    )

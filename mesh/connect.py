@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mesh import tracecontext
 from mesh.errors import CodecError, MeshError
 from mesh.naming import ServiceKey
 
@@ -116,20 +117,22 @@ def parse_request(head: bytes) -> ConnectRequest:
         service = ServiceKey.parse_fqdn(host)
     except MeshError as e:
         raise CodecError(f"CONNECT target: {e}") from e
+    traceparent = headers.get("traceparent", "")
+    if tracecontext.parse(traceparent) is None:
+        traceparent = ""  # invalid: ignored, the trace restarts (W3C Trace Context 3.2.2)
     subset = headers.get(SUBSET_HEADER, "")
     return ConnectRequest(
-        service,
-        int(port_text),
-        cluster,
-        headers.get("traceparent", ""),
-        parse_labels(subset) if subset else (),
+        service, int(port_text), cluster, traceparent, parse_labels(subset) if subset else ()
     )
 
 
-def encode_response(status: int, reason: str) -> bytes:
+def encode_response(status: int, reason: str, traceparent: str = "") -> bytes:
+    """The egress's answer. `traceparent` (on 200): the span nearest the destination that the
+    tunnel set up, so the caller parents the destination sidecar's span on it."""
     # The reason phrase carries our explanation (no silent 503s); keep it one clean line.
     clean = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in reason)[:200]
-    return f"HTTP/1.1 {status} {clean}\r\n\r\n".encode("ascii")
+    extra = f"traceparent: {traceparent}\r\n" if tracecontext.parse(traceparent) else ""
+    return f"HTTP/1.1 {status} {clean}\r\n{extra}\r\n".encode("ascii")
 
 
 def parse_response(head: bytes) -> tuple[int, str]:
@@ -138,3 +141,13 @@ def parse_response(head: bytes) -> tuple[int, str]:
     if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit():
         raise CodecError(f"malformed CONNECT response {line[:80]!r}")
     return int(parts[1]), parts[2] if len(parts) > 2 else ""
+
+
+def response_traceparent(head: bytes) -> str:
+    """The valid `traceparent` of a CONNECT response head, else "" (ignored, never fatal)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"traceparent":
+            text = value.strip().decode("ascii", "replace")
+            return text if tracecontext.parse(text) is not None else ""
+    return ""

@@ -13,7 +13,14 @@ For each connection to the inbound port:
    bytes are relayed both ways with half-close.
 
 Each accepted stream is logged with the caller's verified SPIFFE ID: the destination sees the
-real caller, even through gateways. What this module does not do: authorization policy
+real caller, even through gateways.
+
+Telemetry (hop `destination-sidecar`, with tracing or metrics on): the relayed bytes are
+watched (`sidecar.http.tap`); an HTTP/1.x connection gets a SERVER span, an access line
+(`inbound request`) and a metrics record per request, the span a child of the request's
+`traceparent`; any other connection gets them once, for the connection, the span a child of
+the stream header's `traceparent`. The source cluster is the caller's trust domain's first
+label (`mesh.naming.trust_domain_for`). What this module does not do: authorization policy
 (`AuthorizationPolicy` comes later; any identity the bundle verifies is accepted here).
 """
 
@@ -30,11 +37,16 @@ import structlog
 from ca.bundle import TrustBundle
 from ca.errors import DeniedError, VerificationError
 from ca.tls import peer_identity
-from mesh.codec import StreamReply, encode_reply, header_from_json, split_frame
+from mesh import telemetry as tm
+from mesh import tracecontext
+from mesh.codec import StreamHeader, StreamReply, encode_reply, header_from_json, split_frame
 from mesh.errors import CodecError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
+from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.errors import ProxyError
+from sidecar.http.codec import Request
+from sidecar.http.tap import Exchange, HttpTap
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.settings import SidecarSettings
 from sidecar.state import ProxyState
@@ -77,8 +89,14 @@ def close_denied(live: dict[Conn, SpiffeId], bundle: TrustBundle, side: str) -> 
 class Inbound:
     """The inbound mTLS listener and its connection handlers."""
 
-    def __init__(self, settings: SidecarSettings, state: Callable[[], ProxyState]) -> None:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        state: Callable[[], ProxyState],
+        telemetry: Telemetry = OFF,
+    ) -> None:
         self._settings = settings
+        self.telemetry = telemetry
         self._state = state
         self._tasks = TaskSet("sidecar-inbound")
         self._server: asyncio.Server | None = None
@@ -122,6 +140,7 @@ class Inbound:
         log = _log.bind(
             pod=s.pod,
             cluster=s.cluster,
+            hop=tm.DESTINATION,
             conn=f"{s.pod}/i{next(_ids)}",
             src=f"{peer[0]}:{peer[1]}" if peer else "?",
         )
@@ -187,7 +206,12 @@ class Inbound:
         caller.write(encode_reply(StreamReply(200)))
         self.live[caller] = caller_id
         log.info("inbound accepted")
+        watch: _Watch | None = None
+        if self.telemetry.tracing or self.telemetry.metrics:
+            watch = _Watch(self.telemetry, s.cluster, header, caller_id, log, started)
+            caller.tap, app.tap = watch.tap.from_caller, watch.tap.from_app
         error = await relay(caller, app)
+        log = watch.connection_log(log) if watch is not None else log
         log.info(
             "inbound closed",
             bytes_received=caller.relayed,
@@ -195,4 +219,108 @@ class Inbound:
             duration_s=round(time.monotonic() - started, 3),
             **({"reason": error.reason, "detail": error.detail} if error else {}),
         )
+        if watch is not None:
+            watch.closed(error.reason if error else "", caller.relayed, app.relayed)
         return app
+
+
+class _Watch:
+    """The telemetry of one accepted inbound connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        cluster: str,
+        header: StreamHeader,
+        caller: SpiffeId,
+        log: Any,
+        started: float,
+    ) -> None:
+        self.telemetry = telemetry
+        self.cluster = cluster
+        self.header = header
+        self.service = header.service.fqdn
+        self.caller = caller
+        self.source_cluster = caller.trust_domain.partition(".")[0]
+        self.log = log
+        self.started = started
+        self.parent = tracecontext.parse(header.traceparent)
+        self.span: Span | None = None  # the connection's, when it is not HTTP
+        self.tap = HttpTap(self._request_started, self._request_finished, self._mode)
+
+    def _attrs(self) -> dict[str, tm.AttrValue]:
+        return {
+            tm.SOURCE_CLUSTER: self.source_cluster,
+            tm.DESTINATION_CLUSTER: self.cluster,
+            tm.SERVICE: self.service,
+            tm.PEER: self.caller.uri,
+            "server.port": self.header.port,
+        }
+
+    def _mode(self, mode: str) -> None:
+        if mode == "opaque" and self.telemetry.tracing:
+            attrs = {**self._attrs(), tm.PROTOCOL: "tcp"}
+            name = f"inbound {self.header.service}"
+            self.span = self.telemetry.start_span(
+                name, tm.DESTINATION, self.parent, attrs, server=True
+            )
+
+    def connection_log(self, log: Any) -> Any:
+        return log.bind(**tm.log_ids(self.span, self.parent)) if self.tap.exchanges == 0 else log
+
+    def _request_started(self, request: Request, exchange: Exchange) -> Any:
+        parent = tracecontext.parse(request.get("traceparent")) or self.parent
+        span: Span | None = None
+        if self.telemetry.tracing:
+            attrs = {**self._attrs(), tm.METHOD: request.method, tm.PATH: request.target}
+            span = self.telemetry.start_span(
+                f"inbound {request.method}", tm.DESTINATION, parent, attrs, server=True
+            )
+        return (span, parent, time.monotonic())
+
+    def _request_finished(self, exchange: Exchange, error: str) -> None:
+        span, parent, t0 = exchange.token
+        duration = time.monotonic() - t0
+        if span is not None:
+            if exchange.status:
+                span.set(tm.STATUS, exchange.status)
+            span.end(error or ("" if exchange.status < 500 else str(exchange.status)))
+        (self.log.warning if error else self.log.info)(
+            "inbound request",
+            method=exchange.method,
+            path=exchange.target,
+            status=exchange.status,
+            request_bytes=exchange.request_bytes,
+            response_bytes=exchange.response_bytes,
+            duration_ms=round(duration * 1000, 1),
+            **tm.log_ids(span, parent),
+            **({"reason": error} if error else {}),
+        )
+        self.telemetry.record(
+            tm.DESTINATION,
+            "http",
+            self.source_cluster,
+            self.cluster,
+            self.service,
+            str(exchange.status),
+            duration,
+            exchange.request_bytes,
+            exchange.response_bytes,
+        )
+
+    def closed(self, error: str, received: int, sent: int) -> None:
+        self.tap.close(error)
+        if self.span is not None:
+            self.span.end(error)
+        if self.tap.exchanges == 0:  # not HTTP (or nothing was asked): the connection counts
+            self.telemetry.record(
+                tm.DESTINATION,
+                "tcp",
+                self.source_cluster,
+                self.cluster,
+                self.service,
+                "error" if error else "ok",
+                time.monotonic() - self.started,
+                received,
+                sent,
+            )

@@ -17,8 +17,13 @@ connections made by the same `_mesh_upstream` as steps 2-3.
 
 Every failure resets the app's connection and logs one line with the reason, pod, service,
 clusters and connection id; success logs one access line when the connection ends.
-What this module does not do: HTTP (see above) or traceparent generation (the header carries
-an empty one in this version).
+
+Telemetry (hop `source-sidecar`): a per-connection (TCP) call gets one CLIENT span for the
+connection's life, a new trace (TCP carries no context); its context goes in the CONNECT's
+`traceparent`, and the inner stream header carries the span nearest the destination (the
+ingress gateway's, from the CONNECT's `200`, else ours), so the destination sidecar's span
+hangs under the hop before it. Every connection is one metrics record.
+What this module does not do: HTTP (see above).
 """
 
 from __future__ import annotations
@@ -35,11 +40,19 @@ import structlog
 
 from ca.errors import VerificationError
 from ca.tls import peer_identity
+from mesh import telemetry as tm
 from mesh.codec import StreamHeader, encode_header, reply_from_json, split_frame
-from mesh.connect import ConnectRequest, encode_request, parse_response, split_head
+from mesh.connect import (
+    ConnectRequest,
+    encode_request,
+    parse_response,
+    response_traceparent,
+    split_head,
+)
 from mesh.errors import CodecError, NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
+from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.capture import original_dst
 from sidecar.errors import CaptureError, ProxyError
 from sidecar.http.flow import FlowConn, open_flow_conn
@@ -67,8 +80,10 @@ class Outbound:
         original_dst_of: OriginalDst = original_dst,
         *,
         sniff_timeout: float = SNIFF_TIMEOUT,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self._settings = settings
+        self.telemetry = telemetry
         self._state = state
         self._rng = rng or random.Random()
         self._original_dst_of = original_dst_of
@@ -85,6 +100,8 @@ class Outbound:
             self.live,
             self._rng,
             sniff_timeout=sniff_timeout,
+            telemetry=telemetry,
+            cluster=settings.cluster,
         )
 
     async def start(self) -> None:
@@ -126,7 +143,14 @@ class Outbound:
     def _refuse_early(self, app: Conn, reason: str, detail: str) -> None:
         self.failed += 1
         s = self._settings
-        _log.warning("outbound failed", reason=reason, detail=detail, pod=s.pod, cluster=s.cluster)
+        _log.warning(
+            "outbound failed",
+            hop=tm.SOURCE,
+            reason=reason,
+            detail=detail,
+            pod=s.pod,
+            cluster=s.cluster,
+        )
         app.reset()
 
     async def handle(self, app: Conn, dst: tuple[str, int]) -> None:
@@ -134,7 +158,11 @@ class Outbound:
         s = self._settings
         state = self._state()
         log = _log.bind(
-            pod=s.pod, cluster=s.cluster, conn=f"{s.pod}/o{next(_ids)}", dst=f"{dst[0]}:{dst[1]}"
+            pod=s.pod,
+            cluster=s.cluster,
+            hop=tm.SOURCE,
+            conn=f"{s.pod}/o{next(_ids)}",
+            dst=f"{dst[0]}:{dst[1]}",
         )
         self.total += 1
         self.active += 1
@@ -142,8 +170,11 @@ class Outbound:
         upstream: Conn | None = None
         facts: dict[str, object] = {}  # what we learned, for the one log line either way
         admitted: ServiceRoute | None = None
+        route = state.routes.lookup(*dst)
+        span: Span | None = None
+        code, outcome = "error", "cancelled"
+        tcp = False  # served per connection (not HTTP): one span and record for it
         try:
-            route = state.routes.lookup(*dst)
             if (
                 route is not None
                 and isinstance(app, FlowConn)
@@ -151,6 +182,23 @@ class Outbound:
             ):
                 await self.http.serve(app, dst, log.bind(service=str(route.service), mode="http"))
                 return
+            tcp = True
+            tel = self.telemetry
+            if route is not None and tel.tracing:
+                span = tel.start_span(
+                    f"outbound {route.service}",
+                    tm.SOURCE,
+                    None,
+                    {
+                        tm.SOURCE_CLUSTER: s.cluster,
+                        tm.SERVICE: route.service.fqdn,
+                        tm.PROTOCOL: "tcp",
+                        "server.port": route.port.port,
+                    },
+                    server=False,
+                )
+                log = log.bind(**tm.log_ids(span))
+                facts["traceparent"] = span.context.format()
             try:
                 if route is not None:
                     # maxConnections holds for per-connection traffic too (Istio's tcp pool).
@@ -159,11 +207,15 @@ class Outbound:
                 upstream = await self._upstream(dst, state, facts)
             except ProxyError as e:
                 self.failed += 1
+                code, outcome = "error", e.reason
+                _drop_context(facts)
                 log.warning("outbound failed", reason=e.reason, detail=e.detail, **facts)
                 return
+            _drop_context(facts)
             if "peer" in facts:
                 self.live[upstream] = SpiffeId.parse(str(facts["peer"]))
             error = await relay(app, upstream)
+            code, outcome = ("error", error.reason) if error else ("ok", "")
             log.info(
                 "outbound closed",
                 bytes_sent=app.relayed,
@@ -173,6 +225,8 @@ class Outbound:
                 **({"reason": error.reason, "detail": error.detail} if error else {}),
             )
         finally:
+            if tcp and route is not None and (span is not None or self.telemetry.metrics):
+                self._observe(span, facts, route, code, outcome, started, app, upstream)
             self.active -= 1
             if admitted is not None:
                 self.http.tcp_release(admitted)
@@ -182,6 +236,36 @@ class Outbound:
             app.reset_if_open()
             if upstream is not None:
                 upstream.reset_if_open()
+
+    def _observe(
+        self,
+        span: Span | None,
+        facts: dict[str, object],
+        route: ServiceRoute,
+        code: str,
+        outcome: str,
+        started: float,
+        app: Conn,
+        upstream: Conn | None,
+    ) -> None:
+        """End a TCP connection's span and record it (tracing or metrics on)."""
+        dst_cluster = str(facts.get("dst_cluster", ""))
+        if span is not None:
+            span.set(tm.DESTINATION_CLUSTER, dst_cluster)
+            if "endpoint" in facts:
+                span.set(tm.ENDPOINT, str(facts["endpoint"]))
+            span.end(outcome)
+        self.telemetry.record(
+            tm.SOURCE,
+            "tcp",
+            self._settings.cluster,
+            dst_cluster,
+            route.service.fqdn,
+            code,
+            time.monotonic() - started,
+            app.relayed,
+            upstream.relayed if upstream is not None else 0,
+        )
 
     async def _upstream(
         self, dst: tuple[str, int], state: ProxyState, facts: dict[str, object]
@@ -229,6 +313,7 @@ class Outbound:
         assert state.client_ctx is not None
         step = "connect"
         upstream: Conn | None = None
+        traceparent = str(facts.get("traceparent", ""))  # the calling span's, if tracing
         try:
             async with asyncio.timeout(s.setup_timeout):
                 if isinstance(decision, Local):
@@ -244,13 +329,18 @@ class Outbound:
                     upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
                     step = "CONNECT"
                     request = ConnectRequest(
-                        route.service, route.port.port, cluster, "", decision.labels
+                        route.service, route.port.port, cluster, traceparent, decision.labels
                     )
                     upstream.write(encode_request(request))
                     head = await upstream.read_frame(split_head, "CONNECT response")
                     status, phrase = _parse_connect(head)
                     if status != 200:
                         raise ProxyError("gateway refused", f"{status} {phrase}")
+                    if traceparent:
+                        # The span nearest the destination the tunnel set up (see above).
+                        via = response_traceparent(head)
+                        if via:
+                            facts["via"] = traceparent = via
                 step = "TLS handshake"
                 ctx = state.client_ctx
                 ssl_obj = await upstream.start_tls(
@@ -265,7 +355,8 @@ class Outbound:
                     raise ProxyError("server identity rejected", str(e)) from e
                 facts["peer"] = server.uri
                 step = "stream reply"
-                upstream.write(encode_header(StreamHeader(route.service, route.port.port, cluster)))
+                header = StreamHeader(route.service, route.port.port, cluster, traceparent)
+                upstream.write(encode_header(header))
                 reply = await upstream.read_frame(split_frame, "stream reply")
                 try:
                     answer = reply_from_json(reply)
@@ -283,6 +374,12 @@ class Outbound:
                 upstream.close()
             raise
         return upstream
+
+
+def _drop_context(facts: dict[str, object]) -> None:
+    """Trace context travels in `facts` to `_mesh_upstream`; it is not an access-log field."""
+    facts.pop("traceparent", None)
+    facts.pop("via", None)
 
 
 def _parse_connect(head: bytes) -> tuple[int, str]:

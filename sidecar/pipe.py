@@ -55,6 +55,9 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._peer: Conn | None = None
         self.relayed = 0  # payload bytes received and passed to the peer (no framing)
+        # An observer of the bytes passed to the peer (the destination's HTTP telemetry, see
+        # sidecar.http.tap); it never changes them. None: nothing but this check per chunk.
+        self.tap: Callable[[bytes], None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -246,6 +249,8 @@ class Conn(asyncio.Protocol):
     def _on_plain(self, data: bytes) -> None:
         if self._peer is not None:
             self.relayed += len(data)
+            if self.tap is not None:
+                self.tap(data)
             self._peer.write(data)
             return
         self._buf += data
@@ -330,6 +335,8 @@ def splice(a: Conn, b: Conn) -> None:
         pending, src._buf = bytes(src._buf), bytearray()
         if pending:
             src.relayed += len(pending)
+            if src.tap is not None:
+                src.tap(pending)
             dst.write(pending)
         if src.error is not None or (src.closed.done() and not src.eof):
             a.reset()

@@ -23,6 +23,7 @@ from ca.errors import CAError
 from ca.tls import client_context, server_context
 from mesh.model import Snapshot
 from mesh.naming import ServiceKey
+from mesh.telemetry import OFF, Telemetry
 from sidecar.capture import CaptureConfig, capture_rules, install, original_dst
 from sidecar.dns import DnsServer
 from sidecar.errors import ConfigRejectedError
@@ -45,14 +46,15 @@ class Sidecar:
         *,
         rng: random.Random | None = None,
         original_dst_of: OriginalDst = original_dst,
+        telemetry: Telemetry = OFF,
     ) -> None:
         """`bootstrap_anchors`: roots known before any snapshot (at least the own cluster's)."""
         self.settings = settings
         self._anchors = bootstrap_anchors
         self._snapshot: Snapshot | None = None
         self._state = ProxyState(RouteTable.empty(settings.cluster), bootstrap_anchors)
-        self.outbound = Outbound(settings, self.state, rng, original_dst_of)
-        self.inbound = Inbound(settings, self.state)
+        self.outbound = Outbound(settings, self.state, rng, original_dst_of, telemetry=telemetry)
+        self.inbound = Inbound(settings, self.state, telemetry)
         self.dns: DnsServer | None = None
         self._started = False
 

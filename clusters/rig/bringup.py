@@ -41,10 +41,18 @@ READY_TIMEOUT = 60.0
 
 @dataclass(frozen=True, slots=True)
 class RigCommand:
-    """How to start processes: the `fedgate` command and the etcd binary."""
+    """How to start processes: the `fedgate` command and the etcd binary. `otlp_endpoint`:
+    where gateways and sidecars export traces (`--otlp-endpoint`; in their argv, so a
+    restarted process keeps it); "" (the default): tracing off. `unix:/path` works from every
+    namespace: network namespaces do not isolate the filesystem."""
 
     fedgate: tuple[str, ...]
     etcd: str
+    otlp_endpoint: str = ""
+
+    @property
+    def telemetry_args(self) -> list[str]:
+        return ["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []
 
 
 Progress = Callable[[str], None]
@@ -278,6 +286,7 @@ def _start_cluster(
             _addr(plan.egress_address),
             "--admin",
             _addr(plan.gateway_admin_address),
+            *command.telemetry_args,
             *_identity_args(rigdir),
         ],
     )
@@ -322,6 +331,7 @@ def add_pod(
             "--admin",
             f"127.0.0.1:{topology.SIDECAR_ADMIN_PORT}",
             *_identity_args(rigdir),
+            *command.telemetry_args,
         ],
     )
     if workload:

@@ -48,6 +48,7 @@ class RequestBody:
             assert isinstance(event, EndOfMessage), event
         self.complete = reader.state == "done"
         self.streamed = False  # the rest was read from the app into a try: no replay
+        self.streamed_size = 0  # bytes of it (for the request-bytes metric)
 
     async def prefetch(self, limit: int = REPLAY_LIMIT) -> None:
         while not self.complete and self.size < limit:
@@ -60,6 +61,11 @@ class RequestBody:
                     self.complete = True
                 case _:
                     raise AssertionError(f"unexpected {event!r} in a request body")
+
+    @property
+    def sent(self) -> int:
+        """Body bytes read from the app so far (read ahead, then streamed)."""
+        return self.size + self.streamed_size
 
     @property
     def out_framing(self) -> Framing:
@@ -81,6 +87,7 @@ class RequestBody:
             event = await next_event(self.app, self.reader)
             match event:
                 case Data(data=data):
+                    self.streamed_size += len(data)
                     conn.write(encode_chunk(data) if chunked else data)
                 case EndOfMessage():
                     if chunked:

@@ -50,9 +50,13 @@ def _head(first: str, headers: list[tuple[str, str]]) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
-def encode_request(req: Request, framing: Framing) -> bytes:
-    """The head to send upstream: always HTTP/1.1, persistent, with the proxy's framing."""
+def encode_request(req: Request, framing: Framing, traceparent: str = "") -> bytes:
+    """The head to send upstream: always HTTP/1.1, persistent, with the proxy's framing.
+    `traceparent`: replaces the app's (W3C Trace Context: each hop sends its own span)."""
     headers = forwardable(req.headers, upgrade=req.upgrade)
+    if traceparent:
+        headers = [(k, v) for k, v in headers if k.lower() != "traceparent"]
+        headers.append(("traceparent", traceparent))
     if req.upgrade:
         headers.append(("Connection", "upgrade"))
     declared = req.get("content-length") is not None

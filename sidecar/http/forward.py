@@ -32,6 +32,7 @@ from typing import Any
 from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
+from mesh.telemetry import Span
 from sidecar.errors import ProxyError
 from sidecar.http.body import RequestBody, next_event
 from sidecar.http.codec import (
@@ -90,6 +91,22 @@ class Call:
     body: RequestBody
     log: Any
     head_sent: bool = False
+    span: Span | None = None  # the request's span (tracing on)
+    seen: Seen | None = None  # what telemetry reports at the end (tracing or metrics on)
+
+
+@dataclass(eq=False, slots=True)
+class Seen:
+    """A request's outcome as telemetry reports it, filled in as the exchange goes."""
+
+    status: int = 0
+    reason: str = ""
+    dst_cluster: str = ""
+    endpoint: str = ""
+    subset: str = ""
+    retries: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +153,13 @@ class Forwarder:
         status: int,
         reason: str,
         detail: str,
+        seen: Seen | None = None,
     ) -> bool:
         """Answer the app ourselves (reason in `x-fedgate-reason`); keep the connection only if
         the request was read whole."""
         self.stats["local_replies"] += 1
+        if seen is not None:
+            seen.status, seen.reason = status, reason
         keep = req.keep_alive and (body.complete or await body.discard(DISCARD_LIMIT))
         log.warning("http request failed", status=status, reason=reason, detail=detail)
         app.write(local_response(status, reason, detail, close=not keep))
@@ -160,8 +180,10 @@ class Forwarder:
                 healthy = health_check(rt.outlier, now)
                 target = route.target(eff, self._rng, healthy, frozenset(tried))
             except NoRouteError as e:
-                body = call.body
-                return await self.local(app, call.req, body, call.log, 503, "no route", str(e))
+                body, log = call.body, call.log
+                return await self.local(
+                    app, call.req, body, log, 503, "no route", str(e), call.seen
+                )
             tried.add(target.host)
             result = await self._try(call, target, deadline)
             outcome = result.outcome if isinstance(result, _Failed) else Outcome(STATUS, 0)
@@ -173,20 +195,36 @@ class Forwarder:
                 call.log = call.log.bind(tries=plan.tries, dst_cluster=target.cluster)
                 if target.endpoint is not None:
                     call.log = call.log.bind(endpoint=target.endpoint.address)
+                if call.seen is not None:
+                    call.seen.dst_cluster = target.cluster
+                    call.seen.endpoint = _address(target)
+                    call.seen.subset = target.subset
+                    call.seen.retries = plan.tries - 1
                 if isinstance(result, _Got):
                     return await self._respond(app, call, result, plan.deadline)
                 self.stats["failed"] += 1
                 body = call.body
                 status, reason, detail = result.status, result.reason, result.detail
-                return await self.local(app, call.req, body, call.log, status, reason, detail)
+                return await self.local(
+                    app, call.req, body, call.log, status, reason, detail, call.seen
+                )
             self.stats["retries"] += 1
             if isinstance(result, _Got):
                 detail = f"status {result.resp.status}"
                 await self._discard(call, result)
             else:
                 detail = f"{result.reason}: {result.detail}"
+            if call.span is not None:
+                call.span.event(
+                    "retry", {"attempt": plan.tries, "host": target.host, "why": detail}
+                )
             call.log.info(
-                "http retry", try_=plan.tries, host=target.host, detail=detail, backoff_s=wait
+                "http retry",
+                try_=plan.tries,
+                host=target.host,
+                reason=result.reason if isinstance(result, _Failed) else "retryable status",
+                detail=detail,
+                backoff_s=wait,
             )
             await asyncio.sleep(wait)
 
@@ -210,13 +248,16 @@ class Forwarder:
         if refusal is not None:
             return _Failed(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
         facts: dict[str, object] = {}
+        if call.span is not None:
+            facts["traceparent"] = call.span.context.format()  # for the CONNECT
 
         async def opener() -> tuple[FlowConn, SpiffeId]:
             conn = await self._connect(route, decision, state, facts)
             assert isinstance(conn, FlowConn)
             return conn, SpiffeId.parse(str(facts["peer"]))
 
-        head = encode_request(call.req, call.body.out_framing)
+        span = call.span
+        head = b"" if span is not None else encode_request(call.req, call.body.out_framing)
         phase = "connect"
         up: Upstream | None = None
         got_out = False
@@ -228,6 +269,12 @@ class Forwarder:
                         svc, key, decision.identities.__contains__, state.svid, opener, fresh=fresh
                     )
                     phase = "request"
+                    if span is not None:
+                        # On the connection this try opened, the next span on the path is the
+                        # remote ingress gateway's (`via`), else it is ours.
+                        via = "" if reused else str(facts.get("via", ""))
+                        tp = via or span.context.format()
+                        head = encode_request(call.req, call.body.out_framing, tp)
                     try:
                         await call.body.send(up.conn, head)
                         phase = "response"
@@ -307,6 +354,9 @@ class Forwarder:
         """Stream the final response to the app; whether the app connection may continue."""
         svc, resp, reader, up = call.runtime.pool, got.resp, got.reader, got.up
         call.log = call.log.bind(status=resp.status)
+        seen = call.seen
+        if seen is not None:
+            seen.status = resp.status
         try:
             if resp.status == 101:
                 return await self._upgrade(app, call, got)
@@ -325,6 +375,8 @@ class Forwarder:
                         if isinstance(event, EndOfMessage):
                             break
                         assert isinstance(event, Data), event
+                        if seen is not None:
+                            seen.response_bytes += len(event.data)
                         app.write(encode_chunk(event.data) if out is CHUNKED else event.data)
                         await app.drain()
                     if out is CHUNKED:
@@ -333,6 +385,8 @@ class Forwarder:
                 self.pool.discard(svc, up)
                 why = "response timeout" if isinstance(e, TimeoutError) else "response failed"
                 call.log.warning("http request failed", reason=why, detail=str(e) or why)
+                if seen is not None:
+                    seen.reason = why
                 self.stats["failed"] += 1
                 app.reset()  # the head went out: only a reset tells the app it is incomplete
                 return False
@@ -376,7 +430,7 @@ class Forwarder:
         mirror = call.eff.mirror
         assert mirror is not None
         req = replace(call.req, headers=_shadow_host(call.req.headers))
-        shadow = replace(call, req=req, log=call.log.bind(mirror=True))
+        shadow = replace(call, req=req, log=call.log.bind(mirror=True), seen=None)
         loop = asyncio.get_running_loop()
         try:
             target = call.route.target(

@@ -11,8 +11,13 @@ the connection is closed.
 
 The per-service-port state that outlives snapshots (connection pool, outlier detection) lives
 here, keyed by (service, port); `prune` drops what a new snapshot no longer has.
-What this module does not do: HTTP/2 and gRPC (those ports stay per-connection L4), pipelining
-(requests of one connection are served in turn), traceparent generation.
+Telemetry (hop `source-sidecar`): with tracing on, one CLIENT span per request, child of the
+app's `traceparent` (or a new trace), injected upstream in its place (on the connection a try
+opened through a gateway, the remote ingress's span instead, so the destination hangs under
+the hop before it); retries are span events. Each request ends in one access line (`http
+request`, or `http request failed` with the reason) with the trace and span ids, and one
+metrics record. What this module does not do: HTTP/2 and gRPC (those ports stay per-connection
+L4), pipelining (requests of one connection are served in turn).
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from typing import Any
 
 import structlog
 
+from mesh import telemetry as tm
+from mesh import tracecontext
 from mesh.naming import ServiceKey, SpiffeId
 from mesh.tasks import TaskSet
+from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.errors import ProxyError
 from sidecar.http.body import RequestBody, next_event
 from sidecar.http.codec import (
@@ -47,6 +55,7 @@ from sidecar.http.forward import (
     Call,
     Forwarder,
     MeshConnect,
+    Seen,
     ServiceRuntime,
     health_check,
     log_outlier_events,
@@ -75,8 +84,12 @@ class HttpProxy:
         rng: random.Random,
         *,
         sniff_timeout: float = SNIFF_TIMEOUT,
+        telemetry: Telemetry = OFF,
+        cluster: str = "",
     ) -> None:
         self._state = state
+        self.telemetry = telemetry
+        self._cluster = cluster
         self._connect = connect
         self._rng = rng
         self.sniff_timeout = sniff_timeout
@@ -255,6 +268,60 @@ class HttpProxy:
         self, app: FlowConn, reader: Reader, req: Request, dst: tuple[str, int], log: Any
     ) -> bool:
         """One request and its response; whether the app connection may carry another."""
+        tel = self.telemetry
+        if not (tel.tracing or tel.metrics):
+            return await self._exchange_one(app, reader, req, dst, log, None, None)
+        started = time.monotonic()
+        parent = tracecontext.parse(req.get("traceparent"))
+        span: Span | None = None
+        if tel.tracing:
+            span = tel.start_span(
+                f"outbound {req.method}",
+                tm.SOURCE,
+                parent,
+                {tm.SOURCE_CLUSTER: self._cluster, tm.METHOD: req.method, tm.PATH: req.target},
+                server=False,
+            )
+        seen = Seen()
+        log = log.bind(**tm.log_ids(span, parent))
+        route = self._state().routes.lookup(*dst)
+        service = route.service.fqdn if route is not None else f"{dst[0]}:{dst[1]}"
+        try:
+            return await self._exchange_one(app, reader, req, dst, log, span, seen)
+        finally:
+            if span is not None:
+                span.set(tm.SERVICE, service)
+                span.set(tm.DESTINATION_CLUSTER, seen.dst_cluster)
+                span.set(tm.RETRIES, seen.retries)
+                if seen.endpoint:
+                    span.set(tm.ENDPOINT, seen.endpoint)
+                if seen.subset:
+                    span.set(tm.SUBSET, seen.subset)
+                if seen.status:
+                    span.set(tm.STATUS, seen.status)
+                span.end(seen.reason or _status_error(seen.status))
+            tel.record(
+                tm.SOURCE,
+                "http",
+                self._cluster,
+                seen.dst_cluster,
+                service,
+                str(seen.status or 0),
+                time.monotonic() - started,
+                seen.request_bytes,
+                seen.response_bytes,
+            )
+
+    async def _exchange_one(
+        self,
+        app: FlowConn,
+        reader: Reader,
+        req: Request,
+        dst: tuple[str, int],
+        log: Any,
+        span: Span | None,
+        seen: Seen | None,
+    ) -> bool:
         started = time.monotonic()
         self.stats["requests"] += 1
         state = self._state()
@@ -270,20 +337,22 @@ class HttpProxy:
             self.stats["bad_requests"] += 1
             log.warning("http request refused", reason="malformed request body", detail=e.detail)
             app.write(local_response(e.status, "malformed request body", e.detail, close=True))
+            if seen is not None:
+                seen.status, seen.reason = e.status, "malformed request body"
             return False
+        local = self.forwarder.local
         if route is None:
-            return await self.forwarder.local(
-                app, req, body, log, 503, "no route", f"{dst} left the mesh"
-            )
+            detail = f"{dst} left the mesh"
+            return await local(app, req, body, log, 503, "no route", detail, seen)
         if state.client_ctx is None:
-            return await self.forwarder.local(app, req, body, log, 503, "not ready", "no SVID yet")
+            return await local(app, req, body, log, 503, "not ready", "no SVID yet", seen)
         if req.method == "CONNECT":
             detail = "CONNECT to a mesh service"
-            return await self.forwarder.local(app, req, body, log, 501, "not supported", detail)
+            return await local(app, req, body, log, 501, "not supported", detail, seen)
         info = RequestInfo.build(req.method, req.target, req.headers)
         eff = effective(route.policy, info)
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
-        call = Call(fwd, route, state, eff, self._runtime(route), body, log)
+        call = Call(fwd, route, state, eff, self._runtime(route), body, log, span=span, seen=seen)
         action = fault_action(eff.fault, self._rng)
         if action.delay:
             self.stats["fault_delays"] += 1
@@ -291,18 +360,25 @@ class HttpProxy:
         if action.abort:
             self.stats["fault_aborts"] += 1
             detail = f"injected by the policy of {route.service}"
-            return await self.forwarder.local(
-                app, req, body, log, action.abort, "fault abort", detail
-            )
+            return await local(app, req, body, log, action.abort, "fault abort", detail, seen)
         if mirror_this(eff.mirror, self._rng):
             self.forwarder.mirror(call)
         keep = await self.forwarder.forward(app, call)
+        if seen is not None:
+            seen.request_bytes = body.sent
         call.log.info(
             "http request",
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             **({"fault_delay_s": action.delay} if action.delay else {}),
         )
         return keep
+
+
+def _status_error(status: int) -> str:
+    """A span's error for a response the upstream gave (5xx), or none came."""
+    if not status:
+        return "no response"
+    return f"status {status}" if status >= 500 else ""
 
 
 def _now() -> float:

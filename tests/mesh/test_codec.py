@@ -62,7 +62,7 @@ def test_snapshot_decode_names_the_bad_field() -> None:
 
 
 def test_stream_header_round_trip() -> None:
-    h = codec.StreamHeader(KEY, 8080, "west", "00-abc-def-01")
+    h = codec.StreamHeader(KEY, 8080, "west", "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01")
     frame = codec.encode_header(h) + b"rest"
     parsed = codec.split_frame(frame)
     assert parsed is not None
@@ -88,7 +88,7 @@ def test_split_frame_fuzz(data: bytes) -> None:
 
 
 def test_connect_round_trip() -> None:
-    req = connect.ConnectRequest(KEY, 8080, "west", "00-aa-bb-01")
+    req = connect.ConnectRequest(KEY, 8080, "west", "00-" + "aa" * 16 + "-" + "bb" * 8 + "-01")
     head, rest = connect.split_head(connect.encode_request(req) + b"x") or (b"", b"")
     assert rest == b"x"
     assert connect.parse_request(head) == req

@@ -1,0 +1,335 @@
+"""Observability end to end on the rig: one cross-cluster request as a trace of its four hops
+(exported with OTLP/gRPC to a collector in this process), the access-log lines of those hops
+with the same ids, the request counters of both clusters' `/metrics`, and a refusal at each
+hop logged with the hop and its reason."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from clusters.rig import bringup, config_repo, control, lifecycle, procs, topology
+from mesh import telemetry as tm
+from mesh.model import ServicePort
+from tests.e2e.conftest import rig_command
+from tests.e2e.otlp import CollectedSpan, Collector
+
+pytestmark = pytest.mark.rig
+
+PORT = 9191
+FQDN = "obs.demo.svc.clusterset.local"
+URL = f"http://{FQDN}:{PORT}"
+PROBE = Path(__file__).with_name("probe.py")
+POLICY_FILE = "policies/obs.yaml"
+WITHIN = 30.0
+HOPS = (tm.SOURCE, tm.EGRESS, tm.INGRESS, tm.DESTINATION)
+
+
+def _run(netns: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _pod_netns(rig: Path, cluster: str, pod: str) -> str:
+    record = lifecycle.load(rig).pod(cluster, pod)
+    assert record is not None
+    return record.netns
+
+
+def _wait(what: str, predicate: Callable[[], Any], timeout: float = WITHIN) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def obs(rig: Path, otlp_collector: Collector) -> Path:
+    """A service only west serves (so every call from east crosses both gateways)."""
+    assert rig_command().otlp_endpoint == otlp_collector.endpoint  # the rig exports to us
+    # Other modules of the session kill agents; a pod needs its cluster's CA (the agent).
+    for c in lifecycle.load(rig).clusters:
+        agent = lifecycle.load(rig).process(f"{c.name}-agent")
+        if agent is not None and not procs.owned(agent):
+            control.restart(rig, agent.name)
+    argv = [*rig_command().fedgate, "echo", "--cluster", "west", "--pod", "obs", "--port"]
+    bringup.add_pod(
+        rig,
+        rig_command(),
+        "west",
+        "obs",
+        "demo",
+        "obs",
+        [*argv, str(PORT)],
+        ("obs.demo", ServicePort("http", PORT, "HTTP")),
+    )
+    bringup.wait_routes(rig, "obs", "demo", 1)
+    _wait(
+        "west/obs's sidecar learns obs.demo",
+        lambda: bringup.endpoints_seen(bringup.sidecar_config(rig, "west", "obs"), "obs", "demo"),
+    )
+    return rig
+
+
+# --- reading what the rig reports ---------------------------------------------------------------
+
+
+def _log_lines(rig: Path, **match: str) -> list[dict[str, Any]]:
+    """Every JSON log line of every rig process whose fields equal `match`."""
+    out = []
+    for path in lifecycle.logs_dir(rig).glob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.startswith("{") or not all(v in line for v in match.values()):
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if all(event.get(k) == v for k, v in match.items()):
+                out.append(event)
+    return out
+
+
+def _requests(netns: str, reporter: str, code: str = "200") -> float:
+    """`fedgate_requests_total` for obs.demo from the admin `/metrics` served in `netns`."""
+    port = topology.SIDECAR_ADMIN_PORT
+    res = _run(netns, ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/metrics"])
+    assert res.returncode == 0, res.stderr
+    total = 0.0
+    for family in text_string_to_metric_families(res.stdout):
+        for s in family.samples:
+            labels = s.labels
+            if (
+                s.name == "fedgate_requests_total"
+                and labels.get("reporter") == reporter
+                and labels.get("destination_service") == FQDN
+                and labels.get("response_code") == code
+            ):
+                assert labels["source_cluster"] == "east", labels
+                assert labels["destination_cluster"] == "west", labels
+                total += s.value
+    return total
+
+
+def _curl(rig: Path, path: str, *headers: str) -> subprocess.CompletedProcess[str]:
+    h = [arg for header in headers for arg in ("-H", header)]
+    argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "10", *h, f"{URL}{path}"]
+    return _run(_pod_netns(rig, "east", "client"), argv)
+
+
+# --- one request, four hops ---------------------------------------------------------------------
+
+
+def test_a_cross_cluster_request_is_one_trace_with_its_logs_and_metrics(
+    obs: Path, otlp_collector: Collector
+) -> None:
+    east_client = _pod_netns(obs, "east", "client")
+    west_obs = _pod_netns(obs, "west", "obs")
+    sent_before = _requests(east_client, "source")
+    served_before = _requests(west_obs, "destination")
+    # The app's own trace: the sidecar continues it.
+    trace_id, app_span = secrets.token_hex(16), secrets.token_hex(8)
+    res = _curl(obs, "/hello", f"traceparent: 00-{trace_id}-{app_span}-01")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["cluster"] == "west"
+
+    def complete(spans: list[CollectedSpan]) -> bool:
+        return {s.attributes.get(tm.HOP) for s in spans} >= set(HOPS)
+
+    spans = otlp_collector.wait_trace(trace_id, complete)
+    assert complete(spans), [(s.name, s.attributes.get(tm.HOP)) for s in spans]
+    assert len(spans) == 4, spans
+    hop = {str(s.attributes[tm.HOP]): s for s in spans}
+    src, egress, ingress, dst = (hop[h] for h in HOPS)
+    # Parent order: the app -> source sidecar -> egress -> ingress -> destination sidecar.
+    assert src.parent_id == app_span
+    assert egress.parent_id == src.span_id
+    assert ingress.parent_id == egress.span_id
+    assert dst.parent_id == ingress.span_id
+    assert (src.service, egress.service, ingress.service, dst.service) == (
+        "fedgate-sidecar",
+        "fedgate-gateway",
+        "fedgate-gateway",
+        "fedgate-sidecar",
+    )
+    for s in spans:
+        assert s.attributes[tm.SERVICE] == FQDN, s
+        assert s.attributes[tm.SOURCE_CLUSTER] == "east", s
+        assert s.attributes[tm.DESTINATION_CLUSTER] == "west", s
+        assert not s.error, s
+    obs_ip = lifecycle.load(obs).pod("west", "obs")
+    assert obs_ip is not None
+    assert src.attributes[tm.STATUS] == 200
+    assert src.attributes[tm.RETRIES] == 0
+    assert src.attributes[tm.METHOD] == "GET"
+    assert ingress.attributes[tm.ENDPOINT] == obs_ip.ip  # the endpoint the ingress picked
+    assert dst.attributes[tm.STATUS] == 200
+    assert dst.attributes[tm.PATH] == "/hello"
+    assert str(dst.attributes[tm.PEER]).endswith("/ns/demo/sa/client")  # the real caller
+
+    # One access line per hop with the same trace, each naming its hop and its own span.
+    events = {
+        tm.SOURCE: "http request",
+        tm.EGRESS: "egress call established",
+        tm.INGRESS: "ingress call established",
+        tm.DESTINATION: "inbound request",
+    }
+
+    def lines() -> dict[str, list[dict[str, Any]]]:
+        found = {h: _log_lines(obs, trace_id=trace_id, hop=h, event=e) for h, e in events.items()}
+        return found if all(found.values()) else {}
+
+    found = _wait("access lines of every hop", lines, timeout=10)
+    for h, [line] in found.items():
+        assert line["span_id"] == hop[h].span_id, line
+    assert found[tm.SOURCE][0]["status"] == 200
+    assert found[tm.DESTINATION][0]["status"] == 200
+
+    # Both clusters count it: the caller's sidecar as source, the callee's as destination.
+    _wait("east counts the request", lambda: _requests(east_client, "source") > sent_before)
+    _wait("west counts the request", lambda: _requests(west_obs, "destination") > served_before)
+
+
+def test_an_app_without_a_trace_gets_one_started_by_its_sidecar(
+    obs: Path, otlp_collector: Collector
+) -> None:
+    marker = f"/untraced-{secrets.token_hex(4)}"
+    res = _curl(obs, marker)
+    assert res.returncode == 0, res.stderr
+
+    def served() -> list[CollectedSpan]:
+        with_path = [s for s in otlp_collector.spans if s.attributes.get(tm.PATH) == marker]
+        return with_path if len(with_path) == 2 else []
+
+    src, dst = sorted(_wait("both sidecars' spans", served), key=lambda s: s.kind != 3)
+    assert src.attributes[tm.HOP] == tm.SOURCE  # CLIENT kind (3) first
+    assert dst.attributes[tm.HOP] == tm.DESTINATION
+    assert src.parent_id == ""  # a new trace, rooted at the source sidecar
+    assert dst.trace_id == src.trace_id
+    # On a pooled connection the destination hangs under the source; on one this request
+    # opened, under the gateways' spans, which hang under the source: either way, its root.
+    parents = {s.span_id: s.parent_id for s in otlp_collector.trace(src.trace_id)}
+    up, seen = dst.parent_id, 0
+    while up and up != src.span_id and seen < 4:
+        up, seen = parents.get(up, ""), seen + 1
+    assert up == src.span_id, (dst, parents)
+
+
+# --- refusals name their hop and reason ---------------------------------------------------------
+
+
+def _probe(netns: str, *args: str) -> dict[str, str]:
+    res = _run(netns, [sys.executable, str(PROBE), *args], timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def _refusals(rig: Path, hop: str, event: str) -> list[dict[str, Any]]:
+    return _log_lines(rig, hop=hop, event=event)
+
+
+def test_bad_identity_is_refused_and_logged_by_the_destination_sidecar_and_gateway(
+    obs: Path,
+) -> None:
+    state = lifecycle.load(obs)
+    east, west = topology.cluster(state.prefix, 0), topology.cluster(state.prefix, 1)
+    pod = state.pod("west", "obs")
+    assert pod is not None
+    west_root = str(bringup.ca_dir(obs, "west") / "root.pem")
+    east_ca = str(bringup.ca_dir(obs, "east"))
+    before = len(_refusals(obs, tm.DESTINATION, "inbound refused"))
+    # The genuine east root minting a west identity: only the SPIFFE scoping catches it.
+    args = ("tls", "wrong-domain", pod.ip, str(topology.SIDECAR_INBOUND_PORT), west_root, east_ca)
+    assert _probe(west.netns, *args)["result"] == "refused"
+    refused = _wait(
+        "the destination sidecar's refusal",
+        lambda: _refusals(obs, tm.DESTINATION, "inbound refused")[before:],
+    )
+    assert refused[-1]["reason"] == "trust-domain mismatch", refused
+    assert refused[-1]["pod"] == "obs"
+
+    before = len(_refusals(obs, tm.INGRESS, "tunnel handshake refused"))
+    tunnel = ("tls", "foreign-root", west.wan_ip, str(topology.TUNNEL_PORT), west_root, east_ca)
+    assert _probe(east.netns, *tunnel)["result"] == "refused"
+    refused = _wait(
+        "the west gateway's refusal",
+        lambda: _refusals(obs, tm.INGRESS, "tunnel handshake refused")[before:],
+    )
+    assert "certificate" in refused[-1]["reason"], refused
+
+
+def test_no_endpoint_is_refused_and_logged_by_the_ingress_and_the_egress(obs: Path) -> None:
+    # obs.demo has no endpoint in east: a CONNECT from west naming east reaches the east
+    # ingress, which refuses; the west egress passes the reason on to the caller.
+    state = lifecycle.load(obs)
+    west = topology.cluster(state.prefix, 1)
+    egress = f"http://{west.egress_address[0]}:{west.egress_address[1]}"
+    before_in = len(_refusals(obs, tm.INGRESS, "ingress call refused"))
+    before_out = len(_refusals(obs, tm.EGRESS, "egress call refused"))
+    argv = ["curl", "-sS", "--max-time", "10", "-p", "-x", egress]
+    argv += ["--proxy-header", "Fedgate-Cluster: east", f"{URL}/"]
+    res = _run(west.netns, argv)
+    assert res.returncode != 0  # curl: CONNECT tunnel failed, response 503
+    assert "503" in res.stderr, res.stderr
+    ingress = _wait(
+        "the east ingress's refusal",
+        lambda: _refusals(obs, tm.INGRESS, "ingress call refused")[before_in:],
+    )
+    assert ingress[-1]["reason"] == "fedgate ingress east: no healthy endpoint for obs.demo"
+    assert ingress[-1]["status"] == 503
+    egress_lines = _wait(
+        "the west egress's refusal",
+        lambda: _refusals(obs, tm.EGRESS, "egress call refused")[before_out:],
+    )
+    assert egress_lines[-1]["reason"] == ingress[-1]["reason"]  # passed on verbatim
+
+
+def test_pool_full_is_refused_and_logged_by_the_source_sidecar(obs: Path) -> None:
+    doc = (
+        "apiVersion: fedgate.io/v1alpha1\nkind: TrafficPolicy\n"
+        "metadata: {name: obs, namespace: demo}\n"
+        f"spec:\n  host: {FQDN}\n"
+        "  connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n"
+    )
+    repo = config_repo.repo_dir(obs)
+    config_repo.commit(repo, {POLICY_FILE: doc}, "obs: a pool of one")
+    try:
+
+        def applied() -> bool:
+            snap = bringup.sidecar_config(obs, "east", "client").get("snapshot")
+            policies = snap.get("policies", []) if isinstance(snap, dict) else []
+            return any(p.get("name") == "obs" and "connectionPool" in p for p in policies)
+
+        _wait("the obs policy reaches east/client", applied)
+        before = len(_refusals(obs, tm.SOURCE, "http request failed"))
+        one = "curl -s --noproxy '*' --max-time 10 -o /dev/null -w '%{http_code}\\n' "
+        one += f"{URL}/delay/800"
+        script = f"for i in 1 2 3 4 5 6; do {one} & done; wait"
+        res = _run(_pod_netns(obs, "east", "client"), ["sh", "-c", script])
+        assert res.returncode == 0, res.stderr
+        assert "503" in res.stdout.split(), res.stdout
+        failed = _wait(
+            "the source sidecar's refusal",
+            lambda: _refusals(obs, tm.SOURCE, "http request failed")[before:],
+        )
+        assert {line["reason"] for line in failed} == {"pending overflow"}, failed
+        assert all(line["status"] == 503 and line["trace_id"] for line in failed), failed
+    finally:
+        config_repo.commit(repo, {POLICY_FILE: None}, "obs: policy removed")
