@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from prometheus_client import REGISTRY
+from prometheus_client.core import Metric
 
 from ca.authority import CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
 from ca.bundle import TrustBundle
 from ca.service import SelfIssued
-from fedgate import admin, logs
+from fedgate import admin, logs, metrics, topology
 from fedgate.wiring import (
     ProxyWiring,
     authorize_peer,
@@ -89,12 +92,21 @@ def controller(
     replica: str = "",
     leader_ttl: int = 5,
     gitops: SyncSettings | None = None,
+    gateway_metrics_port: int = 15020,
 ) -> None:
     logs.configure("controller")
     structlog.contextvars.bind_contextvars(replica=replica or listen)
     run_with_loop(
         _controller(
-            etcd_endpoints, listen, admin_addr, ca_dir, config_dir, replica, leader_ttl, gitops
+            etcd_endpoints,
+            listen,
+            admin_addr,
+            ca_dir,
+            config_dir,
+            replica,
+            leader_ttl,
+            gitops,
+            gateway_metrics_port,
         )
     )
 
@@ -133,6 +145,7 @@ async def _controller(
     replica: str,
     leader_ttl: int,
     gitops: SyncSettings | None,
+    gateway_metrics_port: int = 15020,
 ) -> None:
     from federation.controller import Controller, ControllerSettings
     from federation.etcd import open_client
@@ -192,6 +205,39 @@ async def _controller(
             return {"result": outcome.result, "sha": outcome.sha, "detail": outcome.detail}
 
         state.actions["sync"] = trigger
+
+    def families() -> Iterator[Metric]:
+        snap = ctl.current()
+        status = ctl.status()
+        yield from metrics.config_version_families(snap.version if snap else "", "controller")
+        yield from metrics.push_families(servicer.push, publisher.subscribers)
+        yield from metrics.controller_families(status)
+        yield from metrics.gitops_families(sync.status() if sync is not None else None)
+        own = svid.svid
+        yield from metrics.certificate_families(
+            [
+                metrics.svid_expiry(own.spiffe_id.uri, own.not_after, own.cert_pem),
+                metrics.cert_expiry(ca.root_pem, "root"),
+                *metrics.roots_of(snap.trust_bundle if snap else {}),
+            ]
+        )
+
+    collector = metrics.register(families)
+    view = topology.Topology(
+        snapshot=ctl.current,
+        liveness=lambda: {n: r["state"] for n, r in ctl.status()["liveness"].items()},
+        meta=lambda: {"replica": settings.replica, "leader": ctl.is_leader},
+        metrics_port=gateway_metrics_port,
+    )
+
+    async def topology_json(query: str) -> tuple[int, bytes, str]:
+        return 200, json.dumps(await view.data()).encode(), "application/json"
+
+    async def topology_page(query: str) -> tuple[int, bytes, str]:
+        return 200, topology.page(), "text/html; charset=utf-8"
+
+    state.pages["topology"] = topology_page
+    state.pages["topology.json"] = topology_json
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(state, host, port)
     tasks = TaskSet("controller")
@@ -201,6 +247,7 @@ async def _controller(
     try:
         await until_signalled()
     finally:
+        REGISTRY.unregister(collector)
         await tasks.aclose()
         await server.stop()
         admin_server.close()
@@ -300,6 +347,13 @@ async def _agent(
         host,
         port,
     )
+
+    def families() -> Iterator[Metric]:
+        yield from metrics.certificate_families(
+            metrics.roots_of({ca.trust_domain: ca.published_roots()})
+        )
+
+    collector = metrics.register(families)
     tasks = TaskSet("agent")
     tasks.spawn(the_agent.run(), "publish")
 
@@ -311,6 +365,7 @@ async def _agent(
     try:
         await until_signalled()
     finally:
+        REGISTRY.unregister(collector)
         await tasks.aclose()
         await publisher.aclose()  # revoke the lease: a clean stop leaves routing at once
         await ca_server.stop(None)
@@ -364,6 +419,7 @@ def gateway(
     egress_listen: str,
     identity: IdentityOptions = IdentityOptions(),
     tunnels: TunnelListeners | None = None,
+    metrics_listen: str = "",
 ) -> None:
     logs.configure("gateway", cluster)
     w = _proxy_wiring(
@@ -376,6 +432,8 @@ def gateway(
         admin_addr,
         identity,
     )
+    if metrics_listen:
+        w = replace(w, metrics_address=parse_hostport(metrics_listen))
     run_with_loop(_gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners()))
 
 
@@ -440,7 +498,8 @@ async def _gateway(
         egress_port=ep,
         reuse_port=tunnels.reuse_port,
     )
-    await run_proxy(w, Gateway(settings, w.bootstrap.anchors))
+    gw = Gateway(settings, w.bootstrap.anchors)
+    await run_proxy(w, gw, lambda: metrics.tunnel_families(w.cluster, gw.link_stats()))
 
 
 def sidecar(

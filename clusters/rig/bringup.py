@@ -278,6 +278,8 @@ def _start_cluster(
             _addr(plan.egress_address),
             "--admin",
             _addr(plan.gateway_admin_address),
+            "--metrics-listen",
+            _addr(plan.gateway_metrics_address),
             *_identity_args(rigdir),
         ],
     )
