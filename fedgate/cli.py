@@ -403,6 +403,7 @@ def demo(rig_dir: Path, calls: int, keep: bool) -> None:
 main.add_command(__import__("fedgate.cli_ca", fromlist=["ca"]).ca)  # fedgate ca ... (identity)
 main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group)  # GitOps
 main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
+main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
 
 
 if __name__ == "__main__":
