@@ -90,7 +90,7 @@ async def _gateways(admin: str) -> Json:
     if not sep or not port.isdigit():
         return {"error": "no leader admin address"}
     try:
-        data = json.loads(await http_get(host, int(port), "/topology.json", 5.0))
+        data = json.loads(await http_get(host, int(port), "/topology.json", 2.0))
     except (FedgateError, ValueError) as e:
         return {"error": f"cannot read the leader's topology: {e}"}
     return {
