@@ -175,10 +175,14 @@ class PeerPool:
         conn.retire()
 
     def forget_missing(self, clusters: set[str]) -> None:
-        """Retire connections to clusters that left the snapshot (or use another transport)."""
+        """Retire connections to clusters that left the snapshot (or use another transport).
+        Their per-peer counters go too: the pair is no longer a link of this pool, and a
+        return starts a new series (a counter reset to Prometheus)."""
         for slot in [s for s in self._conns if s[0] not in clusters]:
             _, conn = self._conns.pop(slot)
             self._retire(conn)
+        for gone in set(self.peer_counters) - clusters:
+            del self.peer_counters[gone]
 
     def connections(self) -> list[PooledConnection]:
         return [c for _, c in self._conns.values()] + list(self._retired)

@@ -231,3 +231,42 @@ def test_metrics_status_and_top_read_the_same_processes(rig: Path) -> None:
     table = json.loads(top)
     assert table["unreachable"] == []
     assert table["seconds"] >= 0.5
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+def test_topology_page_shows_a_cluster_whose_agent_died_as_down(rig: Path, tmp_path: Path) -> None:
+    page = Page(rig, tmp_path)
+    cross_cluster_calls(rig)
+    wait_for(page, healthy, 20)
+    record = lifecycle.load(rig).process("west-agent")
+    assert record is not None
+    os.kill(record.pid, signal.SIGKILL)  # no lease revocation: etcd expires it
+    killed = time.monotonic()
+    try:
+        state, _ = wait_for(
+            page,
+            lambda s: (
+                s["cluster"].get("west", {}).get("data-state") == "Down"
+                and s["link"].get("east->west", {}).get("data-health") == "down"
+            ),
+            20,
+        )
+        print(f"page shows west Down {time.monotonic() - killed:.1f} s after its agent died")
+        assert state["cluster"]["east"]["data-state"] == "Live"
+        assert "west" not in state["endpoints"]  # its endpoints left the service
+        page.screenshot("topology-west-down.png")
+    finally:
+        control.restart(rig, "west-agent")
+    _, took = wait_for(
+        page,
+        lambda s: (
+            s["cluster"].get("west", {}).get("data-state") == "Live"
+            and "west" in s["endpoints"]
+            # Leaving the snapshot closed the tunnels to west: not dialled since it came back.
+            and s["link"].get("east->west", {}).get("data-health") == "idle"
+        ),
+        30,
+    )
+    print(f"page shows west Live again {took:.1f} s after its agent restarted")
+    cross_cluster_calls(rig)
+    wait_for(page, healthy, 20)
