@@ -76,6 +76,10 @@ def route(state: AdminState, path: str) -> tuple[int, bytes, str]:
     return 404, b"not found\n", "text/plain"
 
 
+def _page(state: AdminState, target: str) -> Page | None:
+    return state.pages.get(target.split("?", 1)[0].lstrip("/"))
+
+
 async def _handle(
     state: AdminState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -88,7 +92,7 @@ async def _handle(
             writer.write(_response(200, body, "application/json"))
         elif len(parts) != 3 or parts[0] != "GET":
             writer.write(_response(400, b"GET, or POST to an action\n", "text/plain"))
-        elif (page := state.pages.get(parts[1].split("?", 1)[0].lstrip("/"))) is not None:
+        elif not state.metrics_only and (page := _page(state, parts[1])) is not None:
             status, body, ctype = await page(parts[1].partition("?")[2])
             writer.write(_response(status, body, ctype))
         else:

@@ -91,7 +91,12 @@ def roots_of(bundle: Mapping[str, Iterable[str]]) -> list[CertExpiry]:
     out = []
     for domain, pems in sorted(bundle.items()):
         for pem in pems:
-            entry = cert_expiry(pem.encode(), "root")
+            try:
+                entry = cert_expiry(pem.encode(), "root")
+            except ValueError:
+                # Not a certificate: the proxies refuse such a bundle (NACK); a scrape must
+                # not fail because of it.
+                continue
             out.append(entry if entry.trust_domain else _with_domain(entry, domain))
     return out
 
