@@ -143,7 +143,7 @@ def render(data: Json, now: float | None = None) -> str:
     else:
         out.append(f"{'GATEWAY LINK':<28}{'HEALTH':<8}{'RTT':<12}{'OPEN STREAMS':<14}REASON")
         for link in gateways.get("links", []):
-            rtt = "-" if link.get("rtt_ms") is None else f"{link['rtt_ms']:.2f} ms"
+            rtt = "-" if link.get("rtt_ms") is None else f"{link['rtt_ms']:.3f} ms"
             pair = f"{link['source']} -> {link['destination']}"
             out.append(
                 f"{pair:<28}{link['health']:<8}{rtt:<12}{link.get('open_streams', 0)!s:<14}"
