@@ -231,16 +231,24 @@ class Topology:
             if self._cached is not None and self.clock() - self._cached_at < self.min_interval:
                 return self._cached
             snap = self.snapshot()
+            liveness = self.liveness()
             for c in snap.clusters if snap else ():
                 if c.gateway is not None:
                     self._addresses[c.name] = c.gateway.tunnel_host
+            # A cluster out of the snapshot stays on the page (as Down) while the controller
+            # keeps its liveness record; once that is gone, so is the cluster.
+            current = {c.name for c in snap.clusters} if snap else set()
+            for gone in set(self._addresses) - current - set(liveness):
+                del self._addresses[gone]
+                self._previous.pop(gone, None)
+                self._last.pop(gone, None)
             names = sorted(self._addresses)
             results = await asyncio.gather(*(self._scrape(n) for n in names))
             scrapes = dict(zip(names, results, strict=True))
             previous = dict(self._previous)
             self._cached = build(
                 snap,
-                self.liveness(),
+                liveness,
                 scrapes,
                 previous,
                 known=self._addresses,

@@ -144,12 +144,14 @@ async def test_the_driver_scrapes_each_gateway_and_serves_page_and_json() -> Non
         ready=lambda: True, metrics=lambda: metrics.exposition(registry), metrics_only=True
     )
     east_gateway = await admin.serve(gw, "127.0.0.2", port)
-    snap = snapshot("east", "west", hosts={"east": "127.0.0.2", "west": "127.0.0.3"})
+    snaps = [snapshot("east", "west", hosts={"east": "127.0.0.2", "west": "127.0.0.3"})]
+    live = {"east": "Live", "west": "Live"}
     view = topology.Topology(
-        snapshot=lambda: snap,
-        liveness=lambda: {"east": "Live", "west": "Live"},
+        snapshot=lambda: snaps[-1],
+        liveness=lambda: live,
         meta=lambda: {"replica": "r1"},
         metrics_port=port,
+        min_interval=0.0,
     )
     ctl = admin.AdminState(ready=lambda: True)
 
@@ -173,6 +175,14 @@ async def test_the_driver_scrapes_each_gateway_and_serves_page_and_json() -> Non
         html = await topology.http_get("127.0.0.1", ctl_port, "/topology", 5)
         assert 'id="map"' in html
         assert "fetch(" in html
+        # West leaves the snapshot: still shown while its liveness record says Down...
+        snaps.append(snapshot("east", hosts={"east": "127.0.0.2"}))
+        live["west"] = "Down"
+        states = {c["name"]: c["state"] for c in (await view.data())["clusters"]}
+        assert states == {"east": "Live", "west": "Down"}
+        # ... and gone from the page once the controller forgot it.
+        del live["west"]
+        assert [c["name"] for c in (await view.data())["clusters"]] == ["east"]
         # The metrics-only listener does not leak the running config.
         with pytest.raises(topology.ScrapeError, match="404"):
             await topology.http_get("127.0.0.2", port, "/config", 5)
