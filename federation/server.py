@@ -23,6 +23,7 @@ error text to refuse with PERMISSION_DENIED. Config generation happens elsewhere
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from federation.api.config_pb2_grpc import (
 from federation.api.delta import FragmentCache, encode_delta, encode_full
 from federation.api.session import Ack, Nack, Resync, ServerSession, Stale
 from federation.errors import FederationError
+from federation.pushstats import PushStats, Subscriber
 from mesh.model import Snapshot
 from mesh.tasks import TaskSet
 
@@ -63,8 +65,9 @@ def allow_all(context: Context) -> str | None:
 class Published:
     """One version as the streams see it: its payloads are encoded at most once, on demand."""
 
-    def __init__(self, snapshot: Snapshot, publisher: SnapshotPublisher) -> None:
+    def __init__(self, snapshot: Snapshot, publisher: SnapshotPublisher, at: float) -> None:
         self.snapshot = snapshot
+        self.at = at  # when it was published (the publisher's clock), for push latency
         self._publisher = publisher
         self._payload: bytes | None = None
         self._deltas: OrderedDict[str, bytes | None] = OrderedDict()
@@ -145,8 +148,14 @@ class Subscription:
 
 
 class SnapshotPublisher:
-    def __init__(self, fragments: FragmentCache | None = None) -> None:
+    def __init__(
+        self,
+        fragments: FragmentCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.fragments = fragments or FragmentCache()
+        self.clock = clock
+        self._published_at: OrderedDict[str, float] = OrderedDict()
         self._current: Published | None = None
         self._history: OrderedDict[str, Snapshot] = OrderedDict()
         self._subscriptions: set[Subscription] = set()
@@ -169,6 +178,10 @@ class SnapshotPublisher:
     def historic(self, version: str) -> Snapshot | None:
         return self._history.get(version)
 
+    def published_at(self, version: str) -> float | None:
+        """When `version` was published, if it is among the last `HISTORY` versions."""
+        return self._published_at.get(version)
+
     @property
     def first(self) -> asyncio.Event:
         """Set once there is a snapshot."""
@@ -178,11 +191,15 @@ class SnapshotPublisher:
         """Make `snapshot` current and offer it to every stream; False if the version is same."""
         if self._current is not None and self._current.snapshot.version == snapshot.version:
             return False
-        self._current = Published(snapshot, self)
+        self._current = Published(snapshot, self, self.clock())
         self._history[snapshot.version] = snapshot
         self._history.move_to_end(snapshot.version)
+        self._published_at[snapshot.version] = self._current.at
+        self._published_at.move_to_end(snapshot.version)
         while len(self._history) > HISTORY:
             self._history.popitem(last=False)
+        while len(self._published_at) > HISTORY:
+            self._published_at.popitem(last=False)
         self._first.set()
         for subscription in self._subscriptions:
             subscription.offer(self._current)
@@ -215,6 +232,7 @@ class ConfigDiscoveryServicer(_ServicerBase):
         self.resyncs = 0
         self.deltas = 0
         self.fulls = 0
+        self.push = PushStats()  # per-subscriber versions and push latency (metrics)
 
     async def StreamConfig(  # noqa: N802 - the gRPC method name
         self, request_iterator: Any, context: Context
@@ -231,6 +249,7 @@ class ConfigDiscoveryServicer(_ServicerBase):
         if not isinstance(hello, ConfigRequest):  # grpc.aio.EOF before any request
             return
         session = ServerSession(hello)
+        opened_at = self._publisher.clock()
         log = _log.bind(
             node=session.node.id,
             cluster=session.node.cluster,
@@ -240,10 +259,13 @@ class ConfigDiscoveryServicer(_ServicerBase):
         log.info("config stream opened", version=hello.version_info)
         taking: asyncio.Future[Published] | None = None
         reader: asyncio.Task[None] | None = None
+        node = session.node
+        sub = self.push.opened(node.id, node.kind, node.cluster)
         try:
             with self._publisher.subscribe() as subscription:
                 reader = self._tasks.spawn(
-                    self._read(context, session, subscription, log), f"read:{session.node.id}"
+                    self._read(context, session, subscription, log, sub, opened_at),
+                    f"read:{session.node.id}",
                 )
                 while not reader.done():
                     taking = asyncio.ensure_future(subscription.next())
@@ -269,10 +291,17 @@ class ConfigDiscoveryServicer(_ServicerBase):
             for task in (reader, taking):
                 if task is not None:
                     task.cancel()
+            self.push.closed(sub)
             log.info("config stream closed", version=session.client_version)
 
     async def _read(
-        self, context: Context, session: ServerSession, subscription: Subscription, log: Any
+        self,
+        context: Context,
+        session: ServerSession,
+        subscription: Subscription,
+        log: Any,
+        sub: Subscriber,
+        opened_at: float,
     ) -> None:
         while True:
             request = await context.read()
@@ -282,9 +311,18 @@ class ConfigDiscoveryServicer(_ServicerBase):
             match event:
                 case Ack(version=version):
                     self.acks += 1
-                    log.info("config ACK", version=version)
+                    clock = self._publisher.clock
+                    latency = self.push.acked(
+                        sub, version, self._publisher.published_at(version), opened_at, clock()
+                    )
+                    log.info(
+                        "config ACK",
+                        version=version,
+                        push_latency_s=None if latency is None else round(latency, 4),
+                    )
                 case Nack(rejected=rejected, kept=kept, error=error):
                     self.nacks += 1
+                    self.push.nacked(sub)
                     log.warning("config NACK", version=rejected, kept=kept, error=error)
                 case Stale(nonce=nonce):
                     log.debug("stale config request ignored", nonce=nonce)

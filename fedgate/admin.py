@@ -1,5 +1,11 @@
 """The admin port every fedgate process serves: /healthz, /readyz, /config, /metrics.
 
+`/metrics` is prometheus_client's default registry (fedgate.metrics registers the control-plane
+collectors, the data plane its request metrics). `pages` adds asynchronous GET pages (the
+controller's topology page). A `metrics_only` state serves just /healthz, /readyz and
+/metrics: what a gateway exposes on its WAN address for the controllers to scrape, without the
+running config.
+
 A deliberately tiny HTTP/1.1 server (GET, and POST for bodiless actions such as the GitOps
 webhook `POST /sync`; one request per connection, bounded head): it is
 an operator's window, not a data path, and must not pull a web framework into every process.
@@ -19,16 +25,27 @@ _log = structlog.get_logger("fedgate.admin")
 MAX_HEAD = 4096
 
 
+def _default_metrics() -> str:
+    from fedgate.metrics import exposition
+
+    return exposition()
+
+
+Page = Callable[[str], Awaitable[tuple[int, bytes, str]]]  # (query) -> (status, body, type)
+
+
 @dataclass
 class AdminState:
     """What the admin port reports; the owning process fills the callbacks in."""
 
     ready: Callable[[], bool] = lambda: False
     config: Callable[[], dict[str, Any]] = dict
-    metrics: Callable[[], str] = str
+    metrics: Callable[[], str] = _default_metrics
     extra: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     # POST actions by path (no body is read): e.g. "sync" -> trigger a GitOps round now.
     actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
+    pages: dict[str, Page] = field(default_factory=dict)  # GET path (no "/") -> async page
+    metrics_only: bool = False
 
 
 def _response(status: int, body: bytes, content_type: str) -> bytes:
@@ -42,6 +59,8 @@ def _response(status: int, body: bytes, content_type: str) -> bytes:
 
 def route(state: AdminState, path: str) -> tuple[int, bytes, str]:
     path = path.split("?", 1)[0]
+    if state.metrics_only and path not in ("/healthz", "/readyz", "/metrics"):
+        return 404, b"not found\n", "text/plain"
     if path == "/healthz":
         return 200, b"ok\n", "text/plain"
     if path == "/readyz":
@@ -57,6 +76,10 @@ def route(state: AdminState, path: str) -> tuple[int, bytes, str]:
     return 404, b"not found\n", "text/plain"
 
 
+def _page(state: AdminState, target: str) -> Page | None:
+    return state.pages.get(target.split("?", 1)[0].lstrip("/"))
+
+
 async def _handle(
     state: AdminState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -69,6 +92,9 @@ async def _handle(
             writer.write(_response(200, body, "application/json"))
         elif len(parts) != 3 or parts[0] != "GET":
             writer.write(_response(400, b"GET, or POST to an action\n", "text/plain"))
+        elif not state.metrics_only and (page := _page(state, parts[1])) is not None:
+            status, body, ctype = await page(parts[1].partition("?")[2])
+            writer.write(_response(status, body, ctype))
         else:
             status, body, ctype = route(state, parts[1])
             writer.write(_response(status, body, ctype))

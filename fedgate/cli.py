@@ -65,6 +65,14 @@ def main() -> None:
     show_default=True,
     help="This replica's private clone of the repository.",
 )
+@click.option(
+    "--gateway-metrics-port",
+    type=click.IntRange(1, 65535),
+    default=15020,
+    show_default=True,
+    help="Port of each gateway's --metrics-listen, on its published tunnel host: the "
+    "topology page (GET /topology on --admin) reads tunnel health and rates there.",
+)
 def controller(
     etcd_endpoints: str,
     listen: str,
@@ -78,6 +86,7 @@ def controller(
     config_path: str,
     config_poll: float,
     config_workdir: Path,
+    gateway_metrics_port: int,
 ) -> None:
     """Run a federation controller replica (run several; one is elected leader)."""
     from federation.gitops.sync import SyncSettings
@@ -89,7 +98,15 @@ def controller(
         else None
     )
     processes.controller(
-        etcd_endpoints.split(","), listen, admin, ca_dir, config_dir, replica, leader_ttl, gitops
+        etcd_endpoints.split(","),
+        listen,
+        admin,
+        ca_dir,
+        config_dir,
+        replica,
+        leader_ttl,
+        gitops,
+        gateway_metrics_port,
     )
 
 
@@ -202,6 +219,12 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
 )
 @click.option("--no-quic", is_flag=True, help="Do not serve QUIC on --tunnel-listen.")
 @click.option("--reuse-port", is_flag=True, help="SO_REUSEPORT on the TCP listeners (replicas).")
+@click.option(
+    "--metrics-listen",
+    default="",
+    help="A second listener serving only /metrics, /healthz and /readyz (host:port), e.g. "
+    "on the WAN address for the controllers' topology page [default: none].",
+)
 def gateway(
     cluster: str,
     identity_dir: Path,
@@ -217,6 +240,7 @@ def gateway(
     passthrough_listen: str,
     no_quic: bool,
     reuse_port: bool,
+    metrics_listen: str,
 ) -> None:
     """Run a cluster's east-west gateway."""
     from fedgate import processes
@@ -232,6 +256,7 @@ def gateway(
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
         tunnels=processes.TunnelListeners(tls_listen, passthrough_listen, not no_quic, reuse_port),
         otlp_endpoint=otlp_endpoint,
+        metrics_listen=metrics_listen,
     )
 
 
@@ -400,6 +425,7 @@ def demo(rig_dir: Path, calls: int, keep: bool) -> None:
 main.add_command(__import__("fedgate.cli_ca", fromlist=["ca"]).ca)  # fedgate ca ... (identity)
 main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group)  # GitOps
 main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
+main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
 
 
 if __name__ == "__main__":

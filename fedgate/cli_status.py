@@ -6,6 +6,10 @@ record (Live / Down / Suppressed by flap damping), and every service's status (V
 endpoints per cluster, MCS conditions with the conflict message). With `--rig-dir` and no
 `--etcd` it runs itself inside the rig's control namespace, where etcd listens.
 
+Gateways and the links between them (health, RTT) are not in etcd: they come from the
+leader's topology data (`GET /topology.json` on the admin address its record names), which
+reads each gateway's metrics; when that is unreachable the rest is still shown.
+
 `collect()` returns plain data (also printed by `--json`), `render()` the table; neither
 decides anything.
 """
@@ -65,13 +69,33 @@ async def collect(endpoints: list[str]) -> Json:
     services = [
         obj(v) for k, v in sorted(values.items()) if k.startswith(keys.SERVICE_STATUS_PREFIX)
     ]
+    leader = obj(values.get(keys.LEADER_KEY))
     return {
         "revision": loaded.revision,
-        "leader": obj(values.get(keys.LEADER_KEY)),
+        "gateways": await _gateways(str(leader.get("admin", ""))),
+        "leader": leader,
         "config": config,
         "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
         "clusters": dict(sorted(clusters.items())),
         "services": services,
+    }
+
+
+async def _gateways(admin: str) -> Json:
+    """Gateways and links from the leader's topology data, or why there are none."""
+    from fedgate.errors import FedgateError
+    from fedgate.topology import http_get
+
+    host, sep, port = admin.rpartition(":")
+    if not sep or not port.isdigit():
+        return {"error": "no leader admin address"}
+    try:
+        data = json.loads(await http_get(host, int(port), "/topology.json", 2.0))
+    except (FedgateError, ValueError) as e:
+        return {"error": f"cannot read the leader's topology: {e}"}
+    return {
+        "clusters": {c["name"]: c["gateway"] for c in data.get("clusters", [])},
+        "links": data.get("links", []),
     }
 
 
@@ -99,14 +123,32 @@ def render(data: Json, now: float | None = None) -> str:
     else:
         out.append("leader    NONE (no controller replica holds the election)")
     out.append("")
-    out.append(f"{'CLUSTER':<14}{'LEASE':<9}{'ROUTED':<8}{'STATE':<12}{'LOSSES':<8}SINCE")
+    gateways = data.get("gateways", {})
+    gw_of = gateways.get("clusters", {})
+    out.append(
+        f"{'CLUSTER':<14}{'LEASE':<9}{'ROUTED':<8}{'STATE':<12}{'LOSSES':<8}{'SINCE':<10}GATEWAY"
+    )
     for name, c in data["clusters"].items():
         live = c.get("liveness", {})
+        gw = gw_of.get(name)
+        gateway = "-" if gw is None else f"{'up' if gw.get('up') else 'DOWN'} {gw.get('address')}"
         out.append(
             f"{name:<14}{c['lease']:<9}{'yes' if c['routed'] else 'no':<8}"
             f"{live.get('state', '-'):<12}{live.get('losses', 0)!s:<8}"
-            f"{_ago(live.get('since'), now)}"
+            f"{_ago(live.get('since'), now):<10}{gateway}"
         )
+    out.append("")
+    if "error" in gateways:
+        out.append(f"gateways  unknown: {gateways['error']}")
+    else:
+        out.append(f"{'GATEWAY LINK':<28}{'HEALTH':<8}{'RTT':<12}{'OPEN STREAMS':<14}REASON")
+        for link in gateways.get("links", []):
+            rtt = "-" if link.get("rtt_ms") is None else f"{link['rtt_ms']:.3f} ms"
+            pair = f"{link['source']} -> {link['destination']}"
+            out.append(
+                f"{pair:<28}{link['health']:<8}{rtt:<12}{link.get('open_streams', 0)!s:<14}"
+                f"{link.get('reason', '')}"
+            )
     out.append("")
     out.append(f"{'SERVICE':<28}{'VIP':<14}{'PORTS':<24}{'ENDPOINTS':<24}CONDITIONS")
     for s in data["services"]:

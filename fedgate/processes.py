@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from prometheus_client import REGISTRY
+from prometheus_client.core import Metric
 
 from ca.authority import CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
 from ca.bundle import TrustBundle
 from ca.service import SelfIssued
-from fedgate import admin, logs, telemetry
+from fedgate import admin, logs, metrics, telemetry, topology
 from fedgate.wiring import (
     ProxyWiring,
     authorize_peer,
@@ -90,12 +93,21 @@ def controller(
     replica: str = "",
     leader_ttl: int = 5,
     gitops: SyncSettings | None = None,
+    gateway_metrics_port: int = 15020,
 ) -> None:
     logs.configure("controller")
     structlog.contextvars.bind_contextvars(replica=replica or listen)
     run_with_loop(
         _controller(
-            etcd_endpoints, listen, admin_addr, ca_dir, config_dir, replica, leader_ttl, gitops
+            etcd_endpoints,
+            listen,
+            admin_addr,
+            ca_dir,
+            config_dir,
+            replica,
+            leader_ttl,
+            gitops,
+            gateway_metrics_port,
         )
     )
 
@@ -134,6 +146,7 @@ async def _controller(
     replica: str,
     leader_ttl: int,
     gitops: SyncSettings | None,
+    gateway_metrics_port: int = 15020,
 ) -> None:
     from federation.controller import Controller, ControllerSettings
     from federation.etcd import open_client
@@ -171,7 +184,6 @@ async def _controller(
     server = await serve(servicer, listen, controller_credentials(svid, ca.root_pem, ctl.current))
     state = admin.AdminState(
         ready=lambda: ctl.ready,
-        metrics=telemetry.exposition,
         config=lambda: {
             "identity": svid.svid.spiffe_id.uri,
             "identityNotAfter": svid.svid.not_after.isoformat(),
@@ -194,6 +206,39 @@ async def _controller(
             return {"result": outcome.result, "sha": outcome.sha, "detail": outcome.detail}
 
         state.actions["sync"] = trigger
+
+    def families() -> Iterator[Metric]:
+        snap = ctl.current()
+        status = ctl.status()
+        yield from metrics.config_version_families(snap.version if snap else "", "controller")
+        yield from metrics.push_families(servicer.push, publisher.subscribers)
+        yield from metrics.controller_families(status)
+        yield from metrics.gitops_families(sync.status() if sync is not None else None)
+        own = svid.svid
+        yield from metrics.certificate_families(
+            [
+                metrics.svid_expiry(own.spiffe_id.uri, own.not_after, own.cert_pem),
+                metrics.cert_expiry(ca.root_pem, "root"),
+                *metrics.roots_of(snap.trust_bundle if snap else {}),
+            ]
+        )
+
+    collector = metrics.register(families)
+    view = topology.Topology(
+        snapshot=ctl.current,
+        liveness=lambda: {n: r["state"] for n, r in ctl.status()["liveness"].items()},
+        meta=lambda: {"replica": settings.replica, "leader": ctl.is_leader},
+        metrics_port=gateway_metrics_port,
+    )
+
+    async def topology_json(query: str) -> tuple[int, bytes, str]:
+        return 200, json.dumps(await view.data()).encode(), "application/json"
+
+    async def topology_page(query: str) -> tuple[int, bytes, str]:
+        return 200, topology.page(), "text/html; charset=utf-8"
+
+    state.pages["topology"] = topology_page
+    state.pages["topology.json"] = topology_json
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(state, host, port)
     tasks = TaskSet("controller")
@@ -203,6 +248,7 @@ async def _controller(
     try:
         await until_signalled()
     finally:
+        REGISTRY.unregister(collector)
         await tasks.aclose()
         await server.stop()
         admin_server.close()
@@ -297,12 +343,18 @@ async def _agent(
     admin_server = await admin.serve(
         admin.AdminState(
             ready=lambda: the_agent.published,
-            metrics=telemetry.exposition,
             config=lambda: {**the_agent.status(), "ca": ca.status()},
         ),
         host,
         port,
     )
+
+    def families() -> Iterator[Metric]:
+        yield from metrics.certificate_families(
+            metrics.roots_of({ca.trust_domain: ca.published_roots()})
+        )
+
+    collector = metrics.register(families)
     tasks = TaskSet("agent")
     tasks.spawn(the_agent.run(), "publish")
 
@@ -314,6 +366,7 @@ async def _agent(
     try:
         await until_signalled()
     finally:
+        REGISTRY.unregister(collector)
         await tasks.aclose()
         await publisher.aclose()  # revoke the lease: a clean stop leaves routing at once
         await ca_server.stop(None)
@@ -368,6 +421,7 @@ def gateway(
     identity: IdentityOptions = IdentityOptions(),
     tunnels: TunnelListeners | None = None,
     otlp_endpoint: str = "",
+    metrics_listen: str = "",
 ) -> None:
     logs.configure("gateway", cluster)
     w = _proxy_wiring(
@@ -380,6 +434,8 @@ def gateway(
         admin_addr,
         identity,
     )
+    if metrics_listen:
+        w = replace(w, metrics_address=parse_hostport(metrics_listen))
     tel = telemetry.TelemetrySettings("fedgate-gateway", w.node_id, cluster, otlp_endpoint)
     run_with_loop(_gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners(), tel))
 
@@ -450,9 +506,8 @@ async def _gateway(
         reuse_port=tunnels.reuse_port,
     )
     async with _telemetry(tel) as t:
-        await run_proxy(
-            w, Gateway(settings, w.bootstrap.anchors, telemetry=t), telemetry.exposition
-        )
+        gw = Gateway(settings, w.bootstrap.anchors, telemetry=t)
+        await run_proxy(w, gw, lambda: metrics.tunnel_families(w.cluster, gw.link_stats()))
 
 
 @contextlib.asynccontextmanager
@@ -515,4 +570,4 @@ async def _sidecar(
     settings = SidecarSettings(cluster=w.cluster, pod=pod, namespace=namespace, capture=capture)
     async with _telemetry(tel) as t:
         sidecar = Sidecar(settings, w.bootstrap.anchors, telemetry=t)
-        await run_proxy(w, sidecar, telemetry.exposition)
+        await run_proxy(w, sidecar)

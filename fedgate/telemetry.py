@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace import TraceFlags as OtelFlags
-from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 
 from mesh import telemetry as names
 from mesh.telemetry import OFF, AttrValue, Span, Telemetry
@@ -56,11 +56,6 @@ REQUEST_BYTES = Counter(
 RESPONSE_BYTES = Counter(
     "fedgate_response_bytes", "Bytes from callee to caller (HTTP body, or TCP payload).", LABELS
 )
-
-
-def exposition() -> str:
-    """Every metric of the process registry in the Prometheus text format."""
-    return generate_latest(REGISTRY).decode()
 
 
 @dataclass(frozen=True, slots=True)

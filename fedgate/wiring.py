@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import structlog
+from prometheus_client import REGISTRY
+from prometheus_client.core import Metric
 
 from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
@@ -24,7 +26,7 @@ from ca.errors import VerificationError
 from ca.renewal import RenewalPolicy, RenewalSchedule
 from ca.service import SelfIssued, renew_address_for
 from ca.verify import utcnow, verify_chain
-from fedgate import admin
+from fedgate import admin, metrics
 from mesh import codec
 from mesh.model import Snapshot
 from mesh.naming import controller_dns_name, controller_identity
@@ -72,6 +74,7 @@ class ProxyWiring:
     admin_port: int
     svid_ttl_seconds: int = 0  # 0: the CA's maximum (default 1 h)
     ca_renew_address: str = ""  # "": the CA address's port + 1 (ca.service.renew_address_for)
+    metrics_address: tuple[str, int] | None = None  # a metrics-only listener (gateways)
 
     @property
     def renew_address(self) -> str:
@@ -86,8 +89,11 @@ def config_credentials(svid: Svid, control_root_pem: bytes) -> grpc.ChannelCrede
     )
 
 
-async def run_proxy(w: ProxyWiring, proxy: Proxy, metrics: Callable[[], str] = str) -> None:
-    """Identity, then config, then serve until signalled. `metrics`: the admin `/metrics`."""
+async def run_proxy(
+    w: ProxyWiring, proxy: Proxy, families: Callable[[], Iterable[Metric]] | None = None
+) -> None:
+    """Identity, then the config stream, then serve; `families`: the proxy's own metrics (the
+    admin `/metrics` serves the process registry: these, and the data plane's request metrics)."""
     from federation.api.client import ConfigClient
 
     svid = await obtain_svid(
@@ -104,7 +110,6 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy, metrics: Callable[[], str] = s
     latest: list[Snapshot] = []
     state = admin.AdminState(
         ready=lambda: started,
-        metrics=metrics,
         config=lambda: {
             "kind": w.kind,
             "node": w.node_id,
@@ -117,6 +122,10 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy, metrics: Callable[[], str] = s
         },
     )
     admin_server = await admin.serve(state, w.admin_host, w.admin_port)
+    metrics_server = None
+    if w.metrics_address is not None:
+        only = admin.AdminState(ready=state.ready, metrics_only=True)
+        metrics_server = await admin.serve(only, *w.metrics_address)
 
     def apply(snapshot: Snapshot) -> None:
         # Applying is validating: a snapshot the proxy rejects is NACKed with the reason and
@@ -136,6 +145,18 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy, metrics: Callable[[], str] = s
         validate=apply,
     )
     tasks = TaskSet(w.kind)
+
+    def proxy_families() -> Iterator[Metric]:
+        own = current[0]
+        yield from metrics.config_version_families(latest[-1].version if latest else "", w.kind)
+        yield from metrics.proxy_config_families(client.nacks, client.reconnects, client.failovers)
+        yield from metrics.certificate_families(
+            [metrics.svid_expiry(own.spiffe_id.uri, own.not_after, own.cert_pem)]
+        )
+        if families is not None:
+            yield from families()
+
+    collector = metrics.register(proxy_families)
 
     async def follow() -> None:
         nonlocal started
@@ -160,9 +181,12 @@ async def run_proxy(w: ProxyWiring, proxy: Proxy, metrics: Callable[[], str] = s
     try:
         await until_signalled()
     finally:
+        REGISTRY.unregister(collector)
         await tasks.aclose()
         await proxy.aclose()
         admin_server.close()
+        if metrics_server is not None:
+            metrics_server.close()
 
 
 def ca_anchors(bootstrap: Bootstrap, snapshot: Snapshot | None) -> bytes:

@@ -90,6 +90,26 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkStats:
+    """This gateway's view of its tunnel to one peer over one transport (see `link_stats`).
+    Probe counters are those of the connections up now (they restart with each connection);
+    the others count for the gateway's lifetime."""
+
+    peer: str
+    transport: str
+    connected: bool
+    connections: int
+    rtt: float | None  # seconds, the best of the connections' last keepalive round trips
+    open_streams: int
+    streams: int  # calls (streams) opened toward the peer, for the gateway's lifetime
+    probes: int
+    probes_answered: int
+    handshakes: int
+    handshake_failures: int
+    losses: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Identity:
     svid: Svid
     certificate: x509.Certificate
@@ -368,6 +388,34 @@ class Gateway:
                 "passthrough_server": dict(self._pt_server.counters) if self._pt_server else {},
             },
         }
+
+    def link_stats(self) -> list[LinkStats]:
+        """One record per (peer cluster, multiplexed transport) this gateway dials: the
+        source side of each gateway pair (its connections carry this cluster's calls to the
+        peer), for the per-pair tunnel metrics. `passthrough` has no connection to report."""
+        out: list[LinkStats] = []
+        for transport, pool in sorted(self.pools.items()):
+            for peer in sorted(pool.peers()):
+                conns = pool.connections_to(peer)
+                rtts = [c.rtt for c in conns if c.rtt is not None]
+                counts = pool.peer_counters.get(peer, {})
+                out.append(
+                    LinkStats(
+                        peer=peer,
+                        transport=transport,
+                        connected=any(c.usable for c in conns),
+                        connections=len(conns),
+                        rtt=min(rtts) if rtts else None,
+                        open_streams=sum(len(c.streams) for c in conns),
+                        streams=counts.get("streams", 0),
+                        probes=sum(c.counters.get("probes", 0) for c in conns),
+                        probes_answered=sum(c.counters.get("probes_answered", 0) for c in conns),
+                        handshakes=counts.get("connects", 0),
+                        handshake_failures=counts.get("connect_failures", 0),
+                        losses=counts.get("losses", 0),
+                    )
+                )
+        return out
 
     # --- tunnel plumbing ---------------------------------------------------------------------
 

@@ -74,11 +74,24 @@ class PeerPool:
         self._retired: set[Any] = set()
         self._tasks = TaskSet("gateway-pool")
         self._closing = False
-        self.counters: dict[str, int] = {"connects": 0, "connect_failures": 0, "losses": 0}
+        self.counters: dict[str, int] = {
+            "connects": 0,
+            "connect_failures": 0,
+            "losses": 0,
+            "streams": 0,
+        }
+        # The same counters per peer cluster (handshakes per gateway pair, for metrics).
+        self.peer_counters: dict[str, dict[str, int]] = {}
+
+    def _count(self, cluster: str, counter: str) -> None:
+        self.counters[counter] += 1
+        per = self.peer_counters.setdefault(cluster, dict.fromkeys(self.counters, 0))
+        per[counter] += 1
 
     async def open_stream(self, target: PeerTarget) -> Stream:
         conn = await self.connection(target)
         stream: Stream = conn.open_stream()
+        self._count(target.cluster, "streams")
         return stream
 
     async def connection(self, target: PeerTarget) -> PooledConnection:
@@ -129,7 +142,7 @@ class PeerPool:
             fut.cancel()
             raise
         except Exception as e:
-            self.counters["connect_failures"] += 1
+            self._count(target.cluster, "connect_failures")
             err = e if isinstance(e, TunnelError) else TunnelError(f"internal error: {e!r}")
             self._log.warning("tunnel connect failed", peer=target.cluster, reason=str(err))
             fut.set_exception(err)
@@ -137,7 +150,7 @@ class PeerPool:
         finally:
             if self._connecting.get(slot, (None, None))[1] is fut:
                 del self._connecting[slot]
-        self.counters["connects"] += 1
+        self._count(target.cluster, "connects")
         if self._closing:
             conn.close("gateway shutting down", CLOSE_SHUTDOWN)
             fut.set_exception(TunnelError("gateway is shutting down"))
@@ -151,7 +164,7 @@ class PeerPool:
         if self._conns.get(slot, (None, None))[1] is not conn:
             return
         del self._conns[slot]
-        self.counters["losses"] += 1
+        self._count(target.cluster, "losses")
         self._log.info("tunnel lost", peer=target.cluster, reason=conn.close_reason)
         if not self._closing and slot not in self._connecting:
             self._start(slot, target)  # warm reconnect; a failure is logged, the next call retries
@@ -162,13 +175,21 @@ class PeerPool:
         conn.retire()
 
     def forget_missing(self, clusters: set[str]) -> None:
-        """Retire connections to clusters that left the snapshot (or use another transport)."""
+        """Retire connections to clusters that left the snapshot (or use another transport).
+        Their per-peer counters go too: the pair is no longer a link of this pool, and a
+        return starts a new series (a counter reset to Prometheus)."""
         for slot in [s for s in self._conns if s[0] not in clusters]:
             _, conn = self._conns.pop(slot)
             self._retire(conn)
+        for gone in set(self.peer_counters) - clusters:
+            del self.peer_counters[gone]
 
     def connections(self) -> list[PooledConnection]:
         return [c for _, c in self._conns.values()] + list(self._retired)
+
+    def peers(self) -> set[str]:
+        """Every peer cluster this pool has dialled (connected now or not)."""
+        return set(self.peer_counters) | {name for name, _ in self._conns}
 
     def connections_to(self, cluster: str) -> list[PooledConnection]:
         return [c for (name, _), (_, c) in sorted(self._conns.items()) if name == cluster]

@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -103,7 +104,13 @@ class TlsTunnelConnection(asyncio.Protocol):
         self.peer_identity: SpiffeId | None = None
         self.peer_cluster = ""
         self.close_reason = ""
-        self.counters: dict[str, int] = {"streams": 0, "bad_headers": 0}
+        # probes: keepalive PINGs sent (client side); probes_answered: their PONGs, in time.
+        self.counters: dict[str, int] = {
+            "streams": 0,
+            "bad_headers": 0,
+            "probes": 0,
+            "probes_answered": 0,
+        }
         self.streams: dict[int, MuxStream] = {}
         self.retiring = False
         self.on_closed: Callable[[Any], None] = lambda conn: None
@@ -391,7 +398,8 @@ class TlsTunnelConnection(asyncio.Protocol):
                 case mux.PingAcked(value):
                     sent = self._pings_out.pop(value, None)
                     if sent is not None:
-                        self.rtt = self._loop.time() - sent
+                        self.rtt = time.monotonic() - sent
+                        self.counters["probes_answered"] += 1
                 case _:
                     raise AssertionError(f"unhandled mux event {event!r}")
         if self._watched:
@@ -466,7 +474,10 @@ class TlsTunnelConnection(asyncio.Protocol):
             return
         if self._is_client:
             value = next(_pings) & 0xFFFFFFFF
-            self._pings_out = {value: self._loop.time()}  # only the latest one is timed
+            # time.monotonic, not the loop's clock: uvloop's has millisecond resolution,
+            # and a LAN round trip is well under a millisecond.
+            self._pings_out = {value: time.monotonic()}  # only the latest one is timed
+            self.counters["probes"] += 1
             self.mux.ping(value)
             self._flush()
         self._arm_timer()

@@ -108,7 +108,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self.peer_identity: SpiffeId | None = None
         self.peer_cluster = ""
         self.close_reason = ""
-        self.counters: dict[str, int] = {"streams": 0, "bad_headers": 0}
+        # probes: keepalive PINGs sent (client side); probes_answered: their ACKs, in time.
+        self.counters: dict[str, int] = {
+            "streams": 0,
+            "bad_headers": 0,
+            "probes": 0,
+            "probes_answered": 0,
+        }
         self.streams: dict[int, TunnelStream] = {}
         self.retiring = False
         self.on_cid_issued: Callable[[bytes], None] = lambda cid: None
@@ -308,6 +314,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
                     sent = self._pings_out.pop(uid, None)
                     if sent is not None:
                         self.rtt = _clock() - sent
+                        self.counters["probes_answered"] += 1
                 case events.ProtocolNegotiated():
                     pass
                 case events.DatagramFrameReceived():
@@ -413,6 +420,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
             return
         uid = next(_uids)
         self._pings_out = {uid: _clock()}  # only the latest one is timed
+        self.counters["probes"] += 1
         self.quic.send_ping(uid)
         self.transmit()
         self._schedule_keepalive()

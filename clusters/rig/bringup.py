@@ -287,6 +287,8 @@ def _start_cluster(
             "--admin",
             _addr(plan.gateway_admin_address),
             *command.telemetry_args,
+            "--metrics-listen",
+            _addr(plan.gateway_metrics_address),
             *_identity_args(rigdir),
         ],
     )

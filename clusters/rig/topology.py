@@ -52,6 +52,7 @@ EGRESS_PORT = 15008  # TCP, HTTP CONNECT from the cluster's sidecars, on the pod
 AGENT_CA_PORT = 15013  # the agent's SVID-signing service, on the pods0 address
 AGENT_ADMIN_PORT = 15022  # 127.0.0.1 inside the cluster netns
 GATEWAY_ADMIN_PORT = 15021  # 127.0.0.1 inside the cluster netns
+GATEWAY_METRICS_PORT = 15020  # metrics only, on the cluster's WAN address (controllers scrape)
 
 SIDECAR_ADMIN_PORT = 15000  # 127.0.0.1 inside the pod netns
 SIDECAR_OUTBOUND_PORT = 15001
@@ -159,6 +160,10 @@ class ClusterPlan:
     @property
     def gateway_admin_address(self) -> tuple[str, int]:
         return ("127.0.0.1", GATEWAY_ADMIN_PORT)
+
+    @property
+    def gateway_metrics_address(self) -> tuple[str, int]:
+        return (self.wan_ip, GATEWAY_METRICS_PORT)
 
 
 def cluster(prefix: str, index: int) -> ClusterPlan:

@@ -241,8 +241,8 @@ def _probe(netns: str, *args: str) -> dict[str, str]:
     return json.loads(res.stdout)  # type: ignore[no-any-return]
 
 
-def _refusals(rig: Path, hop: str, event: str) -> list[dict[str, Any]]:
-    return _log_lines(rig, hop=hop, event=event)
+def _refusals(rig: Path, hop: str, event: str, **match: str) -> list[dict[str, Any]]:
+    return _log_lines(rig, hop=hop, event=event, **match)
 
 
 def test_bad_identity_is_refused_and_logged_by_the_destination_sidecar_and_gateway(
@@ -281,8 +281,10 @@ def test_no_endpoint_is_refused_and_logged_by_the_ingress_and_the_egress(obs: Pa
     state = lifecycle.load(obs)
     west = topology.cluster(state.prefix, 1)
     egress = f"http://{west.egress_address[0]}:{west.egress_address[1]}"
-    before_in = len(_refusals(obs, tm.INGRESS, "ingress call refused"))
-    before_out = len(_refusals(obs, tm.EGRESS, "egress call refused"))
+    # Only this call's lines: other tests of the session leave refusals of other services.
+    mine = {"service": "obs.demo"}
+    before_in = len(_refusals(obs, tm.INGRESS, "ingress call refused", cluster="east", **mine))
+    before_out = len(_refusals(obs, tm.EGRESS, "egress call refused", cluster="west", **mine))
     argv = ["curl", "-sS", "--max-time", "10", "-p", "-x", egress]
     argv += ["--proxy-header", "Fedgate-Cluster: east", f"{URL}/"]
     res = _run(west.netns, argv)
@@ -290,13 +292,17 @@ def test_no_endpoint_is_refused_and_logged_by_the_ingress_and_the_egress(obs: Pa
     assert "503" in res.stderr, res.stderr
     ingress = _wait(
         "the east ingress's refusal",
-        lambda: _refusals(obs, tm.INGRESS, "ingress call refused")[before_in:],
+        lambda: _refusals(obs, tm.INGRESS, "ingress call refused", cluster="east", **mine)[
+            before_in:
+        ],
     )
     assert ingress[-1]["reason"] == "fedgate ingress east: no healthy endpoint for obs.demo"
     assert ingress[-1]["status"] == 503
     egress_lines = _wait(
         "the west egress's refusal",
-        lambda: _refusals(obs, tm.EGRESS, "egress call refused")[before_out:],
+        lambda: _refusals(obs, tm.EGRESS, "egress call refused", cluster="west", **mine)[
+            before_out:
+        ],
     )
     assert egress_lines[-1]["reason"] == ingress[-1]["reason"]  # passed on verbatim
 

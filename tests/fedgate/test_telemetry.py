@@ -7,7 +7,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedgate import admin, telemetry
+from fedgate import admin, metrics, telemetry
 from mesh import telemetry as tm
 from mesh.tracecontext import parse
 
@@ -75,10 +75,10 @@ def _samples(text: str, service: str) -> dict[tuple[str, str], float]:
 def test_requests_appear_in_the_metrics_exposition() -> None:
     t = telemetry.setup(_settings())
     svc = "m.demo.svc.clusterset.local"
-    assert _samples(telemetry.exposition(), svc) == {}
+    assert _samples(metrics.exposition(), svc) == {}
     t.record(tm.DESTINATION, "http", "east", "west", svc, "200", 0.003, 5, 7)
     t.record(tm.DESTINATION, "http", "east", "west", svc, "200", 0.2, 0, 1)
-    status, body, _ = admin.route(admin.AdminState(metrics=telemetry.exposition), "/metrics")
+    status, body, _ = admin.route(admin.AdminState(metrics=metrics.exposition), "/metrics")
     assert status == 200
     got = _samples(body.decode(), svc)
     assert got[("fedgate_requests_total", "")] == 2

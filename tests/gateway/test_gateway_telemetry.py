@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import LogCapture
 
-from fedgate import telemetry
+from fedgate import metrics, telemetry
 from mesh import telemetry as tm
 from mesh.connect import response_traceparent
 from mesh.naming import ServiceKey
@@ -34,7 +34,7 @@ def _traced(
 
 def _calls(service: ServiceKey, code: str) -> float:
     total = 0.0
-    for family in text_string_to_metric_families(telemetry.exposition()):
+    for family in text_string_to_metric_families(metrics.exposition()):
         for s in family.samples:
             if (
                 s.name == "fedgate_requests_total"

@@ -1,0 +1,61 @@
+"""`fedgate status` rendering: clusters with their gateways, gateway links with RTT."""
+
+from __future__ import annotations
+
+from fedgate.cli_status import render
+
+BASE = {
+    "revision": 42,
+    "leader": {"id": "controller", "grpc": "g:1", "admin": "a:2", "since": 100.0},
+    "config": {"version": "v1"},
+    "commit": "abc",
+    "clusters": {
+        "east": {"lease": "alive", "routed": True, "liveness": {"state": "Live", "since": 90.0}},
+        "west": {"lease": "expired", "routed": False, "liveness": {"state": "Down", "losses": 1}},
+    },
+    "services": [
+        {
+            "name": "echo",
+            "namespace": "demo",
+            "vip": "10.255.0.1",
+            "ports": [{"name": "http", "port": 8080, "protocol": "HTTP"}],
+            "endpoints": {"east": 1},
+            "conditions": [
+                {"type": "Conflict", "status": True, "reason": "PortConflict", "message": "m"}
+            ],
+        }
+    ],
+}
+
+
+def test_gateways_and_links_are_shown_with_rtt() -> None:
+    data = {
+        **BASE,
+        "gateways": {
+            "clusters": {
+                "east": {"up": True, "address": "172.30.0.10:15020"},
+                "west": {"up": False, "address": "172.30.0.11:15020"},
+            },
+            "links": [
+                {"source": "east", "destination": "west", "health": "down",
+                 "rtt_ms": None, "open_streams": 0, "reason": "cluster not live"},
+                {"source": "west", "destination": "east", "health": "up",
+                 "rtt_ms": 0.4321, "open_streams": 3, "reason": ""},
+            ],
+        },
+    }  # fmt: skip
+    text = render(data, now=100.0)
+    lines = text.splitlines()
+    east = next(x for x in lines if x.startswith("east "))
+    assert east.endswith("up 172.30.0.10:15020")
+    assert next(x for x in lines if x.startswith("west ")).endswith("DOWN 172.30.0.11:15020")
+    link = next(x for x in lines if x.startswith("west -> east"))
+    assert link.split()[3:6] == ["up", "0.432", "ms"]
+    assert "cluster not live" in next(x for x in lines if x.startswith("east -> west"))
+    assert "Conflict (PortConflict): m" in text
+    assert "commit abc" in text
+
+
+def test_unknown_gateways_say_why() -> None:
+    text = render({**BASE, "gateways": {"error": "cannot read the leader's topology: refused"}})
+    assert "gateways  unknown: cannot read the leader's topology: refused" in text
