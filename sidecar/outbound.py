@@ -11,14 +11,16 @@ For each connection redirected to the outbound port:
 4. Bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
 
 A service port declared `HTTP` (or a `TCP` port whose first bytes are an HTTP/1.x request) is
-served by `sidecar.http.proxy.HttpProxy` instead: each request is routed on its own, with the
+served by `sidecar.http.proxy.HttpProxy` instead, one declared `HTTP2`/`GRPC` (or whose first
+bytes are the HTTP/2 preface) by `sidecar.http2.proxy.H2Proxy`: each request (stream) is
+routed on its own, with the
 policy's retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
 connections made by the same `_mesh_upstream` as steps 2-3.
 
 Every failure resets the app's connection and logs one line with the reason, pod, service,
 clusters and connection id; success logs one access line when the connection ends.
-What this module does not do: HTTP (see above) or traceparent generation (the header carries
-an empty one in this version).
+What this module does not do: HTTP and HTTP/2 (see above) or traceparent generation (the
+header carries an empty one in this version).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from mesh.tasks import TaskSet
 from sidecar.capture import original_dst
 from sidecar.errors import CaptureError, ProxyError
 from sidecar.http.flow import FlowConn, open_flow_conn
-from sidecar.http.proxy import SNIFF_TIMEOUT, HttpProxy
+from sidecar.http.proxy import H2, HTTP1, SNIFF_TIMEOUT, HttpProxy
+from sidecar.http2.proxy import H2Proxy
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
@@ -84,6 +87,13 @@ class Outbound:
             self._rng,
             sniff_timeout=sniff_timeout,
         )
+        self.h2 = H2Proxy(
+            self.http,
+            state,
+            functools.partial(self._mesh_upstream, opener=open_flow_conn),
+            self.live,
+            self._rng,
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,6 +113,7 @@ class Outbound:
             self._server.close()
         await self._tasks.aclose()
         await self.http.aclose()
+        await self.h2.aclose()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -142,13 +153,15 @@ class Outbound:
         admitted: ServiceRoute | None = None
         try:
             route = state.routes.lookup(*dst)
-            if (
-                route is not None
-                and isinstance(app, FlowConn)
-                and await self.http.wants(app, route)
-            ):
-                await self.http.serve(app, dst, log.bind(service=str(route.service), mode="http"))
-                return
+            if route is not None and isinstance(app, FlowConn):
+                mode = await self.http.wants(app, route)
+                if mode == HTTP1:
+                    slog = log.bind(service=str(route.service), mode="http")
+                    await self.http.serve(app, dst, slog)
+                    return
+                if mode == H2:
+                    await self.h2.serve(app, dst, log.bind(service=str(route.service), mode="h2"))
+                    return
             try:
                 if route is not None:
                     # maxConnections holds for per-connection traffic too (Istio's tcp pool).
