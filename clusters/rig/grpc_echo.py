@@ -12,6 +12,7 @@ tell mirrored calls by their `-shadow` host: tests send a mirror to pods that ge
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import threading
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from clusters.rig.api import echo_pb2, echo_pb2_grpc
+from clusters.rig.echo import EchoControl
+from clusters.rig.h2_echo import serve_h2
 
 MAX_DELAY_MS = 60_000
 WORKERS = 64  # concurrent calls (each delayed call holds a thread)
@@ -83,16 +86,21 @@ def make_server(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m clusters.rig.grpc_echo --cluster C --pod P [--port N] [--fail-ratio R]`."""
+    """`python -m clusters.rig.grpc_echo --cluster C --pod P [--port N] [--fail-ratio R]
+    [--h2-port M]` (with M, the HTTP/2 echo of `clusters.rig.h2_echo` runs too)."""
     p = argparse.ArgumentParser(prog="grpc_echo")
     p.add_argument("--cluster", required=True)
     p.add_argument("--pod", required=True)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--fail-ratio", type=float, default=0.0)
+    p.add_argument("--h2-port", type=int, default=0)
     a = p.parse_args(argv)
     server = make_server(a.cluster, a.pod, a.host, a.port, GrpcEchoControl(a.fail_ratio))
     server.start()
+    if a.h2_port:
+        ctl = EchoControl(a.fail_ratio)
+        asyncio.run(serve_h2(a.cluster, a.pod, a.host, a.h2_port, ctl))
     server.wait_for_termination()
 
 

@@ -66,7 +66,7 @@ class Trailers:
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    stream: int  # the peer ended the stream with an empty DATA frame
+    stream: int  # the stream ended without a frame to fold the end into (h2 folds it mostly)
 
 
 @dataclass(frozen=True, slots=True)
