@@ -56,6 +56,9 @@ _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
 
 OriginalDst = Callable[[Any], tuple[str, int]]
+# asyncio's default (100) overflows when an app opens a few hundred connections at once (curl
+# --parallel, connection-per-request clients): the kernel then resets some of them.
+BACKLOG = 1024
 
 
 class Outbound:
@@ -99,7 +102,10 @@ class Outbound:
         loop = asyncio.get_running_loop()
         s = self._settings
         self._server = await loop.create_server(
-            lambda: FlowConn("app", self._accepted), s.outbound_host, s.outbound_port
+            lambda: FlowConn("app", self._accepted),
+            s.outbound_host,
+            s.outbound_port,
+            backlog=BACKLOG,
         )
 
     @property

@@ -37,11 +37,17 @@ def call(
     if parallel:
         started = time.monotonic()
         futs = [stub.Call.future(req, timeout=timeout, metadata=metadata) for _ in range(n)]
-        for f in futs:
+        done: dict[int, float] = {}  # when each call ended, not when we looked at it
+        for i, f in enumerate(futs):
+            f.add_done_callback(lambda _, i=i: done.setdefault(i, time.monotonic() - started))
+        for i, f in enumerate(futs):
             try:
-                out.append([f.result().pod, "", time.monotonic() - started])
+                pod = f.result().pod
+                out.append([pod, "", done.get(i, time.monotonic() - started)])
             except grpc.RpcError as e:
-                out.append([e.code().name, e.details() or "", time.monotonic() - started])
+                out.append(
+                    [e.code().name, e.details() or "", done.get(i, time.monotonic() - started)]
+                )
         return out
     for _ in range(n):
         started = time.monotonic()
