@@ -16,7 +16,7 @@ import asyncio
 from sidecar.errors import ProxyError
 from sidecar.http.body import REPLAY_LIMIT
 from sidecar.http2.conn import H2Conn
-from sidecar.http2.session import Data, Ended, Fields, Headers, Reset, Trailers
+from sidecar.http2.session import Data, Ended, Fields, Headers, Reset, StreamEvent, Trailers
 
 
 class StreamBody:
@@ -60,11 +60,30 @@ class StreamBody:
                 await self._read_one()
             finally:
                 self._reading = False
-                self._changed.set()
-                self._changed = asyncio.Event()
+                self._pulse()
+
+    def take_ready(self) -> None:
+        """Take what has arrived already, without waiting (a unary call's whole body usually
+        comes with its HEADERS: then no task needs to stream it)."""
+        took = False
+        while not self.complete and not self._reading:
+            event = self._app.try_next(self._sid)
+            if event is None:
+                break
+            self._apply(event)
+            took = True
+        if took:
+            self._pulse()
+
+    def _pulse(self) -> None:
+        """Wake whoever follows the body (a mirror): something was read."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def _read_one(self) -> None:
-        event = await self._app.next(self._sid)
+        self._apply(await self._app.next(self._sid))
+
+    def _apply(self, event: StreamEvent) -> None:
         match event:
             case Data(data=data, flow=flow, end=end):
                 self._app.ack(self._sid, flow)

@@ -209,8 +209,12 @@ class H2Forwarder:
                     budget, key, decision.identities.__contains__, state.svid, opener
                 )
                 phase = "request"
+                if call.drive:
+                    call.body.take_ready()
                 sid = up.h2.open(call.req.fields(), end=call.body.empty)
-                if not call.body.empty:
+                if call.body.replayable and not call.body.empty:
+                    await _send_body(call.body, up.h2, sid, drive=False)  # all here: no task
+                elif not call.body.empty:
                     sender = self._tasks.spawn(
                         _send_body(call.body, up.h2, sid, call.drive), f"h2-body-{sid}"
                     )

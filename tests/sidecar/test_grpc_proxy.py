@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -177,3 +178,49 @@ async def test_outlier_ejects_an_endpoint_answering_unavailable(grig: GrpcRig) -
     out = await asyncio.to_thread(grig.calls, 40)
     assert collections.Counter(p for p, _ in out)["UNAVAILABLE"] == 2
     assert grig.rig.source.outbound.h2.stats["ejections"] == 1
+
+
+async def test_a_body_within_the_replay_limit_is_retried_and_a_larger_one_is_not(
+    grig: GrpcRig,
+) -> None:
+    grig.rig.apply(policy(retries=Retries(2, retry_on=("unavailable",))))
+    for ctl in grig.controls.values():
+        ctl.fail_ratio = 1.0
+    host, port = grig.rig.source.outbound.address
+
+    def call(size: int) -> str:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            try:
+                stub.Call(echo_pb2.CallRequest(text="x" * size), timeout=10)
+            except grpc.RpcError as e:
+                return e.code().name
+        return "OK"
+
+    assert await asyncio.to_thread(call, 200 * 1024) == "UNAVAILABLE"
+    assert sum(c.calls for c in grig.controls.values()) == 3  # the first try and 2 retries
+    assert await asyncio.to_thread(call, 300 * 1024) == "UNAVAILABLE"
+    assert sum(c.calls for c in grig.controls.values()) == 4  # over 256 KiB: tried once
+
+
+async def test_a_cancelled_call_releases_its_upstream_stream(grig: GrpcRig) -> None:
+    grig.rig.apply(policy())
+    host, port = grig.rig.source.outbound.address
+    h2 = grig.rig.source.outbound.h2
+
+    def cancel_one() -> None:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            fut = stub.Call.future(echo_pb2.CallRequest(delay_ms=3000), timeout=10)
+            deadline = time.monotonic() + 5
+            while sum(c.calls for c in grig.controls.values()) == 0:
+                assert time.monotonic() < deadline, "the call never reached an app"
+                time.sleep(0.01)
+            assert fut.cancel()
+
+    await asyncio.to_thread(cancel_one)
+    runtime = next(iter(grig.rig.source.outbound.http._runtimes.values()))
+    async with asyncio.timeout(5):
+        while h2.stats["client_resets"] < 1 or runtime.pool.budget.requests:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert runtime.pool.budget.requests == 0
