@@ -4,10 +4,11 @@ Keys are `sidecar.http.pool.PoolKey` (service, port, cluster, endpoint: a local 
 remote cluster through the gateway, whose ingress picks one endpoint for the connection). A
 request takes a stream on a live connection of its key that has room under the peer's
 `SETTINGS_MAX_CONCURRENT_STREAMS`, presents an identity the current route allows and was opened
-with the SVID in use; otherwise one connection is opened (requests arriving meanwhile wait for
-it instead of opening their own) if the service's `maxConnections` allows; otherwise the request
-waits for a stream slot, counted as pending (`http1MaxPendingRequests`: beyond it, refused at
-once with `PoolRefusedError`). The caller bounds the wait with its deadline.
+with the SVID in use. Otherwise: one connection is opened if the service's `maxConnections`
+allows (requests arriving meanwhile wait for it instead of opening their own); else an idle
+connection of the same service to another host is closed to make room; else the request waits
+for a stream slot, counted as pending (`http1MaxPendingRequests`: beyond it, refused at once
+with `PoolRefusedError`). The caller bounds every wait with its deadline.
 
 A connection with no stream for `idle_timeout` is closed by `sweep` (GOAWAY, then the socket),
 as is one whose key left the config. Every connection is registered in `live` with its peer's
@@ -82,17 +83,16 @@ class H2Pool:
             if budget.may_open():
                 await self._open(budget, key, svid, opener)
                 continue
+            if self._evict_idle(budget):
+                await self._wait_change()  # until the evicted connection is gone
+                continue
             refusal = budget.start_waiting()
             if refusal is not None:
                 raise PoolRefusedError(refusal)
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
             try:
-                await fut
+                await self._wait_change()
             finally:
                 budget.stop_waiting()
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
 
     def connections(self, key: PoolKey) -> int:
         return len(self._conns.get(key, ()))
@@ -138,6 +138,33 @@ class H2Pool:
             if up.h2.room():
                 return up
         return None
+
+    def _evict_idle(self, budget: PoolBudget) -> bool:
+        """Make room under `maxConnections` by closing the longest-idle connection of the same
+        service (another endpoint's, as HTTP/1.1's pool does); True if one is (or was
+        already) on its way out."""
+        idle = []
+        for ups in self._conns.values():
+            for up in ups:
+                if up.budget is not budget:
+                    continue
+                if not up.h2.alive:
+                    return True  # closing already: its end frees a connection
+                if up.h2.streams == 0:
+                    idle.append(up)
+        if not idle:
+            return False
+        min(idle, key=lambda u: u.idle_since).h2.close("evicted")
+        return True
+
+    async def _wait_change(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
 
     async def _open(self, budget: PoolBudget, key: PoolKey, svid: object, opener: Opener) -> None:
         fut: asyncio.Future[H2Upstream] = asyncio.get_running_loop().create_future()

@@ -224,3 +224,13 @@ async def test_a_cancelled_call_releases_its_upstream_stream(grig: GrpcRig) -> N
         while h2.stats["client_resets"] < 1 or runtime.pool.budget.requests:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     assert runtime.pool.budget.requests == 0
+
+
+async def test_max_connections_one_rotates_the_connection_among_endpoints(grig: GrpcRig) -> None:
+    grig.rig.apply(policy(connection_pool=ConnectionPool(max_connections=1)))
+    out = await asyncio.to_thread(grig.calls, 30)
+    assert {p for p, _ in out} == {"a", "b", "c"}, out  # an idle connection made way each time
+    h2 = grig.rig.source.outbound.h2
+    assert h2.pool.opened > 3
+    runtime = next(iter(grig.rig.source.outbound.http._runtimes.values()))
+    assert runtime.pool.budget.connections <= 1
