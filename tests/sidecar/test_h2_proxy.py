@@ -17,7 +17,15 @@ import pytest
 
 from clusters.rig.echo import EchoControl
 from clusters.rig.h2_echo import serve_h2
-from mesh.model import ClusterWeight, TrafficPolicy
+from mesh.model import (
+    ClusterWeight,
+    Fault,
+    FaultAbort,
+    HttpRoute,
+    RequestMatch,
+    StringMatch,
+    TrafficPolicy,
+)
 from tests.sidecar.conftest import Pki
 from tests.sidecar.http_rig import SVC, VIP, HttpRig, start_http_rig, stop_http_rig
 
@@ -128,3 +136,35 @@ async def test_http2_on_a_tcp_port_is_sniffed_by_its_preface(pki: Pki) -> None:
     finally:
         await stop_http_rig(rig)
         apps.stop()
+
+
+async def test_sidecar_answers_to_plain_http2_carry_status_and_reason(
+    rig_apps: tuple[HttpRig, H2Apps],
+) -> None:
+    rig, _ = rig_apps
+    abort = Fault(abort=FaultAbort(100, 418))
+    timed = HttpRoute(
+        "slow", (RequestMatch(uri=StringMatch("prefix", "/delay/")),), timeout=0.2, fault=Fault()
+    )
+    rig.apply(
+        TrafficPolicy(
+            SVC, cluster_weights=(ClusterWeight("local", 100),), fault=abort, routes=(timed,)
+        )
+    )
+    host, port = rig.source.outbound.address
+
+    def one(path: str) -> tuple[str, float]:
+        fmt = "%{http_code} %header{x-fedgate-reason}|%{time_total}"
+        argv = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "5", "-o", "/dev/null"]
+        argv += ["-H", "host: api.shop.svc.clusterset.local", "-w", fmt]
+        res = subprocess.run(
+            [*argv, f"http://{host}:{port}{path}"], capture_output=True, text=True, check=False
+        )
+        assert res.returncode == 0, res.stderr
+        head, secs = res.stdout.split("|")
+        return head, float(secs)
+
+    assert (await asyncio.to_thread(one, "/"))[0] == "418 fault abort"
+    answer, seconds = await asyncio.to_thread(one, "/delay/2000")
+    assert answer == "504 upstream timeout"
+    assert 0.2 <= seconds < 0.5
