@@ -49,7 +49,6 @@ LOST = -1  # the code of the `Reset` a stream gets when its connection ended
 class _Stream:
     events: collections.deque[StreamEvent] = field(default_factory=collections.deque)
     waiter: asyncio.Future[None] | None = None
-    done: bool = False  # the peer's side is over (ended or reset)
 
 
 class H2Conn:
@@ -130,15 +129,15 @@ class H2Conn:
 
     def open(self, fields: Fields, end: bool) -> int:
         """Open a stream with its HEADERS (client side); its id."""
+        self._check()
         sid = self.session.new_stream()
+        try:
+            self.session.send_headers(sid, fields, end)
+        except StreamClosedError as e:  # e.g. the peer lowered its stream limit meanwhile
+            raise ProxyError("stream refused", str(e)) from e
         self._streams[sid] = _Stream()
-        self.session.send_headers(sid, fields, end)
         self._flush()
         return sid
-
-    def adopt(self, sid: int) -> None:
-        """Track a stream the peer opened (server side, from `on_stream`)."""
-        self._streams.setdefault(sid, _Stream())
 
     async def next(self, sid: int) -> StreamEvent:
         """The stream's next event (a `Reset` with code `LOST` if the connection ended)."""
@@ -232,7 +231,7 @@ class H2Conn:
     def _dispatch(self, event: object) -> None:
         match event:
             case Headers(stream=sid) if sid not in self._streams and not self.session.client:
-                self._streams[sid] = _Stream(done=event.end)  # the head goes to on_stream
+                self._streams[sid] = _Stream()  # the head itself goes to on_stream
                 if self._on_stream is not None:
                     self._on_stream(sid, event)
             case Headers(stream=sid) | Trailers(stream=sid) | Ended(stream=sid):
@@ -264,8 +263,6 @@ class H2Conn:
     def _push(self, sid: int, event: StreamEvent) -> None:
         st = self._streams[sid]
         st.events.append(event)
-        if isinstance(event, (Trailers, Ended, Reset)) or getattr(event, "end", False):
-            st.done = True
         if st.waiter is not None and not st.waiter.done():
             st.waiter.set_result(None)
 
@@ -276,8 +273,8 @@ class H2Conn:
     def _flush(self) -> None:
         """Write what the session queued at the end of this loop iteration, so the frames of
         one step (HEADERS, DATA, trailers, WINDOW_UPDATEs) leave in one TLS record and one
-        send(): a send costs far more than the frames (measured: ~10 sends per gRPC call
-        unbatched)."""
+        send(): a send costs more than the frames (measured: 10 sends per gRPC call through
+        the sidecar unbatched, 6 batched)."""
         if not self._flush_soon:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush_now)
