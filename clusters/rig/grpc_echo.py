@@ -4,9 +4,11 @@ Like `clusters.rig.echo` it is an ordinary, mesh-unaware program on plaintext HT
 the sidecar in its pod makes it reachable over mTLS. `Echo.Call` waits `delay_ms`, then answers
 with the pod's name, or fails with UNAVAILABLE at the configured fail ratio (set with
 `--fail-ratio` or at run time with `Echo.Control`, which also returns the counters: calls and
-failed). Tests call `Control` on 127.0.0.1 inside the pod; it is not counted as a call.
+failed). `Echo.Chat` answers each message of a bidirectional stream as it arrives. Tests call
+`Control` on 127.0.0.1 inside the pod; it is not counted as a call.
 (grpcio's server API does not show the `:authority`, so unlike the HTTP echo this one cannot
 tell mirrored calls by their `-shadow` host: tests send a mirror to pods that get nothing else.)
+With `--h2-port`, the HTTP/2 echo (`clusters.rig.h2_echo`) runs in the same process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -65,6 +68,13 @@ class EchoService(echo_pb2_grpc.EchoServicer):
         if fail:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._pod} failed on purpose")
         return echo_pb2.CallReply(cluster=self._cluster, pod=self._pod, text=request.text)
+
+    def Chat(  # noqa: N802 - the generated servicer's naming
+        self, requests: Iterator[echo_pb2.CallRequest], context: grpc.ServicerContext
+    ) -> Iterator[echo_pb2.CallReply]:
+        self._ctl.count()
+        for request in requests:
+            yield echo_pb2.CallReply(cluster=self._cluster, pod=self._pod, text=request.text)
 
     def Control(  # noqa: N802 - the generated servicer's naming
         self, request: echo_pb2.ControlRequest, context: grpc.ServicerContext

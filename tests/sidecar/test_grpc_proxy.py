@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -234,3 +235,29 @@ async def test_max_connections_one_rotates_the_connection_among_endpoints(grig: 
     assert h2.pool.opened > 3
     runtime = next(iter(grig.rig.source.outbound.http._runtimes.values()))
     assert runtime.pool.budget.connections <= 1
+
+
+async def test_a_bidirectional_stream_is_forwarded_message_by_message(grig: GrpcRig) -> None:
+    """The client sends its next message only after the answer to the previous one: this
+    works only if the sidecar forwards the request body as it arrives (no read-ahead)."""
+    grig.rig.apply(policy(retries=Retries(2, retry_on=("unavailable",))))
+    host, port = grig.rig.source.outbound.address
+
+    def chat() -> list[str]:
+        outbox: queue.Queue[echo_pb2.CallRequest | None] = queue.Queue()
+
+        def requests() -> Iterator[echo_pb2.CallRequest]:
+            while (item := outbox.get(timeout=10)) is not None:
+                yield item
+
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            replies = echo_pb2_grpc.EchoStub(channel).Chat(requests(), timeout=10)
+            texts = []
+            for i in range(5):
+                outbox.put(echo_pb2.CallRequest(text=f"m{i}"))
+                texts.append(next(replies).text)
+            outbox.put(None)
+            assert list(replies) == []
+            return texts
+
+    assert await asyncio.to_thread(chat) == [f"m{i}" for i in range(5)]

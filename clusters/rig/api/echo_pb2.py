@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lusters/rig/api/echo.proto\x12\x10\x66\x65\x64gate.rig.echo\"-\n\x0b\x43\x61llRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65lay_ms\x18\x02 \x01(\r\"7\n\tCallReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"<\n\x0e\x43ontrolRequest\x12\x16\n\x0eset_fail_ratio\x18\x01 \x01(\x08\x12\x12\n\nfail_ratio\x18\x02 \x01(\x01\":\n\x05Stats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x04\x12\x12\n\nfail_ratio\x18\x03 \x01(\x01\x32\x90\x01\n\x04\x45\x63ho\x12\x42\n\x04\x43\x61ll\x12\x1d.fedgate.rig.echo.CallRequest\x1a\x1b.fedgate.rig.echo.CallReply\x12\x44\n\x07\x43ontrol\x12 .fedgate.rig.echo.ControlRequest\x1a\x17.fedgate.rig.echo.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lusters/rig/api/echo.proto\x12\x10\x66\x65\x64gate.rig.echo\"-\n\x0b\x43\x61llRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65lay_ms\x18\x02 \x01(\r\"7\n\tCallReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"<\n\x0e\x43ontrolRequest\x12\x16\n\x0eset_fail_ratio\x18\x01 \x01(\x08\x12\x12\n\nfail_ratio\x18\x02 \x01(\x01\":\n\x05Stats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x04\x12\x12\n\nfail_ratio\x18\x03 \x01(\x01\x32\xd8\x01\n\x04\x45\x63ho\x12\x42\n\x04\x43\x61ll\x12\x1d.fedgate.rig.echo.CallRequest\x1a\x1b.fedgate.rig.echo.CallReply\x12\x46\n\x04\x43hat\x12\x1d.fedgate.rig.echo.CallRequest\x1a\x1b.fedgate.rig.echo.CallReply(\x01\x30\x01\x12\x44\n\x07\x43ontrol\x12 .fedgate.rig.echo.ControlRequest\x1a\x17.fedgate.rig.echo.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,5 +40,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATS']._serialized_start=215
   _globals['_STATS']._serialized_end=273
   _globals['_ECHO']._serialized_start=276
-  _globals['_ECHO']._serialized_end=420
+  _globals['_ECHO']._serialized_end=492
 # @@protoc_insertion_point(module_scope)

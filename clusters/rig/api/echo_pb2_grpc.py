@@ -39,6 +39,11 @@ class EchoStub:
                 request_serializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallRequest.SerializeToString,
                 response_deserializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallReply.FromString,
                 _registered_method=True)
+        self.Chat = channel.stream_stream(
+                '/fedgate.rig.echo.Echo/Chat',
+                request_serializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallRequest.SerializeToString,
+                response_deserializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallReply.FromString,
+                _registered_method=True)
         self.Control = channel.unary_unary(
                 '/fedgate.rig.echo.Echo/Control',
                 request_serializer=clusters_dot_rig_dot_api_dot_echo__pb2.ControlRequest.SerializeToString,
@@ -57,6 +62,13 @@ class EchoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request_iterator, context):
+        """Answers every message as it arrives (a bidirectional stream); counted as one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Control(self, request, context):
         """Sets the fail ratio (when `set_fail_ratio`) and returns the counters. Not counted as a call.
         """
@@ -69,6 +81,11 @@ def add_EchoServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Call': grpc.unary_unary_rpc_method_handler(
                     servicer.Call,
+                    request_deserializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallRequest.FromString,
+                    response_serializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallReply.SerializeToString,
+            ),
+            'Chat': grpc.stream_stream_rpc_method_handler(
+                    servicer.Chat,
                     request_deserializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallRequest.FromString,
                     response_serializer=clusters_dot_rig_dot_api_dot_echo__pb2.CallReply.SerializeToString,
             ),
@@ -103,6 +120,33 @@ class Echo:
             request,
             target,
             '/fedgate.rig.echo.Echo/Call',
+            clusters_dot_rig_dot_api_dot_echo__pb2.CallRequest.SerializeToString,
+            clusters_dot_rig_dot_api_dot_echo__pb2.CallReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedgate.rig.echo.Echo/Chat',
             clusters_dot_rig_dot_api_dot_echo__pb2.CallRequest.SerializeToString,
             clusters_dot_rig_dot_api_dot_echo__pb2.CallReply.FromString,
             options,
