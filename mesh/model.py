@@ -122,7 +122,19 @@ class MergedService:
 # validation and the field-by-field reference live in federation/schema.py and docs/config.md.
 
 SPECIAL_CLUSTERS = ("local", "remote")
-RETRY_CONDITIONS = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes")
+RETRY_CONDITIONS = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-status-codes",
+    # gRPC (Istio accepts these in the same retryOn list): the answer's grpc-status.
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
 STRING_MATCH_KINDS = ("exact", "prefix", "regex")
 
 

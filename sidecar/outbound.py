@@ -11,19 +11,20 @@ For each connection redirected to the outbound port:
 4. Bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
 
 A service port declared `HTTP` (or a `TCP` port whose first bytes are an HTTP/1.x request) is
-served by `sidecar.http.proxy.HttpProxy` instead: each request is routed on its own, with the
+served by `sidecar.http.proxy.HttpProxy` instead, one declared `HTTP2`/`GRPC` (or whose first
+bytes are the HTTP/2 preface) by `sidecar.http2.proxy.H2Proxy`: each request (stream) is
+routed on its own, with the
 policy's retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
 connections made by the same `_mesh_upstream` as steps 2-3.
 
 Every failure resets the app's connection and logs one line with the reason, pod, service,
 clusters and connection id; success logs one access line when the connection ends.
-
 Telemetry (hop `source-sidecar`): a per-connection (TCP) call gets one CLIENT span for the
 connection's life, a new trace (TCP carries no context); its context goes in the CONNECT's
 `traceparent`, and the inner stream header carries the span nearest the destination (the
 ingress gateway's, from the CONNECT's `200`, else ours), so the destination sidecar's span
 hangs under the hop before it. Every connection is one metrics record.
-What this module does not do: HTTP (see above).
+What this module does not do: HTTP and HTTP/2 (see above).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.capture import original_dst
 from sidecar.errors import CaptureError, ProxyError
 from sidecar.http.flow import FlowConn, open_flow_conn
-from sidecar.http.proxy import SNIFF_TIMEOUT, HttpProxy
+from sidecar.http.proxy import H2, HTTP1, SNIFF_TIMEOUT, HttpProxy
+from sidecar.http2.proxy import H2Proxy
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.resume import SessionCache
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
@@ -67,6 +69,9 @@ _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
 
 OriginalDst = Callable[[Any], tuple[str, int]]
+# asyncio's default (100) overflows when an app opens a few hundred connections at once (curl
+# --parallel, connection-per-request clients): the kernel then resets some of them.
+BACKLOG = 1024
 
 
 class Outbound:
@@ -103,12 +108,22 @@ class Outbound:
             telemetry=telemetry,
             cluster=settings.cluster,
         )
+        self.h2 = H2Proxy(
+            self.http,
+            state,
+            functools.partial(self._mesh_upstream, opener=open_flow_conn),
+            self.live,
+            self._rng,
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self._settings
         self._server = await loop.create_server(
-            lambda: FlowConn("app", self._accepted), s.outbound_host, s.outbound_port
+            lambda: FlowConn("app", self._accepted),
+            s.outbound_host,
+            s.outbound_port,
+            backlog=BACKLOG,
         )
 
     @property
@@ -122,6 +137,7 @@ class Outbound:
             self._server.close()
         await self._tasks.aclose()
         await self.http.aclose()
+        await self.h2.aclose()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -175,13 +191,15 @@ class Outbound:
         code, outcome = "error", "cancelled"
         tcp = False  # served per connection (not HTTP): one span and record for it
         try:
-            if (
-                route is not None
-                and isinstance(app, FlowConn)
-                and await self.http.wants(app, route)
-            ):
-                await self.http.serve(app, dst, log.bind(service=str(route.service), mode="http"))
-                return
+            if route is not None and isinstance(app, FlowConn):
+                mode = await self.http.wants(app, route)
+                if mode == HTTP1:
+                    slog = log.bind(service=str(route.service), mode="http")
+                    await self.http.serve(app, dst, slog)
+                    return
+                if mode == H2:
+                    await self.h2.serve(app, dst, log.bind(service=str(route.service), mode="h2"))
+                    return
             tcp = True
             tel = self.telemetry
             if route is not None and tel.tracing:

@@ -91,6 +91,7 @@ class Sidecar:
         # Requests in flight keep their config; idle pooled connections to endpoints that left
         # the catalog are closed, and so is their outlier state.
         self.outbound.http.prune(routes)
+        self.outbound.h2.prune(routes)
         # Revocation also ends established connections of a denied peer (either direction).
         self.inbound.close_denied(bundle)
         close_denied(self.outbound.live, bundle, "outbound")
@@ -198,6 +199,7 @@ class Sidecar:
                 "inbound_refused": self.inbound.refused,
             },
             "http": self.outbound.http.status(),
+            "h2": self.outbound.h2.status(),
         }
 
 

@@ -16,8 +16,9 @@ app's `traceparent` (or a new trace), injected upstream in its place (on the con
 opened through a gateway, the remote ingress's span instead, so the destination hangs under
 the hop before it); retries are span events. Each request ends in one access line (`http
 request`, or `http request failed` with the reason) with the trace and span ids, and one
-metrics record. What this module does not do: HTTP/2 and gRPC (those ports stay per-connection
-L4), pipelining (requests of one connection are served in turn).
+metrics record. What this module does not do: HTTP/2 and gRPC (`sidecar.http2.proxy`, which
+shares the per-service runtime kept here; traced per connection), pipelining (requests of one
+connection are served in turn).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from sidecar.http.forward import (
     log_outlier_events,
 )
 from sidecar.http.pool import PoolKey, ServicePool, UpstreamPool
+from sidecar.http2.session import sniff_preface
 from sidecar.pipe import Conn
 from sidecar.routes import Decision, Local, RouteTable, ServiceRoute
 from sidecar.state import ProxyState
@@ -73,6 +75,8 @@ _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
 
 SNIFF_TIMEOUT = 0.1  # wait this long for a TCP port's first bytes to tell HTTP/1.x from others
+HTTP1 = "http1"
+H2 = "h2"  # served by sidecar.http2.proxy
 
 
 class HttpProxy:
@@ -110,21 +114,11 @@ class HttpProxy:
     def prune(self, routes: RouteTable) -> None:
         """After a config change: close idle connections and forget outlier state of hosts
         that left the catalog (connections in use finish their request)."""
-        keys: set[PoolKey] = set()
-        hosts: dict[tuple[ServiceKey, int], frozenset[str]] = {}
-        for route in routes.routes.values():
-            for cluster, eps in route.endpoints.items():
-                if cluster == route.local_cluster:
-                    keys.update(
-                        PoolKey(route.service, route.port.port, cluster, e.address) for e in eps
-                    )
-                else:
-                    keys.add(PoolKey(route.service, route.port.port, cluster, ""))
-            hosts[(route.service, route.port.port)] = frozenset(route.balancer.hosts())
-
-        def keep(key: PoolKey) -> bool:  # a remote key is kept whatever subset it is for
-            return replace(key, labels=()) in keys
-
+        keep = pool_keeper(routes)
+        hosts = {
+            (route.service, route.port.port): frozenset(route.balancer.hosts())
+            for route in routes.routes.values()
+        }
         for rk, rt in self._runtimes.items():
             self.pool.sweep(rt.pool, keep=keep)
             if rt.outlier is not None:
@@ -147,7 +141,7 @@ class HttpProxy:
             },
         }
 
-    def _runtime(self, route: ServiceRoute) -> ServiceRuntime:
+    def runtime(self, route: ServiceRoute) -> ServiceRuntime:
         key = (route.service, route.port.port)
         rt = self._runtimes.get(key)
         if rt is None:
@@ -167,11 +161,11 @@ class HttpProxy:
 
     def health(self, route: ServiceRoute) -> Callable[[str], bool]:
         """Whether a host of `route` is in rotation (not ejected by outlier detection)."""
-        return health_check(self._runtime(route).outlier, _now())
+        return health_check(self.runtime(route).outlier, _now())
 
     def tcp_admit(self, route: ServiceRoute) -> None:
         """Count a TCP connection against `maxConnections`; ProxyError if over it."""
-        budget = self._runtime(route).pool.budget
+        budget = self.runtime(route).pool.budget
         if not budget.may_open():
             self.stats["tcp_refused"] += 1
             cap = budget.limits.max_connections
@@ -185,7 +179,7 @@ class HttpProxy:
 
     def tcp_result(self, route: ServiceRoute, decision: Decision, ok: bool) -> None:
         """A TCP connection's setup succeeded or failed (outlier detection's input)."""
-        outlier = self._runtime(route).outlier
+        outlier = self.runtime(route).outlier
         if outlier is None:
             return
         if isinstance(decision, Local):
@@ -207,28 +201,33 @@ class HttpProxy:
 
     # -- protocol choice --------------------------------------------------------------------
 
-    async def wants(self, app: FlowConn, route: ServiceRoute) -> bool:
-        """Whether to serve this connection as HTTP/1.1: declared HTTP, or a TCP port whose
-        first bytes (within `sniff_timeout`) start an HTTP/1.x request. Sniffed bytes stay
-        buffered for whichever path serves the connection."""
+    async def wants(self, app: FlowConn, route: ServiceRoute) -> str:
+        """How to serve this connection: `HTTP1` (declared HTTP, or a TCP port whose first
+        bytes start an HTTP/1.x request), `H2` (declared HTTP2 or GRPC, or the HTTP/2 client
+        preface on a TCP port), or "" (per connection). Sniffing waits `sniff_timeout` for the
+        first bytes; they stay buffered for whichever path serves the connection."""
         protocol = route.port.protocol
         if protocol == "HTTP":
-            return True
+            return HTTP1
+        if protocol in ("HTTP2", "GRPC"):
+            return H2  # prior knowledge: the client speaks first, with the preface
         if protocol != "TCP" or self.sniff_timeout <= 0:
-            return False  # HTTP2 and GRPC: per-connection until HTTP/2 is parsed
+            return ""
         app.resume_reading()
 
-        def verdict(buf: bytes) -> tuple[bool, bytes] | None:
-            v = sniff_http1(buf)
-            return None if v is None else (v, buf)
+        def verdict(buf: bytes) -> tuple[str, bytes] | None:
+            h2, h1 = sniff_preface(buf), sniff_http1(buf)
+            if h2 or h1:
+                return (H2 if h2 else HTTP1), buf
+            return None if h2 is None or h1 is None else ("", buf)
 
         try:
             async with asyncio.timeout(self.sniff_timeout):
                 found = await app.read_frame(verdict, "first bytes")
         except (TimeoutError, ProxyError):
-            return False
+            return ""
         if found:
-            self.stats["sniffed_http"] += 1
+            self.stats["sniffed_http" if found == HTTP1 else "sniffed_h2"] += 1
         return found
 
     # -- one app connection -----------------------------------------------------------------
@@ -352,7 +351,7 @@ class HttpProxy:
         info = RequestInfo.build(req.method, req.target, req.headers)
         eff = effective(route.policy, info)
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
-        call = Call(fwd, route, state, eff, self._runtime(route), body, log, span=span, seen=seen)
+        call = Call(fwd, route, state, eff, self.runtime(route), body, log, span=span, seen=seen)
         action = fault_action(eff.fault, self._rng)
         if action.delay:
             self.stats["fault_delays"] += 1
@@ -379,6 +378,27 @@ def _status_error(status: int) -> str:
     if not status:
         return "no response"
     return f"status {status}" if status >= 500 else ""
+
+
+def pool_keeper(routes: RouteTable) -> Callable[[PoolKey], bool]:
+    """Whether a pooled connection's key still leads somewhere under `routes` (a remote key
+    is kept whatever subset it was opened for)."""
+    keys = pool_keys(routes)
+    return lambda key: replace(key, labels=()) in keys
+
+
+def pool_keys(routes: RouteTable) -> set[PoolKey]:
+    """Every upstream a pooled connection may lead to under `routes` (others are dropped)."""
+    keys: set[PoolKey] = set()
+    for route in routes.routes.values():
+        for cluster, eps in route.endpoints.items():
+            if cluster == route.local_cluster:
+                keys.update(
+                    PoolKey(route.service, route.port.port, cluster, e.address) for e in eps
+                )
+            else:
+                keys.add(PoolKey(route.service, route.port.port, cluster, ""))
+    return keys
 
 
 def _now() -> float:

@@ -9,6 +9,11 @@ Conditions (`retryOn`, Envoy's meanings):
 | `reset` | was reset (or the connection closed) before a response, or hit its per-try timeout |
 | `connect-failure` | could not connect (TCP, gateway CONNECT, TLS, identity, stream reply) |
 | `retriable-status-codes` | got one of `retriableStatusCodes` |
+| `unavailable`, `cancelled`, ... | (gRPC) got that `grpc-status` in a Trailers-Only answer |
+
+The gRPC conditions are Envoy's (`cancelled`, `deadline-exceeded`, `internal`,
+`resource-exhausted`, `unavailable`), judged as Envoy does: on a `grpc-status` in the response
+headers (an answer without messages), not in trailers after a streamed body.
 
 Without a `retryOn` list the default is Istio's: `connect-failure,reset,503`. A refusal by the
 sidecar itself (connection-pool overflow, no route) is never retried. Between tries the plan
@@ -36,18 +41,31 @@ RESET = "reset"
 TIMEOUT = "timeout"  # this try's deadline passed (per-try or overall)
 LOCAL = "local"  # the sidecar refused (overflow, no route): never retried
 
+# gRPC retry conditions and the grpc-status each names (Envoy's x-envoy-retry-grpc-on).
+GRPC_CONDITIONS = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
+# gRPC codes Envoy maps to a 5xx for outlier detection (UNKNOWN, DEADLINE_EXCEEDED,
+# UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
+GRPC_5XX = frozenset((2, 4, 12, 13, 14, 15))
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     kind: str
     status: int = 0
+    grpc: int | None = None  # grpc-status of a gRPC Trailers-Only answer
 
     @property
     def failed(self) -> bool:
         """What outlier detection counts as a failure (Envoy's consecutive 5xx, local origin
-        errors included)."""
+        errors included; a gRPC status counts as the HTTP status it maps to)."""
         return self.kind in (CONNECT_FAILURE, RESET, TIMEOUT) or (
-            self.kind == STATUS and self.status >= 500
+            self.kind == STATUS and (self.status >= 500 or self.grpc in GRPC_5XX)
         )
 
 
@@ -65,6 +83,8 @@ def retriable(retries: Retries, outcome: Outcome) -> bool:
         if c == CONNECT_FAILURE and kind == CONNECT_FAILURE:
             return True
         if c == "retriable-status-codes" and kind == STATUS and status in codes:
+            return True
+        if c in GRPC_CONDITIONS and kind == STATUS and outcome.grpc == GRPC_CONDITIONS[c]:
             return True
     return False
 

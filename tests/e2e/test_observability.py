@@ -254,23 +254,23 @@ def test_bad_identity_is_refused_and_logged_by_the_destination_sidecar_and_gatew
     assert pod is not None
     west_root = str(bringup.ca_dir(obs, "west") / "root.pem")
     east_ca = str(bringup.ca_dir(obs, "east"))
-    before = len(_refusals(obs, tm.DESTINATION, "inbound refused"))
+    # Only this test's lines (by pod, by cluster): other tests of the session leave refusals.
+    before = len(_refusals(obs, tm.DESTINATION, "inbound refused", pod="obs"))
     # The genuine east root minting a west identity: only the SPIFFE scoping catches it.
     args = ("tls", "wrong-domain", pod.ip, str(topology.SIDECAR_INBOUND_PORT), west_root, east_ca)
     assert _probe(west.netns, *args)["result"] == "refused"
     refused = _wait(
         "the destination sidecar's refusal",
-        lambda: _refusals(obs, tm.DESTINATION, "inbound refused")[before:],
+        lambda: _refusals(obs, tm.DESTINATION, "inbound refused", pod="obs")[before:],
     )
     assert refused[-1]["reason"] == "trust-domain mismatch", refused
-    assert refused[-1]["pod"] == "obs"
 
-    before = len(_refusals(obs, tm.INGRESS, "tunnel handshake refused"))
+    before = len(_refusals(obs, tm.INGRESS, "tunnel handshake refused", cluster="west"))
     tunnel = ("tls", "foreign-root", west.wan_ip, str(topology.TUNNEL_PORT), west_root, east_ca)
     assert _probe(east.netns, *tunnel)["result"] == "refused"
     refused = _wait(
         "the west gateway's refusal",
-        lambda: _refusals(obs, tm.INGRESS, "tunnel handshake refused")[before:],
+        lambda: _refusals(obs, tm.INGRESS, "tunnel handshake refused", cluster="west")[before:],
     )
     assert "certificate" in refused[-1]["reason"], refused
 
@@ -324,7 +324,8 @@ def test_pool_full_is_refused_and_logged_by_the_source_sidecar(obs: Path) -> Non
             return any(p.get("name") == "obs" and "connectionPool" in p for p in policies)
 
         _wait("the obs policy reaches east/client", applied)
-        before = len(_refusals(obs, tm.SOURCE, "http request failed"))
+        mine = {"service": "obs.demo", "pod": "client", "cluster": "east"}
+        before = len(_refusals(obs, tm.SOURCE, "http request failed", **mine))
         one = "curl -s --noproxy '*' --max-time 10 -o /dev/null -w '%{http_code}\\n' "
         one += f"{URL}/delay/800"
         script = f"for i in 1 2 3 4 5 6; do {one} & done; wait"
@@ -333,7 +334,7 @@ def test_pool_full_is_refused_and_logged_by_the_source_sidecar(obs: Path) -> Non
         assert "503" in res.stdout.split(), res.stdout
         failed = _wait(
             "the source sidecar's refusal",
-            lambda: _refusals(obs, tm.SOURCE, "http request failed")[before:],
+            lambda: _refusals(obs, tm.SOURCE, "http request failed", **mine)[before:],
         )
         assert {line["reason"] for line in failed} == {"pending overflow"}, failed
         assert all(line["status"] == 503 and line["trace_id"] for line in failed), failed

@@ -89,7 +89,8 @@ def view(elements: list[dict[str, str]]) -> State:
             out["link"][e["data-link"]] = e
         elif e["tag"] == "tr" and "data-service" in e:
             out["service"][e["data-service"]] = e
-    endpoints = [e for e in elements if "data-endpoints-cluster" in e]
+    # echo.demo's endpoints per cluster (other modules of the session add other services)
+    endpoints = [e for e in elements if e.get("data-endpoints-service") == "echo.demo"]
     out["endpoints"] = {e["data-endpoints-cluster"]: e for e in endpoints}
     return out
 

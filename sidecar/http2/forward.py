@@ -1,0 +1,385 @@
+"""Forwarding one HTTP/2 stream: its tries, retries, outlier bookkeeping, response and mirror.
+
+The HTTP/2 counterpart of `sidecar.http.forward`, on the same policy objects
+(`sidecar.traffic`: target choice, `RetryPlan`, `PoolBudget`, `OutlierDetector`) and the same
+per-service runtime (`ServiceRuntime`: limits and outlier state are shared with HTTP/1.1 traffic
+to the service port). Each try opens a stream on a pooled upstream connection
+(`sidecar.http2.pool`), sends the request head, and sends the body in a task of its own while
+the response head is awaited (a streaming call may need answers before it sends more). A
+response is judged by its status, or for a gRPC Trailers-Only answer by its `grpc-status`
+(`unavailable` etc. in `retryOn`; UNAVAILABLE counts as a 503 for outlier detection). The final
+response streams back with flow control both ways; trailers pass through.
+
+Failures the sidecar answers itself carry `x-fedgate-reason` (to gRPC clients, a grpc-status
+and grpc-message naming the reason); after the response head went out, a gRPC call ends with
+failure trailers and any other request with a stream reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mesh.errors import NoRouteError
+from mesh.naming import SpiffeId
+from mesh.tasks import TaskSet
+from sidecar.errors import ProxyError
+from sidecar.http.flow import FlowConn
+from sidecar.http.forward import (
+    MAX_MIRRORS,
+    MIRROR_TIMEOUT,
+    ServiceRuntime,
+    health_check,
+    log_outlier_events,
+)
+from sidecar.http.pool import PoolKey, PoolRefusedError
+from sidecar.http2.body import StreamBody
+from sidecar.http2.conn import LOST, H2Conn
+from sidecar.http2.messages import (
+    MessageError,
+    Request,
+    Response,
+    failure_trailers,
+    local_answer,
+    parse_response,
+)
+from sidecar.http2.pool import H2Pool, H2Upstream
+from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers
+from sidecar.pipe import Conn
+from sidecar.routes import Decision, ServiceRoute
+from sidecar.state import ProxyState
+from sidecar.traffic.balance import Target
+from sidecar.traffic.match import Effective
+from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, STATUS, TIMEOUT, Outcome, RetryPlan
+
+MeshConnect = Callable[[ServiceRoute, Decision, ProxyState, dict[str, object]], Awaitable[Conn]]
+
+
+@dataclass(eq=False, slots=True)
+class H2Call:
+    req: Request
+    app: H2Conn
+    sid: int  # the app's stream
+    route: ServiceRoute
+    state: ProxyState
+    eff: Effective
+    runtime: ServiceRuntime
+    body: StreamBody
+    log: Any
+    drive: bool = True  # reads the app's body (False for a mirror: it follows the primary)
+
+
+@dataclass(frozen=True, slots=True)
+class _Got:
+    up: H2Upstream
+    sid: int
+    resp: Response
+    sender: asyncio.Task[None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    outcome: Outcome
+    status: int
+    reason: str
+    detail: str
+
+
+class H2Forwarder:
+    def __init__(
+        self,
+        connect: MeshConnect,
+        pool: H2Pool,
+        rng: random.Random,
+        stats: collections.Counter[str],
+    ) -> None:
+        self._connect = connect
+        self.pool = pool
+        self._rng = rng
+        self.stats = stats
+        self._tasks = TaskSet("sidecar-h2-forward")
+        self._mirrors = 0
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+    async def local(
+        self, app: H2Conn, sid: int, grpc: bool, log: Any, status: int, reason: str, detail: str
+    ) -> bool:
+        """Answer the app's stream ourselves; whether the answer went out."""
+        self.stats["local_answers"] += 1
+        log.warning("http request failed", status=status, reason=reason, detail=detail)
+        answer = local_answer(status, reason, detail, grpc)
+        try:
+            app.send_headers(sid, answer.fields, end=not answer.body)
+            if answer.body:
+                await app.send_data(sid, answer.body, end=True)
+        except ProxyError:
+            return False
+        return True
+
+    # -- tries ------------------------------------------------------------------------------
+
+    async def forward(self, call: H2Call) -> bool:
+        """Route the request; whether the app's stream got a complete answer."""
+        loop = asyncio.get_running_loop()
+        eff, route, rt = call.eff, call.route, call.runtime
+        plan = RetryPlan(eff.retries, eff.timeout, loop.time(), self._rng)
+        tried: set[str] = set()
+        grpc = call.req.grpc
+        while True:
+            now = loop.time()
+            deadline = plan.start_try(now)
+            try:
+                target = route.target(
+                    eff, self._rng, health_check(rt.outlier, now), frozenset(tried)
+                )
+            except NoRouteError as e:
+                return await self.local(call.app, call.sid, grpc, call.log, 503, "no route", str(e))
+            tried.add(target.host)
+            result = await self._try(call, target, deadline)
+            if isinstance(result, _Got):
+                outcome = Outcome(STATUS, result.resp.status, result.resp.grpc_status)
+            else:
+                outcome = result.outcome
+            self._record(call, target, outcome)
+            plan.replayable = call.body.replayable
+            wait = plan.backoff(outcome, loop.time())
+            if wait is None:
+                call.log = call.log.bind(tries=plan.tries, dst_cluster=target.cluster)
+                if target.endpoint is not None:
+                    call.log = call.log.bind(endpoint=target.endpoint.address)
+                if isinstance(result, _Got):
+                    return await self._respond(call, result, plan.deadline)
+                self.stats["failed"] += 1
+                status, reason, detail = result.status, result.reason, result.detail
+                return await self.local(call.app, call.sid, grpc, call.log, status, reason, detail)
+            self.stats["retries"] += 1
+            if isinstance(result, _Got):
+                g = result.resp.grpc_status
+                detail = f"status {result.resp.status}" + (f", grpc-status {g}" if g else "")
+                self._drop(call, result)
+            else:
+                detail = f"{result.reason}: {result.detail}"
+            call.log.info(
+                "http retry", try_=plan.tries, host=target.host, detail=detail, backoff_s=wait
+            )
+            await asyncio.sleep(wait)
+
+    def _record(self, call: H2Call, target: Target, outcome: Outcome) -> None:
+        outlier = call.runtime.outlier
+        if outlier is None or outcome.kind == LOCAL:
+            return
+        outlier.record(
+            target.host, outcome.failed, time.monotonic(), len(call.route.balancer.hosts())
+        )
+        log_outlier_events(outlier, call.log, self.stats)
+
+    async def _try(self, call: H2Call, target: Target, deadline: float | None) -> _Got | _Failed:
+        """One try: a stream, the request, the response head. Upstream failures become
+        `_Failed` with the outcome retries and outlier detection judge."""
+        route, state = call.route, call.state
+        budget = call.runtime.pool.budget
+        decision = route.decision_for(target)
+        address = target.endpoint.address if target.endpoint is not None else ""
+        key = PoolKey(route.service, route.port.port, target.cluster, address, target.labels)
+        refusal = budget.start_request()
+        if refusal is not None:
+            return _Failed(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
+        facts: dict[str, object] = {}
+
+        async def opener() -> tuple[FlowConn, SpiffeId]:
+            conn = await self._connect(route, decision, state, facts)
+            assert isinstance(conn, FlowConn)
+            return conn, SpiffeId.parse(str(facts["peer"]))
+
+        phase = "connect"
+        up: H2Upstream | None = None
+        sid = 0
+        sender: asyncio.Task[None] | None = None
+        handed_over = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                up = await self.pool.acquire(
+                    budget, key, decision.identities.__contains__, state.svid, opener
+                )
+                phase = "request"
+                if call.drive:
+                    call.body.take_ready()
+                sid = up.h2.open(call.req.fields(), end=call.body.empty)
+                if call.body.replayable and not call.body.empty:
+                    await _send_body(call.body, up.h2, sid, drive=False)  # all here: no task
+                elif not call.body.empty:
+                    sender = self._tasks.spawn(
+                        _send_body(call.body, up.h2, sid, call.drive), f"h2-body-{sid}"
+                    )
+                phase = "response"
+                resp = await _response_head(up.h2, sid)
+                handed_over = True
+                return _Got(up, sid, resp, sender)  # the request stays counted until the end
+        except PoolRefusedError as e:
+            return _Failed(Outcome(LOCAL), 503, e.reason, e.detail)
+        except TimeoutError:
+            return _Failed(Outcome(TIMEOUT), 504, "upstream timeout", _timeout_detail(call, phase))
+        except MessageError as e:
+            return _Failed(Outcome(RESET), 502, "bad upstream response", str(e))
+        except ProxyError as e:
+            if phase == "connect":
+                return _Failed(Outcome(CONNECT_FAILURE), 503, "upstream connect failure", str(e))
+            return _Failed(Outcome(RESET), 503, "upstream reset", f"{phase}: {e}")
+        finally:
+            if not handed_over:
+                if sender is not None:
+                    sender.cancel()
+                if up is not None and sid:
+                    up.h2.release(sid, reset=True)
+                budget.end_request()
+
+    def _drop(self, call: H2Call, got: _Got) -> None:
+        """Abandon a response we retry (resetting a stream is cheap in HTTP/2)."""
+        if got.sender is not None:
+            got.sender.cancel()
+        got.up.h2.release(got.sid, reset=True)
+        call.runtime.pool.budget.end_request()
+
+    async def _respond(self, call: H2Call, got: _Got, deadline: float | None) -> bool:
+        """Stream the final response to the app; whether it ended cleanly."""
+        app, asid, up, usid = call.app, call.sid, got.up.h2, got.sid
+        call.log = call.log.bind(status=got.resp.status)
+        if got.resp.grpc_status is not None:
+            call.log = call.log.bind(grpc_status=got.resp.grpc_status)
+        head_sent = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                app.send_headers(asid, got.resp.fields, end=got.resp.end)
+                head_sent = True
+                ended = got.resp.end
+                while not ended:
+                    event = await up.next(usid)
+                    match event:
+                        case Data(data=data, flow=flow, end=end):
+                            if data or end:
+                                await app.send_data(asid, data, end=end)
+                            up.ack(usid, flow)
+                            ended = end
+                        case Trailers(headers=headers):
+                            app.send_headers(asid, headers, end=True)
+                            ended = True
+                        case Ended():
+                            app.end_stream(asid)
+                            ended = True
+                        case Reset(code=code):
+                            what = "connection lost" if code == LOST else f"stream reset ({code})"
+                            raise ProxyError("upstream reset", f"response: {what}")
+                        case Headers():
+                            raise ProxyError("bad upstream response", "HEADERS inside the body")
+        except (TimeoutError, ProxyError) as e:
+            up.release(usid, reset=True)
+            timeout = isinstance(e, TimeoutError)
+            reason = "upstream timeout" if timeout else getattr(e, "reason", "upstream reset")
+            detail = _timeout_detail(call, "response") if timeout else str(e)
+            self.stats["failed"] += 1
+            call.log.warning("http request failed", reason=reason, detail=detail)
+            if not head_sent:
+                return await self.local(app, asid, call.req.grpc, call.log, 504, reason, detail)
+            if call.req.grpc:
+                try:
+                    app.send_headers(asid, failure_trailers(reason, detail), end=True)
+                    return True
+                except ProxyError:
+                    pass
+            app.reset(asid)
+            return False
+        finally:
+            if got.sender is not None and not got.sender.done():
+                got.sender.cancel()  # answered before the request ended: stop sending it
+            call.runtime.pool.budget.end_request()
+        early = got.sender is not None and not call.body.complete
+        up.release(usid, early=early)
+        return True
+
+    # -- mirroring --------------------------------------------------------------------------
+
+    def mirror(self, call: H2Call) -> None:
+        if self._mirrors >= MAX_MIRRORS:
+            self.stats["mirrors_dropped"] += 1
+            call.log.warning("http mirror dropped", reason="too many in flight", limit=MAX_MIRRORS)
+            return
+        self._mirrors += 1
+        self._tasks.spawn(self._send_mirror(call), "mirror")
+
+    async def _send_mirror(self, call: H2Call) -> None:
+        mirror = call.eff.mirror
+        assert mirror is not None
+        shadow = replace(call, req=call.req.shadow(), log=call.log.bind(mirror=True), drive=False)
+        loop = asyncio.get_running_loop()
+        try:
+            target = call.route.target(
+                call.eff,
+                self._rng,
+                lambda h: True,
+                subset=mirror.subset or None,
+                cluster_ref=mirror.cluster,
+            )
+            result = await self._try(
+                shadow, target, loop.time() + (call.eff.timeout or MIRROR_TIMEOUT)
+            )
+            if isinstance(result, _Got):
+                self.stats["mirrored"] += 1
+                shadow.log.info(
+                    "http mirrored",
+                    host=target.host,
+                    dst_cluster=target.cluster,
+                    status=result.resp.status,
+                )
+                self._drop(shadow, result)
+            else:
+                self.stats["mirror_failures"] += 1
+                shadow.log.info("http mirror failed", reason=result.reason, detail=result.detail)
+        except NoRouteError as e:
+            self.stats["mirror_failures"] += 1
+            shadow.log.info("http mirror failed", reason="no route", detail=str(e))
+        finally:
+            self._mirrors -= 1
+
+
+async def _send_body(body: StreamBody, h2: H2Conn, sid: int, drive: bool) -> None:
+    """Send the request body on `sid` (as it arrives, or replayed); on failure reset the
+    stream so the try waiting for the response sees it."""
+    try:
+        i = 0
+        while (chunk := await body.get(i, drive)) is not None:
+            await h2.send_data(sid, chunk)
+            i += 1
+        if body.trailers is not None:
+            h2.send_headers(sid, body.trailers, end=True)
+        else:
+            h2.end_stream(sid)
+    except ProxyError:
+        h2.reset(sid)
+
+
+async def _response_head(h2: H2Conn, sid: int) -> Response:
+    event = await h2.next(sid)
+    match event:
+        case Headers(headers=fields, end=end):
+            return parse_response(fields, end)
+        case Reset(code=code):
+            what = "connection lost" if code == LOST else f"stream reset ({code})"
+            raise ProxyError("upstream reset", f"before a response: {what}")
+        case _:
+            raise MessageError(f"{type(event).__name__} before the response head")
+
+
+def _timeout_detail(call: H2Call, phase: str) -> str:
+    r = call.eff.retries
+    per_try = r.per_try_timeout if r is not None else None
+    limits = [f"per-try timeout {per_try} s"] if per_try else []
+    if call.eff.timeout:
+        limits.append(f"timeout {call.eff.timeout} s")
+    return f"{phase} not done within {' / '.join(limits) or 'the deadline'}"

@@ -1,0 +1,183 @@
+"""HTTP/2 and gRPC in the source sidecar: each stream of an app connection routed on its own.
+
+`H2Proxy.serve` runs an HTTP/2 server (h2c with prior knowledge: the app talks plaintext to its
+sidecar) on a captured app connection whose port is declared `HTTP2` or `GRPC`, or whose first
+bytes are the HTTP/2 client preface. Every stream is a request handled in a task of its own, as
+`sidecar.http.proxy` handles an HTTP/1.1 request: the sidecar's current config, route matching
+(`:path` is the path, so a gRPC method is matched by `/pkg.Service/Method`), fault delay and
+abort, mirroring, then `sidecar.http2.forward.H2Forwarder` with the service port's shared
+runtime (limits, outlier state). A client's RST_STREAM (a cancelled gRPC call) cancels that
+stream's task, which resets the upstream stream.
+
+Pooled upstream HTTP/2 connections (`sidecar.http2.pool`) are swept when idle and dropped when
+their key leaves the config (`prune`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from mesh.naming import SpiffeId
+from mesh.tasks import TaskSet
+from sidecar.errors import ProxyError
+from sidecar.http.flow import FlowConn
+from sidecar.http.proxy import HttpProxy, pool_keeper
+from sidecar.http2 import grpc
+from sidecar.http2.body import StreamBody
+from sidecar.http2.conn import H2Conn
+from sidecar.http2.forward import H2Call, H2Forwarder, MeshConnect
+from sidecar.http2.messages import MessageError, parse_request
+from sidecar.http2.pool import H2Pool
+from sidecar.http2.session import Headers
+from sidecar.pipe import Conn
+from sidecar.routes import RouteTable
+from sidecar.state import ProxyState
+from sidecar.traffic.experiments import fault_action, mirror_this
+from sidecar.traffic.match import effective
+
+_log = structlog.get_logger("fedgate.sidecar")
+_ids = itertools.count(1)
+
+
+class H2Proxy:
+    def __init__(
+        self,
+        http: HttpProxy,
+        state: Callable[[], ProxyState],
+        connect: MeshConnect,
+        live: dict[Conn, SpiffeId],
+        rng: random.Random,
+    ) -> None:
+        self._http = http  # owns the per-service runtime (limits, outlier state)
+        self._state = state
+        self._rng = rng
+        self.pool = H2Pool(live)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.forwarder = H2Forwarder(connect, self.pool, rng, self.stats)
+        self._tasks = TaskSet("sidecar-h2")
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+        await self.forwarder.aclose()
+        await self.pool.aclose()
+
+    def prune(self, routes: RouteTable) -> None:
+        """After a config change: close idle connections whose key left the config."""
+        self.pool.sweep(keep=pool_keeper(routes))
+
+    def status(self) -> dict[str, object]:
+        return {
+            **dict(sorted(self.stats.items())),
+            "connections_opened": self.pool.opened,
+            "streams_opened": self.pool.streams,
+        }
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = self._tasks.spawn(self._sweep_forever(), "h2-pool-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.pool.idle_timeout / 2)
+            self.pool.sweep()
+
+    # -- one app connection -----------------------------------------------------------------
+
+    async def serve(self, app: FlowConn, dst: tuple[str, int], log: Any) -> None:
+        """Serve the streams of `app` (captured to `dst`) until the connection ends."""
+        self._ensure_sweeper()
+        self.stats["connections"] += 1
+        handlers: dict[int, asyncio.Task[Any]] = {}
+        tasks = TaskSet("sidecar-h2-streams")
+
+        def on_stream(sid: int, head: Headers) -> None:
+            rlog = log.bind(req=f"s{next(_ids)}")
+            task = tasks.spawn(self._stream(h2, sid, head, dst, rlog), f"stream-{sid}")
+            handlers[sid] = task
+            task.add_done_callback(lambda t: handlers.pop(sid, None))
+
+        def on_reset(sid: int) -> None:
+            task = handlers.get(sid)
+            if task is not None:
+                self.stats["client_resets"] += 1
+                task.cancel()
+
+        h2 = H2Conn(app, client=False, on_stream=on_stream, on_reset=on_reset)
+        h2.start()
+        try:
+            await h2.run()
+        finally:
+            await tasks.aclose()
+        if h2.error is not None:
+            log.info("http2 connection ended", reason=h2.error.reason, detail=h2.error.detail)
+
+    async def _stream(
+        self, h2: H2Conn, sid: int, head: Headers, dst: tuple[str, int], log: Any
+    ) -> None:
+        started = time.monotonic()
+        self.stats["requests"] += 1
+        ok = False
+        body = StreamBody(h2, sid, ended=head.end)
+        try:
+            ok = await self._exchange(h2, sid, head, body, dst, log, started)
+        except ProxyError as e:  # the app's stream failed (reset, connection gone)
+            log.info("http2 stream ended", reason=e.reason, detail=e.detail)
+        finally:
+            h2.release(sid, reset=not ok, early=ok and not body.complete)
+
+    async def _exchange(
+        self,
+        h2: H2Conn,
+        sid: int,
+        head: Headers,
+        body: StreamBody,
+        dst: tuple[str, int],
+        log: Any,
+        started: float,
+    ) -> bool:
+        fwd = self.forwarder
+        try:
+            req = parse_request(head.headers)
+        except MessageError as e:
+            self.stats["bad_requests"] += 1
+            ct = next((v for k, v in head.headers if k == "content-type"), None)
+            return await fwd.local(h2, sid, grpc.is_grpc(ct), log, 400, "malformed request", str(e))
+        log = log.bind(method=req.method, path=req.path, **({"grpc": True} if req.grpc else {}))
+        state = self._state()
+        route = state.routes.lookup(*dst)
+        if route is None:
+            detail = f"{dst} left the mesh"
+            return await fwd.local(h2, sid, req.grpc, log, 503, "no route", detail)
+        if state.client_ctx is None:
+            return await fwd.local(h2, sid, req.grpc, log, 503, "not ready", "no SVID yet")
+        eff = effective(route.policy, req.info())
+        log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
+        runtime = self._http.runtime(route)
+        call = H2Call(req, h2, sid, route, state, eff, runtime, body, log)
+        action = fault_action(eff.fault, self._rng)
+        if action.delay:
+            self.stats["fault_delays"] += 1
+            await asyncio.sleep(action.delay)
+        if action.abort:
+            self.stats["fault_aborts"] += 1
+            detail = f"injected by the policy of {route.service}"
+            return await fwd.local(h2, sid, req.grpc, log, action.abort, "fault abort", detail)
+        if mirror_this(eff.mirror, self._rng):
+            fwd.mirror(call)
+        ok = await fwd.forward(call)
+        call.log.info(
+            "http request",
+            protocol="h2",
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            **({"fault_delay_s": action.delay} if action.delay else {}),
+        )
+        return ok
