@@ -10,7 +10,6 @@ to the GitOps repository; echo's fail ratio is set at run time inside its pod.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -20,29 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from clusters import source
-from clusters.rig import bringup, config_repo, control, lifecycle, procs
-from federation.gitops.load import SourceFile
-from federation.gitops.validate import validate_files
-from mesh.codec import policy_to_json
+from clusters.rig import bringup, lifecycle
 from mesh.model import ServicePort
-from tests.e2e.conftest import rig_command
+from tests.e2e import policy_rig
+from tests.e2e.policy_rig import SUBSETS, run_in_pod, start_workload
 
 pytestmark = pytest.mark.rig
 
 HOST = "rpc.demo.svc.clusterset.local"
 GRPC_PORT = 9090
 H2_PORT = 8082
-POLICY_FILE = "policies/rpc.yaml"
 PODS = (("east", "rpc-1", "v1"), ("east", "rpc-2", "v1"), ("east", "rpc-3", "v2"))
 REMOTE = ("west", "rpc-w1", "v1")
-APPLY_WITHIN = 30.0
 CLIENT = Path(__file__).with_name("grpc_client.py")
-SUBSETS = """
-subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"""
 STATUS_KEY = f"{HOST}:{GRPC_PORT}"
 
 
@@ -53,22 +42,8 @@ class Call:
     seconds: float
 
 
-def _netns(rig: Path, cluster: str, pod: str) -> str:
-    record = lifecycle.load(rig).pod(cluster, pod)
-    assert record is not None
-    return record.netns
-
-
 def _run(rig: Path, cluster: str, pod: str, argv: list[str], timeout: float) -> str:
-    res = subprocess.run(
-        ["ip", "netns", "exec", _netns(rig, cluster, pod), *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert res.returncode == 0, res.stderr
-    return res.stdout
+    return run_in_pod(rig, cluster, pod, argv, timeout)
 
 
 def grpc_calls(
@@ -116,67 +91,19 @@ def client_status(rig: Path) -> dict[str, object]:
 
 
 def apply_policy(rig: Path, spec: str) -> None:
-    """Commit a TrafficPolicy for rpc.demo; return once east/client runs it."""
-    doc = (
-        "apiVersion: fedgate.io/v1alpha1\nkind: TrafficPolicy\n"
-        f"metadata: {{name: rpc, namespace: demo}}\nspec:\n  host: {HOST}\n"
-        + "".join(f"  {line}\n" for line in spec.strip("\n").splitlines())
-    )
-    repo = config_repo.repo_dir(rig)
-    federation = (repo / config_repo.FEDERATION_FILE).read_bytes()
-    result = validate_files(
-        [SourceFile("federation.yaml", federation), SourceFile(POLICY_FILE, doc.encode())]
-    )
-    assert result.ok, result.issues
-    assert result.config is not None
-    [expected] = [policy_to_json(p) for p in result.config.policies]
-    config_repo.commit(repo, {POLICY_FILE: doc}, "rpc: traffic policy")
-    deadline = time.monotonic() + APPLY_WITHIN
-    while True:
-        snap = bringup.sidecar_config(rig, "east", "client").get("snapshot")
-        policies = snap.get("policies", []) if isinstance(snap, dict) else []
-        if expected in policies:
-            return
-        assert time.monotonic() < deadline, f"policy not applied: {policies}"
-        time.sleep(0.1)
+    policy_rig.apply_policy(rig, "rpc", spec)
 
 
 @pytest.fixture(scope="module")
 def rpc(rig: Path) -> Iterator[Path]:
-    # Other tests of the session kill agents; pods need their cluster's CA (the agent).
-    for c in lifecycle.load(rig).clusters:
-        agent = lifecycle.load(rig).process(f"{c.name}-agent")
-        if agent is not None and not procs.owned(agent):
-            control.restart(rig, agent.name)
-    for cluster, pod, _ in (*PODS, REMOTE):
+    def workload(cluster: str, pod: str) -> list[str]:
         argv = [sys.executable, "-m", "clusters.rig.grpc_echo", "--cluster", cluster]
-        argv += ["--pod", pod, "--port", str(GRPC_PORT), "--h2-port", str(H2_PORT)]
-        bringup.add_pod(rig, rig_command(), cluster, pod, "demo", "rpc", argv, None)
+        return [*argv, "--pod", pod, "--port", str(GRPC_PORT), "--h2-port", str(H2_PORT)]
+
     ports = [ServicePort("grpc", GRPC_PORT, "GRPC"), ServicePort("h2", H2_PORT, "HTTP2")]
-    for cluster in ("east", "west"):
-        source.add_export(source.exports_path(rig, cluster), "demo", "rpc", ports)
-    for cluster, pod, version in (*PODS, REMOTE):
-        record = lifecycle.load(rig).pod(cluster, pod)
-        assert record is not None
-        for port in (GRPC_PORT, H2_PORT):
-            control.wait_tcp(rig, record.netns, f"{cluster}-{pod}", "127.0.0.1", port)
-        source.add_endpoint(
-            source.exports_path(rig, cluster),
-            "demo",
-            "rpc",
-            pod,
-            record.ip,
-            "rpc",
-            labels={"version": version},
-        )
-    bringup.wait_routes(rig, "rpc", "demo", 4)
-    for cluster, pod, _ in (*PODS, REMOTE):
-        deadline = time.monotonic() + APPLY_WITHIN
-        while not bringup.endpoints_seen(bringup.sidecar_config(rig, cluster, pod), "rpc", "demo"):
-            assert time.monotonic() < deadline, f"{cluster}/{pod}'s sidecar never learnt rpc.demo"
-            time.sleep(0.1)
+    start_workload(rig, "rpc", (*PODS, REMOTE), workload, ports)
     yield rig
-    config_repo.commit(config_repo.repo_dir(rig), {POLICY_FILE: None}, "rpc: policy removed")
+    policy_rig.remove_policy(rig, "rpc")
 
 
 def outcomes(calls: list[Call]) -> Counter[str]:

@@ -11,7 +11,6 @@ sidecar. Echo's fail ratio is set at run time on 127.0.0.1 inside its pod
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,27 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from clusters import source
-from clusters.rig import bringup, config_repo, control, lifecycle, procs
-from federation.gitops.load import SourceFile
-from federation.gitops.validate import validate_files
-from mesh.codec import policy_to_json
+from clusters.rig import bringup, control, lifecycle
 from mesh.model import ServicePort
+from tests.e2e import policy_rig
 from tests.e2e.conftest import rig_command
+from tests.e2e.policy_rig import SUBSETS, run_in_pod, start_workload
 
 pytestmark = pytest.mark.rig
 
 URL = "http://web.demo.svc.clusterset.local:8080"
-POLICY_FILE = "policies/web.yaml"
 PODS = (("east", "web-1", "v1"), ("east", "web-2", "v1"), ("east", "web-3", "v2"))
 REMOTES = (("west", "web-w1", "v1"), ("west", "web-w2", "v2"))
 WEST = ("web-w1", "web-w2")
-APPLY_WITHIN = 30.0
-SUBSETS = """
-subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"""
 
 
 @dataclass(frozen=True)
@@ -51,22 +41,8 @@ class Answer:
     reason: str
 
 
-def _netns(rig: Path, cluster: str, pod: str) -> str:
-    record = lifecycle.load(rig).pod(cluster, pod)
-    assert record is not None
-    return record.netns
-
-
 def _sh(rig: Path, cluster: str, pod: str, script: str, timeout: float) -> str:
-    res = subprocess.run(
-        ["ip", "netns", "exec", _netns(rig, cluster, pod), "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert res.returncode == 0, res.stderr
-    return res.stdout
+    return run_in_pod(rig, cluster, pod, ["sh", "-c", script], timeout)
 
 
 def curl(
@@ -110,69 +86,21 @@ def client_status(rig: Path) -> dict[str, object]:
 
 
 def apply_policy(rig: Path, spec: str) -> None:
-    """Commit a TrafficPolicy for web.demo; return once east/client runs it."""
-    doc = (
-        "apiVersion: fedgate.io/v1alpha1\nkind: TrafficPolicy\n"
-        "metadata: {name: web, namespace: demo}\nspec:\n  host: web.demo.svc.clusterset.local\n"
-        + "".join(f"  {line}\n" for line in spec.strip("\n").splitlines())
-    )
-    repo = config_repo.repo_dir(rig)
-    federation = (repo / config_repo.FEDERATION_FILE).read_bytes()
-    result = validate_files(
-        [SourceFile("federation.yaml", federation), SourceFile(POLICY_FILE, doc.encode())]
-    )
-    assert result.ok, result.issues
-    assert result.config is not None
-    [expected] = [policy_to_json(p) for p in result.config.policies]
-    config_repo.commit(repo, {POLICY_FILE: doc}, "web: traffic policy")
-    deadline = time.monotonic() + APPLY_WITHIN
-    while True:
-        snap = bringup.sidecar_config(rig, "east", "client").get("snapshot")
-        policies = snap.get("policies", []) if isinstance(snap, dict) else []
-        if expected in policies:
-            return
-        assert time.monotonic() < deadline, f"policy not applied: {policies}"
-        time.sleep(0.1)
+    policy_rig.apply_policy(rig, "web", spec)
 
 
 @pytest.fixture(scope="module")
 def web(rig: Path) -> Iterator[Path]:
-    # Other tests of the session kill agents; pods need their cluster's CA (the agent).
-    for c in lifecycle.load(rig).clusters:
-        agent = lifecycle.load(rig).process(f"{c.name}-agent")
-        if agent is not None and not procs.owned(agent):
-            control.restart(rig, agent.name)
     fedgate = rig_command().fedgate
-    for cluster, pod, _ in (*PODS, *REMOTES):
-        argv = [*fedgate, "echo", "--cluster", cluster, "--pod", pod, "--port", "8080"]
-        bringup.add_pod(rig, rig_command(), cluster, pod, "demo", "web", argv, None)
-    port = ServicePort("http", 8080, "HTTP")
-    for cluster in ("east", "west"):
-        source.add_export(source.exports_path(rig, cluster), "demo", "web", [port])
-    for cluster, pod, version in (*PODS, *REMOTES):
-        record = lifecycle.load(rig).pod(cluster, pod)
-        assert record is not None
-        control.wait_tcp(rig, record.netns, f"{cluster}-{pod}", "127.0.0.1", 8080)
-        source.add_endpoint(
-            source.exports_path(rig, cluster),
-            "demo",
-            "web",
-            pod,
-            record.ip,
-            "web",
-            labels={"version": version},
-        )
-    bringup.wait_routes(rig, "web", "demo", len(PODS) + len(REMOTES))
-    # The destination sidecars refuse services they do not know yet: wait for theirs too.
-    for cluster, pod, _ in (*PODS, *REMOTES):
-        deadline = time.monotonic() + APPLY_WITHIN
-        while not bringup.endpoints_seen(bringup.sidecar_config(rig, cluster, pod), "web", "demo"):
-            assert time.monotonic() < deadline, f"{cluster}/{pod}'s sidecar never learnt web.demo"
-            time.sleep(0.1)
+
+    def workload(cluster: str, pod: str) -> list[str]:
+        return [*fedgate, "echo", "--cluster", cluster, "--pod", pod, "--port", "8080"]
+
+    start_workload(rig, "web", (*PODS, *REMOTES), workload, [ServicePort("http", 8080, "HTTP")])
     seen = bringup.endpoints_seen(bringup.sidecar_config(rig, "east", "client"), "web", "demo")
     assert {e["pod"]: e.get("labels") for e in seen}["web-3"] == {"version": "v2"}
     yield rig
-    config_repo.commit(config_repo.repo_dir(rig), {POLICY_FILE: None}, "web: policy removed")
+    policy_rig.remove_policy(rig, "web")
 
 
 def pods(answers: list[Answer]) -> Counter[str]:
