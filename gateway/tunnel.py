@@ -49,7 +49,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress
 
 from ca.errors import CertificateExpiredError, VerificationError
-from gateway import quic_socket
+from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
@@ -90,6 +90,9 @@ class TunnelSettings:
     max_connections: int = 256
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
+    udp_offload: bool = (
+        True  # GSO send and GRO receive (`gateway.quic_udp`) where the kernel has them
+    )
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         return QuicConfiguration(
@@ -131,7 +134,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._stream_handler = stream_handler
         self._identify = identify
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: Any = None  # a quic_udp.UdpEndpoint (or an asyncio datagram transport)
         self._owns_transport = False
         self._peer: NetworkAddress | None = None  # client: what its socket is connected to
         self.local_address = ""  # client: its socket's current source address
@@ -219,11 +222,11 @@ class TunnelConnection(asyncio.DatagramProtocol):
 
     # --- asyncio.DatagramProtocol --------------------------------------------------------------
 
-    def use_transport(self, transport: asyncio.DatagramTransport) -> None:
+    def use_transport(self, transport: Any) -> None:
         """Server: send on the listener's shared socket."""
         self._transport = transport
 
-    def use_client_socket(self, transport: asyncio.DatagramTransport, peer: NetworkAddress) -> None:
+    def use_client_socket(self, transport: Any, peer: NetworkAddress) -> None:
         """Client: send on our own socket, connected to `peer` (`gateway.quic_socket`)."""
         self._transport = transport
         self._owns_transport = True
@@ -307,14 +310,9 @@ class TunnelConnection(asyncio.DatagramProtocol):
             if new_local.rsplit(":", 1)[0] == self.local_address.rsplit(":", 1)[0]:
                 sock.close()  # same source address: nothing to migrate to (yet)
                 return
-            try:
-                transport, _ = await self._loop.create_datagram_endpoint(
-                    lambda: ClientSocket(self), sock=sock
-                )
-            except OSError as e:
-                sock.close()
-                self.log.warning("tunnel migration failed", reason=str(e), trigger=why)
-                return
+            transport = quic_udp.open_endpoint(
+                sock, ClientSocket(self), offload=self.settings.udp_offload
+            )
             if self.closed:
                 transport.close()
                 return
@@ -353,13 +351,16 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self._transmit_handle = None
         if self._transport is None or self.closed or self._transport.is_closing():
             return
-        sendto = self._transport.sendto
-        if self._owns_transport:  # a connected UDP socket: the kernel knows the peer
-            for data, _ in self.quic.datagrams_to_send(now=_clock()):
-                sendto(data)
-        else:
-            for data, addr in self.quic.datagrams_to_send(now=_clock()):
-                sendto(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=_clock())
+        if datagrams:
+            send = getattr(self._transport, "send_batch", None)
+            if send is None:  # a plain asyncio transport
+                for data, addr in datagrams:
+                    self._transport.sendto(data, None if self._owns_transport else addr)
+            elif self._owns_transport:  # a connected UDP socket: the kernel knows the peer
+                send([data for data, _ in datagrams])
+            else:
+                _send_grouped(send, datagrams)
         timer_at = self.quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -578,11 +579,7 @@ async def connect(
         configuration=configuration, peer_policy=policy, max_streams=settings.max_streams
     )
     conn = TunnelConnection(quic, settings, log=log, identify=identify)
-    try:
-        transport, _ = await loop.create_datagram_endpoint(lambda: ClientSocket(conn), sock=sock)
-    except OSError as e:
-        sock.close()
-        raise TunnelError(f"cannot open a UDP socket to {host}:{port}: {e}") from e
+    transport = quic_udp.open_endpoint(sock, ClientSocket(conn), offload=settings.udp_offload)
     conn.use_client_socket(transport, addr)
     conn.connect(addr)
     try:
@@ -598,3 +595,13 @@ async def connect(
         conn._terminated("handshake failed")
         raise
     return conn
+
+
+def _send_grouped(send: Callable[..., None], datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+    """A shared (server) socket: one batch per run of datagrams to the same address (a path
+    probe during a migration goes elsewhere than the rest)."""
+    start = 0
+    for i in range(1, len(datagrams) + 1):
+        if i == len(datagrams) or datagrams[i][1] != datagrams[start][1]:
+            send([data for data, _ in datagrams[start:i]], datagrams[start][1])
+            start = i

@@ -1,7 +1,7 @@
 """The QUIC tunnel's client sockets on loopback: path MTU discovery settings, the datagram size
-each side uses (the server learns the client's from `max_udp_payload_size`), and that a
-replaced socket no longer reaches its connection. The same on a real veth link with set MTUs,
-and migration, are in `test_quic_netns.py`."""
+each side uses (the server learns the client's from `max_udp_payload_size`), GSO/GRO batching
+(`gateway.quic_udp`), and that a replaced socket no longer reaches its connection. The same on
+a real veth link with set MTUs, and migration, are in `test_quic_netns.py`."""
 
 from __future__ import annotations
 
@@ -137,6 +137,11 @@ async def test_both_sides_send_at_most_the_smaller_datagram_size(
         peer = east.status()["outbound"]["quic"]["peers"]["west"]
         assert peer["max_datagram_size"] == 1400
         assert peer["migrations"] == 0
+        # GSO and GRO on loopback: the listener sent and received many datagrams per call.
+        udp = west.status()["counters"]["tunnel_server"]
+        assert udp["udp_datagrams_sent"] > 2 * udp["udp_send_calls"], udp
+        assert udp["udp_datagrams_received"] > 2 * udp["udp_recv_calls"], udp
+        assert udp["udp_send_dropped"] == 0
     finally:
         await east.aclose()
         await west.aclose()
