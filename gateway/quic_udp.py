@@ -41,6 +41,9 @@ UDP_MAX_SEGMENTS = 64
 MAX_UDP_PAYLOAD = 65507  # IPv4: 65,535 - 20 (IP) - 8 (UDP)
 BURST = 64  # recvmsg calls per wake-up: other sockets get their turn
 MAX_PENDING = 4 * 1024 * 1024  # bytes queued while the socket buffer is full
+# Socket buffers: the default ~208 KiB receive buffer overflows in a burst (RcvbufErrors),
+# and each drop halves the sender's congestion window. The kernel caps it at rmem_max.
+SOCKET_BUFFER = 4 * 1024 * 1024
 _GRO_CMSG = socket.CMSG_SPACE(4)
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 
@@ -73,6 +76,9 @@ class UdpEndpoint:
             "udp_send_dropped",
         ):
             self.counters.setdefault(name, 0)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         if offload:
             try:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
