@@ -78,6 +78,7 @@ class TunnelQuicConnection(MtlsQuicConnection):
         limit.value = limit.sent = max_streams
         self._window = self._configuration.max_stream_data
         self._held: set[int] = set()
+        self._peer_max_udp_payload: int | None = None
 
     @property
     def max_datagram_size(self) -> int:
@@ -91,6 +92,8 @@ class TunnelQuicConnection(MtlsQuicConnection):
     def set_max_datagram_size(self, size: int) -> None:
         """Send datagrams of at most `size` bytes from now on (lost ones are re-framed at
         the new size: aioquic retransmits frames, not packets)."""
+        if self._peer_max_udp_payload is not None:
+            size = min(size, self._peer_max_udp_payload)  # RFC 9000 §18.2
         size = max(SMALLEST_MAX_DATAGRAM_SIZE, size)
         self._max_datagram_size = size
         # The pacer and congestion controller count in datagrams of this size too.
@@ -110,6 +113,7 @@ class TunnelQuicConnection(MtlsQuicConnection):
     def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
         super()._parse_transport_parameters(data, from_session_ticket)
         peer_max = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        self._peer_max_udp_payload = peer_max
         if peer_max is not None and peer_max < self._max_datagram_size:
             self.set_max_datagram_size(peer_max)
 

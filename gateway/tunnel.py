@@ -56,7 +56,6 @@ from gateway.quic_mtls import PeerPolicy
 from gateway.quic_socket import MIGRATE_ERRNOS, ClientSocket
 from gateway.stream import HeaderPhase, StreamHandler, TunnelStream
 from mesh.naming import SpiffeId
-from mesh.tasks import TaskSet
 
 ALPN = "fedgate-tunnel/1"
 
@@ -90,9 +89,7 @@ class TunnelSettings:
     max_connections: int = 256
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
-    udp_offload: bool = (
-        True  # GSO send and GRO receive (`gateway.quic_udp`) where the kernel has them
-    )
+    udp_offload: bool = True  # GSO send, GRO receive (`gateway.quic_udp`)
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         return QuicConfiguration(
@@ -138,8 +135,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._owns_transport = False
         self._peer: NetworkAddress | None = None  # client: what its socket is connected to
         self.local_address = ""  # client: its socket's current source address
-        self._migrating: asyncio.Task[None] | None = None
-        self._tasks = TaskSet("quic-tunnel")
+        self._migrating: asyncio.Handle | None = None
         self._connected: asyncio.Future[None] = self._loop.create_future()
         self._closed = asyncio.Event()
         self._timer: asyncio.Handle | None = None
@@ -289,9 +285,10 @@ class TunnelConnection(asyncio.DatagramProtocol):
     def _migrate_soon(self, why: str) -> None:
         if self._migrating is not None or self.closed:
             return
-        self._migrating = self._tasks.spawn(self._migrate(why), "migrate")
+        # Deferred: the error arrives from inside a send, in the middle of `transmit`.
+        self._migrating = self._loop.call_soon(self._migrate, why)
 
-    async def _migrate(self, why: str) -> None:
+    def _migrate(self, why: str) -> None:
         """Move to a fresh socket connected to the same peer (module docstring)."""
         try:
             old = self._transport

@@ -286,3 +286,30 @@ def test_datagram_size_follows_the_path_mtu(
     result = east.ask(f"bulk {4 * 1024 * 1024}", timeout=40)
     assert result["intact"], result
     assert not east.ask("status")["errors"]
+
+
+def test_a_shrinking_path_mtu_lowers_the_datagram_size(
+    gateways: Callable[[int], tuple[Proc, Proc]],
+) -> None:
+    for ns, dev in ((EAST_NS, "fgq0"), (WEST_NS, "fgq1")):
+        _ip("-n", ns, "link", "set", dev, "mtu", "9000")
+    east, _ = gateways(JUMBO)
+    status = poll(
+        "tunnel up",
+        lambda: east.ask("status"),
+        lambda s: _east_peer(s).get("max_datagram_size") == JUMBO,
+        20,
+    )
+    assert _east_peer(status)["state"] == "connected"
+    for ns, dev in ((EAST_NS, "fgq0"), (WEST_NS, "fgq1")):
+        _ip("-n", ns, "link", "set", dev, "mtu", "1500")
+    # Jumbo datagrams now fail with EMSGSIZE (fragmentation is forbidden): east re-reads the
+    # path MTU, and the data goes through in smaller datagrams on the same connection.
+    result = east.ask(f"bulk {4 * 1024 * 1024}", timeout=40)
+    assert result["intact"], result
+    after = east.ask("status")
+    assert _east_peer(after)["max_datagram_size"] == 1472
+    assert after["gateway"]["outbound"]["quic"]["connects"] == 1
+    assert not after["errors"]
+    changed = [e for e in east.events() if e.get("event") == "tunnel datagram size changed"]
+    assert [(e["old"], e["new"]) for e in changed] == [(JUMBO, 1472)]
