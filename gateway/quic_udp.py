@@ -148,8 +148,11 @@ class UdpEndpoint:
             self._queue(bufs, size, addr)
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
         except OSError as e:
-            if len(bufs) > 1 and e.errno in _GSO_REFUSED and self._without_gso(bufs, addr):
-                return
+            if len(bufs) > 1 and e.errno in _GSO_REFUSED:
+                plain_error = self._without_gso(bufs, addr)
+                if plain_error is None:
+                    return
+                e = plain_error  # e.g. EMSGSIZE, where GSO said only EINVAL
             self._protocol.error_received(e)
 
     def _sendmsg(self, bufs: list[bytes], size: int, addr: Address) -> None:
@@ -167,17 +170,22 @@ class UdpEndpoint:
         self.counters["udp_send_calls"] += 1
         self.counters["udp_datagrams_sent"] += len(bufs)
 
-    def _without_gso(self, bufs: list[bytes], addr: Address) -> bool:
+    def _without_gso(self, bufs: list[bytes], addr: Address) -> OSError | None:
         """GSO refused: if one plain datagram goes through, it was GSO's fault; turn it off
-        and send the rest one by one. Otherwise report the send error as it is."""
+        and send the rest one by one. Otherwise return the plain send's error, which says
+        more (the batch is lost; QUIC resends)."""
         try:
             self._sendmsg(bufs[:1], len(bufs[0]), addr)
-        except OSError:
-            return False
+        except (BlockingIOError, InterruptedError):
+            self._queue(bufs, len(bufs[0]), addr)  # undecided: retry the batch when writable
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+            return None
+        except OSError as e:
+            return e
         self._gso = False
         for buf in bufs[1:]:
             self._send([buf], len(buf), addr)
-        return True
+        return None
 
     def _queue(self, bufs: list[bytes], size: int, addr: Address) -> None:
         nbytes = sum(map(len, bufs))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ca.authority import CertificateAuthority
-from gateway import quic_socket
+from gateway import quic_socket, quic_udp
 from gateway.quic_socket import ClientSocket
 from tests.gateway.conftest import (
     LOOPBACK,
@@ -145,3 +145,61 @@ async def test_both_sides_send_at_most_the_smaller_datagram_size(
     finally:
         await east.aclose()
         await west.aclose()
+
+
+class Collector(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append(data)
+
+
+async def _collect(proto: Collector, count: int) -> None:
+    for _ in range(200):
+        if len(proto.got) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"received {len(proto.got)} of {count} datagrams")
+
+
+async def test_gso_sends_runs_of_equal_size_in_one_call_and_gro_splits_them_back() -> None:
+    receiver, sender = Collector(), Collector()
+    rx = quic_udp.open_endpoint(quic_udp.bind_socket(LOOPBACK, 0), receiver)
+    tx = quic_udp.open_endpoint(
+        quic_socket.open_client_socket(socket.AF_INET, rx.get_extra_info("sockname")), sender
+    )
+    try:
+        # Two runs: 30 x 1,000 B ended by a shorter one, then 5 x 1,000 B; then one 1,200 B.
+        datagrams = [bytes([i]) * 1000 for i in range(30)] + [b"s" * 500]
+        datagrams += [bytes([100 + i]) * 1000 for i in range(5)] + [b"L" * 1200]
+        tx.send_batch(datagrams)
+        await _collect(receiver, len(datagrams))
+        assert receiver.got == datagrams  # split at the right places, in order
+        assert tx.counters["udp_send_calls"] == 3
+        assert tx.counters["udp_datagrams_sent"] == len(datagrams)
+        assert rx.counters["udp_datagrams_received"] == len(datagrams)
+        assert rx.counters["udp_recv_calls"] < len(datagrams)  # GRO kept runs together
+    finally:
+        tx.close()
+        rx.close()
+
+
+async def test_without_offload_every_datagram_is_its_own_call() -> None:
+    receiver = Collector()
+    rx = quic_udp.open_endpoint(quic_udp.bind_socket(LOOPBACK, 0), receiver, offload=False)
+    tx = quic_udp.open_endpoint(
+        quic_socket.open_client_socket(socket.AF_INET, rx.get_extra_info("sockname")),
+        Collector(),
+        offload=False,
+    )
+    try:
+        datagrams = [bytes([i]) * 1200 for i in range(20)]
+        tx.send_batch(datagrams)
+        await _collect(receiver, len(datagrams))
+        assert receiver.got == datagrams
+        assert tx.counters["udp_send_calls"] == 20
+        assert rx.counters["udp_recv_calls"] == 20
+    finally:
+        tx.close()
+        rx.close()
