@@ -148,8 +148,8 @@ class UdpEndpoint:
             self._queue(bufs, size, addr)
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
         except OSError as e:
-            if len(bufs) > 1 and e.errno in _GSO_REFUSED:
-                plain_error = self._without_gso(bufs, addr)
+            if len(bufs) > 1 and (e.errno in _GSO_REFUSED or e.errno == errno.EMSGSIZE):
+                plain_error = self._one_by_one(bufs, addr, gso_fault=e.errno != errno.EMSGSIZE)
                 if plain_error is None:
                     return
                 e = plain_error  # e.g. EMSGSIZE, where GSO said only EINVAL
@@ -170,10 +170,12 @@ class UdpEndpoint:
         self.counters["udp_send_calls"] += 1
         self.counters["udp_datagrams_sent"] += len(bufs)
 
-    def _without_gso(self, bufs: list[bytes], addr: Address) -> OSError | None:
-        """GSO refused: if one plain datagram goes through, it was GSO's fault; turn it off
-        and send the rest one by one. Otherwise return the plain send's error, which says
-        more (the batch is lost; QUIC resends)."""
+    def _one_by_one(self, bufs: list[bytes], addr: Address, gso_fault: bool) -> OSError | None:
+        """A GSO send failed. If one plain datagram goes through, send the rest one by one,
+        and if GSO itself was refused (EIO, EINVAL...) turn it off for this socket. EMSGSIZE
+        means segments larger than the route's MTU: a socket that allows fragmentation (the
+        listener) sends them plain, fragmented, as before GSO; one that forbids it (a client)
+        fails again, and that error says more. Returns the plain send's error, or None."""
         try:
             self._sendmsg(bufs[:1], len(bufs[0]), addr)
         except (BlockingIOError, InterruptedError):
@@ -181,8 +183,9 @@ class UdpEndpoint:
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
             return None
         except OSError as e:
-            return e
-        self._gso = False
+            return e  # the batch is lost; QUIC resends
+        if gso_fault:
+            self._gso = False
         for buf in bufs[1:]:
             self._send([buf], len(buf), addr)
         return None
