@@ -89,6 +89,12 @@ class TunnelQuicConnection(MtlsQuicConnection):
         """Where we send to now (the server's view follows a migrated client)."""
         return self._network_paths[0].addr if self._network_paths else None
 
+    @property
+    def pacing_at(self) -> float | None:
+        """When the pacer lets the next datagram go, if it holds one back."""
+        pacing_at: float | None = getattr(self, "_pacing_at", None)
+        return pacing_at
+
     def set_max_datagram_size(self, size: int) -> None:
         """Send datagrams of at most `size` bytes from now on (lost ones are re-framed at
         the new size: aioquic retransmits frames, not packets)."""

@@ -363,10 +363,12 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self._timer.cancel()
             self._timer = None
         if self._timer is None and timer_at is not None:
-            if timer_at - _clock() < TIMER_GRANULARITY:
+            if timer_at - _clock() < TIMER_GRANULARITY and timer_at == self.quic.pacing_at:
                 # Event-loop timers wake at millisecond granularity at best, and aioquic's
                 # pacer releases at most 16 datagrams per wake-up: sleeping for a sub-ms
                 # pacing gap would cap a stream at ~16 datagrams/ms. Yield to I/O instead.
+                # Only for pacing: spinning until the 1 ms ACK-delay timer burned a CPU
+                # after every received packet, and a late ACK costs nothing.
                 self._timer = self._loop.call_soon(self._handle_timer)
             else:
                 self._timer = self._loop.call_at(timer_at, self._handle_timer)
