@@ -2,10 +2,14 @@
 
 client --TCP CONNECT--> east egress ==QUIC (mTLS)==> west ingress --TCP--> sink (discards)
 
-Prints MB/s for the upload (client -> sink) of `--mb` megabytes, per datagram size.
+Prints MB/s for the upload (client -> sink) of `--mb` megabytes, per datagram size, and the
+CPU seconds per GB each side spent (east: client + gateway; west: gateway + sink), which a busy
+machine disturbs less than the throughput.
 
     .venv/bin/python bench/quic_tunnel.py [--mb 64] [--sizes 1350,8192] [--uvloop]
-                                          [--one-process]
+                                          [--one-process] [--no-offload]
+
+`--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`).
 
 By default west (gateway + sink) runs in a child process, as gateways of two clusters would;
 `--one-process` puts everything on one event loop (roughly halves the figure).
@@ -19,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -33,6 +38,7 @@ from ca.authority import CertificateAuthority
 from ca.bundle import TrustBundle
 from ca.service import dns_names_for
 from gateway.gateway import Gateway, GatewaySettings
+from gateway.tunnel import TunnelSettings
 from mesh.codec import decode, dumps, snapshot_from_json, snapshot_to_json
 from mesh.connect import ConnectRequest, encode_request, parse_response
 from mesh.model import (
@@ -63,8 +69,17 @@ class Sink(asyncio.Protocol):
         return False
 
 
+OFFLOAD = True
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def make(cluster: str, ca: CertificateAuthority, inbound: int, size: int) -> Gateway:
     settings = GatewaySettings(
+        tunnel=TunnelSettings(udp_offload=OFFLOAD),
         cluster=cluster,
         trust_domain=ca.trust_domain,
         tunnel_host="127.0.0.1",
@@ -116,6 +131,9 @@ async def west_process(ca_dir: str, size: int) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     west.apply(decode(await reader.readline(), snapshot_from_json, "snapshot"))
     print("ready", flush=True)
+    cpu = _cpu()
+    await reader.readline()  # the upload is done
+    print(json.dumps({"cpu": _cpu() - cpu}), flush=True)
     await reader.read()  # parent closes stdin when done
     await west.aclose()
     sink.close()
@@ -130,12 +148,14 @@ class _Addr:
         self.egress_address = tuple(egress)
 
 
-async def upload(east: Gateway, total: int) -> float:
+async def upload(east: Gateway, total: int) -> tuple[float, float]:
+    """(MB/s, CPU seconds this process spent)."""
     reader, writer = await asyncio.open_connection(*east.egress_address)
     writer.write(encode_request(ConnectRequest(SINK, 9000, "west")))
     status, reason = parse_response(await reader.readuntil(b"\r\n\r\n"))
     assert status == 200, reason
     chunk = os.urandom(256 * 1024)
+    cpu = _cpu()
     started = time.perf_counter()
     sent = 0
     while sent < total:
@@ -147,10 +167,11 @@ async def upload(east: Gateway, total: int) -> float:
     elapsed = time.perf_counter() - started
     assert got == sent, (got, sent)
     writer.close()
-    return sent / elapsed / 1e6
+    return sent / elapsed / 1e6, _cpu() - cpu
 
 
-async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> float:
+async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> tuple[float, ...]:
+    """(MB/s, east CPU s, west CPU s; both the same process with --one-process)."""
     now = dt.datetime.now(dt.UTC)
     cas = {c: CertificateAuthority.create(f"{c}.fedgate.local", now) for c in ("east", "west")}
     east = make("east", cas["east"], 1, size)
@@ -161,7 +182,8 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> float
             snap = snapshot(east, west, cas)
             east.apply(snap)
             west.apply(snap)
-            return await upload(east, total)
+            mbps, cpu = await upload(east, total)
+            return mbps, cpu, 0.0
         finally:
             await east.aclose()
             await west.aclose()
@@ -176,6 +198,7 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> float
             "--sizes",
             str(size),
             *loop_flag,
+            *([] if OFFLOAD else ["--no-offload"]),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -189,7 +212,11 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> float
             child.stdin.write(dumps(snapshot_to_json(snap)) + b"\n")
             await child.stdin.drain()
             assert (await child.stdout.readline()).strip() == b"ready"
-            return await upload(east, total)
+            mbps, cpu = await upload(east, total)
+            child.stdin.write(b"done\n")
+            await child.stdin.drain()
+            west_cpu = json.loads(await child.stdout.readline())["cpu"]
+            return mbps, cpu, west_cpu
         finally:
             await east.aclose()
             child.stdin.close()
@@ -202,9 +229,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1350,1452,8192,16384")
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--one-process", action="store_true", help="east and west share a loop")
+    parser.add_argument("--no-offload", action="store_true", help="no GSO/GRO")
     parser.add_argument("--west", help=argparse.SUPPRESS)  # child mode: CA directory
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    global OFFLOAD
+    OFFLOAD = not args.no_offload
     if args.uvloop:
         import uvloop
 
@@ -215,11 +245,17 @@ def main() -> None:
     split = not args.one_process
     where = "east and west in separate processes" if split else "east and west in one loop"
     loop_name = "uvloop" if args.uvloop else "asyncio"
-    print(f"one stream, {args.mb} MB upload through the tunnel, {loop_name}, {where}")
+    offload = "GSO/GRO on" if OFFLOAD else "GSO/GRO off"
+    print(f"one stream, {args.mb} MB upload through the tunnel, {loop_name}, {where}, {offload}")
     flags = ["--uvloop"] if args.uvloop else []
     for size in (int(x) for x in args.sizes.split(",")):
-        mbps = asyncio.run(run(args.mb * 1024 * 1024, size, split, flags))
-        print(f"  max_datagram_size={size:>6}: {mbps:7.1f} MB/s")
+        total = args.mb * 1024 * 1024
+        mbps, east_cpu, west_cpu = asyncio.run(run(total, size, split, flags))
+        gb = total / 1e9
+        print(
+            f"  max_datagram_size={size:>6}: {mbps:7.1f} MB/s, CPU s/GB east {east_cpu / gb:5.1f}"
+            f", west {west_cpu / gb:5.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,10 +64,25 @@ CHAINS = ("direct", "haproxy", "tls", "quic", "quic9k", "passthrough")
 GATEWAY_CHAINS = ("relays", "gw-tls", "gw-quic", "gw-passthrough")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free for both TCP and UDP (a gateway listens on both), never one this run handed
+    out already: the kernel may offer a just-released port again, and two listeners of one
+    chain would then collide."""
+    for _ in range(100):
+        with socket.socket() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise SystemExit("no free port found")
 
 
 # --- the server: first byte "S" = sink (answers the byte count at EOF), "E" = echo ------------

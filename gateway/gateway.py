@@ -359,6 +359,9 @@ class Gateway:
                         "identity": conn.peer_identity.uri if conn.peer_identity else None,
                         "open_streams": len(conn.streams),
                         "streams_total": conn.counters["streams"],
+                        # QUIC only: follows the peer's migrations.
+                        "peer_address": getattr(conn, "peer_address", None) or None,
+                        "max_datagram_size": getattr(conn, "max_datagram_size", None),
                     }
                 )
         listeners = {

@@ -208,6 +208,7 @@ class PeerPool:
                     "open_streams": 0,
                     "streams_total": 0,
                     "rtt_ms": None,
+                    "migrations": 0,
                 },
             )
             if conn.rtt is not None:
@@ -220,6 +221,12 @@ class PeerPool:
             peer["connections"] += 1
             peer["open_streams"] += len(conn.streams)
             peer["streams_total"] += conn.counters["streams"]
+            # QUIC only: moves to a new local address (`gateway.tunnel`).
+            peer["migrations"] += conn.counters.get("migrations", 0)
+            local = getattr(conn, "local_address", "")
+            if local:
+                peer["local_address"] = local
+                peer["max_datagram_size"] = getattr(conn, "max_datagram_size", None)
         for cluster, _ in self._connecting:
             peers.setdefault(cluster, {"state": "connecting"})
         return {"peers": peers, "retired": len(self._retired), **self.counters}

@@ -13,6 +13,11 @@ send-buffer size. `TunnelQuicConnection` adds, per stream:
   the TCP side while it is large (bytes in flight are bounded by the peer's window).
 * a configurable limit of concurrently open peer-initiated bidirectional streams (aioquic hard
   codes 128).
+* the datagram size per connection: aioquic neither sends `max_udp_payload_size` nor honours
+  the peer's (RFC 9000 §18.2). We advertise our `max_datagram_size` (a client sets it from its
+  path MTU, `gateway.quic_socket`) and send at most the peer's, so a server configured for
+  jumbo datagrams still sends a 1,500-byte-path client datagrams that fit its path.
+  `set_max_datagram_size` also lowers it later (the path MTU shrank).
 
 Like `gateway.quic_mtls`, it relies on reviewed private attributes of one aioquic release and
 checks them at import. It does no I/O.
@@ -22,9 +27,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from aioquic._buffer import Buffer
 from aioquic.quic import connection as _qc
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import (
+    QuicFrameType,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
+)
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
@@ -37,6 +48,8 @@ def _check_aioquic() -> None:
         for owner, name in (
             (QuicConnection, "_write_stream_limits"),
             (QuicConnection, "_on_max_stream_data_delivery"),
+            (QuicConnection, "_serialize_transport_parameters"),
+            (QuicConnection, "_parse_transport_parameters"),
             (_qc, "MAX_STREAM_DATA_FRAME_CAPACITY"),
             (_qc, "Limit"),
         )
@@ -65,6 +78,50 @@ class TunnelQuicConnection(MtlsQuicConnection):
         limit.value = limit.sent = max_streams
         self._window = self._configuration.max_stream_data
         self._held: set[int] = set()
+        self._peer_max_udp_payload: int | None = None
+
+    @property
+    def max_datagram_size(self) -> int:
+        return self._max_datagram_size
+
+    @property
+    def peer_address(self) -> Any:
+        """Where we send to now (the server's view follows a migrated client)."""
+        return self._network_paths[0].addr if self._network_paths else None
+
+    @property
+    def pacing_at(self) -> float | None:
+        """When the pacer lets the next datagram go, if it holds one back."""
+        pacing_at: float | None = getattr(self, "_pacing_at", None)
+        return pacing_at
+
+    def set_max_datagram_size(self, size: int) -> None:
+        """Send datagrams of at most `size` bytes from now on (lost ones are re-framed at
+        the new size: aioquic retransmits frames, not packets)."""
+        if self._peer_max_udp_payload is not None:
+            size = min(size, self._peer_max_udp_payload)  # RFC 9000 §18.2
+        size = max(SMALLEST_MAX_DATAGRAM_SIZE, size)
+        self._max_datagram_size = size
+        # The pacer and congestion controller count in datagrams of this size too.
+        for part in (getattr(self._loss, "_pacer", None), getattr(self._loss, "_cc", None)):
+            if part is not None and hasattr(part, "_max_datagram_size"):
+                part._max_datagram_size = size
+
+    def _serialize_transport_parameters(self) -> bytes:
+        params = pull_quic_transport_parameters(
+            Buffer(data=super()._serialize_transport_parameters())
+        )
+        params.max_udp_payload_size = self._max_datagram_size
+        buf = Buffer(capacity=3 * self._max_datagram_size)
+        push_quic_transport_parameters(buf, params)
+        return buf.data
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        peer_max = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        self._peer_max_udp_payload = peer_max
+        if peer_max is not None and peer_max < self._max_datagram_size:
+            self.set_max_datagram_size(peer_max)
 
     def hold(self, stream_id: int) -> None:
         self._held.add(stream_id)

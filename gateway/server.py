@@ -28,6 +28,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
+from gateway import quic_udp
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
 from gateway.stream import StreamHandler
@@ -55,7 +56,7 @@ class TunnelServer(asyncio.DatagramProtocol):
         self._stream_handler = stream_handler
         self._identify = identify
         self.log = log
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: Any = None  # a quic_udp.UdpEndpoint
         self._by_cid: dict[bytes, TunnelConnection] = {}
         self._closing = False
         self._dropped: dict[str, int] = {}
@@ -73,8 +74,8 @@ class TunnelServer(asyncio.DatagramProtocol):
         host, port = self._transport.get_extra_info("sockname")[:2]
         return host, port
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport
 
     def error_received(self, exc: Exception) -> None:
         self.log.debug("udp error", error=str(exc))
@@ -133,7 +134,7 @@ class TunnelServer(asyncio.DatagramProtocol):
             self._dropped.clear()
 
     def _new_connection(
-        self, config: QuicConfiguration, original_dcid: bytes, transport: asyncio.DatagramTransport
+        self, config: QuicConfiguration, original_dcid: bytes, transport: Any
     ) -> TunnelConnection:
         quic = TunnelQuicConnection(
             configuration=config,
@@ -201,9 +202,8 @@ async def serve(
     identify: Callable[[SpiffeId], str] | None = None,
     log: Any = _log,
 ) -> TunnelServer:
-    loop = asyncio.get_running_loop()
-    _, server = await loop.create_datagram_endpoint(
-        lambda: TunnelServer(settings, configuration, policy, stream_handler, identify, log),
-        local_addr=(host, port),
-    )
+    server = TunnelServer(settings, configuration, policy, stream_handler, identify, log)
+    sock = quic_udp.bind_socket(host, port)
+    # Burst receive and GSO send (`gateway.quic_udp`); its counters join the server's.
+    quic_udp.open_endpoint(sock, server, offload=settings.udp_offload, counters=server.counters)
     return server

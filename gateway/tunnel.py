@@ -17,6 +17,15 @@ Rules:
   told `stream_writable()` once it falls under `send_low_water`; it holds the stream's receive
   window while its TCP write buffer is full (`hold_credit`/`release_credit`).
 
+Client sockets (`gateway.quic_socket`): the client owns a connected UDP socket whose datagram
+size follows the path MTU. When sending on it fails because its source address is gone
+(ENETUNREACH, EADDRNOTAVAIL, EINVAL: the gateway's address changed), the connection moves to a
+fresh connected socket, which the kernel gives the new source address, switches to a new
+peer-issued connection ID (RFC 9000 §9.5: never reuse one from a new address) and transmits;
+the server routes by connection ID and validates the new path itself (§9.3). Datagrams lost
+meanwhile are recovered by QUIC's loss detection. EMSGSIZE means the path MTU shrank: the
+datagram size is lowered to the new one.
+
 Not here: stream phases (`gateway.stream`), listening (`gateway.server`), pooling per peer
 (`gateway.pool`), TCP (`gateway.splice`). A little over the ~400-line aim: the connection's
 event dispatch, timers, keepalive and teardown read best as one class.
@@ -25,6 +34,8 @@ event dispatch, timers, keepalive and teardown read best as one class.
 from __future__ import annotations
 
 import asyncio
+import copy
+import errno
 import itertools
 import socket
 import time
@@ -38,9 +49,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress
 
 from ca.errors import CertificateExpiredError, VerificationError
+from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
+from gateway.quic_socket import MIGRATE_ERRNOS, ClientSocket
 from gateway.stream import HeaderPhase, StreamHandler, TunnelStream
 from mesh.naming import SpiffeId
 
@@ -76,6 +89,7 @@ class TunnelSettings:
     max_connections: int = 256
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
+    udp_offload: bool = True  # GSO send, GRO receive (`gateway.quic_udp`)
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         return QuicConfiguration(
@@ -114,6 +128,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
             "bad_headers": 0,
             "probes": 0,
             "probes_answered": 0,
+            "migrations": 0,
         }
         self.streams: dict[int, TunnelStream] = {}
         self.retiring = False
@@ -123,8 +138,11 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._stream_handler = stream_handler
         self._identify = identify
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: Any = None  # a quic_udp.UdpEndpoint (or an asyncio datagram transport)
         self._owns_transport = False
+        self._peer: NetworkAddress | None = None  # client: what its socket is connected to
+        self.local_address = ""  # client: its socket's current source address
+        self._migrating: asyncio.Handle | None = None
         self._connected: asyncio.Future[None] = self._loop.create_future()
         self._closed = asyncio.Event()
         self._timer: asyncio.Handle | None = None
@@ -207,12 +225,29 @@ class TunnelConnection(asyncio.DatagramProtocol):
 
     # --- asyncio.DatagramProtocol --------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
-        self._owns_transport = True
-
-    def use_transport(self, transport: asyncio.DatagramTransport) -> None:
+    def use_transport(self, transport: Any) -> None:
+        """Server: send on the listener's shared socket."""
         self._transport = transport
+
+    def use_client_socket(self, transport: Any, peer: NetworkAddress) -> None:
+        """Client: send on our own socket, connected to `peer` (`gateway.quic_socket`)."""
+        self._transport = transport
+        self._owns_transport = True
+        self._peer = peer
+        sock = transport.get_extra_info("socket")
+        self.local_address = quic_socket.local_address(sock) if sock is not None else ""
+
+    def is_current(self, transport: asyncio.BaseTransport) -> bool:
+        return transport is self._transport
+
+    @property
+    def peer_address(self) -> str:
+        addr = self.quic.peer_address
+        return f"{addr[0]}:{addr[1]}" if addr else ""
+
+    @property
+    def max_datagram_size(self) -> int:
+        return self.quic.max_datagram_size
 
     def connect(self, addr: NetworkAddress) -> None:
         self.quic.connect(addr, now=_clock())
@@ -231,6 +266,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         self.log.debug("udp error", error=str(exc))
+        code = exc.errno if isinstance(exc, OSError) else None
+        if self._owns_transport and code in MIGRATE_ERRNOS:
+            self._migrate_soon(str(exc))
+            return
+        if self._owns_transport and code == errno.EMSGSIZE:
+            self._path_mtu_changed()
+            return
         if isinstance(exc, ConnectionRefusedError):
             # ICMP port unreachable on our connected socket: nobody listens there. Fail fast
             # instead of at the handshake or idle timeout; once connected, only after several
@@ -245,6 +287,62 @@ class TunnelConnection(asyncio.DatagramProtocol):
         if not self.closed:
             self._terminated(f"socket closed: {exc}" if exc else "socket closed")
 
+    # --- client socket: migration and path MTU -------------------------------------------------
+
+    def _migrate_soon(self, why: str) -> None:
+        if self._migrating is not None or self.closed:
+            return
+        # Deferred: the error arrives from inside a send, in the middle of `transmit`.
+        self._migrating = self._loop.call_soon(self._migrate, why)
+
+    def _migrate(self, why: str) -> None:
+        """Move to a fresh socket connected to the same peer (module docstring)."""
+        try:
+            old = self._transport
+            peer = self._peer
+            if old is None or peer is None or self.closed:
+                return
+            family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+            try:
+                sock = quic_socket.open_client_socket(family, peer)
+            except OSError as e:
+                # No route at all yet: the next failed send tries again, and the idle timeout
+                # ends the connection if the network never comes back.
+                self.log.warning("tunnel migration failed", reason=str(e), trigger=why)
+                return
+            new_local = quic_socket.local_address(sock)
+            if new_local.rsplit(":", 1)[0] == self.local_address.rsplit(":", 1)[0]:
+                sock.close()  # same source address: nothing to migrate to (yet)
+                return
+            transport = quic_udp.open_endpoint(
+                sock, ClientSocket(self), offload=self.settings.udp_offload
+            )
+            if self.closed:
+                transport.close()
+                return
+            old_local = self.local_address
+            self.use_client_socket(transport, peer)
+            old.close()  # ClientSocket: its connection_lost no longer reaches us
+            self.quic.change_connection_id()
+            self.counters["migrations"] += 1
+            self._path_mtu_changed()
+            self.log.info(
+                "tunnel migrated", old_local=old_local, new_local=self.local_address, trigger=why
+            )
+            self.transmit()
+        finally:
+            self._migrating = None
+
+    def _path_mtu_changed(self) -> None:
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None:
+            return
+        size = quic_socket.datagram_size(sock, self.settings.max_datagram_size)
+        if size != self.quic.max_datagram_size:
+            self.log.info("tunnel datagram size changed", old=self.quic.max_datagram_size, new=size)
+            self.quic.set_max_datagram_size(size)
+            self.transmit_soon()
+
     # --- driver ------------------------------------------------------------------------------
 
     def transmit_soon(self) -> None:
@@ -257,22 +355,27 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self._transmit_handle = None
         if self._transport is None or self.closed or self._transport.is_closing():
             return
-        sendto = self._transport.sendto
-        if self._owns_transport:  # a connected UDP socket: the kernel knows the peer
-            for data, _ in self.quic.datagrams_to_send(now=_clock()):
-                sendto(data)
-        else:
-            for data, addr in self.quic.datagrams_to_send(now=_clock()):
-                sendto(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=_clock())
+        if datagrams:
+            send = getattr(self._transport, "send_batch", None)
+            if send is None:  # a plain asyncio transport
+                for data, addr in datagrams:
+                    self._transport.sendto(data, None if self._owns_transport else addr)
+            elif self._owns_transport:  # a connected UDP socket: the kernel knows the peer
+                send([data for data, _ in datagrams])
+            else:
+                _send_grouped(send, datagrams)
         timer_at = self.quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None
         if self._timer is None and timer_at is not None:
-            if timer_at - _clock() < TIMER_GRANULARITY:
+            if timer_at - _clock() < TIMER_GRANULARITY and timer_at == self.quic.pacing_at:
                 # Event-loop timers wake at millisecond granularity at best, and aioquic's
                 # pacer releases at most 16 datagrams per wake-up: sleeping for a sub-ms
                 # pacing gap would cap a stream at ~16 datagrams/ms. Yield to I/O instead.
+                # Only for pacing: spinning until the 1 ms ACK-delay timer burned a CPU
+                # after every received packet, and a late ACK costs nothing.
                 self._timer = self._loop.call_soon(self._handle_timer)
             else:
                 self._timer = self._loop.call_at(timer_at, self._handle_timer)
@@ -441,6 +544,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
                 handle.cancel()
         self._timer = self._transmit_handle = None
         self._fail_connected(TunnelError(f"tunnel connection failed: {reason}"))
+        if self._migrating is not None:
+            self._migrating.cancel()
         for stream in list(self.streams.values()):
             stream._on_abort(f"tunnel connection closed: {reason}")
         self.streams.clear()
@@ -468,17 +573,22 @@ async def connect(
     except OSError as e:
         raise TunnelError(f"cannot resolve {host}: {e}") from e
     family, _, _, _, addr = infos[0]
+    try:
+        sock = quic_socket.open_client_socket(family, addr)
+    except OSError as e:
+        raise TunnelError(f"cannot open a UDP socket to {host}:{port}: {e}") from e
+    # The datagram size must be known before the connection exists: it sizes the Initial
+    # packets and goes into our transport parameters.
+    configuration = copy.copy(configuration)
+    configuration.max_datagram_size = quic_socket.datagram_size(
+        sock, configuration.max_datagram_size
+    )
     quic = TunnelQuicConnection(
         configuration=configuration, peer_policy=policy, max_streams=settings.max_streams
     )
-    try:
-        _, conn = await loop.create_datagram_endpoint(
-            lambda: TunnelConnection(quic, settings, log=log, identify=identify),
-            remote_addr=cast(tuple[str, int], addr),
-            family=family,
-        )
-    except OSError as e:
-        raise TunnelError(f"cannot open a UDP socket to {host}:{port}: {e}") from e
+    conn = TunnelConnection(quic, settings, log=log, identify=identify)
+    transport = quic_udp.open_endpoint(sock, ClientSocket(conn), offload=settings.udp_offload)
+    conn.use_client_socket(transport, addr)
     conn.connect(addr)
     try:
         async with asyncio.timeout(settings.handshake_timeout):
@@ -493,3 +603,13 @@ async def connect(
         conn._terminated("handshake failed")
         raise
     return conn
+
+
+def _send_grouped(send: Callable[..., None], datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+    """A shared (server) socket: one batch per run of datagrams to the same address (a path
+    probe during a migration goes elsewhere than the rest)."""
+    start = 0
+    for i in range(1, len(datagrams) + 1):
+        if i == len(datagrams) or datagrams[i][1] != datagrams[start][1]:
+            send([data for data, _ in datagrams[start:i]], datagrams[start][1])
+            start = i

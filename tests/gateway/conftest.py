@@ -161,6 +161,7 @@ def make_gateway(
     inbound_port: int,
     tls: dict[str, Any] | None = None,
     passthrough: dict[str, Any] | None = None,
+    max_datagram_size: int = 1350,
     **tunnel: Any,
 ) -> Gateway:
     """A gateway on loopback listening for every transport (ephemeral ports)."""
@@ -174,6 +175,7 @@ def make_gateway(
         egress_host=LOOPBACK,
         egress_port=0,
         inbound_port=inbound_port,
+        max_datagram_size=max_datagram_size,
         tunnel=replace(TunnelSettings(), handshake_timeout=3.0, reply_timeout=5.0, **tunnel),
         tls=replace(TlsTunnelSettings(), handshake_timeout=3.0, reply_timeout=5.0, **(tls or {})),
         passthrough=replace(PassthroughSettings(), connect_timeout=3.0, **(passthrough or {})),
