@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from gateway.errors import CallRefusedError, TunnelError, TunnelTimeoutError
+from gateway.errors import CallRefusedError, PeerUnreachableError, TunnelError, TunnelTimeoutError
 from gateway.splice import Splice
 from gateway.transport import RESET_ABORTED, PeerTarget, Stream, StreamDialer
 from mesh import telemetry as tm
@@ -110,9 +110,9 @@ class Egress:
         try:
             stream = await self._dialers[target.transport].open_stream(target)
         except TunnelTimeoutError as e:
-            raise CallRefusedError(504, f"{hop}: {e}") from e
+            raise PeerUnreachableError(504, f"{hop}: {e}") from e
         except TunnelError as e:
-            raise CallRefusedError(502, f"{hop}: {e}") from e
+            raise PeerUnreachableError(502, f"{hop}: {e}") from e
         traceparent = span.context.format() if span is not None else request.traceparent
         header = StreamHeader(
             request.service, request.port, request.cluster, traceparent, request.labels
@@ -128,9 +128,9 @@ class Egress:
         except TimeoutError as e:
             stream.reset("no reply", RESET_ABORTED)
             raise CallRefusedError(504, f"{hop}: no reply within {self._reply_timeout:g}s") from e
-        except TunnelError as e:
+        except TunnelError as e:  # the link died under the stream
             stream.reset("no reply", RESET_ABORTED)
-            raise CallRefusedError(502, f"{hop}: {e}") from e
+            raise PeerUnreachableError(502, f"{hop}: {e}") from e
         if reply.status != 200:
             stream.reset(f"refused {reply.status}", RESET_ABORTED)
             if not 400 <= reply.status <= 599:
@@ -242,7 +242,7 @@ class EgressConnection(Splice):
                 span.set(tm.STATUS, r.status)
                 span.end(r.reason)
                 self._span = None
-            self._answer(r.status, r.reason)
+            self._answer(r.status, r.reason, isinstance(r, PeerUnreachableError))
             return
         if span is not None:
             span.set(tm.STATUS, 200)
@@ -266,12 +266,13 @@ class EgressConnection(Splice):
         if not self.zero_copy():
             transport.resume_reading()
 
-    def _answer(self, status: int, reason: str) -> None:
+    def _answer(self, status: int, reason: str, peer_unreachable: bool = False) -> None:
         hop = f"fedgate egress {self._egress.cluster}"
         text = reason if reason.startswith("fedgate ") else f"{hop}: {reason}"
         self._egress.counters["refused"] += 1
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_response(status, text))
+            answer = encode_response(status, text, peer_unreachable=peer_unreachable)
+            self.transport.write(answer)
             self.transport.close()
         self._finish(f"{status} {text}")
 

@@ -21,3 +21,8 @@ class CallRefusedError(GatewayError):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+
+
+class PeerUnreachableError(CallRefusedError):
+    """The tunnel to the peer cluster's gateway could not be opened or died before the reply:
+    about the link, not the service (the CONNECT refusal says so, `mesh.connect`)."""

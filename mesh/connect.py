@@ -21,6 +21,8 @@ from mesh.naming import ServiceKey
 MAX_REQUEST = 8192
 CLUSTER_HEADER = "fedgate-cluster"
 SUBSET_HEADER = "fedgate-subset"
+PEER_HEALTH_HEADER = "fedgate-peer-health"
+UNREACHABLE = "unreachable"
 MAX_LABELS = 16
 # Kubernetes label keys (optional DNS prefix) and values, without the length rules.
 _LABEL_KEY = re.compile(
@@ -126,12 +128,18 @@ def parse_request(head: bytes) -> ConnectRequest:
     )
 
 
-def encode_response(status: int, reason: str, traceparent: str = "") -> bytes:
+def encode_response(
+    status: int, reason: str, traceparent: str = "", *, peer_unreachable: bool = False
+) -> bytes:
     """The egress's answer. `traceparent` (on 200): the span nearest the destination that the
-    tunnel set up, so the caller parents the destination sidecar's span on it."""
+    tunnel set up, so the caller parents the destination sidecar's span on it.
+    `peer_unreachable` (on a refusal): the tunnel to the peer cluster's gateway could not be
+    opened, so the caller may avoid that cluster for a while (`Fedgate-Peer-Health`)."""
     # The reason phrase carries our explanation (no silent 503s); keep it one clean line.
     clean = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in reason)[:200]
     extra = f"traceparent: {traceparent}\r\n" if tracecontext.parse(traceparent) else ""
+    if peer_unreachable:
+        extra += f"Fedgate-Peer-Health: {UNREACHABLE}\r\n"
     return f"HTTP/1.1 {status} {clean}\r\n{extra}\r\n".encode("ascii")
 
 
@@ -143,11 +151,20 @@ def parse_response(head: bytes) -> tuple[int, str]:
     return int(parts[1]), parts[2] if len(parts) > 2 else ""
 
 
+def _response_header(head: bytes, name: bytes) -> str:
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("ascii", "replace")
+    return ""
+
+
 def response_traceparent(head: bytes) -> str:
     """The valid `traceparent` of a CONNECT response head, else "" (ignored, never fatal)."""
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep and name.strip().lower() == b"traceparent":
-            text = value.strip().decode("ascii", "replace")
-            return text if tracecontext.parse(text) is not None else ""
-    return ""
+    text = _response_header(head, b"traceparent")
+    return text if tracecontext.parse(text) is not None else ""
+
+
+def response_peer_unreachable(head: bytes) -> bool:
+    """Whether a CONNECT refusal says the peer cluster's gateway is unreachable."""
+    return _response_header(head, PEER_HEALTH_HEADER.encode()).lower() == UNREACHABLE

@@ -47,6 +47,7 @@ from mesh.connect import (
     ConnectRequest,
     encode_request,
     parse_response,
+    response_peer_unreachable,
     response_traceparent,
     split_head,
 )
@@ -353,6 +354,11 @@ class Outbound:
                     head = await upstream.read_frame(split_head, "CONNECT response")
                     status, phrase = _parse_connect(head)
                     if status != 200:
+                        if response_peer_unreachable(head):
+                            # The gateway cannot reach that cluster: avoid it for a while,
+                            # for every service (sidecar.traffic.peers).
+                            self.http.peers.mark_down(cluster, time.monotonic())
+                            raise ProxyError("peer unreachable", f"{status} {phrase}")
                         raise ProxyError("gateway refused", f"{status} {phrase}")
                     if traceparent:
                         # The span nearest the destination the tunnel set up (see above).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import structlog
@@ -184,6 +185,8 @@ class Sidecar:
                 {"name": key.fqdn, "vip": vip} for key, vip in sorted(st.routes.vips.items())
             ],
             "routes": st.routes.describe(),
+            # remote clusters the local gateway said it cannot reach (avoided for now)
+            "peers_unreachable": self.outbound.http.peers.down(time.monotonic()),
             "listeners": {
                 "inbound": _addr(self.inbound.address) if self._started else None,
                 "outbound": _addr(self.outbound.address) if self._started else None,

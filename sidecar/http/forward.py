@@ -62,6 +62,7 @@ from sidecar.state import ProxyState
 from sidecar.traffic.balance import Target
 from sidecar.traffic.match import Effective
 from sidecar.traffic.outlier import Ejected, OutlierDetector
+from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, STATUS, TIMEOUT, Outcome, RetryPlan
 
 DISCARD_LIMIT = 64 * 1024  # a retried response's body is read and dropped up to this, else closed
@@ -133,11 +134,13 @@ class Forwarder:
         pool: UpstreamPool,
         rng: random.Random,
         stats: collections.Counter[str],
+        peers: PeerHealth | None = None,
     ) -> None:
         self._connect = connect
         self.pool = pool
         self._rng = rng
         self.stats = stats
+        self.peers = peers
         self._tasks = TaskSet("sidecar-http-mirror")
         self._mirrors = 0
 
@@ -177,7 +180,7 @@ class Forwarder:
             now = loop.time()
             deadline = plan.start_try(now)
             try:
-                healthy = health_check(rt.outlier, now)
+                healthy = health_check(rt.outlier, _now(), self.peers)
                 target = route.target(eff, self._rng, healthy, frozenset(tried))
             except NoRouteError as e:
                 body, log = call.body, call.log
@@ -482,10 +485,17 @@ def log_outlier_events(outlier: OutlierDetector, log: Any, stats: collections.Co
     outlier.events.clear()
 
 
-def health_check(outlier: OutlierDetector | None, now: float) -> Callable[[str], bool]:
-    if outlier is None:
+def health_check(
+    outlier: OutlierDetector | None, now: float, peers: PeerHealth | None = None
+) -> Callable[[str], bool]:
+    """A host is healthy unless outlier detection ejected it or (a remote cluster) the local
+    gateway said it cannot reach that cluster (`sidecar.traffic.peers`)."""
+    if outlier is None and peers is None:
         return lambda host: True
-    return lambda host: not outlier.is_ejected(host, now)
+    return lambda host: (
+        (outlier is None or not outlier.is_ejected(host, now))
+        and (peers is None or peers.healthy(host, now))
+    )
 
 
 def _failed(conn: FlowConn) -> bool:

@@ -70,6 +70,7 @@ from sidecar.traffic.balance import remote_host
 from sidecar.traffic.experiments import fault_action, mirror_this
 from sidecar.traffic.match import RequestInfo, effective
 from sidecar.traffic.outlier import OutlierDetector
+from sidecar.traffic.peers import PeerHealth
 
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
@@ -102,7 +103,8 @@ class HttpProxy:
         self._tasks = TaskSet("sidecar-http")
         self._sweeper: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
-        self.forwarder = Forwarder(connect, self.pool, rng, self.stats)
+        self.peers = PeerHealth()  # remote clusters the local gateway cannot reach
+        self.forwarder = Forwarder(connect, self.pool, rng, self.stats, self.peers)
 
     # -- lifecycle and config ---------------------------------------------------------------
 
@@ -161,7 +163,7 @@ class HttpProxy:
 
     def health(self, route: ServiceRoute) -> Callable[[str], bool]:
         """Whether a host of `route` is in rotation (not ejected by outlier detection)."""
-        return health_check(self.runtime(route).outlier, _now())
+        return health_check(self.runtime(route).outlier, _now(), self.peers)
 
     def tcp_admit(self, route: ServiceRoute) -> None:
         """Count a TCP connection against `maxConnections`; ProxyError if over it."""

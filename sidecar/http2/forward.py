@@ -55,6 +55,7 @@ from sidecar.routes import Decision, ServiceRoute
 from sidecar.state import ProxyState
 from sidecar.traffic.balance import Target
 from sidecar.traffic.match import Effective
+from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, STATUS, TIMEOUT, Outcome, RetryPlan
 
 MeshConnect = Callable[[ServiceRoute, Decision, ProxyState, dict[str, object]], Awaitable[Conn]]
@@ -97,11 +98,13 @@ class H2Forwarder:
         pool: H2Pool,
         rng: random.Random,
         stats: collections.Counter[str],
+        peers: PeerHealth | None = None,
     ) -> None:
         self._connect = connect
         self.pool = pool
         self._rng = rng
         self.stats = stats
+        self.peers = peers
         self._tasks = TaskSet("sidecar-h2-forward")
         self._mirrors = 0
 
@@ -137,7 +140,10 @@ class H2Forwarder:
             deadline = plan.start_try(now)
             try:
                 target = route.target(
-                    eff, self._rng, health_check(rt.outlier, now), frozenset(tried)
+                    eff,
+                    self._rng,
+                    health_check(rt.outlier, time.monotonic(), self.peers),
+                    frozenset(tried),
                 )
             except NoRouteError as e:
                 return await self.local(call.app, call.sid, grpc, call.log, 503, "no route", str(e))

@@ -61,7 +61,7 @@ class H2Proxy:
         self._rng = rng
         self.pool = H2Pool(live)
         self.stats: collections.Counter[str] = collections.Counter()
-        self.forwarder = H2Forwarder(connect, self.pool, rng, self.stats)
+        self.forwarder = H2Forwarder(connect, self.pool, rng, self.stats, http.peers)
         self._tasks = TaskSet("sidecar-h2")
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -334,3 +334,41 @@ outlierDetection: {consecutive5xxErrors: 1, interval: 500ms, baseEjectionTime: 4
     back = curl(web, 60)
     assert Counter(a.status for a in back) == {200: 60}
     assert share(back, WEST) <= 0.1, pods(back)
+
+
+def test_a_cluster_its_gateway_cannot_reach_is_avoided_without_outlier_detection(
+    web: Path,
+) -> None:
+    apply_policy(
+        web,
+        """
+clusterWeights: [{cluster: local, weight: 50}, {cluster: west, weight: 50}]
+retries: {attempts: 2, retryOn: "connect-failure"}
+""",
+    )
+    assert share(curl(web, 40), WEST) > 0  # west serves its share while its gateway is up
+    gateway = lifecycle.load(web).process("west-gateway")
+    assert gateway is not None
+    lifecycle.stop_process(web, gateway.name)
+    try:
+        answers = curl(web, 40)
+        # The first call that picks west is refused by the east egress ("peer unreachable",
+        # retried in east); from then on the client's sidecar keeps every call off west.
+        assert Counter(a.status for a in answers) == {200: 40}, answers
+        assert share(answers, WEST) == 0, pods(answers)
+        assert client_unreachable(web) == ["west"]
+    finally:
+        lifecycle.start_process(web, gateway.name, gateway.netns, list(gateway.argv))
+    started = time.monotonic()
+    while client_unreachable(web) or share(curl(web, 10), WEST) == 0:  # verdict over, tunnel up
+        assert time.monotonic() - started < 30, "west never came back"
+    back = curl(web, 40)
+    assert Counter(a.status for a in back) == {200: 40}, back
+    assert share(back, WEST) > 0, pods(back)
+
+
+def client_unreachable(rig: Path) -> list[str]:
+    status = bringup.sidecar_config(rig, "east", "client")["status"]
+    assert isinstance(status, dict)
+    down: list[str] = status["peers_unreachable"]
+    return down

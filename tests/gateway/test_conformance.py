@@ -23,6 +23,12 @@ from gateway import mux
 from gateway.gateway import Gateway
 from gateway.tls_tunnel import ALPN as TLS_ALPN
 from mesh.codec import StreamHeader, encode_header, split_frame
+from mesh.connect import (
+    ConnectRequest,
+    encode_request,
+    parse_response,
+    response_peer_unreachable,
+)
 from mesh.naming import ServiceKey, SpiffeId, gateway_identity
 from tests.gateway.conftest import (
     EAST_TD,
@@ -459,7 +465,20 @@ def vanish(gw: Gateway) -> None:
             stream.reset("vanished")
 
 
+async def refusal_head(gw: Gateway, service: ServiceKey = ECHO) -> bytes:
+    """The head of the egress's answer to a CONNECT for `service` in west."""
+    reader, writer = await asyncio.open_connection(*gw.egress_address)
+    writer.write(encode_request(ConnectRequest(service, ECHO_PORT, "west")))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    await close_writer(writer)
+    return head
+
+
 async def test_a_peer_that_vanishes_fails_its_calls_only(tpair: Pair) -> None:
+    # A refusal about the service says nothing of the link ...
+    head = await refusal_head(tpair.east, ServiceKey("demo", "nope"))
+    assert parse_response(head)[0] == 503
+    assert not response_peer_unreachable(head)
     status, reason, reader, writer = await connect_via(tpair.east)
     assert status == 200, reason
     writer.write(b"x")
@@ -478,10 +497,12 @@ async def test_a_peer_that_vanishes_fails_its_calls_only(tpair: Pair) -> None:
 
     await asyncio.wait_for(until_broken(), 10)
     await close_writer(writer)
-    status, reason, _, writer = await connect_via(tpair.east)
-    await close_writer(writer)
+    head = await refusal_head(tpair.east)
+    status, reason = parse_response(head)
     assert status in (502, 504), reason
     assert reason.startswith("fedgate egress east: tunnel to west")
+    # ... a refusal because the peer's gateway is gone says so, for the sidecars' routing.
+    assert response_peer_unreachable(head)
     assert loop.time() - started < 8
 
 

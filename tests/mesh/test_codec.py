@@ -127,6 +127,13 @@ def test_a_bad_subset_header_is_refused_by_name(value: str, why: str) -> None:
         connect.parse_request(head)
 
 
+def test_a_refusal_can_say_the_peer_gateway_is_unreachable() -> None:
+    head = connect.encode_response(502, "tunnel to west: refused", peer_unreachable=True)
+    assert connect.response_peer_unreachable(head)
+    assert connect.parse_response(head) == (502, "tunnel to west: refused")
+    assert not connect.response_peer_unreachable(connect.encode_response(503, "no endpoint"))
+
+
 def test_connect_head_is_bounded() -> None:
     with pytest.raises(CodecError, match="exceeds"):
         connect.split_head(b"CONNECT " + b"a" * connect.MAX_REQUEST)

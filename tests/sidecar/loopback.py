@@ -87,6 +87,7 @@ class FakeGateway:
 
     targets: dict[str, tuple[str, int]] = field(default_factory=dict)
     refuse: str = ""
+    unreachable: bool = False  # refusals say the peer cluster's gateway is unreachable
     requests: list[Any] = field(default_factory=list)
     server: asyncio.Server | None = None
 
@@ -107,7 +108,10 @@ class FakeGateway:
             request = parse_request(head)
             self.requests.append(request)
             if self.refuse:
-                writer.write(encode_response(503, self.refuse))
+                status = 502 if self.unreachable else 503
+                writer.write(
+                    encode_response(status, self.refuse, peer_unreachable=self.unreachable)
+                )
                 return
             up_reader, up_writer = await asyncio.open_connection(*self.targets[request.cluster])
             writer.write(encode_response(200, "OK"))

@@ -165,6 +165,34 @@ async def test_gateway_refusal_resets_the_app_and_logs_the_reason(rig: Rig, logs
     assert failed["conn"].startswith("client-0/o")
 
 
+async def test_a_cluster_its_gateway_cannot_reach_is_avoided_by_every_service(
+    rig: Rig, logs: Logs
+) -> None:
+    from tests.sidecar.conftest import endpoint
+
+    rig.apply(weights=(("west", 100),))
+    rig.gateway.refuse = "fedgate egress east: tunnel to west: cannot connect"
+    rig.gateway.unreachable = True
+    await assert_reset(rig, (VIP, rig.app_port))
+    failed = await wait_log(logs, "outbound failed", pod="client-0")
+    assert failed["reason"] == "peer unreachable"
+    assert rig.source.status()["peers_unreachable"] == ["west"]
+    # No outlier detection in this policy: the gateway's word alone keeps calls off west.
+    rig.apply(weights=(("east", 50), ("west", 50)), version="v2")
+    connects = len(rig.gateway.requests)
+    for _ in range(12):
+        assert await converse(rig, (VIP, rig.app_port), size=1000) == b"payments-0:bye"
+    assert len(rig.gateway.requests) == connects
+    # Even weighted 100 % to west, calls fail over to east while west is unreachable ...
+    rig.apply(weights=(("west", 100),), version="v3")
+    assert await converse(rig, (VIP, rig.app_port), size=1000) == b"payments-0:bye"
+    assert len(rig.gateway.requests) == connects
+    # ... and west as the only cluster is still tried (panic mode): no verdict makes an outage.
+    rig.apply(endpoints=(endpoint("west", "127.0.0.3", "payments-w0"),), version="v4")
+    await assert_reset(rig, (VIP, rig.app_port))
+    assert len(rig.gateway.requests) == connects + 1
+
+
 async def test_unexpected_server_identity_is_refused(rig: Rig, logs: Logs) -> None:
     from tests.sidecar.conftest import endpoint
 
