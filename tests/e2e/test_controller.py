@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -199,10 +200,24 @@ def traffic(rig: Path, seconds: float) -> subprocess.Popen[str]:
     )
 
 
-def outcomes(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
+def flowing(proc: subprocess.Popen[str], calls: int, timeout: float = 15.0) -> list[str]:
+    """The first `calls` answers' lines, once they came (the traffic is flowing)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len([x for x in lines if x.strip()]) < calls:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"only {len(lines)} lines of traffic within {timeout} s: {lines}"
+        line = proc.stdout.readline()
+        assert line, f"the traffic ended early: {lines}"
+        lines.append(line)
+    return lines
+
+
+def outcomes(proc: subprocess.Popen[str], seen: list[str] | None = None) -> tuple[int, list[str]]:
     out, _ = proc.communicate(timeout=60)
     ok, failed = 0, []
-    for line in filter(None, (x.strip() for x in out.splitlines())):
+    for line in filter(None, (x.strip() for x in [*(seen or []), *out.splitlines()])):
         try:
             ok += json.loads(line)["cluster"] == "west"
         except (ValueError, KeyError, TypeError):
@@ -247,14 +262,14 @@ def test_killing_the_controller_leader_and_an_etcd_member_fails_no_request(
     member = etcd_raft_leader(ha_rig)
     calls = traffic(ha_rig, 12)
     try:
-        time.sleep(2)  # traffic flowing before the kills (its outcome is asserted below)
+        seen = flowing(calls, 10)  # traffic flowing before the kills (outcome asserted below)
         kill(ha_rig, leader)
     except BaseException:
         calls.kill()
         calls.communicate()
         raise
     killed = time.monotonic()
-    time.sleep(1)
+    time.sleep(1)  # the scenario: a second failure one second into the first one's recovery
     kill(ha_rig, member)  # the raft leader: the harder loss
     new_leader = ""
     while time.monotonic() - killed < 15:
@@ -266,7 +281,7 @@ def test_killing_the_controller_leader_and_an_etcd_member_fails_no_request(
             break
         time.sleep(0.2)
     took = time.monotonic() - killed
-    ok, failed = outcomes(calls)
+    ok, failed = outcomes(calls, seen)
     print(f"new leader {new_leader} after {took:.1f} s; {ok} calls, {len(failed)} failed")
     assert failed == [], f"{len(failed)} of {ok + len(failed)} calls failed: {failed[:3]}"
     assert ok >= 50
