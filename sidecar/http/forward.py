@@ -25,7 +25,7 @@ import asyncio
 import collections
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -125,7 +125,61 @@ class _Failed:
     detail: str
 
 
-class Forwarder:
+class ForwarderCore:
+    """What the HTTP/1.1 and HTTP/2 forwarders share: the mesh connector, the random source,
+    the proxy's counters, the gateway's verdicts on peers (routing health, with outlier
+    detection), outlier bookkeeping and the admission of mirrored requests."""
+
+    def __init__(
+        self,
+        connect: MeshConnect,
+        rng: random.Random,
+        stats: collections.Counter[str],
+        peers: PeerHealth | None,
+        name: str,
+    ) -> None:
+        self._connect = connect
+        self._rng = rng
+        self.stats = stats
+        self.peers = peers
+        self._tasks = TaskSet(name)
+        self._mirrors = 0
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+    def healthy(self, outlier: OutlierDetector | None) -> Callable[[str], bool]:
+        """Which hosts a try may pick now."""
+        return health_check(outlier, _now(), self.peers)
+
+    def record(
+        self, runtime: ServiceRuntime, route: ServiceRoute, log: Any, host: str, outcome: Outcome
+    ) -> None:
+        """A try's outcome, for outlier detection (local answers say nothing of the host)."""
+        outlier = runtime.outlier
+        if outlier is None or outcome.kind == LOCAL:
+            return
+        outlier.record(host, outcome.failed, _now(), len(route.balancer.hosts()))
+        log_outlier_events(outlier, log, self.stats)
+
+    def spawn_mirror(self, log: Any, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `send()` in the background unless MAX_MIRRORS are already in flight."""
+        if self._mirrors >= MAX_MIRRORS:
+            self.stats["mirrors_dropped"] += 1
+            log.warning("http mirror dropped", reason="too many in flight", limit=MAX_MIRRORS)
+            return
+        self._mirrors += 1
+
+        async def counted() -> None:
+            try:
+                await send()
+            finally:
+                self._mirrors -= 1
+
+        self._tasks.spawn(counted(), "mirror")
+
+
+class Forwarder(ForwarderCore):
     """Sends requests upstream for an `HttpProxy` (which owns the pool and the counters)."""
 
     def __init__(
@@ -136,16 +190,8 @@ class Forwarder:
         stats: collections.Counter[str],
         peers: PeerHealth | None = None,
     ) -> None:
-        self._connect = connect
+        super().__init__(connect, rng, stats, peers, "sidecar-http-mirror")
         self.pool = pool
-        self._rng = rng
-        self.stats = stats
-        self.peers = peers
-        self._tasks = TaskSet("sidecar-http-mirror")
-        self._mirrors = 0
-
-    async def aclose(self) -> None:
-        await self._tasks.aclose()
 
     async def local(
         self,
@@ -180,7 +226,7 @@ class Forwarder:
             now = loop.time()
             deadline = plan.start_try(now)
             try:
-                healthy = health_check(rt.outlier, _now(), self.peers)
+                healthy = self.healthy(rt.outlier)
                 target = route.target(eff, self._rng, healthy, frozenset(tried))
             except NoRouteError as e:
                 body, log = call.body, call.log
@@ -232,11 +278,7 @@ class Forwarder:
             await asyncio.sleep(wait)
 
     def _record(self, call: Call, target: Target, outcome: Outcome) -> None:
-        outlier = call.runtime.outlier
-        if outlier is None or outcome.kind == LOCAL:
-            return
-        outlier.record(target.host, outcome.failed, _now(), len(call.route.balancer.hosts()))
-        log_outlier_events(outlier, call.log, self.stats)
+        self.record(call.runtime, call.route, call.log, target.host, outcome)
 
     async def _try(self, call: Call, target: Target, deadline: float | None) -> _Got | _Failed:
         """One try: a connection, the request, the response head. Never raises for upstream
@@ -422,12 +464,7 @@ class Forwarder:
         if not call.body.complete:
             self.stats["mirrors_skipped"] += 1  # the body streams: it cannot be sent twice
             return
-        if self._mirrors >= MAX_MIRRORS:
-            self.stats["mirrors_dropped"] += 1
-            call.log.warning("http mirror dropped", reason="too many in flight", limit=MAX_MIRRORS)
-            return
-        self._mirrors += 1
-        self._tasks.spawn(self._send_mirror(call), "mirror")
+        self.spawn_mirror(call.log, lambda: self._send_mirror(call))
 
     async def _send_mirror(self, call: Call) -> None:
         mirror = call.eff.mirror
@@ -461,8 +498,6 @@ class Forwarder:
         except NoRouteError as e:
             self.stats["mirror_failures"] += 1
             shadow.log.info("http mirror failed", reason="no route", detail=str(e))
-        finally:
-            self._mirrors -= 1
 
 
 def _now() -> float:

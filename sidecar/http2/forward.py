@@ -20,23 +20,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
-from mesh.tasks import TaskSet
 from sidecar.errors import ProxyError
 from sidecar.http.flow import FlowConn
-from sidecar.http.forward import (
-    MAX_MIRRORS,
-    MIRROR_TIMEOUT,
-    ServiceRuntime,
-    health_check,
-    log_outlier_events,
-)
+from sidecar.http.forward import MIRROR_TIMEOUT, ForwarderCore, ServiceRuntime
 from sidecar.http.pool import PoolKey, PoolRefusedError
 from sidecar.http2.body import StreamBody
 from sidecar.http2.conn import LOST, H2Conn
@@ -91,7 +83,7 @@ class _Failed:
     detail: str
 
 
-class H2Forwarder:
+class H2Forwarder(ForwarderCore):
     def __init__(
         self,
         connect: MeshConnect,
@@ -100,16 +92,8 @@ class H2Forwarder:
         stats: collections.Counter[str],
         peers: PeerHealth | None = None,
     ) -> None:
-        self._connect = connect
+        super().__init__(connect, rng, stats, peers, "sidecar-h2-forward")
         self.pool = pool
-        self._rng = rng
-        self.stats = stats
-        self.peers = peers
-        self._tasks = TaskSet("sidecar-h2-forward")
-        self._mirrors = 0
-
-    async def aclose(self) -> None:
-        await self._tasks.aclose()
 
     async def local(
         self, app: H2Conn, sid: int, grpc: bool, log: Any, status: int, reason: str, detail: str
@@ -142,7 +126,7 @@ class H2Forwarder:
                 target = route.target(
                     eff,
                     self._rng,
-                    health_check(rt.outlier, time.monotonic(), self.peers),
+                    self.healthy(rt.outlier),
                     frozenset(tried),
                 )
             except NoRouteError as e:
@@ -178,13 +162,7 @@ class H2Forwarder:
             await asyncio.sleep(wait)
 
     def _record(self, call: H2Call, target: Target, outcome: Outcome) -> None:
-        outlier = call.runtime.outlier
-        if outlier is None or outcome.kind == LOCAL:
-            return
-        outlier.record(
-            target.host, outcome.failed, time.monotonic(), len(call.route.balancer.hosts())
-        )
-        log_outlier_events(outlier, call.log, self.stats)
+        self.record(call.runtime, call.route, call.log, target.host, outcome)
 
     async def _try(self, call: H2Call, target: Target, deadline: float | None) -> _Got | _Failed:
         """One try: a stream, the request, the response head. Upstream failures become
@@ -312,12 +290,7 @@ class H2Forwarder:
     # -- mirroring --------------------------------------------------------------------------
 
     def mirror(self, call: H2Call) -> None:
-        if self._mirrors >= MAX_MIRRORS:
-            self.stats["mirrors_dropped"] += 1
-            call.log.warning("http mirror dropped", reason="too many in flight", limit=MAX_MIRRORS)
-            return
-        self._mirrors += 1
-        self._tasks.spawn(self._send_mirror(call), "mirror")
+        self.spawn_mirror(call.log, lambda: self._send_mirror(call))
 
     async def _send_mirror(self, call: H2Call) -> None:
         mirror = call.eff.mirror
@@ -350,8 +323,6 @@ class H2Forwarder:
         except NoRouteError as e:
             self.stats["mirror_failures"] += 1
             shadow.log.info("http mirror failed", reason="no route", detail=str(e))
-        finally:
-            self._mirrors -= 1
 
 
 async def _send_body(body: StreamBody, h2: H2Conn, sid: int, drive: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from mesh.model import (
     TrafficPolicy,
 )
 from mesh.naming import ServiceKey, SpiffeId
+from sidecar.tlsio import TlsSession
 
 EAST = "east.fedgate.local"
 WEST = "west.fedgate.local"
@@ -110,3 +112,18 @@ def snapshot(
         policies=policies,
         trust_bundle=trust_bundle or {},
     )
+
+
+def tls_in_memory(
+    client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[TlsSession, TlsSession]:
+    """A client and a server `TlsSession` handshaken back to back in memory."""
+    server = TlsSession(server_ctx, True)
+    client = TlsSession(client_ctx, False, session)
+    for _ in range(4):
+        for a, b in ((client, server), (server, client)):
+            a.handshake()
+            b.feed(a.outgoing())
+    assert client.handshake_done
+    assert server.handshake_done
+    return client, server

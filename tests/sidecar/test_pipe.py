@@ -12,19 +12,14 @@ from ca.tls import client_context, server_context
 from sidecar.errors import ProxyError
 from sidecar.pipe import BUFFER_LIMIT, Conn, open_conn
 from sidecar.tlsio import TlsSession
-from tests.sidecar.conftest import EAST, Pki, spiffe
+from tests.sidecar.conftest import EAST, Pki, spiffe, tls_in_memory
 
 
 def pair(pki: Pki) -> tuple[TlsSession, TlsSession]:
-    server = TlsSession(server_context(pki.svid(pki.east, spiffe(EAST, "s")), pki.bundle), True)
-    client = TlsSession(client_context(pki.svid(pki.east, spiffe(EAST, "c")), pki.bundle), False)
-    for _ in range(4):
-        for a, b in ((client, server), (server, client)):
-            a.handshake()
-            b.feed(a.outgoing())
-    assert client.handshake_done
-    assert server.handshake_done
-    return client, server
+    return tls_in_memory(
+        client_context(pki.svid(pki.east, spiffe(EAST, "c")), pki.bundle),
+        server_context(pki.svid(pki.east, spiffe(EAST, "s")), pki.bundle),
+    )
 
 
 def test_close_notify_ends_one_direction_only(pki: Pki) -> None:

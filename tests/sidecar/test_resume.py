@@ -7,20 +7,13 @@ import ssl
 from ca.tls import client_context, peer_identity, server_context
 from sidecar.resume import SessionCache
 from sidecar.tlsio import TlsSession
-from tests.sidecar.conftest import EAST, Pki, spiffe
+from tests.sidecar.conftest import EAST, Pki, spiffe, tls_in_memory
 
 
 def handshake(
     client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, session: ssl.SSLSession | None
 ) -> tuple[TlsSession, TlsSession]:
-    server = TlsSession(server_ctx, True)
-    client = TlsSession(client_ctx, False, session)
-    for _ in range(4):
-        for a, b in ((client, server), (server, client)):
-            a.handshake()
-            b.feed(a.outgoing())
-    assert client.handshake_done
-    assert server.handshake_done
+    client, server = tls_in_memory(client_ctx, server_ctx, session)
     server.send(b"reply")  # TLS 1.3 tickets ride ahead of the server's first bytes
     client.feed(server.outgoing())
     assert client.read() == [b"reply"]
