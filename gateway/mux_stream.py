@@ -1,5 +1,5 @@
 """One call over the `tls` transport: a stream of a `gateway.tls_tunnel.TlsTunnelConnection`,
-implementing `gateway.transport.Stream` on top of the mux core (`gateway.mux`).
+implementing `gateway.transport.Stream` on top of the mux core (`mesh.mux`).
 
 Credit: bytes handed to the sink are reported consumed (the peer may send more) unless the
 sink holds credit (its TCP write buffer is full) or no sink is attached yet; then they are
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gateway import mux
 from gateway.transport import RESET_PROTOCOL, BaseStream
+from mesh import mux
 
 if TYPE_CHECKING:
     from gateway.tls_tunnel import TlsTunnelConnection

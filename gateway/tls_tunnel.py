@@ -1,5 +1,5 @@
 """The `tls` tunnel transport: TLS 1.3 over TCP between gateways, streams multiplexed inside
-(`gateway.mux`), a thin asyncio driver around the mux core and an `ssl.SSLObject` on memory
+(`mesh.mux`), a thin asyncio driver around the mux core and an `ssl.SSLObject` on memory
 BIOs (model: `sidecar.tlsio`; not `loop.start_tls`, so every handshake failure is ours to log
 with its reason, and the peer is authorized before a single stream byte is read).
 
@@ -39,11 +39,11 @@ import structlog
 from ca.errors import CertificateExpiredError, VerificationError
 from ca.tls import peer_identity
 from ca.verify import verify_chain
-from gateway import mux
 from gateway.errors import TunnelError
 from gateway.mux_stream import MuxStream
 from gateway.quic_mtls import PeerPolicy
 from gateway.transport import HeaderPhase, StreamHandler
+from mesh import mux
 from mesh.naming import SpiffeId
 
 ALPN = "fedgate-mux/1"

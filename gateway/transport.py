@@ -6,7 +6,7 @@ half-close, and either side may reset. The egress, the ingress and `gateway.spli
 methods of `Stream` below, so they work unchanged over every transport:
 
 * `quic` (`gateway.tunnel`, `gateway.stream`): QUIC streams of one long-lived connection;
-* `tls` (`gateway.tls_tunnel`, `gateway.tls_server`, `gateway.mux_stream`, `gateway.mux`):
+* `tls` (`gateway.tls_tunnel`, `gateway.tls_server`, `gateway.mux_stream`, `mesh.mux`):
   streams multiplexed inside a small pool of long-lived TLS 1.3 connections;
 * `passthrough` (`gateway.passthrough`, `gateway.zerocopy`): one TCP connection per call, no
   outer encryption, relayed with os.splice once routed.

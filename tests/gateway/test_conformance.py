@@ -19,9 +19,9 @@ import pytest
 from structlog.testing import LogCapture
 
 from ca.authority import CertificateAuthority, Svid
-from gateway import mux
 from gateway.gateway import Gateway
 from gateway.tls_tunnel import ALPN as TLS_ALPN
+from mesh import mux
 from mesh.codec import StreamHeader, encode_header, split_frame
 from mesh.connect import (
     ConnectRequest,

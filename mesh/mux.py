@@ -1,4 +1,4 @@
-"""Stream multiplexing inside one TLS connection between gateways (sans-I/O: bytes in, events
+"""Stream multiplexing inside one TLS connection (sans-I/O: bytes in, events
 and bytes out; no sockets, no clock). The `tls` transport's driver is `gateway.tls_tunnel`.
 
 Why not HTTP/2 CONNECT (Istio's HBONE): the gateway needs only what yamux or HTTP/2 DATA

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import mux
+from mesh import mux
 
 
 def pump(a: mux.MuxConnection, b: mux.MuxConnection, chunk: int = 0) -> list[mux.Event]:
