@@ -1,9 +1,22 @@
-"""The tunnel transports side by side, on loopback, in one run (a benchmark: prints, never asserts).
+"""The tunnel transports side by side, on the rig, in one run (a benchmark: prints, never asserts).
 
     .venv/bin/python bench/transports.py [--seconds 3] [--repeat 3] [--out results.json]
                                          [--chains direct,haproxy,tls,quic,quic9k,passthrough]
+                                         [--where rig|loopback] [--rig-prefix fgb]
 
-Chains (every hop its own process, single-threaded, on 127.0.0.0/8):
+Where (`--where`, default `rig` as root, else `loopback`):
+
+* rig: the rig's network namespaces (`clusters.rig.netns`, prefix `fgb`, removed afterwards):
+  the client and the source sidecar in pod `fgb-east-client` (10.1.0.10), the east gateway (or
+  HAProxy relay) in cluster `fgb-east` (pods side 10.1.0.1, WAN 172.30.0.10), the west one in
+  `fgb-west` (WAN 172.30.0.11), the destination sidecar and the server in pod
+  `fgb-west-server` (10.2.0.10). Every hop crosses its real veth and bridge; the WAN links
+  carry 9,000-byte frames (quic9k). `direct` is the client reaching the server over the same
+  veths and bridges with no proxy (a route for the west pod subnet is added in `fgb-east` for
+  it; the gateways' own traffic never needs it). This load generator runs inside the client pod.
+* loopback: every hop on 127.0.0.0/8 in this namespace (no root needed).
+
+Chains (every hop its own process, single-threaded):
 
 * direct       client -> server
 * haproxy      client -> haproxy (mTLS origination) -> haproxy (TCP relay) -> haproxy (TCP relay)
@@ -20,8 +33,9 @@ The load generator runs in this process (uvloop). For each chain it measures:
 * throughput, one stream and 16 concurrent: uploads for `--seconds`, the server counts;
 * 1 KiB request/response latency p50/p99 at fixed rates (100, 1,000, 5,000 req/s), open loop
   over 16 connections, measured from each request's scheduled time (no coordinated omission);
-* new-connection latency: connect through the chain and complete one 1 KiB echo, sequentially,
-  and a burst of 200 such connections at once (connections per second);
+* new-connection latency: connect through the chain and complete one 1 KiB echo, sequentially;
+  a burst of 200 such connections at once (connections per second); and 1,000 of them paced
+  over one second, open loop (how many were served, at what rate, their p50/p99);
 * CPU seconds per GB (per process, during the 16-stream run) and peak RSS per process;
 
 then prints each figure and its ratio to direct and to the HAProxy chain. Every load loop is
@@ -59,18 +73,50 @@ LAT_CONNS = 16
 NEWCONN_COUNT = 100
 BURST = 200
 READY_TIMEOUT = 30.0
+PACED_CONNS = 1000  # new connections, paced over one second
 CHAINS = ("direct", "haproxy", "tls", "quic", "quic9k", "passthrough")
 # The gateway hops alone (no sidecars, no inner TLS): the client CONNECTs to the egress itself.
 GATEWAY_CHAINS = ("relays", "gw-tls", "gw-quic", "gw-passthrough")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each hop runs (a netns name, "" for this one) and the addresses hops use."""
+
+    client_ns: str  # the load generator, the source sidecar, HAProxy's mTLS origination
+    east_ns: str  # the east gateway, HAProxy's east relay
+    west_ns: str
+    server_ns: str  # the server, the destination sidecar, HAProxy's mTLS termination
+    source_host: str  # in client_ns: the source sidecar's / HAProxy origination's listener
+    egress_host: str  # in east_ns, reachable from client_ns (the gateway's pods side)
+    east_wan: str  # in east_ns: the east gateway's tunnel address
+    west_wan: str
+    dest_host: str  # in server_ns, reachable from west_ns: destination sidecar inbound
+    server_bind: str  # the server's listen address in server_ns
+    server_direct: str  # the server as the client (direct) and the west hop (gw-*) reach it
+    west_pods: str = "127.0.0.1"  # in west_ns: the west gateway's egress (unused here)
+    rig: bool = False
+
+
+LOOPBACK_LAYOUT = Layout(
+    "", "", "", "", "127.0.0.2", "127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.3",
+    "127.0.0.1", "127.0.0.1",
+)  # fmt: skip
+WAN_MTU = 9000
+LAYOUT = LOOPBACK_LAYOUT  # the orchestrator sets it from FEDGATE_BENCH_LAYOUT in the rig
 _handed_out: set[int] = set()
+_next_rig_port = 20000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both TCP and UDP (a gateway listens on both), never one this run handed
     out already: the kernel may offer a just-released port again, and two listeners of one
-    chain would then collide."""
+    chain would then collide. In the rig the namespaces are fresh and hold only this run's
+    processes, whose addresses this process cannot bind: ports are counted out instead."""
+    global _next_rig_port
+    if LAYOUT.rig:
+        _next_rig_port += 1
+        return _next_rig_port
     for _ in range(100):
         with socket.socket() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             s.bind((host, 0))
@@ -165,11 +211,11 @@ async def run_gateway(cfg: dict[str, Any]) -> None:
     settings = GatewaySettings(
         cluster=cfg["cluster"],
         trust_domain=cfg["trust_domain"],
-        tunnel_host="127.0.0.1",
+        tunnel_host=cfg["tunnel_host"],
         tunnel_port=cfg["quic_port"],
         tls_port=cfg["tls_port"],
         passthrough_port=cfg["passthrough_port"],
-        egress_host="127.0.0.1",
+        egress_host=cfg["egress_host"],
         egress_port=cfg["egress_port"],
         inbound_port=cfg["inbound_port"],
         max_datagram_size=cfg["datagram"],
@@ -242,8 +288,12 @@ class Chain:
                 p.wait(5)
 
 
-def start(argv: list[str], name: str, logdir: Path, ready_line: bool = True) -> Any:
+def start(
+    argv: list[str], name: str, logdir: Path, ready_line: bool = True, netns: str = ""
+) -> Any:
     log = (logdir / f"{name}.log").open("wb")
+    if netns:  # `ip netns exec` execs the command: the pid stays the hop's own (CPU, RSS)
+        argv = ["ip", "netns", "exec", netns, *argv]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE if ready_line else log, stderr=log)
     if ready_line:
         assert p.stdout is not None
@@ -327,24 +377,32 @@ def haproxy_chain(pki: Pki, server: tuple[str, int], workdir: Path, logdir: Path
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n"
         "  timeout server 60s\n"
     )
-    w = workdir
+    w, lay = workdir, LAYOUT
+    at = {a: lay.source_host, b: lay.egress_host, c: lay.west_wan, d: lay.dest_host}
     hops = {
-        "hp-orig": f"listen l\n  bind 127.0.0.1:{a}\n  server s 127.0.0.1:{b} ssl "
+        "hp-orig": f"listen l\n  bind {at[a]}:{a}\n  server s {at[b]}:{b} ssl "
         f"crt {w}/client.pem ca-file {w}/west-root.pem verify required ssl-min-ver TLSv1.3\n",
-        "hp-relay-east": f"listen l\n  bind 127.0.0.1:{b}\n  server s 127.0.0.1:{c}\n",
-        "hp-relay-west": f"listen l\n  bind 127.0.0.1:{c}\n  server s 127.0.0.1:{d}\n",
-        "hp-term": f"listen l\n  bind 127.0.0.1:{d} ssl crt {w}/server.pem ca-file "
+        "hp-relay-east": f"listen l\n  bind {at[b]}:{b}\n  server s {at[c]}:{c}\n",
+        "hp-relay-west": f"listen l\n  bind {at[c]}:{c}\n  server s {at[d]}:{d}\n",
+        "hp-term": f"listen l\n  bind {at[d]}:{d} ssl crt {w}/server.pem ca-file "
         f"{w}/east-root.pem verify required ssl-min-ver TLSv1.3\n"
         f"  server s {server[0]}:{server[1]}\n",
     }
-    chain = Chain("haproxy", ("127.0.0.1", a))
+    where = {
+        "hp-orig": lay.client_ns,
+        "hp-relay-east": lay.east_ns,
+        "hp-relay-west": lay.west_ns,
+        "hp-term": lay.server_ns,
+    }
+    chain = Chain("haproxy", (at[a], a))
     for name, body in hops.items():
         cfg = workdir / f"{name}.cfg"
         cfg.write_text(head + body)
-        chain.procs[name] = start([binary, "-db", "-f", str(cfg)], name, logdir, False)
+        argv = [binary, "-db", "-f", str(cfg)]
+        chain.procs[name] = start(argv, name, logdir, False, where[name])
     for port in (a, b, c, d):
         try:
-            wait_tcp("127.0.0.1", port)
+            wait_tcp(at[port], port)
         except SystemExit:
             chain.stop()
             raise SystemExit(f"haproxy did not start; see {logdir}/hp-*.log") from None
@@ -360,18 +418,23 @@ def haproxy_relays(server: tuple[str, int], workdir: Path, logdir: Path) -> Chai
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n"
         "  timeout server 60s\n"
     )
+    lay = LAYOUT
+    at = {a: lay.egress_host, b: lay.west_wan}
+    target = f"{lay.server_direct}:{server[1]}"
     hops = {
-        "hp-relay-east": f"listen l\n  bind 127.0.0.1:{a}\n  server s 127.0.0.1:{b}\n",
-        "hp-relay-west": f"listen l\n  bind 127.0.0.1:{b}\n  server s {server[0]}:{server[1]}\n",
+        "hp-relay-east": f"listen l\n  bind {at[a]}:{a}\n  server s {at[b]}:{b}\n",
+        "hp-relay-west": f"listen l\n  bind {at[b]}:{b}\n  server s {target}\n",
     }
-    chain = Chain("relays", ("127.0.0.1", a))
+    where = {"hp-relay-east": lay.east_ns, "hp-relay-west": lay.west_ns}
+    chain = Chain("relays", (at[a], a))
     for name, body in hops.items():
         cfg = workdir / f"{name}.cfg"
         cfg.write_text(head + body)
-        chain.procs[name] = start([binary, "-db", "-f", str(cfg)], name, logdir, False)
+        argv = [binary, "-db", "-f", str(cfg)]
+        chain.procs[name] = start(argv, name, logdir, False, where[name])
     try:
         for port in (a, b):
-            wait_tcp("127.0.0.1", port)
+            wait_tcp(at[port], port)
     except SystemExit:
         chain.stop()
         raise
@@ -404,15 +467,18 @@ def fedgate_chain(
     from mesh.naming import ServiceKey, SpiffeId, gateway_identity
 
     vip = "240.0.0.10"
+    lay = LAYOUT
     # Without sidecars the west ingress dials the server itself (its "inbound port").
-    inbound = free_port("127.0.0.3") if sidecars else server[1]
-    endpoint_host = "127.0.0.3" if sidecars else server[0]
+    inbound = free_port(lay.dest_host) if sidecars else server[1]
+    endpoint_host = lay.dest_host if sidecars else lay.server_direct
     ports = {c: {k: free_port() for k in ("quic", "tls", "passthrough", "egress")} for c in "ew"}
     tunnel_port = {c: ports[c][transport] for c in "ew"}
+    wan = {"e": lay.east_wan, "w": lay.west_wan}
+    pods_side = {"e": lay.egress_host, "w": lay.west_pods}
     key = ServiceKey("bench", "sink")
 
     def info(c: str, ca: Any) -> ClusterInfo:
-        gw = GatewayAddress("127.0.0.1", tunnel_port[c], "127.0.0.1", ports[c]["egress"], transport)
+        gw = GatewayAddress(wan[c], tunnel_port[c], pods_side[c], ports[c]["egress"], transport)
         return ClusterInfo(
             "east" if c == "e" else "west", ca.trust_domain, gw, (ca.root_pem.decode(),)
         )
@@ -443,18 +509,21 @@ def fedgate_chain(
         },
     )
     snap = snapshot_to_json(snapshot)
-    out_port = free_port("127.0.0.2")
+    out_port = free_port(lay.source_host)
     if sidecars:
-        chain = Chain(name, ("127.0.0.2", out_port))
+        chain = Chain(name, (lay.source_host, out_port))
     else:
         chain = Chain(
             name,
-            ("127.0.0.1", ports["e"]["egress"]),
+            (lay.egress_host, ports["e"]["egress"]),
             preamble=encode_request(ConnectRequest(key, server[1], "west")),
         )
     try:
         common = {"snapshot": snap, "inbound_port": inbound, "datagram": datagram}
-        for c, ca, cluster in (("w", pki.west, "west"), ("e", pki.east, "east")):
+        for c, ca, cluster, netns in (
+            ("w", pki.west, "west", lay.west_ns),
+            ("e", pki.east, "east", lay.east_ns),
+        ):
             gid = gateway_identity(ca.trust_domain)
             svid = pki.svid(ca, gid.namespace, gid.service_account, (f"gateway.{ca.trust_domain}",))
             cfg = {
@@ -466,27 +535,38 @@ def fedgate_chain(
                 "tls_port": ports[c]["tls"],
                 "passthrough_port": ports[c]["passthrough"],
                 "egress_port": ports[c]["egress"],
+                "tunnel_host": wan[c],
+                "egress_host": pods_side[c],
             }
             pname = f"gw-{cluster}"
             chain.procs[pname] = start(
-                role(f"{name}-{pname}", cfg, workdir), f"{name}-{pname}", logdir
+                role(f"{name}-{pname}", cfg, workdir), f"{name}-{pname}", logdir, netns=netns
             )
         pods = (
             ()
             if not sidecars
             else (
-                ("sc-dst", "west", "sink-0", "127.0.0.3", 0, pki.svid(pki.west, "bench", "sink")),
+                (
+                    "sc-dst",
+                    "west",
+                    "sink-0",
+                    lay.dest_host,
+                    0,
+                    pki.svid(pki.west, "bench", "sink"),
+                    lay.server_ns,
+                ),
                 (
                     "sc-src",
                     "east",
                     "client-0",
-                    "127.0.0.2",
+                    lay.source_host,
                     out_port,
                     pki.svid(pki.east, "bench", "client"),
+                    lay.client_ns,
                 ),
             )
         )
-        for pname, cluster, pod, host, outbound, svid in pods:
+        for pname, cluster, pod, host, outbound, svid, netns in pods:
             cfg = {
                 "role": "sidecar",
                 "cluster": cluster,
@@ -500,7 +580,7 @@ def fedgate_chain(
                 **common,
             }
             chain.procs[pname] = start(
-                role(f"{name}-{pname}", cfg, workdir), f"{name}-{pname}", logdir
+                role(f"{name}-{pname}", cfg, workdir), f"{name}-{pname}", logdir, netns=netns
             )
     except BaseException:
         chain.stop()
@@ -690,6 +770,7 @@ async def measure(chain: Chain, server_pid: int, seconds: float) -> dict[str, An
         print(f"    new connections failed: {e!r}")
         out["newconn"] = {"p50_ms": nan, "p99_ms": nan, "n": 0}
     out["burst"] = await burst(entry, BURST)
+    out["paced"] = await paced_connections(entry, PACED_CONNS, 1.0)
     out["peak_rss_mb"] = {n: peak_rss_mb(pid) for n, pid in pids.items()}
     return out
 
@@ -715,6 +796,42 @@ async def burst(entry: tuple[str, int], count: int) -> dict[str, float]:
     return {"per_s": (count - failed) / elapsed, "failed": failed}
 
 
+async def paced_connections(entry: tuple[str, int], count: int, over: float) -> dict[str, float]:
+    """`count` new application connections started at an even pace over `over` seconds, open
+    loop (a slow chain does not slow the schedule): each connects and completes one 1 KiB
+    echo. Reports how many were served, the rate they were served at (the last one's end
+    counts), and their times from the scheduled start."""
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(REQ)
+    times: list[float] = []
+
+    async def one(at: float) -> None:
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        t0 = time.perf_counter() - max(0.0, loop.time() - at)  # late start counts
+        reader, writer = await open_call(entry)
+        try:
+            writer.write(b"E" + payload)
+            await reader.readexactly(REQ)
+            times.append(time.perf_counter() - t0)
+        finally:
+            writer.close()
+
+    base = loop.time() + 0.05
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(asyncio.wait_for(one(base + i * over / count), 30) for i in range(count)),
+        return_exceptions=True,
+    )
+    elapsed = time.perf_counter() - t0 - 0.05
+    failed = sum(1 for r in results if r is not None)
+    return {
+        "served": count - failed,
+        "per_s": (count - failed) / elapsed,
+        "p50_ms": pct(times, 0.5) * 1e3,
+        "p99_ms": pct(times, 0.99) * 1e3,
+    }
+
+
 def report(results: dict[str, dict[str, Any]]) -> None:
     names = list(results)
     rows: list[tuple[str, Any]] = [
@@ -728,13 +845,17 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         ("new connection p50 (ms)", lambda r: r["newconn"]["p50_ms"]),
         ("new connection p99 (ms)", lambda r: r["newconn"]["p99_ms"]),
         (f"burst of {BURST} new conns (conn/s)", lambda r: r["burst"]["per_s"]),
+        (f"{PACED_CONNS} new conns in 1 s: served", lambda r: r["paced"]["served"]),
+        (f"{PACED_CONNS} new conns in 1 s: conn/s", lambda r: r["paced"]["per_s"]),
+        (f"{PACED_CONNS} new conns in 1 s: p50 (ms)", lambda r: r["paced"]["p50_ms"]),
+        (f"{PACED_CONNS} new conns in 1 s: p99 (ms)", lambda r: r["paced"]["p99_ms"]),
         ("CPU s/GB, all hops", lambda r: r["cpu_s_per_gb_hops"]),
         (
             "peak RSS, largest hop (MiB)",
             lambda r: max((v for n, v in r["peak_rss_mb"].items() if n != "server"), default=0.0),
         ),
     ]
-    width = 30
+    width = 34
     print()
     print("".ljust(width) + "".join(n.rjust(15) for n in names))
     for label, get in rows:
@@ -748,8 +869,9 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     print()
     for n in names:
         r = results[n]
-        lost = {rate: r[f"lat_{rate}"]["lost"] for rate in RATES}
+        lost: dict[str, Any] = {f"{rate}/s": r[f"lat_{rate}"]["lost"] for rate in RATES}
         lost["burst"] = r["burst"]["failed"]
+        lost["paced"] = PACED_CONNS - r["paced"]["served"]
         print(f"{n}: per-process CPU s/GB {fmt(r['cpu_s_per_gb'])}")
         print(f"{n}: per-process peak RSS MiB {fmt(r['peak_rss_mb'])}; unanswered {lost}")
 
@@ -771,9 +893,10 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         f"bench: {', '.join(chains)}; {args.seconds:g} s per throughput run; "
         f"{args.repeat} round(s), medians; logs in {logdir}"
     )
+    lay = LAYOUT
     server_port = free_port()
-    server_cfg = {"role": "server", "host": "127.0.0.1", "port": server_port}
-    server = start(role("server", server_cfg, workdir), "server", logdir)
+    server_cfg = {"role": "server", "host": lay.server_bind, "port": server_port}
+    server = start(role("server", server_cfg, workdir), "server", logdir, netns=lay.server_ns)
     pki = Pki(workdir)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in chains}
     try:
@@ -781,7 +904,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             srv = ("127.0.0.1", server_port)
             try:
                 if name == "direct":
-                    chain = Chain("direct", srv)
+                    chain = Chain("direct", (lay.server_direct, server_port))
                 elif name == "haproxy":
                     chain = haproxy_chain(pki, srv, workdir, logdir)
                 elif name == "relays":
@@ -823,6 +946,57 @@ def median_of(runs: list[Any]) -> Any:
     return sorted(runs)[len(runs) // 2]
 
 
+def in_rig(prefix: str) -> int:
+    """Build the bench's rig, run this command again inside its client pod, tear it down."""
+    from dataclasses import asdict
+
+    from clusters.rig import netns, topology
+    from clusters.rig.cmd import run, run_in
+
+    east, west = topology.cluster(prefix, 0), topology.cluster(prefix, 1)
+    client, server = topology.pod(prefix, 0, 0, "client"), topology.pod(prefix, 1, 0, "server")
+    netns.delete_all(prefix)  # a previous run that was killed; only this prefix's namespaces
+    try:
+        wan = netns.create_wan(prefix)
+        for c in (east, west):
+            netns.create_cluster(prefix, c.index)
+            # Jumbo frames on the WAN (quic9k's 8,952-byte datagrams): both ends and the bridge.
+            run(["ip", "-n", c.netns, "link", "set", topology.WAN_INTERFACE, "mtu", str(WAN_MTU)])
+            run(["ip", "-n", wan, "link", "set", c.wan_peer, "mtu", str(WAN_MTU)])
+        run(["ip", "-n", wan, "link", "set", topology.WAN_BRIDGE, "mtu", str(WAN_MTU)])
+        netns.create_pod(prefix, 0, 0, "client")
+        netns.create_pod(prefix, 1, 0, "server")
+        # `direct` only: the client pod reaches the server pod over the same veths, no proxy.
+        run(["ip", "-n", east.netns, "route", "add", west.pod_subnet, "via", west.wan_ip])
+        run_in(west.netns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        layout = Layout(
+            client_ns=client.netns,
+            east_ns=east.netns,
+            west_ns=west.netns,
+            server_ns=server.netns,
+            source_host=client.ip,
+            egress_host=east.pod_gateway,
+            east_wan=east.wan_ip,
+            west_wan=west.wan_ip,
+            dest_host=server.ip,
+            server_bind="0.0.0.0",  # inside the server pod's own namespace
+            server_direct=server.ip,
+            west_pods=west.pod_gateway,
+            rig=True,
+        )
+        print(
+            f"rig: {client.netns} ({client.ip}) -> {east.netns} ({east.wan_ip}) == WAN, MTU "
+            f"{WAN_MTU} ==> {west.netns} ({west.wan_ip}) -> {server.netns} ({server.ip})",
+            flush=True,
+        )
+        env = {**os.environ, "FEDGATE_BENCH_LAYOUT": json.dumps(asdict(layout))}
+        argv = ["ip", "netns", "exec", client.netns, sys.executable, __file__, *sys.argv[1:]]
+        return subprocess.run(argv, env=env, check=False).returncode
+    finally:
+        removed = netns.delete_all(prefix)
+        print(f"rig removed: {', '.join(removed)}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--chains", default=",".join(CHAINS))
@@ -836,9 +1010,28 @@ def main() -> None:
     p.add_argument("--out", default="")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--config", default="", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--where",
+        choices=("rig", "loopback"),
+        default="rig" if os.geteuid() == 0 else "loopback",
+        help="the rig's network namespaces (needs root; the default as root) or loopback",
+    )
+    p.add_argument("--rig-prefix", default="fgb", help="netns prefix of the bench's rig")
     args = p.parse_args()
+    import resource
+
     import uvloop
 
+    # A thousand connections at once, in the load generator and in every hop it starts.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    if args.role == "main" and args.where == "rig" and "FEDGATE_BENCH_LAYOUT" not in os.environ:
+        if "haproxy" in args.chains or "relays" in args.chains:
+            haproxy_binary()  # apt-get works from here, not from inside the rig
+        sys.exit(in_rig(args.rig_prefix))
+    if "FEDGATE_BENCH_LAYOUT" in os.environ:
+        global LAYOUT
+        LAYOUT = Layout(**json.loads(os.environ["FEDGATE_BENCH_LAYOUT"]))
     if args.role == "main":
         print(f"load average before: {Path('/proc/loadavg').read_text().strip()}")
         results = uvloop.run(orchestrate(args))
