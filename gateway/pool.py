@@ -137,7 +137,7 @@ class PeerPool:
                     if _on_probation(conn):
                         continue  # it probes; it comes back or is closed
                 del self._conns[slot]
-                if conn.usable:
+                if conn.usable or _on_probation(conn):
                     self._log.info("peer gateway changed, retiring its connection", peer=target)
                     self._retire(conn)
             pending = self._connecting.get(slot)
