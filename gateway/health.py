@@ -2,10 +2,11 @@
 passes `now` (seconds, monotonic) in and sends the probes (`tls`: a mux PING; `quic`: a QUIC
 PING, acknowledged by the peer's ACK).
 
-The driver calls `tick(now)` every `probe_interval`: it returns the id of a probe to send
-now, after counting every probe still unanswered as lost (a probe not answered by the time the
-next one is due is a miss), and `answered(id, now)` when its answer arrives. Rules, as Envoy's
-active health checking (interval, unhealthy threshold, healthy threshold):
+The driver calls `tick(now)` every `probe_interval` (or more often, when a shorter keepalive
+asks for it): it returns the id of a probe to send now, after counting as lost every probe
+unanswered for `probe_timeout` (the interval by default: a probe not answered by the time the
+next one is due is a miss), and `answered(id, now)` when an answer arrives. Rules, as Envoy's
+active health checking (interval, timeout, unhealthy threshold, healthy threshold):
 
 | state     | event                                   | next state |
 |-----------|-----------------------------------------|------------|
@@ -17,9 +18,9 @@ active health checking (interval, unhealthy threshold, healthy threshold):
 A connection starts healthy (its handshake just completed: that is an answered round trip)
 unless put on probation (`start_probation`): the pool dials a peer it found unreachable on
 probation, so a recovered path carries calls again only after `healthy_threshold` answered
-probes (the handshake counts as the first). `changes()` hands out the transitions once each, for the
-driver to act on (the pool stops placing streams on an unhealthy connection; the driver
-closes it).
+probes (the handshake counts as the first). `changes()` hands out the transitions once each,
+for the driver to act on (the pool stops placing streams on an unhealthy connection; the
+driver closes it).
 
 Figures: `rtt` is smoothed as TCP does (RFC 6298: 1/8 of each new sample); `loss_ratio` is the
 share of lost probes among the last `window` that were decided (answered or lost).
@@ -35,6 +36,9 @@ from typing import Any
 __all__ = ["HealthSettings", "ProbeHealth", "State"]
 
 RTT_GAIN = 0.125  # RFC 6298 alpha
+# Event-loop timers may fire up to a clock tick early (uvloop: 1 ms): a probe that waited its
+# timeout less this counts as lost, else a due miss would wait for the next tick.
+TIMER_SLACK = 0.005
 
 
 class State(enum.Enum):
@@ -46,7 +50,8 @@ class State(enum.Enum):
 class HealthSettings:
     """Active probes of each pooled tunnel connection (`tls` and `quic`)."""
 
-    probe_interval: float = 1.0  # seconds between probes, and the time a probe has to answer
+    probe_interval: float = 1.0  # seconds between probes
+    probe_timeout: float | None = None  # seconds a probe has to be answered; None: the interval
     unhealthy_threshold: int = 3  # consecutive misses that mark a connection unhealthy
     healthy_threshold: int = 2  # consecutive answers that bring it back
     window: int = 20  # probes the loss ratio is computed over
@@ -54,6 +59,8 @@ class HealthSettings:
     def __post_init__(self) -> None:
         if self.probe_interval <= 0:
             raise ValueError(f"probe_interval must be > 0 seconds, got {self.probe_interval}")
+        if self.probe_timeout is not None and self.probe_timeout <= 0:
+            raise ValueError(f"probe_timeout must be > 0 seconds, got {self.probe_timeout}")
         for name in ("unhealthy_threshold", "healthy_threshold", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -91,11 +98,14 @@ class ProbeHealth:
             return 0.0
         return sum(not ok for ok in self._recent) / len(self._recent)
 
+    @property
+    def timeout(self) -> float:
+        s = self.settings
+        return s.probe_interval if s.probe_timeout is None else s.probe_timeout
+
     def tick(self, now: float) -> int:
-        """A probe is due: count the unanswered ones as lost; return the id to send now."""
-        for _ in self._outstanding:
-            self._missed()
-        self._outstanding.clear()
+        """A probe is due: count the timed-out ones as lost; return the id to send now."""
+        self.expire(now)
         probe = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         self._outstanding[probe] = now
@@ -103,9 +113,8 @@ class ProbeHealth:
         return probe
 
     def expire(self, now: float) -> None:
-        """Count as lost the probes that have waited a full `probe_interval` (what `tick`
-        does to every outstanding probe; for a status read between ticks)."""
-        limit = now - self.settings.probe_interval
+        """Count as lost, oldest first, the probes unanswered for their timeout."""
+        limit = now - self.timeout + min(TIMER_SLACK, self.timeout / 10)
         for probe in [p for p, sent in self._outstanding.items() if sent <= limit]:
             del self._outstanding[probe]
             self._missed()

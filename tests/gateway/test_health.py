@@ -102,9 +102,25 @@ def test_rtt_is_smoothed_as_rfc6298() -> None:
     assert h.rtt == pytest.approx(0.050, rel=0.01)
 
 
+def test_probes_faster_than_the_timeout_are_lost_only_after_it() -> None:
+    """A short keepalive makes the driver probe more often; each probe still has its timeout."""
+    h = ProbeHealth(S)  # timeout: the 1 s interval
+    first = h.tick(0.0)
+    for t in (0.25, 0.5, 0.75):
+        h.tick(t)
+    assert h.lost == 0
+    assert h.answered(first, 0.8)  # late for a 0.25 s tick, in time for its timeout
+    h.tick(1.999)  # the probes of 0.25 .. 0.75 s waited their full second: lost
+    h.tick(2.0)
+    assert h.lost == 3
+    assert not h.healthy
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="probe_interval"):
         HealthSettings(probe_interval=0)
+    with pytest.raises(ValueError, match="probe_timeout"):
+        HealthSettings(probe_timeout=0)
     with pytest.raises(ValueError, match="unhealthy_threshold"):
         HealthSettings(unhealthy_threshold=0)
 
