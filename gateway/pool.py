@@ -96,6 +96,7 @@ class PeerPool:
         self._down: dict[str, str] = {}  # unreachable peer cluster -> why
         self._dial_failures: dict[str, int] = {}  # consecutive, per peer cluster
         self._wanted: dict[str, PeerTarget] = {}  # the latest target of each peer called
+        self._redials: dict[_Slot, PeerTarget] = {}  # slots waiting out a re-dial backoff
         self._conns: dict[_Slot, tuple[PeerTarget, PooledConnection]] = {}
         self._connecting: dict[_Slot, tuple[PeerTarget, asyncio.Future[Any]]] = {}
         self._retired: set[Any] = set()
@@ -141,7 +142,9 @@ class PeerPool:
                     self._log.info("peer gateway changed, retiring its connection", peer=target)
                     self._retire(conn)
             pending = self._connecting.get(slot)
-            if pending is None or pending[0] != target:
+            # A slot waiting out its re-dial backoff is not dialled by calls: a refused peer
+            # would otherwise be dialled at the call rate.
+            if (pending is None or pending[0] != target) and self._redials.get(slot) != target:
                 self._start(slot, target)
         if usable:
             self._down.pop(target.cluster, None)
@@ -215,10 +218,15 @@ class PeerPool:
         n = self._dial_failures[target.cluster] = self._dial_failures.get(target.cluster, 0) + 1
         first, longest = self._backoff
         delay = min(longest, first * 2 ** (n - 1))
+        self._redials[slot] = target
         self._tasks.spawn(self._redial(slot, target, delay), f"redial-{slot[0]}-{slot[1]}")
 
     async def _redial(self, slot: _Slot, target: PeerTarget, delay: float) -> None:
-        await asyncio.sleep(delay)  # a backoff, not synchronisation
+        try:
+            await asyncio.sleep(delay)  # a backoff, not synchronisation
+        finally:
+            if self._redials.get(slot) == target:
+                del self._redials[slot]
         if (
             not self._closing
             and self._wanted.get(target.cluster) == target

@@ -366,3 +366,40 @@ def _no_stray_children() -> Any:
     # Every replica was waited for; a leftover child would be a leak of this module.
     with contextlib.suppress(ChildProcessError):
         assert os.waitpid(-1, os.WNOHANG) == (0, 0)
+
+
+async def test_a_refusing_peer_is_refused_at_once_and_redialled_with_backoff(
+    logs: LogCapture, east_ca: CertificateAuthority, west_ca: CertificateAuthority, echo_port: int
+) -> None:
+    """West's address answers every dial with a reset (nothing listens): the first call waits
+    for its dial; the next are refused at once, and calls do not drive the dial rate."""
+    east = make_gateway("east", east_ca, echo_port)
+    await east.start()
+    roots = {EAST_TD: east_ca.root_pem.decode(), WEST_TD: west_ca.root_pem.decode()}
+    east.apply(snapshot(east, "tls", free_port(socket.SOCK_STREAM), roots))
+    pool = east.pools["tls"]
+    try:
+        first = await one_call(east, time.monotonic())
+        assert first.status == 502
+        assert first.unreachable
+        t0 = time.monotonic()
+        calls = []
+        for _ in range(40):  # 20 calls/s for 2 s
+            calls.append(await one_call(east, t0))
+            await asyncio.sleep(0.05)  # pacing of the load, not synchronisation
+        assert all(c.status == 503 and c.unreachable for c in calls)
+        elapsed = time.monotonic() - t0
+        dials = pool.counters["connect_failures"]
+        print(
+            f"\nrefusing peer: 40 calls in {elapsed:.2f} s, each refused in at most"
+            f" {max(c.took for c in calls) * 1000:.1f} ms; {dials} dials"
+        )
+        assert max(c.took for c in calls) < 0.5
+        # 2 slots, each re-dialled after 0.5, 1, 2 ... s in the background, whatever the call
+        # rate: 2 + 2 x 2 dials within ~2.5 s (the calls alone would have made 40).
+        assert 3 <= dials <= 8
+        (link,) = east.link_stats()
+        assert link.health == "unreachable"
+        assert east.status()["outbound"]["tls"]["peers"]["west"]["health"] == "unreachable"
+    finally:
+        await east.aclose()
