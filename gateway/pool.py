@@ -9,7 +9,8 @@ Rules (per peer cluster, per slot `0..size-1`):
 * target changed (new address, trust domain or transport) -> new connections; the old ones
   are retired: they take no new streams and close when their last stream ends
 * an established connection is lost            -> one immediate reconnect attempt in the
-  background, so the next call finds a warm connection; on failure, the next call retries
+  background, so the next call finds a warm connection; on failure, re-dials in the
+  background with a bounded backoff per slot (`redial_backoff`), which calls do not shorten
 * a connection fails its health probes (`gateway.health`: `unhealthy_threshold` in a row)
   -> it takes no new stream at once; its driver closes it (only its streams reset), and it
   is lost as above
@@ -18,8 +19,7 @@ Peer health (per peer cluster), what the egress routes on:
   (refused, or a handshake not finished within the transport's `handshake_timeout`), and until
   one of its connections is usable again; while it is unreachable with no usable connection,
   a call fails at once (`PeerDownError`: the egress answers 503 with
-  `Fedgate-Peer-Health: unreachable`) instead of waiting for a dial, and the pool re-dials in
-  the background with a bounded backoff (`redial_backoff`)
+  `Fedgate-Peer-Health: unreachable`) instead of waiting for a dial, while the pool re-dials
 * a connection dialled to an unreachable peer starts on probation: it carries calls only after
   `healthy_threshold` answered probes, so a flapping path is not trusted on one handshake
 Connections probe and keep themselves alive (PINGs of each transport).
@@ -94,7 +94,7 @@ class PeerPool:
         self._log = log
         self._backoff = redial_backoff  # first and longest wait between background re-dials
         self._down: dict[str, str] = {}  # unreachable peer cluster -> why
-        self._dial_failures: dict[str, int] = {}  # consecutive, per peer cluster
+        self._dial_failures: dict[_Slot, int] = {}  # consecutive
         self._wanted: dict[str, PeerTarget] = {}  # the latest target of each peer called
         self._redials: dict[_Slot, PeerTarget] = {}  # slots waiting out a re-dial backoff
         self._conns: dict[_Slot, tuple[PeerTarget, PooledConnection]] = {}
@@ -197,7 +197,7 @@ class PeerPool:
             conn.close("gateway shutting down", CLOSE_SHUTDOWN)
             fut.set_exception(TunnelError("gateway is shutting down"))
             return
-        self._dial_failures.pop(target.cluster, None)
+        self._dial_failures.pop(slot, None)
         if target.cluster in self._down:
             conn.health.start_probation()
         conn.on_closed = lambda c: self._lost(slot, target, c)
@@ -215,7 +215,7 @@ class PeerPool:
         """Keep dialling a peer in the background (bounded backoff) while calls want it."""
         if self._closing or self._wanted.get(target.cluster) != target:
             return
-        n = self._dial_failures[target.cluster] = self._dial_failures.get(target.cluster, 0) + 1
+        n = self._dial_failures[slot] = self._dial_failures.get(slot, 0) + 1
         first, longest = self._backoff
         delay = min(longest, first * 2 ** (n - 1))
         self._redials[slot] = target
@@ -261,9 +261,11 @@ class PeerPool:
             self._retire(conn)
         for gone in set(self.peer_counters) - clusters:
             del self.peer_counters[gone]
-        for table in (self._down, self._wanted, self._dial_failures):
+        for table in (self._down, self._wanted):
             for gone in set(table) - clusters:
                 del table[gone]
+        for slot in [s for s in self._dial_failures if s[0] not in clusters]:
+            del self._dial_failures[slot]
 
     def connections(self) -> list[PooledConnection]:
         return [c for _, c in self._conns.values()] + list(self._retired)
@@ -325,7 +327,8 @@ class PeerPool:
         for cluster, _ in self._connecting:
             peers.setdefault(cluster, {"state": "connecting", "health": self.peer_health(cluster)})
         for cluster, why in self._down.items():
-            peers.setdefault(cluster, {"state": "down", "health": "unreachable"})["down"] = why
+            if self.peer_health(cluster) == "unreachable":
+                peers.setdefault(cluster, {"state": "down", "health": "unreachable"})["down"] = why
         return {"peers": peers, "retired": len(self._retired), **self.counters}
 
     async def aclose(self, grace: float = 1.0) -> None:
