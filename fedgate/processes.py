@@ -493,6 +493,9 @@ def tune_malloc() -> bool:
     return bool(mallopt(m_trim_threshold, 32 * 1024 * 1024) == 1 and ok)
 
 
+WORKER_DRAIN_GRACE = 10.0  # seconds; under fedgate.workers' stop_grace (15)
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelListeners:
     """Which tunnel transports a gateway accepts peers on. `tls`: host:port (TCP), "" for the
@@ -545,7 +548,12 @@ async def _gateway(
     )
     async with _telemetry(tel) as t:
         gw = Gateway(settings, w.bootstrap.anchors, telemetry=t)
-        await run_proxy(w, gw, lambda: metrics.tunnel_families(w.cluster, gw.link_stats()))
+        # A worker drains on SIGTERM (the supervisor's stop): peers are told (GOAWAY), calls in
+        # flight get WORKER_DRAIN_GRACE to finish, within the supervisor's stop grace.
+        drain = (lambda: gw.drain(WORKER_DRAIN_GRACE)) if liveness_fd is not None else None
+        await run_proxy(
+            w, gw, lambda: metrics.tunnel_families(w.cluster, gw.link_stats()), stop=drain
+        )
 
 
 @contextlib.asynccontextmanager

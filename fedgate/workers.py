@@ -17,8 +17,8 @@ Liveness, with Kubernetes' semantics (period, failure threshold), per worker:
 * a worker that exits is restarted too, after `RestartBackoff` (none for the first restart;
   doubling for each one that follows a short life, capped); every kill, exit and restart is
   logged with its reason;
-* SIGTERM or SIGINT to the supervisor: SIGTERM to every worker (each stops as a single gateway
-  does), SIGKILL to those still running after `stop_grace`.
+* SIGTERM or SIGINT to the supervisor: SIGTERM to every worker, which drains
+  (`fedgate.processes`: `Gateway.drain`), SIGKILL to those still running after `stop_grace`.
 When a wedged worker is killed, the kernel closes its listening sockets and hands new
 connections only to the live workers: that is how peers and sidecars stop using it on a shared
 address, as Kubernetes removes a pod that fails its liveness probe.
@@ -165,16 +165,21 @@ class Supervisor:
         s = self.settings
         backoff = RestartBackoff(s.restart_first, s.restart_longest, s.stable_after)
         while not self._stopping.is_set():
-            worker = await self._spawn(index)
-            reason = await self._watch(worker)
-            ended = time.monotonic()
-            worker.close()
-            del self.workers[index]
+            started = time.monotonic()
+            try:
+                worker = await self._spawn(index)
+            except OSError as e:  # e.g. out of processes: retried like an exit
+                reason, pid = f"could not start: {e}", None
+            else:
+                reason = await self._watch(worker)
+                worker.close()
+                del self.workers[index]
+                started, pid = worker.started, worker.proc.pid
             if self._stopping.is_set():
                 break
-            delay = backoff.delay(worker.started, ended)
+            delay = backoff.delay(started, time.monotonic())
             self._log.warning(
-                "worker restarting", worker=index, pid=worker.proc.pid, reason=reason, delay=delay
+                "worker restarting", worker=index, pid=pid, reason=reason, delay=delay
             )
             self.restarts += 1
             with contextlib.suppress(TimeoutError):
@@ -187,6 +192,9 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(index, theirs.fileno()), pass_fds=(theirs.fileno(),)
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         worker = _Worker(index, proc, ours)
