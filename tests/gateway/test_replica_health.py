@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import sys
@@ -23,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from prometheus_client import CollectorRegistry
 from structlog.testing import LogCapture
 
 from ca.authority import CertificateAuthority
+from fedgate import metrics, rates
 from gateway.gateway import Gateway
 from mesh.codec import dumps, snapshot_to_json
 from mesh.connect import ConnectRequest, encode_request, parse_response, response_peer_unreachable
@@ -46,6 +46,7 @@ from tests.gateway.conftest import (
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("replica_helper.py")
+WEST_QUIC = {"source_cluster": "east", "destination_cluster": "west", "transport": "quic"}
 DETECT_BOUND = 5.0  # seconds from SIGSTOP until every new call succeeds (or is refused at once)
 
 
@@ -97,6 +98,13 @@ class Replica:
         if self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+def scrape(gw: Gateway) -> rates.Scrape:
+    """The gateway's tunnel metrics as Prometheus would read them."""
+    registry = CollectorRegistry()
+    metrics.register(lambda: metrics.tunnel_families("east", gw.link_stats()), registry)
+    return rates.parse(metrics.exposition(registry), 0.0)
 
 
 def tail(log: Path) -> str:
@@ -341,6 +349,14 @@ async def test_a_hung_quic_peer_is_refused_at_once_then_recovers(
         assert detected <= DETECT_BOUND
         assert all(c.unreachable and c.status == 503 for c in later)
         assert max(c.took for c in later) < 0.5
+        # What the operator sees: /config and the metrics say so.
+        peer = r.east.status()["outbound"]["quic"]["peers"]["west"]
+        assert peer["health"] == "unreachable"
+        # why: its connection failed its probes, then (while hung) the re-dials timed out
+        assert peer["down"].startswith(("unhealthy: 3 probes unanswered", "dial failed"))
+        exported = scrape(r.east)
+        assert exported.value("fedgate_tunnel_peer_healthy", **WEST_QUIC) == 0
+        assert exported.value("fedgate_tunnel_healthy_connections", **WEST_QUIC) == 0
         # The streams of the hung connection were reset.
         assert [await still_echoes(reader, writer) for reader, writer in calls] == [False] * 2
         t1 = time.monotonic()
@@ -356,16 +372,16 @@ async def test_a_hung_quic_peer_is_refused_at_once_then_recovers(
         (link,) = [s for s in r.east.link_stats() if s.peer == "west"]
         assert link.health == "healthy"
         assert link.healthy_connections == 1
+        peer = r.east.status()["outbound"]["quic"]["peers"]["west"]
+        assert peer["health"] == "healthy"
+        assert peer["healthy_connections"] == 1
+        assert peer["rtt_ms"] is not None
+        assert peer["loss_ratio"] == 0.0  # the new connection lost none
+        exported = scrape(r.east)
+        assert exported.value("fedgate_tunnel_peer_healthy", **WEST_QUIC) == 1
+        assert exported.value("fedgate_tunnel_probe_loss_ratio", **WEST_QUIC) == 0.0
         for _, writer in calls:
             await close_writer(writer)
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Any:
-    yield
-    # Every replica was waited for; a leftover child would be a leak of this module.
-    with contextlib.suppress(ChildProcessError):
-        assert os.waitpid(-1, os.WNOHANG) == (0, 0)
 
 
 async def test_a_refusing_peer_is_refused_at_once_and_redialled_with_backoff(
