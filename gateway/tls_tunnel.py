@@ -498,6 +498,10 @@ class TlsTunnelConnection(asyncio.Protocol):
         if misses < self.settings.health.unhealthy_threshold:
             return False
         self.close(f"unhealthy: {misses} probes unanswered")
+        if self._transport is not None:
+            # The peer reads nothing: a graceful close would keep the socket (and what is
+            # queued for it) until it does. Reset it.
+            self._transport.abort()
         return True
 
     def _terminated(self, reason: str) -> None:
