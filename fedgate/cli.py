@@ -225,6 +225,38 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
     help="A second listener serving only /metrics, /healthz and /readyz (host:port), e.g. "
     "on the WAN address for the controllers' topology page [default: none].",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Worker processes, one event loop each, sharing the TCP listeners (SO_REUSEPORT) under "
+    "a supervisor; only worker 0 serves QUIC; worker i's admin and metrics ports are the given "
+    "ones + i (docs/operations.md).",
+)
+@click.option(
+    "--liveness-period",
+    type=click.FloatRange(0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between the supervisor's liveness probes of each worker.",
+)
+@click.option(
+    "--liveness-failures",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Consecutive unanswered liveness probes after which a worker is killed and restarted.",
+)
+@click.option(
+    "--worker-port-step",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Worker i serves --admin and --metrics-listen at their port + i x this step.",
+)
+@click.option("--liveness-fd", type=int, default=None, hidden=True)
+@click.option("--worker-index", type=int, default=None, hidden=True)
 def gateway(
     cluster: str,
     identity_dir: Path,
@@ -241,10 +273,28 @@ def gateway(
     no_quic: bool,
     reuse_port: bool,
     metrics_listen: str,
+    workers: int,
+    liveness_period: float,
+    liveness_failures: int,
+    worker_port_step: int,
+    liveness_fd: int | None,
+    worker_index: int | None,
 ) -> None:
     """Run a cluster's east-west gateway."""
     from fedgate import processes
 
+    if workers > 1 and liveness_fd is None:
+        processes.gateway_supervisor(
+            cluster,
+            _gateway_argv(click.get_current_context()),
+            admin,
+            metrics_listen,
+            workers,
+            liveness_period,
+            liveness_failures,
+            worker_port_step,
+        )
+        return
     processes.gateway(
         cluster,
         identity_dir,
@@ -257,7 +307,37 @@ def gateway(
         tunnels=processes.TunnelListeners(tls_listen, passthrough_listen, not no_quic, reuse_port),
         otlp_endpoint=otlp_endpoint,
         metrics_listen=metrics_listen,
+        liveness_fd=liveness_fd,
+        worker_index=worker_index,
     )
+
+
+_SUPERVISOR_ONLY = {
+    "workers",
+    "liveness_period",
+    "liveness_failures",
+    "worker_port_step",
+    "liveness_fd",
+    "worker_index",
+    "admin",
+    "metrics_listen",
+    "reuse_port",
+}
+
+
+def _gateway_argv(ctx: click.Context) -> list[str]:
+    """This `fedgate gateway` command line as the workers get it, without what the
+    supervisor sets per worker (`fedgate.workers.worker_argv`)."""
+    argv = [sys.executable, "-m", "fedgate", "gateway"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in _SUPERVISOR_ONLY:
+            continue
+        value = ctx.params.get(param.name or "")
+        if param.is_flag:
+            argv += [param.opts[0]] if value else []
+        elif value not in (None, ""):
+            argv += [param.opts[0], str(value)]
+    return argv
 
 
 @main.command()

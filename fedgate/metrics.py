@@ -263,7 +263,7 @@ def tunnel_families(cluster: str, links: Iterable[LinkStats]) -> Iterator[Metric
     )
     rtt = GaugeMetricFamily(
         "fedgate_tunnel_rtt_seconds",
-        "Round trip of the last keepalive probe (best connection).",
+        "Round trip of the health probes, smoothed (best connection).",
         labels=PAIR,
     )
     streams = GaugeMetricFamily(
@@ -293,8 +293,28 @@ def tunnel_families(cluster: str, links: Iterable[LinkStats]) -> Iterator[Metric
     losses = CounterMetricFamily(
         "fedgate_tunnel_connections_lost", "Established tunnel connections lost.", labels=PAIR
     )
+    healthy = GaugeMetricFamily(
+        "fedgate_tunnel_peer_healthy",
+        "1 if the peer is reachable (a connection passes its probes), 0 if unreachable (calls "
+        "refused at once); absent while unknown.",
+        labels=PAIR,
+    )
+    healthy_conns = GaugeMetricFamily(
+        "fedgate_tunnel_healthy_connections",
+        "Tunnel connections to the peer passing their health probes.",
+        labels=PAIR,
+    )
+    loss = GaugeMetricFamily(
+        "fedgate_tunnel_probe_loss_ratio",
+        "Share of the recent health probes lost (worst connection).",
+        labels=PAIR,
+    )
     for link in links:
         labels = [cluster, link.peer, link.transport]
+        if link.health != "unknown":
+            healthy.add_metric(labels, 1.0 if link.health == "healthy" else 0.0)
+        healthy_conns.add_metric(labels, link.healthy_connections)
+        loss.add_metric(labels, link.loss_ratio)
         up.add_metric(labels, 1.0 if link.connected else 0.0)
         if link.rtt is not None:
             rtt.add_metric(labels, link.rtt)
@@ -308,3 +328,4 @@ def tunnel_families(cluster: str, links: Iterable[LinkStats]) -> Iterator[Metric
         losses.add_metric(labels, link.losses)
         opened.add_metric(labels, link.streams)
     yield from (up, rtt, streams, conns, probes, lost, hs, losses, opened)
+    yield from (healthy, healthy_conns, loss)

@@ -422,8 +422,12 @@ def gateway(
     tunnels: TunnelListeners | None = None,
     otlp_endpoint: str = "",
     metrics_listen: str = "",
+    liveness_fd: int | None = None,
+    worker_index: int | None = None,
 ) -> None:
     logs.configure("gateway", cluster)
+    if worker_index is not None:
+        structlog.contextvars.bind_contextvars(worker=worker_index)
     w = _proxy_wiring(
         "gateway",
         f"gateway.{cluster}",
@@ -437,7 +441,36 @@ def gateway(
     if metrics_listen:
         w = replace(w, metrics_address=parse_hostport(metrics_listen))
     tel = telemetry.TelemetrySettings("fedgate-gateway", w.node_id, cluster, otlp_endpoint)
-    run_with_loop(_gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners(), tel))
+    run_with_loop(
+        _gateway(w, tunnel_listen, egress_listen, tunnels or TunnelListeners(), tel, liveness_fd)
+    )
+
+
+def gateway_supervisor(
+    cluster: str,
+    base_argv: list[str],
+    admin_addr: str,
+    metrics_listen: str,
+    workers: int,
+    liveness_period: float,
+    liveness_failures: int,
+    port_step: int = 1,
+) -> None:
+    """`fedgate gateway --workers N` (N > 1): supervise N gateway workers (fedgate.workers)."""
+    from fedgate import workers as w
+
+    logs.configure("gateway-supervisor", cluster)
+    try:
+        settings = w.SupervisorSettings(workers, liveness_period, liveness_failures)
+        for i in range(workers):  # every worker's ports are checked before any starts
+            w.worker_argv(base_argv, i, 0, admin_addr, metrics_listen, port_step)
+    except ValueError as e:
+        raise SystemExit(f"fedgate: {e}") from e
+    supervisor = w.Supervisor(
+        settings,
+        lambda i, fd: w.worker_argv(base_argv, i, fd, admin_addr, metrics_listen, port_step),
+    )
+    run_with_loop(supervisor.run())
 
 
 def tune_malloc() -> bool:
@@ -460,6 +493,9 @@ def tune_malloc() -> bool:
     return bool(mallopt(m_trim_threshold, 32 * 1024 * 1024) == 1 and ok)
 
 
+WORKER_DRAIN_GRACE = 10.0  # seconds; under fedgate.workers' stop_grace (15)
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelListeners:
     """Which tunnel transports a gateway accepts peers on. `tls`: host:port (TCP), "" for the
@@ -478,9 +514,14 @@ async def _gateway(
     egress_listen: str,
     tunnels: TunnelListeners,
     tel: telemetry.TelemetrySettings,
+    liveness_fd: int | None = None,
 ) -> None:
     from gateway.gateway import Gateway, GatewaySettings
 
+    if liveness_fd is not None:  # a worker of `--workers N`: answer the supervisor's probes
+        from fedgate.workers import answer_liveness
+
+        answer_liveness(liveness_fd)
     tune_malloc()
     th, tp = parse_hostport(tunnel_listen)
     eh, ep = parse_hostport(egress_listen)
@@ -507,7 +548,12 @@ async def _gateway(
     )
     async with _telemetry(tel) as t:
         gw = Gateway(settings, w.bootstrap.anchors, telemetry=t)
-        await run_proxy(w, gw, lambda: metrics.tunnel_families(w.cluster, gw.link_stats()))
+        # A worker drains on SIGTERM (the supervisor's stop): peers are told (GOAWAY), calls in
+        # flight get WORKER_DRAIN_GRACE to finish, within the supervisor's stop grace.
+        drain = (lambda: gw.drain(WORKER_DRAIN_GRACE)) if liveness_fd is not None else None
+        await run_proxy(
+            w, gw, lambda: metrics.tunnel_families(w.cluster, gw.link_stats()), stop=drain
+        )
 
 
 @contextlib.asynccontextmanager

@@ -90,10 +90,14 @@ def config_credentials(svid: Svid, control_root_pem: bytes) -> grpc.ChannelCrede
 
 
 async def run_proxy(
-    w: ProxyWiring, proxy: Proxy, families: Callable[[], Iterable[Metric]] | None = None
+    w: ProxyWiring,
+    proxy: Proxy,
+    families: Callable[[], Iterable[Metric]] | None = None,
+    stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Identity, then the config stream, then serve; `families`: the proxy's own metrics (the
-    admin `/metrics` serves the process registry: these, and the data plane's request metrics)."""
+    admin `/metrics` serves the process registry: these, and the data plane's request metrics);
+    `stop`: how to stop on SIGTERM (default `proxy.aclose`)."""
     from federation.api.client import ConfigClient
 
     svid = await obtain_svid(
@@ -183,7 +187,7 @@ async def run_proxy(
     finally:
         REGISTRY.unregister(collector)
         await tasks.aclose()
-        await proxy.aclose()
+        await (stop or proxy.aclose)()
         admin_server.close()
         if metrics_server is not None:
             metrics_server.close()

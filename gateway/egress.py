@@ -9,7 +9,8 @@ and a reason phrase naming the hop and the cause, and logged:
 
 * 400  malformed CONNECT, or a target this gateway does not tunnel to (its own cluster)
 * 503  no route: unknown cluster, no gateway, a transport this gateway does not dial, this
-       gateway is draining, or the remote ingress refused (its reason is
+       gateway is draining, the peer gateway is unreachable by its health probes or dials
+       (answered at once, `gateway.pool`), or the remote ingress refused (its reason is
        passed through verbatim: "fedgate ingress west: no healthy endpoint for echo.demo")
 * 502  the tunnel failed: handshake refused, connection lost, stream reset, bad reply
 * 504  the handshake or the remote reply timed out
@@ -35,7 +36,13 @@ from typing import Any
 
 import structlog
 
-from gateway.errors import CallRefusedError, PeerUnreachableError, TunnelError, TunnelTimeoutError
+from gateway.errors import (
+    CallRefusedError,
+    PeerDownError,
+    PeerUnreachableError,
+    TunnelError,
+    TunnelTimeoutError,
+)
 from gateway.splice import Splice
 from gateway.transport import RESET_ABORTED, PeerTarget, Stream, StreamDialer
 from mesh import telemetry as tm
@@ -111,6 +118,8 @@ class Egress:
             stream = await self._dialers[target.transport].open_stream(target)
         except TunnelTimeoutError as e:
             raise PeerUnreachableError(504, f"{hop}: {e}") from e
+        except PeerDownError as e:  # failed its health probes or dials: no wait for a dial
+            raise PeerUnreachableError(503, f"{hop}: {e}") from e
         except TunnelError as e:
             raise PeerUnreachableError(502, f"{hop}: {e}") from e
         traceparent = span.context.format() if span is not None else request.traceparent

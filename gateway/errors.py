@@ -14,6 +14,10 @@ class TunnelTimeoutError(TunnelError):
     """A tunnel step (handshake, stream reply) did not finish in time."""
 
 
+class PeerDownError(TunnelError):
+    """The peer gateway failed its health probes or its dials: refused at once, no dial."""
+
+
 class CallRefusedError(GatewayError):
     """A call answered with an error status; `reason` becomes the reason phrase."""
 

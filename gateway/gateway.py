@@ -99,7 +99,7 @@ class LinkStats:
     transport: str
     connected: bool
     connections: int
-    rtt: float | None  # seconds, the best of the connections' last keepalive round trips
+    rtt: float | None  # seconds, the best of the connections' smoothed probe round trips
     open_streams: int
     streams: int  # calls (streams) opened toward the peer, for the gateway's lifetime
     probes: int
@@ -107,6 +107,9 @@ class LinkStats:
     handshakes: int
     handshake_failures: int
     losses: int
+    healthy_connections: int = 0  # usable: passing their probes, not retiring
+    loss_ratio: float = 0.0  # probes lost among the recent ones, worst connection
+    health: str = "unknown"  # healthy, unreachable or unknown (`gateway.pool`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +419,9 @@ class Gateway:
                         handshakes=counts.get("connects", 0),
                         handshake_failures=counts.get("connect_failures", 0),
                         losses=counts.get("losses", 0),
+                        healthy_connections=sum(c.usable for c in conns),
+                        loss_ratio=max((c.health.loss_ratio for c in conns), default=0.0),
+                        health=pool.peer_health(peer),
                     )
                 )
         return out

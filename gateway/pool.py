@@ -9,8 +9,20 @@ Rules (per peer cluster, per slot `0..size-1`):
 * target changed (new address, trust domain or transport) -> new connections; the old ones
   are retired: they take no new streams and close when their last stream ends
 * an established connection is lost            -> one immediate reconnect attempt in the
-  background, so the next call finds a warm connection; on failure, the next call retries
-Connections keep themselves alive (keepalive PINGs of each transport).
+  background, so the next call finds a warm connection; on failure, re-dials in the
+  background with a bounded backoff per slot (`redial_backoff`), which calls do not shorten
+* a connection fails its health probes (`gateway.health`: `unhealthy_threshold` in a row)
+  -> it takes no new stream at once; its driver closes it (only its streams reset), and it
+  is lost as above
+Peer health (per peer cluster), what the egress routes on:
+* the peer is *unreachable* once a connection to it was closed as unhealthy or a dial failed
+  (refused, or a handshake not finished within the transport's `handshake_timeout`), and until
+  one of its connections is usable again; while it is unreachable with no usable connection,
+  a call fails at once (`PeerDownError`: the egress answers 503 with
+  `Fedgate-Peer-Health: unreachable`) instead of waiting for a dial, while the pool re-dials
+* a connection dialled to an unreachable peer starts on probation: it carries calls only after
+  `healthy_threshold` answered probes, so a flapping path is not trusted on one handshake
+Connections probe and keep themselves alive (PINGs of each transport).
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway.errors import TunnelError
+from gateway.errors import PeerDownError, TunnelError
+from gateway.health import ProbeHealth
 from gateway.transport import PeerTarget, Stream
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
@@ -40,7 +53,11 @@ class PooledConnection(Protocol):
     peer_identity: SpiffeId | None
     close_reason: str
     rtt: float | None
+    health: ProbeHealth
     on_closed: Callable[[Any], None]
+
+    @property
+    def closed(self) -> bool: ...
 
     @property
     def usable(self) -> bool: ...
@@ -63,12 +80,23 @@ _Slot = tuple[str, int]
 
 
 class PeerPool:
-    def __init__(self, connector: Connector, size: int = 1, log: Any = _log) -> None:
+    def __init__(
+        self,
+        connector: Connector,
+        size: int = 1,
+        log: Any = _log,
+        redial_backoff: tuple[float, float] = (0.5, 8.0),
+    ) -> None:
         if size < 1:
             raise ValueError("a peer pool needs at least one connection per peer")
         self._connector = connector
         self._size = size
         self._log = log
+        self._backoff = redial_backoff  # first and longest wait between background re-dials
+        self._down: dict[str, str] = {}  # unreachable peer cluster -> why
+        self._dial_failures: dict[_Slot, int] = {}  # consecutive
+        self._wanted: dict[str, PeerTarget] = {}  # the latest target of each peer called
+        self._redials: dict[_Slot, PeerTarget] = {}  # slots waiting out a re-dial backoff
         self._conns: dict[_Slot, tuple[PeerTarget, PooledConnection]] = {}
         self._connecting: dict[_Slot, tuple[PeerTarget, asyncio.Future[Any]]] = {}
         self._retired: set[Any] = set()
@@ -97,26 +125,38 @@ class PeerPool:
     async def connection(self, target: PeerTarget) -> PooledConnection:
         if self._closing:
             raise TunnelError("gateway is shutting down")
+        self._wanted[target.cluster] = target
         usable: list[PooledConnection] = []
         for slot in self._slots(target.cluster):
             have = self._conns.get(slot)
             if have is not None:
                 old_target, conn = have
-                if conn.usable and old_target == target:
-                    usable.append(conn)
-                    continue
+                if old_target == target:
+                    if conn.usable:
+                        usable.append(conn)
+                        continue
+                    if _on_probation(conn):
+                        continue  # it probes; it comes back or is closed
                 del self._conns[slot]
-                if conn.usable:
+                if conn.usable or _on_probation(conn):
                     self._log.info("peer gateway changed, retiring its connection", peer=target)
                     self._retire(conn)
             pending = self._connecting.get(slot)
-            if pending is None or pending[0] != target:
+            # A slot waiting out its re-dial backoff is not dialled by calls: a refused peer
+            # would otherwise be dialled at the call rate.
+            if (pending is None or pending[0] != target) and self._redials.get(slot) != target:
                 self._start(slot, target)
         if usable:
+            self._down.pop(target.cluster, None)
             return min(usable, key=lambda c: len(c.streams))
+        down = self._down.get(target.cluster)
+        if down is not None:
+            raise PeerDownError(f"peer gateway unreachable ({down})")
         # asyncio.wait never cancels what it waits for: a cancelled caller leaves the
         # attempts running for the next call.
-        attempts = [self._connecting[s][1] for s in self._slots(target.cluster)]
+        attempts = [
+            self._connecting[s][1] for s in self._slots(target.cluster) if s in self._connecting
+        ]
         done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
         first = sorted(done, key=lambda f: f.cancelled() or f.exception() is not None)[0]
         if first.cancelled():
@@ -146,6 +186,8 @@ class PeerPool:
             err = e if isinstance(e, TunnelError) else TunnelError(f"internal error: {e!r}")
             self._log.warning("tunnel connect failed", peer=target.cluster, reason=str(err))
             fut.set_exception(err)
+            self._mark_down(target.cluster, f"dial failed: {err}")
+            self._redial_later(slot, target)
             return
         finally:
             if self._connecting.get(slot, (None, None))[1] is fut:
@@ -155,9 +197,43 @@ class PeerPool:
             conn.close("gateway shutting down", CLOSE_SHUTDOWN)
             fut.set_exception(TunnelError("gateway is shutting down"))
             return
+        self._dial_failures.pop(slot, None)
+        if target.cluster in self._down:
+            conn.health.start_probation()
         conn.on_closed = lambda c: self._lost(slot, target, c)
         self._conns[slot] = (target, conn)
         fut.set_result(conn)
+
+    def _mark_down(self, cluster: str, why: str) -> None:
+        if any(c.usable for c in self.connections_to(cluster)):
+            return  # other connections carry its calls
+        if cluster not in self._down:
+            self._log.warning("peer gateway unreachable", peer=cluster, reason=why)
+        self._down[cluster] = why
+
+    def _redial_later(self, slot: _Slot, target: PeerTarget) -> None:
+        """Keep dialling a peer in the background (bounded backoff) while calls want it."""
+        if self._closing or self._wanted.get(target.cluster) != target:
+            return
+        n = self._dial_failures[slot] = self._dial_failures.get(slot, 0) + 1
+        first, longest = self._backoff
+        delay = min(longest, first * 2 ** (n - 1))
+        self._redials[slot] = target
+        self._tasks.spawn(self._redial(slot, target, delay), f"redial-{slot[0]}-{slot[1]}")
+
+    async def _redial(self, slot: _Slot, target: PeerTarget, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)  # a backoff, not synchronisation
+        finally:
+            if self._redials.get(slot) == target:
+                del self._redials[slot]
+        if (
+            not self._closing
+            and self._wanted.get(target.cluster) == target
+            and slot not in self._connecting
+            and slot not in self._conns
+        ):
+            self._start(slot, target)
 
     def _lost(self, slot: _Slot, target: PeerTarget, conn: PooledConnection) -> None:
         self._retired.discard(conn)
@@ -166,6 +242,8 @@ class PeerPool:
         del self._conns[slot]
         self._count(target.cluster, "losses")
         self._log.info("tunnel lost", peer=target.cluster, reason=conn.close_reason)
+        if not conn.health.healthy:
+            self._mark_down(target.cluster, conn.close_reason)
         if not self._closing and slot not in self._connecting:
             self._start(slot, target)  # warm reconnect; a failure is logged, the next call retries
 
@@ -183,6 +261,11 @@ class PeerPool:
             self._retire(conn)
         for gone in set(self.peer_counters) - clusters:
             del self.peer_counters[gone]
+        for table in (self._down, self._wanted):
+            for gone in set(table) - clusters:
+                del table[gone]
+        for slot in [s for s in self._dial_failures if s[0] not in clusters]:
+            del self._dial_failures[slot]
 
     def connections(self) -> list[PooledConnection]:
         return [c for _, c in self._conns.values()] + list(self._retired)
@@ -193,6 +276,12 @@ class PeerPool:
 
     def connections_to(self, cluster: str) -> list[PooledConnection]:
         return [c for (name, _), (_, c) in sorted(self._conns.items()) if name == cluster]
+
+    def peer_health(self, cluster: str) -> str:
+        """healthy (a usable connection), unreachable (module docstring), or unknown."""
+        if any(c.usable for c in self.connections_to(cluster)):
+            return "healthy"
+        return "unreachable" if cluster in self._down else "unknown"
 
     def status(self) -> dict[str, Any]:
         peers: dict[str, Any] = {}
@@ -208,9 +297,17 @@ class PeerPool:
                     "open_streams": 0,
                     "streams_total": 0,
                     "rtt_ms": None,
+                    "loss_ratio": None,
+                    "healthy_connections": 0,
+                    "health": self.peer_health(cluster),
                     "migrations": 0,
                 },
             )
+            loss = round(conn.health.loss_ratio, 3)
+            peer["loss_ratio"] = (
+                loss if peer["loss_ratio"] is None else max(peer["loss_ratio"], loss)
+            )
+            peer["healthy_connections"] += conn.usable
             if conn.rtt is not None:
                 rtt = round(conn.rtt * 1000, 3)
                 peer["rtt_ms"] = rtt if peer["rtt_ms"] is None else min(peer["rtt_ms"], rtt)
@@ -228,7 +325,10 @@ class PeerPool:
                 peer["local_address"] = local
                 peer["max_datagram_size"] = getattr(conn, "max_datagram_size", None)
         for cluster, _ in self._connecting:
-            peers.setdefault(cluster, {"state": "connecting"})
+            peers.setdefault(cluster, {"state": "connecting", "health": self.peer_health(cluster)})
+        for cluster, why in self._down.items():
+            if self.peer_health(cluster) == "unreachable":
+                peers.setdefault(cluster, {"state": "down", "health": "unreachable"})["down"] = why
         return {"peers": peers, "retired": len(self._retired), **self.counters}
 
     async def aclose(self, grace: float = 1.0) -> None:
@@ -245,3 +345,8 @@ class PeerPool:
             )
         for conn in conns:
             conn._terminated("gateway shut down")
+
+
+def _on_probation(conn: PooledConnection) -> bool:
+    """Up, but not yet trusted with calls (`ProbeHealth.start_probation`)."""
+    return not conn.health.healthy and not conn.closed and not conn.close_reason

@@ -15,10 +15,12 @@ Handshake and authentication (both sides, before any stream):
 Each call is one mux stream (`MuxStream`), which implements `gateway.transport.Stream`.
 Backpressure: a stream's backlog is what waits for the peer's credit, plus the connection's
 TCP write buffer while it is above its high-water mark; receive credit is held while the sink's
-TCP write buffer is full (`hold_credit`/`release_credit`). Keepalive: the client PINGs every
-`keepalive_interval`; either side closes a connection that received nothing for
-`idle_timeout`. Not here: the listener and `connect` (`gateway.tls_server`), pooling
-(`gateway.pool`), the TCP side (`gateway.splice`). A little over the ~400-line aim: the
+TCP write buffer is full (`hold_credit`/`release_credit`). Health: the client PINGs every
+`health.probe_interval` (`gateway.health` decides; a connection that misses
+`unhealthy_threshold` probes in a row is closed, its streams reset, and the pool re-dials);
+either side closes a connection that received nothing for `idle_timeout`. Not here: the
+listener and `connect` (`gateway.tls_server`), pooling (`gateway.pool`), the TCP side
+(`gateway.splice`). A little over the ~400-line aim: the
 connection's handshake, record loop, event dispatch and teardown read best as one class.
 """
 
@@ -31,7 +33,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
@@ -40,6 +42,7 @@ from ca.errors import CertificateExpiredError, VerificationError
 from ca.tls import peer_identity
 from ca.verify import verify_chain
 from gateway.errors import TunnelError
+from gateway.health import HealthSettings, ProbeHealth, State
 from gateway.mux_stream import MuxStream
 from gateway.quic_mtls import PeerPolicy
 from gateway.transport import HeaderPhase, StreamHandler
@@ -50,7 +53,6 @@ ALPN = "fedgate-mux/1"
 READ_SIZE = 256 * 1024
 _log = structlog.get_logger("fedgate.gateway.tls")
 _ids = itertools.count(1)
-_pings = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +63,14 @@ class TlsTunnelSettings:
     handshake_timeout: float = 5.0
     reply_timeout: float = 10.0
     idle_timeout: float = 30.0
-    keepalive_interval: float = 10.0
+    keepalive_interval: float = 10.0  # server side: how often the idle timeout is checked
     window: int = 1024 * 1024
     max_streams: int = 1024
     max_connections: int = 256
     connections_per_peer: int = 2
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
+    health: HealthSettings = field(default_factory=HealthSettings)  # client side probes
 
 
 def tls_reason(e: ssl.SSLError) -> str:
@@ -139,8 +142,8 @@ class TlsTunnelConnection(asyncio.Protocol):
         self._paused = False
         self._watched: set[MuxStream] = set()
         self._in_receive = False
-        self._pings_out: dict[int, float] = {}
-        self.rtt: float | None = None  # seconds, from the keepalive PINGs (client side)
+        self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
+        self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -161,6 +164,7 @@ class TlsTunnelConnection(asyncio.Protocol):
             and not self.close_reason
             and not self.mux.goaway_received
             and self.mux.error is None
+            and self.health.healthy
         )
 
     async def wait_connected(self) -> None:
@@ -396,10 +400,12 @@ class TlsTunnelConnection(asyncio.Protocol):
                     self._terminated(f"protocol error: {reason}")
                     return
                 case mux.PingAcked(value):
-                    sent = self._pings_out.pop(value, None)
-                    if sent is not None:
-                        self.rtt = time.monotonic() - sent
+                    # time.monotonic, not the loop's clock: uvloop's has millisecond
+                    # resolution, and a LAN round trip is well under a millisecond.
+                    if self.health.answered(value, time.monotonic()):
+                        self.rtt = self.health.rtt
                         self.counters["probes_answered"] += 1
+                        self._health_changed()
                 case _:
                     raise AssertionError(f"unhandled mux event {event!r}")
         if self._watched:
@@ -458,6 +464,8 @@ class TlsTunnelConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         interval = min(self.settings.keepalive_interval, self.settings.idle_timeout / 2)
+        if self._is_client:
+            interval = min(interval, self.settings.health.probe_interval)
         self._timer = self._loop.call_later(interval, self._tick)
 
     def _tick(self) -> None:
@@ -473,14 +481,28 @@ class TlsTunnelConnection(asyncio.Protocol):
             self.close(f"idle for {self.settings.idle_timeout:g}s")
             return
         if self._is_client:
-            value = next(_pings) & 0xFFFFFFFF
-            # time.monotonic, not the loop's clock: uvloop's has millisecond resolution,
-            # and a LAN round trip is well under a millisecond.
-            self._pings_out = {value: time.monotonic()}  # only the latest one is timed
+            probe = self.health.tick(time.monotonic())
+            if self._health_changed():
+                return
             self.counters["probes"] += 1
-            self.mux.ping(value)
+            self.mux.ping(probe)
             self._flush()
         self._arm_timer()
+
+    def _health_changed(self) -> bool:
+        """Act on the probes' verdict (`gateway.health`); True if the connection was closed."""
+        for state in self.health.changes():
+            level = self.log.info if state is State.HEALTHY else self.log.warning
+            level(f"tunnel connection {state.value}", **self.health.figures())
+        misses = self.health.consecutive_misses
+        if misses < self.settings.health.unhealthy_threshold:
+            return False
+        self.close(f"unhealthy: {misses} probes unanswered")
+        if self._transport is not None:
+            # The peer reads nothing: a graceful close would keep the socket (and what is
+            # queued for it) until it does. Reset it.
+            self._transport.abort()
+        return True
 
     def _terminated(self, reason: str) -> None:
         if self.closed:

@@ -36,11 +36,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import errno
-import itertools
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
@@ -51,6 +50,7 @@ from aioquic.quic.connection import NetworkAddress
 from ca.errors import CertificateExpiredError, VerificationError
 from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
+from gateway.health import HealthSettings, ProbeHealth, State
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
 from gateway.quic_socket import MIGRATE_ERRNOS, ClientSocket
@@ -70,7 +70,6 @@ TIMER_GRANULARITY = 0.001
 _clock = time.monotonic
 
 _log = structlog.get_logger("fedgate.gateway.tunnel")
-_uids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +79,7 @@ class TunnelSettings:
 
     max_datagram_size: int = 1350
     idle_timeout: float = 30.0
-    keepalive_interval: float = 10.0
+    keepalive_interval: float = 10.0  # PINGs at least this often (health probes usually more)
     handshake_timeout: float = 5.0
     reply_timeout: float = 10.0
     max_stream_data: int = 4 * 1024 * 1024
@@ -90,6 +89,7 @@ class TunnelSettings:
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
     udp_offload: bool = True  # GSO send, GRO receive (`gateway.quic_udp`)
+    health: HealthSettings = field(default_factory=HealthSettings)  # client side probes
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         return QuicConfiguration(
@@ -152,8 +152,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._watched: set[TunnelStream] = set()
         self._next_peer_stream = 0
         self._refused = 0
-        self._pings_out: dict[int, float] = {}
-        self.rtt: float | None = None  # seconds, from the keepalive PINGs (client side)
+        self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
+        self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -167,7 +167,9 @@ class TunnelConnection(asyncio.DatagramProtocol):
 
     @property
     def usable(self) -> bool:
-        return not self.closed and not self.retiring and not self.close_reason
+        return (
+            not self.closed and not self.retiring and not self.close_reason and self.health.healthy
+        )
 
     async def wait_connected(self) -> None:
         """Wait for an authenticated handshake (the caller bounds the wait); TunnelError."""
@@ -414,10 +416,10 @@ class TunnelConnection(asyncio.DatagramProtocol):
                 case events.ConnectionIdRetired():
                     self.on_cid_retired(event.connection_id)
                 case events.PingAcknowledged(uid):
-                    sent = self._pings_out.pop(uid, None)
-                    if sent is not None:
-                        self.rtt = _clock() - sent
+                    if self.health.answered(uid, _clock()):
+                        self.rtt = self.health.rtt
                         self.counters["probes_answered"] += 1
+                        self._health_changed()
                 case events.ProtocolNegotiated():
                     pass
                 case events.DatagramFrameReceived():
@@ -443,7 +445,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self.log.info("tunnel connected", peer_identity=identity.uri)
         if not self._connected.done():
             self._connected.set_result(None)
-        if self.quic.configuration.is_client and self.settings.keepalive_interval > 0:
+        if self.quic.configuration.is_client:
             self._schedule_keepalive()
 
     def _on_stream_data(self, event: events.StreamDataReceived) -> None:
@@ -516,17 +518,35 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self._connected.exception()  # mark retrieved: on a server nobody waits for it
 
     def _schedule_keepalive(self) -> None:
-        self._keepalive = self._loop.call_later(self.settings.keepalive_interval, self._ping)
+        s = self.settings
+        interval = min(s.keepalive_interval or s.health.probe_interval, s.health.probe_interval)
+        self._keepalive = self._loop.call_later(interval, self._ping)
 
     def _ping(self) -> None:
         if self.closed or self.retiring:
             return
-        uid = next(_uids)
-        self._pings_out = {uid: _clock()}  # only the latest one is timed
+        uid = self.health.tick(_clock())
+        if self._health_changed():
+            return
         self.counters["probes"] += 1
         self.quic.send_ping(uid)
         self.transmit()
         self._schedule_keepalive()
+
+    def _health_changed(self) -> bool:
+        """Act on the probes' verdict (`gateway.health`); True if the connection was closed:
+        at once, not after aioquic's closing period, so its streams reset now and the pool
+        re-dials."""
+        for state in self.health.changes():
+            level = self.log.info if state is State.HEALTHY else self.log.warning
+            level(f"tunnel connection {state.value}", **self.health.figures())
+        misses = self.health.consecutive_misses
+        if misses < self.settings.health.unhealthy_threshold:
+            return False
+        reason = f"unhealthy: {misses} probes unanswered"
+        self.close(reason, CLOSE_INTERNAL)
+        self._terminated(reason)
+        return True
 
     def _cancel_keepalive(self) -> None:
         if self._keepalive is not None:

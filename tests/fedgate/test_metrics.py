@@ -107,8 +107,9 @@ def test_gitops_and_controller_families() -> None:
 
 def test_tunnel_families_per_gateway_pair() -> None:
     links = [
-        LinkStats("west", "tls", True, 2, 0.0031, 4, 120, 10, 8, 3, 1, 1),
-        LinkStats("north", "quic", False, 0, None, 0, 5, 0, 0, 1, 4, 1),
+        LinkStats("west", "tls", True, 2, 0.0031, 4, 120, 10, 8, 3, 1, 1, 2, 0.05, "healthy"),
+        LinkStats("north", "quic", False, 0, None, 0, 5, 0, 0, 1, 4, 1, 0, 1.0, "unreachable"),
+        LinkStats("south", "quic", False, 0, None, 0, 0, 0, 0, 0, 0, 0),
     ]
     s = scrape(lambda: metrics.tunnel_families("east", links))
     west = {"source_cluster": "east", "destination_cluster": "west", "transport": "tls"}
@@ -123,3 +124,11 @@ def test_tunnel_families_per_gateway_pair() -> None:
     assert s.value("fedgate_tunnel_probes_unanswered_total", **west) == 0
     assert s.value("fedgate_tunnel_handshakes_total", **north, result="failed") == 4
     assert s.value("fedgate_tunnel_connections_lost_total", **west) == 1
+    # health: what the egress routes on (`gateway.pool`)
+    south = {**north, "destination_cluster": "south"}
+    assert s.value("fedgate_tunnel_peer_healthy", **west) == 1
+    assert s.value("fedgate_tunnel_peer_healthy", **north) == 0
+    assert s.value("fedgate_tunnel_peer_healthy", **south) is None  # never dialled: unknown
+    assert s.value("fedgate_tunnel_healthy_connections", **west) == 2
+    assert s.value("fedgate_tunnel_probe_loss_ratio", **west) == 0.05
+    assert s.value("fedgate_tunnel_probe_loss_ratio", **north) == 1.0

@@ -119,7 +119,8 @@ async def test_peer_shutdown_fails_calls_fast(pair: Pair) -> None:
     started = loop.time()
     status, reason, _, writer = await connect_via(pair.east)
     await close_writer(writer)
-    assert status in (502, 504), reason
+    # 503 once the pool's background re-dial has failed: refused at once (`gateway.pool`).
+    assert status in (502, 503, 504), reason
     assert reason.startswith("fedgate egress east: tunnel to west")
     assert loop.time() - started < 3.5
 

@@ -1,0 +1,142 @@
+"""The probe state machine (`gateway.health`): thresholds, recovery, loss ratio, RTT smoothing.
+Pure: times are passed in."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.health import HealthSettings, ProbeHealth, State
+
+S = HealthSettings(probe_interval=1.0, unhealthy_threshold=3, healthy_threshold=2, window=10)
+
+
+def run(h: ProbeHealth, outcomes: str, start: float = 0.0, rtt: float = 0.01) -> float:
+    """Drive one probe per second: 'a' answered after `rtt`, 'm' missed. Returns the time."""
+    now = start
+    for o in outcomes:
+        probe = h.tick(now)
+        if o == "a":
+            assert h.answered(probe, now + rtt)
+        now += S.probe_interval
+    h.expire(now)  # decides the last probe
+    return now
+
+
+def test_starts_healthy_and_stays_so_while_answered() -> None:
+    h = ProbeHealth(S)
+    assert h.healthy
+    run(h, "aaaa")
+    assert h.healthy
+    assert h.changes() == []
+    assert h.lost == 0
+    assert h.answered_total == 4
+
+
+def test_unhealthy_after_threshold_consecutive_misses_only() -> None:
+    h = ProbeHealth(S)
+    run(h, "amamma")  # never three in a row
+    assert h.healthy
+    assert h.changes() == []
+    h2 = ProbeHealth(S)
+    probe = h2.tick(0.0)
+    h2.tick(1.0)  # 1st miss (probe unanswered when the next is due)
+    h2.tick(2.0)  # 2nd
+    assert h2.healthy
+    assert h2.consecutive_misses == 2
+    h2.tick(3.0)  # 3rd
+    assert not h2.healthy
+    assert h2.changes() == [State.UNHEALTHY]
+    assert h2.changes() == []  # handed out once
+    assert not h2.answered(probe, 3.5)  # a late answer for a lost probe is not counted
+
+
+def test_recovery_needs_healthy_threshold_consecutive_answers() -> None:
+    h = ProbeHealth(S)
+    run(h, "mmm")
+    assert h.changes() == [State.UNHEALTHY]
+    t = run(h, "a", start=10.0)
+    assert not h.healthy  # one answer is not enough
+    t = run(h, "m", start=t)
+    run(h, "a", start=t)
+    assert not h.healthy  # the miss restarted the count
+    run(h, "aa", start=t + 10)
+    assert h.healthy
+    assert h.changes() == [State.HEALTHY]
+
+
+def test_probation_counts_the_handshake_as_the_first_answer() -> None:
+    h = ProbeHealth(S)
+    h.start_probation()
+    assert not h.healthy
+    probe = h.tick(0.0)
+    h.answered(probe, 0.002)
+    assert h.healthy
+    assert h.changes() == [State.HEALTHY]
+    one = ProbeHealth(HealthSettings(healthy_threshold=1))
+    one.start_probation()
+    assert one.healthy
+
+
+def test_loss_ratio_over_the_recent_window() -> None:
+    h = ProbeHealth(S)
+    assert h.loss_ratio == 0.0
+    run(h, "aaaaammaaa")  # 2 lost of 10
+    assert h.loss_ratio == pytest.approx(0.2)
+    run(h, "aaaaaaaaaa", start=20.0)  # the window slides past them
+    assert h.loss_ratio == 0.0
+    assert h.lost == 2
+    assert h.sent == h.lost + h.answered_total
+
+
+def test_rtt_is_smoothed_as_rfc6298() -> None:
+    h = ProbeHealth(S)
+    run(h, "a", rtt=0.010)
+    assert h.rtt == pytest.approx(0.010)
+    run(h, "a", start=5.0, rtt=0.090)
+    assert h.last_rtt == pytest.approx(0.090)
+    assert h.rtt == pytest.approx(0.010 + (0.090 - 0.010) / 8)
+    # A single spike moves it by an eighth; a sustained change converges.
+    run(h, "a" * 40, start=10.0, rtt=0.050)
+    assert h.rtt == pytest.approx(0.050, rel=0.01)
+
+
+def test_probes_faster_than_the_timeout_are_lost_only_after_it() -> None:
+    """A short keepalive makes the driver probe more often; each probe still has its timeout."""
+    h = ProbeHealth(S)  # timeout: the 1 s interval
+    first = h.tick(0.0)
+    for t in (0.25, 0.5, 0.75):
+        h.tick(t)
+    assert h.lost == 0
+    assert h.answered(first, 0.8)  # late for a 0.25 s tick, in time for its timeout
+    h.tick(1.999)  # the probes of 0.25 .. 0.75 s waited their full second: lost
+    h.tick(2.0)
+    assert h.lost == 3
+    assert not h.healthy
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="probe_interval"):
+        HealthSettings(probe_interval=0)
+    with pytest.raises(ValueError, match="probe_timeout"):
+        HealthSettings(probe_timeout=0)
+    with pytest.raises(ValueError, match="unhealthy_threshold"):
+        HealthSettings(unhealthy_threshold=0)
+
+
+@given(st.lists(st.booleans(), max_size=60))
+def test_state_follows_the_last_run_of_outcomes(outcomes: list[bool]) -> None:
+    """Whatever the history, the state is what the thresholds say of its tail."""
+    h = ProbeHealth(S)
+    run(h, "".join("a" if ok else "m" for ok in outcomes))
+    state = State.HEALTHY
+    misses = answers = 0
+    for ok in outcomes:
+        misses, answers = (0, answers + 1) if ok else (misses + 1, 0)
+        if state is State.HEALTHY and misses >= S.unhealthy_threshold:
+            state = State.UNHEALTHY
+        elif state is State.UNHEALTHY and answers >= S.healthy_threshold:
+            state = State.HEALTHY
+    assert h.state is state
+    assert 0.0 <= h.loss_ratio <= 1.0
