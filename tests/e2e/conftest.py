@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters.rig import bringup, lifecycle
+from clusters.rig import bringup, control, lifecycle, procs
 from tests.e2e.otlp import Collector
 
 # Distinct from the demo's "fg" so a test run never touches a user's rig; overridable so that
@@ -71,3 +71,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         yield rig_dir
     finally:
         lifecycle.down(rig_dir, PREFIX)
+
+
+def revive_agents(rig: Path) -> None:
+    """Start again every cluster agent a test of the session killed: a module that adds pods
+    needs their cluster's CA (the agent), and cross-cluster routing needs its exports."""
+    for c in lifecycle.load(rig).clusters:
+        agent = lifecycle.load(rig).process(f"{c.name}-agent")
+        if agent is not None and not procs.owned(agent):
+            control.restart(rig, agent.name)

@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clusters import source
-from clusters.rig import bringup, config_repo, control, lifecycle, procs
+from clusters.rig import bringup, config_repo, control, lifecycle
 from federation.gitops.load import SourceFile
 from federation.gitops.validate import validate_files
 from mesh.codec import policy_to_json
 from mesh.model import ServicePort
-from tests.e2e.conftest import rig_command
+from tests.e2e.conftest import revive_agents, rig_command
 
 APPLY_WITHIN = 30.0
 SUBSETS = """
@@ -53,11 +53,7 @@ def start_workload(
 ) -> None:
     """`name.demo` served by `workload(cluster, pod)` in `pods`, exported with each pod's
     `version` label; returns once the east client and every pod's sidecar route to it."""
-    # Other tests of the session kill agents; pods need their cluster's CA (the agent).
-    for c in lifecycle.load(rig).clusters:
-        agent = lifecycle.load(rig).process(f"{c.name}-agent")
-        if agent is not None and not procs.owned(agent):
-            control.restart(rig, agent.name)
+    revive_agents(rig)  # other modules of the session kill agents
     for cluster, pod, _ in pods:
         argv = workload(cluster, pod)
         bringup.add_pod(rig, rig_command(), cluster, pod, "demo", name, argv, None)

@@ -24,7 +24,7 @@ import pytest
 
 from clusters.rig import bringup, cmd, lifecycle, procs, topology
 from mesh.model import ServicePort
-from tests.e2e.conftest import rig_command
+from tests.e2e.conftest import revive_agents, rig_command
 
 pytestmark = pytest.mark.rig
 
@@ -65,6 +65,7 @@ def workers(rig: Path) -> Iterator[tuple[Path, str, int]]:
     netns = topology.cluster(state.prefix, east.index).netns
     original = state.process("east-gateway")
     assert original is not None
+    revive_agents(rig)  # other modules of the session kill agents; the pod needs west's CA
     bringup.add_pod(
         rig,
         rig_command(),

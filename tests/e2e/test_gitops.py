@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clusters.rig import bringup, config_repo, control, lifecycle, procs
+from clusters.rig import bringup, config_repo, control, lifecycle
 from fedgate.demo import curl_many, policy_weights, wait_policy
+from tests.e2e.conftest import revive_agents
 
 pytestmark = pytest.mark.rig
 
@@ -38,10 +39,7 @@ def config_status(rig: Path) -> str:
 
 def both_clusters_serve_echo(rig: Path) -> None:
     """Other tests of the session kill agents; cross-cluster weights need both clusters back."""
-    for c in lifecycle.load(rig).clusters:
-        agent = lifecycle.load(rig).process(f"{c.name}-agent")
-        if agent is not None and not procs.owned(agent):
-            control.restart(rig, agent.name)
+    revive_agents(rig)
     bringup.wait_routes(rig, "echo", "demo", len(lifecycle.load(rig).clusters))
 
 

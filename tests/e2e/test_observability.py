@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clusters.rig import bringup, config_repo, control, lifecycle, procs, topology
+from clusters.rig import bringup, config_repo, lifecycle, topology
 from mesh import telemetry as tm
 from mesh.model import ServicePort
-from tests.e2e.conftest import rig_command
+from tests.e2e.conftest import revive_agents, rig_command
 from tests.e2e.otlp import CollectedSpan, Collector
 
 pytestmark = pytest.mark.rig
@@ -65,10 +65,7 @@ def obs(rig: Path, otlp_collector: Collector) -> Path:
     """A service only west serves (so every call from east crosses both gateways)."""
     assert rig_command().otlp_endpoint == otlp_collector.endpoint  # the rig exports to us
     # Other modules of the session kill agents; a pod needs its cluster's CA (the agent).
-    for c in lifecycle.load(rig).clusters:
-        agent = lifecycle.load(rig).process(f"{c.name}-agent")
-        if agent is not None and not procs.owned(agent):
-            control.restart(rig, agent.name)
+    revive_agents(rig)
     argv = [*rig_command().fedgate, "echo", "--cluster", "west", "--pod", "obs", "--port"]
     bringup.add_pod(
         rig,
