@@ -46,7 +46,7 @@ from sidecar.pipe import Conn
 from sidecar.tlsio import TlsSession
 
 ALPN = "fedgate-smux/1"
-WINDOW = 512 * 1024  # per-stream receive window: what a stream may have in flight
+WINDOW = 1024 * 1024  # per-stream receive window: what a stream may have in flight
 WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
 RESET_ABORTED = 0x1  # the same values as gateway.transport's stream abort codes
