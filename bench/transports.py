@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/transports.py [--seconds 3] [--repeat 3] [--out results.json]
                                          [--chains direct,haproxy,tls,quic,quic9k,passthrough]
+                                         [--sidecar-multiplex on|off]
 
 Chains (every hop its own process, single-threaded, on 127.0.0.0/8):
 
@@ -206,6 +207,7 @@ async def run_sidecar(cfg: dict[str, Any]) -> None:
         dns_host=host,
         dns_port=0,
         app_host="127.0.0.1",
+        multiplex=cfg.get("multiplex", True),
     )
     dst = (cfg["vip"], cfg["server_port"])
     sc = Sidecar(
@@ -388,6 +390,7 @@ def fedgate_chain(
     logdir: Path,
     tune_sidecars: bool = False,
     sidecars: bool = True,
+    multiplex: bool = True,
 ) -> Chain:
     from mesh.codec import snapshot_to_json
     from mesh.connect import ConnectRequest, encode_request
@@ -496,6 +499,7 @@ def fedgate_chain(
                 "vip": vip,
                 "server_port": server[1],
                 "tune_malloc": tune_sidecars,
+                "multiplex": multiplex,
                 **svid,
                 **common,
             }
@@ -800,6 +804,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                         logdir,
                         args.tune_sidecars,
                         sidecars=not name.startswith("gw-"),
+                        multiplex=args.sidecar_multiplex == "on",
                     )
             except SystemExit as e:  # one chain that cannot start does not end the bench
                 print(f"  {name}: skipped this round: {e}", flush=True)
@@ -832,6 +837,12 @@ def main() -> None:
         "--tune-sidecars",
         action="store_true",
         help="apply the gateways' malloc tuning to the sidecars too (fedgate.processes)",
+    )
+    p.add_argument(
+        "--sidecar-multiplex",
+        choices=("on", "off"),
+        default="on",
+        help="sidecars carry calls as streams of pooled connections (docs/sidecar.md)",
     )
     p.add_argument("--out", default="")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)

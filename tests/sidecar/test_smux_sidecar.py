@@ -126,6 +126,21 @@ async def test_revoking_the_caller_resets_its_streams(rig: Rig, logs: Logs) -> N
     assert await echo_call(rig) == b"payments-0:bye"
 
 
+async def test_revoking_the_destination_closes_the_pooled_connection(rig: Rig, logs: Logs) -> None:
+    rig.apply(weights=(("east", 100),))
+    reader, writer = await open_call(rig)
+    server = spiffe(EAST, "payments").uri
+    denied = dataclasses.replace(
+        rig.snapshot(version="v2", weights=(("east", 100),)), denied=(server,)
+    )
+    rig.source.apply(denied)  # only the source learns it: its own pool must act
+    await assert_reset_soon(reader)
+    await close(writer)
+    assert not rig.source.outbound.pool.connections()
+    closed = await wait_log(logs, "smux connection closed", reason="denied", pod="client-0")
+    assert closed["peer"] == server
+
+
 async def test_a_peer_identity_the_routes_drop_closes_its_connection(rig: Rig, logs: Logs) -> None:
     rig.apply(weights=(("east", 100),))
     reader, writer = await open_call(rig)
