@@ -99,9 +99,12 @@ class StreamTransport(asyncio.Transport):
         if self.closing or self.send_done or not data:
             return
         self.conn.send(self, bytes(data), False)
-        if not self._writing_paused and self.get_write_buffer_size() > self._high:
-            self._writing_paused = True
-            self.conn.watch(self)
+        if self.get_write_buffer_size() > self._high:
+            if not self._writing_paused:
+                self._writing_paused = True
+                self.conn.watch(self)
+            # Told again on every write over the mark: a Conn paused before its splice (the
+            # shared socket's buffer counts) had no peer to pause then, and would flood.
             self.protocol.pause_writing()
 
     def write_eof(self) -> None:

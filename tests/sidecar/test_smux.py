@@ -299,3 +299,50 @@ async def test_a_closed_connection_resets_its_streams(pki: Pki) -> None:
         await until(lambda: client.closed.done(), "client connection closed")
         with pytest.raises(Exception, match="no new streams"):
             client.open_stream("app")
+
+
+async def test_a_stream_over_its_mark_before_the_splice_still_stops_its_source(pki: Pki) -> None:
+    """A stream whose backlog passed the high-water mark while it had no peer (the handler
+    phase) pauses its peer as soon as it has one: the source app is not read without bound."""
+    stuck = asyncio.Event()
+
+    async def never_read(stream: Conn) -> None:
+        await stuck.wait()
+
+    flood_writers: list[asyncio.StreamWriter] = []
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        flood_writers.append(writer)
+        chunk = bytes(256 * 1024)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(160):  # 40 MiB, unless the reader stops us first
+                writer.write(chunk)
+                await writer.drain()
+
+    source = await asyncio.start_server(flood, "127.0.0.1", 0)
+    try:
+        async with pair(pki, never_read) as p:
+            client = await p.dial()
+            stream = client.open_stream("app")
+            stream.write(bytes(3 * WINDOW))  # over the mark, nobody to pause yet
+            host, port = source.sockets[0].getsockname()[:2]
+            app = await open_conn(host, port, "app", 5.0)
+            relaying = asyncio.ensure_future(relay(app, stream))
+            # The flood's sender gets stuck once we stop reading it.
+            await until(
+                lambda: (
+                    bool(flood_writers)
+                    and flood_writers[0].transport.get_write_buffer_size() > 0
+                    and not app.transport.is_reading()
+                ),
+                "the source app is no longer read",
+            )
+            # What was written before, plus at most a read or two of the app.
+            assert stream.transport.get_write_buffer_size() < 4 * WINDOW
+            stream.reset()
+            app.reset()
+            await relaying
+            stuck.set()
+    finally:
+        source.close()
+        await source.wait_closed()
