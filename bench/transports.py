@@ -3,6 +3,7 @@
     .venv/bin/python bench/transports.py [--seconds 3] [--repeat 3] [--out results.json]
                                          [--chains direct,haproxy,tls,quic,quic9k,passthrough]
                                          [--where rig|loopback] [--rig-prefix fgb]
+                                         [--sidecar-multiplex on|off]
 
 Where (`--where`, default `rig` as root, else `loopback`):
 
@@ -252,6 +253,7 @@ async def run_sidecar(cfg: dict[str, Any]) -> None:
         dns_host=host,
         dns_port=0,
         app_host="127.0.0.1",
+        multiplex=cfg.get("multiplex", True),
     )
     dst = (cfg["vip"], cfg["server_port"])
     sc = Sidecar(
@@ -451,6 +453,7 @@ def fedgate_chain(
     logdir: Path,
     tune_sidecars: bool = False,
     sidecars: bool = True,
+    multiplex: bool = True,
 ) -> Chain:
     from mesh.codec import snapshot_to_json
     from mesh.connect import ConnectRequest, encode_request
@@ -576,6 +579,7 @@ def fedgate_chain(
                 "vip": vip,
                 "server_port": server[1],
                 "tune_malloc": tune_sidecars,
+                "multiplex": multiplex,
                 **svid,
                 **common,
             }
@@ -923,6 +927,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                         logdir,
                         args.tune_sidecars,
                         sidecars=not name.startswith("gw-"),
+                        multiplex=args.sidecar_multiplex == "on",
                     )
             except SystemExit as e:  # one chain that cannot start does not end the bench
                 print(f"  {name}: skipped this round: {e}", flush=True)
@@ -1006,6 +1011,12 @@ def main() -> None:
         "--tune-sidecars",
         action="store_true",
         help="apply the gateways' malloc tuning to the sidecars too (fedgate.processes)",
+    )
+    p.add_argument(
+        "--sidecar-multiplex",
+        choices=("on", "off"),
+        default="on",
+        help="sidecars carry calls as streams of pooled connections (docs/sidecar.md)",
     )
     p.add_argument("--out", default="")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)

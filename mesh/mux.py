@@ -256,6 +256,12 @@ class MuxConnection:
         self._out.clear()
         return out
 
+    def pieces_to_send(self) -> list[bytes]:
+        """What `data_to_send` would return, not joined: frame headers and payloads as they
+        were queued (a driver may write large payloads without copying them once more)."""
+        out, self._out = self._out, []
+        return out
+
     # --- internals ----------------------------------------------------------------------------
 
     def _frame(self, ftype: int, flags: int, sid: int, value: int) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -49,6 +49,8 @@ from sidecar.http.codec import Request
 from sidecar.http.tap import Exchange, HttpTap
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.settings import SidecarSettings
+from sidecar.smux import ALPN as SMUX_ALPN
+from sidecar.smux import SmuxConnection, refusal
 from sidecar.state import ProxyState
 
 _log = structlog.get_logger("fedgate.sidecar")
@@ -103,7 +105,9 @@ class Inbound:
         self.active = 0
         self.total = 0
         self.refused = 0
+        self.handshakes = 0  # TLS handshakes completed (a multiplexed caller needs few)
         self.live: dict[Conn, SpiffeId] = {}  # accepted callers, to close them once denied
+        self.muxed: dict[SmuxConnection, SpiffeId] = {}  # multiplexed callers (sidecar.smux)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,13 +125,23 @@ class Inbound:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        for conn in list(self.muxed):
+            conn.close("sidecar stopping")
         await self._tasks.aclose()
         if self._server is not None:
             await self._server.wait_closed()
 
     def close_denied(self, bundle: TrustBundle) -> int:
-        """Reset accepted connections whose caller `bundle` now denies; how many."""
-        return close_denied(self.live, bundle, "inbound")
+        """Reset accepted connections (and streams) whose caller `bundle` now denies, and close
+        their multiplexed connections; how many streams and connections."""
+        closed = close_denied(self.live, bundle, "inbound")
+        for conn, peer in list(self.muxed.items()):
+            entry = bundle.denial(peer)
+            if entry is not None:
+                conn.log.warning("smux connection closed", reason="denied", entry=entry)
+                conn.close(f"peer denied: {entry}")
+                closed += 1
+        return closed
 
     def _accepted(self, caller: Conn) -> None:
         self._tasks.spawn(self.handle(caller), "conn")
@@ -160,8 +174,18 @@ class Inbound:
     def _refuse(self, log: Any, caller: Conn, error: ProxyError, status: int = 0) -> None:
         self.refused += 1
         log.warning("inbound refused", reason=error.reason, detail=error.detail)
-        if status and caller.tls is not None and caller.tls.handshake_done:
-            caller.write(encode_reply(StreamReply(status, f"{error.reason}: {error.detail}")))
+        text = f"{error.reason}: {error.detail}"
+        tls = caller.tls  # None: a stream of a multiplexed connection, past its handshake
+        if (
+            status
+            and tls is not None
+            and tls.handshake_done
+            and tls.obj.selected_alpn_protocol() == SMUX_ALPN
+        ):
+            caller.write(refusal(text))  # a multiplexing caller reads mux frames only
+            caller.finish()
+        elif status and (tls is None or tls.handshake_done):
+            caller.write(encode_reply(StreamReply(status, text)))
             caller.finish()
         else:
             caller.close()
@@ -175,12 +199,16 @@ class Inbound:
         try:
             async with asyncio.timeout(s.setup_timeout):
                 ssl_obj = await caller.start_tls(state.server_ctx, server_side=True)
+                self.handshakes += 1
                 try:
                     caller_id = peer_identity(ssl_obj, state.bundle)
                 except VerificationError as e:
                     self._refuse(log, caller, identity_failure(e), 403)
                     return None
                 log = log.bind(caller=caller_id.uri)
+                if ssl_obj.selected_alpn_protocol() == SMUX_ALPN:
+                    self._multiplex(caller, caller_id, log)
+                    return None
                 raw = await caller.read_frame(split_frame, "stream header")
         except TimeoutError:
             self._refuse(log, caller, ProxyError("timeout", f"setup over {s.setup_timeout} s"))
@@ -188,6 +216,72 @@ class Inbound:
         except ProxyError as e:
             self._refuse(log, caller, e, 400)
             return None
+        return await self._proxy(caller, caller_id, raw, state, log, started)
+
+    def _multiplex(self, caller: Conn, caller_id: SpiffeId, log: Any) -> None:
+        """Serve the caller's connection as a `SmuxConnection`: each stream as a connection."""
+        s = self._settings
+        conn = SmuxConnection(
+            is_client=False,
+            peer=caller_id,
+            max_streams=s.mux_streams,
+            on_stream=lambda stream: self._stream_opened(stream, caller_id, conn),
+            log=log,
+        )
+        try:
+            conn.adopt(caller)
+        except ConnectionError as e:
+            log.warning("inbound refused", reason="peer closed", detail=str(e))
+            return
+        self.muxed[conn] = caller_id
+        conn.on_closed = self._unmuxed
+        log.info("inbound multiplexed", smux=conn.id)
+
+    def _unmuxed(self, conn: SmuxConnection) -> None:
+        self.muxed.pop(conn, None)
+
+    def _stream_opened(self, caller: Conn, caller_id: SpiffeId, conn: SmuxConnection) -> None:
+        self._tasks.spawn(self.handle_stream(caller, caller_id, conn.log), f"stream-{conn.id}")
+
+    async def handle_stream(self, caller: Conn, caller_id: SpiffeId, log: Any) -> None:
+        """Serve one stream of a multiplexed connection, as `handle` serves a connection."""
+        s = self._settings
+        state = self._state()
+        log = log.bind(conn=f"{s.pod}/i{next(_ids)}")
+        self.total += 1
+        self.active += 1
+        started = time.monotonic()
+        app: Conn | None = None
+        try:
+            try:
+                async with asyncio.timeout(s.setup_timeout):
+                    raw = await caller.read_frame(split_frame, "stream header")
+            except TimeoutError:
+                error = ProxyError("timeout", f"no stream header in {s.setup_timeout} s")
+                self._refuse(log, caller, error, 400)
+                return
+            except ProxyError as e:
+                self._refuse(log, caller, e, 400)
+                return
+            app = await self._proxy(caller, caller_id, raw, state, log, started)
+        finally:
+            self.active -= 1
+            self.live.pop(caller, None)
+            caller.reset_if_open()
+            if app is not None:
+                app.reset_if_open()
+
+    async def _proxy(
+        self,
+        caller: Conn,
+        caller_id: SpiffeId,
+        raw: Mapping[str, Any],
+        state: ProxyState,
+        log: Any,
+        started: float,
+    ) -> Conn | None:
+        """Steps 2-3 for an authenticated caller whose stream header is `raw`."""
+        s = self._settings
         try:
             header = header_from_json(raw)
         except CodecError as e:

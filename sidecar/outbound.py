@@ -33,6 +33,7 @@ import asyncio
 import functools
 import itertools
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,6 +53,7 @@ from mesh.connect import (
     split_head,
 )
 from mesh.errors import CodecError, NoRouteError
+from mesh.mux import MuxError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
@@ -64,6 +66,9 @@ from sidecar.pipe import Conn, open_conn, relay
 from sidecar.resume import SessionCache
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
+from sidecar.smux import ALPN as SMUX_ALPN
+from sidecar.smux import SmuxConnection
+from sidecar.smux_pool import NotMultiplexedError, SmuxPool, destination_key
 from sidecar.state import ProxyState
 
 _log = structlog.get_logger("fedgate.sidecar")
@@ -100,6 +105,8 @@ class Outbound:
         self.failed = 0
         self.live: dict[Conn, SpiffeId] = {}  # mesh upstreams by server identity (revocation)
         self.sessions = SessionCache()  # TLS tickets per destination (sidecar.resume)
+        # Multiplexed mTLS connections per destination (sidecar.smux), when settings allow.
+        self.pool = SmuxPool(settings.mux_connections, settings.mux_max_age)
         self.http = HttpProxy(
             state,
             functools.partial(self._mesh_upstream, opener=open_flow_conn),
@@ -136,6 +143,7 @@ class Outbound:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        self.pool.close_all("sidecar stopping")
         await self._tasks.aclose()
         await self.http.aclose()
         await self.h2.aclose()
@@ -312,11 +320,97 @@ class Outbound:
             case _:
                 raise AssertionError(f"unknown route decision {decision!r}")
         try:
-            conn = await self._mesh_upstream(route, decision, state, facts)
+            if s.multiplex and state.mux_ctx is not None:
+                conn = await self._mux_upstream(route, decision, state, facts)
+            else:
+                conn = await self._mesh_upstream(route, decision, state, facts)
         except ProxyError:
             self.http.tcp_result(route, decision, ok=False)  # for outlier detection
             raise
         self.http.tcp_result(route, decision, ok=True)
+        return conn
+
+    async def _mux_upstream(
+        self,
+        route: ServiceRoute,
+        decision: Decision,
+        state: ProxyState,
+        facts: dict[str, object],
+    ) -> Conn:
+        """A stream of a pooled multiplexed connection (`sidecar.smux_pool`), set up like a
+        per-connection upstream; that instead when the pool is full or the peer has no smux."""
+        s = self._settings
+        step = _Step("multiplexed connection")
+        key = destination_key(route, decision)
+        try:
+            async with asyncio.timeout(s.setup_timeout):
+                try:
+                    pooled = await self.pool.acquire(
+                        key,
+                        state.mux_ctx,
+                        decision.identities.__contains__,
+                        functools.partial(self._mux_dial, route, decision, state, facts, step),
+                    )
+                except NotMultiplexedError as e:
+                    return e.conn
+                if pooled is not None:
+                    facts.update(peer=pooled.peer.uri, smux=pooled.id)
+                    try:
+                        upstream = pooled.open_stream("sidecar")
+                    except MuxError as e:
+                        raise ProxyError("smux refused", str(e)) from e
+                    step.name = "stream reply"
+                    try:
+                        await self._mesh_stream(upstream, route, decision, facts)
+                    except BaseException:
+                        upstream.reset()
+                        raise
+                    if pooled.opened == 1 and pooled.tls is not None:  # the reply brought tickets
+                        assert state.mux_ctx is not None
+                        self.sessions.done(("smux", *key), state.mux_ctx, pooled.tls.obj)
+                    return upstream
+        except TimeoutError as e:
+            raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
+        return await self._mesh_upstream(route, decision, state, facts)  # the pool is full
+
+    async def _mux_dial(
+        self,
+        route: ServiceRoute,
+        decision: Decision,
+        state: ProxyState,
+        facts: dict[str, object],
+        step: _Step,
+    ) -> SmuxConnection:
+        """A new pooled connection, set up as a per-connection upstream is, offering smux;
+        NotMultiplexedError with a ready per-connection upstream if the peer does not take it."""
+        s = self._settings
+        ctx = state.mux_ctx
+        assert ctx is not None
+        dest = ("smux", *destination_key(route, decision))
+        upstream, ssl_obj, peer = await self._mesh_connect(
+            route, decision, state, facts, ctx, dest, step, open_conn
+        )
+        if ssl_obj.selected_alpn_protocol() != SMUX_ALPN:
+            step.name = "stream reply"
+            try:
+                await self._mesh_stream(upstream, route, decision, facts)
+            except BaseException:
+                upstream.close()
+                raise
+            self.sessions.done(dest, ctx, ssl_obj)
+            raise NotMultiplexedError(upstream)
+        conn = SmuxConnection(
+            is_client=True,
+            peer=peer,
+            max_streams=s.mux_streams,
+            idle_timeout=s.mux_idle_timeout,
+            log=_log.bind(pod=s.pod, cluster=s.cluster, hop=tm.SOURCE),
+        )
+        try:
+            conn.adopt(upstream)
+        except ConnectionError as e:
+            upstream.close()
+            raise ProxyError("connection lost", str(e)) from e
         return conn
 
     async def _mesh_upstream(
@@ -328,76 +422,122 @@ class Outbound:
         *,
         opener: Callable[[str, int, str, float], Awaitable[Conn]] = open_conn,
     ) -> Conn:
+        """A per-connection upstream: steps 2-3 of the module docstring, ready for the app."""
         s = self._settings
-        assert state.client_ctx is not None
-        step = "connect"
+        ctx = state.client_ctx
+        assert ctx is not None
+        step = _Step("connect")
+        if isinstance(decision, Local):
+            dest: tuple[object, ...] = (decision.endpoint.address,)
+        else:
+            dest = (decision.cluster, route.service, route.port.port, decision.labels)
+        try:
+            async with asyncio.timeout(s.setup_timeout):
+                upstream, ssl_obj, _ = await self._mesh_connect(
+                    route, decision, state, facts, ctx, dest, step, opener
+                )
+                step.name = "stream reply"
+                try:
+                    await self._mesh_stream(upstream, route, decision, facts)
+                except BaseException:
+                    upstream.close()
+                    raise
+                self.sessions.done(dest, ctx, ssl_obj)  # the reply brought the tickets
+        except TimeoutError as e:
+            raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
+        return upstream
+
+    async def _mesh_connect(
+        self,
+        route: ServiceRoute,
+        decision: Decision,
+        state: ProxyState,
+        facts: dict[str, object],
+        ctx: ssl.SSLContext,
+        dest: tuple[object, ...],
+        step: _Step,
+        opener: Callable[[str, int, str, float], Awaitable[Conn]],
+    ) -> tuple[Conn, ssl.SSLObject, SpiffeId]:
+        """TCP to the endpoint (or the egress and its CONNECT), then TLS 1.3 with `ctx` and the
+        server's identity checked against the decision's; the caller bounds it in time."""
+        s = self._settings
+        step.name = "connect"
         upstream: Conn | None = None
         traceparent = str(facts.get("traceparent", ""))  # the calling span's, if tracing
         try:
-            async with asyncio.timeout(s.setup_timeout):
-                if isinstance(decision, Local):
-                    cluster = s.cluster
-                    dest: tuple[object, ...] = (decision.endpoint.address,)
-                    upstream = await opener(
-                        decision.endpoint.address, s.inbound_port, "sidecar", s.connect_timeout
-                    )
-                else:
-                    cluster = decision.cluster
-                    dest = (cluster, route.service, route.port.port, decision.labels)
-                    egress = decision.egress
-                    upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
-                    step = "CONNECT"
-                    request = ConnectRequest(
-                        route.service, route.port.port, cluster, traceparent, decision.labels
-                    )
-                    upstream.write(encode_request(request))
-                    head = await upstream.read_frame(split_head, "CONNECT response")
-                    status, phrase = _parse_connect(head)
-                    if status != 200:
-                        if response_peer_unreachable(head):
-                            # The gateway cannot reach that cluster: avoid it for a while,
-                            # for every service (sidecar.traffic.peers).
-                            self.http.peers.mark_down(cluster, time.monotonic())
-                            raise ProxyError("peer unreachable", f"{status} {phrase}")
-                        raise ProxyError("gateway refused", f"{status} {phrase}")
-                    if traceparent:
-                        # The span nearest the destination the tunnel set up (see above).
-                        via = response_traceparent(head)
-                        if via:
-                            facts["via"] = traceparent = via
-                step = "TLS handshake"
-                ctx = state.client_ctx
-                ssl_obj = await upstream.start_tls(
-                    ctx, server_side=False, session=self.sessions.get(dest, ctx)
+            if isinstance(decision, Local):
+                upstream = await opener(
+                    decision.endpoint.address, s.inbound_port, "sidecar", s.connect_timeout
                 )
-                facts["tls_resumed"] = ssl_obj.session_reused
-                try:
-                    server = peer_identity(
-                        ssl_obj, state.bundle, allowed=decision.identities.__contains__
-                    )
-                except VerificationError as e:
-                    raise ProxyError("server identity rejected", str(e)) from e
-                facts["peer"] = server.uri
-                step = "stream reply"
-                header = StreamHeader(route.service, route.port.port, cluster, traceparent)
-                upstream.write(encode_header(header))
-                reply = await upstream.read_frame(split_frame, "stream reply")
-                try:
-                    answer = reply_from_json(reply)
-                except CodecError as e:
-                    raise ProxyError("malformed stream reply", str(e)) from e
-                if answer.status != 200:
-                    raise ProxyError("destination refused", f"{answer.status} {answer.reason}")
-                self.sessions.done(dest, ctx, ssl_obj)  # the reply brought the tickets
-        except TimeoutError as e:
-            if upstream is not None:
-                upstream.reset()
-            raise ProxyError("timeout", f"{step} not done within {s.setup_timeout} s") from e
+            else:
+                cluster = decision.cluster
+                egress = decision.egress
+                upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
+                step.name = "CONNECT"
+                request = ConnectRequest(
+                    route.service, route.port.port, cluster, traceparent, decision.labels
+                )
+                upstream.write(encode_request(request))
+                head = await upstream.read_frame(split_head, "CONNECT response")
+                status, phrase = _parse_connect(head)
+                if status != 200:
+                    if response_peer_unreachable(head):
+                        # The gateway cannot reach that cluster: avoid it for a while,
+                        # for every service (sidecar.traffic.peers).
+                        self.http.peers.mark_down(cluster, time.monotonic())
+                        raise ProxyError("peer unreachable", f"{status} {phrase}")
+                    raise ProxyError("gateway refused", f"{status} {phrase}")
+                if traceparent:
+                    # The span nearest the destination the tunnel set up (see above).
+                    via = response_traceparent(head)
+                    if via:
+                        facts["via"] = via
+            step.name = "TLS handshake"
+            ssl_obj = await upstream.start_tls(
+                ctx, server_side=False, session=self.sessions.get(dest, ctx)
+            )
+            facts["tls_resumed"] = ssl_obj.session_reused
+            try:
+                server = peer_identity(
+                    ssl_obj, state.bundle, allowed=decision.identities.__contains__
+                )
+            except VerificationError as e:
+                raise ProxyError("server identity rejected", str(e)) from e
+            facts["peer"] = server.uri
         except BaseException:
             if upstream is not None:
                 upstream.close()
             raise
-        return upstream
+        return upstream, ssl_obj, server
+
+    async def _mesh_stream(
+        self,
+        upstream: Conn,
+        route: ServiceRoute,
+        decision: Decision,
+        facts: dict[str, object],
+    ) -> None:
+        """Send the stream header and require a `200` stream reply."""
+        cluster = self._settings.cluster if isinstance(decision, Local) else decision.cluster
+        traceparent = str(facts.get("via") or facts.get("traceparent", ""))
+        header = StreamHeader(route.service, route.port.port, cluster, traceparent)
+        upstream.write(encode_header(header))
+        reply = await upstream.read_frame(split_frame, "stream reply")
+        try:
+            answer = reply_from_json(reply)
+        except CodecError as e:
+            raise ProxyError("malformed stream reply", str(e)) from e
+        if answer.status != 200:
+            raise ProxyError("destination refused", f"{answer.status} {answer.reason}")
+
+
+class _Step:
+    """Which setup step runs, for the timeout's message."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 def _drop_context(facts: dict[str, object]) -> None:

@@ -218,6 +218,16 @@ class Conn(asyncio.Protocol):
                 transport.write_eof()
         self._maybe_finish()
 
+    def detach(self) -> tuple[asyncio.Transport, TlsSession | None, bytes]:
+        """Hand the socket, its TLS session and the unread plaintext to another protocol
+        (`sidecar.smux`); this Conn is done with them."""
+        transport, self._transport = self.transport, None
+        tls, self.tls = self.tls, None
+        pending, self._buf = bytes(self._buf), bytearray()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        return transport, tls, pending
+
     def finish(self) -> None:
         """End our direction and close once written (used after refusing a stream)."""
         self.write_eof()

@@ -19,6 +19,10 @@ class SidecarSettings:
     `capture`: install the iptables rules in the current network namespace on `start()`.
     `app_host`: where the pod's applications listen (the inbound connects to `app_host:<port>`).
     Ports may be 0 (ephemeral) for tests; the bound addresses are on the `Sidecar`.
+    `multiplex`: carry per-connection (TCP) calls as streams of pooled mTLS connections to
+    each destination (`sidecar.smux`): at most `mux_connections` per destination, each with
+    at most `mux_streams` streams, closed after `mux_idle_timeout` s without streams and
+    retired after `mux_max_age` s. Off: one connection and handshake per call.
     """
 
     cluster: str
@@ -37,6 +41,11 @@ class SidecarSettings:
     # Connect, CONNECT exchange, TLS handshake and stream header together, per connection.
     setup_timeout: float = 10.0
     dns_ttl: int = 5
+    multiplex: bool = True
+    mux_streams: int = 128
+    mux_connections: int = 4
+    mux_idle_timeout: float = 30.0
+    mux_max_age: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("outbound_port", "inbound_port", "dns_port"):
@@ -45,3 +54,7 @@ class SidecarSettings:
                 raise ValueError(f"{name} {port} is outside 0..65535")
         if self.connect_timeout <= 0 or self.setup_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.mux_streams < 1 or self.mux_connections < 1:
+            raise ValueError("mux_streams and mux_connections must be at least 1")
+        if self.mux_idle_timeout <= 0 or self.mux_max_age <= 0:
+            raise ValueError("mux_idle_timeout and mux_max_age must be positive")

@@ -32,6 +32,7 @@ from sidecar.inbound import Inbound, close_denied
 from sidecar.outbound import OriginalDst, Outbound
 from sidecar.routes import RouteTable
 from sidecar.settings import SidecarSettings
+from sidecar.smux import ALPN as SMUX_ALPN
 from sidecar.state import ProxyState
 
 _log = structlog.get_logger("fedgate.sidecar")
@@ -96,6 +97,9 @@ class Sidecar:
         # Revocation also ends established connections of a denied peer (either direction).
         self.inbound.close_denied(bundle)
         close_denied(self.outbound.live, bundle, "outbound")
+        self.outbound.pool.close_denied(bundle)
+        # Pooled connections to a peer the new routes no longer allow are closed too.
+        self.outbound.pool.revalidate(routes)
         _log.info(
             "sidecar config applied",
             pod=self.settings.pod,
@@ -117,10 +121,18 @@ class Sidecar:
             # Same key and roots (most snapshots change endpoints only): keep the contexts, so
             # their session tickets stay valid and nothing is loaded again. The deny list is
             # checked per handshake from `bundle`, not by the contexts.
-            return ProxyState(routes, bundle, svid, old.client_ctx, old.server_ctx)
+            return ProxyState(routes, bundle, svid, old.client_ctx, old.server_ctx, old.mux_ctx)
+        # Multiplexing off: neither offered to destinations nor accepted from callers, who
+        # then fall back to one connection per call.
+        alpn = (SMUX_ALPN,) if self.settings.multiplex else ()
         try:
             return ProxyState(
-                routes, bundle, svid, client_context(svid, bundle), server_context(svid, bundle)
+                routes,
+                bundle,
+                svid,
+                client_context(svid, bundle),
+                server_context(svid, bundle, alpn=alpn),
+                client_context(svid, bundle, alpn=alpn) if alpn else None,
             )
         except (CAError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
             raise ConfigRejectedError(f"cannot build TLS contexts for {svid!r}: {e}") from e
@@ -197,9 +209,12 @@ class Sidecar:
                 "outbound_total": self.outbound.total,
                 "outbound_failed": self.outbound.failed,
                 "tls_sessions": self.outbound.sessions.status(),
+                "multiplexed": self.outbound.pool.status(),
                 "inbound_active": self.inbound.active,
                 "inbound_total": self.inbound.total,
                 "inbound_refused": self.inbound.refused,
+                "inbound_handshakes": self.inbound.handshakes,
+                "inbound_multiplexed": len(self.inbound.muxed),
             },
             "http": self.outbound.http.status(),
             "h2": self.outbound.h2.status(),

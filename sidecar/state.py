@@ -20,4 +20,5 @@ class ProxyState:
     bundle: TrustBundle = EMPTY_BUNDLE
     svid: Svid | None = None
     client_ctx: ssl.SSLContext | None = None  # None until there are an SVID and a bundle
-    server_ctx: ssl.SSLContext | None = None
+    server_ctx: ssl.SSLContext | None = None  # offers ALPN fedgate-smux/1 (sidecar.smux)
+    mux_ctx: ssl.SSLContext | None = None  # client_ctx's twin offering fedgate-smux/1

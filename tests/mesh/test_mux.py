@@ -159,3 +159,16 @@ def test_fuzz_well_formed_frame_headers_never_raise(
     s.receive_data(wire)
     while s.next_event() is not None:
         pass
+
+
+def test_pieces_to_send_are_the_same_bytes_unjoined() -> None:
+    a = mux.MuxConnection(is_client=True)
+    b = mux.MuxConnection(is_client=False)
+    sid = a.open_stream()
+    payload = bytes(range(256)) * 100
+    a.send_data(sid, payload, end_stream=True)
+    pieces = a.pieces_to_send()
+    assert any(p is payload for p in pieces)  # queued as it is, not copied
+    assert a.data_to_send() == b""  # taken: nothing is sent twice
+    b.receive_data(b"".join(pieces))
+    assert received(pump(a, b), sid) == (payload, True)

@@ -35,7 +35,7 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Proxy tests run on asyncio and on uvloop (what fedgate runs in production)."""
-    if item.path.name == "test_proxy.py":
+    if item.path.name in ("test_proxy.py", "test_smux.py", "test_smux_sidecar.py"):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,7 +188,7 @@ class Rig:
 
 
 def settings(
-    cluster_name: str, pod: str, host: str, inbound_port: int, app_host: str
+    cluster_name: str, pod: str, host: str, inbound_port: int, app_host: str, multiplex: bool = True
 ) -> SidecarSettings:
     return SidecarSettings(
         cluster=cluster_name,
@@ -201,10 +202,20 @@ def settings(
         dns_port=0,
         app_host=app_host,
         setup_timeout=5.0,
+        multiplex=multiplex,
     )
 
 
-async def start_rig(pki: Pki) -> Rig:
+async def start_rig(
+    pki: Pki,
+    *,
+    multiplex: bool = True,
+    dest_multiplex: bool = True,
+    source_settings: dict[str, Any] | None = None,
+) -> Rig:
+    """The rig; `multiplex`: whether the source sidecar pools multiplexed connections;
+    `dest_multiplex`: whether the destination sidecars accept them; `source_settings`: more
+    `SidecarSettings` fields for the source."""
     inbound_port = same_port("127.0.0.2", "127.0.0.3", "127.0.0.4")
     app_port = same_port("127.0.0.12", "127.0.0.13")
     apps = {"east": App("payments-0"), "west": App("payments-w0")}
@@ -216,15 +227,20 @@ async def start_rig(pki: Pki) -> Rig:
     west_anchor = TrustBundle.from_pem({WEST: [pki.west.root_pem]})
     dsts: dict[int, tuple[str, int]] = {}
     source = Sidecar(
-        settings("east", "client-0", "127.0.0.4", inbound_port, "127.0.0.14"),
+        dataclasses.replace(
+            settings("east", "client-0", "127.0.0.4", inbound_port, "127.0.0.14", multiplex),
+            **(source_settings or {}),
+        ),
         east_anchor,
         original_dst_of=lambda sock: dsts[sock.getpeername()[1]],
     )
     east = Sidecar(
-        settings("east", "payments-0", "127.0.0.2", inbound_port, "127.0.0.12"), east_anchor
+        settings("east", "payments-0", "127.0.0.2", inbound_port, "127.0.0.12", dest_multiplex),
+        east_anchor,
     )
     west = Sidecar(
-        settings("west", "payments-w0", "127.0.0.3", inbound_port, "127.0.0.13"), west_anchor
+        settings("west", "payments-w0", "127.0.0.3", inbound_port, "127.0.0.13", dest_multiplex),
+        west_anchor,
     )
     rig = Rig(pki, source, east, west, gateway, apps, app_port, inbound_port, egress, dsts)
     source.set_identity(pki.svid(pki.east, spiffe(EAST, "client")))

@@ -203,8 +203,22 @@ async def test_unexpected_server_identity_is_refused(rig: Rig, logs: Logs) -> No
     assert "spiffe://east.fedgate.local/ns/shop/sa/payments is not allowed" in failed["detail"]
 
 
-async def test_a_second_connection_resumes_tls_and_is_still_checked(rig: Rig, logs: Logs) -> None:
+@pytest.fixture
+async def plain_rig(pki: Pki, logs: Logs) -> AsyncIterator[Rig]:
+    """The rig with multiplexing off at the source: one connection and handshake per call."""
+    r = await start_rig(pki, multiplex=False)
+    try:
+        yield r
+    finally:
+        await stop_rig(r)
+
+
+async def test_a_second_connection_resumes_tls_and_is_still_checked(
+    plain_rig: Rig, logs: Logs
+) -> None:
     from tests.sidecar.conftest import endpoint
+
+    rig = plain_rig
 
     sessions = rig.source.outbound.sessions
     local = (("east", 100),)
