@@ -345,6 +345,11 @@ def _gateway_argv(ctx: click.Context) -> list[str]:
 @click.option("--pod", required=True)
 @click.option("--namespace", required=True)
 @click.option("--no-capture", is_flag=True, help="Do not install iptables capture.")
+@click.option(
+    "--no-multiplex",
+    is_flag=True,
+    help="One end-to-end mTLS connection per TCP call (no fedgate-smux/1 pooling).",
+)
 def sidecar(
     cluster: str,
     identity_dir: Path,
@@ -357,6 +362,7 @@ def sidecar(
     pod: str,
     namespace: str,
     no_capture: bool,
+    no_multiplex: bool,
 ) -> None:
     """Run a pod's sidecar (inside the pod's network namespace)."""
     from fedgate import processes
@@ -370,6 +376,7 @@ def sidecar(
         pod,
         namespace,
         capture=not no_capture,
+        multiplex=not no_multiplex,
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
         otlp_endpoint=otlp_endpoint,
     )

@@ -583,6 +583,7 @@ def sidecar(
     capture: bool,
     identity: IdentityOptions = IdentityOptions(),
     otlp_endpoint: str = "",
+    multiplex: bool = True,
 ) -> None:
     logs.configure("sidecar", cluster)
     structlog.contextvars.bind_contextvars(pod=pod)
@@ -603,17 +604,24 @@ def sidecar(
         identity,
     )
     tel = telemetry.TelemetrySettings("fedgate-sidecar", w.node_id, cluster, otlp_endpoint)
-    run_with_loop(_sidecar(w, pod, namespace, capture, tel))
+    run_with_loop(_sidecar(w, pod, namespace, capture, multiplex, tel))
 
 
 async def _sidecar(
-    w: ProxyWiring, pod: str, namespace: str, capture: bool, tel: telemetry.TelemetrySettings
+    w: ProxyWiring,
+    pod: str,
+    namespace: str,
+    capture: bool,
+    multiplex: bool,
+    tel: telemetry.TelemetrySettings,
 ) -> None:
     from sidecar.settings import SidecarSettings
     from sidecar.sidecar import Sidecar
 
     # capture=True: the sidecar installs its iptables rules in the pod netns when it starts.
-    settings = SidecarSettings(cluster=w.cluster, pod=pod, namespace=namespace, capture=capture)
+    settings = SidecarSettings(
+        cluster=w.cluster, pod=pod, namespace=namespace, capture=capture, multiplex=multiplex
+    )
     async with _telemetry(tel) as t:
         sidecar = Sidecar(settings, w.bootstrap.anchors, telemetry=t)
         await run_proxy(w, sidecar)
