@@ -7,9 +7,10 @@ CPU seconds per GB each side spent (east: client + gateway; west: gateway + sink
 machine disturbs less than the throughput.
 
     .venv/bin/python bench/quic_tunnel.py [--mb 64] [--sizes 1350,8192] [--uvloop]
-                                          [--one-process] [--no-offload]
+                                          [--one-process] [--no-offload] [--aioquic-acks]
 
-`--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`).
+`--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`);
+`--aioquic-acks` keeps aioquic's own ACK timing (`TunnelSettings.lone_ack_delay=None`).
 
 By default west (gateway + sink) runs in a child process, as gateways of two clusters would;
 `--one-process` puts everything on one event loop (roughly halves the figure).
@@ -70,6 +71,7 @@ class Sink(asyncio.Protocol):
 
 
 OFFLOAD = True
+AIOQUIC_ACKS = False
 
 
 def _cpu() -> float:
@@ -79,7 +81,11 @@ def _cpu() -> float:
 
 def make(cluster: str, ca: CertificateAuthority, inbound: int, size: int) -> Gateway:
     settings = GatewaySettings(
-        tunnel=TunnelSettings(udp_offload=OFFLOAD),
+        tunnel=(
+            TunnelSettings(udp_offload=OFFLOAD, lone_ack_delay=None)
+            if AIOQUIC_ACKS
+            else TunnelSettings(udp_offload=OFFLOAD)
+        ),
         cluster=cluster,
         trust_domain=ca.trust_domain,
         tunnel_host="127.0.0.1",
@@ -199,6 +205,7 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> tuple
             str(size),
             *loop_flag,
             *([] if OFFLOAD else ["--no-offload"]),
+            *(["--aioquic-acks"] if AIOQUIC_ACKS else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -230,11 +237,13 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--one-process", action="store_true", help="east and west share a loop")
     parser.add_argument("--no-offload", action="store_true", help="no GSO/GRO")
+    parser.add_argument("--aioquic-acks", action="store_true", help="aioquic's ACK timing")
     parser.add_argument("--west", help=argparse.SUPPRESS)  # child mode: CA directory
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    global OFFLOAD
+    global OFFLOAD, AIOQUIC_ACKS
     OFFLOAD = not args.no_offload
+    AIOQUIC_ACKS = args.aioquic_acks
     if args.uvloop:
         import uvloop
 
@@ -246,6 +255,7 @@ def main() -> None:
     where = "east and west in separate processes" if split else "east and west in one loop"
     loop_name = "uvloop" if args.uvloop else "asyncio"
     offload = "GSO/GRO on" if OFFLOAD else "GSO/GRO off"
+    offload += ", aioquic's ACK timing" if AIOQUIC_ACKS else ", gateway.quic_ack timing"
     print(f"one stream, {args.mb} MB upload through the tunnel, {loop_name}, {where}, {offload}")
     flags = ["--uvloop"] if args.uvloop else []
     for size in (int(x) for x in args.sizes.split(",")):

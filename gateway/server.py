@@ -141,6 +141,7 @@ class TunnelServer(asyncio.DatagramProtocol):
             original_destination_connection_id=original_dcid,
             peer_policy=self._policy,
             max_streams=self.settings.max_streams,
+            lone_ack_delay=self.settings.lone_ack_delay,
         )
         conn = TunnelConnection(
             quic,

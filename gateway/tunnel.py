@@ -49,7 +49,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress
 
 from ca.errors import CertificateExpiredError, VerificationError
-from gateway import quic_socket, quic_udp
+from gateway import quic_ack, quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
@@ -90,6 +90,9 @@ class TunnelSettings:
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
     udp_offload: bool = True  # GSO send, GRO receive (`gateway.quic_udp`)
+    # ACKs on the answer, a lone packet's ACK delayed up to this (`gateway.quic_ack`);
+    # None: aioquic's own timing (an ACK-only packet 1 ms after every packet).
+    lone_ack_delay: float | None = quic_ack.LONE_ACK_DELAY
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         return QuicConfiguration(
@@ -261,6 +264,10 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self.log.error("tunnel connection failed on input", error=repr(e), exc_info=e)
             self.close(f"internal error: {e!r}"[:200], CLOSE_INTERNAL)
         self._process_events()
+        # The stream data is with its TCP sides now: the ACKs that came with it next
+        # (`gateway.quic_ack`: off the exchange's critical path, not out of the loop turn).
+        if self.quic.handle_deferred_acks():
+            self._process_events()
         # Deferred so a burst of datagrams is acknowledged in one flush.
         self.transmit_soon()
 
@@ -584,7 +591,10 @@ async def connect(
         sock, configuration.max_datagram_size
     )
     quic = TunnelQuicConnection(
-        configuration=configuration, peer_policy=policy, max_streams=settings.max_streams
+        configuration=configuration,
+        peer_policy=policy,
+        max_streams=settings.max_streams,
+        lone_ack_delay=settings.lone_ack_delay,
     )
     conn = TunnelConnection(quic, settings, log=log, identify=identify)
     transport = quic_udp.open_endpoint(sock, ClientSocket(conn), offload=settings.udp_offload)
