@@ -103,6 +103,8 @@ def _dump_on_term(path: str) -> None:
 
 
 async def run_traced_gateway(cfg: dict[str, Any]) -> None:
+    if cfg.get("cpu") is not None:
+        os.sched_setaffinity(0, {cfg["cpu"]})
     if cfg.get("trace_out"):
         install_hooks(cfg["cluster"])
         _dump_on_term(cfg["trace_out"])
@@ -146,10 +148,13 @@ class Launcher:
         self._orig_role = tp.role
         self._orig_start = tp.start
         self.overrides: dict[str, Any] = {}
+        self.pin = False
 
     def role(self, name: str, cfg: dict[str, Any], workdir: Path) -> list[str]:
         if cfg["role"] == "gateway":
             cfg = dict(cfg, tunnel=self.overrides)
+            if self.pin:
+                cfg["cpu"] = 0 if cfg["cluster"] == "east" else 1
             if self.trace:
                 out = workdir / f"{name}.trace.json"
                 self.traces.append(out)
@@ -303,6 +308,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         if args.trace:
             launcher = Launcher(workdir, True, args.one_process)
+            launcher.pin = args.pin
             for name in chains:
                 chain = launcher.chain(name, pki, srv, logdir)
                 try:
@@ -320,6 +326,7 @@ async def run(args: argparse.Namespace) -> None:
                 timeline(stamps, traces)
             return
         launcher = Launcher(workdir, False, args.one_process)
+        launcher.pin = args.pin
         for rnd in range(args.rounds):
             for name in chains:
                 chain = launcher.chain(name, pki, srv, logdir)
@@ -365,6 +372,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trace", type=int, default=0, help="trace N sequential exchanges")
     p.add_argument("--one-process", action="store_true", help="both gateways in one process")
+    p.add_argument("--pin", action="store_true", help="east gateway on CPU 0, west on CPU 1")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--config", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
