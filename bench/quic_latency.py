@@ -2,7 +2,7 @@
 prints, never asserts).
 
     .venv/bin/python bench/quic_latency.py [--rounds 3] [--rates 100,1000,5000] [--seconds 2]
-                                           [--chains relays,gw-quic,gw-quic+lone_ack_delay=null]
+                                           [--chains relays,gw-quic,gw-quic+lone_ack_delay=0.02]
                                            [--trace 200]
                                            [--one-process]
 
@@ -19,7 +19,8 @@ client -> east egress ==QUIC==> west ingress -> echo server, and back. Two modes
   (Python work, a process wake-up, a timer).
 
 A chain name may carry `TunnelSettings` overrides for both gateways after `+` (JSON values):
-`gw-quic+lone_ack_delay=null` is aioquic's own ACK timing, for A/B runs against `gw-quic`.
+`gw-quic+lone_ack_delay=0.02` turns `gateway.quic_ack`'s ACK policy on, for A/B runs against
+`gw-quic` (aioquic's own timing).
 
 `--one-process` runs both gateways on one event loop in one child process (the comparison the
 issue quotes).
@@ -182,7 +183,7 @@ class Launcher:
 
     def chain(self, name: str, pki: Any, server: tuple[str, int], logdir: Path) -> Any:
         """`name` is a chain of `transports.py`, optionally followed by TunnelSettings
-        overrides for both gateways: `gw-quic+lone_ack_delay=null` (JSON values)."""
+        overrides for both gateways: `gw-quic+lone_ack_delay=0.02` (JSON values)."""
         name, *settings = name.split("+")
         self.overrides = {}
         for item in settings:

@@ -7,10 +7,10 @@ CPU seconds per GB each side spent (east: client + gateway; west: gateway + sink
 machine disturbs less than the throughput.
 
     .venv/bin/python bench/quic_tunnel.py [--mb 64] [--sizes 1350,8192] [--uvloop]
-                                          [--one-process] [--no-offload] [--aioquic-acks]
+                                          [--one-process] [--no-offload] [--ack-policy]
 
 `--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`);
-`--aioquic-acks` keeps aioquic's own ACK timing (`TunnelSettings.lone_ack_delay=None`).
+`--ack-policy` replaces aioquic's ACK timing (`TunnelSettings.lone_ack_delay`, `gateway.quic_ack`).
 
 By default west (gateway + sink) runs in a child process, as gateways of two clusters would;
 `--one-process` puts everything on one event loop (roughly halves the figure).
@@ -39,6 +39,7 @@ from ca.authority import CertificateAuthority
 from ca.bundle import TrustBundle
 from ca.service import dns_names_for
 from gateway.gateway import Gateway, GatewaySettings
+from gateway.quic_ack import LONE_ACK_DELAY
 from gateway.tunnel import TunnelSettings
 from mesh.codec import decode, dumps, snapshot_from_json, snapshot_to_json
 from mesh.connect import ConnectRequest, encode_request, parse_response
@@ -71,7 +72,7 @@ class Sink(asyncio.Protocol):
 
 
 OFFLOAD = True
-AIOQUIC_ACKS = False
+ACK_POLICY = False
 
 
 def _cpu() -> float:
@@ -81,10 +82,8 @@ def _cpu() -> float:
 
 def make(cluster: str, ca: CertificateAuthority, inbound: int, size: int) -> Gateway:
     settings = GatewaySettings(
-        tunnel=(
-            TunnelSettings(udp_offload=OFFLOAD, lone_ack_delay=None)
-            if AIOQUIC_ACKS
-            else TunnelSettings(udp_offload=OFFLOAD)
+        tunnel=TunnelSettings(
+            udp_offload=OFFLOAD, lone_ack_delay=LONE_ACK_DELAY if ACK_POLICY else None
         ),
         cluster=cluster,
         trust_domain=ca.trust_domain,
@@ -205,7 +204,7 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> tuple
             str(size),
             *loop_flag,
             *([] if OFFLOAD else ["--no-offload"]),
-            *(["--aioquic-acks"] if AIOQUIC_ACKS else []),
+            *(["--ack-policy"] if ACK_POLICY else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -237,13 +236,13 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--one-process", action="store_true", help="east and west share a loop")
     parser.add_argument("--no-offload", action="store_true", help="no GSO/GRO")
-    parser.add_argument("--aioquic-acks", action="store_true", help="aioquic's ACK timing")
+    parser.add_argument("--ack-policy", action="store_true", help="gateway.quic_ack's timing")
     parser.add_argument("--west", help=argparse.SUPPRESS)  # child mode: CA directory
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    global OFFLOAD, AIOQUIC_ACKS
+    global OFFLOAD, ACK_POLICY
     OFFLOAD = not args.no_offload
-    AIOQUIC_ACKS = args.aioquic_acks
+    ACK_POLICY = args.ack_policy
     if args.uvloop:
         import uvloop
 
@@ -255,7 +254,7 @@ def main() -> None:
     where = "east and west in separate processes" if split else "east and west in one loop"
     loop_name = "uvloop" if args.uvloop else "asyncio"
     offload = "GSO/GRO on" if OFFLOAD else "GSO/GRO off"
-    offload += ", aioquic's ACK timing" if AIOQUIC_ACKS else ", gateway.quic_ack timing"
+    offload += ", gateway.quic_ack timing" if ACK_POLICY else ", aioquic's ACK timing"
     print(f"one stream, {args.mb} MB upload through the tunnel, {loop_name}, {where}, {offload}")
     flags = ["--uvloop"] if args.uvloop else []
     for size in (int(x) for x in args.sizes.split(",")):

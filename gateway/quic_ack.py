@@ -1,16 +1,16 @@
-"""When the QUIC tunnel acknowledges: ACKs ride on the answer instead of packets of their own.
+"""An optional acknowledgement policy for the QUIC tunnel: ACKs ride on the answer instead of
+packets of their own. Off by default (`TunnelSettings.lone_ack_delay=None`); see the trade-off
+at the end.
 
-aioquic 1.7 acknowledges every ack-eliciting 1-RTT packet exactly 1 ms after receiving it, in a
-packet of its own unless data happens to be sent *after* that millisecond: it never puts a
-pending ACK on the data it sends sooner. A call through the tunnel is a request/response, so
-each exchange cost four packets instead of two: request, response, then, 1 ms later, an
-ACK-only packet each way. On this machine every one of those wakes a process whose code has
-gone cold (a timer in one gateway, a receive in the other, ~100-200 µs of CPU each, measured
-with `bench/quic_latency.py --trace`), twice the work of the exchange itself, and at 1,000
-calls/s they land on the next request's critical path.
+aioquic 1.7 acknowledges every ack-eliciting 1-RTT packet 1 ms after receiving it, in a packet
+of its own unless data happens to be sent *after* that millisecond: it never puts a pending ACK
+on data it sends sooner. A call through the tunnel is a request/response, so at low rates each
+exchange is four packets: request, response, then, 1 ms later, an ACK-only packet each way,
+each of which wakes a gateway (a timer in one, a receive in the other) whose code has gone cold
+(~100-200 µs of CPU each here, `bench/quic_latency.py --trace`, `bench/quic_cold.py`).
 
-Policy here (RFC 9000 §13.2 leaves it to the receiver, within the `max_ack_delay` it
-advertised, 25 ms for aioquic):
+The policy (RFC 9000 §13.2 leaves it to the receiver, within the `max_ack_delay` it advertised,
+25 ms for aioquic):
 
 * piggyback: when we are about to send stream data, a pending ACK goes in the same packet now
   (§13.2.1 allows any packet to carry one); the response acknowledges the request.
@@ -18,20 +18,29 @@ advertised, 25 ms for aioquic):
   arrived in order, its ACK may wait `lone_ack_delay` (20 ms, under the advertised 25 ms that
   the peer's probe timeout includes, RFC 9002 §6.2.1), so at call rates above ~50/s per
   connection the next request carries it and no ACK-only packet is sent at all.
-* ACKs we receive are handled after the data that came with them: aioquic writes the ACK
-  frame first in a packet and handles frames in order, so the sender's loss and congestion
-  bookkeeping (~40 µs cold) ran before the stream data reached the TCP side. Once the
-  handshake is confirmed, a 1-RTT ACK frame is set aside while its packet is parsed and
-  handled at the next `datagrams_to_send`, `handle_timer` or `get_timer` (the driver calls
-  them after delivering the data), with its receive time, so RTT samples are unchanged.
-  Without this, piggybacked ACKs would have put that bookkeeping on every exchange's path.
+* ACKs we receive are handled off the exchange's path: aioquic writes the ACK frame first in
+  a packet and handles frames in order, so the loss and congestion bookkeeping (~40 µs cold)
+  would run before the stream data reached the TCP side and, handled at the next flush,
+  before the answer could be built. Once the handshake is confirmed, a 1-RTT ACK frame is set
+  aside while its packet is parsed; the driver (`gateway.tunnel`) calls
+  `handle_deferred_acks()` after its next send, or within 1 ms; `handle_timer` handles them
+  first, and `datagrams_to_send` too when the congestion window looks full without them. They
+  are handled with their receive time, so RTT samples are unchanged. Building a packet before
+  them only means counting a few more bytes in flight than there are (conservative) and
+  finding a loss one send later.
 * everything else as aioquic does: two or more unacknowledged packets (a bulk transfer: its
   ACK clock and congestion window growth are unchanged), a gap in what we received (loss:
   §13.2.1 asks for an immediate ACK; aioquic's 1 ms is what it gets), a PING (keepalive RTT
   probes and loss probes want a prompt answer), Initial and Handshake packets.
 
-It relies on private attributes of aioquic 1.7 (checked at import, like `gateway.quic_mtls`)
-and does no I/O; the driver needs nothing new (`get_timer` already includes the ACK time).
+The trade-off, measured (`docs/transports.md`): half the packets and wake-ups per call and ~30 %
+less gateway CPU per call at 100 calls/s, the same at 1,000/s and above (aioquic then
+piggybacks by itself), bulk throughput unchanged; but the ACK frames written and parsed on the
+request and the response add ~10-25 µs to each of the four steps of an exchange's path, ~0.1 ms
+of p50 at 100/s. Issue 7's target is latency, so it is off by default.
+
+It relies on private attributes of aioquic 1.7 (checked at import and construction, like
+`gateway.quic_mtls`) and does no I/O.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from aioquic.quic.connection import QuicConnection, QuicConnectionError, QuicRec
 from aioquic.quic.packet import QuicFrameType, pull_ack_frame
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStreamSender
 
 from gateway.quic_mtls import MtlsQuicConnection
 
@@ -64,6 +74,8 @@ def _check_aioquic() -> None:
     ]
     space = QuicPacketSpace()
     missing += [a for a in ("ack_at", "ack_queue") if not hasattr(space, a)]
+    sender = QuicStreamSender(stream_id=0, writable=True)
+    missing += [a for a in ("_pending", "_pending_eof", "reset_pending") if not hasattr(sender, a)]
     if missing:
         raise ImportError(f"aioquic lacks internals gateway.quic_ack relies on: {missing}")
 
@@ -74,7 +86,7 @@ _check_aioquic()
 class AckingQuicConnection(MtlsQuicConnection):
     """An mTLS QuicConnection with the acknowledgement policy of the module docstring."""
 
-    def __init__(self, *, lone_ack_delay: float | None = LONE_ACK_DELAY, **kwargs: Any) -> None:
+    def __init__(self, *, lone_ack_delay: float | None = None, **kwargs: Any) -> None:
         """`lone_ack_delay=None` keeps aioquic's own timing (no piggybacking either)."""
         if lone_ack_delay is not None and not 0 <= lone_ack_delay < ADVERTISED_MAX_ACK_DELAY:
             raise ValueError(
@@ -83,8 +95,8 @@ class AckingQuicConnection(MtlsQuicConnection):
             )
         super().__init__(**kwargs)
         # Instance attributes, so checked here rather than at import.
-        assert hasattr(self, "_spaces")
-        assert hasattr(self, "_ack_delay")
+        for name in ("_spaces", "_ack_delay", "_streams_queue", "_loss", "_handshake_confirmed"):
+            assert hasattr(self, name), f"aioquic lacks {name}, which gateway.quic_ack uses"
         self._ack_policy = lone_ack_delay is not None
         self._lone_ack_delay = lone_ack_delay or 0.0
         self._unacked = 0  # ack-eliciting 1-RTT packets received since our last ACK
@@ -155,13 +167,25 @@ class AckingQuicConnection(MtlsQuicConnection):
                 break
         return True
 
-    def handle_timer(self, now: float) -> None:
-        self.handle_deferred_acks()  # a loss timer must see every ACK received before it
-        super().handle_timer(now)
+    @property
+    def deferred_acks(self) -> bool:
+        return bool(self._deferred_acks)
 
-    def get_timer(self) -> float | None:
-        self.handle_deferred_acks()
-        return super().get_timer()
+    def has_unsent_data(self) -> bool:
+        """Stream data or a reset waiting to go out (not built yet, or held back by the
+        congestion window or flow control, which received ACKs may release)."""
+        # `buffer_is_empty` would do, but aioquic updates it only when it next looks.
+        return any(
+            len(stream.sender._pending) or stream.sender._pending_eof or stream.sender.reset_pending
+            for stream in self._streams_queue
+        )
+
+    def handle_timer(self, now: float) -> None:
+        # A loss timer must see every ACK received before it, and its deadline recomputed
+        # from them (aioquic computes it in get_timer): a stale one would send a probe.
+        if self.handle_deferred_acks():
+            super().get_timer()
+        super().handle_timer(now)
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         super().receive_datagram(data, addr, now)
@@ -185,7 +209,14 @@ class AckingQuicConnection(MtlsQuicConnection):
         self._data_queued = self._ack_policy
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        self.handle_deferred_acks()  # the congestion window and losses, up to date
+        """Builds with the ACKs set aside still unhandled (the driver handles them after its
+        send, then asks again), unless the congestion window looks full without them."""
+        loss = self._loss
+        if (
+            self._deferred_acks
+            and loss.bytes_in_flight + self._max_datagram_size > loss.congestion_window
+        ):
+            self.handle_deferred_acks()
         if self._data_queued:
             self._data_queued = False
             space = self._app_space()

@@ -1,6 +1,9 @@
 """The tunnel's acknowledgement policy (`gateway.quic_ack`): two real tunnel QUIC connections
 (mTLS with per-run gateway certificates) wired back to back in memory, on a fake clock.
 
+The last test runs it through the real driver: two gateways on loopback, a CONNECT client and
+an echo server, counting the listener's datagrams.
+
 What must hold: a response carries the ACK of its request, so an exchange is two packets, not
 four; a lone packet's ACK waits at most `lone_ack_delay`; a bulk transfer, a gap and a PING
 are acknowledged on aioquic's 1 ms; ACK frames received are handled after the data that came
@@ -10,6 +13,7 @@ behaviour the policy replaces, so these tests fail if either side changes.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +29,15 @@ from gateway.quic_ack import LONE_ACK_DELAY
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
 from gateway.tunnel import ALPN
-from tests.gateway.conftest import EAST_TD, WEST_TD, gateway_svid
+from tests.gateway.conftest import (
+    EAST_TD,
+    WEST_TD,
+    close_writer,
+    connect_via,
+    gateway_svid,
+    start_pair,
+    stop_pair,
+)
 
 EAST_ADDR = ("10.0.0.1", 40000)
 WEST_ADDR = ("10.0.0.2", 15443)
@@ -54,7 +66,11 @@ class Link:
     now: float = T0
 
     def send(self, src: TunnelQuicConnection) -> list[bytes]:
-        return [data for data, _ in src.datagrams_to_send(now=self.now)]
+        """As the driver's `transmit`: build, then the ACKs set aside, then what they freed."""
+        out = src.datagrams_to_send(now=self.now)
+        if src.handle_deferred_acks():
+            out += src.datagrams_to_send(now=self.now)
+        return [data for data, _ in out]
 
     def deliver(self, dst: TunnelQuicConnection, datagrams: list[bytes]) -> list[Any]:
         addr = WEST_ADDR if dst is self.east else EAST_ADDR
@@ -83,19 +99,23 @@ class Link:
         return space.ack_at
 
 
-def link(east_ca: CertificateAuthority, west_ca: CertificateAuthority, **kwargs: Any) -> Link:
+def link(
+    east_ca: CertificateAuthority,
+    west_ca: CertificateAuthority,
+    lone_ack_delay: float | None = LONE_ACK_DELAY,
+) -> Link:
     bundle = TrustBundle.from_pem({EAST_TD: [east_ca.root_pem], WEST_TD: [west_ca.root_pem]})
     policy = PeerPolicy(bundle=lambda: bundle, authorize=lambda _: None)
     east = TunnelQuicConnection(
         configuration=_config(True, gateway_svid(east_ca), west_ca.root_pem),
         peer_policy=policy,
-        **kwargs,
+        lone_ack_delay=lone_ack_delay,
     )
     west = TunnelQuicConnection(
         configuration=_config(False, gateway_svid(west_ca), b""),
         original_destination_connection_id=east.original_destination_connection_id,
         peer_policy=policy,
-        **kwargs,
+        lone_ack_delay=lone_ack_delay,
     )
     pair = Link(east, west)
     east.connect(WEST_ADDR, now=pair.now)
@@ -111,6 +131,18 @@ def request(pair: Link, payload: bytes = b"q" * 1024) -> int:
     stream_id = pair.east.get_next_available_stream_id()
     pair.east.send_stream_data(stream_id, payload)
     return stream_id
+
+
+def burst(pair: Link) -> list[bytes]:
+    """A 4,000-byte write: several datagrams (the pacer may space them by microseconds)."""
+    request(pair, b"b" * 4000)
+    sent = pair.send(pair.east)
+    while len(sent) < 3:
+        pair.now += 0.00002
+        more = pair.send(pair.east)
+        assert more or pair.east.get_timer() is not None
+        sent += more
+    return sent
 
 
 def in_flight(conn: TunnelQuicConnection) -> int:
@@ -136,8 +168,9 @@ def test_an_exchange_is_two_packets(
     assert len(response) == 1
     assert in_flight(pair.east) > 0
     pair.deliver(pair.east, response)
-    # The response acknowledged the request: handled after the data, before the next send.
-    assert pair.east._deferred_acks
+    # The response acknowledged the request: handled after the data, at the next send.
+    assert pair.east.deferred_acks
+    assert not pair.east.has_unsent_data()
     assert in_flight(pair.east) > 0
     assert pair.send(pair.east) == []  # and still nothing of its own to send
     assert in_flight(pair.east) == 0
@@ -194,9 +227,7 @@ def test_a_burst_is_acknowledged_after_1ms(
     east_ca: CertificateAuthority, west_ca: CertificateAuthority
 ) -> None:
     pair = link(east_ca, west_ca)
-    request(pair, b"b" * 4000)
-    sent = pair.send(pair.east)
-    assert len(sent) >= 2
+    sent = burst(pair)
     first_at = pair.now
     pair.deliver(pair.west, sent[:1])
     assert pair.ack_at(pair.west) == pytest.approx(first_at + LONE_ACK_DELAY)
@@ -209,9 +240,7 @@ def test_a_gap_is_acknowledged_after_1ms(
     east_ca: CertificateAuthority, west_ca: CertificateAuthority
 ) -> None:
     pair = link(east_ca, west_ca)
-    request(pair, b"b" * 4000)
-    sent = pair.send(pair.east)
-    assert len(sent) >= 2
+    sent = burst(pair)
     pair.deliver(pair.west, sent[1:2])  # the first one is lost
     assert pair.ack_at(pair.west) == pytest.approx(pair.now + ACK_DELAY)
 
@@ -237,3 +266,37 @@ def test_a_lone_ack_delay_beyond_the_advertised_maximum_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="lone_ack_delay"):
         link(east_ca, west_ca, lone_ack_delay=0.025)
+
+
+@pytest.mark.parametrize(
+    ("lone_ack_delay", "per_exchange"), [(LONE_ACK_DELAY, (1.0, 1.2)), (None, (1.6, 2.2))]
+)
+async def test_ping_pong_through_two_gateways(
+    east_ca: CertificateAuthority,
+    west_ca: CertificateAuthority,
+    echo_port: int,
+    lone_ack_delay: float | None,
+    per_exchange: tuple[float, float],
+) -> None:
+    """With the policy the west listener sends about one datagram per exchange (the answer,
+    carrying the ACK); with aioquic's timing about two (the answer, then an ACK-only one)."""
+    pair = await start_pair(east_ca, west_ca, echo_port, "quic", lone_ack_delay=lone_ack_delay)
+    try:
+        status, reason, reader, writer = await connect_via(pair.east)
+        assert status == 200, reason
+        exchanges = 40
+        before = dict(pair.west.status()["counters"]["tunnel_server"])
+        for i in range(exchanges):
+            message = bytes([i]) * 1024
+            writer.write(message)
+            assert await asyncio.wait_for(reader.readexactly(1024), 5) == message
+            # A call's pace, not a wait for anything: aioquic's 1 ms ACK timer fires between
+            # the exchanges; the policy's 20 ms one does not.
+            await asyncio.sleep(0.003)
+        after = pair.west.status()["counters"]["tunnel_server"]
+        sent = after["udp_datagrams_sent"] - before["udp_datagrams_sent"]
+        low, high = per_exchange
+        assert low * exchanges <= sent <= high * exchanges, (sent, exchanges)
+        await close_writer(writer)
+    finally:
+        await stop_pair(pair)
