@@ -55,7 +55,7 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStreamSender
 
-from gateway.quic_mtls import MtlsQuicConnection
+from gateway.quic_flow import TunnelQuicConnection
 
 LONE_ACK_DELAY = 0.020  # seconds; must stay under the advertised max_ack_delay
 ADVERTISED_MAX_ACK_DELAY = 0.025  # aioquic 1.7 advertises 25 ms (connection.py)
@@ -83,12 +83,19 @@ def _check_aioquic() -> None:
 _check_aioquic()
 
 
-class AckingQuicConnection(MtlsQuicConnection):
-    """An mTLS QuicConnection with the acknowledgement policy of the module docstring."""
+def new_connection(*, lone_ack_delay: float | None, **kwargs: Any) -> TunnelQuicConnection:
+    """A tunnel connection with aioquic's ACK timing (`lone_ack_delay=None`: not one override
+    more on the per-packet path) or with the policy of the module docstring."""
+    if lone_ack_delay is None:
+        return TunnelQuicConnection(**kwargs)
+    return AckingQuicConnection(lone_ack_delay=lone_ack_delay, **kwargs)
 
-    def __init__(self, *, lone_ack_delay: float | None = None, **kwargs: Any) -> None:
-        """`lone_ack_delay=None` keeps aioquic's own timing (no piggybacking either)."""
-        if lone_ack_delay is not None and not 0 <= lone_ack_delay < ADVERTISED_MAX_ACK_DELAY:
+
+class AckingQuicConnection(TunnelQuicConnection):
+    """A tunnel QuicConnection with the acknowledgement policy of the module docstring."""
+
+    def __init__(self, *, lone_ack_delay: float = LONE_ACK_DELAY, **kwargs: Any) -> None:
+        if not 0 <= lone_ack_delay < ADVERTISED_MAX_ACK_DELAY:
             raise ValueError(
                 f"lone_ack_delay must be in [0, {ADVERTISED_MAX_ACK_DELAY}) s"
                 f" (the max_ack_delay we advertise), got {lone_ack_delay}"
@@ -97,8 +104,7 @@ class AckingQuicConnection(MtlsQuicConnection):
         # Instance attributes, so checked here rather than at import.
         for name in ("_spaces", "_ack_delay", "_streams_queue", "_loss", "_handshake_confirmed"):
             assert hasattr(self, name), f"aioquic lacks {name}, which gateway.quic_ack uses"
-        self._ack_policy = lone_ack_delay is not None
-        self._lone_ack_delay = lone_ack_delay or 0.0
+        self._lone_ack_delay = lone_ack_delay
         self._unacked = 0  # ack-eliciting 1-RTT packets received since our last ACK
         self._unacked_since = 0.0  # when the first of them arrived
         self._ack_promptly = False  # one of them was a PING
@@ -116,7 +122,7 @@ class AckingQuicConnection(MtlsQuicConnection):
         is_ack_eliciting, is_probing = super()._payload_received(
             context, plain, crypto_frame_required=crypto_frame_required
         )
-        if is_ack_eliciting and self._ack_policy and context.epoch == tls.Epoch.ONE_RTT:
+        if is_ack_eliciting and context.epoch == tls.Epoch.ONE_RTT:
             if not self._unacked:
                 self._unacked_since = context.time
             self._unacked += 1
@@ -129,8 +135,7 @@ class AckingQuicConnection(MtlsQuicConnection):
 
     def _handle_ack_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
         if not (
-            self._ack_policy
-            and self._handshake_confirmed
+            self._handshake_confirmed
             and context.epoch == tls.Epoch.ONE_RTT
             and not self._close_pending
         ):
@@ -206,7 +211,7 @@ class AckingQuicConnection(MtlsQuicConnection):
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
-        self._data_queued = self._ack_policy
+        self._data_queued = True
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Builds with the ACKs set aside still unhandled (the driver handles them after its

@@ -39,7 +39,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
-from gateway.quic_ack import AckingQuicConnection
+from gateway.quic_mtls import MtlsQuicConnection
 
 
 def _check_aioquic() -> None:
@@ -68,7 +68,7 @@ def _check_aioquic() -> None:
 _check_aioquic()
 
 
-class TunnelQuicConnection(AckingQuicConnection):
+class TunnelQuicConnection(MtlsQuicConnection):
     """An mTLS QuicConnection with application-paced stream windows (module docstring)."""
 
     def __init__(self, *, max_streams: int = 1024, **kwargs: Any) -> None:

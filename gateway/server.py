@@ -29,7 +29,7 @@ from aioquic.quic.packet import (
 )
 
 from gateway import quic_udp
-from gateway.quic_flow import TunnelQuicConnection
+from gateway.quic_ack import new_connection
 from gateway.quic_mtls import PeerPolicy
 from gateway.stream import StreamHandler
 from gateway.tunnel import CLOSE_SHUTDOWN, TunnelConnection, TunnelSettings
@@ -144,7 +144,7 @@ class TunnelServer(asyncio.DatagramProtocol):
     def _new_connection(
         self, config: QuicConfiguration, original_dcid: bytes, transport: Any
     ) -> TunnelConnection:
-        quic = TunnelQuicConnection(
+        quic = new_connection(
             configuration=config,
             original_destination_connection_id=original_dcid,
             peer_policy=self._policy,

@@ -51,6 +51,7 @@ from aioquic.quic.connection import NetworkAddress
 from ca.errors import CertificateExpiredError, VerificationError
 from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
+from gateway.quic_ack import AckingQuicConnection, new_connection
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
 from gateway.quic_socket import MIGRATE_ERRNOS, ClientSocket
@@ -121,6 +122,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
         identify: Callable[[SpiffeId], str] | None = None,
     ) -> None:
         self.quic = quic
+        # The ACK policy's hooks (`gateway.quic_ack`), None with aioquic's own ACK timing.
+        self._acking = quic if isinstance(quic, AckingQuicConnection) else None
         self.settings = settings
         self.log = log.bind(conn=quic.original_destination_connection_id.hex()[:8])
         quic.log = self.log
@@ -267,7 +270,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self.log.error("tunnel connection failed on input", error=repr(e), exc_info=e)
             self.close(f"internal error: {e!r}"[:200], CLOSE_INTERNAL)
         self._process_events()
-        if self.quic.deferred_acks and not self.quic.has_unsent_data():
+        acking = self._acking
+        if acking is not None and acking.deferred_acks and not acking.has_unsent_data():
             # The data is with its TCP side; what the received ACKs imply can wait for our
             # next send (the answer, whose path it would otherwise lengthen) or 1 ms:
             # `gateway.quic_ack`. Not when data of ours waits: they may release it.
@@ -388,7 +392,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._arm_timer()
         if datagrams:
             self._send(datagrams)
-        if self.quic.handle_deferred_acks():  # after the send (`gateway.quic_ack`)
+        if self._acking is not None and self._acking.handle_deferred_acks():  # after the send
             self._process_events()  # e.g. PingAcknowledged
             if self.closed or self._transport.is_closing():
                 return
@@ -616,7 +620,7 @@ async def connect(
     configuration.max_datagram_size = quic_socket.datagram_size(
         sock, configuration.max_datagram_size
     )
-    quic = TunnelQuicConnection(
+    quic = new_connection(
         configuration=configuration,
         peer_policy=policy,
         max_streams=settings.max_streams,
