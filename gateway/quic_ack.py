@@ -53,7 +53,6 @@ from aioquic.quic.connection import QuicConnection, QuicConnectionError, QuicRec
 from aioquic.quic.packet import QuicFrameType, pull_ack_frame
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
-from aioquic.quic.stream import QuicStreamSender
 
 from gateway.quic_flow import TunnelQuicConnection
 
@@ -74,8 +73,6 @@ def _check_aioquic() -> None:
     ]
     space = QuicPacketSpace()
     missing += [a for a in ("ack_at", "ack_queue") if not hasattr(space, a)]
-    sender = QuicStreamSender(stream_id=0, writable=True)
-    missing += [a for a in ("_pending", "_pending_eof", "reset_pending") if not hasattr(sender, a)]
     if missing:
         raise ImportError(f"aioquic lacks internals gateway.quic_ack relies on: {missing}")
 
@@ -102,7 +99,7 @@ class AckingQuicConnection(TunnelQuicConnection):
             )
         super().__init__(**kwargs)
         # Instance attributes, so checked here rather than at import.
-        for name in ("_spaces", "_ack_delay", "_streams_queue", "_loss", "_handshake_confirmed"):
+        for name in ("_spaces", "_ack_delay"):
             assert hasattr(self, name), f"aioquic lacks {name}, which gateway.quic_ack uses"
         self._lone_ack_delay = lone_ack_delay
         self._unacked = 0  # ack-eliciting 1-RTT packets received since our last ACK
@@ -175,15 +172,6 @@ class AckingQuicConnection(TunnelQuicConnection):
     @property
     def deferred_acks(self) -> bool:
         return bool(self._deferred_acks)
-
-    def has_unsent_data(self) -> bool:
-        """Stream data or a reset waiting to go out (not built yet, or held back by the
-        congestion window or flow control, which received ACKs may release)."""
-        # `buffer_is_empty` would do, but aioquic updates it only when it next looks.
-        return any(
-            len(stream.sender._pending) or stream.sender._pending_eof or stream.sender.reset_pending
-            for stream in self._streams_queue
-        )
 
     def handle_timer(self, now: float) -> None:
         # A loss timer must see every ACK received before it, and its deadline recomputed

@@ -66,7 +66,7 @@ CLOSE_UNAUTHENTICATED = 0x10
 CLOSE_INTERNAL = 0x11
 MAX_ICMP_REFUSED = 3
 TIMER_GRANULARITY = 0.001
-LAZY_FLUSH = 0.001  # at most this late: what received ACKs imply (`gateway.quic_ack`)
+LAZY_FLUSH = 0.001  # at most this late: a flush after a packet that needs no answer now
 # aioquic's clock. Not loop.time(): uvloop's has millisecond resolution, which starves the
 # pacer; both loops' timers use CLOCK_MONOTONIC, so call_at() accepts these instants.
 _clock = time.monotonic
@@ -270,11 +270,18 @@ class TunnelConnection(asyncio.DatagramProtocol):
             self.log.error("tunnel connection failed on input", error=repr(e), exc_info=e)
             self.close(f"internal error: {e!r}"[:200], CLOSE_INTERNAL)
         self._process_events()
+        if self.closed:
+            return
         acking = self._acking
-        if acking is not None and acking.deferred_acks and not acking.has_unsent_data():
-            # The data is with its TCP side; what the received ACKs imply can wait for our
-            # next send (the answer, whose path it would otherwise lengthen) or 1 ms:
-            # `gateway.quic_ack`. Not when data of ours waits: they may release it.
+        if (
+            acking is not None and acking.deferred_acks and not acking.has_unsent_data()
+        ) or self.quic.quiet():
+            # Nothing of ours waits on this packet: a flush now would build nothing (the ACK
+            # we owe is 1 ms away; with `gateway.quic_ack`, the ACKs it carried can wait for
+            # our next send) yet sit between the data just delivered and its answer, ~45 µs
+            # cold (`bench/quic_latency.py --trace`). The answer's send does it, or this
+            # within 1 ms: what the packet asks of us (its ACK, a window update, a control
+            # frame it found lost) is not left to the idle timer.
             self._flush_later()
         else:
             # Deferred so a burst of datagrams is acknowledged in one flush.
@@ -387,19 +394,16 @@ class TunnelConnection(asyncio.DatagramProtocol):
         if self._transport is None or self.closed or self._transport.is_closing():
             return
         datagrams = self.quic.datagrams_to_send(now=_clock())
-        # The timer before the send: the peer our datagram wakes may be scheduled on this
-        # CPU, and should not wait for our bookkeeping.
-        self._arm_timer()
         if datagrams:
-            self._send(datagrams)
+            self._send(datagrams)  # before any bookkeeping: it is what the peer waits for
         if self._acking is not None and self._acking.handle_deferred_acks():  # after the send
             self._process_events()  # e.g. PingAcknowledged
             if self.closed or self._transport.is_closing():
                 return
             datagrams = self.quic.datagrams_to_send(now=_clock())  # what they released
-            self._arm_timer()
             if datagrams:
                 self._send(datagrams)
+        self._arm_timer()
         if self._watched:
             self._check_writable()
 
