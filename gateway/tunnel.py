@@ -13,6 +13,11 @@ Rules:
   reason; an exception inside aioquic closes that connection; nothing escapes the driver.
 * The server side only learns of a stream from the peer; stream ids below the highest one seen
   that are unknown belong to streams already finished and are ignored.
+* Flushing: a stream write flushes in the same loop turn (`transmit_soon`); so does a received
+  packet, unless nothing of ours is in flight or waiting (`TunnelQuicConnection.quiet()`):
+  then its answer's send flushes, or a flush within `LAZY_FLUSH` (1 ms), so the empty flush
+  does not sit between a delivered request and its answer. The timer is re-armed after the
+  send. With `TunnelSettings.lone_ack_delay` the ACK policy of `gateway.quic_ack` applies.
 * Backpressure: a sink pauses its TCP reads when `backlog()` exceeds `send_high_water` and is
   told `stream_writable()` once it falls under `send_low_water`; it holds the stream's receive
   window while its TCP write buffer is full (`hold_credit`/`release_credit`).
