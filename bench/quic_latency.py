@@ -22,6 +22,10 @@ A chain name may carry `TunnelSettings` overrides for both gateways after `+` (J
 `gw-quic+lone_ack_delay=0.02` turns `gateway.quic_ack`'s ACK policy on, for A/B runs against
 `gw-quic` (aioquic's own timing).
 
+`--spin-us N` (an experiment, not a setting of the gateway): each gateway busy-polls its event
+loop for N µs after every UDP send and TCP write, so answers find it awake; `--pin` puts east
+on CPU 0 and west on CPU 1.
+
 `--one-process` runs both gateways on one event loop in one child process (the comparison the
 issue quotes).
 """
@@ -103,9 +107,45 @@ def _dump_on_term(path: str) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, term)
 
 
+def install_spin(spin_us: int) -> None:
+    """The experiment of `--spin-us`: after each UDP send and each TCP write (a request or an
+    answer handed on), keep this process's event loop polling without sleeping for `spin_us`,
+    so the answer finds the process awake and its code warm. Costs a CPU while it spins."""
+    from gateway import quic_udp, splice
+
+    loop = asyncio.get_running_loop()
+    state = {"until": 0.0, "active": False}
+
+    def spin() -> None:
+        # A ready callback makes the loop poll with a zero timeout: a busy loop that still
+        # serves every socket.
+        if time.perf_counter() < state["until"]:
+            loop.call_soon(spin)
+        else:
+            state["active"] = False
+
+    def kick() -> None:
+        state["until"] = time.perf_counter() + spin_us / 1e6
+        if not state["active"]:
+            state["active"] = True
+            loop.call_soon(spin)
+
+    for owner, name in ((quic_udp.UdpEndpoint, "_sendmsg"), (splice.Splice, "stream_data")):
+        original = getattr(owner, name)
+
+        def wrapper(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            result = _original(*args, **kwargs)
+            kick()
+            return result
+
+        setattr(owner, name, wrapper)
+
+
 async def run_traced_gateway(cfg: dict[str, Any]) -> None:
     if cfg.get("cpu") is not None:
         os.sched_setaffinity(0, {cfg["cpu"]})
+    if cfg.get("spin_us"):
+        install_spin(cfg["spin_us"])
     if cfg.get("trace_out"):
         install_hooks(cfg["cluster"])
         _dump_on_term(cfg["trace_out"])
@@ -150,12 +190,14 @@ class Launcher:
         self._orig_start = tp.start
         self.overrides: dict[str, Any] = {}
         self.pin = False
+        self.spin_us = 0
 
     def role(self, name: str, cfg: dict[str, Any], workdir: Path) -> list[str]:
         if cfg["role"] == "gateway":
             cfg = dict(cfg, tunnel=self.overrides)
             if self.pin:
                 cfg["cpu"] = 0 if cfg["cluster"] == "east" else 1
+            cfg["spin_us"] = self.spin_us
             if self.trace:
                 out = workdir / f"{name}.trace.json"
                 self.traces.append(out)
@@ -310,6 +352,7 @@ async def run(args: argparse.Namespace) -> None:
         if args.trace:
             launcher = Launcher(workdir, True, args.one_process)
             launcher.pin = args.pin
+            launcher.spin_us = args.spin_us
             for name in chains:
                 chain = launcher.chain(name, pki, srv, logdir)
                 try:
@@ -328,6 +371,7 @@ async def run(args: argparse.Namespace) -> None:
             return
         launcher = Launcher(workdir, False, args.one_process)
         launcher.pin = args.pin
+        launcher.spin_us = args.spin_us
         for rnd in range(args.rounds):
             for name in chains:
                 chain = launcher.chain(name, pki, srv, logdir)
@@ -374,6 +418,9 @@ def main() -> None:
     p.add_argument("--trace", type=int, default=0, help="trace N sequential exchanges")
     p.add_argument("--one-process", action="store_true", help="both gateways in one process")
     p.add_argument("--pin", action="store_true", help="east gateway on CPU 0, west on CPU 1")
+    p.add_argument(
+        "--spin-us", type=int, default=0, help="gateways busy-poll this long after each send"
+    )
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--config", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
