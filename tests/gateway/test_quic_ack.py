@@ -305,3 +305,26 @@ async def test_ping_pong_through_two_gateways(
         await close_writer(writer)
     finally:
         await stop_pair(pair)
+
+
+def test_quiet_only_when_nothing_of_ours_waits(
+    east_ca: CertificateAuthority, west_ca: CertificateAuthority
+) -> None:
+    """`quiet()` lets the driver skip the flush after a received packet (`gateway.tunnel`):
+    never while data of ours is unsent or unacknowledged."""
+    pair = link(east_ca, west_ca, lone_ack_delay=None)
+    assert pair.east.quiet()
+    assert pair.west.quiet()
+    stream_id = request(pair)
+    assert pair.east.has_unsent_data()
+    assert not pair.east.quiet()  # written, not sent
+    pair.deliver(pair.west, pair.send(pair.east))
+    assert not pair.east.has_unsent_data()
+    assert not pair.east.quiet()  # sent, not acknowledged
+    assert pair.west.quiet()  # it only owes an ACK, due in 1 ms
+    pair.now += ACK_DELAY
+    pair.west.handle_timer(now=pair.now)
+    pair.deliver(pair.east, pair.send(pair.west))
+    assert pair.east.quiet()  # acknowledged
+    pair.west.reset_stream(stream_id, 0)
+    assert not pair.west.quiet()  # a reset to send
