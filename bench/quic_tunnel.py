@@ -7,9 +7,10 @@ CPU seconds per GB each side spent (east: client + gateway; west: gateway + sink
 machine disturbs less than the throughput.
 
     .venv/bin/python bench/quic_tunnel.py [--mb 64] [--sizes 1350,8192] [--uvloop]
-                                          [--one-process] [--no-offload]
+                                          [--one-process] [--no-offload] [--ack-policy]
 
-`--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`).
+`--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`);
+`--ack-policy` replaces aioquic's ACK timing (`TunnelSettings.lone_ack_delay`, `gateway.quic_ack`).
 
 By default west (gateway + sink) runs in a child process, as gateways of two clusters would;
 `--one-process` puts everything on one event loop (roughly halves the figure).
@@ -38,6 +39,7 @@ from ca.authority import CertificateAuthority
 from ca.bundle import TrustBundle
 from ca.service import dns_names_for
 from gateway.gateway import Gateway, GatewaySettings
+from gateway.quic_ack import LONE_ACK_DELAY
 from gateway.tunnel import TunnelSettings
 from mesh.codec import decode, dumps, snapshot_from_json, snapshot_to_json
 from mesh.connect import ConnectRequest, encode_request, parse_response
@@ -70,6 +72,7 @@ class Sink(asyncio.Protocol):
 
 
 OFFLOAD = True
+ACK_POLICY = False
 
 
 def _cpu() -> float:
@@ -79,7 +82,9 @@ def _cpu() -> float:
 
 def make(cluster: str, ca: CertificateAuthority, inbound: int, size: int) -> Gateway:
     settings = GatewaySettings(
-        tunnel=TunnelSettings(udp_offload=OFFLOAD),
+        tunnel=TunnelSettings(
+            udp_offload=OFFLOAD, lone_ack_delay=LONE_ACK_DELAY if ACK_POLICY else None
+        ),
         cluster=cluster,
         trust_domain=ca.trust_domain,
         tunnel_host="127.0.0.1",
@@ -199,6 +204,7 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> tuple
             str(size),
             *loop_flag,
             *([] if OFFLOAD else ["--no-offload"]),
+            *(["--ack-policy"] if ACK_POLICY else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -230,11 +236,13 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--one-process", action="store_true", help="east and west share a loop")
     parser.add_argument("--no-offload", action="store_true", help="no GSO/GRO")
+    parser.add_argument("--ack-policy", action="store_true", help="gateway.quic_ack's timing")
     parser.add_argument("--west", help=argparse.SUPPRESS)  # child mode: CA directory
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    global OFFLOAD
+    global OFFLOAD, ACK_POLICY
     OFFLOAD = not args.no_offload
+    ACK_POLICY = args.ack_policy
     if args.uvloop:
         import uvloop
 
@@ -246,6 +254,7 @@ def main() -> None:
     where = "east and west in separate processes" if split else "east and west in one loop"
     loop_name = "uvloop" if args.uvloop else "asyncio"
     offload = "GSO/GRO on" if OFFLOAD else "GSO/GRO off"
+    offload += ", gateway.quic_ack timing" if ACK_POLICY else ", aioquic's ACK timing"
     print(f"one stream, {args.mb} MB upload through the tunnel, {loop_name}, {where}, {offload}")
     flags = ["--uvloop"] if args.uvloop else []
     for size in (int(x) for x in args.sizes.split(",")):

@@ -220,7 +220,10 @@ async def run_gateway(cfg: dict[str, Any]) -> None:
         egress_port=cfg["egress_port"],
         inbound_port=cfg["inbound_port"],
         max_datagram_size=cfg["datagram"],
-        tunnel=replace(TunnelSettings(), max_datagram_size=cfg["datagram"]),
+        # "tunnel": TunnelSettings overrides (A/B runs, `bench/quic_latency.py --ab`).
+        tunnel=replace(
+            TunnelSettings(), max_datagram_size=cfg["datagram"], **cfg.get("tunnel", {})
+        ),
     )
     gw = Gateway(settings, TrustBundle.from_pem({cfg["trust_domain"]: [cfg["root"]]}))
     gw.set_identity(load_svid(cfg))

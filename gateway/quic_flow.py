@@ -56,7 +56,11 @@ def _check_aioquic() -> None:
         if not hasattr(owner, name)
     ]
     sender = QuicStreamSender(stream_id=0, writable=True)
-    missing += [a for a in ("_buffer_stop", "highest_offset") if not hasattr(sender, a)]
+    missing += [
+        a
+        for a in ("_buffer_stop", "highest_offset", "_pending", "_pending_eof", "reset_pending")
+        if not hasattr(sender, a)
+    ]
     stream = QuicStream(stream_id=0)
     missing += [
         a for a in ("max_stream_data_local", "max_stream_data_local_sent") if not hasattr(stream, a)
@@ -79,6 +83,17 @@ class TunnelQuicConnection(MtlsQuicConnection):
         self._window = self._configuration.max_stream_data
         self._held: set[int] = set()
         self._peer_max_udp_payload: int | None = None
+        for name in (
+            "_handshake_confirmed",
+            "_close_pending",
+            "_handshake_done_pending",
+            "_ping_pending",
+            "_probe_pending",
+            "_loss",
+            "_network_paths",
+            "_streams_queue",
+        ):  # instance attributes: checked here rather than at import
+            assert hasattr(self, name), f"aioquic lacks {name}, which gateway.quic_flow uses"
 
     @property
     def max_datagram_size(self) -> int:
@@ -122,6 +137,30 @@ class TunnelQuicConnection(MtlsQuicConnection):
         self._peer_max_udp_payload = peer_max
         if peer_max is not None and peer_max < self._max_datagram_size:
             self.set_max_datagram_size(peer_max)
+
+    def has_unsent_data(self) -> bool:
+        """Stream data or a reset waiting to go out (not built yet, or held back by the
+        congestion window or flow control, which received ACKs may release)."""
+        # `buffer_is_empty` would do, but aioquic updates it only when it next looks.
+        return any(
+            len(stream.sender._pending) or stream.sender._pending_eof or stream.sender.reset_pending
+            for stream in self._streams_queue
+        )
+
+    def quiet(self) -> bool:
+        """Nothing of ours in flight, waiting or pending but ACKs: what a packet just received
+        may make us send (its ACK, window updates, a PATH_RESPONSE) can wait a little instead
+        of a flush of its own (`gateway.tunnel`)."""
+        return (
+            self._handshake_confirmed
+            and not self._close_pending
+            and not self._handshake_done_pending
+            and not self._ping_pending
+            and not self._probe_pending
+            and self._loss.bytes_in_flight == 0
+            and self._network_paths[0].is_validated
+            and not self.has_unsent_data()
+        )
 
     def hold(self, stream_id: int) -> None:
         self._held.add(stream_id)

@@ -29,7 +29,7 @@ from aioquic.quic.packet import (
 )
 
 from gateway import quic_udp
-from gateway.quic_flow import TunnelQuicConnection
+from gateway.quic_ack import new_connection
 from gateway.quic_mtls import PeerPolicy
 from gateway.stream import StreamHandler
 from gateway.tunnel import CLOSE_SHUTDOWN, TunnelConnection, TunnelSettings
@@ -87,6 +87,14 @@ class TunnelServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         data = cast(bytes, data)
+        if data and not data[0] & 0x80:
+            # Short header (1-RTT, every packet of an established connection): our connection
+            # ID sits at a fixed place (RFC 9000 §17.3), no need to parse the header twice
+            # (aioquic parses it again); anything unknown takes the full path below.
+            known = self._by_cid.get(data[1 : 1 + CID_LENGTH])
+            if known is not None:
+                known.datagram_received(data, addr)
+                return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
@@ -136,11 +144,12 @@ class TunnelServer(asyncio.DatagramProtocol):
     def _new_connection(
         self, config: QuicConfiguration, original_dcid: bytes, transport: Any
     ) -> TunnelConnection:
-        quic = TunnelQuicConnection(
+        quic = new_connection(
             configuration=config,
             original_destination_connection_id=original_dcid,
             peer_policy=self._policy,
             max_streams=self.settings.max_streams,
+            lone_ack_delay=self.settings.lone_ack_delay,
         )
         conn = TunnelConnection(
             quic,
