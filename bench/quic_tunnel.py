@@ -8,9 +8,11 @@ machine disturbs less than the throughput.
 
     .venv/bin/python bench/quic_tunnel.py [--mb 64] [--sizes 1350,8192] [--uvloop]
                                           [--one-process] [--no-offload] [--ack-policy]
+                                          [--cc cubic|reno]
 
 `--no-offload` turns GSO send and GRO receive off (`TunnelSettings.udp_offload`);
 `--ack-policy` replaces aioquic's ACK timing (`TunnelSettings.lone_ack_delay`, `gateway.quic_ack`).
+`--cc` picks the congestion controller (`TunnelSettings.congestion_control`, default cubic).
 
 By default west (gateway + sink) runs in a child process, as gateways of two clusters would;
 `--one-process` puts everything on one event loop (roughly halves the figure).
@@ -73,6 +75,7 @@ class Sink(asyncio.Protocol):
 
 OFFLOAD = True
 ACK_POLICY = False
+CC = "cubic"
 
 
 def _cpu() -> float:
@@ -83,7 +86,9 @@ def _cpu() -> float:
 def make(cluster: str, ca: CertificateAuthority, inbound: int, size: int) -> Gateway:
     settings = GatewaySettings(
         tunnel=TunnelSettings(
-            udp_offload=OFFLOAD, lone_ack_delay=LONE_ACK_DELAY if ACK_POLICY else None
+            udp_offload=OFFLOAD,
+            lone_ack_delay=LONE_ACK_DELAY if ACK_POLICY else None,
+            congestion_control=CC,
         ),
         cluster=cluster,
         trust_domain=ca.trust_domain,
@@ -205,6 +210,8 @@ async def run(total: int, size: int, split: bool, loop_flag: list[str]) -> tuple
             *loop_flag,
             *([] if OFFLOAD else ["--no-offload"]),
             *(["--ack-policy"] if ACK_POLICY else []),
+            "--cc",
+            CC,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -237,12 +244,16 @@ def main() -> None:
     parser.add_argument("--one-process", action="store_true", help="east and west share a loop")
     parser.add_argument("--no-offload", action="store_true", help="no GSO/GRO")
     parser.add_argument("--ack-policy", action="store_true", help="gateway.quic_ack's timing")
+    parser.add_argument(
+        "--cc", default="cubic", choices=("cubic", "reno"), help="congestion control"
+    )
     parser.add_argument("--west", help=argparse.SUPPRESS)  # child mode: CA directory
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    global OFFLOAD, ACK_POLICY
+    global OFFLOAD, ACK_POLICY, CC
     OFFLOAD = not args.no_offload
     ACK_POLICY = args.ack_policy
+    CC = args.cc
     if args.uvloop:
         import uvloop
 
@@ -255,6 +266,7 @@ def main() -> None:
     loop_name = "uvloop" if args.uvloop else "asyncio"
     offload = "GSO/GRO on" if OFFLOAD else "GSO/GRO off"
     offload += ", gateway.quic_ack timing" if ACK_POLICY else ", aioquic's ACK timing"
+    offload += f", {CC}"
     print(f"one stream, {args.mb} MB upload through the tunnel, {loop_name}, {where}, {offload}")
     flags = ["--uvloop"] if args.uvloop else []
     for size in (int(x) for x in args.sizes.split(",")):

@@ -96,6 +96,9 @@ class TunnelSettings:
     send_high_water: int = 512 * 1024
     send_low_water: int = 128 * 1024
     udp_offload: bool = True  # GSO send, GRO receive (`gateway.quic_udp`)
+    # aioquic's default is Reno. CUBIC (RFC 9438) regrows the window faster after a loss on a
+    # fat pipe: a burst dropped by a full socket buffer costs less (docs/transports.md).
+    congestion_control: str = "cubic"
     health: HealthSettings = field(default_factory=HealthSettings)  # client side probes
     # None (default): aioquic's own ACK timing, an ACK-only packet 1 ms after each packet.
     # A delay (e.g. `quic_ack.LONE_ACK_DELAY`): ACKs ride on the answer, half the packets and
@@ -110,6 +113,7 @@ class TunnelSettings:
             max_datagram_size=self.max_datagram_size,
             max_stream_data=self.max_stream_data,
             max_data=self.max_data,
+            congestion_control_algorithm=self.congestion_control,
         )
 
 
