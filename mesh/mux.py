@@ -256,6 +256,13 @@ class MuxConnection:
         self._out.clear()
         return out
 
+    def chunks_to_send(self) -> list[bytes]:
+        """What `data_to_send` would return, as the pieces it would join (frame headers and
+        payloads as given to `send_data`): a driver that encrypts can take large payloads
+        without copying them into one buffer first."""
+        out, self._out = self._out, []
+        return out
+
     # --- internals ----------------------------------------------------------------------------
 
     def _frame(self, ftype: int, flags: int, sid: int, value: int) -> None:

@@ -59,6 +59,31 @@ def test_flow_control_buffers_beyond_the_window_until_consumed() -> None:
     assert len(received(pump(c, s), sid)[0]) == 1000
 
 
+def test_chunks_to_send_are_the_pieces_of_data_to_send() -> None:
+    payload = bytes(range(256)) * 256  # within the initial window: sent at once
+    frames = []
+    for take in ("chunks", "joined"):
+        c = mux.MuxConnection(is_client=True)
+        sid = c.open_stream()
+        c.send_data(sid, b"head")
+        c.send_data(sid, payload, end_stream=True)
+        c.ping(7)
+        if take == "chunks":
+            chunks = c.chunks_to_send()
+            assert any(chunk is payload for chunk in chunks)  # handed over, not copied
+            frames.append(b"".join(chunks))
+            assert c.chunks_to_send() == []
+        else:
+            frames.append(c.data_to_send())
+    assert frames[0] == frames[1]
+    s = mux.MuxConnection(is_client=False)
+    s.receive_data(frames[0])
+    events = []
+    while (e := s.next_event()) is not None:
+        events.append(e)
+    assert received(events, 1) == (b"head" + payload, True)
+
+
 def test_a_larger_receive_window_is_granted_on_open() -> None:
     c = mux.MuxConnection(is_client=True)
     s = mux.MuxConnection(is_client=False, window=4 * mux.INITIAL_WINDOW)
