@@ -339,7 +339,9 @@ class TlsTunnelConnection(asyncio.Protocol):
     def _read_records(self) -> None:
         """Decrypt everything buffered into one preallocated buffer, then hand it to the mux in
         one piece: one frame parse and one sink write per batch instead of per 16 KiB record
-        (measured: ~2.5x fewer Python calls per byte on the receive side)."""
+        (measured: ~2.5x fewer Python calls per byte on the receive side). The mux gets a view
+        of the buffer and copies each payload out once (a `bytes` of the batch first, then
+        slices of it, was two copies)."""
         view = self._rview
         size = len(view)
         read = self._ssl.read
@@ -347,7 +349,7 @@ class TlsTunnelConnection(asyncio.Protocol):
         ended = ""
         while True:
             if used == size:
-                self.mux.receive_data(bytes(view[:used]))
+                self.mux.receive_data(view[:used])
                 used = 0
             try:
                 n = cast(int, read(size - used, view[used:]))
@@ -363,7 +365,7 @@ class TlsTunnelConnection(asyncio.Protocol):
                 break
             used += n
         if used:
-            self.mux.receive_data(bytes(view[:used]))
+            self.mux.receive_data(view[:used])
         if ended:
             self._process_events()  # what arrived before the end is still delivered
             self._terminated(ended)

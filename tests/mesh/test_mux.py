@@ -84,6 +84,26 @@ def test_chunks_to_send_are_the_pieces_of_data_to_send() -> None:
     assert received(events, 1) == (b"head" + payload, True)
 
 
+def test_payloads_received_from_a_reused_buffer_are_copied_out() -> None:
+    c = mux.MuxConnection(is_client=True)
+    s = mux.MuxConnection(is_client=False)
+    sid = c.open_stream()
+    c.send_data(sid, b"a" * 5000)
+    c.send_data(sid, b"b" * 3000, end_stream=True)
+    wire = c.data_to_send()
+    buf = bytearray(4096)  # a driver's decrypt buffer, refilled for every batch
+    for i in range(0, len(wire), len(buf)):
+        piece = wire[i : i + len(buf)]
+        buf[: len(piece)] = piece
+        s.receive_data(memoryview(buf)[: len(piece)])
+    buf[:] = bytes(len(buf))  # overwritten: what the events hold must not change
+    events = []
+    while (e := s.next_event()) is not None:
+        events.append(e)
+    assert all(type(e.data) is bytes for e in events if isinstance(e, mux.StreamData))
+    assert received(events, sid) == (b"a" * 5000 + b"b" * 3000, True)
+
+
 def test_a_larger_receive_window_is_granted_on_open() -> None:
     c = mux.MuxConnection(is_client=True)
     s = mux.MuxConnection(is_client=False, window=4 * mux.INITIAL_WINDOW)
