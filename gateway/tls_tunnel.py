@@ -83,7 +83,7 @@ def tls_reason(e: ssl.SSLError) -> str:
     return f"tls error: {e.reason or e}"
 
 
-class TlsTunnelConnection(asyncio.Protocol):
+class TlsTunnelConnection(asyncio.BufferedProtocol):
     """Drives one TLS connection carrying mux streams (client or server side)."""
 
     def __init__(
@@ -130,6 +130,9 @@ class TlsTunnelConnection(asyncio.Protocol):
         )
         self._handshake_done = False
         self._rview = memoryview(bytearray(READ_SIZE))
+        # Ciphertext is read into this (`get_buffer`), not into a new `bytes` per read: it is
+        # copied into the incoming BIO anyway.
+        self._inview = memoryview(bytearray(READ_SIZE))
         self._peer_der = b""
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -249,7 +252,13 @@ class TlsTunnelConnection(asyncio.Protocol):
             self._advance_handshake()
             self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._inview
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._inview[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closed:
             return
         self._last_rx = self._loop.time()
