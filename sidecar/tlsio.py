@@ -30,7 +30,7 @@ class TlsSession:
         self.read_closed = False  # the peer's close_notify arrived
         self.write_closed = False  # ours was sent
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._in.write(data)
 
     def handshake(self) -> bool:
