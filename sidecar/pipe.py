@@ -1,4 +1,4 @@
-"""One proxied TCP connection as an `asyncio.Protocol`: optional TLS, bounded reads, splicing.
+"""One proxied TCP connection as an asyncio protocol: optional TLS, bounded reads, splicing.
 
 A `Conn` lives in two phases. First the handler coroutine drives it: `read_frame` buffers until
 a bounded parser (CONNECT response head, stream header) accepts, and `start_tls` runs a TLS 1.3
