@@ -49,7 +49,7 @@ from mesh.naming import SpiffeId
 ALPN = "fedgate-mux/1"
 READ_SIZE = 256 * 1024
 TLS_RECORD = 16 * 1024  # the largest TLS plaintext record (RFC 8446 §5.1)
-ENCRYPT_BATCH = 4 * TLS_RECORD  # plaintext per SSL_write (see `_encrypt`)
+ENCRYPT_BATCH = 4 * TLS_RECORD  # plaintext per SSL_write (see `encrypt`)
 _log = structlog.get_logger("fedgate.gateway.tls")
 _ids = itertools.count(1)
 _pings = itertools.count(1)
@@ -81,6 +81,43 @@ def tls_reason(e: ssl.SSLError) -> str:
     if e.reason and "ALERT" in e.reason:
         return f"tls alert: {e.reason.lower()}"
     return f"tls error: {e.reason or e}"
+
+
+def encrypt(
+    tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, chunks: list[bytes], out: list[bytes]
+) -> None:
+    """Encrypt `chunks` (the mux's output) into `out`, at most `ENCRYPT_BATCH` bytes per
+    `SSL_write`, emptying `outgoing` after each. Raises ssl.SSLError.
+
+    One flush carries every stream's frames since the last one (up to megabytes under load).
+    Joining them first, then encrypting them in one call, copied everything once more and grew
+    the outgoing BIO to that size (a realloc, a copy and a wipe of the old buffer each time it
+    grew, on memory no longer in cache). Here small frames are coalesced (a header or a WINDOW
+    frame alone would be a record of its own), large payloads are encrypted from memoryview
+    slices in place, and the BIO stays small and warm. A batch is a multiple of the 16 KiB
+    record size, and what precedes a large payload is topped up to whole records from it, so
+    records stay full: only the last record of a batch may be short."""
+    write = tls.write
+    read = outgoing.read
+    small = bytearray()
+    for chunk in chunks:
+        if len(small) + len(chunk) <= ENCRYPT_BATCH:
+            small += chunk
+            continue
+        view = memoryview(chunk)
+        if small:
+            cut = -len(small) % TLS_RECORD  # top up to whole records
+            small += view[:cut]
+            view = view[cut:]
+            write(small)
+            out.append(read())
+            small = bytearray()
+        for start in range(0, len(view), ENCRYPT_BATCH):
+            write(view[start : start + ENCRYPT_BATCH])
+            out.append(read())
+    if small:
+        write(small)
+        out.append(read())
 
 
 class TlsTunnelConnection(asyncio.BufferedProtocol):
@@ -458,7 +495,7 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
         out: list[bytes] = []
         if chunks:
             try:
-                self._encrypt(chunks, out)
+                encrypt(self._ssl, self._outgoing, chunks, out)
             except ssl.SSLError as e:
                 self._terminated(tls_reason(e))
                 return
@@ -471,39 +508,6 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
             transport.writelines(out)  # one writev with uvloop
         if self._watched:
             self._check_writable()
-
-    def _encrypt(self, chunks: list[bytes], out: list[bytes]) -> None:
-        """Encrypt the mux's output into `out`, at most `ENCRYPT_BATCH` bytes per `SSL_write`.
-
-        One flush carries every stream's frames since the last one (up to megabytes under
-        load). Joining them first, then encrypting them in one call, copied everything once
-        more and grew the outgoing BIO to that size (a realloc, a copy and a wipe of the old
-        buffer each time it doubled, on memory no longer in cache). Here small frames are
-        coalesced (a header or a WINDOW frame alone would be a record of its own), large
-        payloads are encrypted from memoryview slices in place, and the BIO is emptied after
-        each batch, so it stays small and warm. A batch is a multiple of the 16 KiB record
-        size, so records stay full."""
-        write = self._ssl.write
-        read = self._outgoing.read
-        small = bytearray()
-        for chunk in chunks:
-            if len(small) + len(chunk) <= ENCRYPT_BATCH:
-                small += chunk
-                continue
-            view = memoryview(chunk)
-            if small:
-                cut = -len(small) % TLS_RECORD  # top up to whole records
-                small += view[:cut]
-                view = view[cut:]
-                write(small)
-                out.append(read())
-                small = bytearray()
-            for start in range(0, len(view), ENCRYPT_BATCH):
-                write(view[start : start + ENCRYPT_BATCH])
-                out.append(read())
-        if small:
-            write(small)
-            out.append(read())
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
