@@ -224,11 +224,14 @@ class Conn(asyncio.BufferedProtocol):
             self._transport.write(data)
             return
         try:
-            self.tls.send(data)
+            out = self.tls.encrypt(data)
         except ssl.SSLError as e:
             self._fail(tls_failure(e))
             return
-        self._flush_tls()
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)  # one writev with uvloop
 
     def write_eof(self) -> None:
         """End our direction: close_notify (TLS) and a TCP FIN; the peer may keep sending."""
