@@ -18,8 +18,9 @@ TCP write buffer while it is above its high-water mark; receive credit is held w
 TCP write buffer is full (`hold_credit`/`release_credit`). Keepalive: the client PINGs every
 `keepalive_interval`; either side closes a connection that received nothing for
 `idle_timeout`. Not here: the listener and `connect` (`gateway.tls_server`), pooling
-(`gateway.pool`), the TCP side (`gateway.splice`). A little over the ~400-line aim: the
-connection's handshake, record loop, event dispatch and teardown read best as one class.
+(`gateway.pool`), the TCP side (`gateway.splice`). Over the ~400-line aim (~560): the
+connection's handshake, record loop, event dispatch and teardown read best as one class, and
+`encrypt` (the send side's batching, docs/transports.md "Data path") belongs next to it.
 """
 
 from __future__ import annotations
