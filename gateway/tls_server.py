@@ -43,7 +43,7 @@ class TlsTunnelServer(TcpListener):
         self.connections: set[TlsTunnelConnection] = set()
         self.counters: dict[str, int] = {"connections": 0, "connections_refused": 0}
 
-    def _protocol(self) -> asyncio.Protocol:
+    def _protocol(self) -> asyncio.BaseProtocol:
         if self._closing or len(self.connections) >= self.settings.max_connections:
             self.counters["connections_refused"] += 1
             return _Refused()

@@ -51,7 +51,7 @@ class TcpListener:
     _server: asyncio.Server | None = None
     _closing: bool = False
 
-    def _protocol(self) -> asyncio.Protocol:
+    def _protocol(self) -> asyncio.BaseProtocol:
         raise NotImplementedError
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:

@@ -221,7 +221,10 @@ class MuxConnection:
 
     # --- input --------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Parse what arrived. `data` may be a view of a buffer the caller reuses: payloads
+        reach the events as `bytes` copied out of it (one copy; none when `data` is `bytes`
+        and a payload spans all of it)."""
         if self.error is not None:
             return
         pos, end = 0, len(data)
@@ -257,8 +260,9 @@ class MuxConnection:
         return out
 
     def pieces_to_send(self) -> list[bytes]:
-        """What `data_to_send` would return, not joined: frame headers and payloads as they
-        were queued (a driver may write large payloads without copying them once more)."""
+        """What `data_to_send` would return, as the pieces it would join (frame headers and
+        payloads as given to `send_data`): a driver that encrypts can take large payloads
+        without copying them into one buffer first."""
         out, self._out = self._out, []
         return out
 
@@ -342,7 +346,7 @@ class MuxConnection:
         if length == 0:
             self._payload(b"")
 
-    def _payload(self, chunk: bytes) -> None:
+    def _payload(self, chunk: bytes | memoryview) -> None:
         target = self._target
         if target == -1:
             self._goaway += chunk
@@ -356,7 +360,7 @@ class MuxConnection:
         fin = self._fin and not self._left
         if not chunk and not fin:
             return
-        self._events.append(StreamData(target, chunk, fin))
+        self._events.append(StreamData(target, bytes(chunk), fin))
         if fin:
             st = self._streams.get(target)
             if st is not None:

@@ -1,4 +1,4 @@
-"""One proxied TCP connection as an `asyncio.Protocol`: optional TLS, bounded reads, splicing.
+"""One proxied TCP connection as an asyncio protocol: optional TLS, bounded reads, splicing.
 
 A `Conn` lives in two phases. First the handler coroutine drives it: `read_frame` buffers until
 a bounded parser (CONNECT response head, stream header) accepts, and `start_tls` runs a TLS 1.3
@@ -25,6 +25,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -37,9 +38,23 @@ T = TypeVar("T")
 BUFFER_LIMIT = 64 * 1024  # plaintext held before the splice; more pauses reading
 WRITE_HIGH_WATER = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
+READ_BUFFER = 256 * 1024  # as uvloop's own read buffer
 
 
-class Conn(asyncio.Protocol):
+_local = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """What every connection of this thread reads into (`get_buffer`). One is enough: each
+    read is consumed before `buffer_updated` returns (copied into the TLS session, or into a
+    `bytes` of its own), so connections never see each other's bytes."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(READ_BUFFER))
+    return view
+
+
+class Conn(asyncio.BufferedProtocol):
     """One TCP connection (see the module docstring). Create through `open_conn` or a server."""
 
     def __init__(self, label: str, on_made: Callable[[Conn], None] | None = None) -> None:
@@ -74,11 +89,26 @@ class Conn(asyncio.Protocol):
         if self._on_made is not None:
             self._on_made(self)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Ciphertext goes straight from the read buffer into the TLS session (which copies it):
+        # a `bytes` per read first was one more copy of every byte. Plain bytes are kept
+        # (buffered, relayed, tapped), so they get their own `bytes`, as before.
+        view = _read_buffer()[:nbytes]
+        if self.tls is None:
+            self._on_plain(bytes(view))
+        else:
+            self._tls_received(self.tls, view)
+
     def data_received(self, data: bytes) -> None:
         if self.tls is None:
             self._on_plain(data)
-            return
-        tls = self.tls
+        else:
+            self._tls_received(self.tls, data)
+
+    def _tls_received(self, tls: TlsSession, data: bytes | memoryview) -> None:
         try:
             tls.feed(data)
             if not tls.handshake():
@@ -194,11 +224,14 @@ class Conn(asyncio.Protocol):
             self._transport.write(data)
             return
         try:
-            self.tls.send(data)
+            out = self.tls.encrypt(data)
         except ssl.SSLError as e:
             self._fail(tls_failure(e))
             return
-        self._flush_tls()
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)  # one writev with uvloop
 
     def write_eof(self) -> None:
         """End our direction: close_notify (TLS) and a TCP FIN; the peer may keep sending."""

@@ -14,6 +14,7 @@ import ssl
 from sidecar.errors import ProxyError
 
 READ_CHUNK = 256 * 1024
+WRITE_BATCH = 64 * 1024  # plaintext per SSL_write in `encrypt`: whole 16 KiB records
 
 
 class TlsSession:
@@ -30,7 +31,7 @@ class TlsSession:
         self.read_closed = False  # the peer's close_notify arrived
         self.write_closed = False  # ours was sent
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._in.write(data)
 
     def handshake(self) -> bool:
@@ -61,6 +62,20 @@ class TlsSession:
 
     def send(self, data: bytes) -> None:
         self.obj.write(data)
+
+    def encrypt(self, data: bytes) -> list[bytes]:
+        """`send`, then `outgoing`, in batches of at most `WRITE_BATCH`: the outgoing BIO is
+        emptied after each, so it never grows to the size of a large write (OpenSSL grows it
+        by reallocating, copying and wiping). Ciphertext pending before comes first."""
+        if len(data) <= WRITE_BATCH:
+            self.obj.write(data)
+            return [self._out.read()]
+        view = memoryview(data)
+        out = []
+        for start in range(0, len(view), WRITE_BATCH):
+            self.obj.write(view[start : start + WRITE_BATCH])
+            out.append(self._out.read())
+        return out
 
     def close_write(self) -> None:
         """Queue close_notify: our direction ends, the peer's may continue (RFC 8446 §6.1)."""

@@ -11,7 +11,7 @@ import pytest
 from ca.tls import client_context, server_context
 from sidecar.errors import ProxyError
 from sidecar.pipe import BUFFER_LIMIT, Conn, open_conn
-from sidecar.tlsio import TlsSession
+from sidecar.tlsio import WRITE_BATCH, TlsSession
 from tests.sidecar.conftest import EAST, Pki, spiffe, tls_in_memory
 
 
@@ -51,6 +51,19 @@ def test_close_write_with_a_partial_record_pending_loses_nothing(pki: Pki) -> No
     server.feed(client.outgoing())
     assert server.read() == []
     assert server.read_closed
+
+
+def test_a_large_write_is_encrypted_in_batches_that_decrypt_in_order(pki: Pki) -> None:
+    client, server = pair(pki)
+    pending = server.outgoing()  # session tickets, not yet sent: they must come first
+    server.send(b"hello")
+    data = bytes(range(256)) * 1200  # 300 KiB: five batches
+    pieces = server.encrypt(data)
+    assert len(pieces) == -(-len(data) // WRITE_BATCH)
+    client.feed(pending + b"".join(pieces))
+    assert b"".join(client.read()) == b"hello" + data
+    assert server.encrypt(b"small") != []
+    assert server.outgoing() == b""  # nothing left behind in the BIO
 
 
 async def test_fin_without_close_notify_is_a_truncation(pki: Pki) -> None:
