@@ -117,6 +117,13 @@ class _Worker:
                 self.live = probe == _STARTUP
                 if self.live:
                     self.health = ProbeHealth(settings)
+                    # From here on liveness counts; before, only the start-up timeout does.
+                    _log.info(
+                        "worker live",
+                        worker=self.index,
+                        pid=self.proc.pid,
+                        after_s=round(now - self.started, 3),
+                    )
             elif self.health is not None:
                 self.health.answered(probe, now)
 
@@ -208,6 +215,7 @@ class Supervisor:
         s = self.settings
         exited = asyncio.ensure_future(worker.proc.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
+        worker.send(_STARTUP)  # answered as soon as its loop runs: the worker is live from then
         try:
             while True:
                 await asyncio.wait(

@@ -159,6 +159,11 @@ def test_a_wedged_worker_is_killed_and_restarted_and_calls_go_on(
                 break
             time.sleep(0.1)  # polled with the deadline above
         assert sum(held.values()) >= 1, f"no calls through the egress: {held}"
+        # Liveness counts once a worker answered its first probe (before, only the start-up
+        # timeout does): stop one only when the supervisor has seen both live.
+        while len({e["worker"] for e in log_events(log, "worker live")}) < 2:
+            assert time.monotonic() < deadline, "the supervisor never saw both workers live"
+            time.sleep(0.05)  # polled with the deadline above
         victim = max(held, key=lambda i: held[i])
         pid = started[victim]
         t0 = time.time()
