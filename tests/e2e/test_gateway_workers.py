@@ -185,6 +185,8 @@ def test_a_wedged_worker_is_killed_and_restarted_and_calls_go_on(
         if load.poll() is None:
             load.kill()
             load.wait()
+        if load.stdout is not None:
+            load.stdout.close()  # after a failure nobody read it: no unclosed pipe for GC
     restarted = [e for e in log_events(log, "worker started") if e["worker"] == victim]
     assert len(restarted) == 2  # the first start and the restart
     restarted_after = epoch(restarted[-1]) - t0
