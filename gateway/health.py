@@ -157,6 +157,17 @@ class ProbeHealth:
         out, self._changes = self._changes, []
         return out
 
+    def close_reason(self, log: Any) -> str | None:
+        """What a driver does after each probe or answer: log the transitions since the last
+        call (on `log`, a structlog logger) and return why the connection must be closed now
+        (`unhealthy_threshold` consecutive misses), or None."""
+        for state in self.changes():
+            level = log.info if state is State.HEALTHY else log.warning
+            level(f"tunnel connection {state.value}", **self.figures())
+        if self._misses < self.settings.unhealthy_threshold:
+            return None
+        return f"unhealthy: {self._misses} probes unanswered"
+
     def _missed(self) -> None:
         self.lost += 1
         self._recent.append(False)

@@ -43,7 +43,7 @@ from ca.errors import CertificateExpiredError, VerificationError
 from ca.tls import peer_identity
 from ca.verify import verify_chain
 from gateway.errors import TunnelError
-from gateway.health import HealthSettings, ProbeHealth, State
+from gateway.health import HealthSettings, ProbeHealth
 from gateway.mux_stream import MuxStream
 from gateway.quic_mtls import PeerPolicy
 from gateway.transport import HeaderPhase, StreamHandler
@@ -547,13 +547,10 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
 
     def _health_changed(self) -> bool:
         """Act on the probes' verdict (`gateway.health`); True if the connection was closed."""
-        for state in self.health.changes():
-            level = self.log.info if state is State.HEALTHY else self.log.warning
-            level(f"tunnel connection {state.value}", **self.health.figures())
-        misses = self.health.consecutive_misses
-        if misses < self.settings.health.unhealthy_threshold:
+        reason = self.health.close_reason(self.log)
+        if reason is None:
             return False
-        self.close(f"unhealthy: {misses} probes unanswered")
+        self.close(reason)
         if self._transport is not None:
             # The peer reads nothing: a graceful close would keep the socket (and what is
             # queued for it) until it does. Reset it.

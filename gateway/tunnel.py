@@ -55,7 +55,7 @@ from aioquic.quic.connection import NetworkAddress
 from ca.errors import CertificateExpiredError, VerificationError
 from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
-from gateway.health import HealthSettings, ProbeHealth, State
+from gateway.health import HealthSettings, ProbeHealth
 from gateway.quic_ack import AckingQuicConnection, new_connection
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
@@ -587,13 +587,9 @@ class TunnelConnection(asyncio.DatagramProtocol):
         """Act on the probes' verdict (`gateway.health`); True if the connection was closed:
         at once, not after aioquic's closing period, so its streams reset now and the pool
         re-dials."""
-        for state in self.health.changes():
-            level = self.log.info if state is State.HEALTHY else self.log.warning
-            level(f"tunnel connection {state.value}", **self.health.figures())
-        misses = self.health.consecutive_misses
-        if misses < self.settings.health.unhealthy_threshold:
+        reason = self.health.close_reason(self.log)
+        if reason is None:
             return False
-        reason = f"unhealthy: {misses} probes unanswered"
         self.close(reason, CLOSE_INTERNAL)
         self._terminated(reason)
         return True

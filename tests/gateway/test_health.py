@@ -140,3 +140,30 @@ def test_state_follows_the_last_run_of_outcomes(outcomes: list[bool]) -> None:
             state = State.HEALTHY
     assert h.state is state
     assert 0.0 <= h.loss_ratio <= 1.0
+
+
+class Recorder:
+    """Stands in for the driver's structlog logger: keeps (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, object]]] = []
+
+    def info(self, event: str, **fields: object) -> None:
+        self.lines.append(("info", event, fields))
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.lines.append(("warning", event, fields))
+
+
+def test_close_reason_logs_each_transition_once_and_says_when_to_close() -> None:
+    h, log = ProbeHealth(S), Recorder()
+    run(h, "amm")
+    assert h.close_reason(log) is None  # two misses: not yet
+    assert log.lines == []
+    run(h, "m", start=3.0)
+    assert h.close_reason(log) == "unhealthy: 3 probes unanswered"
+    assert [(lvl, ev) for lvl, ev, _ in log.lines] == [("warning", "tunnel connection unhealthy")]
+    assert log.lines[0][2]["misses"] == 3
+    run(h, "aa", start=4.0)  # recovered before the driver closed it
+    assert h.close_reason(log) is None
+    assert [(lvl, ev) for lvl, ev, _ in log.lines][1:] == [("info", "tunnel connection healthy")]
