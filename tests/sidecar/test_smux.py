@@ -19,7 +19,7 @@ from ca.tls import client_context, peer_identity, server_context
 from sidecar.errors import ProxyError
 from sidecar.pipe import BUFFER_LIMIT, Conn, open_conn, relay
 from sidecar.smux import ALPN, WINDOW, SmuxConnection
-from tests.sidecar.conftest import EAST, Pki, spiffe
+from tests.sidecar.conftest import EAST, Pki, spiffe, until
 
 Handler = Callable[[Conn], Awaitable[None]]
 
@@ -120,14 +120,6 @@ async def echo_reversed(stream: Conn) -> None:
     data = await read_to_eof(stream)
     stream.write(data[::-1])
     stream.write_eof()
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll `predicate` for up to 5 s (state of our own objects, no event to wait on)."""
-    async with asyncio.timeout(5):
-        while not predicate():  # noqa: ASYNC110 - polling
-            await asyncio.sleep(0.005)
-    assert predicate(), what
 
 
 async def test_a_stream_carries_bytes_both_ways_with_half_close(pki: Pki) -> None:

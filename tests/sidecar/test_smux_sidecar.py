@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.sidecar.conftest import EAST, Pki, endpoint, spiffe
+from tests.sidecar.conftest import EAST, Pki, endpoint, spiffe, until
 from tests.sidecar.loopback import VIP, Rig, start_rig, stop_rig
 from tests.sidecar.test_proxy import close, converse, wait_log
 
@@ -34,14 +34,6 @@ async def rig(pki: Pki, logs: Logs) -> AsyncIterator[Rig]:
             yield r
     finally:
         await stop_rig(r)
-
-
-async def until(predicate: Any, what: str) -> None:
-    """Poll `predicate` for up to 5 s (state of our own objects, no event to wait on)."""
-    async with asyncio.timeout(5):
-        while not predicate():  # noqa: ASYNC110 - polling
-            await asyncio.sleep(0.01)
-    assert predicate(), what
 
 
 async def echo_call(rig: Rig, size: int = 1024) -> bytes:
