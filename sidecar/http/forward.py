@@ -340,7 +340,9 @@ class Forwarder(ForwarderCore):
         except PoolRefusedError as e:
             return _Failed(Outcome(LOCAL), 503, e.reason, e.detail)
         except TimeoutError:
-            return _Failed(Outcome(TIMEOUT), 504, "upstream timeout", _timeout_detail(call, phase))
+            return _Failed(
+                Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(call.eff, phase)
+            )
         except HttpProtocolError as e:
             if phase == "request":
                 raise  # only the app's streamed body is parsed while sending the request
@@ -545,12 +547,13 @@ def _reusable(got: _Got) -> bool:
     return got.resp.keep_alive and got.reader.framing.kind != "close" and got.reader.buffered == 0
 
 
-def _timeout_detail(call: Call, phase: str) -> str:
-    r = call.eff.retries
+def timeout_detail(eff: Effective, phase: str) -> str:
+    """The reason text of a 504: which phase missed which deadline (both forwarders)."""
+    r = eff.retries
     per_try = r.per_try_timeout if r is not None else None
     limits = [f"per-try timeout {per_try} s"] if per_try else []
-    if call.eff.timeout:
-        limits.append(f"timeout {call.eff.timeout} s")
+    if eff.timeout:
+        limits.append(f"timeout {eff.timeout} s")
     return f"{phase} not done within {' / '.join(limits) or 'the deadline'}"
 
 

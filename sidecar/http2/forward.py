@@ -28,7 +28,7 @@ from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from sidecar.errors import ProxyError
 from sidecar.http.flow import FlowConn
-from sidecar.http.forward import MIRROR_TIMEOUT, ForwarderCore, ServiceRuntime
+from sidecar.http.forward import MIRROR_TIMEOUT, ForwarderCore, ServiceRuntime, timeout_detail
 from sidecar.http.pool import PoolKey, PoolRefusedError
 from sidecar.http2.body import StreamBody
 from sidecar.http2.conn import LOST, H2Conn
@@ -209,7 +209,9 @@ class H2Forwarder(ForwarderCore):
         except PoolRefusedError as e:
             return _Failed(Outcome(LOCAL), 503, e.reason, e.detail)
         except TimeoutError:
-            return _Failed(Outcome(TIMEOUT), 504, "upstream timeout", _timeout_detail(call, phase))
+            return _Failed(
+                Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(call.eff, phase)
+            )
         except MessageError as e:
             return _Failed(Outcome(RESET), 502, "bad upstream response", str(e))
         except ProxyError as e:
@@ -266,7 +268,7 @@ class H2Forwarder(ForwarderCore):
             up.release(usid, reset=True)
             timeout = isinstance(e, TimeoutError)
             reason = "upstream timeout" if timeout else getattr(e, "reason", "upstream reset")
-            detail = _timeout_detail(call, "response") if timeout else str(e)
+            detail = timeout_detail(call.eff, "response") if timeout else str(e)
             self.stats["failed"] += 1
             call.log.warning("http request failed", reason=reason, detail=detail)
             if not head_sent:
@@ -351,12 +353,3 @@ async def _response_head(h2: H2Conn, sid: int) -> Response:
             raise ProxyError("upstream reset", f"before a response: {what}")
         case _:
             raise MessageError(f"{type(event).__name__} before the response head")
-
-
-def _timeout_detail(call: H2Call, phase: str) -> str:
-    r = call.eff.retries
-    per_try = r.per_try_timeout if r is not None else None
-    limits = [f"per-try timeout {per_try} s"] if per_try else []
-    if call.eff.timeout:
-        limits.append(f"timeout {call.eff.timeout} s")
-    return f"{phase} not done within {' / '.join(limits) or 'the deadline'}"
