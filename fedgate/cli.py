@@ -232,7 +232,7 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
     show_default=True,
     help="Worker processes, one event loop each, sharing the TCP listeners (SO_REUSEPORT) under "
     "a supervisor; only worker 0 serves QUIC; worker i's admin and metrics ports are the given "
-    "ones + i (docs/operations.md).",
+    "ones + i x --worker-port-step (docs/operations.md).",
 )
 @click.option(
     "--liveness-period",
