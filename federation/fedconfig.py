@@ -12,14 +12,15 @@ its config directory (and only while no commit key exists).
 - `/fedgate/config/policies/<ns>/<svc>` -> `policies` (TrafficPolicy JSON, mesh.codec)
 - `/fedgate/config/denied/<rest>`       -> `denied[<rest>]` (value text; the identity issue
                                            defines what an entry means)
+- `/fedgate/config/authorization/<ns>/<name>` -> `authorization` (AuthorizationPolicy JSON)
 - `/fedgate/config/federation`          -> `localities` (each cluster's declared network,
                                            region and zone), and kept in `documents` too
 - any other key                         -> `documents[<key>]` (raw bytes), for the config kinds
                                            other modules add (AuthorizationPolicy, ...)
 
-A malformed policy is skipped and reported in `problems` (the driver logs it); it never stops
-the rest of the config. `generate()` takes a `FederationConfig`, so new config kinds extend
-this object instead of generate's signature.
+A malformed policy (traffic or authorization) is skipped and reported in `problems` (the driver
+logs it); it never stops the rest of the config. `generate()` takes a `FederationConfig`, so
+new config kinds extend this object instead of generate's signature.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from federation import keys
-from mesh.codec import decode, policy_from_json
+from mesh.codec import authorization_from_json, decode, policy_from_json
 from mesh.errors import MeshError
-from mesh.model import TrafficPolicy
+from mesh.model import AuthorizationPolicy, TrafficPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class FederationConfig:
 
     commit: str = ""
     policies: tuple[TrafficPolicy, ...] = ()
+    authorization: tuple[AuthorizationPolicy, ...] = ()  # sorted by (namespace, name)
     denied: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     documents: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     localities: Mapping[str, Locality] = field(default_factory=lambda: MappingProxyType({}))
@@ -106,6 +108,7 @@ def config_from_entries(
     """Decode every key under /fedgate/config/ (key -> value, as read at one revision)."""
     commit = ""
     policies: dict[object, TrafficPolicy] = {}
+    authorization: list[AuthorizationPolicy] = []
     denied: dict[str, str] = {}
     documents: dict[str, bytes] = {}
     localities: dict[str, Locality] = {}
@@ -124,6 +127,15 @@ def config_from_entries(
                 problems.append(ConfigProblem(key, str(e)))
                 continue
             policies[service] = policy
+        elif key.startswith(keys.AUTHORIZATION_PREFIX):
+            try:
+                authz: AuthorizationPolicy = decode(value, authorization_from_json, key)
+                if keys.authorization_key(authz.key.namespace, authz.name) != key:
+                    raise ValueError(f"value is policy {authz.ref}")
+            except (ValueError, MeshError) as e:
+                problems.append(ConfigProblem(key, str(e)))
+                continue
+            authorization.append(authz)  # keys are sorted: so is this
         elif key.startswith(keys.DENIED_PREFIX):
             denied[key[len(keys.DENIED_PREFIX) :]] = value.decode("utf-8", "replace")
         elif key.startswith(keys.CONFIG_PREFIX):
@@ -136,6 +148,7 @@ def config_from_entries(
     config = FederationConfig(
         commit=commit,
         policies=tuple(policies[k] for k in sorted(policies, key=str)),
+        authorization=tuple(authorization),
         denied=MappingProxyType(denied),
         documents=MappingProxyType(documents),
         localities=MappingProxyType(localities),

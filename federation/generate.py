@@ -87,9 +87,10 @@ def generate(
         services=sort_services(services),
         policies=tuple(sorted(cfg.policies, key=lambda p: (p.key.namespace, p.key.name))),
         trust_bundle=MappingProxyType(trust_bundle(live)),
+        # Every AuthorizationPolicy: destination sidecars enforce those of their services.
+        authorization=cfg.authorization,
         # Identity issue: the deny list (/fedgate/config/denied/, format in ca.denylist);
         # malformed entries are skipped (the CLI validates what it writes).
         denied=entries_from_config(cfg.denied)[0],
     )
-    # Other documents reach the snapshot once the model has fields for them (GitOps issue).
     return replace(unversioned, version=content_version(unversioned, cache))

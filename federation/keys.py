@@ -36,6 +36,7 @@ VIPS_PREFIX = ROOT + "vips/"
 CONFIG_PREFIX = ROOT + "config/"
 POLICIES_PREFIX = CONFIG_PREFIX + "policies/"
 DENIED_PREFIX = CONFIG_PREFIX + "denied/"
+AUTHORIZATION_PREFIX = CONFIG_PREFIX + "authorization/"
 COMMIT_KEY = CONFIG_PREFIX + "commit"
 FEDERATION_KEY = CONFIG_PREFIX + "federation"
 LEADER_KEY = ROOT + "leader"
@@ -71,6 +72,11 @@ def vip_key(service: ServiceKey) -> str:
 
 def policy_key(service: ServiceKey) -> str:
     return f"{POLICIES_PREFIX}{service.namespace}/{service.name}"
+
+
+def authorization_key(namespace: str, name: str) -> str:
+    """Where the AuthorizationPolicy `<namespace>/<name>` is kept."""
+    return f"{AUTHORIZATION_PREFIX}{namespace}/{check_label(name, 'name')}"
 
 
 def cluster_status_key(cluster: str) -> str:

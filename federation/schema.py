@@ -25,7 +25,9 @@ from federation.schema_types import (
     Duration,
     HeaderName,
     Host,
+    HttpMethod,
     Label,
+    PathPattern,
     Percent,
     Port,
     Principal,
@@ -260,7 +262,16 @@ class FederationDocument(Strict):
 
 
 class Source(Strict):
-    principals: list[Principal] = Field(min_length=1)
+    """The caller: one of `principals` (absent: anyone) and none of `notPrincipals`."""
+
+    principals: list[Principal] = []
+    not_principals: list[Principal] = Field(default=[], alias="notPrincipals")
+
+    @model_validator(mode="after")
+    def _some(self) -> Source:
+        if not self.principals and not self.not_principals:
+            raise ValueError("a source names principals or notPrincipals")
+        return self
 
 
 class From(Strict):
@@ -268,7 +279,31 @@ class From(Strict):
 
 
 class Operation(Strict):
-    ports: list[Port] = Field(min_length=1)
+    """The call: every field given must match. `methods`, `paths` and their `not` forms are
+    HTTP fields (for ports whose protocol is HTTP, HTTP2 or GRPC); a path is exact, a prefix
+    `/api/*`, a suffix `*.html`, or `*`."""
+
+    ports: list[Port] = []
+    not_ports: list[Port] = Field(default=[], alias="notPorts")
+    methods: list[HttpMethod] = []
+    not_methods: list[HttpMethod] = Field(default=[], alias="notMethods")
+    paths: list[PathPattern] = []
+    not_paths: list[PathPattern] = Field(default=[], alias="notPaths")
+
+    @model_validator(mode="after")
+    def _some(self) -> Operation:
+        if not (
+            self.ports
+            or self.not_ports
+            or self.methods
+            or self.not_methods
+            or self.paths
+            or self.not_paths
+        ):
+            raise ValueError(
+                "an operation names ports, notPorts, methods, notMethods, paths or notPaths"
+            )
+        return self
 
 
 class To(Strict):

@@ -161,6 +161,27 @@ def _regex(value: str) -> str:
     return value
 
 
+_METHOD = re.compile(r"[A-Z]+")
+
+
+def _method(value: str) -> str:
+    if not _METHOD.fullmatch(value):
+        raise ValueError(f"{value!r} is not an HTTP method (upper case, such as GET or POST)")
+    return value
+
+
+def _path_pattern(value: str) -> str:
+    if value == "*":
+        return value
+    if "*" in value[1:-1] or (value.startswith("*") and value.endswith("*")):
+        raise ValueError(
+            f"{value!r}: '*' may only start (suffix match) or end (prefix match) a path"
+        )
+    if not value.startswith(("/", "*")):
+        raise ValueError(f"{value!r} is not a path (it starts with '/', or '*' for a suffix)")
+    return value
+
+
 def _string_schema(pattern: str | None, description: str) -> WithJsonSchema:
     schema: dict[str, Any] = {"type": "string", "description": description}
     if pattern is not None:
@@ -228,3 +249,18 @@ Regex = Annotated[
 Weight = Annotated[int, Field(ge=0, le=100)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+HttpMethod = Annotated[
+    str,
+    _must_be_string("an HTTP method", '"GET"'),
+    AfterValidator(_method),
+    _string_schema(r"^[A-Z]+$", "An HTTP method, upper case (gRPC calls are POST)."),
+]
+PathPattern = Annotated[
+    str,
+    _must_be_string("a path", '"/api/*"'),
+    AfterValidator(_path_pattern),
+    _string_schema(
+        r"^(\*|/.*|\*.+)$",
+        "A request path: exact (/x), a prefix (/api/*), a suffix (*.html), or * (any).",
+    ),
+]

@@ -513,6 +513,7 @@ main.add_command(__import__("fedgate.cli_ca", fromlist=["ca"]).ca)  # fedgate ca
 main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group)  # GitOps
 main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
 main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
+main.add_command(__import__("fedgate.cli_authz", fromlist=["x"]).authz_group)  # authz check
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`fedgate config ...`: the GitOps config repository from the command line.
 
 - `validate PATH`  the sync's validation, offline (CI of the config repository): prints every
-                   issue, exits 1 if there is any.
+                   issue, exits 1 if there is any; with `--etcd`, also against the live
+                   catalog's port protocols, as the controller's sync validates.
 - `diff PATH`      what applying PATH would change against what etcd holds (exit 0: nothing,
                    1: differences, 2: PATH invalid or etcd unreachable), like `kubectl diff`.
 - `status`         the applied commit and the last rejected one, with its issues.
@@ -30,12 +31,13 @@ def config_group() -> None:
     """The federation's config repository (GitOps): validate, diff, status, sync."""
 
 
-def _validate(path: Path) -> Any:
+def _validate(path: Path, etcd_endpoints: str = "") -> Any:
     from federation.gitops.errors import RepositoryError
     from federation.gitops.validate import validate_directory
 
+    ports = _catalog_ports(etcd_endpoints) if etcd_endpoints else None
     try:
-        return validate_directory(path)
+        return validate_directory(path, ports)
     except RepositoryError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ERROR)
@@ -50,11 +52,34 @@ def _print_issues(result: Any) -> None:
     )
 
 
+def _catalog_ports(etcd_endpoints: str) -> Any:
+    """Each service's port protocols, from the controller's service status in etcd."""
+    from fedgate.cli_status import collect
+    from mesh.naming import ServiceKey
+
+    try:
+        data = asyncio.run(collect(etcd_endpoints.split(",")))
+    except Exception as e:  # an operator tool: one clear line, not a traceback
+        click.echo(f"error: cannot read etcd at {etcd_endpoints}: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    return {
+        ServiceKey(s["namespace"], s["name"]): {int(p["port"]): p["protocol"] for p in s["ports"]}
+        for s in data["services"]
+        if s.get("namespace") and s.get("name")
+    }
+
+
 @config_group.command("validate")
 @click.argument("path", type=click.Path(path_type=Path))
-def validate(path: Path) -> None:
+@click.option(
+    "--etcd",
+    "etcd_endpoints",
+    default="",
+    help="Also check against the live catalog (HTTP fields on TCP ports): host:port[,...]",
+)
+def validate(path: Path, etcd_endpoints: str) -> None:
     """Validate every YAML document under PATH (a checkout of the config repository)."""
-    result = _validate(path)
+    result = _validate(path, etcd_endpoints)
     if result.issues:
         _print_issues(result)
         sys.exit(EXIT_INVALID)

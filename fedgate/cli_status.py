@@ -10,6 +10,9 @@ Gateways and the links between them (health, RTT) are not in etcd: they come fro
 leader's topology data (`GET /topology.json` on the admin address its record names), which
 reads each gateway's metrics; when that is unreachable the rest is still shown.
 
+Each service's AuthorizationPolicies (the applied config under /fedgate/config/) are listed
+under it; `fedgate authz check` decides a call against them.
+
 `collect()` returns plain data (also printed by `--json`), `render()` the table; neither
 decides anything.
 """
@@ -34,8 +37,9 @@ Json = dict[str, Any]
 async def collect(endpoints: list[str]) -> Json:
     from federation import keys
     from federation.etcd import open_client
-    from federation.fedconfig import commit_sha
+    from federation.fedconfig import commit_sha, config_from_entries
     from federation.store import load_prefix
+    from mesh.codec import authorization_to_json
 
     client = await open_client(endpoints)
     try:
@@ -70,6 +74,9 @@ async def collect(endpoints: list[str]) -> Json:
         obj(v) for k, v in sorted(values.items()) if k.startswith(keys.SERVICE_STATUS_PREFIX)
     ]
     leader = obj(values.get(keys.LEADER_KEY))
+    applied, _ = config_from_entries(
+        {k: v for k, v in values.items() if k.startswith(keys.CONFIG_PREFIX)}
+    )
     return {
         "revision": loaded.revision,
         "gateways": await _gateways(str(leader.get("admin", ""))),
@@ -78,6 +85,7 @@ async def collect(endpoints: list[str]) -> Json:
         "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
         "clusters": dict(sorted(clusters.items())),
         "services": services,
+        "authorization": [authorization_to_json(a) for a in applied.authorization],
     }
 
 
@@ -158,6 +166,13 @@ def render(data: Json, now: float | None = None) -> str:
         conditions = s.get("conditions", [])
         kinds = ",".join(c["type"] for c in conditions if c.get("status"))
         out.append(f"{name:<28}{s.get('vip') or '-':<14}{ports:<24}{endpoints or '-':<24}{kinds}")
+        policies = [
+            f"{a['namespace']}/{a['name']} ({a['action']})"
+            for a in data.get("authorization", [])
+            if (a["service"], a["namespace"]) == (s.get("name"), s.get("namespace"))
+        ]
+        if policies:
+            out.append(f"    AuthorizationPolicy: {', '.join(policies)}")
         for c in conditions:
             if c.get("message"):
                 out.append(f"    {c['type']} ({c.get('reason', '')}): {c['message']}")
@@ -186,6 +201,11 @@ def status(etcd_endpoints: str, rig_dir: Path, as_json: bool) -> None:
 
 
 def _in_rig(rig_dir: Path, as_json: bool) -> int:
+    return rerun_in_rig(rig_dir, ["status", *(["--json"] if as_json else [])])
+
+
+def rerun_in_rig(rig_dir: Path, args: list[str]) -> int:
+    """Run `fedgate <args> --etcd <the rig's etcd>` inside the rig's control namespace."""
     from clusters.rig import control, lifecycle
     from clusters.rig.errors import RigError
 
@@ -194,8 +214,6 @@ def _in_rig(rig_dir: Path, as_json: bool) -> int:
     except RigError as e:
         raise click.ClickException(f"{e}; or pass --etcd") from e
     endpoints = control.load(rig_dir, state.prefix).etcd_endpoints
-    argv = [sys.executable, "-m", "fedgate", "status", "--etcd", ",".join(endpoints)]
-    if as_json:
-        argv.append("--json")
+    argv = [sys.executable, "-m", "fedgate", *args, "--etcd", ",".join(endpoints)]
     netns = topology.control(state.prefix).netns
     return subprocess.call(["ip", "netns", "exec", netns, *argv])

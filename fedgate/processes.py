@@ -150,6 +150,7 @@ async def _controller(
 ) -> None:
     from federation.controller import Controller, ControllerSettings
     from federation.etcd import open_client
+    from federation.gitops.checks import port_protocols
     from federation.gitops.store import ConfigStore
     from federation.gitops.sync import GitOpsSync
     from federation.policy_file import load_policies
@@ -180,7 +181,9 @@ async def _controller(
     if gitops is not None:
         election = ctl.election
         fence: Callable[[], Sequence[Any]] = election.fence if election is not None else tuple
-        sync = GitOpsSync.from_settings(gitops, ConfigStore(client), fence=fence)
+        sync = GitOpsSync.from_settings(
+            gitops, ConfigStore(client), fence=fence, ports=lambda: port_protocols(ctl.current())
+        )
     server = await serve(servicer, listen, controller_credentials(svid, ca.root_pem, ctl.current))
     state = admin.AdminState(
         ready=lambda: ctl.ready,

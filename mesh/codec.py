@@ -23,6 +23,8 @@ from mesh.errors import CodecError, MeshError
 from mesh.model import (
     AuthorizationPolicy,
     AuthorizationRule,
+    AuthzOperation,
+    AuthzSource,
     ClusterInfo,
     ClusterWeight,
     Condition,
@@ -216,13 +218,34 @@ def policy_to_json(p: TrafficPolicy) -> Json:
     return _overrides_to_json(out, p.subset_weights, p.retries, p.timeout, p.fault, p.mirror)
 
 
+_SOURCE_FIELDS = (("principals", "principals"), ("notPrincipals", "not_principals"))
+_OPERATION_FIELDS = (
+    ("ports", "ports"),
+    ("notPorts", "not_ports"),
+    ("methods", "methods"),
+    ("notMethods", "not_methods"),
+    ("paths", "paths"),
+    ("notPaths", "not_paths"),
+)
+
+
+def _fields_to_json(obj: object, fields: tuple[tuple[str, str], ...]) -> Json:
+    return {name: list(getattr(obj, attr)) for name, attr in fields if getattr(obj, attr)}
+
+
 def authorization_to_json(a: AuthorizationPolicy) -> Json:
     return {
         "namespace": a.key.namespace,
         "service": a.key.name,
         "name": a.name,
         "action": a.action,
-        "rules": [{"principals": list(r.principals), "ports": list(r.ports)} for r in a.rules],
+        "rules": [
+            {
+                "from": [_fields_to_json(s, _SOURCE_FIELDS) for s in r.sources],
+                "to": [_fields_to_json(o, _OPERATION_FIELDS) for o in r.operations],
+            }
+            for r in a.rules
+        ],
     }
 
 
@@ -453,18 +476,45 @@ def policy_from_json(o: Mapping[str, Any]) -> TrafficPolicy:
     )
 
 
+def _strings(o: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    return tuple(str(v) for v in _opt(o, name, list) or ())
+
+
+def _ports(o: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    return tuple(ServicePort("p", int(n)).port for n in _opt(o, name, list) or ())
+
+
+def _rule(r: Mapping[str, Any]) -> AuthorizationRule:
+    if "from" not in r and "to" not in r and ("principals" in r or "ports" in r):
+        # The format before L7 rules: one list of principals and one of ports.
+        sources = (AuthzSource(_strings(r, "principals")),) if r.get("principals") else ()
+        operations = (AuthzOperation(_ports(r, "ports")),) if r.get("ports") else ()
+        return AuthorizationRule(sources, operations)
+    return AuthorizationRule(
+        tuple(
+            AuthzSource(_strings(s, "principals"), _strings(s, "notPrincipals"))
+            for s in _opt(r, "from", list) or ()
+        ),
+        tuple(
+            AuthzOperation(
+                _ports(t, "ports"),
+                _ports(t, "notPorts"),
+                _strings(t, "methods"),
+                _strings(t, "notMethods"),
+                _strings(t, "paths"),
+                _strings(t, "notPaths"),
+            )
+            for t in _opt(r, "to", list) or ()
+        ),
+    )
+
+
 def authorization_from_json(o: Mapping[str, Any]) -> AuthorizationPolicy:
     return AuthorizationPolicy(
         name=_req(o, "name", str),
         key=ServiceKey(_req(o, "namespace", str), _req(o, "service", str)),
         action=_req(o, "action", str),
-        rules=tuple(
-            AuthorizationRule(
-                tuple(str(p) for p in _req(r, "principals", list)),
-                tuple(ServicePort("p", int(n)).port for n in _req(r, "ports", list)),
-            )
-            for r in _req(o, "rules", list)
-        ),
+        rules=tuple(_guard("rule", _rule, r) for r in _req(o, "rules", list)),
     )
 
 

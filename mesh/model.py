@@ -7,7 +7,7 @@ a `Snapshot`; components keep the last `Snapshot` they accepted and route from i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -298,22 +298,57 @@ def principal_matches(pattern: str, principal: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class AuthorizationRule:
-    """Matches a call when the caller matches one of `principals` (none listed: any caller) and
-    the port is one of `ports` (none listed: any port)."""
+class AuthzSource:
+    """Istio's `rules[].from[].source`: the caller matches `principals` (none listed: any
+    caller) and none of `not_principals`."""
 
     principals: tuple[str, ...] = ()
-    ports: tuple[int, ...] = ()
+    not_principals: tuple[str, ...] = ()
 
-    def matches(self, principal: str, port: int) -> bool:
-        if self.ports and port not in self.ports:
+    def matches(self, principal: str) -> bool:
+        if self.principals and not any(principal_matches(p, principal) for p in self.principals):
             return False
-        return not self.principals or any(principal_matches(p, principal) for p in self.principals)
+        return not any(principal_matches(p, principal) for p in self.not_principals)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzOperation:
+    """Istio's `rules[].to[].operation`: every field listed must match (an empty one matches
+    all). `methods`, `paths` and their `not_` twins are HTTP fields: they apply to ports whose
+    protocol is HTTP, HTTP2 or GRPC only (`mesh.authz` says what happens elsewhere)."""
+
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+    @property
+    def http_fields(self) -> tuple[str, ...]:
+        """The HTTP-only fields this operation uses, by their GitOps names."""
+        named = (
+            ("methods", self.methods),
+            ("notMethods", self.not_methods),
+            ("paths", self.paths),
+            ("notPaths", self.not_paths),
+        )
+        return tuple(name for name, values in named if values)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationRule:
+    """Matches a call when one of `sources` matches the caller (none listed: any caller) and
+    one of `operations` matches the call (none listed: any call)."""
+
+    sources: tuple[AuthzSource, ...] = ()
+    operations: tuple[AuthzOperation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class AuthorizationPolicy:
-    """Who may call `key`, by SPIFFE ID and port (`name` is unique within `key.namespace`)."""
+    """Who may call `key`, and how (`name` is unique within `key.namespace`). Evaluation, with
+    Istio's semantics, is `mesh.authz`."""
 
     name: str
     key: ServiceKey
@@ -324,21 +359,10 @@ class AuthorizationPolicy:
         if self.action not in AUTHZ_ACTIONS:
             raise ValueError(f"action {self.action!r} is not one of {', '.join(AUTHZ_ACTIONS)}")
 
-    def matches(self, principal: str, port: int) -> bool:
-        return any(r.matches(principal, port) for r in self.rules)
-
-
-def authorized(policies: Iterable[AuthorizationPolicy], principal: str, port: int) -> bool:
-    """Istio's evaluation for one service's policies: a matching DENY refuses; then, if the
-    service has any ALLOW policy, a call is allowed only when one of them matches (an ALLOW policy
-    without rules matches nothing); a service without ALLOW policies admits every caller."""
-    allow: list[AuthorizationPolicy] = []
-    for p in policies:
-        if p.action == "DENY" and p.matches(principal, port):
-            return False
-        if p.action == "ALLOW":
-            allow.append(p)
-    return not allow or any(p.matches(principal, port) for p in allow)
+    @property
+    def ref(self) -> str:
+        """`<namespace>/<name>`, as refusals name the policy."""
+        return f"{self.key.namespace}/{self.name}"
 
 
 def _frozen_bundle(bundle: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:

@@ -20,16 +20,27 @@ watched (`sidecar.http.tap`); an HTTP/1.x connection gets a SERVER span, an acce
 (`inbound request`) and a metrics record per request, the span a child of the request's
 `traceparent`; any other connection gets them once, for the connection, the span a child of
 the stream header's `traceparent`. The source cluster is the caller's trust domain's first
-label (`mesh.naming.trust_domain_for`). What this module does not do: authorization policy
-(`AuthorizationPolicy` comes later; any identity the bundle verifies is accepted here).
+label (`mesh.naming.trust_domain_for`).
+
+Authorization (the service's `AuthorizationPolicy`s from the snapshot, `mesh.authz`): a service
+without policies admits every verified caller and its streams are spliced as before. On a TCP
+port the stream is decided by caller and port when its header arrives, and a refused one gets
+stream reply 403 naming the policy (the source sidecar logs it). On an HTTP, HTTP2 or GRPC port
+every request is decided on its own (`sidecar.inbound_gate`), against the config current at that
+request: a refusal is `403` with `x-fedgate-reason` (gRPC: `PERMISSION_DENIED`). Every refusal
+is logged (`inbound request denied`) and counted by service and reason (`denials`). When a new
+snapshot stops admitting the caller of an open TCP stream (or of a spliced HTTP one), `enforce`
+resets it, as revocation does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -39,15 +50,19 @@ from ca.errors import DeniedError, VerificationError
 from ca.tls import peer_identity
 from mesh import telemetry as tm
 from mesh import tracecontext
+from mesh.authz import AuthzDecision, AuthzRequest, authorize
 from mesh.codec import StreamHeader, StreamReply, encode_reply, header_from_json, split_frame
 from mesh.errors import CodecError
-from mesh.naming import SpiffeId
+from mesh.naming import ServiceKey, SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
+from sidecar import inbound_gate
 from sidecar.errors import ProxyError
 from sidecar.http.codec import Request
+from sidecar.http.flow import FlowConn, open_flow_conn
 from sidecar.http.tap import Exchange, HttpTap
 from sidecar.pipe import Conn, open_conn, relay
+from sidecar.routes import RouteTable
 from sidecar.settings import SidecarSettings
 from sidecar.smux import ALPN as SMUX_ALPN
 from sidecar.smux import SmuxConnection, refusal
@@ -55,6 +70,17 @@ from sidecar.state import ProxyState
 
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What an accepted stream was admitted for (re-checked by `Inbound.enforce`)."""
+
+    caller: SpiffeId
+    service: ServiceKey
+    port: int
+    gated: bool  # decided per request (HTTP): a new config applies to its next request
 
 
 def identity_failure(e: VerificationError) -> ProxyError:
@@ -107,13 +133,15 @@ class Inbound:
         self.refused = 0
         self.handshakes = 0  # TLS handshakes completed (a multiplexed caller needs few)
         self.live: dict[Conn, SpiffeId] = {}  # accepted callers, to close them once denied
+        self.calls: dict[Conn, _Call] = {}  # the same, with what each was admitted for
+        self.denials: collections.Counter[tuple[str, str]] = collections.Counter()
         self.muxed: dict[SmuxConnection, SpiffeId] = {}  # multiplexed callers (sidecar.smux)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self._settings
         self._server = await loop.create_server(
-            lambda: Conn("caller", self._accepted), s.inbound_host, s.inbound_port
+            lambda: FlowConn("caller", self._accepted), s.inbound_host, s.inbound_port
         )
 
     @property
@@ -143,6 +171,62 @@ class Inbound:
                 closed += 1
         return closed
 
+    def enforce(self, routes: RouteTable) -> int:
+        """Reset the open streams whose caller `routes`' AuthorizationPolicies no longer admit
+        (TCP, and HTTP spliced before its service had policies); how many."""
+        closed = 0
+        for conn, call in list(self.calls.items()):
+            if call.gated:
+                continue  # each request is decided with the config of its time
+            policies = routes.policies(call.service)
+            if not policies:
+                continue
+            decision = authorize(policies, AuthzRequest(call.caller.uri, call.port))
+            http = routes.protocol(call.service, call.port) in HTTP_PROTOCOLS
+            if decision.allowed and not http:
+                continue
+            reason = decision.reason if not decision.allowed else "now decided per request"
+            _log.warning(
+                "inbound connection closed",
+                reason="authorization",
+                detail=reason,
+                caller=call.caller.uri,
+                service=call.service.fqdn,
+                port=call.port,
+            )
+            self.calls.pop(conn, None)
+            self.live.pop(conn, None)
+            conn.reset()
+            closed += 1
+        return closed
+
+    def _denied(
+        self, log: Any, call: _Call, decision: AuthzDecision, method: str, path: str
+    ) -> None:
+        """A refusal's access line and counts (the caller's answer is the driver's)."""
+        self.denials[(call.service.fqdn, decision.reason)] += 1
+        log.warning(
+            "inbound request denied",
+            status=403,
+            reason=decision.reason,
+            policy=decision.policy or None,
+            **({"method": method, "path": path} if method else {}),
+        )
+        source = call.caller.trust_domain.partition(".")[0]
+        protocol = "http" if method else "tcp"
+        status = "403" if method else "denied"
+        self.telemetry.record(
+            tm.DESTINATION,
+            protocol,
+            source,
+            self._settings.cluster,
+            call.service.fqdn,
+            status,
+            0.0,
+            0,
+            0,
+        )
+
     def _accepted(self, caller: Conn) -> None:
         self._tasks.spawn(self.handle(caller), "conn")
 
@@ -166,6 +250,7 @@ class Inbound:
         finally:
             self.active -= 1
             self.live.pop(caller, None)
+            self.calls.pop(caller, None)
             # Refusals closed gracefully already; anything still open was cancelled mid-way.
             caller.reset_if_open()
             if app is not None:
@@ -267,6 +352,7 @@ class Inbound:
         finally:
             self.active -= 1
             self.live.pop(caller, None)
+            self.calls.pop(caller, None)
             caller.reset_if_open()
             if app is not None:
                 app.reset_if_open()
@@ -292,19 +378,38 @@ class Inbound:
             detail = f"{header.service} port {header.port} is not a known service port"
             self._refuse(log, caller, ProxyError("unknown service", detail), 404)
             return None
+        policies = state.routes.policies(header.service)
+        http = state.routes.protocol(header.service, header.port) in HTTP_PROTOCOLS
+        call = _Call(caller_id, header.service, header.port, bool(policies) and http)
+        if policies and not call.gated:
+            decision = authorize(policies, AuthzRequest(caller_id.uri, header.port))
+            if not decision.allowed:
+                self._denied(log, call, decision, "", "")
+                self._refuse(log, caller, ProxyError("authorization", decision.reason), 403)
+                return None
+        gated = call.gated and isinstance(caller, FlowConn)
         try:
-            app = await open_conn(s.app_host, header.port, "app", s.connect_timeout)
+            if gated:
+                app: Conn = await open_flow_conn(s.app_host, header.port, "app", s.connect_timeout)
+            else:
+                app = await open_conn(s.app_host, header.port, "app", s.connect_timeout)
         except ProxyError as e:
             self._refuse(log, caller, ProxyError("app unavailable", e.detail), 503)
             return None
         caller.write(encode_reply(StreamReply(200)))
         self.live[caller] = caller_id
+        self.calls[caller] = call
         log.info("inbound accepted")
         watch: _Watch | None = None
         if self.telemetry.tracing or self.telemetry.metrics:
             watch = _Watch(self.telemetry, s.cluster, header, caller_id, log, started)
             caller.tap, app.tap = watch.tap.from_caller, watch.tap.from_app
-        error = await relay(caller, app)
+        if gated:
+            assert isinstance(caller, FlowConn)
+            assert isinstance(app, FlowConn)
+            error = await self._gated(caller, app, call, log)
+        else:
+            error = await relay(caller, app)
         log = watch.connection_log(log) if watch is not None else log
         log.info(
             "inbound closed",
@@ -316,6 +421,21 @@ class Inbound:
         if watch is not None:
             watch.closed(error.reason if error else "", caller.relayed, app.relayed)
         return app
+
+    async def _gated(
+        self, caller: FlowConn, app: FlowConn, call: _Call, log: Any
+    ) -> ProxyError | None:
+        """Serve an HTTP stream of a service with policies: each request decided on its own,
+        with the policies current when it arrives."""
+
+        def decide(method: str | None, path: str | None) -> AuthzDecision:
+            policies = self._state().routes.policies(call.service)
+            return authorize(policies, AuthzRequest(call.caller.uri, call.port, method, path))
+
+        def refused(decision: AuthzDecision, method: str, path: str) -> None:
+            self._denied(log, call, decision, method, path)
+
+        return await inbound_gate.serve(caller, app, decide, refused, log)
 
 
 class _Watch:

@@ -26,7 +26,14 @@ from types import MappingProxyType
 from typing import Any
 
 from mesh.errors import NoRouteError
-from mesh.model import Endpoint, MergedService, ServicePort, Snapshot, TrafficPolicy
+from mesh.model import (
+    AuthorizationPolicy,
+    Endpoint,
+    MergedService,
+    ServicePort,
+    Snapshot,
+    TrafficPolicy,
+)
 from mesh.naming import ServiceKey, SpiffeId
 from mesh.routing import ClusterChoice, cluster_weights
 from sidecar.traffic.balance import Balancer, Healthy, Target
@@ -148,6 +155,14 @@ class RouteTable:
     vips: Mapping[ServiceKey, str]
     addresses: frozenset[str]
     ports: Mapping[ServiceKey, frozenset[int]]  # every known service, with or without a VIP
+    # The protocol of each known service port, and each service's AuthorizationPolicies
+    # (what the inbound enforces; a service without any is absent).
+    protocols: Mapping[tuple[ServiceKey, int], str] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    authorization: Mapping[ServiceKey, tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @classmethod
     def build(cls, snapshot: Snapshot, local_cluster: str) -> RouteTable:
@@ -157,9 +172,14 @@ class RouteTable:
         routes: dict[tuple[str, int], ServiceRoute] = {}
         vips: dict[ServiceKey, str] = {}
         ports: dict[ServiceKey, frozenset[int]] = {}
+        protocols: dict[tuple[ServiceKey, int], str] = {}
+        authorization: dict[ServiceKey, list[AuthorizationPolicy]] = {}
+        for authz in snapshot.authorization:
+            authorization.setdefault(authz.key, []).append(authz)
         regions = MappingProxyType({c.name: c.region for c in snapshot.clusters})
         for service in snapshot.services:
             ports[service.key] = frozenset(p.port for p in service.ports)
+            protocols.update({(service.key, p.port): p.protocol for p in service.ports})
             if not service.vip:  # not allocated yet: neither resolvable nor routable
                 continue
             vips[service.key] = service.vip
@@ -176,6 +196,8 @@ class RouteTable:
             vips=MappingProxyType(vips),
             addresses=frozenset(vips.values()),
             ports=MappingProxyType(ports),
+            protocols=MappingProxyType(protocols),
+            authorization=MappingProxyType({k: tuple(v) for k, v in authorization.items()}),
         )
 
     @classmethod
@@ -193,6 +215,13 @@ class RouteTable:
     def serves(self, service: ServiceKey, port: int) -> bool:
         """Whether `service` is known and declares `port` (what an inbound may connect to)."""
         return port in self.ports.get(service, frozenset())
+
+    def protocol(self, service: ServiceKey, port: int) -> str:
+        return self.protocols.get((service, port), "TCP")
+
+    def policies(self, service: ServiceKey) -> tuple[AuthorizationPolicy, ...]:
+        """The AuthorizationPolicies of `service` (empty: every authenticated caller)."""
+        return self.authorization.get(service, ())
 
     def vip_of(self, service: ServiceKey) -> str | None:
         return self.vips.get(service)

@@ -96,6 +96,8 @@ class Sidecar:
         self.outbound.h2.prune(routes)
         # Revocation also ends established connections of a denied peer (either direction).
         self.inbound.close_denied(bundle)
+        # So do open streams whose caller the service's AuthorizationPolicies no longer admit.
+        self.inbound.enforce(routes)
         close_denied(self.outbound.live, bundle, "outbound")
         self.outbound.pool.close_denied(bundle)
         # Pooled connections to a peer the new routes no longer allow are closed too.

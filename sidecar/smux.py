@@ -42,6 +42,7 @@ import structlog
 
 from mesh import mux
 from mesh.naming import SpiffeId
+from sidecar.http.flow import FlowConn
 from sidecar.pipe import Conn
 from sidecar.tlsio import TlsSession
 
@@ -456,7 +457,7 @@ class SmuxConnection(asyncio.Protocol):
         if self._on_stream is None:
             self.mux.reset_stream(stream_id, mux.RESET_REFUSED)
             return
-        conn = Conn("caller")
+        conn = FlowConn("caller")  # the inbound may read it in Python (sidecar.inbound_gate)
         self._add(stream_id, conn)
         self._on_stream(conn)
 

@@ -12,12 +12,16 @@
   and subset names unique within a policy.
 
 Services themselves are not checked against the catalog: a policy may be committed before its
-service is deployed (as in Istio), and the catalog is live state, not configuration.
+service is deployed (as in Istio), and the catalog is live state, not configuration. The one
+exception: when the caller passes the catalog's port protocols (`ports`: the controller's sync
+does, and `fedgate config validate --controller`), an AuthorizationPolicy rule with HTTP fields
+(`methods`, `paths`, `notMethods`, `notPaths`) that would apply to a TCP port of its service is
+an issue: Istio silently ignores such a rule, and operators are bitten by it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -26,15 +30,29 @@ from federation import schema as s
 from federation.gitops.convert import parse_retry_on, trust_domain
 from federation.gitops.issues import ConfigIssue, Located
 from federation.gitops.load import FieldPath
-from mesh.model import SPECIAL_CLUSTERS
+from mesh.model import SPECIAL_CLUSTERS, Snapshot
 from mesh.naming import ServiceKey, SpiffeId
 
 TOTAL_WEIGHT = 100
 
 
+# service -> port -> protocol (TCP, HTTP, HTTP2, GRPC), as the catalog has them
+PortProtocols = Mapping[ServiceKey, Mapping[int, str]]
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
+
+
+def port_protocols(snapshot: Snapshot | None) -> dict[ServiceKey, dict[int, str]]:
+    """The catalog's port protocols from a controller snapshot (None: none yet)."""
+    services = snapshot.services if snapshot is not None else ()
+    return {s.key: {p.port: p.protocol for p in s.ports} for s in services}
+
+
 class _Checker:
-    def __init__(self, located: Sequence[Located], federation_broken: bool) -> None:
+    def __init__(
+        self, located: Sequence[Located], federation_broken: bool, ports: PortProtocols
+    ) -> None:
         self.located = located
+        self.ports = ports
         self.federation_broken = federation_broken
         self.issues: list[ConfigIssue] = []
         feds = [loc for loc in located if isinstance(loc.model, s.FederationDocument)]
@@ -215,6 +233,7 @@ class _Checker:
     def authorization(self, loc: Located, doc: s.AuthorizationPolicyDocument) -> None:
         if doc.spec.action == "DENY" and not doc.spec.rules:
             self.add(loc, ("spec", "rules"), "a DENY policy without rules matches nothing")
+        self.http_fields_on_tcp(loc, doc)
         if self.federation is None:
             return
         domains = {trust_domain(c, self.federation) for c in self.federation.clusters}
@@ -232,6 +251,44 @@ class _Checker:
                             f"trust domain {td!r} is not the federation's nor one of its "
                             f"clusters' (known: {', '.join(sorted(domains))})",
                         )
+
+    def http_fields_on_tcp(self, loc: Located, doc: s.AuthorizationPolicyDocument) -> None:
+        key = ServiceKey.parse_fqdn(doc.spec.host)
+        protocols = self.ports.get(key)
+        if not protocols:
+            return
+        for i, rule in enumerate(doc.spec.rules):
+            for j, to in enumerate(rule.to):
+                op = to.operation
+                named = [
+                    (name, values)
+                    for name, values in (
+                        ("methods", op.methods),
+                        ("notMethods", op.not_methods),
+                        ("paths", op.paths),
+                        ("notPaths", op.not_paths),
+                    )
+                    if values
+                ]
+                if not named:
+                    continue
+                applies = [
+                    p
+                    for p in (op.ports or sorted(protocols))
+                    if p not in op.not_ports and protocols.get(p, "") not in HTTP_PROTOCOLS
+                ]
+                tcp = [p for p in applies if p in protocols]
+                if not tcp:
+                    continue
+                field = named[0][0]
+                self.add(
+                    loc,
+                    ("spec", "rules", i, "to", j, "operation", field),
+                    f"{field} is an HTTP field, but the rule applies to port "
+                    f"{', '.join(map(str, tcp))} of {key.fqdn}, whose protocol is "
+                    f"{protocols[tcp[0]]}: name only HTTP, HTTP2 or GRPC ports in "
+                    "`ports` (Istio would silently ignore this rule)",
+                )
 
     # --- across documents ---------------------------------------------------------------------
 
@@ -273,10 +330,13 @@ class _Checker:
         return self.issues
 
 
-def check(located: Sequence[Located], federation_broken: bool = False) -> list[ConfigIssue]:
+def check(
+    located: Sequence[Located], federation_broken: bool = False, ports: PortProtocols | None = None
+) -> list[ConfigIssue]:
     """Every rule above, over every schema-valid document of a checkout.
 
     `federation_broken`: a Federation document exists but failed its schema, so references to
-    clusters cannot be checked (and are not reported as undeclared).
+    clusters cannot be checked (and are not reported as undeclared). `ports`: the catalog's
+    port protocols, for the HTTP-fields-on-a-TCP-port rule (None: not checked).
     """
-    return _Checker(located, federation_broken).run()
+    return _Checker(located, federation_broken, ports or {}).run()

@@ -163,11 +163,24 @@ def traffic_policy(
 
 
 def authorization_policy(doc: s.AuthorizationPolicyDocument) -> m.AuthorizationPolicy:
-    # Istio: a rule matches if any `from` AND any `to` match, so each list's union is the rule.
+    # Istio: a rule matches if any `from` AND any `to` match; inside each, every field must.
     rules = tuple(
         m.AuthorizationRule(
-            principals=tuple(dict.fromkeys(p for f in r.from_ for p in f.source.principals)),
-            ports=tuple(sorted({p for t in r.to for p in t.operation.ports})),
+            sources=tuple(
+                m.AuthzSource(tuple(f.source.principals), tuple(f.source.not_principals))
+                for f in r.from_
+            ),
+            operations=tuple(
+                m.AuthzOperation(
+                    ports=tuple(t.operation.ports),
+                    not_ports=tuple(t.operation.not_ports),
+                    methods=tuple(t.operation.methods),
+                    not_methods=tuple(t.operation.not_methods),
+                    paths=tuple(t.operation.paths),
+                    not_paths=tuple(t.operation.not_paths),
+                )
+                for t in r.to
+            ),
         )
         for r in doc.spec.rules
     )

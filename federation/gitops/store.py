@@ -33,22 +33,19 @@ from federation.gitops.errors import GitOpsError
 from federation.gitops.validate import DesiredConfig
 from federation.store import DEFAULT_TIMEOUT, TXN_ATTEMPTS, kv_service, unchanged_since
 from mesh.codec import (
-    authorization_from_json,
     authorization_to_json,
-    decode,
     dumps,
     loads,
     policy_to_json,
 )
-from mesh.errors import CodecError, MeshError
+from mesh.errors import CodecError
 from mesh.model import AuthorizationPolicy
-from mesh.naming import check_label
 
 _log = structlog.get_logger("fedgate.federation.gitops")
 
 CONFIG_PREFIX = keys.ROOT + "config/"
 POLICIES_PREFIX = keys.POLICIES_PREFIX
-AUTHORIZATION_PREFIX = CONFIG_PREFIX + "authorization/"
+AUTHORIZATION_PREFIX = keys.AUTHORIZATION_PREFIX
 FEDERATION_KEY = keys.FEDERATION_KEY
 COMMIT_KEY = CONFIG_PREFIX + "commit"
 REJECTION_KEY = CONFIG_PREFIX + "rejection"
@@ -62,7 +59,7 @@ class TransactionTooLargeError(GitOpsError):
 
 
 def authorization_key(policy: AuthorizationPolicy) -> str:
-    return f"{AUTHORIZATION_PREFIX}{policy.key.namespace}/{check_label(policy.name, 'name')}"
+    return keys.authorization_key(policy.key.namespace, policy.name)
 
 
 def is_managed(key: str) -> bool:
@@ -78,27 +75,6 @@ def desired_entries(config: DesiredConfig) -> dict[str, bytes]:
     if config.federation is not None:
         out[FEDERATION_KEY] = dumps(config.federation)
     return out
-
-
-def decode_authorization(
-    entries: Mapping[str, bytes],
-) -> tuple[tuple[AuthorizationPolicy, ...], tuple[tuple[str, str], ...]]:
-    """AuthorizationPolicies from raw /fedgate/config/ entries (for the controller), with the
-    (key, error) of every malformed one, which is skipped."""
-    out: list[AuthorizationPolicy] = []
-    problems: list[tuple[str, str]] = []
-    for key in sorted(entries):
-        if not key.startswith(AUTHORIZATION_PREFIX):
-            continue
-        try:
-            policy: AuthorizationPolicy = decode(entries[key], authorization_from_json, key)
-            if authorization_key(policy) != key:
-                raise ValueError(f"value is policy {policy.key.namespace}/{policy.name}")
-        except (ValueError, MeshError) as e:
-            problems.append((key, str(e)))
-            continue
-        out.append(policy)
-    return tuple(out), tuple(problems)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 
 from federation.errors import FederationError, StoreError
+from federation.gitops.checks import PortProtocols
 from federation.gitops.errors import GitError, SyncNotRunningError
 from federation.gitops.git import GitRepository, redact
 from federation.gitops.store import (
@@ -92,6 +93,7 @@ class GitOpsSync:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         fence: Callable[[], Sequence[Any]] = tuple,
         now: Callable[[], str] = _now,
+        ports: Callable[[], PortProtocols] = dict,
     ) -> None:
         self._repo = repo
         self._store = store
@@ -99,6 +101,7 @@ class GitOpsSync:
         self._poll = poll_interval
         self._fence = fence
         self._now = now
+        self._ports = ports  # the catalog's port protocols, for federation.gitops.checks
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[SyncOutcome]] = []
         self._running = False
@@ -203,7 +206,7 @@ class GitOpsSync:
         except GitError as e:
             log.warning("cannot read the commit", sha=head, error=str(e))
             return SyncOutcome("fetch-failed", head, str(e))
-        result = validate_files(files, problems)
+        result = validate_files(files, problems, self._ports())
         if result.config is None:
             return await self._reject(head, result, log)
         record = CommitRecord(head, self._repo.branch, info.subject, self._now())

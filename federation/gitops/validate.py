@@ -112,9 +112,12 @@ def _check_document(file: str, doc: ParsedDocument) -> tuple[Located | None, lis
 
 
 def validate_files(
-    files: Sequence[SourceFile], problems: Sequence[tuple[str, str]] = ()
+    files: Sequence[SourceFile],
+    problems: Sequence[tuple[str, str]] = (),
+    ports: checks.PortProtocols | None = None,
 ) -> ValidationResult:
-    """Validate a checkout's config files (and report `problems` found while reading them)."""
+    """Validate a checkout's config files (and report `problems` found while reading them);
+    `ports`: the catalog's port protocols, if known (federation.gitops.checks)."""
     issues = [ConfigIssue(path, 0, 0, "", reason) for path, reason in problems]
     located: list[Located] = []
     # Set when a Federation document (or a file that may hold one) failed before the rules ran.
@@ -140,7 +143,7 @@ def validate_files(
                 located.append(loc)
             elif isinstance(doc.data, dict) and doc.data.get("kind") == "Federation":
                 broken = True
-    issues.extend(checks.check(located, federation_broken=broken))
+    issues.extend(checks.check(located, federation_broken=broken, ports=ports))
     counts: dict[str, int] = {}
     for loc in located:
         counts[loc.model.kind] = counts.get(loc.model.kind, 0) + 1
@@ -148,10 +151,10 @@ def validate_files(
     return ValidationResult(len(files), counts, tuple(sorted(set(issues))), config)
 
 
-def validate_directory(root: Path) -> ValidationResult:
+def validate_directory(root: Path, ports: checks.PortProtocols | None = None) -> ValidationResult:
     """Validate the config files under `root`; raises RepositoryError if it cannot be read."""
     files, problems = read_directory(root)
-    return validate_files(files, problems)
+    return validate_files(files, problems, ports)
 
 
 def _desired(located: list[Located]) -> DesiredConfig:

@@ -9,12 +9,14 @@ from hypothesis import strategies as st
 
 from federation.gitops.validate import validate_files
 from mesh import codec
+from mesh.authz import authorized
 from mesh.errors import CodecError
 from mesh.model import (
     AuthorizationPolicy,
     AuthorizationRule,
+    AuthzOperation,
+    AuthzSource,
     Snapshot,
-    authorized,
     principal_matches,
 )
 from mesh.naming import ServiceKey
@@ -72,10 +74,18 @@ def test_authorization_follows_istio_semantics() -> None:
         "callers",
         ECHO,
         "ALLOW",
-        (AuthorizationRule(("spiffe://*.fedgate.local/ns/demo/sa/*",), (8080,)),),
+        (
+            AuthorizationRule(
+                (AuthzSource(("spiffe://*.fedgate.local/ns/demo/sa/*",)),),
+                (AuthzOperation((8080,)),),
+            ),
+        ),
     )
     deny = AuthorizationPolicy(
-        "no-west", ECHO, "DENY", (AuthorizationRule(("spiffe://west.fedgate.local/ns/demo/sa/*",)),)
+        "no-west",
+        ECHO,
+        "DENY",
+        (AuthorizationRule((AuthzSource(("spiffe://west.fedgate.local/ns/demo/sa/*",)),)),),
     )
     west = "spiffe://west.fedgate.local/ns/demo/sa/client"
     other_ns = "spiffe://east.fedgate.local/ns/prod/sa/client"
@@ -87,6 +97,21 @@ def test_authorization_follows_istio_semantics() -> None:
     assert not authorized((allow, deny), west, 8080)  # DENY wins
     assert authorized((deny,), CLIENT, 1)  # only DENY policies: the rest is allowed
     assert not authorized((AuthorizationPolicy("none", ECHO, "ALLOW", ()),), CLIENT, 8080)
+
+
+def test_the_json_before_l7_rules_still_decodes() -> None:
+    old = {
+        "namespace": "demo",
+        "service": "echo",
+        "name": "callers",
+        "action": "ALLOW",
+        "rules": [{"principals": [CLIENT], "ports": [8080]}, {"principals": [], "ports": []}],
+    }
+    policy = codec.authorization_from_json(old)
+    assert policy.rules == (
+        AuthorizationRule((AuthzSource((CLIENT,)),), (AuthzOperation((8080,)),)),
+        AuthorizationRule(),
+    )
 
 
 json_values = st.recursive(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from etcd3aio import Etcd3Client
 
+from federation.fedconfig import config_from_entries
 from federation.gitops.errors import GitError, SyncNotRunningError
 from federation.gitops.git import GitRepository, redact
 from federation.gitops.store import (
@@ -17,7 +18,6 @@ from federation.gitops.store import (
     FEDERATION_KEY,
     REJECTION_KEY,
     ConfigStore,
-    decode_authorization,
 )
 from federation.gitops.sync import GitOpsSync
 from federation.owned import NotLeaderError
@@ -77,7 +77,8 @@ async def test_a_commit_changing_weights_is_applied_in_one_transaction(
     # One transaction: the changed policy and the commit record share one revision, and the
     # authorization policy removed from the repository is gone from etcd.
     assert keys[ECHO_KEY][1] == keys[COMMIT_KEY][1]
-    assert decode_authorization({k: v for k, (v, _) in keys.items()}) == ((), ())
+    config, problems = config_from_entries({k: v for k, (v, _) in keys.items()})
+    assert (config.authorization, problems) == ((), ())
     assert FEDERATION_KEY in keys
     assert (await sync.sync_once()).result == "up-to-date"
     assert sync.counts["applied"] == 2

@@ -13,6 +13,8 @@ from federation.schema import json_schema
 from federation.schema_types import parse_duration
 from mesh.model import (
     AuthorizationRule,
+    AuthzOperation,
+    AuthzSource,
     ClusterWeight,
     Fault,
     FaultAbort,
@@ -71,10 +73,14 @@ def test_a_valid_checkout_becomes_the_runtime_config() -> None:
     assert authz.rules == (
         AuthorizationRule(
             (
-                "spiffe://east.fedgate.local/ns/demo/sa/client",
-                "spiffe://*.fedgate.local/ns/demo/sa/*",
+                AuthzSource(
+                    (
+                        "spiffe://east.fedgate.local/ns/demo/sa/client",
+                        "spiffe://*.fedgate.local/ns/demo/sa/*",
+                    )
+                ),
             ),
-            (8080,),
+            (AuthzOperation((8080,)),),
         ),
     )
     assert result.config.federation is not None
@@ -315,3 +321,40 @@ def test_retry_on_parses_conditions_and_status_codes() -> None:
 def test_published_json_schema_is_up_to_date() -> None:
     published = json.loads(SCHEMA_FILE.read_text())
     assert published == json_schema(), "run: fedgate config schema --out docs/schema/..."
+
+
+L7_ON_TCP = """\
+apiVersion: fedgate.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: redis-get, namespace: demo}
+spec:
+  host: redis.demo.svc.clusterset.local
+  rules:
+    - to:
+        - operation: {ports: [8080]}
+        - operation: {methods: [GET], paths: ["/x/*"]}
+"""
+
+
+def test_http_fields_on_a_tcp_port_are_rejected_naming_file_and_field() -> None:
+    redis = ServiceKey("demo", "redis")
+    # Offline (no catalog) the port protocols are unknown: nothing to say.
+    assert validate_files(files(authz__redis_yaml=L7_ON_TCP)).ok
+    ports = {redis: {6379: "TCP", 8080: "HTTP"}}
+    result = validate_files(files(authz__redis_yaml=L7_ON_TCP), ports=ports)
+    [issue] = result.issues
+    assert issue.file == "authz/redis.yaml"
+    assert issue.field == "spec.rules[0].to[1].operation.methods"
+    assert "port 6379 of redis.demo.svc.clusterset.local, whose protocol is TCP" in issue.reason
+    # Naming only the HTTP port makes the same rule valid.
+    only_http = L7_ON_TCP.replace("{methods: [GET]", "{ports: [8080], methods: [GET]")
+    assert validate_files(files(authz__redis_yaml=only_http), ports=ports).ok
+
+
+def test_l7_operation_fields_are_validated() -> None:
+    bad = L7_ON_TCP.replace('paths: ["/x/*"]', 'paths: ["/a*b"]').replace("[GET]", "[get]")
+    fields = {i.field for i in validate_files(files(a_yaml=bad)).issues}
+    assert fields == {
+        "spec.rules[0].to[1].operation.methods[0]",
+        "spec.rules[0].to[1].operation.paths[0]",
+    }
