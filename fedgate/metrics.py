@@ -203,6 +203,19 @@ def proxy_config_families(nacks: int, reconnects: int, failovers: int) -> Iterat
     )
 
 
+def authz_families(denials: Mapping[tuple[str, str], int]) -> Iterator[Metric]:
+    """The destination sidecar's AuthorizationPolicy refusals, by service and reason."""
+    c = CounterMetricFamily(
+        "fedgate_authz_denied",
+        "Calls (HTTP requests, gRPC calls, TCP streams) the destination sidecar refused by "
+        "AuthorizationPolicy; `reason` names the policy or says no ALLOW policy matched.",
+        labels=["service", "reason"],
+    )
+    for (service, reason), n in sorted(denials.items()):
+        c.add_metric([service, reason], n)
+    yield c
+
+
 def controller_families(status: Mapping[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "fedgate_controller_leader",

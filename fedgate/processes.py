@@ -627,4 +627,6 @@ async def _sidecar(
     )
     async with _telemetry(tel) as t:
         sidecar = Sidecar(settings, w.bootstrap.anchors, telemetry=t)
-        await run_proxy(w, sidecar)
+        await run_proxy(
+            w, sidecar, families=lambda: metrics.authz_families(sidecar.inbound.denials)
+        )
