@@ -23,6 +23,7 @@ from typing import Any
 from ca.bundle import TrustBundle
 from clusters.rig.echo import EchoControl, make_server
 from mesh.model import (
+    AuthorizationPolicy,
     ClusterInfo,
     Endpoint,
     GatewayAddress,
@@ -116,6 +117,7 @@ class HttpRig:
         policy: TrafficPolicy | None = None,
         endpoints: Sequence[Endpoint] | None = None,
         version: str = "v1",
+        authorization: Sequence[AuthorizationPolicy] = (),
     ) -> Snapshot:
         eps = tuple(endpoints if endpoints is not None else (p.endpoint for p in self.pods))
         svc = MergedService(
@@ -138,6 +140,7 @@ class HttpRig:
             services=(svc,),
             policies=(policy,) if policy is not None else (),
             trust_bundle=self.pki.bundle_map(),
+            authorization=tuple(authorization),
         )
 
     def apply(self, policy: TrafficPolicy | None = None, **kw: Any) -> None:
