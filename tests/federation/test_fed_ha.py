@@ -14,6 +14,7 @@ from etcd3aio import Etcd3Client
 from federation import keys
 from federation.api.client import ConfigClient
 from federation.controller import Controller, ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.etcd import open_client
 from federation.liveness import DampingSettings
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
@@ -48,7 +49,7 @@ class Replica:
         settings = ControllerSettings(
             replica=self.name, debounce=0.02, leader_ttl=TTL, damping=FAST_DAMPING
         )
-        self.controller = Controller(self.client, self.publisher, settings=settings)
+        self.controller = etcd_controller(self.client, self.publisher, settings=settings)
         servicer = ConfigDiscoveryServicer(self.publisher, replica=self.name)
         self.server = await serve(servicer, f"127.0.0.1:{port}", None)
         self.task = asyncio.create_task(self.controller.run(), name=f"test:ctl:{self.name}")
