@@ -106,9 +106,12 @@ class MemoryWriter:
     raises that error once.
     """
 
-    def __init__(self, store: MemoryStore, replica: str = "r1", *, always: bool = False) -> None:
+    def __init__(
+        self, store: MemoryStore, replica: str = "r1", *, always: bool = False, other: str = ""
+    ) -> None:
         self._store = store
         self._replica = replica
+        self._other = other  # the leader seen while following ("" none)
         self._always = always
         self._leading = always
         self._term = 0
@@ -131,7 +134,7 @@ class MemoryWriter:
 
     @property
     def leader_id(self) -> str:
-        return self._replica if self._leading else ""
+        return self._replica if self._leading else self._other
 
     async def run(self, on_change: Callable[[bool], None]) -> None:
         self._on_change = on_change
