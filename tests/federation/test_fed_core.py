@@ -216,7 +216,7 @@ async def test_a_failed_vip_allocation_is_retried() -> None:
     r.writer.fail["ensure_vips"] = StoreError("etcd unavailable")
     east_and_west(r.store, ECHO)
     async with running(r):
-        await until(lambda: r.vip(ECHO) == "10.255.0.1")  # after the retry timer
+        await until(lambda: r.vip(ECHO) == "10.255.0.1")  # at the next sync
         assert r.writer.calls.count("ensure_vips") == 2
 
 
