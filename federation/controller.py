@@ -20,11 +20,11 @@ so every replica routes to the same clusters, and a service whose VIP the leader
 allocated yet carries an empty VIP until it has. Versions are content hashes, so replicas
 agree on them and a proxy can move between replicas without a resend.
 
-The first sync of a term (a term the last leader duties did not run in, however leadership
-came and went meanwhile, even during a sync) starts over: the damping records are taken from
-the last leader, the seed is written, every live service without a VIP gets one (not only the
-services that sync touches: a service merged while no replica led has none), and the status
-is rewritten in full.
+The first sync of each term starts the leader duties over: the damping records are taken
+from the last leader, the seed is written, every live service without a VIP gets one (not
+only the services that sync touches: a service merged while no replica led has none), and the
+status is rewritten in full. A term is known by its number, not by a flag, so leadership lost
+and regained while a sync is in flight still starts the new term over.
 
 The config (`FederationConfig`: policies, deny list, commit, other GitOps documents) is read
 from /fedgate/config/ through the same watch; `seed_policies` (the config directory) are
@@ -68,7 +68,11 @@ RETRY_MAX = 5.0
 
 @dataclass(frozen=True, slots=True)
 class ControllerSettings:
-    """One replica's settings (parsed once by fedgate/); the election's are the adapter's."""
+    """One replica's settings (parsed once by fedgate/).
+
+    `grpc_address`, `admin_address`, `leader_ttl` and `elect` are read by the adapters that
+    build the `LeaderWriter` (federation.controller_etcd.etcd_ports), not by the loop.
+    """
 
     replica: str = "controller"  # unique per replica: the leader record names it
     grpc_address: str = ""  # advertised in the leader record, for operators
