@@ -20,6 +20,8 @@ from federation import keys
 from federation.controller import Controller, ControllerSettings
 from federation.controller_ports import EventFeed, LeaderWriter, SnapshotSink
 from federation.errors import StoreError
+from federation.liveness import SUPPRESSED, ClusterLiveness
+from federation.status import liveness_entries
 from mesh.clock import FakeClock
 from mesh.codec import loads
 from mesh.model import ClusterWeight, TrafficPolicy
@@ -318,3 +320,42 @@ async def test_leadership_lost_and_regained_within_one_sync_starts_the_new_term_
         # The new term's first sync did the new-leader duties, seed included.
         await until(lambda: r.writer.calls.count("seed_policies") == 2)
         assert r.ctl.status()["term"] == r.writer.term
+
+
+async def test_followers_and_a_new_leader_damp_with_the_last_leaders_records() -> None:
+    r = replica()
+    now = FakeClock().now()  # the replica's clock
+    held = ClusterLiveness("west", SUPPRESSED, 5000.0, now, now, losses=3)
+    r.store.write(liveness_entries([held]))  # the last leader held west out
+    east_and_west(r.store, ECHO)
+    async with running(r):
+        await until(lambda: r.vip(ECHO) == "")
+        snapshot = r.ctl.current()
+        assert snapshot is not None
+        assert [c.name for c in snapshot.clusters] == ["east"]
+        r.writer.gain()
+        await until(lambda: bool(r.vip(ECHO)) and r.status(ECHO) is not None)
+        snapshot = r.ctl.current()
+        assert snapshot is not None
+        assert [c.name for c in snapshot.clusters] == ["east"]  # still held out
+        record = loads(r.store.data[keys.cluster_status_key("west")], "liveness")
+        assert (record["state"], record["losses"]) == (SUPPRESSED, 3)
+
+
+async def test_a_reload_in_the_middle_of_a_leader_sync() -> None:
+    r = replica()
+    east_and_west(r.store, ECHO)
+    r.writer.gain()
+    async with running(r):
+        await until(lambda: r.status(ECHO) is not None)
+        gate = r.writer.hold("ensure_vips")
+        east_and_west(r.store, ECHO, WEB)
+        await r.writer.entered["ensure_vips"].wait()
+        # While the allocation is in flight, the feed loses history; echo is gone by then.
+        del r.store.data[keys.export_key("east", ECHO)]
+        del r.store.data[keys.export_key("west", ECHO)]
+        r.feed.lose_history()
+        del r.writer.gates["ensure_vips"]
+        gate.set()
+        await until(lambda: r.vip(ECHO) is None and bool(r.vip(WEB)))
+        await until(lambda: r.status(ECHO) is None and r.status(WEB) is not None)
