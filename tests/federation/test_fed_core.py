@@ -108,6 +108,29 @@ def east_and_west(store: MemoryStore, *services: ServiceKey) -> None:
     )
 
 
+@contextlib.asynccontextmanager
+async def leading_with_echo(
+    seed: tuple[TrafficPolicy, ...] | None = None,
+) -> AsyncIterator[Replica]:
+    """A running replica that leads, with echo merged, its VIP allocated and its status written."""
+    r = replica(seed=seed)
+    east_and_west(r.store, ECHO)
+    r.writer.gain()
+    async with running(r):
+        await until(lambda: bool(r.vip(ECHO)) and r.status(ECHO) is not None)
+        yield r
+
+
+async def export_web_held_in(r: Replica, call: str) -> asyncio.Event:
+    """Export web and hold the sync that follows inside the writer's `call`; set the gate to
+    let that call go on (later calls are not held)."""
+    gate = r.writer.hold(call)
+    east_and_west(r.store, ECHO, WEB)
+    await r.writer.entered[call].wait()
+    del r.writer.gates[call]
+    return gate
+
+
 # --- one replica --------------------------------------------------------------------------
 
 
@@ -252,14 +275,8 @@ async def test_leadership_gained_in_the_middle_of_a_follower_sync() -> None:
 
 
 async def test_leadership_lost_in_the_middle_of_a_vip_allocation() -> None:
-    r = replica()
-    east_and_west(r.store, ECHO)
-    r.writer.gain()
-    async with running(r):
-        await until(lambda: bool(r.vip(ECHO)) and r.status(ECHO) is not None)
-        gate = r.writer.hold("ensure_vips")
-        east_and_west(r.store, ECHO, WEB)
-        await r.writer.entered["ensure_vips"].wait()
+    async with leading_with_echo() as r:
+        gate = await export_web_held_in(r, "ensure_vips")
         r.writer.lose()  # another replica leads before the allocation lands: fenced out
         gate.set()
         # The sync still publishes the merged view, without the VIP it could not allocate.
@@ -274,7 +291,6 @@ async def test_leadership_lost_in_the_middle_of_a_vip_allocation() -> None:
         assert r.status(WEB) is None
         assert WEB not in r.store.vips()
         # Leading again, it allocates what is missing and writes every status.
-        del r.writer.gates["ensure_vips"]
         r.writer.gain()
         await until(lambda: bool(r.vip(WEB) and r.vip(API)))
         await until(lambda: r.status(API) is not None and r.status(WEB) is not None)
@@ -282,20 +298,13 @@ async def test_leadership_lost_in_the_middle_of_a_vip_allocation() -> None:
 
 
 async def test_leadership_lost_in_the_middle_of_a_status_write() -> None:
-    r = replica()
-    east_and_west(r.store, ECHO)
-    r.writer.gain()
-    async with running(r):
-        await until(lambda: r.status(ECHO) is not None)
-        gate = r.writer.hold("write_status")
-        east_and_west(r.store, ECHO, WEB)
-        await r.writer.entered["write_status"].wait()
+    async with leading_with_echo() as r:
+        gate = await export_web_held_in(r, "write_status")
         r.writer.lose()
         gate.set()
         await settle()
         assert r.status(WEB) is None  # the write was fenced out
         assert r.vip(WEB)  # allocated before the loss
-        del r.writer.gates["write_status"]
         reads = r.writer.calls.count("read_status")
         r.writer.gain()
         await until(lambda: r.status(WEB) is not None)
@@ -303,18 +312,11 @@ async def test_leadership_lost_in_the_middle_of_a_status_write() -> None:
 
 
 async def test_leadership_lost_and_regained_within_one_sync_starts_the_new_term_over() -> None:
-    r = replica(seed=(POLICY,))
-    east_and_west(r.store, ECHO)
-    r.writer.gain()
-    async with running(r):
-        await until(lambda: r.status(ECHO) is not None)
+    async with leading_with_echo(seed=(POLICY,)) as r:
         assert r.writer.calls.count("seed_policies") == 1
-        gate = r.writer.hold("ensure_vips")
-        east_and_west(r.store, ECHO, WEB)
-        await r.writer.entered["ensure_vips"].wait()
+        gate = await export_web_held_in(r, "ensure_vips")
         r.writer.lose()
         r.writer.gain()  # a new term begins while the old term's allocation is in flight
-        del r.writer.gates["ensure_vips"]
         gate.set()
         await until(lambda: bool(r.vip(WEB)) and r.status(WEB) is not None)
         # The new term's first sync did the new-leader duties, seed included.
@@ -343,19 +345,12 @@ async def test_followers_and_a_new_leader_damp_with_the_last_leaders_records() -
 
 
 async def test_a_reload_in_the_middle_of_a_leader_sync() -> None:
-    r = replica()
-    east_and_west(r.store, ECHO)
-    r.writer.gain()
-    async with running(r):
-        await until(lambda: r.status(ECHO) is not None)
-        gate = r.writer.hold("ensure_vips")
-        east_and_west(r.store, ECHO, WEB)
-        await r.writer.entered["ensure_vips"].wait()
+    async with leading_with_echo() as r:
+        gate = await export_web_held_in(r, "ensure_vips")
         # While the allocation is in flight, the feed loses history; echo is gone by then.
         del r.store.data[keys.export_key("east", ECHO)]
         del r.store.data[keys.export_key("west", ECHO)]
         r.feed.lose_history()
-        del r.writer.gates["ensure_vips"]
         gate.set()
         await until(lambda: r.vip(ECHO) is None and bool(r.vip(WEB)))
         await until(lambda: r.status(ECHO) is None and r.status(WEB) is not None)
