@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from federation import keys
 from federation.api.session import Accepted, ClientSession, NodeInfo, ServerSession
 from federation.catalog import CatalogView
-from federation.controller import Controller, ControllerSettings
+from federation.controller import ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.etcd import open_client
 from federation.generate import generate
 from federation.merge import merge
@@ -224,7 +225,7 @@ async def run(endpoint: str, args: argparse.Namespace) -> None:
     settings = ControllerSettings(
         replica="bench", debounce=args.debounce, elect=False, freeze_gc=not args.no_freeze
     )
-    ctl = Controller(client, publisher, settings=settings)
+    ctl = etcd_controller(client, publisher, settings=settings)
     # The controller as it runs: its watch loads, its first sync merges everything.
     runner = asyncio.create_task(ctl.run(), name="bench:controller")
     while not ctl.ready:  # noqa: ASYNC110 - the controller's own state

@@ -4,7 +4,10 @@
   snapshot generation, TrafficPolicy YAML).
 - `etcd`, `store`, `owned`: the etcd adapters (client opening and error translation; agents'
   leased catalog and the controller's read/watch side; controller-owned VIPs and policies).
-- `server`, `controller`: distribution (gRPC servicer, per-stream bounded queues) and the loop.
+- `server`: distribution (gRPC servicer, per-stream bounded queues).
+- `controller`, `controller_ports`, `controller_status`: the loop, a core without etcd or gRPC
+  that takes ports (an event feed, a leader-only writer, a snapshot sink) and writes status
+  back through them; `controller_etcd`: its etcd adapters and wiring.
 - `catalog`, `liveness`, `fedconfig`, `status`: pure (the in-memory view of /fedgate/ fed by
   watch events, cluster liveness with flap damping, the config read from /fedgate/config/,
   the status records the leader writes back); `leader`: election and write fencing;

@@ -44,6 +44,22 @@ class KeyEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Loaded:
+    """Every key under the prefix at `revision`: replace the whole view."""
+
+    events: tuple[KeyEvent, ...]
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """The events of one watch response, in revision order."""
+
+    events: tuple[KeyEvent, ...]
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     key: str
     revision: int

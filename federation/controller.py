@@ -1,22 +1,30 @@
-"""The controller loop: /fedgate/ in etcd -> merged, versioned snapshot -> config streams.
+"""The controller loop, the core: events of /fedgate/ -> merged, versioned snapshot -> sink.
 
-One replica of several. Each replica keeps an in-memory view of /fedgate/ (federation.catalog)
-fed by one watch (federation.store.EtcdWatcher: a consistent load, then events, resumed from
-the last revision on any etcd member), and serves config streams from its own snapshot. After
-a batch of changes (debounced: the first change in a quiet period waits `debounce` seconds, so
-a burst costs one sync) it syncs:
+One replica of several. The core takes ports (federation.controller_ports) and imports no etcd
+or gRPC (an import-linter contract checks it); the etcd adapters are federation.controller_etcd.
+Each replica keeps an in-memory view of /fedgate/ (federation.catalog) fed by an `EventFeed`
+(over etcd: one watch, a consistent load, then events, resumed from the last revision on any
+member), and serves config streams from its own snapshot. After a batch of changes (debounced:
+the first change in a quiet period waits `debounce` seconds, so a burst costs one sync) it
+syncs:
 
     liveness (flap damping) -> [leader: allocate missing VIPs] -> re-merge the services the
     batch touched (pure) -> generate (pure, unchanged services cost nothing) -> publish
     -> [leader: write status back]
 
-Only the elected leader (federation.leader) writes, and every write is fenced by its term:
+Only the leader writes, through the `LeaderWriter`, and every write is fenced by its term:
 VIPs, the policy seed (while no GitOps commit exists), cluster liveness records, the MCS
 conditions of every service and the config status. Followers compute the same snapshot from
-the same etcd state; they take the damping records from the leader (`/fedgate/status/
-clusters/`) so every replica routes to the same clusters, and a service whose VIP the leader
-has not allocated yet carries an empty VIP until it has. Versions are content hashes, so
-replicas agree on them and a proxy can move between replicas without a resend.
+the same state; they take the damping records from the leader (`/fedgate/status/clusters/`)
+so every replica routes to the same clusters, and a service whose VIP the leader has not
+allocated yet carries an empty VIP until it has. Versions are content hashes, so replicas
+agree on them and a proxy can move between replicas without a resend.
+
+The first sync of each term starts the leader duties over: the damping records are taken
+from the last leader, the seed is written, every live service without a VIP gets one (not
+only the services that sync touches: a service merged while no replica led has none), and the
+status is rewritten in full. A term is known by its number, not by a flag, so leadership lost
+and regained while a sync is in flight still starts the new term over.
 
 The config (`FederationConfig`: policies, deny list, commit, other GitOps documents) is read
 from /fedgate/config/ through the same watch; `seed_policies` (the config directory) are
@@ -32,35 +40,22 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from etcd3aio import Etcd3Client
 
-from federation import keys
 from federation.aio import wait_event
 from federation.api.delta import FragmentCache
-from federation.catalog import CatalogView, Changes, KeyEvent, Problem
-from federation.errors import StoreError
+from federation.catalog import CatalogView, Changed, Changes, KeyEvent, Loaded, Problem
+from federation.controller_ports import EventFeed, LeaderWriter, SnapshotSink
+from federation.controller_status import StatusWriteBack
+from federation.errors import NotLeaderError, StoreError
 from federation.generate import generate
-from federation.leader import LeaderElection
 from federation.liveness import DampingSettings, Liveness
 from federation.merge import merge_service
-from federation.owned import ControllerStore, NotLeaderError
-from federation.server import SnapshotPublisher
-from federation.status import (
-    LeaderRecord,
-    changed_keys,
-    config_status_json,
-    liveness_entries,
-    service_entry,
-)
-from federation.store import Changed, EtcdWatcher, Loaded, load_prefix
 from mesh.clock import SystemClock
-from mesh.codec import dumps, loads
-from mesh.errors import CodecError
 from mesh.interfaces import Clock
 from mesh.model import MergedService, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey
@@ -73,7 +68,11 @@ RETRY_MAX = 5.0
 
 @dataclass(frozen=True, slots=True)
 class ControllerSettings:
-    """One replica's settings (parsed once by fedgate/)."""
+    """One replica's settings (parsed once by fedgate/).
+
+    `grpc_address`, `admin_address`, `leader_ttl` and `elect` are read by the adapters that
+    build the `LeaderWriter` (federation.controller_etcd.etcd_ports), not by the loop.
+    """
 
     replica: str = "controller"  # unique per replica: the leader record names it
     grpc_address: str = ""  # advertised in the leader record, for operators
@@ -102,28 +101,22 @@ class SyncStats:
 class Controller:
     def __init__(
         self,
-        client: Etcd3Client,
-        publisher: SnapshotPublisher,
+        feed: EventFeed,
+        writer: LeaderWriter,
+        publisher: SnapshotSink,
         *,
         settings: ControllerSettings | None = None,
         seed_policies: Sequence[TrafficPolicy] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.settings = s = settings or ControllerSettings()
-        self._client = client
+        self._feed = feed
+        self._writer = writer
         self._publisher = publisher
         self._seed = tuple(seed_policies) if seed_policies is not None else None
         self._clock = clock or SystemClock()
-        self.election: LeaderElection | None = None
-        if s.elect:
-            record = LeaderRecord(s.replica, s.grpc_address, s.admin_address)
-            self.election = LeaderElection(
-                client, record, ttl=s.leader_ttl, on_change=self._leadership_changed
-            )
-        self._owned = ControllerStore(client, fence=self.election)
         self.view = CatalogView()
         self.liveness = Liveness(s.damping)
-        self._watcher = EtcdWatcher(client, keys.ROOT)
         self._loaded = False
         self._loaded_event = asyncio.Event()  # the first consistent load is in the view
         self._pending = Changes()
@@ -133,9 +126,9 @@ class Controller:
         self._fragments = FragmentCache()
         self._current: Snapshot | None = None
         self._dirty = asyncio.Event()
-        self._lead_pending = not s.elect  # leader duties to (re)start at the next sync
-        self._status_cache: dict[str, bytes] | None = None  # what the status keys hold
-        self._status_dirty: set[ServiceKey] = set()
+        self._led_term: int | None = None  # the term the leader duties last started in
+        self._seed_due = False  # the seed failed in this term: retry it
+        self._status = StatusWriteBack(writer, s.replica)
         self._vipless: set[ServiceKey] = set()  # live services whose VIP allocation failed
         self._write_retry_at = 0.0
         self._reported: set[tuple[str, int]] = set()
@@ -153,19 +146,14 @@ class Controller:
 
     @property
     def is_leader(self) -> bool:
-        return self.election is None or self.election.is_leader
+        return self._writer.is_leader
 
     def status(self) -> dict[str, Any]:
-        leader = self.election.leader if self.election else None
         return {
             "replica": self.settings.replica,
             "leader": self.is_leader,
-            "leaderReplica": leader.id
-            if leader
-            else ""
-            if self.election
-            else self.settings.replica,
-            "term": self.election.term if self.election else 0,
+            "leaderReplica": self._writer.leader_id,
+            "term": self._writer.term,
             "revision": self.view.revision,
             "admitted": sorted(self._admitted),
             "liveness": {
@@ -176,17 +164,18 @@ class Controller:
             "syncs": self.stats.syncs,
             "syncFailures": self.stats.failures,
             "lastSyncSeconds": round(self.stats.last_seconds, 6),
-            "watchResumes": self._watcher.resumes,
-            "watchReloads": self._watcher.reloads,
+            "watchResumes": self._feed.resumes,
+            "watchReloads": self._feed.reloads,
         }
 
     # --- the loops ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow etcd, sync on changes, (if elected) lead; runs until cancelled."""
+        """Follow the feed, sync on changes, (if elected) lead; runs until cancelled."""
         async with asyncio.TaskGroup() as group:
-            if self.election is not None:
-                group.create_task(self.election.run(), name="controller:election")
+            group.create_task(
+                self._writer.run(self._leadership_changed), name="controller:election"
+            )
             group.create_task(self._follow(), name="controller:watch")
             while True:
                 await self._wait_for_work()
@@ -199,11 +188,11 @@ class Controller:
     async def sync(self) -> Snapshot:
         """One load and one sync, without the watch (tools, tests)."""
         if not self._loaded:
-            self._apply(await load_prefix(self._client, keys.ROOT))
+            self._apply(await self._feed.load())
         return await self._sync_once()
 
     async def _follow(self) -> None:
-        async with contextlib.aclosing(self._watcher.batches()) as batches:
+        async with contextlib.aclosing(self._feed.batches()) as batches:
             async for batch in batches:
                 self._apply(batch)
 
@@ -225,8 +214,7 @@ class Controller:
             self._dirty.set()
 
     def _leadership_changed(self, leading: bool) -> None:
-        self._lead_pending = leading
-        self._status_cache = None
+        self._status.forget()
         self._dirty.set()
 
     async def _wait_for_work(self) -> None:
@@ -250,10 +238,14 @@ class Controller:
         self._write_retry_at = 0.0
         now = self._clock.now()
         leading = self.is_leader
-        if self._lead_pending or not leading:
+        # Leader duties of a term start over at its first sync, whatever happened in between.
+        new_term = leading and self._writer.term != self._led_term
+        if leading:
+            self._led_term = self._writer.term
+        if new_term or not leading:
             # A follower damps with the leader's records; a new leader starts from them.
             self.liveness.restore(self.view.liveness.values())
-        if leading and self._lead_pending and self._seed is not None:
+        if leading and (new_term or self._seed_due) and self._seed is not None:
             await self._write_seed(changes)
         admitted = self.liveness.observe(self.view.infos.keys(), now)
         dirty = set(changes.services)
@@ -268,7 +260,7 @@ class Controller:
             }
         self._admitted = admitted
         if leading:
-            dirty |= await self._allocate_vips(dirty)
+            dirty |= await self._allocate_vips(dirty, everything=new_term)
         for key in dirty:
             self._remerge(key)
         self.stats.merged = len(dirty)
@@ -296,8 +288,8 @@ class Controller:
             gc.collect()
             gc.freeze()
         if leading:
-            self._status_dirty |= dirty
-            await self._lead(snapshot)
+            self._status.touch(dirty)
+            await self._lead(snapshot, new_term)
         return snapshot
 
     def _remerge(self, key: ServiceKey) -> None:
@@ -309,14 +301,16 @@ class Controller:
         if self._merged.get(key) != merged:  # keep the old object: its encoding is cached
             self._merged[key] = merged
 
-    async def _allocate_vips(self, dirty: set[ServiceKey]) -> set[ServiceKey]:
+    async def _allocate_vips(self, dirty: set[ServiceKey], *, everything: bool) -> set[ServiceKey]:
         """Allocate VIPs to live services without one; the services whose VIP changed.
 
-        Only services this sync touches can newly lack one (a full sync touches all); those a
-        failed allocation left without one are retried (`_vipless`).
+        In a term, only services a sync touches can newly lack one (a full sync touches all);
+        those a failed allocation left without one are retried (`_vipless`). The first sync of
+        a term looks at `everything`: services merged while no replica led have none.
         """
-        vips, live = self.view.vips, self._admitted
-        candidates = dirty | self._vipless
+        vips: Mapping[ServiceKey, str] = self.view.vips
+        live = self._admitted
+        candidates = set(self.view.exports) if everything else dirty | self._vipless
         missing = {
             k
             for k in candidates
@@ -326,7 +320,7 @@ class Controller:
         if not missing:
             return set()
         try:
-            vips = await self._owned.ensure_vips(missing)
+            vips = await self._writer.ensure_vips(missing)
         except (StoreError, NotLeaderError) as e:
             _log.warning("VIP allocation failed, retrying", error=str(e))
             self._write_retry_at = self._clock.now() + RETRY_INITIAL
@@ -339,13 +333,19 @@ class Controller:
 
     # --- leader duties ------------------------------------------------------------------------
 
-    async def _lead(self, snapshot: Snapshot) -> None:
+    async def _lead(self, snapshot: Snapshot, new_term: bool) -> None:
         try:
-            if self._lead_pending:
-                self._status_cache = None
-                self._lead_pending = False
+            if new_term:
+                self._status.forget()
             if self.settings.write_status:
-                await self._write_status(snapshot)
+                self.stats.status_writes += await self._status.write(
+                    snapshot,
+                    self._merged,
+                    self.view,
+                    self.liveness.persistable().values(),
+                    self._admitted,
+                    self._clock.now(),
+                )
         except NotLeaderError as e:
             _log.warning("lost leadership while writing", error=str(e))
         except StoreError as e:
@@ -355,13 +355,15 @@ class Controller:
 
     async def _write_seed(self, changes: Changes) -> None:
         """Seed /fedgate/config/policies/ (no GitOps commit yet) and take it in at once."""
+        self._seed_due = False
         try:
-            if not await self._owned.write_policies(self._seed or (), seed=True):
-                return
-            entries = await self._owned.read(keys.CONFIG_PREFIX)
+            entries = await self._writer.seed_policies(self._seed or ())
         except (StoreError, NotLeaderError) as e:
             _log.warning("policy seed failed, retrying", error=str(e))
             self._write_retry_at = self._clock.now() + RETRY_INITIAL
+            self._seed_due = True
+            return
+        if entries is None:
             return
         events = [KeyEvent(k, v, self.view.revision) for k, v in entries.items()]
         events += [
@@ -370,56 +372,6 @@ class Controller:
             if k not in entries
         ]
         changes.update(self.view.apply(events))
-
-    async def _write_status(self, snapshot: Snapshot) -> None:
-        full = self._status_cache is None
-        if self._status_cache is None:
-            self._status_cache = await self._owned.read(keys.STATUS_PREFIX)
-            self._status_dirty = set(self._merged) | {
-                keys.parse_service_key(keys.SERVICE_STATUS_PREFIX, k)
-                for k in self._status_cache
-                if k.startswith(keys.SERVICE_STATUS_PREFIX) and _is_service_key(k)
-            }
-        cache = self._status_cache
-        wanted = liveness_entries(self.liveness.persistable().values())
-        puts, deletes = changed_keys(
-            {k: v for k, v in cache.items() if k.startswith(keys.CLUSTER_STATUS_PREFIX)},
-            wanted,
-            keys.CLUSTER_STATUS_PREFIX,
-        )
-        for key in self._status_dirty:
-            status_key = keys.service_status_key(key)
-            service = self._merged.get(key)
-            if service is None:
-                if status_key in cache:
-                    deletes.append(status_key)
-                continue
-            exports = self.view.exports_of(key, service.clusters)
-            _, value = service_entry(service, exports)
-            if cache.get(status_key) != value:
-                puts[status_key] = value
-        config = self.view.config()
-        leader = self.settings.replica
-        config_value = dumps(
-            config_status_json(
-                snapshot.version,
-                config.commit,
-                leader,
-                self.view.revision,
-                self._admitted,
-                len(snapshot.services),
-                sum(len(s.endpoints) for s in snapshot.services),
-                self._clock.now(),
-            )
-        )
-        if full or _version_of(cache.get(keys.CONFIG_STATUS_KEY)) != snapshot.version:
-            puts[keys.CONFIG_STATUS_KEY] = config_value
-        if puts or deletes:
-            self.stats.status_writes += await self._owned.write_status(puts, deletes)
-        cache.update(puts)
-        for k in deletes:
-            cache.pop(k, None)
-        self._status_dirty = set()
 
     def _report(self, problems: list[Problem]) -> None:
         for p in problems:
@@ -430,20 +382,3 @@ class Controller:
                 )
         if len(self._reported) > 10_000:
             self._reported.clear()
-
-
-def _is_service_key(key: str) -> bool:
-    try:
-        keys.parse_service_key(keys.SERVICE_STATUS_PREFIX, key)
-    except ValueError:
-        return False
-    return True
-
-
-def _version_of(raw: bytes | None) -> str:
-    if raw is None:
-        return ""
-    try:
-        return str(loads(raw, "config status").get("version", ""))
-    except CodecError:
-        return ""

@@ -29,5 +29,9 @@ class StoreConflictError(StoreError):
     """A compare-and-swap transaction kept losing to concurrent writers."""
 
 
+class NotLeaderError(FederationError):
+    """A leader-only write was attempted by a replica that is not (or no longer) the leader."""
+
+
 class PolicyFileError(FederationError):
     """A policy YAML document is invalid; the message names the file and the field."""

@@ -35,9 +35,8 @@ from etcd3aio import Etcd3Client
 
 from federation import keys
 from federation.aio import wait_event
-from federation.errors import FederationError, StoreError
+from federation.errors import FederationError, NotLeaderError, StoreError
 from federation.etcd import store_errors
-from federation.owned import NotLeaderError
 from federation.status import LeaderRecord
 from federation.store import DEFAULT_TIMEOUT, kv_service, renew_lease, watch_stream
 

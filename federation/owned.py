@@ -26,7 +26,7 @@ import structlog
 from etcd3aio import Etcd3Client, prefix_range_end
 
 from federation import keys
-from federation.errors import FederationError, StoreConflictError
+from federation.errors import NotLeaderError, StoreConflictError
 from federation.etcd import store_errors
 from federation.store import (
     DEFAULT_TIMEOUT,
@@ -45,10 +45,6 @@ from mesh.naming import ServiceKey
 _log = structlog.get_logger("fedgate.federation.owned")
 
 VIP_BATCH = 100  # services per allocation transaction (each costs a compare and a put)
-
-
-class NotLeaderError(FederationError):
-    """A leader-only write was attempted by a replica that is not (or no longer) the leader."""
 
 
 class Fence(Protocol):

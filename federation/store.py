@@ -9,9 +9,10 @@
   simply stops renewing: its keys expire after TTL.
 - `EtcdCatalogState` (mesh.interfaces.CatalogState) decodes every key under
   `/fedgate/clusters/` and watches the prefix, resuming from the last revision it saw.
-- `EtcdWatcher` is the controller's incremental feed: every key under a prefix at one revision
-  (paged), then the watch's events in order (federation.catalog applies them), resuming after
-  a failure from the revision after the last event it delivered, on any member of the cluster.
+- `EtcdWatcher` is the controller's incremental feed (federation.controller_ports.EventFeed):
+  every key under a prefix at one revision (paged), then the watch's events in order
+  (federation.catalog applies them), resuming after a failure from the revision after the last
+  event it delivered, on any member of the cluster.
 
 Keys are written by agents of other clusters, so the reader trusts nothing: a key off the
 layout, a value that does not decode, or one that names another cluster than its key (an export
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
@@ -45,7 +45,7 @@ from etcd3aio.lease import LeaseService
 from etcd3aio.watch import WatchService
 
 from federation import keys
-from federation.catalog import KeyEvent
+from federation.catalog import Changed, KeyEvent, Loaded
 from federation.errors import (
     LeaseLostError,
     StoreConflictError,
@@ -429,22 +429,6 @@ EVENT_DELETE = 1  # mvccpb.Event.EventType
 REQUIRE_LEADER = (("hasleader", "true"),)
 
 
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """Every key under the prefix at `revision`: replace the whole view."""
-
-    events: tuple[KeyEvent, ...]
-    revision: int
-
-
-@dataclass(frozen=True, slots=True)
-class Changed:
-    """The events of one watch response, in revision order."""
-
-    events: tuple[KeyEvent, ...]
-    revision: int
-
-
 async def load_prefix(
     client: Etcd3Client,
     prefix: str,
@@ -554,6 +538,10 @@ class EtcdWatcher:
         self.revision = 0
         self.resumes = 0
         self.reloads = 0
+
+    async def load(self) -> Loaded:
+        """One load of every key under the prefix, without retries (tools, one-shot syncs)."""
+        return await load_prefix(self._client, self._prefix, timeout=self._timeout)
 
     async def _load(self) -> Loaded:
         delay = self._backoff[0]

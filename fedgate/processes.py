@@ -149,6 +149,7 @@ async def _controller(
     gateway_metrics_port: int = 15020,
 ) -> None:
     from federation.controller import Controller, ControllerSettings
+    from federation.controller_etcd import etcd_ports
     from federation.etcd import open_client
     from federation.gitops.checks import port_protocols
     from federation.gitops.store import ConfigStore
@@ -169,7 +170,9 @@ async def _controller(
         leader_ttl=leader_ttl,
         freeze_gc=True,
     )
-    ctl = Controller(client, publisher, settings=settings, seed_policies=seed)
+    feed, writer = etcd_ports(client, settings)
+    election = writer.election  # the GitOps sync applies commits under the same fence
+    ctl = Controller(feed, writer, publisher, settings=settings, seed_policies=seed)
 
     def bundle() -> TrustBundle:
         return snapshot_bundle(ctl.current())  # roots and deny list
@@ -179,7 +182,6 @@ async def _controller(
     )
     sync: GitOpsSync | None = None
     if gitops is not None:
-        election = ctl.election
         fence: Callable[[], Sequence[Any]] = election.fence if election is not None else tuple
         sync = GitOpsSync.from_settings(
             gitops, ConfigStore(client), fence=fence, ports=lambda: port_protocols(ctl.current())
@@ -203,7 +205,7 @@ async def _controller(
 
         async def trigger() -> dict[str, Any]:
             # The webhook: a push notification makes the leader fetch now, not at the next poll.
-            if ctl.election is not None and not ctl.election.is_leader:
+            if election is not None and not election.is_leader:
                 return {"result": "not-leader", "leader": ctl.status().get("leader")}
             outcome = await asyncio.wait_for(the_sync.trigger(), 30)
             return {"result": outcome.result, "sha": outcome.sha, "detail": outcome.detail}
@@ -247,7 +249,7 @@ async def _controller(
     tasks = TaskSet("controller")
     tasks.spawn(ctl.run(), "sync")
     if sync is not None:
-        tasks.spawn(follow_repo_while_leader(ctl.election, sync), "gitops")
+        tasks.spawn(follow_repo_while_leader(election, sync), "gitops")
     try:
         await until_signalled()
     finally:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from federation import keys
-from federation.controller import Controller, ControllerSettings
+from federation.controller import ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.errors import StoreAuthError
 from federation.etcd import EtcdCredentials, open_client
 from federation.etcd_auth import CONTROLLER_USER, READER_USER, agent_user, grants, provision
@@ -95,7 +96,9 @@ async def test_an_agent_writes_its_own_prefix_and_nothing_else(provisioned: str)
         ctl_client = await open_client([provisioned], credentials=creds(CONTROLLER_USER))
         try:
             settings = ControllerSettings(elect=False)
-            snapshot = await Controller(ctl_client, SnapshotPublisher(), settings=settings).sync()
+            snapshot = await etcd_controller(
+                ctl_client, SnapshotPublisher(), settings=settings
+            ).sync()
         finally:
             await ctl_client.close()
         assert [c.name for c in snapshot.clusters] == ["east", "west"]

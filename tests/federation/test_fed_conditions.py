@@ -13,7 +13,8 @@ import pytest
 from etcd3aio import Etcd3Client
 
 from federation import keys
-from federation.controller import Controller, ControllerSettings
+from federation.controller import ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.server import SnapshotPublisher
 from federation.store import EtcdCatalogPublisher
 from mesh.model import ServicePort
@@ -93,7 +94,7 @@ async def test_mcs_case_is_merged_and_its_condition_written_back(
             [export("west", ports=west_ports, created=west_created, addresses=("10.1.0.1",))],
         )
         settings = ControllerSettings(elect=False)
-        snapshot = await Controller(etcd, SnapshotPublisher(), settings=settings).sync()
+        snapshot = await etcd_controller(etcd, SnapshotPublisher(), settings=settings).sync()
         assert etcd.kv is not None
         found = await etcd.kv.get(keys.service_status_key(ECHO))
         status = json.loads(found.kvs[0].value)

@@ -9,7 +9,8 @@ from etcd3aio import Etcd3Client
 
 from federation.api.client import ConfigClient
 from federation.api.session import NodeInfo
-from federation.controller import Controller, ControllerSettings
+from federation.controller import ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.owned import ControllerStore
 from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
 from federation.store import EtcdCatalogPublisher
@@ -37,7 +38,7 @@ async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3C
     east = EtcdCatalogPublisher(etcd, "east", ttl=2)
     west = EtcdCatalogPublisher(etcd, "west", ttl=2)
     publisher = SnapshotPublisher()
-    controller = Controller(etcd, publisher, settings=SINGLE, seed_policies=(POLICY,))
+    controller = etcd_controller(etcd, publisher, settings=SINGLE, seed_policies=(POLICY,))
     running = await serve(ConfigDiscoveryServicer(publisher), "127.0.0.1:0", None)
     task = asyncio.create_task(controller.run(), name="test:controller")
     proxy = ConfigClient(
@@ -96,8 +97,8 @@ async def test_restarted_controller_keeps_vips_and_version(etcd: Etcd3Client) ->
     east = EtcdCatalogPublisher(etcd, "east", ttl=5)
     try:
         await east.publish(info("east"), [export("east", "db"), export("east", "echo")])
-        first = await Controller(etcd, SnapshotPublisher(), settings=SINGLE).sync()
-        second = await Controller(etcd, SnapshotPublisher(), settings=SINGLE).sync()
+        first = await etcd_controller(etcd, SnapshotPublisher(), settings=SINGLE).sync()
+        second = await etcd_controller(etcd, SnapshotPublisher(), settings=SINGLE).sync()
         assert first == second
         assert [(s.key.name, s.vip) for s in first.services] == [
             ("db", "10.255.0.1"),

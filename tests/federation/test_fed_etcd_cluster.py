@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from etcd3aio import Etcd3Client
 
-from federation.controller import Controller, ControllerSettings
+from federation.catalog import Changed, Loaded
+from federation.controller import ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.errors import StoreError
 from federation.etcd import open_client
 from federation.server import SnapshotPublisher
-from federation.store import Changed, EtcdCatalogPublisher, EtcdWatcher, Loaded
+from federation.store import EtcdCatalogPublisher, EtcdWatcher
 from mesh.model import Snapshot
 from mesh.naming import ServiceKey
 from tests.etcd_fixture import reset_etcd
@@ -118,7 +120,7 @@ async def test_controller_agent_and_election_survive_a_member_loss(
     agent_client = await open_client(cluster.endpoints)
     publisher = SnapshotPublisher()
     settings = ControllerSettings(replica="c0", debounce=0.02, leader_ttl=2)
-    controller = Controller(ctl_client, publisher, settings=settings)
+    controller = etcd_controller(ctl_client, publisher, settings=settings)
     task = asyncio.create_task(controller.run(), name="test:controller")
     agent = EtcdCatalogPublisher(agent_client, "east", ttl=2)
 

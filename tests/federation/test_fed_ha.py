@@ -14,9 +14,11 @@ from etcd3aio import Etcd3Client
 from federation import keys
 from federation.api.client import ConfigClient
 from federation.controller import Controller, ControllerSettings
+from federation.controller_etcd import etcd_controller
 from federation.etcd import open_client
 from federation.liveness import DampingSettings
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
+from federation.status import LeaderRecord
 from federation.store import EtcdCatalogPublisher
 from fedgate.cli_status import collect, render
 from mesh.model import ServicePort, Snapshot
@@ -48,7 +50,7 @@ class Replica:
         settings = ControllerSettings(
             replica=self.name, debounce=0.02, leader_ttl=TTL, damping=FAST_DAMPING
         )
-        self.controller = Controller(self.client, self.publisher, settings=settings)
+        self.controller = etcd_controller(self.client, self.publisher, settings=settings)
         servicer = ConfigDiscoveryServicer(self.publisher, replica=self.name)
         self.server = await serve(servicer, f"127.0.0.1:{port}", None)
         self.task = asyncio.create_task(self.controller.run(), name=f"test:ctl:{self.name}")
@@ -256,4 +258,41 @@ async def test_flapping_cluster_is_held_out_by_every_replica(
         assert time.monotonic() - back > 0.3  # it was held, not re-added at once
         await west.aclose()
     finally:
+        await east.aclose()
+
+
+async def test_a_replica_elected_after_the_services_merged_gives_each_a_vip(
+    etcd: Etcd3Client, etcd_server: EtcdServer
+) -> None:
+    """Issue 15: services exported before any leader was elected must get VIPs from it."""
+    assert etcd.kv is not None
+    assert etcd.lease is not None
+    squatter = await etcd.lease.grant(60)  # another replica leads, then goes away
+    await etcd.kv.put(keys.LEADER_KEY, LeaderRecord("gone").encode(), lease=squatter.ID)
+    east = EtcdCatalogPublisher(etcd, "east", ttl=5)
+    replica = Replica("c0")
+    await replica.start([etcd_server.endpoint])
+    db = ServiceKey("demo", "db")
+
+    def vips() -> tuple[str | None, ...]:
+        s = replica.ctl.current()
+        return tuple(
+            svc.vip if s is not None and (svc := s.service(k)) is not None else None
+            for k in (ECHO, db)
+        )
+
+    try:
+        await east.publish(info("east"), [export("east"), export("east", "db")])
+        await until(lambda: vips() == ("", ""))  # merged by a follower: no VIP yet
+        await etcd.lease.revoke(squatter.ID)
+        await until(lambda: replica.ctl.is_leader)
+        await until(lambda: all(vips()))
+        assert sorted(v or "" for v in vips()) == ["10.255.0.1", "10.255.0.2"]
+        status = await eventually(
+            lambda: read_json(etcd, keys.service_status_key(db)),
+            lambda s: s is not None and s["vip"] != "",
+        )
+        assert status is not None
+    finally:
+        await replica.stop()
         await east.aclose()

@@ -11,9 +11,10 @@ import pytest
 from etcd3aio import Etcd3Client
 
 from federation import keys
+from federation.errors import NotLeaderError
 from federation.etcd import open_client
 from federation.leader import LeaderElection
-from federation.owned import ControllerStore, NotLeaderError
+from federation.owned import ControllerStore
 from federation.status import LeaderRecord
 from mesh.naming import ServiceKey
 from tests.etcd_fixture import EtcdServer

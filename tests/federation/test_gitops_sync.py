@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from etcd3aio import Etcd3Client
 
+from federation.errors import NotLeaderError
 from federation.fedconfig import config_from_entries
 from federation.gitops.errors import GitError, SyncNotRunningError
 from federation.gitops.git import GitRepository, redact
@@ -20,7 +21,6 @@ from federation.gitops.store import (
     ConfigStore,
 )
 from federation.gitops.sync import GitOpsSync
-from federation.owned import NotLeaderError
 from mesh.codec import decode, policy_from_json
 from mesh.model import ClusterWeight, TrafficPolicy
 from tests.federation.conftest import until
