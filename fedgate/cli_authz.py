@@ -16,9 +16,7 @@ from pathlib import Path
 
 import click
 
-from clusters.rig import topology
-
-HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
+from fedgate.cli_status import etcd_or_rig
 
 
 @click.group("authz")
@@ -32,14 +30,7 @@ def authz_group() -> None:
 @click.option("--port", type=int, default=0, help="Service port (default: its first port).")
 @click.option("--method", default="", help="HTTP method (HTTP, HTTP2 and GRPC ports).")
 @click.option("--path", default="", help="Request path, e.g. /api/v1 or /pkg.Svc/Method.")
-@click.option("--etcd", "etcd_endpoints", default="", help="host:port[,host:port...]")
-@click.option(
-    "--rig-dir",
-    type=click.Path(path_type=Path),
-    default=topology.DEFAULT_RIG_DIR,
-    show_default=True,
-    help="Without --etcd: read the etcd of the rig at this directory.",
-)
+@etcd_or_rig
 def check(
     caller: str,
     service: str,
@@ -54,6 +45,7 @@ def check(
     from mesh.authz import AuthzRequest, authorize
     from mesh.codec import authorization_from_json
     from mesh.errors import MeshError
+    from mesh.model import HTTP_PROTOCOLS
     from mesh.naming import ServiceKey, SpiffeId
 
     if not etcd_endpoints:

@@ -24,8 +24,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -179,15 +180,23 @@ def render(data: Json, now: float | None = None) -> str:
     return "\n".join(out)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def etcd_or_rig(f: F) -> F:
+    """The `--etcd` and `--rig-dir` options of a command that reads etcd (`rerun_in_rig`)."""
+    f = click.option(
+        "--rig-dir",
+        type=click.Path(path_type=Path),
+        default=topology.DEFAULT_RIG_DIR,
+        show_default=True,
+        help="Without --etcd: read the etcd of the rig at this directory.",
+    )(f)
+    return click.option("--etcd", "etcd_endpoints", default="", help="host:port[,host:port...]")(f)
+
+
 @click.command("status")
-@click.option("--etcd", "etcd_endpoints", default="", help="host:port[,host:port...]")
-@click.option(
-    "--rig-dir",
-    type=click.Path(path_type=Path),
-    default=topology.DEFAULT_RIG_DIR,
-    show_default=True,
-    help="Without --etcd: read the etcd of the rig at this directory.",
-)
+@etcd_or_rig
 @click.option("--json", "as_json", is_flag=True, help="Print the collected data as JSON.")
 def status(etcd_endpoints: str, rig_dir: Path, as_json: bool) -> None:
     """Show clusters (liveness), services (endpoints, MCS conditions) and the config version."""

@@ -14,6 +14,8 @@ from types import MappingProxyType
 from mesh.naming import ServiceKey, SpiffeId
 
 PROTOCOLS = ("TCP", "HTTP", "HTTP2", "GRPC")
+# The protocols whose calls the sidecars parse per request (AuthorizationPolicy HTTP fields).
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 
 
 @dataclass(frozen=True, order=True, slots=True)

@@ -53,6 +53,7 @@ from mesh import tracecontext
 from mesh.authz import AuthzDecision, AuthzRequest, authorize
 from mesh.codec import StreamHeader, StreamReply, encode_reply, header_from_json, split_frame
 from mesh.errors import CodecError
+from mesh.model import HTTP_PROTOCOLS
 from mesh.naming import ServiceKey, SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
@@ -70,7 +71,6 @@ from sidecar.state import ProxyState
 
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
-HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ verify identities, or touch the app's responses beyond passing them on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mesh.authz import AuthzDecision
@@ -34,7 +34,7 @@ from sidecar.http.encode import local_response
 from sidecar.http.flow import FlowConn
 from sidecar.http.gate import H1Gate
 from sidecar.http2 import grpc
-from sidecar.http2.conn import LOST, H2Conn
+from sidecar.http2.conn import LOST, H2Conn, serve_streams
 from sidecar.http2.messages import local_answer
 from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers, sniff_preface
 from sidecar.pipe import relay
@@ -175,25 +175,15 @@ async def _serve_h2(
     caller: FlowConn, app: FlowConn, decide: Decide, refused: Refused, log: Any
 ) -> ProxyError | None:
     tasks = TaskSet("sidecar-inbound-h2")
-    handlers: dict[int, asyncio.Task[Any]] = {}
     up = H2Conn(app, client=True)
     up.start()
     up_task = tasks.spawn(up.run(), "h2-app")
 
-    def on_stream(sid: int, head: Headers) -> None:
-        task = tasks.spawn(_h2_stream(down, up, sid, head, decide, refused), f"h2-in-{sid}")
-        handlers[sid] = task
-        task.add_done_callback(lambda t: handlers.pop(sid, None))
+    def handle(down: H2Conn, sid: int, head: Headers) -> Coroutine[Any, Any, None]:
+        return _h2_stream(down, up, sid, head, decide, refused)
 
-    def on_reset(sid: int) -> None:
-        task = handlers.get(sid)
-        if task is not None:
-            task.cancel()
-
-    down = H2Conn(caller, client=False, on_stream=on_stream, on_reset=on_reset)
-    down.start()
     try:
-        await down.run()
+        down = await serve_streams(caller, handle, "sidecar-inbound-h2")
     finally:
         up.close("caller gone")
         up_task.cancel()

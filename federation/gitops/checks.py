@@ -30,7 +30,7 @@ from federation import schema as s
 from federation.gitops.convert import parse_retry_on, trust_domain
 from federation.gitops.issues import ConfigIssue, Located
 from federation.gitops.load import FieldPath
-from mesh.model import SPECIAL_CLUSTERS, Snapshot
+from mesh.model import HTTP_PROTOCOLS, SPECIAL_CLUSTERS, Snapshot
 from mesh.naming import ServiceKey, SpiffeId
 
 TOTAL_WEIGHT = 100
@@ -38,7 +38,6 @@ TOTAL_WEIGHT = 100
 
 # service -> port -> protocol (TCP, HTTP, HTTP2, GRPC), as the catalog has them
 PortProtocols = Mapping[ServiceKey, Mapping[int, str]]
-HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 
 
 def port_protocols(snapshot: Snapshot | None) -> dict[ServiceKey, dict[int, str]]:

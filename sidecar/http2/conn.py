@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+from mesh.tasks import TaskSet
 from sidecar.errors import ProxyError
 from sidecar.http.flow import FlowConn
 from sidecar.http2.session import (
@@ -301,3 +303,36 @@ class H2Conn:
             self.conn.close()
         if self.on_change is not None:
             self.on_change()
+
+
+StreamHandler = Callable[["H2Conn", int, Headers], Coroutine[Any, Any, None]]
+
+
+async def serve_streams(
+    conn: FlowConn, handle: StreamHandler, owner: str, on_cancel: Callable[[], None] | None = None
+) -> H2Conn:
+    """Serve a connection as the HTTP/2 server: each stream in a task of its own
+    (`handle(h2, sid, head)`), cancelled when the peer resets the stream (`on_cancel` counts
+    it). Returns the connection once it ended and every stream's task is done."""
+    tasks = TaskSet(owner)
+    handlers: dict[int, asyncio.Task[Any]] = {}
+
+    def on_stream(sid: int, head: Headers) -> None:
+        task = tasks.spawn(handle(h2, sid, head), f"stream-{sid}")
+        handlers[sid] = task
+        task.add_done_callback(lambda t: handlers.pop(sid, None))
+
+    def on_reset(sid: int) -> None:
+        task = handlers.get(sid)
+        if task is not None:
+            if on_cancel is not None:
+                on_cancel()
+            task.cancel()
+
+    h2 = H2Conn(conn, client=False, on_stream=on_stream, on_reset=on_reset)
+    h2.start()
+    try:
+        await h2.run()
+    finally:
+        await tasks.aclose()
+    return h2

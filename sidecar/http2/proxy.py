@@ -20,7 +20,7 @@ import collections
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -32,7 +32,7 @@ from sidecar.http.flow import FlowConn
 from sidecar.http.proxy import HttpProxy, pool_keeper
 from sidecar.http2 import grpc
 from sidecar.http2.body import StreamBody
-from sidecar.http2.conn import H2Conn
+from sidecar.http2.conn import H2Conn, serve_streams
 from sidecar.http2.forward import H2Call, H2Forwarder, MeshConnect
 from sidecar.http2.messages import MessageError, parse_request
 from sidecar.http2.pool import H2Pool
@@ -96,27 +96,14 @@ class H2Proxy:
         """Serve the streams of `app` (captured to `dst`) until the connection ends."""
         self._ensure_sweeper()
         self.stats["connections"] += 1
-        handlers: dict[int, asyncio.Task[Any]] = {}
-        tasks = TaskSet("sidecar-h2-streams")
 
-        def on_stream(sid: int, head: Headers) -> None:
-            rlog = log.bind(req=f"s{next(_ids)}")
-            task = tasks.spawn(self._stream(h2, sid, head, dst, rlog), f"stream-{sid}")
-            handlers[sid] = task
-            task.add_done_callback(lambda t: handlers.pop(sid, None))
+        def handle(h2: H2Conn, sid: int, head: Headers) -> Coroutine[Any, Any, None]:
+            return self._stream(h2, sid, head, dst, log.bind(req=f"s{next(_ids)}"))
 
-        def on_reset(sid: int) -> None:
-            task = handlers.get(sid)
-            if task is not None:
-                self.stats["client_resets"] += 1
-                task.cancel()
+        def cancelled() -> None:
+            self.stats["client_resets"] += 1
 
-        h2 = H2Conn(app, client=False, on_stream=on_stream, on_reset=on_reset)
-        h2.start()
-        try:
-            await h2.run()
-        finally:
-            await tasks.aclose()
+        h2 = await serve_streams(app, handle, "sidecar-h2-streams", cancelled)
         if h2.error is not None:
             log.info("http2 connection ended", reason=h2.error.reason, detail=h2.error.detail)
 

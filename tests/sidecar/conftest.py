@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvloop
+from structlog.testing import capture_logs
 
 from ca.authority import CertificateAuthority, Svid
 from ca.bundle import TrustBundle
@@ -46,6 +48,16 @@ async def until(predicate: Callable[[], bool], what: str) -> None:
         while not predicate():  # noqa: ASYNC110 - polling
             await asyncio.sleep(0.005)
     assert predicate(), what
+
+
+Logs = list[MutableMapping[str, Any]]
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """Every structlog entry the test emits (structlog's own capture)."""
+    with capture_logs() as captured:
+        yield captured
 
 
 def spiffe(trust_domain: str, sa: str, ns: str = "shop") -> SpiffeId:

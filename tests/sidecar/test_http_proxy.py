@@ -10,11 +10,10 @@ import asyncio
 import collections
 import http.client
 import socket
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from mesh.model import (
     ClusterWeight,
@@ -33,19 +32,12 @@ from mesh.model import (
     SubsetWeight,
     TrafficPolicy,
 )
-from tests.sidecar.conftest import Pki, until
+from tests.sidecar.conftest import Logs, Pki, until
 from tests.sidecar.http_rig import SVC, HttpRig, start_http_rig, stop_http_rig
 
-Logs = list[MutableMapping[str, Any]]
 V1 = {"version": "v1"}
 V2 = {"version": "v2"}
 SUBSETS = (Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),)))
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    with capture_logs() as captured:
-        yield captured
 
 
 @pytest.fixture

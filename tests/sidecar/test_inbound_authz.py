@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Iterator, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
-from structlog.testing import capture_logs
 
 from mesh.model import (
     AuthorizationPolicy,
@@ -23,19 +21,12 @@ from mesh.model import (
     ClusterWeight,
     TrafficPolicy,
 )
-from tests.sidecar.conftest import Pki
+from tests.sidecar.conftest import Logs, Pki
 from tests.sidecar.http_rig import SVC, HttpRig, Reply, start_http_rig, stop_http_rig
 from tests.sidecar.test_h2_proxy import h2_rig
 
-Logs = list[MutableMapping[str, Any]]
 CLIENT = "spiffe://east.fedgate.local/ns/shop/sa/client"
 LOCAL = TrafficPolicy(SVC, cluster_weights=(ClusterWeight("local", 100),))
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    with capture_logs() as captured:
-        yield captured
 
 
 @pytest.fixture

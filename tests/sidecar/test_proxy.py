@@ -14,26 +14,17 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from ca.authority import Svid
 from ca.tls import client_context
 from mesh.codec import StreamHeader, encode_header, reply_from_json, split_frame
 from sidecar.errors import ConfigRejectedError
-from tests.sidecar.conftest import EAST, PAYMENTS, WEST, Pki, spiffe
+from tests.sidecar.conftest import EAST, PAYMENTS, WEST, Logs, Pki, spiffe
 from tests.sidecar.loopback import VIP, Rig, start_rig, stop_rig
-
-Logs = list[MutableMapping[str, Any]]
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    with capture_logs() as captured:
-        yield captured
 
 
 @pytest.fixture

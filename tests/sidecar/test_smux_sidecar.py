@@ -6,24 +6,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Iterator, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
-from structlog.testing import capture_logs
 
-from tests.sidecar.conftest import EAST, Pki, endpoint, spiffe, until
+from tests.sidecar.conftest import EAST, Logs, Pki, endpoint, spiffe, until
 from tests.sidecar.loopback import VIP, Rig, start_rig, stop_rig
 from tests.sidecar.test_proxy import close, converse, wait_log
 
-Logs = list[MutableMapping[str, Any]]
 CLIENT = spiffe(EAST, "client").uri
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    with capture_logs() as captured:
-        yield captured
 
 
 @pytest.fixture
