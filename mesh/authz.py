@@ -38,6 +38,9 @@ from mesh.model import (
 )
 
 NO_ALLOW_MATCHED = "no ALLOW policy matched"
+# How a refused TCP stream's reply starts (`<AUTHZ_REFUSAL>: <reason>`), so the source sidecar
+# can tell an authorization refusal from an unhealthy endpoint.
+AUTHZ_REFUSAL = "authorization"
 DENIED_BY = "denied by authorization policy"
 
 _UNRESERVED = re.compile(r"%(2[DdEe]|3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|5[Ff]|7[Ee])")

@@ -50,7 +50,7 @@ from ca.errors import DeniedError, VerificationError
 from ca.tls import peer_identity
 from mesh import telemetry as tm
 from mesh import tracecontext
-from mesh.authz import AuthzDecision, AuthzRequest, authorize
+from mesh.authz import AUTHZ_REFUSAL, AuthzDecision, AuthzRequest, authorize
 from mesh.codec import StreamHeader, StreamReply, encode_reply, header_from_json, split_frame
 from mesh.errors import CodecError
 from mesh.model import HTTP_PROTOCOLS
@@ -385,7 +385,7 @@ class Inbound:
             decision = authorize(policies, AuthzRequest(caller_id.uri, header.port))
             if not decision.allowed:
                 self._denied(log, call, decision, "", "")
-                self._refuse(log, caller, ProxyError("authorization", decision.reason), 403)
+                self._refuse(log, caller, ProxyError(AUTHZ_REFUSAL, decision.reason), 403)
                 return None
         gated = call.gated and isinstance(caller, FlowConn)
         try:

@@ -43,6 +43,7 @@ import structlog
 from ca.errors import VerificationError
 from ca.tls import peer_identity
 from mesh import telemetry as tm
+from mesh.authz import AUTHZ_REFUSAL
 from mesh.codec import StreamHeader, encode_header, reply_from_json, split_frame
 from mesh.connect import (
     ConnectRequest,
@@ -71,6 +72,7 @@ from sidecar.smux import SmuxConnection
 from sidecar.smux_pool import NotMultiplexedError, SmuxPool, destination_key
 from sidecar.state import ProxyState
 
+AUTHZ_DENIED = "authorization denied"  # the destination's AuthorizationPolicy refused the stream
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
 
@@ -324,8 +326,10 @@ class Outbound:
                 conn = await self._mux_upstream(route, decision, state, facts)
             else:
                 conn = await self._mesh_upstream(route, decision, state, facts)
-        except ProxyError:
-            self.http.tcp_result(route, decision, ok=False)  # for outlier detection
+        except ProxyError as e:
+            # For outlier detection; an AuthorizationPolicy refusal is the caller's, not a
+            # sign of an unhealthy endpoint.
+            self.http.tcp_result(route, decision, ok=e.reason == AUTHZ_DENIED)
             raise
         self.http.tcp_result(route, decision, ok=True)
         return conn
@@ -528,7 +532,9 @@ class Outbound:
         except CodecError as e:
             raise ProxyError("malformed stream reply", str(e)) from e
         if answer.status != 200:
-            raise ProxyError("destination refused", f"{answer.status} {answer.reason}")
+            denied = answer.status == 403 and answer.reason.startswith(AUTHZ_REFUSAL)
+            reason = AUTHZ_DENIED if denied else "destination refused"
+            raise ProxyError(reason, f"{answer.status} {answer.reason}")
 
 
 class _Step:

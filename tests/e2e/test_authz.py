@@ -44,9 +44,25 @@ def authz_doc(name: str, host: str, action: str, rules: str) -> str:
 
 
 def commit(rig: Path, name: str, doc: str | None) -> float:
-    """Commit (or with None remove) `authz/<name>.yaml`; when the commit was made."""
+    """Commit (or with None remove) `authz/<name>.yaml` and notify the leader, as a git
+    server's push webhook does (`POST /sync`); when the commit was made."""
+    code, out = fedgate(rig, "status", "--json")
+    assert code == 0, out
+    admin = json.loads(out)["leader"]["admin"]
+    netns = topology.control(lifecycle.load(rig).prefix).netns
+    hook = ["ip", "netns", "exec", netns, "curl", "-sS", "--noproxy", "*", "--max-time", "30"]
     config_repo.commit(config_repo.repo_dir(rig), {f"authz/{name}.yaml": doc}, f"authz {name}")
-    return time.monotonic()
+    made = time.monotonic()
+    res = subprocess.run(
+        [*hook, "-X", "POST", f"http://{admin}/sync"],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        check=False,
+    )
+    # "up-to-date": the sync's own poll applied the commit first.
+    assert json.loads(res.stdout)["result"] in ("applied", "up-to-date"), res
+    return made
 
 
 def fedgate(rig: Path, *args: str) -> tuple[int, str]:
@@ -124,8 +140,7 @@ def test_allow_only_west_client_refuses_east_within_a_second(echo: Path) -> None
         assert {(r["reason"], r["status"], r["caller"]) for r in lines} == {
             ("no ALLOW policy matched", 403, EAST_CLIENT)
         }
-        # The issue asks for 1 s (measured here: 0.4 s); the bound leaves room for a loaded CI.
-        assert took < 1.5, f"refusal took {took:.2f} s"
+        assert took < 1.0, f"refusal took {took:.2f} s"
         # The operator's view: the decision and the policy, as `istioctl x authz check` gives.
         denied = fedgate(echo, "authz", "check", EAST_CLIENT, "echo.demo", "--path", "/x")
         allowed = fedgate(echo, "authz", "check", WEST_CLIENT, "echo.demo")
