@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters.rig import config_repo, lifecycle, topology
+from clusters.rig import config_repo, control, lifecycle, topology
 from mesh.model import ServicePort
 from tests.e2e.conftest import revive_agents
 from tests.e2e.policy_rig import pod_netns, run_in_pod, start_workload
@@ -68,6 +68,20 @@ def commit(rig: Path, name: str, doc: str | None) -> float:
 def fedgate(rig: Path, *args: str) -> tuple[int, str]:
     argv = [sys.executable, "-m", "fedgate", *args, "--rig-dir", str(rig)]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    return res.returncode, res.stdout + res.stderr
+
+
+def in_control(rig: Path, *args: str) -> tuple[int, str]:
+    """`fedgate <args> --etcd <the rig's etcd>` in the rig's control namespace."""
+    plan = control.load(rig, lifecycle.load(rig).prefix)
+    argv = [sys.executable, "-m", "fedgate", *args, "--etcd", plan.etcd_arg]
+    res = subprocess.run(
+        ["ip", "netns", "exec", plan.netns, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return res.returncode, res.stdout + res.stderr
 
 
@@ -289,3 +303,33 @@ def test_a_tcp_port_is_refused_and_an_open_stream_cut_off(redis: Path) -> None:
         deadline = time.monotonic() + WITHIN
         while redis_ping(redis, REDIS_PORTS[0]) != "PONG":
             assert time.monotonic() < deadline
+
+
+def test_http_fields_on_a_tcp_port_are_rejected_by_the_sync_and_validate(redis: Path) -> None:
+    rules = (
+        f'- from:\n    - source: {{principals: ["{EAST_CLIENT}"]}}\n'
+        "  to:\n    - operation: {methods: [GET]}"
+    )
+    doc = authz_doc("redis-get", REDIS_HOST, "ALLOW", rules)
+    field = "spec.rules[0].to[0].operation.methods"
+    # `fedgate config validate --etcd` (the repository's CI) checks against the live catalog.
+    repo = config_repo.repo_dir(redis)
+    checkout = repo.parent / "authz-validate"
+    subprocess.run(["git", "clone", "-q", str(repo), str(checkout)], check=True, timeout=30)
+    (checkout / "authz").mkdir(exist_ok=True)
+    (checkout / "authz" / "redis-get.yaml").write_text(doc)
+    code, out = in_control(redis, "config", "validate", str(checkout))
+    assert code == 1, out
+    assert "authz/redis-get.yaml:" in out
+    assert f"{field}: methods is an HTTP field" in out
+    assert "whose protocol is TCP" in out
+    # The controller's sync rejects the same commit whole and keeps the applied config.
+    try:
+        config_repo.commit(repo, {"authz/redis-get.yaml": doc}, "authz: HTTP fields on redis")
+        deadline = time.monotonic() + WITHIN
+        while field not in (status := in_control(redis, "config", "status")[1]):
+            assert time.monotonic() < deadline, status
+        assert "rejected:" in status
+        assert redis_ping(redis, REDIS_PORTS[0]) == "PONG"
+    finally:
+        commit(redis, "redis-get", None)
