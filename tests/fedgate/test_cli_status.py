@@ -59,3 +59,20 @@ def test_gateways_and_links_are_shown_with_rtt() -> None:
 def test_unknown_gateways_say_why() -> None:
     text = render({**BASE, "gateways": {"error": "cannot read the leader's topology: refused"}})
     assert "gateways  unknown: cannot read the leader's topology: refused" in text
+
+
+def test_a_service_without_a_vip_and_the_policies_of_each_service_are_shown() -> None:
+    without = {**BASE["services"][0], "name": "late", "vip": ""}  # type: ignore[dict-item]
+    policy = {"namespace": "demo", "service": "echo", "name": "west-only", "action": "ALLOW"}
+    data = {
+        **BASE,
+        "services": [*BASE["services"], without],  # type: ignore[list-item]
+        "authorization": [policy],
+        "gateways": {"error": "x"},
+    }
+    lines = render(data).splitlines()
+    late = lines.index(next(x for x in lines if x.startswith("late.demo")))
+    assert lines[late].split()[1] == "NONE"
+    assert "no VIP" in lines[late + 1]
+    echo = lines.index(next(x for x in lines if x.startswith("echo.demo")))
+    assert lines[echo + 1].strip() == "AuthorizationPolicy: demo/west-only (ALLOW)"
