@@ -10,12 +10,7 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.etcd_fixture import etcd_server  # noqa: F401  (registers the fixture)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port
 
 
 def free_pair() -> str:

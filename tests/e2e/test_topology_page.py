@@ -25,6 +25,7 @@ import pytest
 
 from clusters.rig import control, lifecycle
 from fedgate import rates
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -96,14 +97,12 @@ def view(elements: list[dict[str, str]]) -> State:
 
 
 def wait_for(page: Page, check: Callable[[State], bool], timeout: float) -> tuple[State, float]:
+    """The page's first state that passes `check`, and the seconds it took."""
     started = time.monotonic()
-    while True:
-        state = view(page.elements())
-        if check(state):
-            return state, time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"the page did not reach the expected state in {timeout:.0f} s: {state}")
-        time.sleep(0.3)
+    state = until_sync(
+        lambda: view(page.elements()), timeout, check=check, what="the page's state", interval=0.3
+    )
+    return state, time.monotonic() - started
 
 
 def cross_cluster_calls(rig: Path, within: float = 30.0) -> None:

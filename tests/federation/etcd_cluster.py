@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.etcd_fixture import find_etcd, free_port
+from tests.etcd_fixture import find_etcd
+from tests.helpers import free_port
 
 START_TIMEOUT = 30.0
 

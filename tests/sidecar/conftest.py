@@ -40,14 +40,6 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop}
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll `predicate` for up to 5 s (state of our own objects, no event to wait on)."""
-    async with asyncio.timeout(5):
-        while not predicate():  # noqa: ASYNC110 - polling
-            await asyncio.sleep(0.005)
-    assert predicate(), what
-
-
 def spiffe(trust_domain: str, sa: str, ns: str = "shop") -> SpiffeId:
     return SpiffeId(trust_domain, ns, sa)
 
