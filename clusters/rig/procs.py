@@ -20,10 +20,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from ca.files import locked
 from clusters.rig import state as rigstate
 from clusters.rig.cmd import netns_exec_argv
 from clusters.rig.errors import CommandError, RigError, WaitTimeoutError
-from clusters.rig.files import locked
 
 NETNS_DIR = Path("/run/netns")
 STOP_TIMEOUT = 3.0
