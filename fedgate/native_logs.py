@@ -126,8 +126,11 @@ class CoreLines:
     def _core(self, level: str, source: str, text: str) -> list[Record]:
         file = source.rsplit(":", 1)[0].rsplit("/", 1)[-1]
         if file == "handshaker.cc" and "error=" in text and "error=OK" not in text:
+            peer = _first(_PEER, text)
+            if not peer:  # a client's connect failed: no handshake, and gRPC reports it to us
+                return []
             error = text.split("error=", 1)[1].split("\n", 1)[0].removesuffix(": OK").strip()
-            return [HandshakeFailed(_first(_PEER, text), _first(_LOCAL, text), _why(error), error)]
+            return [HandshakeFailed(peer, _first(_LOCAL, text), _why(error), error)]
         if file in _TRACE_SOURCES:
             return []
         if file == "ssl_transport_security.cc" and "Handshake failed" in text:

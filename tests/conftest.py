@@ -1,5 +1,5 @@
 """Suite-wide rules: a resource a test leaks is that test's failure, not its neighbour's; and
-under `CI=true` a skipped test is a failure.
+under `CI=true` a skipped test is a failure. Also the `logs` fixture (a structlog capture).
 
 Every skip in this suite means the machine lacks something the test needs (root, network
 namespaces, iptables, chromium, ...). `make test` installs all of it, so on CI, where a fresh
@@ -14,6 +14,8 @@ import os
 from collections.abc import Generator, Iterator
 
 import pytest
+import structlog
+from structlog.testing import LogCapture
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +24,18 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     # pytest's unraisable-exception check (warnings are errors) blame the test that leaked.
     yield
     gc.collect()
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Capture structlog records; must be set up before the code under test binds its loggers."""
+    capture = LogCapture()
+    old = structlog.get_config()
+    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
+    try:
+        yield capture
+    finally:
+        structlog.configure(**old)
 
 
 def skips_fail() -> bool:

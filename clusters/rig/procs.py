@@ -12,6 +12,7 @@ not create namespaces.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -86,8 +87,16 @@ def _spawn(
     full_argv = netns_exec_argv(netns, argv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} start {name}: ".encode())
-        log.write(" ".join(full_argv).encode() + b"\n")
+        # JSON like every line the process writes after it (fedgate.native_logs).
+        started = {
+            "event": "rig starting process",
+            "process": name,
+            "argv": full_argv,
+            "logger": "fedgate.rig",
+            "level": "info",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        log.write(json.dumps(started).encode() + b"\n")
         log.flush()
         try:
             proc = subprocess.Popen(

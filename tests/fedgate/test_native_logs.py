@@ -76,8 +76,14 @@ def test_without_the_tracer_the_ssl_line_reports_the_failure_without_a_peer() ->
     ]
 
 
-def test_tracer_lines_of_handshakes_that_went_on_are_dropped() -> None:
+def test_tracer_lines_of_handshakes_that_went_on_or_never_began_are_dropped() -> None:
     assert parse(SUCCEEDED) == []
+    # A client's connect that failed: no endpoint, no handshake (gRPC tells the caller).
+    refused_connect = (
+        "I1206 10:59:38.000001   7 handshaker.cc:155] CallNextHandshakerLocked: error=UNKNOWN: "
+        "Failed to connect to remote host: Connection refused shutdown=false index=0, args={}"
+    )
+    assert parse(refused_connect) == []
 
 
 def test_other_lines_keep_their_level_json_passes_and_stray_text_is_one_record() -> None:
