@@ -42,15 +42,11 @@ class _Poll:
         raise AssertionError(message) from self.error
 
 
-def _truthy(value: object) -> bool:
-    return bool(value)
-
-
 async def until(
     probe: Callable[[], T] | Callable[[], Awaitable[T]],
     within: float = 5.0,
     *,
-    check: Callable[[T], object] = _truthy,
+    check: Callable[[T], object] = bool,
     what: str = "condition",
     interval: float = 0.01,
     ignoring: tuple[type[Exception], ...] = (),
@@ -75,7 +71,7 @@ def until_sync(
     probe: Callable[[], T],
     within: float = 5.0,
     *,
-    check: Callable[[T], object] = _truthy,
+    check: Callable[[T], object] = bool,
     what: str = "condition",
     interval: float = 0.1,
     ignoring: tuple[type[Exception], ...] = (),
