@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SYSTEM_PACKAGES := iptables iproute2 curl git redis-server redis-tools procps util-linux
+# chromium (and a font for its screenshots) runs the topology page's browser test.
+SYSTEM_PACKAGES := iptables iproute2 curl git redis-server redis-tools procps util-linux \
+                   chromium fonts-dejavu-core
 
 .PHONY: setup system-deps demo test lint typecheck contracts unit proto rig-down clean
 

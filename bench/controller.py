@@ -56,11 +56,12 @@ from federation.generate import generate
 from federation.merge import merge
 from federation.owned import ControllerStore
 from federation.server import SnapshotPublisher, Subscription
-from federation.store import EtcdCatalogPublisher, EtcdCatalogState, load_prefix
+from federation.store import EtcdCatalogPublisher, load_prefix
 from mesh.codec import decode, dumps, export_to_json, snapshot_from_json, snapshot_to_json
 from mesh.model import ClusterInfo, Endpoint, GatewayAddress, ServiceExport, ServicePort, Snapshot
 from mesh.naming import ServiceKey, SpiffeId, trust_domain_for
 from tests.etcd_fixture import EtcdServer, find_etcd
+from tests.federation.catalog_read import read_catalog
 
 TARGET_P99_PROPAGATION = 1.0  # s
 TARGET_INCREMENTAL = 0.010  # s
@@ -138,7 +139,7 @@ async def baseline(endpoint: str, subscribers_sample: int) -> dict[str, float]:
     client = await open_client([endpoint])
     try:
         started = time.perf_counter()
-        clusters, exports = await EtcdCatalogState(client).load()
+        clusters, exports = await read_catalog(client)  # decodes every key, as it did
         loaded = time.perf_counter()
         vips = await ControllerStore(client).vips()
         services = merge(clusters, exports, vips)

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,36 +47,18 @@ from ca.authority import (
     root_id,
 )
 from ca.errors import RotationError
+from ca.files import atomic_write, exclusive_lock
 from ca.rotation import DEFAULT_GRACE, RootPlan, plan_from_json, plan_to_json
 
 MANIFEST = "ca.json"
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     if not directory.is_dir():
         raise RotationError(f"{directory} is not a CA directory (it does not exist)")
-    with open(directory / ".lock", "a", encoding="utf-8") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(directory / ".lock"):
+        yield
 
 
 def _read_cert(path: Path) -> x509.Certificate:
@@ -129,7 +109,7 @@ def init_ca_dir(
     ca = CertificateAuthority.create(trust_domain, now, root_ttl)
     with _locked(directory):
         _write_root(directory, ca)
-        _atomic_write(directory / "trust-domain", (trust_domain + "\n").encode())
+        atomic_write(directory / "trust-domain", (trust_domain + "\n").encode())
         _install_active(directory, ca)
         _write_plan(directory, RootPlan.single(ca.root_id, now, max_svid_ttl))
     return ca
@@ -138,18 +118,18 @@ def init_ca_dir(
 def _write_root(directory: Path, ca: CertificateAuthority) -> None:
     roots = directory / "roots"
     roots.mkdir(exist_ok=True)
-    _atomic_write(roots / f"{ca.root_id}.key", key_to_pem(ca._key), 0o600)
-    _atomic_write(roots / f"{ca.root_id}.pem", ca.root_pem)
+    atomic_write(roots / f"{ca.root_id}.key", key_to_pem(ca._key), mode=0o600)
+    atomic_write(roots / f"{ca.root_id}.pem", ca.root_pem)
 
 
 def _install_active(directory: Path, ca: CertificateAuthority) -> None:
-    _atomic_write(directory / "root.key", key_to_pem(ca._key), 0o600)
-    _atomic_write(directory / "root.pem", ca.root_pem)
+    atomic_write(directory / "root.key", key_to_pem(ca._key), mode=0o600)
+    atomic_write(directory / "root.pem", ca.root_pem)
 
 
 def _write_plan(directory: Path, plan: RootPlan) -> None:
     body = json.dumps(plan_to_json(plan), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / MANIFEST, body.encode())
+    atomic_write(directory / MANIFEST, body.encode())
 
 
 def load_ca_dir(directory: Path) -> CaState:

@@ -253,14 +253,19 @@ def serving_identity(view: ViewSource, now: Callable[[], dt.datetime] = utcnow) 
     return SelfIssued(issue, lambda: view().issuer.root_id, now)
 
 
-def _dynamic_credentials(
-    identity: SelfIssued, view: ViewSource, mutual: bool
+def dynamic_server_credentials(
+    current: Callable[[], tuple[Svid, bytes]], *, mutual: bool
 ) -> grpc.ServerCredentials:
+    """TLS server credentials that follow `current()`: (own SVID, client roots PEM).
+
+    gRPC asks the fetcher on each new handshake, so a renewed certificate or a changed set of
+    roots is presented from the next handshake on, without restarting the server or dropping
+    streams. `mutual` requires a client certificate chaining to those roots.
+    """
     last: list[bytes] = [b""]
 
     def config() -> tuple[grpc.ServerCertificateConfiguration, bytes]:
-        svid, _ = identity.current()
-        roots = view().roots_pem if mutual else b""
+        svid, roots = current()
         stamp = svid.cert_pem + roots
         pair = [(svid.key_pem, svid.cert_pem)]
         return grpc.ssl_server_certificate_configuration(pair, roots or None), stamp
@@ -280,13 +285,6 @@ def _dynamic_credentials(
     )
 
 
-def server_credentials(ca: CertificateAuthority) -> tuple[grpc.ServerCredentials, Svid]:
-    """Static TLS (server-auth) credentials for the bootstrap endpoint, issued by `ca`."""
-    ident = SpiffeId(ca.trust_domain, SYSTEM_NAMESPACE, "ca")
-    svid = ca.issue(ident, utcnow(), dns_names=(ca_server_name(ca.trust_domain),))
-    return grpc.ssl_server_credentials([(svid.key_pem, svid.cert_pem)]), svid
-
-
 async def serve(
     ca: CertificateAuthority | ViewSource,
     resolve_token: TokenResolver,
@@ -304,8 +302,14 @@ async def serve(
     )
     identity = serving_identity(view)
     renew_listen = renew_listen or renew_address_for(listen)
+
+    def serving(mutual: bool) -> Callable[[], tuple[Svid, bytes]]:
+        # Renewal is mutual TLS: clients present the SVID they renew, chaining to our roots.
+        return lambda: (identity.current()[0], view().roots_pem if mutual else b"")
+
     for address, mutual in ((listen, False), (renew_listen, True)):
-        if server.add_secure_port(address, _dynamic_credentials(identity, view, mutual)) == 0:
+        credentials = dynamic_server_credentials(serving(mutual), mutual=mutual)
+        if server.add_secure_port(address, credentials) == 0:
             raise IssuanceError(f"cannot listen on {address}")
     await server.start()
     _log.info(

@@ -33,7 +33,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from clusters.rig.files import atomic_write_text, locked
+from ca.files import atomic_write, locked
 from mesh.errors import InvalidNameError
 from mesh.model import Endpoint, ServiceExport, ServicePort
 from mesh.naming import ServiceKey, SpiffeId, check_label
@@ -299,7 +299,7 @@ def read_exports(path: Path) -> tuple[ExportEntry, ...]:
 
 
 def write_exports(path: Path, entries: Sequence[ExportEntry]) -> None:
-    atomic_write_text(path, exports_to_json(entries))
+    atomic_write(path, exports_to_json(entries))
 
 
 def _update_exports(path: Path, change: Callable[[list[ExportEntry]], list[ExportEntry]]) -> None:
@@ -404,7 +404,7 @@ def read_tokens(path: Path) -> dict[str, TokenGrant]:
 
 def write_tokens(path: Path, grants: Mapping[str, TokenGrant]) -> None:
     """Replace the tokens file; it holds secrets, so it is kept 0600."""
-    atomic_write_text(path, tokens_to_json(grants), mode=0o600)
+    atomic_write(path, tokens_to_json(grants), mode=0o600)
 
 
 def add_token(path: Path, token: str, namespace: str, service_account: str) -> None:

@@ -7,16 +7,13 @@
   chain of guarded transactions. It keeps the lease alive; if etcd lost the lease (expired
   during a partition) it grants a new one and republishes everything. A cluster that dies
   simply stops renewing: its keys expire after TTL.
-- `EtcdCatalogState` (mesh.interfaces.CatalogState) decodes every key under
-  `/fedgate/clusters/` and watches the prefix, resuming from the last revision it saw.
 - `EtcdWatcher` is the controller's incremental feed (federation.controller_ports.EventFeed):
   every key under a prefix at one revision (paged), then the watch's events in order
   (federation.catalog applies them), resuming after a failure from the revision after the last
   event it delivered, on any member of the cluster.
 
-Keys are written by agents of other clusters, so the reader trusts nothing: a key off the
-layout, a value that does not decode, or one that names another cluster than its key (an export
-"of west" under east's prefix, an endpoint in another trust domain) is logged and skipped.
+Keys are written by agents of other clusters, so their reader trusts nothing: decoding and
+skipping bad keys is `federation.catalog`'s, not done here.
 The controller-owned keys (VIPs, policies) live in `federation.owned`; the layout in
 `federation.keys`. Key layout, JSON codecs and merge rules are not decided here.
 """
@@ -26,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from etcd3aio import Etcd3Client, prefix_range_end
@@ -53,15 +50,7 @@ from federation.errors import (
     StoreUnavailableError,
 )
 from federation.etcd import store_errors
-from mesh.codec import (
-    cluster_from_json,
-    cluster_to_json,
-    decode,
-    dumps,
-    export_from_json,
-    export_to_json,
-)
-from mesh.errors import MeshError
+from mesh.codec import cluster_to_json, dumps, export_to_json
 from mesh.model import ClusterInfo, ServiceExport
 from mesh.naming import check_label
 from mesh.tasks import TaskSet
@@ -303,121 +292,6 @@ async def renew_lease(client: Etcd3Client, lease: int, seconds: float) -> int:
     if not hasattr(response, "TTL"):  # grpc.aio.EOF
         raise StoreUnavailableError("lease keepalive stream closed without an answer")
     return int(response.TTL)
-
-
-class EtcdCatalogState:
-    """The controller's read side: every cluster's published state, and a watch on it."""
-
-    def __init__(self, client: Etcd3Client, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._client = client
-        self._timeout = timeout
-        self._revision = 0
-        self._reported: set[tuple[bytes, int]] = set()  # (key, mod_revision) already logged
-
-    @property
-    def revision(self) -> int:
-        """The etcd revision of the last `load()` (0 before the first)."""
-        return self._revision
-
-    async def load(self) -> tuple[tuple[ClusterInfo, ...], tuple[ServiceExport, ...]]:
-        """Every cluster's info and exports, at one revision; bad keys are logged and skipped."""
-        loaded = await load_prefix(self._client, keys.CLUSTERS_PREFIX, timeout=self._timeout)
-        infos: dict[str, ClusterInfo] = {}
-        pending: list[tuple[bytes, int, ServiceExport]] = []
-        reported: set[tuple[bytes, int]] = set()
-        for item in loaded.events:
-            key = item.key
-            assert item.value is not None
-            try:
-                parsed = keys.parse_cluster_key(key)
-                if parsed.service is None:
-                    info: ClusterInfo = decode(item.value, cluster_from_json, key)
-                    if info.name != parsed.cluster:
-                        raise ValueError(f"info names cluster {info.name!r}")
-                    infos[parsed.cluster] = info
-                    continue
-                export: ServiceExport = decode(item.value, export_from_json, key)
-                if export.cluster != parsed.cluster or export.key != parsed.service:
-                    raise ValueError(f"value is the export of {export.key} in {export.cluster!r}")
-                foreign = sorted({e.cluster for e in export.endpoints} - {parsed.cluster})
-                if foreign:
-                    raise ValueError(f"endpoints of other clusters {foreign}")
-                pending.append((item.key.encode(), item.revision, export))
-            except (ValueError, MeshError) as e:
-                self._skip(reported, item.key.encode(), item.revision, str(e))
-        exports: list[ServiceExport] = []
-        for raw_key, mod_revision, export in pending:
-            info_ = infos.get(export.cluster)
-            domains = {e.identity.trust_domain for e in export.endpoints}
-            if info_ is not None and domains - {info_.trust_domain}:
-                error = f"endpoint identities outside trust domain {info_.trust_domain!r}"
-                self._skip(reported, raw_key, mod_revision, error)
-                continue
-            exports.append(export)
-        self._reported = reported
-        self._revision = loaded.revision
-        return (
-            tuple(sorted(infos.values(), key=lambda c: c.name)),
-            tuple(sorted(exports, key=lambda x: (x.key, x.cluster))),
-        )
-
-    def _skip(
-        self, reported: set[tuple[bytes, int]], key: bytes, revision: int, error: str
-    ) -> None:
-        # Log a bad key once per version of it, not on every reload.
-        reported.add((key, revision))
-        if (key, revision) not in self._reported:
-            _log.warning(
-                "skipping malformed catalog key",
-                key=key.decode("utf-8", "replace"),
-                revision=revision,
-                error=error,
-            )
-
-    async def watch(self) -> AsyncGenerator[int, None]:
-        """Yield once per batch of changes under /fedgate/clusters/ (the batch's revision).
-
-        Starts after the last `load()` (or now); resumes after reconnects from the last revision
-        seen. If etcd compacted the history we needed it yields once (reload everything) and
-        resumes at the oldest revision etcd still has.
-        """
-        watcher = _watch_service(self._client)
-        prefix = keys.CLUSTERS_PREFIX
-        resume = self._revision + 1 if self._revision else 0
-        backoff = 0.1
-        while True:
-            stream = cast(
-                AsyncGenerator[Any, None],
-                watcher.watch(prefix, prefix_range_end(prefix), start_revision=resume),
-            )
-            async with contextlib.aclosing(stream):
-                while True:
-                    with store_errors("watch catalog"):
-                        response = await anext(stream, None)
-                    if response is None:
-                        break
-                    if response.compact_revision > 0:
-                        _log.warning(
-                            "catalog watch history compacted, reloading",
-                            compact_revision=int(response.compact_revision),
-                        )
-                        resume = max(resume, int(response.compact_revision))
-                        yield resume
-                        break
-                    if response.canceled:
-                        _log.warning(
-                            "etcd cancelled the catalog watch", reason=response.cancel_reason
-                        )
-                        break
-                    if response.events:
-                        backoff = 0.1
-                        resume = max(int(ev.kv.mod_revision) for ev in response.events) + 1
-                        yield resume - 1
-            # The server ended or cancelled the watch: start again, never from before a load.
-            if self._revision:
-                resume = max(resume, self._revision + 1)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
 
 
 # --- the controller's incremental feed ----------------------------------------------------

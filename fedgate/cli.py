@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from clusters.rig import topology
+from fedgate import native_logs
 
 RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
 
@@ -33,8 +34,6 @@ def main() -> None:
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
 @main.command()
 @click.option("--etcd", "etcd_endpoints", required=True, help="host:port[,host:port...]")
 @click.option("--listen", required=True, help="gRPC config-stream address (mTLS).")
@@ -89,6 +88,7 @@ def controller(
     gateway_metrics_port: int,
 ) -> None:
     """Run a federation controller replica (run several; one is elected leader)."""
+    native_logs.take_over_stderr()  # before grpc is imported
     from federation.gitops.sync import SyncSettings
     from fedgate import processes
 
@@ -149,6 +149,7 @@ def agent(
     transport: str,
 ) -> None:
     """Run a cluster's agent (publishes the catalog) and its CA."""
+    native_logs.take_over_stderr()  # before grpc is imported
     from fedgate import processes
 
     processes.agent(
@@ -281,6 +282,7 @@ def gateway(
     worker_index: int | None,
 ) -> None:
     """Run a cluster's east-west gateway."""
+    native_logs.take_over_stderr()  # before grpc is imported
     from fedgate import processes
 
     if workers > 1 and liveness_fd is None:
@@ -365,6 +367,7 @@ def sidecar(
     no_multiplex: bool,
 ) -> None:
     """Run a pod's sidecar (inside the pod's network namespace)."""
+    native_logs.take_over_stderr()  # before grpc is imported
     from fedgate import processes
 
     processes.sidecar(

@@ -207,6 +207,9 @@ def sync(
     poll_interval: float,
 ) -> None:
     """Follow the repository and apply each valid commit to etcd (runs until signalled)."""
+    from fedgate import native_logs
+
+    native_logs.take_over_stderr()  # before grpc is imported
     from federation.etcd import open_client
     from federation.gitops.store import ConfigStore
     from federation.gitops.sync import GitOpsSync, SyncSettings

@@ -166,7 +166,9 @@ def render(data: Json, now: float | None = None) -> str:
         endpoints = " ".join(f"{c}={n}" for c, n in sorted(s.get("endpoints", {}).items()))
         conditions = s.get("conditions", [])
         kinds = ",".join(c["type"] for c in conditions if c.get("status"))
-        out.append(f"{name:<28}{s.get('vip') or 'NONE':<14}{ports:<24}{endpoints or '-':<24}{kinds}")
+        out.append(
+            f"{name:<28}{s.get('vip') or 'NONE':<14}{ports:<24}{endpoints or '-':<24}{kinds}"
+        )
         if not s.get("vip"):
             out.append("    no VIP: the name does not resolve until the leader allocates one")
         policies = [

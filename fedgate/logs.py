@@ -2,14 +2,19 @@
 
 One JSON object per line on stderr, with `component` and `cluster` bound once at start-up and
 connection ids bound by the drivers. Nothing here ever formats a key: `Svid.__repr__` hides it.
+In a long-running process whose stderr `fedgate.native_logs` captured, the handler writes to
+the original stderr and what gRPC's C core writes comes back here as JSON too.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
+
+from fedgate import native_logs
 
 
 def configure(component: str, cluster: str = "", level: str = "INFO") -> None:
@@ -33,7 +38,7 @@ def configure(component: str, cluster: str = "", level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(),
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(native_logs.original_stderr() or sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -45,3 +50,22 @@ def configure(component: str, cluster: str = "", level: str = "INFO") -> None:
     structlog.contextvars.bind_contextvars(component=component)
     if cluster:
         structlog.contextvars.bind_contextvars(cluster=cluster)
+    native_logs.start_emitting(lambda record: _emit(handler, record))
+
+
+_native = structlog.get_logger("fedgate.native")
+
+
+def _emit(handler: logging.StreamHandler[TextIO], record: native_logs.Record) -> None:
+    described = native_logs.describe(record)
+    if described is None:  # a JSON line already (a child process's): as it is
+        assert isinstance(record, native_logs.JsonLine)
+        handler.acquire()
+        try:
+            handler.stream.write(record.text + "\n")
+            handler.flush()
+        finally:
+            handler.release()
+        return
+    level, event, fields = described
+    _native.log(logging.getLevelNamesMapping()[level.upper()], event, **fields)

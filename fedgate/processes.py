@@ -18,7 +18,7 @@ from prometheus_client.core import Metric
 from ca.authority import CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
 from ca.bundle import TrustBundle
-from ca.service import SelfIssued
+from ca.service import SelfIssued, dynamic_server_credentials
 from fedgate import admin, logs, metrics, telemetry, topology
 from fedgate.wiring import (
     ProxyWiring,
@@ -49,39 +49,15 @@ def controller_credentials(
     svid: Svid | SelfIssued, control_root_pem: bytes, current: Any
 ) -> grpc.ServerCredentials:
     """mTLS server credentials whose client roots follow the federated trust bundle and whose
-    own certificate follows the controller's renewed identity.
+    own certificate follows the controller's renewed identity (`ca.service`'s dynamic
+    credentials): a cluster that joins later is trusted from its root's arrival on."""
 
-    gRPC asks the fetcher on new handshakes; a cluster that joins later is trusted as soon as
-    its root is in the bundle, and a renewed certificate is presented from the next handshake
-    on, without restarting the server or dropping streams.
-    """
-    identity = svid if isinstance(svid, SelfIssued) else None
-    fixed = svid if isinstance(svid, Svid) else None
-    last: list[bytes] = [b""]
-
-    def config() -> tuple[grpc.ServerCertificateConfiguration, bytes]:
-        own = identity.svid if identity is not None else fixed
-        assert own is not None
+    def serving() -> tuple[Svid, bytes]:
+        own = svid.svid if isinstance(svid, SelfIssued) else svid
         snap: Snapshot | None = current()
-        roots = control_root_pem + snapshot_bundle(snap).all_roots_pem()
-        pair = [(own.key_pem, own.cert_pem)]
-        return grpc.ssl_server_certificate_configuration(pair, root_certificates=roots), (
-            own.cert_pem + roots
-        )
+        return own, control_root_pem + snapshot_bundle(snap).all_roots_pem()
 
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        cfg, stamp = config()
-        if stamp == last[0]:
-            return None
-        last[0] = stamp
-        return cfg
-
-    initial, last[0] = config()
-    return grpc.dynamic_ssl_server_credentials(
-        initial,
-        fetch,  # type: ignore[arg-type]  # grpc documents None as "unchanged"; stubs omit it
-        require_client_authentication=True,
-    )
+    return dynamic_server_credentials(serving, mutual=True)
 
 
 def controller(

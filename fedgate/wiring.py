@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import structlog
+import uvloop
 from prometheus_client import REGISTRY
 from prometheus_client.core import Metric
 
@@ -295,13 +296,9 @@ def authorize_peer(bundle: Callable[[], TrustBundle]) -> Callable[[Any], str | N
     return check
 
 
-def run_with_loop(main: Awaitable[None]) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(main)  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep a plain fallback
-        asyncio.run(main)  # type: ignore[arg-type]
+def run_with_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop (a dependency: what fedgate runs and the proxy tests also use)."""
+    uvloop.run(main)
 
 
 def controller_svid(

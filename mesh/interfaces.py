@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from mesh.model import ClusterInfo, ServiceExport, Snapshot, TrafficPolicy
+from mesh.model import ClusterInfo, ServiceExport
 
 
 class Clock(Protocol):
@@ -26,19 +26,3 @@ class ClusterSource(Protocol):
     """Where an agent learns its cluster's exports and endpoints (Kubernetes, a file, ...)."""
 
     def changes(self) -> AsyncIterator[tuple[ServiceExport, ...]]: ...
-
-
-class CatalogState(Protocol):
-    """The controller's read side of the store: every cluster's published state."""
-
-    async def load(self) -> tuple[tuple[ClusterInfo, ...], tuple[ServiceExport, ...]]: ...
-
-
-class ConfigSubscriber(Protocol):
-    """A proxy's view of the config stream."""
-
-    def snapshots(self) -> AsyncIterator[Snapshot]: ...
-
-
-class PolicySource(Protocol):
-    def policies(self) -> tuple[TrafficPolicy, ...]: ...

@@ -107,11 +107,6 @@ def gateway_identity(trust_domain: str) -> SpiffeId:
     return SpiffeId(trust_domain, SYSTEM_NAMESPACE, "gateway")
 
 
-def gateway_dns_name(cluster: str, federation_domain: str = DEFAULT_FEDERATION_DOMAIN) -> str:
-    """The DNS SAN every gateway certificate carries (peers verify it as the TLS server name)."""
-    return f"gateway.{cluster}.{federation_domain}"
-
-
 def controller_identity(federation_domain: str = DEFAULT_FEDERATION_DOMAIN) -> SpiffeId:
     """The controller lives in the federation's own trust domain, not in any one cluster's."""
     return SpiffeId(federation_domain, SYSTEM_NAMESPACE, "controller")

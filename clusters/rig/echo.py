@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -131,12 +132,21 @@ def _int(text: str) -> int:
         return 0
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # One JSON line like the rest of the rig's logs, not socketserver's traceback (a
+        # probe that connects and resets is routine).
+        peer = ":".join(map(str, client_address)) if isinstance(client_address, tuple) else ""
+        line = {"event": "echo request failed", "peer": peer, "error": repr(sys.exc_info()[1])}
+        print(json.dumps({**line, "level": "warning"}), file=sys.stderr, flush=True)
+
+
 def make_server(
     cluster: str, pod: str, host: str, port: int, control: EchoControl | None = None
 ) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(cluster, pod, control))
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), make_handler(cluster, pod, control))
 
 
 def serve(

@@ -16,11 +16,11 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ca.files import locked
 from clusters import source
 from clusters.rig import netns, procs, topology
 from clusters.rig import state as rigstate
 from clusters.rig.errors import RigError, StateError
-from clusters.rig.files import locked
 
 
 def logs_dir(rigdir: Path) -> Path:

@@ -12,6 +12,7 @@ not create namespaces.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,10 +21,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from ca.files import locked
 from clusters.rig import state as rigstate
 from clusters.rig.cmd import netns_exec_argv
 from clusters.rig.errors import CommandError, RigError, WaitTimeoutError
-from clusters.rig.files import locked
 
 NETNS_DIR = Path("/run/netns")
 STOP_TIMEOUT = 3.0
@@ -86,8 +87,16 @@ def _spawn(
     full_argv = netns_exec_argv(netns, argv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} start {name}: ".encode())
-        log.write(" ".join(full_argv).encode() + b"\n")
+        # JSON like every line the process writes after it (fedgate.native_logs).
+        started = {
+            "event": "rig starting process",
+            "process": name,
+            "argv": full_argv,
+            "logger": "fedgate.rig",
+            "level": "info",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        log.write(json.dumps(started).encode() + b"\n")
         log.flush()
         try:
             proc = subprocess.Popen(

@@ -19,9 +19,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ca.files import atomic_write, locked
 from clusters.rig import topology
 from clusters.rig.errors import StateError
-from clusters.rig.files import atomic_write_text, locked
 
 FORMAT_VERSION = 1
 STATE_FILE_NAME = "state.json"
@@ -353,7 +353,7 @@ def load(path: Path) -> RigState | None:
 
 
 def save(path: Path, state: RigState) -> None:
-    atomic_write_text(path, to_json(state))
+    atomic_write(path, to_json(state))
 
 
 def update(path: Path, change: Callable[[RigState], RigState]) -> RigState:

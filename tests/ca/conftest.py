@@ -1,21 +1,11 @@
-"""Fixtures for ca/ tests: a structlog capture, free loopback ports, a real etcd."""
+"""Fixtures for ca/ tests: a free pair of loopback ports, a real etcd."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-
-import pytest
-import structlog
-from structlog.testing import LogCapture
 
 from tests.etcd_fixture import etcd_server  # noqa: F401  (registers the fixture)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port
 
 
 def free_pair() -> str:
@@ -29,14 +19,3 @@ def free_pair() -> str:
             continue
         return f"127.0.0.1:{port}"
     raise RuntimeError("no free pair of ports")
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    old = structlog.get_config()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    try:
-        yield capture
-    finally:
-        structlog.configure(**old)

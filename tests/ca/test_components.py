@@ -27,18 +27,11 @@ from tests.gateway.conftest import (
     start_pair,
     stop_pair,
 )
+from tests.helpers import until
 from tests.sidecar.conftest import EAST, Pki, spiffe
 from tests.sidecar.loopback import VIP, Rig, start_rig, stop_rig
 
 CLIENT = spiffe(EAST, "client")
-
-
-async def wait_for(predicate: Any, within: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def events(logs: LogCapture, name: str) -> list[dict[str, Any]]:
@@ -132,7 +125,7 @@ async def test_denying_the_caller_closes_its_connection_and_refuses_new_ones(
     # ... and a new call is refused with the reason logged.
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await echo(rig)
-    await wait_for(lambda: events(logs, "inbound refused"))
+    await until(lambda: events(logs, "inbound refused"))
     refused = events(logs, "inbound refused")[-1]
     assert refused["reason"] == "denied", refused
     assert "deny list" in refused["detail"]
@@ -154,7 +147,7 @@ async def test_denying_the_server_identity_is_enforced_by_the_caller(
     assert closed["peer"] == server.uri
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await echo(rig)
-    await wait_for(lambda: events(logs, "outbound failed"))
+    await until(lambda: events(logs, "outbound failed"))
     failed = events(logs, "outbound failed")[-1]
     assert failed["reason"] == "server identity rejected"
     assert "deny list" in failed["detail"]
@@ -237,7 +230,7 @@ async def test_gateway_deny_closes_the_tunnel_and_refuses_handshakes(
     snap = replace(gpair.snapshot, version="v-deny", denied=(entry,))
     gpair.west.apply(snap)
     # West closed the live tunnel connection of the denied peer ...
-    await wait_for(lambda: events(logs, "tunnel peer no longer trusted"))
+    await until(lambda: events(logs, "tunnel peer no longer trusted"))
     assert "denied" in events(logs, "tunnel peer no longer trusted")[0]["reason"]
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
         writer.write(b"x")
@@ -329,7 +322,7 @@ async def test_gateway_refuses_each_bad_peer_certificate_with_a_reason(
     status, _, _, writer = await connect_via(gpair.east)
     await close_writer(writer)
     assert status != 200
-    await wait_for(lambda: events(logs, "tunnel handshake refused"))
+    await until(lambda: events(logs, "tunnel handshake refused"))
     reasons = " | ".join(str(e["reason"]) for e in events(logs, "tunnel handshake refused"))
     # ca.verify's reason (QUIC), or OpenSSL's when it refuses first (TLS transport).
     expected = {
@@ -346,7 +339,7 @@ async def test_sidecar_refuses_a_tampered_client_certificate(rig: Rig, logs: Log
     rig.source.set_identity(_tampered(rig.pki.svid(rig.pki.east, CLIENT)))
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await echo(rig)
-    await wait_for(lambda: events(logs, "inbound refused"))
+    await until(lambda: events(logs, "inbound refused"))
     refused = events(logs, "inbound refused")[-1]
     assert refused["reason"] in ("certificate rejected", "tls alert from peer"), refused
     assert "signature" in str(refused["detail"]).lower(), refused

@@ -27,6 +27,7 @@ from fedgate.processes import controller_credentials
 from fedgate.wiring import ProxyWiring, authorize_peer, controller_svid, keep_identity
 from mesh.naming import SpiffeId
 from tests.ca.conftest import free_pair
+from tests.helpers import until
 
 TD = "east.fedgate.local"
 ECHO = SpiffeId(TD, "demo", "echo")
@@ -36,13 +37,6 @@ FAST = RenewalPolicy(fraction=0.08, jitter=0.02, retry_initial=0.1, retry_max=0.
 def wiring(ca: CertificateAuthority, addr: str, ttl: int = 10) -> ProxyWiring:
     boot = Bootstrap("tok", ca.root_pem, ca.root_pem, TD)
     return ProxyWiring("sidecar", "p.east", "east", boot, addr, "unused:1", "127.0.0.1", 0, ttl)
-
-
-async def until(predicate: Any, within: float) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def named(logs: LogCapture, event: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import pytest
 from clusters.rig import bringup, control, lifecycle
 from mesh.model import ServicePort
 from tests.e2e.conftest import PREFIX, _why_no_rig, rig_command
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -93,16 +94,13 @@ def leader_name(rig: Path) -> str:
 
 def wait_leader(rig: Path, timeout: float = 20) -> str:
     """The elected leader, once there is one (a previous test may have restarted replicas)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            name = leader_name(rig)
-        except subprocess.CalledProcessError:
-            name = ""
-        if name or time.monotonic() > deadline:
-            assert name, f"no controller leader within {timeout:.0f} s"
-            return name
-        time.sleep(0.2)
+    return until_sync(
+        lambda: leader_name(rig),
+        timeout,
+        what="a controller leader",
+        interval=0.2,
+        ignoring=(subprocess.CalledProcessError,),
+    )
 
 
 def kill(rig: Path, process: str) -> None:

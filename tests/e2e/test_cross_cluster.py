@@ -16,6 +16,7 @@ from clusters.rig import bringup, lifecycle, topology
 from fedgate.demo import curl_many
 from mesh.model import ServicePort
 from tests.e2e.conftest import rig_command
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -95,10 +96,14 @@ def _count(rig: Path, process: str, event: str) -> int:
 
 def _wait_count(rig: Path, process: str, event: str, expected: int) -> None:
     """The refusing process logs asynchronously to the client's error: poll, bounded."""
-    deadline = time.monotonic() + 5
-    while _count(rig, process, event) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _count(rig, process, event) == expected
+    count = until_sync(
+        lambda: _count(rig, process, event),
+        5,
+        check=lambda n: n >= expected,
+        what=f"{expected} x {event!r} from {process}",
+        interval=0.05,
+    )
+    assert count == expected
 
 
 # "valid" is the control: the same probe with a genuine east identity is served, so the

@@ -19,6 +19,7 @@ from cryptography import x509
 from ca.authority import root_id
 from clusters.rig import bringup, lifecycle, topology
 from tests.e2e.conftest import PREFIX, _why_no_rig, rig_command
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -145,15 +146,6 @@ def log_events(rig: Path, process: str, event: str) -> list[dict[str, Any]]:
     return out
 
 
-def wait_until(what: str, predicate: Any, timeout: float) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.25)
-    return time.monotonic() - start
-
-
 def issuer_id(pem: str, roots: dict[str, x509.Certificate]) -> str:
     leaf = x509.load_pem_x509_certificates(pem.encode())[0]
     return next(rid for rid, r in roots.items() if r.subject == leaf.issuer)
@@ -219,10 +211,20 @@ def test_root_rotation_under_continuous_traffic_fails_no_request(idrig: Path) ->
             pems.append(admin(west_ns, topology.GATEWAY_ADMIN_PORT)["identityPem"])
             return {issuer_id(p, roots) for p in pems} == {root_id(new)}
 
-        wait_until("west identities issued by the new root", all_on_new_root, SVID_TTL + 10)
+        until_sync(
+            all_on_new_root,
+            SVID_TTL + 10,
+            what="west identities issued by the new root",
+            interval=0.25,
+        )
         assert west_bundle() == {root_id(old), root_id(new)}  # both trusted meanwhile
         # ... and the old root leaves every bundle after the longest lifetime + grace.
-        wait_until("old root retired", lambda: west_bundle() == {root_id(new)}, SVID_TTL + 20)
+        until_sync(
+            lambda: west_bundle() == {root_id(new)},
+            SVID_TTL + 20,
+            what="old root retired",
+            interval=0.25,
+        )
         ca_status = admin(west_ns, topology.AGENT_ADMIN_PORT)["ca"]
         assert ca_status["activeRoot"] == root_id(new)
         time.sleep(2)  # calls keep flowing after the retirement push
@@ -259,13 +261,14 @@ def test_a_denied_identity_is_refused_everywhere_within_one_push(idrig: Path) ->
             for e in log_events(idrig, "east-echo-1-sidecar", "inbound refused")
         )
         # ... and the CA refuses to renew it (its SVID runs out: revocation, not only routing).
-        wait_until(
-            "renewal refused",
+        until_sync(
             lambda: any(
                 "PERMISSION_DENIED" in str(e.get("error"))
                 for e in log_events(idrig, "east-client-sidecar", "identity renewal failed")
             ),
             SVID_TTL,
+            what="renewal refused",
+            interval=0.25,
         )
         assert any(
             "deny list" in str(e.get("reason"))
@@ -280,7 +283,7 @@ def test_a_denied_identity_is_refused_everywhere_within_one_push(idrig: Path) ->
         probe = start_client(idrig, "east/client", "calls", "1", f"redis://{REDIS}:6379")
         return sum(result(probe, 30)["ok"].values()) > 0
 
-    wait_until("calls after allow", flows, 45)
+    until_sync(flows, 45, what="calls after allow", interval=0.25)
 
 
 def test_cli_inspect_reads_a_running_sidecar(idrig: Path) -> None:

@@ -9,8 +9,6 @@ import json
 import secrets
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from mesh import telemetry as tm
 from mesh.model import ServicePort
 from tests.e2e.conftest import revive_agents, rig_command
 from tests.e2e.otlp import CollectedSpan, Collector
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -50,16 +49,6 @@ def _pod_netns(rig: Path, cluster: str, pod: str) -> str:
     return record.netns
 
 
-def _wait(what: str, predicate: Callable[[], Any], timeout: float = WITHIN) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def obs(rig: Path, otlp_collector: Collector) -> Path:
     """A service only west serves (so every call from east crosses both gateways)."""
@@ -78,9 +67,10 @@ def obs(rig: Path, otlp_collector: Collector) -> Path:
         ("obs.demo", ServicePort("http", PORT, "HTTP")),
     )
     bringup.wait_routes(rig, "obs", "demo", 1)
-    _wait(
-        "west/obs's sidecar learns obs.demo",
+    until_sync(
         lambda: bringup.endpoints_seen(bringup.sidecar_config(rig, "west", "obs"), "obs", "demo"),
+        WITHIN,
+        what="west/obs's sidecar learns obs.demo",
     )
     return rig
 
@@ -193,15 +183,23 @@ def test_a_cross_cluster_request_is_one_trace_with_its_logs_and_metrics(
         found = {h: _log_lines(obs, trace_id=trace_id, hop=h, event=e) for h, e in events.items()}
         return found if all(found.values()) else {}
 
-    found = _wait("access lines of every hop", lines, timeout=10)
+    found = until_sync(lines, 10, what="access lines of every hop")
     for h, [line] in found.items():
         assert line["span_id"] == hop[h].span_id, line
     assert found[tm.SOURCE][0]["status"] == 200
     assert found[tm.DESTINATION][0]["status"] == 200
 
     # Both clusters count it: the caller's sidecar as source, the callee's as destination.
-    _wait("east counts the request", lambda: _requests(east_client, "source") > sent_before)
-    _wait("west counts the request", lambda: _requests(west_obs, "destination") > served_before)
+    until_sync(
+        lambda: _requests(east_client, "source") > sent_before,
+        WITHIN,
+        what="east counts the request",
+    )
+    until_sync(
+        lambda: _requests(west_obs, "destination") > served_before,
+        WITHIN,
+        what="west counts the request",
+    )
 
 
 def test_an_app_without_a_trace_gets_one_started_by_its_sidecar(
@@ -215,7 +213,9 @@ def test_an_app_without_a_trace_gets_one_started_by_its_sidecar(
         with_path = [s for s in otlp_collector.spans if s.attributes.get(tm.PATH) == marker]
         return with_path if len(with_path) == 2 else []
 
-    src, dst = sorted(_wait("both sidecars' spans", served), key=lambda s: s.kind != 3)
+    src, dst = sorted(
+        until_sync(served, WITHIN, what="both sidecars' spans"), key=lambda s: s.kind != 3
+    )
     assert src.attributes[tm.HOP] == tm.SOURCE  # CLIENT kind (3) first
     assert dst.attributes[tm.HOP] == tm.DESTINATION
     assert src.parent_id == ""  # a new trace, rooted at the source sidecar
@@ -256,18 +256,20 @@ def test_bad_identity_is_refused_and_logged_by_the_destination_sidecar_and_gatew
     # The genuine east root minting a west identity: only the SPIFFE scoping catches it.
     args = ("tls", "wrong-domain", pod.ip, str(topology.SIDECAR_INBOUND_PORT), west_root, east_ca)
     assert _probe(west.netns, *args)["result"] == "refused"
-    refused = _wait(
-        "the destination sidecar's refusal",
+    refused = until_sync(
         lambda: _refusals(obs, tm.DESTINATION, "inbound refused", pod="obs")[before:],
+        WITHIN,
+        what="the destination sidecar's refusal",
     )
     assert refused[-1]["reason"] == "trust-domain mismatch", refused
 
     before = len(_refusals(obs, tm.INGRESS, "tunnel handshake refused", cluster="west"))
     tunnel = ("tls", "foreign-root", west.wan_ip, str(topology.TUNNEL_PORT), west_root, east_ca)
     assert _probe(east.netns, *tunnel)["result"] == "refused"
-    refused = _wait(
-        "the west gateway's refusal",
+    refused = until_sync(
         lambda: _refusals(obs, tm.INGRESS, "tunnel handshake refused", cluster="west")[before:],
+        WITHIN,
+        what="the west gateway's refusal",
     )
     assert "certificate" in refused[-1]["reason"], refused
 
@@ -287,19 +289,21 @@ def test_no_endpoint_is_refused_and_logged_by_the_ingress_and_the_egress(obs: Pa
     res = _run(west.netns, argv)
     assert res.returncode != 0  # curl: CONNECT tunnel failed, response 503
     assert "503" in res.stderr, res.stderr
-    ingress = _wait(
-        "the east ingress's refusal",
+    ingress = until_sync(
         lambda: _refusals(obs, tm.INGRESS, "ingress call refused", cluster="east", **mine)[
             before_in:
         ],
+        WITHIN,
+        what="the east ingress's refusal",
     )
     assert ingress[-1]["reason"] == "fedgate ingress east: no healthy endpoint for obs.demo"
     assert ingress[-1]["status"] == 503
-    egress_lines = _wait(
-        "the west egress's refusal",
+    egress_lines = until_sync(
         lambda: _refusals(obs, tm.EGRESS, "egress call refused", cluster="west", **mine)[
             before_out:
         ],
+        WITHIN,
+        what="the west egress's refusal",
     )
     assert egress_lines[-1]["reason"] == ingress[-1]["reason"]  # passed on verbatim
 
@@ -320,7 +324,7 @@ def test_pool_full_is_refused_and_logged_by_the_source_sidecar(obs: Path) -> Non
             policies = snap.get("policies", []) if isinstance(snap, dict) else []
             return any(p.get("name") == "obs" and "connectionPool" in p for p in policies)
 
-        _wait("the obs policy reaches east/client", applied)
+        until_sync(applied, WITHIN, what="the obs policy reaches east/client")
         mine = {"service": "obs.demo", "pod": "client", "cluster": "east"}
         before = len(_refusals(obs, tm.SOURCE, "http request failed", **mine))
         one = "curl -s --noproxy '*' --max-time 10 -o /dev/null -w '%{http_code}\\n' "
@@ -329,9 +333,10 @@ def test_pool_full_is_refused_and_logged_by_the_source_sidecar(obs: Path) -> Non
         res = _run(_pod_netns(obs, "east", "client"), ["sh", "-c", script])
         assert res.returncode == 0, res.stderr
         assert "503" in res.stdout.split(), res.stdout
-        failed = _wait(
-            "the source sidecar's refusal",
+        failed = until_sync(
             lambda: _refusals(obs, tm.SOURCE, "http request failed", **mine)[before:],
+            WITHIN,
+            what="the source sidecar's refusal",
         )
         assert {line["reason"] for line in failed} == {"pending overflow"}, failed
         assert all(line["status"] == 503 and line["trace_id"] for line in failed), failed

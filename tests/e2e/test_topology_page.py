@@ -1,5 +1,6 @@
 """The controller's topology page in real headless Chromium against the rig, plus the other
-operator surfaces that read the same processes (`/metrics`, `fedgate status`, `fedgate top`).
+operator surfaces that read the same processes (`/metrics`, `fedgate status`, `fedgate top`,
+and their logs: JSON, every line).
 
 Chromium runs inside the control namespace (where the controller's admin port listens) with
 `--dump-dom`, which prints the DOM after the page's scripts ran: the test reads the page's
@@ -25,6 +26,7 @@ import pytest
 
 from clusters.rig import control, lifecycle
 from fedgate import rates
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -96,14 +98,12 @@ def view(elements: list[dict[str, str]]) -> State:
 
 
 def wait_for(page: Page, check: Callable[[State], bool], timeout: float) -> tuple[State, float]:
+    """The page's first state that passes `check`, and the seconds it took."""
     started = time.monotonic()
-    while True:
-        state = view(page.elements())
-        if check(state):
-            return state, time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"the page did not reach the expected state in {timeout:.0f} s: {state}")
-        time.sleep(0.3)
+    state = until_sync(
+        lambda: view(page.elements()), timeout, check=check, what="the page's state", interval=0.3
+    )
+    return state, time.monotonic() - started
 
 
 def cross_cluster_calls(rig: Path, within: float = 30.0) -> None:
@@ -282,3 +282,20 @@ def test_topology_page_shows_a_cluster_whose_agent_died_as_down(rig: Path, tmp_p
     print(f"page shows west Live again {took:.1f} s after its agent restarted")
     cross_cluster_calls(rig)
     wait_for(page, healthy, 20)
+
+
+def test_every_line_a_fedgate_process_logged_is_json(rig: Path) -> None:
+    """Last in the module, so the logs hold the kills and restarts above; gRPC's C core lines
+    included (`fedgate.native_logs`). etcd's log is etcd's own."""
+    cross_cluster_calls(rig)
+    logs = [p for p in sorted((rig / "logs").glob("*.log")) if not p.name.startswith("etcd")]
+    assert len(logs) >= 10, logs
+    for log in logs:
+        for n, line in enumerate(log.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                pytest.fail(f"{log.name}:{n} is not JSON: {line[:300]!r}")
+            assert isinstance(entry, dict), f"{log.name}:{n}"

@@ -24,6 +24,7 @@ from mesh.model import ServicePort
 from tests.e2e import policy_rig
 from tests.e2e.conftest import rig_command
 from tests.e2e.policy_rig import SUBSETS, run_in_pod, start_workload
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -117,9 +118,7 @@ def ejected(rig: Path) -> list[str]:
 def wait_all_returned(rig: Path, within: float) -> float:
     """Poll the client sidecar until outlier detection has returned every host; the wait."""
     started = time.monotonic()
-    while ejected(rig):
-        assert time.monotonic() - started < within, f"still ejected: {ejected(rig)}"
-        time.sleep(0.1)
+    until_sync(lambda: ejected(rig), within, check=lambda e: not e, what="no host ejected")
     return time.monotonic() - started
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import pytest
@@ -50,31 +49,3 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     for task in leaked:
         task.cancel()
     assert not leaked, f"tasks leaked: {[t.get_name() for t in leaked]}"
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]],
-    check: Callable[[T], bool],
-    within: float = 5.0,
-    interval: float = 0.05,
-) -> T:
-    """Poll `probe` until `check` holds or `within` seconds pass (then fail with the last value)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within} s; last value: {value!r}")
-        await asyncio.sleep(interval)
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll a synchronous `condition` every 10 ms until it holds or `within` seconds pass."""
-    deadline = time.monotonic() + within
-    while True:
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within} s")
-        await asyncio.sleep(0.01)

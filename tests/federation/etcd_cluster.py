@@ -11,12 +11,12 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.etcd_fixture import find_etcd, free_port
+from tests.etcd_fixture import find_etcd
+from tests.helpers import free_port, until_sync
 
 START_TIMEOUT = 30.0
 
@@ -71,17 +71,19 @@ class EtcdCluster:
             self.wait_healthy(i)
 
     def wait_healthy(self, i: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
         url = f"http://127.0.0.1:{self.client_ports[i]}/health"
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(url, timeout=1) as response,
-            ):
-                if b'"health":"true"' in response.read():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"etcd member {i} did not become healthy")
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return b'"health":"true"' in response.read()
+
+        until_sync(
+            healthy,
+            START_TIMEOUT,
+            what=f"etcd member {i} healthy",
+            interval=0.05,
+            ignoring=(urllib.error.URLError, OSError),
+        )
 
     def leader_index(self) -> int:
         """The member that is the raft leader (from each member's /v3 status)."""

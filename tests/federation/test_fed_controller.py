@@ -16,8 +16,8 @@ from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
 from federation.store import EtcdCatalogPublisher
 from mesh.model import ClusterWeight, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey
-from tests.federation.conftest import eventually
 from tests.federation.fed_factories import export, info
+from tests.helpers import until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
@@ -52,7 +52,7 @@ async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3C
         async def current() -> Snapshot | None:
             return controller.current()
 
-        snapshot = await eventually(current, lambda s: endpoint_clusters(s) == {"east", "west"})
+        snapshot = await until(current, check=lambda s: endpoint_clusters(s) == {"east", "west"})
         assert snapshot is not None
         echo = snapshot.service(ECHO)
         assert echo is not None
@@ -70,11 +70,11 @@ async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3C
         async def next_snapshot() -> Snapshot:
             return await asyncio.wait_for(anext(stream), 5.0)
 
-        await eventually(next_snapshot, lambda s: s.version == snapshot.version)
+        await until(next_snapshot, check=lambda s: s.version == snapshot.version)
 
         # West's agent dies: its lease expires and the next snapshot has east only.
         await west.abandon()
-        after = await eventually(current, lambda s: endpoint_clusters(s) == {"east"}, 6.0)
+        after = await until(current, 6.0, check=lambda s: endpoint_clusters(s) == {"east"})
         assert after is not None
         assert [c.name for c in after.clusters] == ["east"]
         assert list(after.trust_bundle) == ["east.fedgate.local"]
@@ -82,7 +82,7 @@ async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3C
         assert echo_after is not None
         assert echo_after.vip == "10.255.0.1"
         assert publisher.current == after
-        await eventually(next_snapshot, lambda s: s.version == after.version)
+        await until(next_snapshot, check=lambda s: s.version == after.version)
     finally:
         await stream.aclose()
         task.cancel()

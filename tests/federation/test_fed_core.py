@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from mesh.clock import FakeClock
 from mesh.codec import loads
 from mesh.model import ClusterWeight, TrafficPolicy
 from mesh.naming import ServiceKey
+from tests import helpers
 from tests.federation.fake_ports import MemoryFeed, MemorySink, MemoryStore, MemoryWriter
 from tests.federation.fed_factories import export, info
 
@@ -82,16 +83,8 @@ async def running(r: Replica) -> AsyncIterator[Replica]:
             await task
 
 
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Let the loop run until `condition` holds; in memory that takes a few loop turns."""
-    deadline = time.monotonic() + within
-    turns = 0
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within} s")
-        turns += 1
-        # Only a retry timer of the controller's own needs real time: yield, then nap.
-        await asyncio.sleep(0 if turns < 1000 else 0.01)
+# In memory a condition takes a few loop turns: poll often (tests.helpers' one poller).
+until = functools.partial(helpers.until, interval=0.001)
 
 
 async def settle() -> None:

@@ -30,8 +30,8 @@ from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
 from mesh.codec import dumps, snapshot_to_json
 from mesh.model import ClusterWeight, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey
-from tests.federation.conftest import until
 from tests.federation.fed_factories import export, info
+from tests.helpers import until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 

@@ -19,9 +19,9 @@ from federation.store import EtcdCatalogPublisher, EtcdWatcher
 from mesh.model import Snapshot
 from mesh.naming import ServiceKey
 from tests.etcd_fixture import reset_etcd
-from tests.federation.conftest import until
 from tests.federation.etcd_cluster import EtcdCluster
 from tests.federation.fed_factories import export, info
+from tests.helpers import until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
@@ -44,21 +44,19 @@ async def etcd3(cluster: EtcdCluster) -> AsyncIterator[Etcd3Client]:
         if cluster._processes[i] is None:
             cluster.restart(i)
     client = await open_client(cluster.endpoints)
-    await until_ok(lambda: reset_etcd(client))
+    # Right after a member restart the cluster may still be electing: retry for 5 s.
+    await until(
+        lambda: reset_etcd(client),
+        5.0,
+        check=lambda _: True,
+        what="etcd reset",
+        interval=0.1,
+        ignoring=(Exception,),
+    )
     try:
         yield client
     finally:
         await client.close()
-
-
-async def until_ok(step: object, attempts: int = 50) -> None:
-    for _ in range(attempts):
-        try:
-            await step()  # type: ignore[operator]
-            return
-        except Exception:
-            await asyncio.sleep(0.1)
-    await step()  # type: ignore[operator]
 
 
 def victim(cluster: EtcdCluster, which: str) -> int:

@@ -24,8 +24,8 @@ from fedgate.cli_status import collect, render
 from mesh.model import ServicePort, Snapshot
 from mesh.naming import ServiceKey
 from tests.etcd_fixture import EtcdServer
-from tests.federation.conftest import eventually, until
 from tests.federation.fed_factories import export, info
+from tests.helpers import until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
@@ -135,9 +135,9 @@ async def test_replicas_agree_and_only_the_leader_writes_status(
             ) and len(versions(pair)) == 1  # fmt: skip
 
         await until(converged)
-        status = await eventually(
+        status = await until(
             lambda: read_json(etcd, keys.service_status_key(ECHO)),
-            lambda s: s is not None and s["vip"] == "10.255.0.1",
+            check=lambda s: s is not None and s["vip"] == "10.255.0.1",
         )
         assert status is not None
         assert status["endpoints"] == {"east": 1, "west": 1}
@@ -148,9 +148,9 @@ async def test_replicas_agree_and_only_the_leader_writes_status(
         exports = status["exports"]
         assert isinstance(exports, dict)
         assert sorted(exports) == ["east", "west"]  # MCS: every export carries the condition
-        config = await eventually(
+        config = await until(
             lambda: read_json(etcd, keys.CONFIG_STATUS_KEY),
-            lambda c: c is not None and c["version"] == next(iter(versions(pair))),
+            check=lambda c: c is not None and c["version"] == next(iter(versions(pair))),
         )
         assert config is not None
         assert config["leader"] == leader.name
@@ -247,9 +247,9 @@ async def test_flapping_cluster_is_held_out_by_every_replica(
         west = EtcdCatalogPublisher(etcd, "west", ttl=5)
         await west.publish(info("west"), [export("west")])
         back = time.monotonic()
-        record = await eventually(
+        record = await until(
             lambda: read_json(etcd, keys.cluster_status_key("west")),
-            lambda r: r is not None and r["state"] == "Suppressed",
+            check=lambda r: r is not None and r["state"] == "Suppressed",
         )
         assert record is not None
         assert record["losses"] == 2
@@ -288,9 +288,9 @@ async def test_a_replica_elected_after_the_services_merged_gives_each_a_vip(
         await until(lambda: replica.ctl.is_leader)
         await until(lambda: all(vips()))
         assert sorted(v or "" for v in vips()) == ["10.255.0.1", "10.255.0.2"]
-        status = await eventually(
+        status = await until(
             lambda: read_json(etcd, keys.service_status_key(db)),
-            lambda s: s is not None and s["vip"] != "",
+            check=lambda s: s is not None and s["vip"] != "",
         )
         assert status is not None
     finally:

@@ -18,7 +18,7 @@ from federation.owned import ControllerStore
 from federation.status import LeaderRecord
 from mesh.naming import ServiceKey
 from tests.etcd_fixture import EtcdServer
-from tests.federation.conftest import until
+from tests.helpers import until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 

@@ -27,8 +27,8 @@ from federation.store import EtcdWatcher
 from mesh.model import ClusterWeight, TrafficPolicy
 from mesh.naming import ServiceKey
 from tests.etcd_fixture import EtcdServer, reset_etcd
-from tests.federation.conftest import until
 from tests.federation.fake_ports import MemoryFeed, MemoryStore, MemoryWriter
+from tests.helpers import until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 

@@ -10,8 +10,8 @@ from federation.api.config_pb2_grpc import ConfigDiscoveryStub
 from federation.api.session import NodeInfo
 from federation.pushstats import BUCKETS, Histogram, PushStats
 from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
-from tests.federation.conftest import until
 from tests.federation.test_fed_stream import snapshot
+from tests.helpers import until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 

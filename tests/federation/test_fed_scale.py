@@ -6,8 +6,9 @@ import pytest
 from etcd3aio import Etcd3Client
 
 from federation.owned import ControllerStore
-from federation.store import EtcdCatalogPublisher, EtcdCatalogState
+from federation.store import EtcdCatalogPublisher
 from mesh.naming import ServiceKey
+from tests.federation.catalog_read import read_catalog
 from tests.federation.fed_factories import export, info
 
 pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
@@ -20,7 +21,7 @@ async def test_a_cluster_with_300_exports_publishes_and_300_services_get_vips(
     exports = [export("east", f"svc{i:03d}") for i in range(300)]
     try:
         await publisher.publish(info("east"), exports)
-        assert len((await EtcdCatalogState(etcd).load())[1]) == 300
+        assert len((await read_catalog(etcd))[1]) == 300
         # A change to one export writes one key, not 300.
         assert etcd.kv is not None
         before = int((await etcd.kv.get("/x")).header.revision)

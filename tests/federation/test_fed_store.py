@@ -1,4 +1,6 @@
-"""The etcd adapters against a real etcd: publish/load, leases, bad keys, watch, VIPs, policies."""
+"""The etcd adapters against a real etcd: publish/load, leases, bad keys, watch, VIPs, policies.
+
+What agents published is read as the controller reads it (`tests.federation.catalog_read`)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ from federation import keys
 from federation.errors import StoreError, StoreUnavailableError
 from federation.etcd import open_client, parse_endpoint
 from federation.owned import ControllerStore
-from federation.store import EtcdCatalogPublisher, EtcdCatalogState
+from federation.store import Changed, EtcdCatalogPublisher, EtcdWatcher, Loaded
 from mesh.codec import dumps, export_to_json
 from mesh.model import ClusterWeight, Endpoint, ServiceExport, TrafficPolicy
 from mesh.naming import ServiceKey
-from tests.etcd_fixture import free_port
-from tests.federation.conftest import eventually
+from tests.federation.catalog_read import read_catalog, read_view
 from tests.federation.fed_factories import endpoint, export, info
+from tests.helpers import free_port, until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
@@ -34,11 +36,10 @@ async def revision(client: Etcd3Client) -> int:
 
 async def test_publish_and_load_roundtrip(etcd: Etcd3Client) -> None:
     publisher = EtcdCatalogPublisher(etcd, "east", ttl=5)
-    state = EtcdCatalogState(etcd)
     try:
         exports = [export("east", "echo"), export("east", "db", addresses=("10.0.0.7", "10.0.0.8"))]
         await publisher.publish(info("east"), exports)
-        clusters, loaded = await state.load()
+        clusters, loaded = await read_catalog(etcd)
         assert clusters == (info("east"),)
         assert loaded == (exports[1], exports[0])  # sorted by service key
 
@@ -54,10 +55,10 @@ async def test_publish_and_load_roundtrip(etcd: Etcd3Client) -> None:
         before = await revision(etcd)
         await publisher.publish(info("east"), [exports[0]])
         assert await revision(etcd) == before + 1
-        assert (await state.load())[1] == (exports[0],)
+        assert (await read_catalog(etcd))[1] == (exports[0],)
     finally:
         await publisher.aclose()
-    assert await state.load() == ((), ())  # aclose revoked the lease: keys gone at once
+    assert await read_catalog(etcd) == ((), ())  # aclose revoked the lease: keys gone at once
 
 
 async def test_publisher_refuses_other_clusters_data(etcd: Etcd3Client) -> None:
@@ -69,7 +70,7 @@ async def test_publisher_refuses_other_clusters_data(etcd: Etcd3Client) -> None:
             await publisher.publish(info("east"), [export("west")])
         with pytest.raises(ValueError, match="exported twice"):
             await publisher.publish(info("east"), [export("east"), export("east")])
-        assert await EtcdCatalogState(etcd).load() == ((), ())
+        assert await read_catalog(etcd) == ((), ())
     finally:
         await publisher.aclose()
 
@@ -77,15 +78,16 @@ async def test_publisher_refuses_other_clusters_data(etcd: Etcd3Client) -> None:
 async def test_abandoned_lease_expires_within_ttl(etcd: Etcd3Client) -> None:
     east = EtcdCatalogPublisher(etcd, "east", ttl=2)
     west = EtcdCatalogPublisher(etcd, "west", ttl=2)
-    state = EtcdCatalogState(etcd)
     try:
         await east.publish(info("east"), [export("east")])
         await west.publish(info("west"), [export("west")])
         await east.abandon()  # as if the agent crashed: no revoke, no more keepalives
         started = time.monotonic()
-        assert [c.name for c in (await state.load())[0]] == ["east", "west"]
-        _clusters, exports = await eventually(
-            state.load, lambda loaded: [c.name for c in loaded[0]] == ["west"], within=5.0
+        assert [c.name for c in (await read_catalog(etcd))[0]] == ["east", "west"]
+        _clusters, exports = await until(
+            lambda: read_catalog(etcd),
+            5.0,
+            check=lambda loaded: [c.name for c in loaded[0]] == ["west"],
         )
         # TTL, plus slack for etcd's 500 ms expiry sweep and a loaded machine.
         assert time.monotonic() - started < 2 + 2.0
@@ -101,15 +103,16 @@ async def test_abandoned_lease_expires_within_ttl(etcd: Etcd3Client) -> None:
 
 async def test_lost_lease_is_regranted_and_everything_republished(etcd: Etcd3Client) -> None:
     publisher = EtcdCatalogPublisher(etcd, "east", ttl=2)
-    state = EtcdCatalogState(etcd)
     try:
         await publisher.publish(info("east"), [export("east")])
         first = publisher.lease_id
         assert etcd.lease is not None
         assert first is not None
         await etcd.lease.revoke(first)  # etcd forgets the lease, as after a long partition
-        assert await state.load() == ((), ())
-        clusters, exports = await eventually(state.load, lambda loaded: bool(loaded[0]), 5.0)
+        assert await read_catalog(etcd) == ((), ())
+        clusters, exports = await until(
+            lambda: read_catalog(etcd), 5.0, check=lambda loaded: bool(loaded[0])
+        )
         assert clusters == (info("east"),)
         assert exports == (export("east"),)
         assert publisher.lease_id not in (None, first)
@@ -118,10 +121,9 @@ async def test_lost_lease_is_regranted_and_everything_republished(etcd: Etcd3Cli
         await publisher.aclose()
 
 
-async def test_malformed_keys_are_logged_and_skipped(etcd: Etcd3Client) -> None:
+async def test_malformed_keys_are_skipped(etcd: Etcd3Client) -> None:
     assert etcd.kv is not None
     publisher = EtcdCatalogPublisher(etcd, "east", ttl=5)
-    state = EtcdCatalogState(etcd)
     west_identity = endpoint("west", "10.1.0.1").identity
     impostor = ServiceExport(
         "east", DB, (), 1.0, (Endpoint("east", "10.0.0.9", "pod-x", west_identity),)
@@ -135,81 +137,83 @@ async def test_malformed_keys_are_logged_and_skipped(etcd: Etcd3Client) -> None:
             "/fedgate/clusters/west/info": b'{"name": "west"}',
             # An agent writing an export of another cluster under its own prefix.
             "/fedgate/clusters/west/exports/demo/db": dumps(export_to_json(export("east", "db"))),
-            # Endpoints whose identities are in another cluster's trust domain.
-            "/fedgate/clusters/east/exports/demo/db": dumps(export_to_json(impostor)),
         }
         for key, value in bad.items():
             await etcd.kv.put(key, value)
-        with capture_logs() as logs:
-            clusters, exports = await state.load()
-            await state.load()  # the same bad versions are not logged again
-        assert clusters == (info("east"),)
-        assert exports == (export("east"),)
-        logged = [
-            entry["key"] for entry in logs if entry["event"] == "skipping malformed catalog key"
-        ]
-        assert sorted(logged) == sorted(bad)
-        assert all(entry["log_level"] == "warning" for entry in logs)
+        # Endpoints whose identities are in another cluster's trust domain: loaded before
+        # east's info (key order), so not a problem of the load, but never merged.
+        await etcd.kv.put(keys.export_key("east", DB), dumps(export_to_json(impostor)))
+        _, problems = await read_view(etcd)
+        assert sorted(p.key for p in problems) == sorted(bad)
+        assert await read_catalog(etcd) == ((info("east"),), (export("east"),))
     finally:
         await publisher.aclose()
 
 
-async def test_watch_yields_once_per_change_batch(etcd: Etcd3Client) -> None:
-    state = EtcdCatalogState(etcd)
-    await state.load()
+async def test_the_watcher_yields_the_load_then_one_batch_per_transaction(
+    etcd: Etcd3Client,
+) -> None:
     publisher = EtcdCatalogPublisher(etcd, "east", ttl=5)
-    watch = state.watch()
+    batches = EtcdWatcher(etcd, keys.CLUSTERS_PREFIX).batches()
     try:
-        waiting = asyncio.ensure_future(anext(watch))
+        loaded = await asyncio.wait_for(anext(batches), 5.0)
+        assert isinstance(loaded, Loaded)
+        assert loaded.events == ()
+        waiting = asyncio.ensure_future(anext(batches))
         await publisher.publish(info("east"), [export("east")])
         first = await asyncio.wait_for(waiting, 5.0)
-        assert first == await revision(etcd)  # one transaction, one batch
+        assert isinstance(first, Changed)
+        assert first.revision == await revision(etcd)  # one transaction, one batch
+        assert len(first.events) == 2
         await publisher.publish(info("east"), [])
-        second = await asyncio.wait_for(anext(watch), 5.0)
-        assert second == first + 1
+        second = await asyncio.wait_for(anext(batches), 5.0)
+        assert isinstance(second, Changed)
+        assert second.revision == first.revision + 1
     finally:
-        await watch.aclose()
+        await batches.aclose()
         await publisher.aclose()
 
 
-async def test_watch_resumes_after_the_last_load(etcd: Etcd3Client) -> None:
-    state = EtcdCatalogState(etcd)
+async def test_the_watcher_resumes_after_its_load(etcd: Etcd3Client) -> None:
     publisher = EtcdCatalogPublisher(etcd, "east", ttl=5)
+    batches = EtcdWatcher(etcd, keys.CLUSTERS_PREFIX).batches()
     try:
         await publisher.publish(info("east"), [])
-        await state.load()
+        loaded = await asyncio.wait_for(anext(batches), 5.0)
+        assert isinstance(loaded, Loaded)
         await publisher.publish(info("east"), [export("east")])  # before the watch starts
-        watch = state.watch()
-        try:
-            seen = await asyncio.wait_for(anext(watch), 5.0)
-            assert seen == state.revision + 1
-        finally:
-            await watch.aclose()
+        seen = await asyncio.wait_for(anext(batches), 5.0)
+        assert isinstance(seen, Changed)
+        assert seen.revision == loaded.revision + 1
     finally:
+        await batches.aclose()
         await publisher.aclose()
 
 
-async def test_watch_survives_compacted_history(etcd: Etcd3Client) -> None:
+async def test_the_watcher_loads_again_after_a_compaction(etcd: Etcd3Client) -> None:
     assert etcd.kv is not None
-    state = EtcdCatalogState(etcd)
     publisher = EtcdCatalogPublisher(etcd, "east", ttl=5)
+    watcher = EtcdWatcher(etcd, keys.CLUSTERS_PREFIX)
+    batches = watcher.batches()
     try:
-        await state.load()
+        assert isinstance(await asyncio.wait_for(anext(batches), 5.0), Loaded)
         await publisher.publish(info("east"), [])
         await publisher.publish(info("east"), [export("east")])
         compacted = await revision(etcd)
         await etcd.kv.compact(compacted, physical=True)  # the history after our load is gone
-        watch = state.watch()
-        try:
-            with capture_logs() as logs:
-                assert await asyncio.wait_for(anext(watch), 5.0) == compacted  # reload, please
-            assert logs[0]["event"] == "catalog watch history compacted, reloading"
-            await state.load()
-            await publisher.publish(info("east"), [])
-            assert await asyncio.wait_for(anext(watch), 5.0) == compacted + 1
-        finally:
-            await watch.aclose()
+        with capture_logs() as logs:
+            reloaded = await asyncio.wait_for(anext(batches), 5.0)
+        assert isinstance(reloaded, Loaded)
+        assert reloaded.revision == compacted
+        assert len(reloaded.events) == 2
+        assert watcher.reloads == 1
+        assert logs[0]["event"] == "watch history compacted, reloading"
+        await publisher.publish(info("east"), [])
+        after = await asyncio.wait_for(anext(batches), 5.0)
+        assert isinstance(after, Changed)
+        assert after.revision == compacted + 1
     finally:
+        await batches.aclose()
         await publisher.aclose()
 
 

@@ -18,8 +18,8 @@ from federation.generate import generate
 from federation.merge import merge
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
 from mesh.model import Snapshot
-from tests.federation.conftest import until
 from tests.federation.fed_factories import export, info
+from tests.helpers import until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 

@@ -23,8 +23,8 @@ from federation.gitops.store import (
 from federation.gitops.sync import GitOpsSync
 from mesh.codec import decode, policy_from_json
 from mesh.model import ClusterWeight, TrafficPolicy
-from tests.federation.conftest import until
 from tests.federation.gitops_fixtures import AUTHZ, FULL_POLICY, Origin, git, policy
+from tests.helpers import until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 

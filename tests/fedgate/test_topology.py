@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,7 @@ from fedgate import admin, metrics, rates, topology
 from gateway.gateway import LinkStats
 from mesh.model import GatewayAddress, Snapshot
 from tests.federation.fed_factories import export, info
+from tests.helpers import free_port
 
 
 def snapshot(*clusters: str, hosts: dict[str, str] | None = None) -> Snapshot:
@@ -127,13 +127,6 @@ def test_link_rates_from_tunnel_streams_or_request_metrics() -> None:
     assert data["rate_basis"] == "requests"
     assert by_pair(data)["east->west"]["rps"] == 25.0
     assert {s["name"]: s["rps"] for s in data["services"]}["echo.demo"] == 25.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_the_driver_scrapes_each_gateway_and_serves_page_and_json() -> None:

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from fedgate.workers import RestartBackoff, Supervisor, SupervisorSettings, worker_argv
+from tests.helpers import free_port, until
 
 WORKER = Path(__file__).with_name("liveness_worker.py")
 
@@ -46,12 +46,6 @@ def test_worker_argv_offsets_ports_and_keeps_quic_on_worker_0() -> None:
         worker_argv(base, 1, 8, "127.0.0.1:65535", "")
     with pytest.raises(ValueError, match="--workers"):
         SupervisorSettings(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def who_answers(port: int) -> int | None:
@@ -84,15 +78,6 @@ async def supervisor(port: int, exit_after: float = 0) -> AsyncIterator[Supervis
         sup.stop()
         await asyncio.wait_for(task, 20)
     assert not sup.workers
-
-
-async def until(condition: object, limit: float) -> float:
-    """Poll `condition()` every 20 ms; the seconds it took (AssertionError after `limit`)."""
-    start = time.monotonic()
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() - start < limit, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def test_a_stopped_worker_is_killed_and_restarted_while_the_port_keeps_answering() -> None:

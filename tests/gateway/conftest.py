@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import LogCapture
 
 from ca.authority import CertificateAuthority, Svid
@@ -60,18 +59,6 @@ def issue(ca: CertificateAuthority, spiffe_id: SpiffeId) -> Svid:
 
 def gateway_svid(ca: CertificateAuthority) -> Svid:
     return issue(ca, gateway_identity(ca.trust_domain))
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    """Capture structlog records; must be set up before the gateways bind their loggers."""
-    capture = LogCapture()
-    old = structlog.get_config()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    try:
-        yield capture
-    finally:
-        structlog.configure(**old)
 
 
 class EchoServer(asyncio.Protocol):

@@ -13,7 +13,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from structlog.testing import LogCapture
@@ -44,14 +44,7 @@ from tests.gateway.conftest import (
     stop_pair,
 )
 from tests.gateway.test_tunnel_robustness import BlackHole
-
-
-async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met within {seconds}s")
+from tests.helpers import until
 
 
 async def echo_roundtrip(gw: Gateway, payload: bytes = b"ping") -> None:
@@ -83,7 +76,7 @@ async def test_half_close_propagates_both_ways(tpair: Pair) -> None:
     writer.write_eof()  # our FIN crosses the tunnel; the echo server answers, then closes
     assert await asyncio.wait_for(reader.read(), 5) == b"last words"  # then EOF from west
     await close_writer(writer)
-    await wait_until(lambda: not tpair.west.ingress.active and not tpair.east.egress.active)
+    await until(lambda: not tpair.west.ingress.active and not tpair.east.egress.active)
 
 
 async def test_tiny_writes_arrive_in_order(tpair: Pair) -> None:
@@ -153,8 +146,8 @@ async def test_reset_by_the_caller_releases_both_gateways(tpair: Pair) -> None:
     await reader.readexactly(1000)
     assert tpair.west.status()["open_streams"]["ingress"] == 1
     writer.transport.abort()  # RST, not FIN
-    await wait_until(lambda: tpair.east.status()["open_streams"]["egress"] == 0)
-    await wait_until(lambda: tpair.west.status()["open_streams"]["ingress"] == 0)
+    await until(lambda: tpair.east.status()["open_streams"]["egress"] == 0)
+    await until(lambda: tpair.west.status()["open_streams"]["ingress"] == 0)
     await echo_roundtrip(tpair.east)  # the connection (if any) still serves
 
 
@@ -389,7 +382,7 @@ async def test_peer_authentication(
         assert not refusals
         return
     assert got == b"", f"the west tunnel served a stream: {got!r}"
-    await wait_until(lambda: any(e["event"] == "tunnel handshake refused" for e in logs.entries))
+    await until(lambda: any(e["event"] == "tunnel handshake refused" for e in logs.entries))
     assert tpair.west.status()["counters"]["ingress"]["calls"] == 0
     await echo_roundtrip(tpair.east)  # real peers are still served
 

@@ -12,6 +12,7 @@ from tests.gateway.conftest import (
     close_writer,
     connect_via,
 )
+from tests.helpers import free_port
 
 
 async def test_unknown_service_and_port_are_503(pair: Pair) -> None:
@@ -53,7 +54,7 @@ async def test_oversized_connect_head_is_400(pair: Pair) -> None:
 
 async def test_endpoint_down_is_502(pair: Pair, echo_port: int) -> None:
     west = pair.west
-    west.ingress._inbound_port = _free_port()
+    west.ingress._inbound_port = free_port()
     status, reason, _, writer = await connect_via(pair.east)
     await close_writer(writer)
     assert status == 502
@@ -87,14 +88,6 @@ async def test_status_reports_peers_and_counters(pair: Pair) -> None:
     assert east["outbound"]["quic"]["peers"]["west"]["open_streams"] == 1
     await close_writer(writer)
     assert ECHO.name == "echo"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_oversized_traceparent_is_ignored_not_a_hang(pair: Pair) -> None:

@@ -21,7 +21,6 @@ import select
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from mesh.codec import dumps, snapshot_to_json
 from mesh.model import ClusterInfo, Endpoint, GatewayAddress, MergedService, ServicePort, Snapshot
 from mesh.naming import SpiffeId
 from tests.gateway.conftest import ECHO, gateway_svid
+from tests.helpers import until_sync
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("quic_netns_helper.py")
@@ -96,17 +96,6 @@ class Proc:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
-
-
-def poll(what: str, fetch: Callable[[], Any], ok: Callable[[Any], bool], seconds: float) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        got = fetch()
-        if ok(got):
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {seconds}s; last: {got}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -229,7 +218,9 @@ def test_address_change_migrates_the_tunnel_and_loses_nothing(
     gateways: Callable[[int], tuple[Proc, Proc]],
 ) -> None:
     east, west = gateways(JUMBO)
-    before = poll("ping-pong running", lambda: east.ask("status"), lambda s: s["pings"] >= 50, 20)
+    before = until_sync(
+        lambda: east.ask("status"), 20, check=lambda s: s["pings"] >= 50, what="ping-pong running"
+    )
     assert not before["errors"]
     assert _east_peer(before)["local_address"].startswith(f"{EAST_IP}:")
     assert _west_peer(west)["peer_address"].startswith(f"{EAST_IP}:")
@@ -237,11 +228,13 @@ def test_address_change_migrates_the_tunnel_and_loses_nothing(
     # The gateway's address changes under the running stream.
     _ip("-n", EAST_NS, "addr", "add", f"{EAST_NEW_IP}/24", "dev", "fgq0")
     _ip("-n", EAST_NS, "addr", "del", f"{EAST_IP}/24", "dev", "fgq0")
-    moved = poll(
-        "migration and 200 more pings",
+    moved = until_sync(
         lambda: east.ask("status"),
-        lambda s: _east_peer(s).get("migrations") == 1 and s["pings"] >= before["pings"] + 200,
         20,
+        check=lambda s: (
+            _east_peer(s).get("migrations") == 1 and s["pings"] >= before["pings"] + 200
+        ),
+        what="migration and 200 more pings",
     )
     assert not moved["errors"], moved["errors"]
     peer = _east_peer(moved)
@@ -249,11 +242,11 @@ def test_address_change_migrates_the_tunnel_and_loses_nothing(
     assert peer["connections"] == 1  # the same connection, not a reconnect
     assert moved["gateway"]["outbound"]["quic"]["connects"] == 1
     assert peer["local_address"].startswith(f"{EAST_NEW_IP}:")
-    seen = poll(
-        "west sees the new address",
+    seen = until_sync(
         lambda: _west_peer(west),
-        lambda p: p.get("peer_address", "").startswith(f"{EAST_NEW_IP}:"),
         10,
+        check=lambda p: p.get("peer_address", "").startswith(f"{EAST_NEW_IP}:"),
+        what="west sees the new address",
     )
     assert seen["streams_total"] == 1  # still the ping-pong's stream
 
@@ -274,11 +267,11 @@ def test_datagram_size_follows_the_path_mtu(
     _ip("-n", EAST_NS, "link", "set", "fgq0", "mtu", str(mtu))
     _ip("-n", WEST_NS, "link", "set", "fgq1", "mtu", str(mtu))
     east, west = gateways(JUMBO)
-    status = poll(
-        "tunnel up",
+    status = until_sync(
         lambda: east.ask("status"),
-        lambda s: _east_peer(s).get("state") == "connected",
         20,
+        check=lambda s: _east_peer(s).get("state") == "connected",
+        what="tunnel up",
     )
     assert _east_peer(status)["max_datagram_size"] == expected
     # The server sends no more than the client advertised (transport parameter).
@@ -294,11 +287,11 @@ def test_a_shrinking_path_mtu_lowers_the_datagram_size(
     for ns, dev in ((EAST_NS, "fgq0"), (WEST_NS, "fgq1")):
         _ip("-n", ns, "link", "set", dev, "mtu", "9000")
     east, _ = gateways(JUMBO)
-    status = poll(
-        "tunnel up",
+    status = until_sync(
         lambda: east.ask("status"),
-        lambda s: _east_peer(s).get("max_datagram_size") == JUMBO,
         20,
+        check=lambda s: _east_peer(s).get("max_datagram_size") == JUMBO,
+        what="tunnel up",
     )
     assert _east_peer(status)["state"] == "connected"
     for ns, dev in ((EAST_NS, "fgq0"), (WEST_NS, "fgq1")):

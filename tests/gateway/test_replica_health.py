@@ -43,6 +43,7 @@ from tests.gateway.conftest import (
     gateway_svid,
     make_gateway,
 )
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("replica_helper.py")
@@ -109,12 +110,6 @@ def scrape(gw: Gateway) -> rates.Scrape:
 
 def tail(log: Path) -> str:
     return log.read_text()[-2000:]
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def snapshot(east: Gateway, transport: str, west_port: int, ca_roots: dict[str, str]) -> Snapshot:

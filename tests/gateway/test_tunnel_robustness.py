@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import random
 import socket
-from collections.abc import Callable
 from typing import ClassVar, cast
 
 from aioquic.quic.connection import QuicConnection
@@ -27,14 +26,7 @@ from tests.gateway.conftest import (
     make_gateway,
 )
 from tests.gateway.test_quic_mtls import RawClient, client_config
-
-
-async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met within {seconds}s")
+from tests.helpers import until
 
 
 async def test_garbage_datagrams_are_dropped_and_the_tunnel_lives(
@@ -112,9 +104,7 @@ async def test_peer_shutdown_fails_calls_fast(pair: Pair) -> None:
     await close_writer(writer)
     assert status == 200
     await pair.west.aclose()
-    await wait_until(
-        lambda: not any(c.usable for c in pair.east.pools["quic"].connections_to("west"))
-    )
+    await until(lambda: not any(c.usable for c in pair.east.pools["quic"].connections_to("west")))
     loop = asyncio.get_running_loop()
     started = loop.time()
     status, reason, _, writer = await connect_via(pair.east)

@@ -42,14 +42,6 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop}
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll `predicate` for up to 5 s (state of our own objects, no event to wait on)."""
-    async with asyncio.timeout(5):
-        while not predicate():  # noqa: ASYNC110 - polling
-            await asyncio.sleep(0.005)
-    assert predicate(), what
-
-
 Logs = list[MutableMapping[str, Any]]
 
 

@@ -32,7 +32,8 @@ from mesh.model import (
     SubsetWeight,
     TrafficPolicy,
 )
-from tests.sidecar.conftest import Logs, Pki, until
+from tests.helpers import until
+from tests.sidecar.conftest import Logs, Pki
 from tests.sidecar.http_rig import SVC, HttpRig, start_http_rig, stop_http_rig
 
 V1 = {"version": "v1"}
@@ -351,7 +352,7 @@ async def test_tcp_connections_obey_max_connections_and_outlier_ejection(
         assert await asyncio.to_thread(run) == (200, "ConnectionResetError")
         assert any(e.get("reason") == "max connections" for e in logs)
         # The first connection's slot is free once its handler ended (not when curl closed).
-        await until(lambda: rig.source.outbound.active == 0, "the first connection released")
+        await until(lambda: rig.source.outbound.active == 0, what="the first connection released")
         # A dead app behind one endpoint: its connection fails once, then it is ejected.
         await asyncio.to_thread(rig.pod("a").stop_app)
         outcomes = []

@@ -19,7 +19,8 @@ from ca.tls import client_context, peer_identity, server_context
 from sidecar.errors import ProxyError
 from sidecar.pipe import BUFFER_LIMIT, Conn, open_conn, relay
 from sidecar.smux import ALPN, WINDOW, SmuxConnection
-from tests.sidecar.conftest import EAST, Pki, spiffe, until
+from tests.helpers import until
+from tests.sidecar.conftest import EAST, Pki, spiffe
 
 Handler = Callable[[Conn], Awaitable[None]]
 
@@ -132,8 +133,8 @@ async def test_a_stream_carries_bytes_both_ways_with_half_close(pki: Pki) -> Non
         assert await read_to_eof(stream) == payload[::-1]
         assert stream.error is None
         # FIN both ways: the stream is finished on both ends, the connection stays.
-        await until(lambda: client.open_streams == 0, "client stream finished")
-        await until(lambda: p.servers[0].open_streams == 0, "server stream finished")
+        await until(lambda: client.open_streams == 0, what="client stream finished")
+        await until(lambda: p.servers[0].open_streams == 0, what="server stream finished")
         assert not client.closed.done()
 
 
@@ -155,14 +156,16 @@ async def test_a_reset_stream_fails_the_other_end_only(pki: Pki) -> None:
         doomed, other = client.open_stream("app"), client.open_stream("app")
         doomed.write(b"hello")
         other.write(b"hello")
-        await until(lambda: bool(p.servers) and p.servers[0].open_streams == 2, "both streams open")
+        await until(
+            lambda: bool(p.servers) and p.servers[0].open_streams == 2, what="both streams open"
+        )
         doomed.reset()
-        await until(lambda: len(seen) == 1, "the server end saw the reset")
+        await until(lambda: len(seen) == 1, what="the server end saw the reset")
         assert seen[0] is not None
         assert "stream reset by peer" in seen[0].detail
         assert p.servers[0].open_streams == 1
         other.write_eof()  # the other stream is untouched: it still finishes cleanly
-        await until(lambda: len(seen) == 2, "the other stream ended")
+        await until(lambda: len(seen) == 2, what="the other stream ended")
         assert seen[1] is None
 
 
@@ -189,13 +192,13 @@ async def test_a_reader_that_stops_holds_its_stream_only(pki: Pki) -> None:
         size = 8 * WINDOW
         slow.write(b"S" + bytes(size))
         slow.write_eof()
-        await until(lambda: len(stalled) == 1, "the stalled stream arrived")
+        await until(lambda: len(stalled) == 1, what="the stalled stream arrived")
         server_stream = stalled[0]
         # The sender keeps what the receiver did not grant; the receiver holds at most
         # a window beyond its Conn's own bounded buffer.
         await until(
             lambda: slow.transport.get_write_buffer_size() >= size - WINDOW - BUFFER_LIMIT,
-            "the sender holds the rest",
+            what="the sender holds the rest",
         )
         assert len(server_stream._buf) <= BUFFER_LIMIT + 256 * 1024
         # Another stream on the same connection is not blocked behind it.
@@ -249,7 +252,7 @@ async def test_streams_relay_to_a_real_app_through_relay(pki: Pki) -> None:
             stream.write(b"x" * 300_000)
             stream.write_eof()
             assert await read_to_eof(stream) == b"X" * 300_000
-            await until(lambda: results == [None], "the relay ended cleanly")
+            await until(lambda: results == [None], what="the relay ended cleanly")
     finally:
         app_server.close()
         await app_server.wait_closed()
@@ -262,7 +265,7 @@ async def test_garbage_frames_close_that_connection_only(pki: Pki) -> None:
             assert bad.tls is not None
             bad.tls.send(b"\x09" + bytes(9))  # frame type 9 does not exist
             bad._transport.write(bad.tls.outgoing())  # type: ignore[union-attr]
-            await until(lambda: bad.closed.done(), "the peer closed the bad connection")
+            await until(lambda: bad.closed.done(), what="the peer closed the bad connection")
         failed = [e for e in logs if e["event"] == "smux connection failed"]
         assert failed
         assert failed[0]["reason"] == "protocol error: unknown frame type 9"
@@ -282,13 +285,13 @@ async def test_a_closed_connection_resets_its_streams(pki: Pki) -> None:
         streams = [client.open_stream("app") for _ in range(3)]
         for s in streams:
             s.write(b"hi")
-        await until(lambda: bool(p.servers) and p.servers[0].open_streams == 3, "streams open")
+        await until(lambda: bool(p.servers) and p.servers[0].open_streams == 3, what="streams open")
         p.servers[0].close("revoked")
         for s in streams:
             await s.closed
             assert s.error is not None
             assert "revoked" in s.error.detail
-        await until(lambda: client.closed.done(), "client connection closed")
+        await until(lambda: client.closed.done(), what="client connection closed")
         with pytest.raises(Exception, match="no new streams"):
             client.open_stream("app")
 
@@ -327,7 +330,7 @@ async def test_a_stream_over_its_mark_before_the_splice_still_stops_its_source(p
                     and flood_writers[0].transport.get_write_buffer_size() > 0
                     and not app.transport.is_reading()
                 ),
-                "the source app is no longer read",
+                what="the source app is no longer read",
             )
             # What was written before, plus at most a read or two of the app.
             assert stream.transport.get_write_buffer_size() < 4 * WINDOW

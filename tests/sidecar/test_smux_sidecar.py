@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.sidecar.conftest import EAST, Logs, Pki, endpoint, spiffe, until
+from tests.helpers import until
+from tests.sidecar.conftest import EAST, Logs, Pki, endpoint, spiffe
 from tests.sidecar.loopback import VIP, Rig, start_rig, stop_rig
 from tests.sidecar.test_proxy import close, converse, wait_log
 
@@ -93,8 +94,8 @@ async def test_revoking_the_caller_resets_its_streams(rig: Rig, logs: Logs) -> N
     for reader, writer in calls:  # every stream of the caller's pooled connection fails
         await assert_reset_soon(reader)
         await close(writer)
-    await until(lambda: not rig.east.inbound.muxed, "the inbound closed the connection")
-    await until(lambda: not rig.source.outbound.pool.connections(), "the pool let it go")
+    await until(lambda: not rig.east.inbound.muxed, what="the inbound closed the connection")
+    await until(lambda: not rig.source.outbound.pool.connections(), what="the pool let it go")
     closed = await wait_log(logs, "smux connection closed", reason="denied")
     assert closed["peer"] == CLIENT
     # New calls are refused at the handshake (the caller's identity is denied), ...
@@ -136,7 +137,7 @@ async def test_a_peer_identity_the_routes_drop_closes_its_connection(rig: Rig, l
     )
     await assert_reset_soon(reader)
     await close(writer)
-    await until(lambda: not rig.source.outbound.pool.connections(), "connection closed")
+    await until(lambda: not rig.source.outbound.pool.connections(), what="connection closed")
     gone = await wait_log(logs, "smux connection closed", pod="client-0")
     assert "no longer allowed" in gone["reason"]
 
@@ -170,7 +171,7 @@ async def test_an_idle_connection_closes_and_the_next_call_dials_anew(pki: Pki, 
         pool = rig.source.outbound.pool
         assert await echo_call(rig) == b"payments-0:bye"
         assert len(pool.connections()) == 1
-        await until(lambda: not pool.connections(), "the idle connection closed")
+        await until(lambda: not pool.connections(), what="the idle connection closed")
         idle = await wait_log(logs, "smux connection closed", pod="client-0")
         assert idle["reason"] == "idle for 0.2 s"
         assert await echo_call(rig) == b"payments-0:bye"
