@@ -313,7 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
             if e.args[0]:
                 self._chunk(b'{"type":"MODIFIED","object":{"kind":')
             self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # the peer may be gone already
+                self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             self.close_connection = True
 
