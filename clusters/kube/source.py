@@ -77,6 +77,7 @@ class KubeClusterSource:
     ) -> None:
         SpiffeId(trust_domain, "default", "default")  # fail now if the trust domain is malformed
         self._api_client = api_client
+        self._owns_client = False
         self._cluster = check_label(cluster, "cluster name")
         self._trust_domain = trust_domain
         self._settings = settings or InformerSettings()
@@ -91,7 +92,14 @@ class KubeClusterSource:
         cls, path: Path, cluster: str, trust_domain: str, context: str | None = None, **kw: Any
     ) -> KubeClusterSource:
         client = kubernetes.config.new_client_from_config(config_file=str(path), context=context)
-        return cls(client, cluster, trust_domain, **kw)
+        source = cls(client, cluster, trust_domain, **kw)
+        source._owns_client = True
+        return source
+
+    def close(self) -> None:
+        """Close the API client if this source created it (call after `changes()` ended)."""
+        if self._owns_client:
+            self._api_client.close()
 
     def stats(self) -> list[dict[str, object]]:
         return [i.stats() for i in self._informers]
