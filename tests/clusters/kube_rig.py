@@ -38,13 +38,13 @@ def write_kubeconfig(path: Path, server: str, token: str | None = None) -> Path:
     return path
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+async def until(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `within` seconds."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not predicate():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.01)
 
 

@@ -72,7 +72,8 @@ def test_list_has_the_real_shape_and_server_metadata(api: FakeKubeAPI, client: A
     assert (doc["kind"], doc["apiVersion"]) == ("ServiceList", "v1")
     assert doc["metadata"]["resourceVersion"] == created.metadata.resource_version
     (item,) = doc["items"]
-    assert "kind" not in item and "apiVersion" not in item  # as kube-apiserver lists built-ins
+    assert "kind" not in item
+    assert "apiVersion" not in item
     meta = item["metadata"]
     assert {"uid", "resourceVersion", "creationTimestamp", "namespace", "labels"} <= set(meta)
     assert item["spec"]["ports"][0]["targetPort"] == 8080
@@ -124,7 +125,8 @@ def test_watch_stream_events_bookmarks_and_selector_transitions(
         )
     ]
     assert events[:4] == [("ADDED", "p1"), ("DELETED", "p1"), ("ADDED", "p2"), ("DELETED", "p2")]
-    assert events[4:] and set(events[4:]) == {("BOOKMARK", None)}
+    assert events[4:]
+    assert set(events[4:]) == {("BOOKMARK", None)}
     assert w.resource_version == str(api.store.rv)
 
 
@@ -136,7 +138,8 @@ def test_watch_from_a_compacted_version_is_410_expired(api: FakeKubeAPI, client:
     status, body, headers = raw(
         api, f"/api/v1/services?watch=1&resourceVersion={rv}&allowWatchBookmarks=true"
     )
-    assert status == 200 and headers["Transfer-Encoding"] == "chunked"
+    assert status == 200
+    assert headers["Transfer-Encoding"] == "chunked"
     event = json.loads(body)
     assert event == {
         "type": "ERROR",
@@ -259,7 +262,8 @@ def test_token_review(api: FakeKubeAPI, client: Any) -> None:
     assert ok.audiences == ["fedgate"]
     for bad in ("other-audience", "forged"):
         refused = review(bad)
-        assert not refused.authenticated and "invalid bearer token" in refused.error
+        assert not refused.authenticated
+        assert "invalid bearer token" in refused.error
 
 
 def test_bearer_token_auth(tmp_path: Path) -> None:
