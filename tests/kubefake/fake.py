@@ -38,9 +38,11 @@ class FakeKubeAPI:
         bookmark_interval: float = 60.0,
         bearer_tokens: set[str] | None = None,
         token_reviews: dict[str, TokenIdentity] | None = None,
+        split_events: bool = False,
     ) -> None:
         self.store = store or Store()
         self.bookmark_interval = bookmark_interval
+        self.split_events = split_events  # write each watch event as two chunks
         self.bearer_tokens = bearer_tokens
         self.token_reviews = dict(token_reviews or {})
         self.requests: list[Request] = []

@@ -261,7 +261,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def _event(self, type_: str, obj: Obj) -> None:
-        self._chunk(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
+        line = json.dumps({"type": type_, "object": obj}).encode() + b"\n"
+        if self.server.api.split_events:  # as a proxy may re-chunk: lines span chunks
+            half = len(line) // 2
+            self._chunk(line[:half])
+            self._chunk(line[half:])
+        else:
+            self._chunk(line)
 
     def _watch(self, res: Resource, namespace: str | None, query: dict[str, str]) -> None:
         api, store = self.server.api, self.server.api.store
