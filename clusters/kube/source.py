@@ -96,6 +96,15 @@ class KubeClusterSource:
         source._owns_client = True
         return source
 
+    @classmethod
+    def in_cluster(cls, cluster: str, trust_domain: str, **kw: Any) -> KubeClusterSource:
+        """A source using the pod's ServiceAccount (the agent deployed in the cluster)."""
+        config = kubernetes.client.Configuration()
+        kubernetes.config.load_incluster_config(client_configuration=config)
+        source = cls(kubernetes.client.ApiClient(config), cluster, trust_domain, **kw)
+        source._owns_client = True
+        return source
+
     def close(self) -> None:
         """Close the API client if this source created it (call after `changes()` ended)."""
         if self._owns_client:
