@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,9 @@ class InformerSettings:
     connect_timeout: float = 5.0
     backoff_initial: float = 0.2
     backoff_cap: float = 30.0
+    # A watch that lasted this long was healthy even if it delivered nothing: its clean end
+    # (timeoutSeconds on a quiet resource) resets the backoff instead of growing it.
+    healthy_watch: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +91,18 @@ def _api_error(code: int, body: str | bytes | dict[str, Any]) -> KubeApiError:
 
 
 def _lines(resp: Any) -> Iterator[bytes]:
-    """Complete lines of a streamed response; a trailing partial line is dropped."""
-    buffer = b""
+    """Complete lines of a streamed response; a trailing partial line is dropped.
+
+    Chunk boundaries need not fall on line ends (a proxy may re-chunk), and a large object may
+    span many chunks: pieces are joined only once its line is complete.
+    """
+    pending: list[bytes] = []
     for chunk in resp.stream(amt=None, decode_content=False):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            continue
+        *lines, rest = b"".join((*pending, chunk)).split(b"\n")
+        pending = [rest]
         yield from (line for line in lines if line.strip())
 
 
@@ -148,7 +159,7 @@ class Informer:
     def _run(self) -> None:
         s = self._settings
         backoff = Backoff(s.backoff_initial, s.backoff_cap, rng=self._rng)
-        relist = True
+        relist, gone_again = True, False
         while not self._stopping.is_set():
             try:
                 if relist:
@@ -157,6 +168,7 @@ class Informer:
                     backoff.reset()
                 if self._watch():
                     backoff.reset()
+                    gone_again = False
                 delay = backoff.next()
                 _log.debug(
                     "%s: watch closed, resuming at %s", self.lw.kind, self.cache.resource_version
@@ -164,7 +176,9 @@ class Informer:
             except KubeApiError as e:
                 if e.code == GONE:
                     _log.info("%s: %s; relisting", self.lw.kind, e)
-                    relist, delay = True, 0.0
+                    # Relist at once, unless the last relist's watch expired too (no hot loop).
+                    relist, delay = True, backoff.next() if gone_again else 0.0
+                    gone_again = True
                 else:
                     delay = self._failed(e, backoff)
             except Exception as e:  # network and protocol errors: retried, never fatal
@@ -218,7 +232,8 @@ class Informer:
             self._notify()
 
     def _watch(self) -> bool:
-        """Watch until the stream ends; True if it delivered anything."""
+        """Watch until the stream ends; True if it delivered anything or lasted long enough."""
+        started = time.monotonic()
         timeout = int(self._settings.watch_timeout * (1.0 + self._rng.random())) or 1
         resp = self._call(
             watch=True,
@@ -245,7 +260,7 @@ class Informer:
                 delivered = True
                 if changed:
                     self._notify()
-            return delivered
+            return delivered or time.monotonic() - started >= self._settings.healthy_watch
         finally:
             self._resp = None
             resp.release_conn()

@@ -108,14 +108,25 @@ def _ready(endpoint: Obj) -> bool:
     return conditions.get("ready") is not False and conditions.get("terminating") is not True
 
 
+def slices_by_service(slices: Mapping[Key, Obj]) -> dict[Key, list[tuple[str, Obj]]]:
+    """(namespace, service) -> its slices as (name, slice), in name order."""
+    index: dict[Key, list[tuple[str, Obj]]] = {}
+    for (ns, name), sl in sorted(slices.items()):
+        service = ((sl.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if service:
+            index.setdefault((ns, str(service)), []).append((name, sl))
+    return index
+
+
 def _endpoints_of(
-    objs: ClusterObjects, key: Key, cluster: str, trust_domain: str, rejected: list[Rejection]
+    objs: ClusterObjects,
+    slices: list[tuple[str, Obj]],
+    ns: str,
+    cluster: str,
+    trust_domain: str,
+    rejected: list[Rejection],
 ) -> Iterator[Endpoint]:
-    ns, service = key
-    for (slice_ns, slice_name), sl in sorted(objs.slices.items()):
-        labels = (sl.get("metadata") or {}).get("labels") or {}
-        if slice_ns != ns or labels.get(SERVICE_NAME_LABEL) != service:
-            continue
+    for slice_name, sl in slices:
         if sl.get("addressType") not in ("IPv4", "IPv6"):
             reason = f"addressType {sl.get('addressType')!r} is not an IP family"
             rejected.append(Rejection("EndpointSlice", ns, slice_name, reason))
@@ -164,7 +175,12 @@ def _endpoint(objs: ClusterObjects, ep: Obj, ns: str, cluster: str, td: str) -> 
 
 
 def _export(
-    objs: ClusterObjects, export: Obj, cluster: str, trust_domain: str, rejected: list[Rejection]
+    objs: ClusterObjects,
+    slices: Mapping[Key, list[tuple[str, Obj]]],
+    export: Obj,
+    cluster: str,
+    trust_domain: str,
+    rejected: list[Rejection],
 ) -> ServiceExport | None:
     ns, name = key_of(export)
 
@@ -191,7 +207,8 @@ def _export(
         reject(f"Service {ns}/{name} has no port that can be federated")
         return None
     unique: dict[str, Endpoint] = {}
-    for ep in _endpoints_of(objs, (ns, name), cluster, trust_domain, rejected):
+    own = slices.get((ns, name), [])
+    for ep in _endpoints_of(objs, own, ns, cluster, trust_domain, rejected):
         unique.setdefault(ep.address, ep)
     return ServiceExport(
         cluster=cluster,
@@ -208,8 +225,9 @@ def translate(
     """The cluster's exports, sorted by key (endpoints by address), and the rejections."""
     rejected: list[Rejection] = []
     exports = []
+    slices = slices_by_service(objs.slices)
     for _, export in sorted(objs.exports.items()):
-        x = _export(objs, export, cluster, trust_domain, rejected)
+        x = _export(objs, slices, export, cluster, trust_domain, rejected)
         if x is not None:
             exports.append(x)
     return tuple(sorted(exports, key=lambda x: x.key)), tuple(sorted(set(rejected)))
