@@ -114,6 +114,8 @@ class Informer:
         notify: Callable[[], None],
         settings: InformerSettings,
         rng: random.Random | None = None,
+        *,
+        wait: Callable[[float], object] | None = None,
     ) -> None:
         self.lw = lw
         self.cache = ObjectCache(lw.kind)
@@ -124,6 +126,8 @@ class Informer:
         self._settings = settings
         self._rng = rng or random.Random()
         self._stopping = threading.Event()
+        # How the thread waits out a delay; tests pass a fake that records it.
+        self._wait: Callable[[float], object] = wait or self._stopping.wait
         self._resp: Any = None
         self._thread = threading.Thread(target=self._run, name=f"informer:{lw.kind}", daemon=True)
 
@@ -156,6 +160,10 @@ class Informer:
             "errors": self.errors,
         }
 
+    def run(self) -> None:
+        """The thread's body (tests call it directly with a scripted `call`)."""
+        self._run()
+
     def _run(self) -> None:
         s = self._settings
         backoff = Backoff(s.backoff_initial, s.backoff_cap, rng=self._rng)
@@ -183,7 +191,7 @@ class Informer:
                     delay = self._failed(e, backoff)
             except Exception as e:  # network and protocol errors: retried, never fatal
                 delay = self._failed(e, backoff)
-            self._stopping.wait(delay)
+            self._wait(delay)
 
     def _failed(self, e: Exception, backoff: Backoff) -> float:
         if self._stopping.is_set():
