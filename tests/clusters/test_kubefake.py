@@ -305,3 +305,25 @@ def test_runs_standalone_with_fixtures(tmp_path: Path) -> None:
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_created_objects_have_the_fields_a_real_server_fills_in(
+    api: FakeKubeAPI, client: Any
+) -> None:
+    core = kubernetes.client.CoreV1Api(client)
+    body = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
+    core.create_namespaced_pod(NS, body)
+    created = api.store.get(PODS, NS, "p")
+    real = fixture("pod.json")  # what a real API server returned for a scheduled pod
+    scheduled_only = {"nodeName"}
+    assert set(real["spec"]) - scheduled_only <= set(created["spec"])
+    assert set(real["spec"]["containers"][0]) - {"ports"} <= set(created["spec"]["containers"][0])
+    assert created["spec"]["serviceAccountName"] == "default"
+    assert created["status"]["phase"] == "Pending"
+    sl = api.store.create(ENDPOINTSLICES, endpoint_slice("s", "pay", endpoint("10.0.0.1", "p")))
+    assert sl["metadata"]["generation"] == 1
+    sl["endpoints"][0]["conditions"] = {"ready": False}
+    assert api.store.update(ENDPOINTSLICES, sl)["metadata"]["generation"] == 2
+    sl = api.store.get(ENDPOINTSLICES, NS, "s")
+    sl["metadata"]["labels"]["x"] = "y"  # metadata only: no new generation
+    assert api.store.update(ENDPOINTSLICES, sl)["metadata"]["generation"] == 2

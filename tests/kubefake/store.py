@@ -59,6 +59,13 @@ def _meta(obj: Obj) -> Obj:
     return meta
 
 
+def _spec(res: Resource, obj: Obj) -> object:
+    """What `metadata.generation` counts changes of (EndpointSlices have no `spec`)."""
+    if res.plural == "endpointslices":
+        return (obj.get("endpoints"), obj.get("ports"), obj.get("addressType"))
+    return obj.get("spec")
+
+
 def _labels(obj: Obj | None) -> dict[str, str]:
     if obj is None:
         return {}
@@ -177,7 +184,7 @@ class Store:
                 resourceVersion=str(self.rv),
                 creationTimestamp=rfc3339(self.clock()),
             )
-            if not res.builtin:
+            if not res.builtin or res.plural == "endpointslices":
                 meta["generation"] = 1
             self._defaults(res, obj)
             bucket[(ns, name)] = obj
@@ -227,8 +234,8 @@ class Store:
             self._defaults(res, new)
             if new == old:
                 return old  # a no-op write is not an event and bumps no version
-            if not res.builtin and new.get("spec") != old.get("spec"):
-                _meta(new)["generation"] = old["metadata"].get("generation", 1) + 1
+            if "generation" in old["metadata"] and _spec(res, new) != _spec(res, old):
+                _meta(new)["generation"] = old["metadata"]["generation"] + 1
             self.rv += 1
             _meta(new)["resourceVersion"] = str(self.rv)
             self.objects[res][(ns, name)] = new
@@ -308,6 +315,12 @@ class Store:
     # --- defaulting ---------------------------------------------------------------------
 
     def _defaults(self, res: Resource, obj: Obj) -> None:
+        """The defaults kube-apiserver fills in (pkg/apis/*/v1/defaults.go), for what we serve."""
+        if res.plural == "pods":
+            self._pod_defaults(obj)
+        elif res.plural == "endpointslices":
+            for port in obj.get("ports") or []:
+                port.setdefault("protocol", "TCP")
         if res.plural != "services":
             return
         spec = obj.setdefault("spec", {})
@@ -324,3 +337,31 @@ class Store:
             port.setdefault("protocol", "TCP")
             port.setdefault("targetPort", port.get("port"))
         obj.setdefault("status", {"loadBalancer": {}})
+
+    @staticmethod
+    def _pod_defaults(obj: Obj) -> None:
+        spec = obj.setdefault("spec", {})
+        spec.setdefault("serviceAccountName", spec.get("serviceAccount") or "default")
+        spec.setdefault("serviceAccount", spec["serviceAccountName"])  # the deprecated alias
+        for key, value in (
+            ("restartPolicy", "Always"),
+            ("terminationGracePeriodSeconds", 30),
+            ("dnsPolicy", "ClusterFirst"),
+            ("securityContext", {}),
+            ("schedulerName", "default-scheduler"),
+            ("enableServiceLinks", True),
+            ("priority", 0),
+            ("preemptionPolicy", "PreemptLowerPriority"),
+        ):
+            spec.setdefault(key, value)
+        for c in spec.get("containers") or []:
+            c.setdefault("resources", {})
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+            latest = ":" not in str(c.get("image", "")).rsplit("/", 1)[-1] or str(
+                c.get("image")
+            ).endswith(":latest")
+            c.setdefault("imagePullPolicy", "Always" if latest else "IfNotPresent")
+        status = obj.setdefault("status", {})
+        status.setdefault("phase", "Pending")
+        status.setdefault("qosClass", "BestEffort")
