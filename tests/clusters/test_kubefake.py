@@ -327,3 +327,41 @@ def test_created_objects_have_the_fields_a_real_server_fills_in(
     sl = api.store.get(ENDPOINTSLICES, NS, "s")
     sl["metadata"]["labels"]["x"] = "y"  # metadata only: no new generation
     assert api.store.update(ENDPOINTSLICES, sl)["metadata"]["generation"] == 2
+
+
+def test_status_conditions_merge_by_type_between_managers(api: FakeKubeAPI, client: Any) -> None:
+    api.store.create(SERVICEEXPORTS, service_export("pay"))
+    custom = kubernetes.client.CustomObjectsApi(client)
+
+    def apply(manager: str, *conditions: tuple[str, str]) -> Any:
+        body = service_export("pay") | {
+            "status": {
+                "conditions": [
+                    {
+                        "type": t,
+                        "status": v,
+                        "reason": "R",
+                        "message": "",
+                        "lastTransitionTime": "2026-11-30T09:14:01Z",
+                    }
+                    for t, v in conditions
+                ]
+            }
+        }
+        return custom.patch_namespaced_custom_object_status(
+            *MCS, NS, "serviceexports", "pay", body, field_manager=manager, _content_type=APPLY
+        )
+
+    def types(obj: Any) -> dict[str, str]:
+        return {c["type"]: c["status"] for c in obj["status"].get("conditions", [])}
+
+    apply("fedgate", ("Valid", "True"), ("Conflict", "False"))
+    out = apply("other-mcs-controller", ("Ready", "True"))
+    assert types(out) == {"Valid": "True", "Conflict": "False", "Ready": "True"}
+    out = apply("fedgate", ("Valid", "False"))  # Conflict no longer applied: it goes
+    assert types(out) == {"Valid": "False", "Ready": "True"}
+    fields = {m["manager"]: m["fieldsV1"] for m in out["metadata"]["managedFields"]}
+    assert set(fields["fedgate"]["f:status"]["f:conditions"]) == {'k:{"type":"Valid"}'}
+    with pytest.raises(ApiException) as err:  # another manager's condition: a conflict
+        apply("fedgate", ("Valid", "False"), ("Ready", "False"))
+    assert err.value.status == 409

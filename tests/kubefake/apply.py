@@ -6,19 +6,25 @@ another manager owns them too), and leaves every other manager's fields alone. A
 another manager with a different value is a conflict (409) unless `force=true`, which takes it
 over. Ownership is rendered into `metadata.managedFields` in the real `FieldsV1` shape.
 
-Simplification: lists are atomic (the real server merges associative lists such as
-`status.conditions` by their key); `metadata` contributes only labels and annotations.
+Lists are atomic, except the associative lists the served schemas declare as
+`x-kubernetes-list-type: map` that matter here: `status.conditions`, keyed by `type` (the MCS
+CRDs and metav1.Condition). Their items are merged by key, so two managers can each own their
+own conditions; an item a manager stops applying goes when no one else owns part of it.
+`metadata` contributes only labels and annotations.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from tests.kubefake.resources import Obj
 
 Path = tuple[str, ...]
 Managed = dict[str, set[Path]]  # manager -> the leaf paths it owns
+# Associative lists: list path -> key field. An item is the path segment `k:<field>=<value>`.
+LIST_MAP_KEYS: dict[Path, str] = {("status", "conditions"): "type"}
 
 
 def leaves(config: Obj, subresource: str) -> set[Path]:
@@ -26,9 +32,16 @@ def leaves(config: Obj, subresource: str) -> set[Path]:
     out: set[Path] = set()
 
     def walk(value: Any, path: Path) -> None:
+        key = LIST_MAP_KEYS.get(path)
         if isinstance(value, dict) and value:
             for k, v in value.items():
                 walk(v, (*path, k))
+        elif (
+            key and isinstance(value, list) and all(isinstance(i, dict) and key in i for i in value)
+        ):
+            for item in value:
+                for k, v in item.items():
+                    walk(v, (*path, f"k:{key}={item[key]}", k))
         else:
             out.add(path)
 
@@ -44,38 +57,65 @@ def leaves(config: Obj, subresource: str) -> set[Path]:
     return out
 
 
+def _child(cur: Any, seg: str, create: bool, item_next: bool) -> Any:
+    """`cur`'s child `seg` (a field, or a `k:` list item); created if missing and `create`."""
+    if seg.startswith("k:"):
+        if not isinstance(cur, list):
+            return None
+        field, _, value = seg[2:].partition("=")
+        found = next((i for i in cur if isinstance(i, dict) and str(i.get(field)) == value), None)
+        if found is None and create:
+            found = {field: value}
+            cur.append(found)
+        return found
+    if not isinstance(cur, dict):
+        return None
+    nxt = cur.get(seg)
+    if create and not isinstance(nxt, list if item_next else dict):
+        nxt = cur[seg] = [] if item_next else {}
+    return nxt
+
+
 def _get(obj: Obj, path: Path) -> Any:
     cur: Any = obj
     for p in path:
-        if not isinstance(cur, dict) or p not in cur:
+        if not p.startswith("k:") and (not isinstance(cur, dict) or p not in cur):
             return None
-        cur = cur[p]
+        cur = _child(cur, p, False, False)
+        if cur is None:
+            return None
     return cur
 
 
 def _set(obj: Obj, path: Path, value: Any) -> None:
-    cur = obj
-    for p in path[:-1]:
-        nxt = cur.get(p)
-        if not isinstance(nxt, dict):
-            nxt = cur[p] = {}
-        cur = nxt
+    cur: Any = obj
+    for i, p in enumerate(path[:-1]):
+        cur = _child(cur, p, True, path[i + 1].startswith("k:"))
     cur[path[-1]] = copy.deepcopy(value)
 
 
+def _is_item_key(path: Path) -> bool:
+    return len(path) >= 2 and path[-2].startswith(f"k:{path[-1]}=")
+
+
 def _remove(obj: Obj, path: Path) -> None:
-    parents = []
+    chain: list[tuple[Any, str, Any]] = []  # (parent, segment, child)
     cur: Any = obj
     for p in path[:-1]:
-        if not isinstance(cur, dict) or p not in cur:
+        nxt = _child(cur, p, False, False)
+        if nxt is None:
             return
-        parents.append((cur, p))
-        cur = cur[p]
+        chain.append((cur, p, nxt))
+        cur = nxt
     if isinstance(cur, dict):
         cur.pop(path[-1], None)
-    for parent, key in reversed(parents):  # prune maps the removal left empty
-        if parent[key] == {}:
-            del parent[key]
+    for parent, seg, child in reversed(chain):  # prune what the removal left empty
+        if child not in ({}, []):
+            break
+        if isinstance(parent, list):
+            parent.remove(child)
+        else:
+            del parent[seg]
 
 
 class ApplyConflictError(Exception):
@@ -109,9 +149,10 @@ def apply(
     for other, p in conflicts:
         managed[other].discard(p)
     others = set().union(*(o for m, o in managed.items() if m != manager))
-    for p in managed.get(manager, set()) - wanted - others:
+    # An item's key field goes last: removing it first would lose the item's other fields.
+    for p in sorted(managed.get(manager, set()) - wanted - others, key=_is_item_key):
         _remove(new, p)
-    for p in wanted:
+    for p in sorted(wanted):
         _set(new, p, _get(config, p))
     managed[manager] = wanted
     return new
@@ -123,7 +164,12 @@ def fields_v1(paths: set[Path]) -> Obj:
     for path in sorted(paths):
         cur = root
         for p in path:
-            cur = cur.setdefault(f"f:{p}", {})
+            if p.startswith("k:"):
+                field, _, value = p[2:].partition("=")
+                cur = cur.setdefault("k:" + json.dumps({field: value}, separators=(",", ":")), {})
+                cur["."] = {}
+            else:
+                cur = cur.setdefault(f"f:{p}", {})
     return root
 
 
