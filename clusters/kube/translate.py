@@ -44,6 +44,8 @@ Obj = Mapping[str, Any]
 Key = tuple[str, str]  # (namespace, name)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# What reading a field of an unexpected shape raises: such an object (or part) is rejected.
+MALFORMED = (AttributeError, TypeError, KeyError, ValueError, IndexError)
 APP_PROTOCOLS = {"http": "HTTP", "kubernetes.io/h2c": "HTTP2", "grpc": "GRPC"}
 
 
@@ -68,7 +70,9 @@ class ClusterObjects:
 
 
 def key_of(obj: Obj) -> Key:
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return ("", "")
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
 
 
@@ -97,8 +101,8 @@ def service_ports(service: Obj, rejected: list[Rejection]) -> tuple[ServicePort,
             continue
         try:
             ports.append(ServicePort(str(p.get("name") or ""), int(p["port"]), protocol_for(p)))
-        except (KeyError, TypeError, ValueError) as e:
-            rejected.append(Rejection("Service", ns, name, f"{label}: {e}, port skipped"))
+        except MALFORMED as e:
+            rejected.append(Rejection("Service", ns, name, f"{label}: {e!r}, port skipped"))
     return tuple(ports)
 
 
@@ -112,8 +116,11 @@ def slices_by_service(slices: Mapping[Key, Obj]) -> dict[Key, list[tuple[str, Ob
     """(namespace, service) -> its slices as (name, slice), in name order."""
     index: dict[Key, list[tuple[str, Obj]]] = {}
     for (ns, name), sl in sorted(slices.items()):
-        service = ((sl.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if service:
+        try:
+            service = sl["metadata"]["labels"][SERVICE_NAME_LABEL]
+        except MALFORMED:
+            continue  # no (readable) service-name label: not a Service's slice
+        if service and isinstance(service, str):
             index.setdefault((ns, str(service)), []).append((name, sl))
     return index
 
@@ -131,10 +138,18 @@ def _endpoints_of(
             reason = f"addressType {sl.get('addressType')!r} is not an IP family"
             rejected.append(Rejection("EndpointSlice", ns, slice_name, reason))
             continue
-        for ep in sl.get("endpoints") or []:
-            if not _ready(ep):
-                continue
-            found = _endpoint(objs, ep, ns, cluster, trust_domain)
+        endpoints = sl.get("endpoints") or []
+        if not isinstance(endpoints, list):
+            reason = f"malformed: endpoints is a {type(endpoints).__name__}"
+            rejected.append(Rejection("EndpointSlice", ns, slice_name, reason))
+            continue
+        for ep in endpoints:
+            try:
+                if not _ready(ep):
+                    continue
+                found = _endpoint(objs, ep, ns, cluster, trust_domain)
+            except MALFORMED as e:
+                found = f"malformed endpoint: {e!r}"
             if isinstance(found, str):
                 rejected.append(Rejection("EndpointSlice", ns, slice_name, found))
             else:
@@ -227,7 +242,12 @@ def translate(
     exports = []
     slices = slices_by_service(objs.slices)
     for _, export in sorted(objs.exports.items()):
-        x = _export(objs, slices, export, cluster, trust_domain, rejected)
+        try:
+            x = _export(objs, slices, export, cluster, trust_domain, rejected)
+        except MALFORMED as e:
+            ns, name = key_of(export)
+            rejected.append(Rejection("ServiceExport", ns, name, f"malformed: {e!r}"))
+            continue
         if x is not None:
             exports.append(x)
     return tuple(sorted(exports, key=lambda x: x.key)), tuple(sorted(set(rejected)))

@@ -10,6 +10,8 @@ from typing import Any
 
 import kubernetes
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clusters.kube.cache import Backoff, InvalidEventError, ObjectCache
 from clusters.kube.translate import ClusterObjects, Rejection, key_of, translate
@@ -241,3 +243,54 @@ def test_backoff_grows_is_capped_jittered_and_resets() -> None:
     assert len(set(delays)) == 5  # jittered
     b.reset()
     assert 1.0 <= b.next() < 2.0
+
+
+# --- robustness: whatever the API holds, translation rejects, never raises ------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _mangled(obj: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
+    """`obj` with one field somewhere replaced by arbitrary JSON."""
+    out = json.loads(json.dumps(obj))
+    cur: Any = out
+    while True:
+        keys = list(cur) if isinstance(cur, dict) else list(range(len(cur)))
+        if not keys:
+            return out
+        k = data.draw(st.sampled_from(keys))
+        if data.draw(st.booleans()) or not isinstance(cur[k], dict | list) or not cur[k]:
+            cur[k] = data.draw(_json)
+            return out
+        cur = cur[k]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_malformed_objects_are_rejected_never_raised(data: st.DataObject) -> None:
+    good = [
+        service_export("pay"),
+        service("pay", ("http", 80, "http")),
+        endpoint_slice("pay-a", "pay", endpoint("10.0.0.1", "p1", uid="uid-2")),
+        pod("p1", "sa"),
+    ]
+    victim = data.draw(st.integers(0, 3))
+    good[victim] = _mangled(good[victim], data)
+    by_kind = [
+        {("shop", "pay"): good[0]},
+        {("shop", "pay"): good[1]},
+        {("shop", "pay-a"): good[2]},
+        {("shop", "p1"): good[3]},
+    ]
+    for o in good:
+        if isinstance(o.get("metadata"), dict):
+            o["metadata"].setdefault("creationTimestamp", "2026-11-30T09:14:00Z")
+    exports, rejected = translate(ClusterObjects(*by_kind), "east", TD)
+    assert len(exports) <= 1
+    assert all(isinstance(r, Rejection) for r in rejected)
