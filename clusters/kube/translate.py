@@ -26,6 +26,8 @@ The rules, following the MCS API (KEP-1645) and the Service/EndpointSlice semant
   `default`) gives the SPIFFE identity `spiffe://<trust-domain>/ns/<pod ns>/sa/<sa>`, its
   labels give the subsets. An endpoint without a Pod targetRef, whose Pod is unknown, or whose
   Pod's uid differs from the targetRef's (a stale slice after a pod was recreated) is rejected.
+* A field of an unexpected shape (custom resources are loosely validated) rejects the smallest
+  enclosing part (port, endpoint, slice or export) with the error; translation never raises.
 """
 
 from __future__ import annotations
