@@ -115,7 +115,29 @@ def controller(
 @click.option("--etcd", "etcd_endpoints", required=True)
 @click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--ca-listen", required=True)
-@click.option("--exports", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--source",
+    "source_kind",
+    type=click.Choice(["file", "kubernetes"]),
+    default="file",
+    show_default=True,
+    help="Where the cluster's exports come from: the rig's --exports file, or the Kubernetes "
+    "API (ServiceExports, Services, EndpointSlices, Pods; docs/kubernetes.md).",
+)
+@click.option(
+    "--exports",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The exports.json to read (required with --source file).",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --source kubernetes: the kubeconfig to use [default: the in-cluster "
+    "ServiceAccount].",
+)
+@click.option("--kube-context", default=None, help="The kubeconfig context [default: current].")
 @click.option("--tokens", type=click.Path(path_type=Path), required=True)
 @click.option("--gateway-tunnel", required=True)
 @click.option("--gateway-egress", required=True)
@@ -139,7 +161,10 @@ def agent(
     etcd_endpoints: str,
     ca_dir: Path,
     ca_listen: str,
-    exports: Path,
+    source_kind: str,
+    exports: Path | None,
+    kubeconfig: Path | None,
+    kube_context: str | None,
     tokens: Path,
     gateway_tunnel: str,
     gateway_egress: str,
@@ -152,12 +177,18 @@ def agent(
     native_logs.take_over_stderr()  # before grpc is imported
     from fedgate import processes
 
+    if source_kind == "file" and exports is None:
+        raise click.UsageError("--source file needs --exports")
+    if source_kind == "kubernetes" and exports is not None:
+        raise click.UsageError(
+            "--exports is for --source file; the Kubernetes source reads the API"
+        )
     processes.agent(
         cluster,
         etcd_endpoints.split(","),
         ca_dir,
         ca_listen,
-        exports,
+        exports or Path(),
         tokens,
         gateway_tunnel,
         gateway_egress,
@@ -165,6 +196,7 @@ def agent(
         lease_ttl,
         ca_renew_listen,
         transport,
+        source=processes.SourceSettings(source_kind, kubeconfig, kube_context),
     )
 
 

@@ -31,6 +31,7 @@ from fedgate.wiring import (
     until_signalled,
 )
 from mesh import codec
+from mesh.interfaces import ClusterSource
 from mesh.model import ClusterInfo, GatewayAddress, Snapshot
 from mesh.tasks import TaskSet
 from mesh.telemetry import Telemetry
@@ -239,6 +240,36 @@ async def _controller(
 # --- agent ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """Which `ClusterSource` the agent reads: `file` (the `exports` path) or `kubernetes`
+    (`kubeconfig`, or the in-cluster ServiceAccount when None)."""
+
+    kind: str = "file"
+    kubeconfig: Path | None = None
+    context: str | None = None
+
+
+def cluster_source(
+    settings: SourceSettings, exports: Path, cluster: str, trust_domain: str
+) -> tuple[ClusterSource, Callable[[], object], Callable[[], None]]:
+    """The source, what it adds to the agent's /config, and how to release it."""
+    if settings.kind == "kubernetes":
+        from clusters.kube.source import KubeClusterSource
+
+        if settings.kubeconfig is not None:
+            kube = KubeClusterSource.from_kubeconfig(
+                settings.kubeconfig, cluster, trust_domain, settings.context
+            )
+        else:
+            kube = KubeClusterSource.in_cluster(cluster, trust_domain)
+        return kube, kube.stats, kube.close
+    from clusters.source import FileClusterSource
+
+    file = FileClusterSource(exports, cluster, trust_domain, poll_interval=0.25)
+    return file, lambda: {"file": str(exports)}, lambda: None
+
+
 def agent(
     cluster: str,
     etcd_endpoints: list[str],
@@ -252,6 +283,7 @@ def agent(
     lease_ttl: int,
     ca_renew_listen: str = "",
     transport: str = "tls",
+    source: SourceSettings = SourceSettings(),
 ) -> None:
     logs.configure("agent", cluster)
     run_with_loop(
@@ -268,6 +300,7 @@ def agent(
             lease_ttl,
             ca_renew_listen,
             transport,
+            source,
         )
     )
 
@@ -285,10 +318,11 @@ async def _agent(
     lease_ttl: int,
     ca_renew_listen: str = "",
     transport: str = "tls",
+    source_settings: SourceSettings = SourceSettings(),
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
-    from clusters.source import FileClusterSource, read_tokens
+    from clusters.source import read_tokens
     from federation import denied
     from federation.etcd import open_client
     from federation.store import EtcdCatalogPublisher
@@ -318,13 +352,15 @@ async def _agent(
     )
     client = await open_client(etcd_endpoints)
     publisher = EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
-    source = FileClusterSource(exports, cluster, ca.trust_domain, poll_interval=0.25)
+    source, source_status, close_source = cluster_source(
+        source_settings, exports, cluster, ca.trust_domain
+    )
     the_agent = Agent(info, source, publisher)
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(
         admin.AdminState(
             ready=lambda: the_agent.published,
-            config=lambda: {**the_agent.status(), "ca": ca.status()},
+            config=lambda: {**the_agent.status(), "ca": ca.status(), "source": source_status()},
         ),
         host,
         port,
@@ -349,6 +385,7 @@ async def _agent(
     finally:
         REGISTRY.unregister(collector)
         await tasks.aclose()
+        close_source()
         await publisher.aclose()  # revoke the lease: a clean stop leaves routing at once
         await ca_server.stop(None)
         admin_server.close()

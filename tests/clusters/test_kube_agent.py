@@ -1,0 +1,103 @@
+"""The Kubernetes source behind the agent: the agent publishes what the fake API server holds,
+and `fedgate agent --source kubernetes` builds that source."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from clusters.agent import Agent
+from clusters.kube.source import KubeClusterSource
+from clusters.source import FileClusterSource
+from fedgate.cli import main
+from fedgate.processes import SourceSettings, cluster_source
+from mesh.model import ClusterInfo, ServiceExport
+from tests.clusters.kube_objects import NS, endpoint, endpoint_slice, pod, service, service_export
+from tests.clusters.kube_rig import FAST, TD, until, write_kubeconfig
+from tests.kubefake import FakeKubeAPI
+from tests.kubefake.resources import ENDPOINTSLICES, PODS, SERVICEEXPORTS, SERVICES
+
+
+class MemoryPublisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[ServiceExport, ...]] = []
+
+    async def publish(self, info: ClusterInfo, exports: Sequence[ServiceExport]) -> None:
+        self.published.append(tuple(exports))
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_agent_publishes_the_clusters_exports_from_the_api(tmp_path: Path) -> None:
+    with FakeKubeAPI() as api:
+        s = api.store
+        s.create(SERVICES, service("pay", ("http", 8080, "http")))
+        s.create(SERVICEEXPORTS, service_export("pay"))
+        s.create(PODS, pod("p1", "payments"))
+        s.create(ENDPOINTSLICES, endpoint_slice("pay-a", "pay", endpoint("10.0.0.1", "p1")))
+        config = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+        source = KubeClusterSource.from_kubeconfig(config, "east", TD, settings=FAST, debounce=0.05)
+        publisher = MemoryPublisher()
+        agent = Agent(ClusterInfo("east", TD, None, ()), source, publisher)
+        task = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: agent.published, "the first publish")
+            assert [e.address for e in publisher.published[-1][0].endpoints] == ["10.0.0.1"]
+            s.delete(SERVICEEXPORTS, NS, "pay")
+            await until(lambda: publisher.published[-1] == (), "the export withdrawn")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            source.close()
+
+
+def test_cluster_source_builds_the_kind_asked_for(tmp_path: Path) -> None:
+    config = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1")
+    kube, status, close = cluster_source(SourceSettings("kubernetes", config), Path(), "east", TD)
+    try:
+        assert isinstance(kube, KubeClusterSource)
+        assert status() == []  # no informer runs until changes() is iterated
+    finally:
+        close()
+    exports = tmp_path / "exports.json"
+    file, status, close = cluster_source(SourceSettings(), exports, "east", TD)
+    assert isinstance(file, FileClusterSource)
+    assert status() == {"file": str(exports)}
+
+
+def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:
+    base = [
+        "agent",
+        "--cluster",
+        "east",
+        "--etcd",
+        "127.0.0.1:1",
+        "--ca-dir",
+        str(tmp_path),
+        "--ca-listen",
+        "127.0.0.1:1",
+        "--tokens",
+        str(tmp_path / "t"),
+        "--gateway-tunnel",
+        "127.0.0.1:2",
+        "--gateway-egress",
+        "127.0.0.1:3",
+        "--admin",
+        "127.0.0.1:4",
+    ]
+    runner = CliRunner()
+    result = runner.invoke(main, [*base, "--source", "file"])
+    assert result.exit_code == 2
+    assert "--source file needs --exports" in result.output
+    result = runner.invoke(
+        main, [*base, "--source", "kubernetes", "--exports", str(tmp_path / "x.json")]
+    )
+    assert result.exit_code == 2
+    assert "--exports is for --source file" in result.output
+    assert "--kubeconfig" in runner.invoke(main, ["agent", "--help"]).output
