@@ -45,14 +45,15 @@ def authz_doc(name: str, host: str, action: str, rules: str) -> str:
 
 def commit(rig: Path, name: str, doc: str | None) -> float:
     """Commit (or with None remove) `authz/<name>.yaml` and notify the leader, as a git
-    server's push webhook does (`POST /sync`); when the commit was made."""
-    code, out = fedgate(rig, "status", "--json")
-    assert code == 0, out
-    admin = json.loads(out)["leader"]["admin"]
-    netns = topology.control(lifecycle.load(rig).prefix).netns
-    hook = ["ip", "netns", "exec", netns, "curl", "-sS", "--noproxy", "*", "--max-time", "30"]
+    server's push webhook does (`POST /sync`); when the commit was made. The commit is made
+    whatever happens to the notification: a test's cleanup must not depend on it."""
+    leader = run_fedgate(rig, "status", "--json")
     config_repo.commit(config_repo.repo_dir(rig), {f"authz/{name}.yaml": doc}, f"authz {name}")
     made = time.monotonic()
+    assert leader.returncode == 0, leader
+    admin = json.loads(leader.stdout)["leader"]["admin"]
+    netns = topology.control(lifecycle.load(rig).prefix).netns
+    hook = ["ip", "netns", "exec", netns, "curl", "-sS", "--noproxy", "*", "--max-time", "30"]
     res = subprocess.run(
         [*hook, "-X", "POST", f"http://{admin}/sync"],
         capture_output=True,
@@ -65,9 +66,13 @@ def commit(rig: Path, name: str, doc: str | None) -> float:
     return made
 
 
-def fedgate(rig: Path, *args: str) -> tuple[int, str]:
+def run_fedgate(rig: Path, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "fedgate", *args, "--rig-dir", str(rig)]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def fedgate(rig: Path, *args: str) -> tuple[int, str]:
+    res = run_fedgate(rig, *args)
     return res.returncode, res.stdout + res.stderr
 
 
