@@ -36,6 +36,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -59,6 +60,7 @@ from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.capture import original_dst
 from sidecar.errors import CaptureError, ProxyError
+from sidecar.exchange import Dialed
 from sidecar.http.flow import FlowConn, open_flow_conn
 from sidecar.http.proxy import H2, HTTP1, SNIFF_TIMEOUT, HttpProxy
 from sidecar.http2.proxy import H2Proxy
@@ -193,7 +195,8 @@ class Outbound:
         self.active += 1
         started = time.monotonic()
         upstream: Conn | None = None
-        facts: dict[str, object] = {}  # what we learned, for the one log line either way
+        where: _Where | None = None  # where the connection goes, for the one log line
+        dialed: Dialed | None = None
         admitted: ServiceRoute | None = None
         route = state.routes.lookup(*dst)
         span: Span | None = None
@@ -225,22 +228,25 @@ class Outbound:
                     server=False,
                 )
                 log = log.bind(**tm.log_ids(span))
-                facts["traceparent"] = span.context.format()
+            traceparent = span.context.format() if span is not None else ""
             try:
                 if route is not None:
                     # maxConnections holds for per-connection traffic too (Istio's tcp pool).
                     self.http.tcp_admit(route)
                     admitted = route
-                upstream = await self._upstream(dst, state, facts)
+                where = self._where(dst, state, route)
+                upstream, dialed = await self._upstream(dst, state, where, traceparent)
             except ProxyError as e:
                 self.failed += 1
                 code, outcome = "error", e.reason
-                _drop_context(facts)
-                log.warning("outbound failed", reason=e.reason, detail=e.detail, **facts)
+                fields = _Where.fields_of(where, route)
+                if isinstance(e, _SetupError):
+                    fields.update(e.learned())
+                log.warning("outbound failed", reason=e.reason, detail=e.detail, **fields)
                 return
-            _drop_context(facts)
-            if "peer" in facts:
-                self.live[upstream] = SpiffeId.parse(str(facts["peer"]))
+            facts = {**_Where.fields_of(where, route), **_dialed_fields(dialed)}
+            if dialed is not None:
+                self.live[upstream] = dialed.peer
             error = await relay(app, upstream)
             code, outcome = ("error", error.reason) if error else ("ok", "")
             log.info(
@@ -253,7 +259,7 @@ class Outbound:
             )
         finally:
             if tcp and route is not None and (span is not None or self.telemetry.metrics):
-                self._observe(span, facts, route, code, outcome, started, app, upstream)
+                self._observe(span, where, route, code, outcome, started, app, upstream)
             self.active -= 1
             if admitted is not None:
                 self.http.tcp_release(admitted)
@@ -267,7 +273,7 @@ class Outbound:
     def _observe(
         self,
         span: Span | None,
-        facts: dict[str, object],
+        where: _Where | None,
         route: ServiceRoute,
         code: str,
         outcome: str,
@@ -276,11 +282,11 @@ class Outbound:
         upstream: Conn | None,
     ) -> None:
         """End a TCP connection's span and record it (tracing or metrics on)."""
-        dst_cluster = str(facts.get("dst_cluster", ""))
+        dst_cluster = where.dst_cluster if where is not None else ""
         if span is not None:
             span.set(tm.DESTINATION_CLUSTER, dst_cluster)
-            if "endpoint" in facts:
-                span.set(tm.ENDPOINT, str(facts["endpoint"]))
+            if where is not None and where.endpoint:
+                span.set(tm.ENDPOINT, where.endpoint)
             span.end(outcome)
         self.telemetry.record(
             tm.SOURCE,
@@ -294,114 +300,116 @@ class Outbound:
             upstream.relayed if upstream is not None else 0,
         )
 
-    async def _upstream(
-        self, dst: tuple[str, int], state: ProxyState, facts: dict[str, object]
-    ) -> Conn:
-        """The connection to relay the app's bytes into, ready for them."""
-        s = self._settings
-        route = state.routes.lookup(*dst)
+    def _where(self, dst: tuple[str, int], state: ProxyState, route: ServiceRoute | None) -> _Where:
+        """Where a per-connection call goes: passthrough, or the route's decision."""
         if route is None:
             if state.routes.is_vip(dst[0]):
                 raise ProxyError("unknown port", f"mesh VIP {dst[0]} has no port {dst[1]}")
-            facts["mode"] = "passthrough"
-            return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout)
-        facts.update(service=str(route.service), port=route.port.port)
+            return _Where(mode="passthrough")
         if state.client_ctx is None:
             raise ProxyError("not ready", "no SVID or trust bundle yet")
         try:
             decision = route.decide(self._rng, self.http.health(route))
         except NoRouteError as e:
             raise ProxyError("no route", str(e)) from e
-        match decision:
-            case Local(endpoint=ep):
-                facts.update(dst_cluster=s.cluster, endpoint=ep.address)
-            case Remote(cluster=cluster, egress=egress):
-                facts.update(dst_cluster=cluster, gateway=f"{egress.host}:{egress.port}")
-            case _:
-                raise AssertionError(f"unknown route decision {decision!r}")
+        return _Where.of(route, decision, self._settings.cluster)
+
+    async def _upstream(
+        self, dst: tuple[str, int], state: ProxyState, where: _Where, traceparent: str
+    ) -> tuple[Conn, Dialed | None]:
+        """The connection to relay the app's bytes into, ready for them (and, into the mesh,
+        what setting it up learned)."""
+        s = self._settings
+        route, decision = where.route, where.decision
+        if route is None or decision is None:
+            return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout), None
         try:
             if s.multiplex and state.mux_ctx is not None:
-                conn = await self._mux_upstream(route, decision, state, facts)
+                dialed = await self._mux_upstream(route, decision, state, traceparent)
             else:
-                conn = await self._mesh_upstream(route, decision, state, facts)
+                dialed = await self._mesh_upstream(route, decision, state, traceparent)
         except ProxyError:
             self.http.tcp_result(route, decision, ok=False)  # for outlier detection
             raise
         self.http.tcp_result(route, decision, ok=True)
-        return conn
+        return dialed.conn, dialed
 
     async def _mux_upstream(
         self,
         route: ServiceRoute,
         decision: Decision,
         state: ProxyState,
-        facts: dict[str, object],
-    ) -> Conn:
+        traceparent: str,
+    ) -> Dialed:
         """A stream of a pooled multiplexed connection (`sidecar.smux_pool`), set up like a
         per-connection upstream; that instead when the pool is full or the peer has no smux."""
         s = self._settings
         step = _Step("multiplexed connection")
         key = destination_key(route, decision)
+        fallback: list[Dialed] = []  # the dial's upstream when the peer does not multiplex
+        dial = functools.partial(
+            self._mux_dial, route, decision, state, traceparent, step, fallback
+        )
         try:
             async with asyncio.timeout(s.setup_timeout):
                 try:
                     pooled = await self.pool.acquire(
-                        key,
-                        state.mux_ctx,
-                        decision.identities.__contains__,
-                        functools.partial(self._mux_dial, route, decision, state, facts, step),
+                        key, state.mux_ctx, decision.identities.__contains__, dial
                     )
-                except NotMultiplexedError as e:
-                    return e.conn
+                except NotMultiplexedError:
+                    return fallback[0]
                 if pooled is not None:
-                    facts.update(peer=pooled.peer.uri, smux=pooled.id)
                     try:
                         upstream = pooled.open_stream("sidecar")
                     except MuxError as e:
                         raise ProxyError("smux refused", str(e)) from e
                     step.name = "stream reply"
                     try:
-                        await self._mesh_stream(upstream, route, decision, facts)
+                        await self._mesh_stream(upstream, route, decision, traceparent)
                     except BaseException:
                         upstream.reset()
                         raise
                     if pooled.opened == 1 and pooled.tls is not None:  # the reply brought tickets
                         assert state.mux_ctx is not None
                         self.sessions.done(("smux", *key), state.mux_ctx, pooled.tls.obj)
-                    return upstream
+                    return Dialed(upstream, pooled.peer, smux=pooled.id)
         except TimeoutError as e:
             raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
-        return await self._mesh_upstream(route, decision, state, facts)  # the pool is full
+        return await self._mesh_upstream(route, decision, state, traceparent)  # the pool is full
 
     async def _mux_dial(
         self,
         route: ServiceRoute,
         decision: Decision,
         state: ProxyState,
-        facts: dict[str, object],
+        traceparent: str,
         step: _Step,
+        fallback: list[Dialed],
     ) -> SmuxConnection:
         """A new pooled connection, set up as a per-connection upstream is, offering smux;
-        NotMultiplexedError with a ready per-connection upstream if the peer does not take it."""
+        NotMultiplexedError with a ready per-connection upstream (in `fallback`) if the peer
+        does not take it."""
         s = self._settings
         ctx = state.mux_ctx
         assert ctx is not None
         dest = ("smux", *destination_key(route, decision))
-        upstream, ssl_obj, peer = await self._mesh_connect(
-            route, decision, state, facts, ctx, dest, step, open_conn
+        dialed, ssl_obj = await self._mesh_connect(
+            route, decision, state, traceparent, ctx, dest, step, open_conn
         )
+        upstream = dialed.conn
         if ssl_obj.selected_alpn_protocol() != SMUX_ALPN:
             step.name = "stream reply"
             try:
-                await self._mesh_stream(upstream, route, decision, facts)
+                await self._mesh_stream(upstream, route, decision, dialed.via or traceparent)
             except BaseException:
                 upstream.close()
                 raise
             self.sessions.done(dest, ctx, ssl_obj)
+            fallback.append(dialed)
             raise NotMultiplexedError(upstream)
         conn = SmuxConnection(
             is_client=True,
-            peer=peer,
+            peer=dialed.peer,
             max_streams=s.mux_streams,
             idle_timeout=s.mux_idle_timeout,
             log=_log.bind(pod=s.pod, cluster=s.cluster, hop=tm.SOURCE),
@@ -418,11 +426,12 @@ class Outbound:
         route: ServiceRoute,
         decision: Decision,
         state: ProxyState,
-        facts: dict[str, object],
+        traceparent: str,
         *,
         opener: Callable[[str, int, str, float], Awaitable[Conn]] = open_conn,
-    ) -> Conn:
-        """A per-connection upstream: steps 2-3 of the module docstring, ready for the app."""
+    ) -> Dialed:
+        """A per-connection upstream: steps 2-3 of the module docstring, ready for the app.
+        `traceparent`: the calling span's (for the CONNECT), or ""."""
         s = self._settings
         ctx = state.client_ctx
         assert ctx is not None
@@ -433,37 +442,41 @@ class Outbound:
             dest = (decision.cluster, route.service, route.port.port, decision.labels)
         try:
             async with asyncio.timeout(s.setup_timeout):
-                upstream, ssl_obj, _ = await self._mesh_connect(
-                    route, decision, state, facts, ctx, dest, step, opener
+                dialed, ssl_obj = await self._mesh_connect(
+                    route, decision, state, traceparent, ctx, dest, step, opener
                 )
                 step.name = "stream reply"
                 try:
-                    await self._mesh_stream(upstream, route, decision, facts)
+                    tp = dialed.via or traceparent
+                    await self._mesh_stream(dialed.conn, route, decision, tp)
+                except ProxyError as e:
+                    dialed.conn.close()
+                    raise _SetupError(e.reason, e.detail, dialed.tls_resumed, dialed.peer) from e
                 except BaseException:
-                    upstream.close()
+                    dialed.conn.close()
                     raise
                 self.sessions.done(dest, ctx, ssl_obj)  # the reply brought the tickets
         except TimeoutError as e:
             raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
-        return upstream
+        return dialed
 
     async def _mesh_connect(
         self,
         route: ServiceRoute,
         decision: Decision,
         state: ProxyState,
-        facts: dict[str, object],
+        traceparent: str,
         ctx: ssl.SSLContext,
         dest: tuple[object, ...],
         step: _Step,
         opener: Callable[[str, int, str, float], Awaitable[Conn]],
-    ) -> tuple[Conn, ssl.SSLObject, SpiffeId]:
+    ) -> tuple[Dialed, ssl.SSLObject]:
         """TCP to the endpoint (or the egress and its CONNECT), then TLS 1.3 with `ctx` and the
         server's identity checked against the decision's; the caller bounds it in time."""
         s = self._settings
         step.name = "connect"
         upstream: Conn | None = None
-        traceparent = str(facts.get("traceparent", ""))  # the calling span's, if tracing
+        via = ""
         try:
             if isinstance(decision, Local):
                 upstream = await opener(
@@ -489,37 +502,34 @@ class Outbound:
                     raise ProxyError("gateway refused", f"{status} {phrase}")
                 if traceparent:
                     # The span nearest the destination the tunnel set up (see above).
-                    via = response_traceparent(head)
-                    if via:
-                        facts["via"] = via
+                    via = response_traceparent(head) or ""
             step.name = "TLS handshake"
             ssl_obj = await upstream.start_tls(
                 ctx, server_side=False, session=self.sessions.get(dest, ctx)
             )
-            facts["tls_resumed"] = ssl_obj.session_reused
             try:
                 server = peer_identity(
                     ssl_obj, state.bundle, allowed=decision.identities.__contains__
                 )
             except VerificationError as e:
-                raise ProxyError("server identity rejected", str(e)) from e
-            facts["peer"] = server.uri
+                resumed = ssl_obj.session_reused
+                raise _SetupError("server identity rejected", str(e), resumed) from e
         except BaseException:
             if upstream is not None:
                 upstream.close()
             raise
-        return upstream, ssl_obj, server
+        return Dialed(upstream, server, via, ssl_obj.session_reused), ssl_obj
 
     async def _mesh_stream(
         self,
         upstream: Conn,
         route: ServiceRoute,
         decision: Decision,
-        facts: dict[str, object],
+        traceparent: str,
     ) -> None:
-        """Send the stream header and require a `200` stream reply."""
+        """Send the stream header (with the span nearest the destination: the ingress's on a
+        tunnel, else the caller's) and require a `200` stream reply."""
         cluster = self._settings.cluster if isinstance(decision, Local) else decision.cluster
-        traceparent = str(facts.get("via") or facts.get("traceparent", ""))
         header = StreamHeader(route.service, route.port.port, cluster, traceparent)
         upstream.write(encode_header(header))
         reply = await upstream.read_frame(split_frame, "stream reply")
@@ -531,6 +541,22 @@ class Outbound:
             raise ProxyError("destination refused", f"{answer.status} {answer.reason}")
 
 
+class _SetupError(ProxyError):
+    """A mesh upstream that failed after its TLS handshake, with what the handshake learned
+    (for the failure's log line)."""
+
+    def __init__(
+        self, reason: str, detail: str, tls_resumed: bool, peer: SpiffeId | None = None
+    ) -> None:
+        super().__init__(reason, detail)
+        self.tls_resumed = tls_resumed
+        self.peer = peer
+
+    def learned(self) -> dict[str, object]:
+        peer = {"peer": self.peer.uri} if self.peer is not None else {}
+        return {"tls_resumed": self.tls_resumed, **peer}
+
+
 class _Step:
     """Which setup step runs, for the timeout's message."""
 
@@ -540,10 +566,49 @@ class _Step:
         self.name = name
 
 
-def _drop_context(facts: dict[str, object]) -> None:
-    """Trace context travels in `facts` to `_mesh_upstream`; it is not an access-log field."""
-    facts.pop("traceparent", None)
-    facts.pop("via", None)
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where a per-connection call goes (what its log line and span say)."""
+
+    route: ServiceRoute | None = None
+    decision: Decision | None = None
+    mode: str = ""  # "passthrough" outside the mesh
+    dst_cluster: str = ""
+    endpoint: str = ""
+    gateway: str = ""
+
+    @classmethod
+    def of(cls, route: ServiceRoute, decision: Decision, local_cluster: str) -> _Where:
+        match decision:
+            case Local(endpoint=ep):
+                return cls(route, decision, dst_cluster=local_cluster, endpoint=ep.address)
+            case Remote(cluster=cluster, egress=egress):
+                gateway = f"{egress.host}:{egress.port}"
+                return cls(route, decision, dst_cluster=cluster, gateway=gateway)
+            case _:
+                raise AssertionError(f"unknown route decision {decision!r}")
+
+    @staticmethod
+    def fields_of(where: _Where | None, route: ServiceRoute | None) -> dict[str, object]:
+        """The access-log fields: what is known of the route and where it led."""
+        out: dict[str, object] = {}
+        if route is not None:
+            out.update(service=str(route.service), port=route.port.port)
+        if where is None:
+            return out
+        for name in ("mode", "dst_cluster", "endpoint", "gateway"):
+            if value := getattr(where, name):
+                out[name] = value
+        return out
+
+
+def _dialed_fields(dialed: Dialed | None) -> dict[str, object]:
+    if dialed is None:
+        return {}
+    out: dict[str, object] = {"peer": dialed.peer.uri, "tls_resumed": dialed.tls_resumed}
+    if dialed.smux:
+        out["smux"] = dialed.smux
+    return out
 
 
 def _parse_connect(head: bytes) -> tuple[int, str]:
