@@ -22,13 +22,15 @@ import collections
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import Span
-from sidecar.http.pool import ServicePool
+from sidecar.errors import ProxyError
+from sidecar.http.flow import FlowConn
+from sidecar.http.pool import PoolKey, PoolRefusedError, ServicePool
 from sidecar.observe import log_outlier_events
 from sidecar.pipe import Conn
 from sidecar.routes import Decision, ServiceRoute
@@ -39,6 +41,7 @@ from sidecar.traffic.match import Effective
 from sidecar.traffic.outlier import OutlierDetector
 from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import RequestRecord
+from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, TIMEOUT, Outcome
 
 MAX_MIRRORS = 64  # mirrored requests in flight per sidecar; beyond, a mirror is dropped (counted)
 
@@ -66,37 +69,78 @@ class ServiceRuntime:
     outlier: OutlierDetector | None = None
 
 
-class Exchange(Protocol):
-    """What the loop needs of a layer's call (`Call`, `H2Call`)."""
+@dataclass(eq=False, slots=True, kw_only=True)
+class Exchange:
+    """What every layer's call carries (`Call`, `H2Call` add their own): the request's route,
+    config snapshot, effective policy, the service port's runtime, its log, and its telemetry."""
 
     route: ServiceRoute
+    state: ProxyState
     eff: Effective
     runtime: ServiceRuntime
     log: Any
-    span: Span | None
-    record: RequestRecord | None
+    span: Span | None = None  # the request's span (tracing on)
+    record: RequestRecord | None = None  # what telemetry reports (tracing or metrics on)
 
 
 C = TypeVar("C", bound=Exchange)
 G = TypeVar("G")  # a layer's try that got a response head
+P = TypeVar("P")  # a layer's connection pool
 
 
-class Exchanger(abc.ABC, Generic[C, G]):
+class Dial:
+    """Opens a connection for one try's pool (`MeshConnect`), keeping what the tunnel said."""
+
+    def __init__(self, connect: MeshConnect, call: Exchange, decision: Decision) -> None:
+        self._connect = connect
+        self._call = call
+        self._decision = decision
+        # The request's span (tracing on): the CONNECT carries it.
+        self.traceparent = call.span.context.format() if call.span is not None else ""
+        self.via = ""  # the remote ingress's span, once this try opened a connection
+
+    async def __call__(self) -> tuple[FlowConn, SpiffeId]:
+        call = self._call
+        dialed = await self._connect(call.route, self._decision, call.state, self.traceparent)
+        assert isinstance(dialed.conn, FlowConn)
+        self.via = dialed.via
+        return dialed.conn, dialed.peer
+
+    def next_span(self) -> str:
+        """The `traceparent` the request carries upstream: on a connection this try opened
+        through a gateway the remote ingress's span (the next on the path), else ours."""
+        return self.via or self.traceparent
+
+
+@dataclass(frozen=True, slots=True)
+class TrySetup:
+    """A try admitted by the service port's request budget: where it goes and how to dial."""
+
+    decision: Decision
+    key: PoolKey
+    dial: Dial
+
+
+class Exchanger(abc.ABC, Generic[C, G, P]):
     """The try loop and mirrors; subclasses are the protocol layers."""
+
+    TASKS = "sidecar-exchange"  # the name of the layer's task set
+    LOCAL_ANSWERS = "local_answers"  # the counter of the layer's own answers
 
     def __init__(
         self,
         connect: MeshConnect,
+        pool: P,
         rng: random.Random,
         stats: collections.Counter[str],
-        peers: PeerHealth | None,
-        name: str,
+        peers: PeerHealth | None = None,
     ) -> None:
         self._connect = connect
+        self.pool = pool
         self._rng = rng
         self.stats = stats
         self.peers = peers
-        self._tasks = TaskSet(name)
+        self._tasks = TaskSet(self.TASKS)
         self._mirrors = 0
 
     async def aclose(self) -> None:
@@ -114,6 +158,29 @@ class Exchanger(abc.ABC, Generic[C, G]):
             replayable=replayable,
             record=call.record,
         )
+
+    # -- for the layers ---------------------------------------------------------------------
+
+    def _setup(self, call: C, target: Target) -> TrySetup | Failure:
+        """Admit a try to `target` (the request budget: `max requests` refusal), its pool key
+        and its dial. The layer ends the request in the budget when the try is over."""
+        route = call.route
+        refusal = call.runtime.pool.budget.start_request()
+        if refusal is not None:
+            return Failure(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
+        decision = route.decision_for(target)
+        address = target.endpoint.address if target.endpoint is not None else ""
+        key = PoolKey(route.service, route.port.port, target.cluster, address, target.labels)
+        return TrySetup(decision, key, Dial(self._connect, call, decision))
+
+    def _refusal(
+        self, log: Any, record: RequestRecord | None, status: int, reason: str, detail: str
+    ) -> None:
+        """Count, record and log an answer the layer makes itself."""
+        self.stats[self.LOCAL_ANSWERS] += 1
+        if record is not None:
+            record.status, record.reason = status, reason
+        log.warning("http request failed", status=status, reason=reason, detail=detail)
 
     # -- the layer --------------------------------------------------------------------------
 
@@ -225,6 +292,32 @@ class Exchanger(abc.ABC, Generic[C, G]):
             status=self._judge(result).status,
         )
         await self._drop(shadow, result)
+
+
+def try_failure(e: Exception, phase: str, eff: Effective) -> Failure:
+    """How a try that raised `e` during `phase` ("connect", "request", "response") failed:
+    a pool refusal (never retried), a deadline (504), a failed connect, else a reset."""
+    match e:
+        case PoolRefusedError(reason=reason, detail=detail):
+            return Failure(Outcome(LOCAL), 503, reason, detail)
+        case TimeoutError():
+            return Failure(Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(eff, phase))
+        case ProxyError() if phase == "connect":
+            return Failure(Outcome(CONNECT_FAILURE), 503, "upstream connect failure", str(e))
+        case ProxyError():
+            return Failure(Outcome(RESET), 503, "upstream reset", f"{phase}: {e}")
+        case _:
+            raise AssertionError(f"not a try failure: {e!r}")
+
+
+def timeout_detail(eff: Effective, phase: str) -> str:
+    """The reason text of a 504: which phase missed which deadline."""
+    r = eff.retries
+    per_try = r.per_try_timeout if r is not None else None
+    limits = [f"per-try timeout {per_try} s"] if per_try else []
+    if eff.timeout:
+        limits.append(f"timeout {eff.timeout} s")
+    return f"{phase} not done within {' / '.join(limits) or 'the deadline'}"
 
 
 def _bind_target(log: Any, tries: int, target: Target) -> Any:

@@ -8,14 +8,15 @@ For each connection redirected to the outbound port:
    local gateway's egress, `CONNECT` naming service, port and cluster, and a `200` required.
 3. Over that connection: TLS 1.3 with the pod's SVID, the server's SPIFFE ID checked against the
    identities the decision allows, the stream header sent, a `200` stream reply required.
+   Steps 2-3 are `sidecar.dial.MeshDialer`'s (on a pooled multiplexed connection when allowed).
 4. Bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
 
 A service port declared `HTTP` (or a `TCP` port whose first bytes are an HTTP/1.x request) is
 served by `sidecar.http.proxy.HttpProxy` instead, one declared `HTTP2`/`GRPC` (or whose first
 bytes are the HTTP/2 preface) by `sidecar.http2.proxy.H2Proxy`: each request (stream) is
-routed on its own, with the
-policy's retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
-connections made by the same `_mesh_upstream` as steps 2-3.
+routed on its own by the request-attempt core (`sidecar.traffic.attempt`), with the policy's
+retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
+connections made by the same `MeshDialer.upstream` as steps 2-3.
 
 Every failure resets the app's connection and logs one line with the reason, pod, service,
 clusters and connection id; success logs one access line when the connection ends.
@@ -33,32 +34,20 @@ import asyncio
 import functools
 import itertools
 import random
-import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from ca.errors import VerificationError
-from ca.tls import peer_identity
 from mesh import telemetry as tm
-from mesh.codec import StreamHeader, encode_header, reply_from_json, split_frame
-from mesh.connect import (
-    ConnectRequest,
-    encode_request,
-    parse_response,
-    response_peer_unreachable,
-    response_traceparent,
-    split_head,
-)
-from mesh.errors import CodecError, NoRouteError
-from mesh.mux import MuxError
+from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.capture import original_dst
+from sidecar.dial import MeshDialer, SetupError
 from sidecar.errors import CaptureError, ProxyError
 from sidecar.exchange import Dialed
 from sidecar.http.flow import FlowConn, open_flow_conn
@@ -68,10 +57,9 @@ from sidecar.pipe import Conn, open_conn, relay
 from sidecar.resume import SessionCache
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
-from sidecar.smux import ALPN as SMUX_ALPN
-from sidecar.smux import SmuxConnection
-from sidecar.smux_pool import NotMultiplexedError, SmuxPool, destination_key
+from sidecar.smux_pool import SmuxPool
 from sidecar.state import ProxyState
+from sidecar.traffic.peers import PeerHealth
 
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
@@ -109,22 +97,20 @@ class Outbound:
         self.sessions = SessionCache()  # TLS tickets per destination (sidecar.resume)
         # Multiplexed mTLS connections per destination (sidecar.smux), when settings allow.
         self.pool = SmuxPool(settings.mux_connections, settings.mux_max_age)
+        peers = PeerHealth()  # remote clusters the local gateway cannot reach
+        self.dialer = MeshDialer(settings, self.sessions, self.pool, peers)
+        connect = functools.partial(self.dialer.upstream, opener=open_flow_conn)
         self.http = HttpProxy(
             state,
-            functools.partial(self._mesh_upstream, opener=open_flow_conn),
+            connect,
             self.live,
             self._rng,
             sniff_timeout=sniff_timeout,
             telemetry=telemetry,
             cluster=settings.cluster,
+            peers=peers,
         )
-        self.h2 = H2Proxy(
-            self.http,
-            state,
-            functools.partial(self._mesh_upstream, opener=open_flow_conn),
-            self.live,
-            self._rng,
-        )
+        self.h2 = H2Proxy(self.http, state, connect, self.live, self._rng)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,7 +226,7 @@ class Outbound:
                 self.failed += 1
                 code, outcome = "error", e.reason
                 fields = _Where.fields_of(where, route)
-                if isinstance(e, _SetupError):
+                if isinstance(e, SetupError):
                     fields.update(e.learned())
                 log.warning("outbound failed", reason=e.reason, detail=e.detail, **fields)
                 return
@@ -325,245 +311,14 @@ class Outbound:
             return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout), None
         try:
             if s.multiplex and state.mux_ctx is not None:
-                dialed = await self._mux_upstream(route, decision, state, traceparent)
+                dialed = await self.dialer.multiplexed(route, decision, state, traceparent)
             else:
-                dialed = await self._mesh_upstream(route, decision, state, traceparent)
+                dialed = await self.dialer.upstream(route, decision, state, traceparent)
         except ProxyError:
             self.http.tcp_result(route, decision, ok=False)  # for outlier detection
             raise
         self.http.tcp_result(route, decision, ok=True)
         return dialed.conn, dialed
-
-    async def _mux_upstream(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        traceparent: str,
-    ) -> Dialed:
-        """A stream of a pooled multiplexed connection (`sidecar.smux_pool`), set up like a
-        per-connection upstream; that instead when the pool is full or the peer has no smux."""
-        s = self._settings
-        step = _Step("multiplexed connection")
-        key = destination_key(route, decision)
-        fallback: list[Dialed] = []  # the dial's upstream when the peer does not multiplex
-        dial = functools.partial(
-            self._mux_dial, route, decision, state, traceparent, step, fallback
-        )
-        try:
-            async with asyncio.timeout(s.setup_timeout):
-                try:
-                    pooled = await self.pool.acquire(
-                        key, state.mux_ctx, decision.identities.__contains__, dial
-                    )
-                except NotMultiplexedError:
-                    return fallback[0]
-                if pooled is not None:
-                    try:
-                        upstream = pooled.open_stream("sidecar")
-                    except MuxError as e:
-                        raise ProxyError("smux refused", str(e)) from e
-                    step.name = "stream reply"
-                    try:
-                        await self._mesh_stream(upstream, route, decision, traceparent)
-                    except BaseException:
-                        upstream.reset()
-                        raise
-                    if pooled.opened == 1 and pooled.tls is not None:  # the reply brought tickets
-                        assert state.mux_ctx is not None
-                        self.sessions.done(("smux", *key), state.mux_ctx, pooled.tls.obj)
-                    return Dialed(upstream, pooled.peer, smux=pooled.id)
-        except TimeoutError as e:
-            raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
-        return await self._mesh_upstream(route, decision, state, traceparent)  # the pool is full
-
-    async def _mux_dial(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        traceparent: str,
-        step: _Step,
-        fallback: list[Dialed],
-    ) -> SmuxConnection:
-        """A new pooled connection, set up as a per-connection upstream is, offering smux;
-        NotMultiplexedError with a ready per-connection upstream (in `fallback`) if the peer
-        does not take it."""
-        s = self._settings
-        ctx = state.mux_ctx
-        assert ctx is not None
-        dest = ("smux", *destination_key(route, decision))
-        dialed, ssl_obj = await self._mesh_connect(
-            route, decision, state, traceparent, ctx, dest, step, open_conn
-        )
-        upstream = dialed.conn
-        if ssl_obj.selected_alpn_protocol() != SMUX_ALPN:
-            step.name = "stream reply"
-            try:
-                await self._mesh_stream(upstream, route, decision, dialed.via or traceparent)
-            except BaseException:
-                upstream.close()
-                raise
-            self.sessions.done(dest, ctx, ssl_obj)
-            fallback.append(dialed)
-            raise NotMultiplexedError(upstream)
-        conn = SmuxConnection(
-            is_client=True,
-            peer=dialed.peer,
-            max_streams=s.mux_streams,
-            idle_timeout=s.mux_idle_timeout,
-            log=_log.bind(pod=s.pod, cluster=s.cluster, hop=tm.SOURCE),
-        )
-        try:
-            conn.adopt(upstream)
-        except ConnectionError as e:
-            upstream.close()
-            raise ProxyError("connection lost", str(e)) from e
-        return conn
-
-    async def _mesh_upstream(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        traceparent: str,
-        *,
-        opener: Callable[[str, int, str, float], Awaitable[Conn]] = open_conn,
-    ) -> Dialed:
-        """A per-connection upstream: steps 2-3 of the module docstring, ready for the app.
-        `traceparent`: the calling span's (for the CONNECT), or ""."""
-        s = self._settings
-        ctx = state.client_ctx
-        assert ctx is not None
-        step = _Step("connect")
-        if isinstance(decision, Local):
-            dest: tuple[object, ...] = (decision.endpoint.address,)
-        else:
-            dest = (decision.cluster, route.service, route.port.port, decision.labels)
-        try:
-            async with asyncio.timeout(s.setup_timeout):
-                dialed, ssl_obj = await self._mesh_connect(
-                    route, decision, state, traceparent, ctx, dest, step, opener
-                )
-                step.name = "stream reply"
-                try:
-                    tp = dialed.via or traceparent
-                    await self._mesh_stream(dialed.conn, route, decision, tp)
-                except ProxyError as e:
-                    dialed.conn.close()
-                    raise _SetupError(e.reason, e.detail, dialed.tls_resumed, dialed.peer) from e
-                except BaseException:
-                    dialed.conn.close()
-                    raise
-                self.sessions.done(dest, ctx, ssl_obj)  # the reply brought the tickets
-        except TimeoutError as e:
-            raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
-        return dialed
-
-    async def _mesh_connect(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        traceparent: str,
-        ctx: ssl.SSLContext,
-        dest: tuple[object, ...],
-        step: _Step,
-        opener: Callable[[str, int, str, float], Awaitable[Conn]],
-    ) -> tuple[Dialed, ssl.SSLObject]:
-        """TCP to the endpoint (or the egress and its CONNECT), then TLS 1.3 with `ctx` and the
-        server's identity checked against the decision's; the caller bounds it in time."""
-        s = self._settings
-        step.name = "connect"
-        upstream: Conn | None = None
-        via = ""
-        try:
-            if isinstance(decision, Local):
-                upstream = await opener(
-                    decision.endpoint.address, s.inbound_port, "sidecar", s.connect_timeout
-                )
-            else:
-                cluster = decision.cluster
-                egress = decision.egress
-                upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
-                step.name = "CONNECT"
-                request = ConnectRequest(
-                    route.service, route.port.port, cluster, traceparent, decision.labels
-                )
-                upstream.write(encode_request(request))
-                head = await upstream.read_frame(split_head, "CONNECT response")
-                status, phrase = _parse_connect(head)
-                if status != 200:
-                    if response_peer_unreachable(head):
-                        # The gateway cannot reach that cluster: avoid it for a while,
-                        # for every service (sidecar.traffic.peers).
-                        self.http.peers.mark_down(cluster, time.monotonic())
-                        raise ProxyError("peer unreachable", f"{status} {phrase}")
-                    raise ProxyError("gateway refused", f"{status} {phrase}")
-                if traceparent:
-                    # The span nearest the destination the tunnel set up (see above).
-                    via = response_traceparent(head) or ""
-            step.name = "TLS handshake"
-            ssl_obj = await upstream.start_tls(
-                ctx, server_side=False, session=self.sessions.get(dest, ctx)
-            )
-            try:
-                server = peer_identity(
-                    ssl_obj, state.bundle, allowed=decision.identities.__contains__
-                )
-            except VerificationError as e:
-                resumed = ssl_obj.session_reused
-                raise _SetupError("server identity rejected", str(e), resumed) from e
-        except BaseException:
-            if upstream is not None:
-                upstream.close()
-            raise
-        return Dialed(upstream, server, via, ssl_obj.session_reused), ssl_obj
-
-    async def _mesh_stream(
-        self,
-        upstream: Conn,
-        route: ServiceRoute,
-        decision: Decision,
-        traceparent: str,
-    ) -> None:
-        """Send the stream header (with the span nearest the destination: the ingress's on a
-        tunnel, else the caller's) and require a `200` stream reply."""
-        cluster = self._settings.cluster if isinstance(decision, Local) else decision.cluster
-        header = StreamHeader(route.service, route.port.port, cluster, traceparent)
-        upstream.write(encode_header(header))
-        reply = await upstream.read_frame(split_frame, "stream reply")
-        try:
-            answer = reply_from_json(reply)
-        except CodecError as e:
-            raise ProxyError("malformed stream reply", str(e)) from e
-        if answer.status != 200:
-            raise ProxyError("destination refused", f"{answer.status} {answer.reason}")
-
-
-class _SetupError(ProxyError):
-    """A mesh upstream that failed after its TLS handshake, with what the handshake learned
-    (for the failure's log line)."""
-
-    def __init__(
-        self, reason: str, detail: str, tls_resumed: bool, peer: SpiffeId | None = None
-    ) -> None:
-        super().__init__(reason, detail)
-        self.tls_resumed = tls_resumed
-        self.peer = peer
-
-    def learned(self) -> dict[str, object]:
-        peer = {"peer": self.peer.uri} if self.peer is not None else {}
-        return {"tls_resumed": self.tls_resumed, **peer}
-
-
-class _Step:
-    """Which setup step runs, for the timeout's message."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,10 +364,3 @@ def _dialed_fields(dialed: Dialed | None) -> dict[str, object]:
     if dialed.smux:
         out["smux"] = dialed.smux
     return out
-
-
-def _parse_connect(head: bytes) -> tuple[int, str]:
-    try:
-        return parse_response(head)
-    except CodecError as e:
-        raise ProxyError("malformed CONNECT response", str(e)) from e

@@ -20,15 +20,11 @@ convention).
 from __future__ import annotations
 
 import asyncio
-import collections
-import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mesh.naming import SpiffeId
-from mesh.telemetry import Span
 from sidecar.errors import ProxyError
-from sidecar.exchange import Exchanger, MeshConnect, ServiceRuntime
+from sidecar.exchange import Exchange, Exchanger, try_failure
 from sidecar.http.body import RequestBody, next_event
 from sidecar.http.codec import (
     CHUNKED,
@@ -50,16 +46,12 @@ from sidecar.http.encode import (
     local_response,
 )
 from sidecar.http.flow import FlowConn
-from sidecar.http.pool import PoolKey, PoolRefusedError, Upstream, UpstreamPool
+from sidecar.http.pool import Upstream, UpstreamPool
 from sidecar.pipe import relay
-from sidecar.routes import ServiceRoute
-from sidecar.state import ProxyState
 from sidecar.traffic.attempt import Answered, Attempts, Failure
 from sidecar.traffic.balance import Target
-from sidecar.traffic.match import Effective
-from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import RequestRecord
-from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, TIMEOUT, Outcome
+from sidecar.traffic.retry import RESET, Outcome
 
 DISCARD_LIMIT = 64 * 1024  # a retried response's body is read and dropped up to this, else closed
 DISCARD_TIMEOUT = 2.0
@@ -67,18 +59,10 @@ IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 
 
 @dataclass(eq=False, slots=True)
-class Call:
+class Call(Exchange):
     req: Request  # as forwarded (Expect handled)
-    route: ServiceRoute
-    state: ProxyState
-    eff: Effective
-    runtime: ServiceRuntime
-    body: RequestBody
     app: FlowConn
-    log: Any
-    head_sent: bool = False
-    span: Span | None = None  # the request's span (tracing on)
-    record: RequestRecord | None = None  # what telemetry reports (tracing or metrics on)
+    body: RequestBody
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,19 +72,11 @@ class _Got:
     reader: Reader
 
 
-class Forwarder(Exchanger[Call, _Got]):
+class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
     """Sends requests upstream for an `HttpProxy` (which owns the pool and the counters)."""
 
-    def __init__(
-        self,
-        connect: MeshConnect,
-        pool: UpstreamPool,
-        rng: random.Random,
-        stats: collections.Counter[str],
-        peers: PeerHealth | None = None,
-    ) -> None:
-        super().__init__(connect, rng, stats, peers, "sidecar-http-mirror")
-        self.pool = pool
+    TASKS = "sidecar-http-mirror"
+    LOCAL_ANSWERS = "local_replies"
 
     async def local(
         self,
@@ -115,30 +91,12 @@ class Forwarder(Exchanger[Call, _Got]):
     ) -> bool:
         """Answer the app ourselves (reason in `x-fedgate-reason`); keep the connection only if
         the request was read whole."""
-        self.stats["local_replies"] += 1
-        if record is not None:
-            record.status, record.reason = status, reason
+        self._refusal(log, record, status, reason, detail)
         keep = req.keep_alive and (body.complete or await body.discard(DISCARD_LIMIT))
-        log.warning("http request failed", status=status, reason=reason, detail=detail)
         app.write(local_response(status, reason, detail, close=not keep))
         return keep
 
     # -- the layer ----------------------------------------------------------------------------
-
-    def _replayable(self, call: Call) -> bool:
-        return call.body.complete and not call.body.streamed  # read ahead whole, never streamed
-
-    def _judge(self, got: _Got) -> Answered:
-        return Answered(got.resp.status)
-
-    async def _answer(self, call: Call, status: int, reason: str, detail: str) -> bool:
-        return await self.local(
-            call.app, call.req, call.body, call.log, status, reason, detail, call.record
-        )
-
-    def _shadow(self, call: Call) -> Call:
-        req = replace(call.req, headers=_shadow_host(call.req.headers))
-        return replace(call, req=req, log=call.log.bind(mirror=True), record=None)
 
     def mirror(self, call: Call, attempts: Attempts) -> None:
         if not call.body.complete:
@@ -146,30 +104,29 @@ class Forwarder(Exchanger[Call, _Got]):
             return
         super().mirror(call, attempts)
 
+    def _shadow(self, call: Call) -> Call:
+        req = replace(call.req, headers=_shadow_host(call.req.headers))
+        return replace(call, req=req, log=call.log.bind(mirror=True), record=None)
+
+    def _replayable(self, call: Call) -> bool:
+        return call.body.complete and not call.body.streamed  # read ahead whole, never streamed
+
+    async def _answer(self, call: Call, status: int, reason: str, detail: str) -> bool:
+        app, req, body, log, record = call.app, call.req, call.body, call.log, call.record
+        return await self.local(app, req, body, log, status, reason, detail, record)
+
+    def _judge(self, got: _Got) -> Answered:
+        return Answered(got.resp.status)
+
     async def _attempt(self, call: Call, target: Target, deadline: float | None) -> _Got | Failure:
-        """One try: a connection, the request, the response head. Never returns an exception
-        for upstream failures (they become `Failure` with the outcome that retries and outlier
-        detection judge); an app failure while streaming the request body raises ProxyError."""
-        route, state, svc = call.route, call.state, call.runtime.pool
-        decision = route.decision_for(target)
-        key = PoolKey(
-            route.service, route.port.port, target.cluster, _address(target), target.labels
-        )
-        refusal = svc.budget.start_request()
-        if refusal is not None:
-            return Failure(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
-        span = call.span
-        traceparent = span.context.format() if span is not None else ""  # for the CONNECT
-        via = ""
-
-        async def opener() -> tuple[FlowConn, SpiffeId]:
-            nonlocal via
-            dialed = await self._connect(route, decision, state, traceparent)
-            assert isinstance(dialed.conn, FlowConn)
-            via = dialed.via
-            return dialed.conn, dialed.peer
-
-        head = b"" if span is not None else encode_request(call.req, call.body.out_framing)
+        """One try: a connection, the request, the response head. Upstream failures are
+        returned as a `Failure`; an app failure while streaming the request body raises."""
+        setup = self._setup(call, target)
+        if isinstance(setup, Failure):
+            return setup
+        state, svc = call.state, call.runtime.pool
+        traced = call.span is not None
+        head = b"" if traced else encode_request(call.req, call.body.out_framing)
         phase = "connect"
         up: Upstream | None = None
         got_out = False
@@ -177,15 +134,14 @@ class Forwarder(Exchanger[Call, _Got]):
             async with asyncio.timeout_at(deadline):
                 for fresh in (False, True):
                     phase = "connect"
-                    via = ""
+                    setup.dial.via = ""
+                    allowed = setup.decision.identities.__contains__
                     up, reused = await self.pool.acquire(
-                        svc, key, decision.identities.__contains__, state.svid, opener, fresh=fresh
+                        svc, setup.key, allowed, state.svid, setup.dial, fresh=fresh
                     )
                     phase = "request"
-                    if span is not None:
-                        # On the connection this try opened, the next span on the path is the
-                        # remote ingress gateway's (`via`), else it is ours.
-                        tp = (via if not reused else "") or traceparent
+                    if traced:
+                        tp = setup.dial.traceparent if reused else setup.dial.next_span()
                         head = encode_request(call.req, call.body.out_framing, tp)
                     try:
                         await call.body.send(up.conn, head)
@@ -204,22 +160,15 @@ class Forwarder(Exchanger[Call, _Got]):
                     got = _Got(up, resp, reader)
                     up, got_out = None, True
                     return got  # the request stays counted until the response is done
-        except PoolRefusedError as e:
-            return Failure(Outcome(LOCAL), 503, e.reason, e.detail)
-        except TimeoutError:
-            return Failure(
-                Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(call.eff, phase)
-            )
         except HttpProtocolError as e:
             if phase == "request":
                 raise  # only the app's streamed body is parsed while sending the request
             return Failure(Outcome(RESET), 502, "bad upstream response", e.detail)
-        except ProxyError as e:
-            if phase == "connect":
-                return Failure(Outcome(CONNECT_FAILURE), 503, "upstream connect failure", str(e))
-            if phase == "request" and call.body.streamed and _failed(call.body.app):
+        except (TimeoutError, ProxyError) as e:
+            mid_body = phase == "request" and call.body.streamed and _failed(call.body.app)
+            if isinstance(e, ProxyError) and mid_body:
                 raise  # the app went away mid-body: nothing to answer
-            return Failure(Outcome(RESET), 503, "upstream reset", f"{phase}: {e}")
+            return try_failure(e, phase, call.eff)
         finally:
             if up is not None:
                 self.pool.discard(svc, up)
@@ -283,7 +232,6 @@ class Forwarder(Exchanger[Call, _Got]):
             try:
                 async with asyncio.timeout_at(deadline):
                     app.write(encode_response(resp, out, close=not keep))
-                    call.head_sent = True
                     while True:
                         event = await next_event(up.conn, reader)
                         if isinstance(event, EndOfMessage):
@@ -338,16 +286,6 @@ def _address(target: Target) -> str:
 
 def _reusable(got: _Got) -> bool:
     return got.resp.keep_alive and got.reader.framing.kind != "close" and got.reader.buffered == 0
-
-
-def timeout_detail(eff: Effective, phase: str) -> str:
-    """The reason text of a 504: which phase missed which deadline (both forwarders)."""
-    r = eff.retries
-    per_try = r.per_try_timeout if r is not None else None
-    limits = [f"per-try timeout {per_try} s"] if per_try else []
-    if eff.timeout:
-        limits.append(f"timeout {eff.timeout} s")
-    return f"{phase} not done within {' / '.join(limits) or 'the deadline'}"
 
 
 def _shadow_host(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:

@@ -84,6 +84,7 @@ class HttpProxy:
         sniff_timeout: float = SNIFF_TIMEOUT,
         telemetry: Telemetry = OFF,
         cluster: str = "",
+        peers: PeerHealth | None = None,
     ) -> None:
         self._state = state
         self.telemetry = telemetry
@@ -96,7 +97,7 @@ class HttpProxy:
         self._tasks = TaskSet("sidecar-http")
         self._sweeper: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
-        self.peers = PeerHealth()  # remote clusters the local gateway cannot reach
+        self.peers = peers or PeerHealth()  # remote clusters the local gateway cannot reach
         self.forwarder = Forwarder(connect, self.pool, rng, self.stats, self.peers)
 
     # -- lifecycle and config ---------------------------------------------------------------
@@ -317,8 +318,9 @@ class HttpProxy:
         eff = effective(route.policy, info)
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
         span = obs.span if obs is not None else None
-        call = Call(fwd, route, state, eff, self.runtime(route), body, app, log, span=span)
-        call.record = record
+        runtime = self.runtime(route)
+        call = Call(fwd, app, body, route=route, state=state, eff=eff, runtime=runtime, log=log)
+        call.span, call.record = span, record
         action = fault_action(eff.fault, self._rng)
         if action.delay:
             self.stats["fault_delays"] += 1

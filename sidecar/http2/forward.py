@@ -19,20 +19,14 @@ failure trailers and any other request with a stream reset.
 from __future__ import annotations
 
 import asyncio
-import collections
-import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mesh.naming import SpiffeId
-from mesh.telemetry import Span
 from sidecar.errors import ProxyError
-from sidecar.exchange import Exchanger, MeshConnect, ServiceRuntime
-from sidecar.http.flow import FlowConn
-from sidecar.http.forward import timeout_detail
-from sidecar.http.pool import PoolKey, PoolRefusedError
+from sidecar.exchange import Exchange, Exchanger, timeout_detail, try_failure
 from sidecar.http2.body import StreamBody
 from sidecar.http2.conn import LOST, H2Conn
+from sidecar.http2.grpc import parse_status
 from sidecar.http2.messages import (
     MessageError,
     Request,
@@ -43,30 +37,19 @@ from sidecar.http2.messages import (
 )
 from sidecar.http2.pool import H2Pool, H2Upstream
 from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers
-from sidecar.routes import ServiceRoute
-from sidecar.state import ProxyState
 from sidecar.traffic.attempt import Answered, Failure
 from sidecar.traffic.balance import Target
-from sidecar.traffic.match import Effective
-from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import RequestRecord
-from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, TIMEOUT, Outcome
+from sidecar.traffic.retry import RESET, Outcome
 
 
 @dataclass(eq=False, slots=True)
-class H2Call:
+class H2Call(Exchange):
     req: Request
     app: H2Conn
     sid: int  # the app's stream
-    route: ServiceRoute
-    state: ProxyState
-    eff: Effective
-    runtime: ServiceRuntime
     body: StreamBody
-    log: Any
     drive: bool = True  # reads the app's body (False for a mirror: it follows the primary)
-    span: Span | None = None  # the request's span (tracing on)
-    record: RequestRecord | None = None  # what telemetry reports (tracing or metrics on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +60,8 @@ class _Got:
     sender: asyncio.Task[None] | None
 
 
-class H2Forwarder(Exchanger[H2Call, _Got]):
-    def __init__(
-        self,
-        connect: MeshConnect,
-        pool: H2Pool,
-        rng: random.Random,
-        stats: collections.Counter[str],
-        peers: PeerHealth | None = None,
-    ) -> None:
-        super().__init__(connect, rng, stats, peers, "sidecar-h2-forward")
-        self.pool = pool
+class H2Forwarder(Exchanger[H2Call, _Got, H2Pool]):
+    TASKS = "sidecar-h2-forward"
 
     async def local(
         self,
@@ -101,10 +75,7 @@ class H2Forwarder(Exchanger[H2Call, _Got]):
         record: RequestRecord | None = None,
     ) -> bool:
         """Answer the app's stream ourselves; whether the answer went out."""
-        self.stats["local_answers"] += 1
-        if record is not None:
-            record.status, record.reason = status, reason
-        log.warning("http request failed", status=status, reason=reason, detail=detail)
+        self._refusal(log, record, status, reason, detail)
         answer = local_answer(status, reason, detail, grpc)
         try:
             app.send_headers(sid, answer.fields, end=not answer.body)
@@ -116,45 +87,29 @@ class H2Forwarder(Exchanger[H2Call, _Got]):
 
     # -- the layer ----------------------------------------------------------------------------
 
-    def _replayable(self, call: H2Call) -> bool:
-        return call.body.replayable
-
     def _judge(self, got: _Got) -> Answered:
         return Answered(got.resp.status, got.resp.grpc_status)
 
-    async def _answer(self, call: H2Call, status: int, reason: str, detail: str) -> bool:
-        grpc = call.req.grpc
-        return await self.local(
-            call.app, call.sid, grpc, call.log, status, reason, detail, call.record
-        )
+    def _replayable(self, call: H2Call) -> bool:
+        return call.body.replayable
 
     def _shadow(self, call: H2Call) -> H2Call:
         log = call.log.bind(mirror=True)
         return replace(call, req=call.req.shadow(), log=log, drive=False, record=None)
+
+    async def _answer(self, call: H2Call, status: int, reason: str, detail: str) -> bool:
+        app, sid, grpc = call.app, call.sid, call.req.grpc
+        return await self.local(app, sid, grpc, call.log, status, reason, detail, call.record)
 
     async def _attempt(
         self, call: H2Call, target: Target, deadline: float | None
     ) -> _Got | Failure:
         """One try: a stream, the request, the response head. Upstream failures become
         `Failure` with the outcome retries and outlier detection judge."""
-        route, state = call.route, call.state
+        setup = self._setup(call, target)
+        if isinstance(setup, Failure):
+            return setup
         budget = call.runtime.pool.budget
-        decision = route.decision_for(target)
-        address = target.endpoint.address if target.endpoint is not None else ""
-        key = PoolKey(route.service, route.port.port, target.cluster, address, target.labels)
-        refusal = budget.start_request()
-        if refusal is not None:
-            return Failure(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
-        traceparent = call.span.context.format() if call.span is not None else ""
-        via = ""
-
-        async def opener() -> tuple[FlowConn, SpiffeId]:
-            nonlocal via
-            dialed = await self._connect(route, decision, state, traceparent)
-            assert isinstance(dialed.conn, FlowConn)
-            via = dialed.via
-            return dialed.conn, dialed.peer
-
         phase = "connect"
         up: H2Upstream | None = None
         sid = 0
@@ -162,15 +117,15 @@ class H2Forwarder(Exchanger[H2Call, _Got]):
         handed_over = False
         try:
             async with asyncio.timeout_at(deadline):
+                allowed = setup.decision.identities.__contains__
                 up = await self.pool.acquire(
-                    budget, key, decision.identities.__contains__, state.svid, opener
+                    budget, setup.key, allowed, call.state.svid, setup.dial
                 )
                 phase = "request"
                 if call.drive:
                     call.body.take_ready()
-                # The next span on the path: the remote ingress's on a connection this try
-                # opened through a gateway, else ours (as `sidecar.http.forward` does).
-                sid = up.h2.open(call.req.fields(via or traceparent), end=call.body.empty)
+                fields = call.req.fields(setup.dial.next_span())
+                sid = up.h2.open(fields, end=call.body.empty)
                 if call.body.replayable and not call.body.empty:
                     await _send_body(call.body, up.h2, sid, drive=False)  # all here: no task
                 elif not call.body.empty:
@@ -181,18 +136,10 @@ class H2Forwarder(Exchanger[H2Call, _Got]):
                 resp = await _response_head(up.h2, sid)
                 handed_over = True
                 return _Got(up, sid, resp, sender)  # the request stays counted until the end
-        except PoolRefusedError as e:
-            return Failure(Outcome(LOCAL), 503, e.reason, e.detail)
-        except TimeoutError:
-            return Failure(
-                Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(call.eff, phase)
-            )
         except MessageError as e:
             return Failure(Outcome(RESET), 502, "bad upstream response", str(e))
-        except ProxyError as e:
-            if phase == "connect":
-                return Failure(Outcome(CONNECT_FAILURE), 503, "upstream connect failure", str(e))
-            return Failure(Outcome(RESET), 503, "upstream reset", f"{phase}: {e}")
+        except (TimeoutError, ProxyError) as e:
+            return try_failure(e, phase, call.eff)
         finally:
             if not handed_over:
                 if sender is not None:
@@ -234,6 +181,9 @@ class H2Forwarder(Exchanger[H2Call, _Got]):
                         case Trailers(headers=headers):
                             app.send_headers(asid, headers, end=True)
                             ended = True
+                            if record is not None:  # a gRPC call's status comes last
+                                status = next((v for k, v in headers if k == "grpc-status"), None)
+                                record.grpc_status = parse_status(status)
                         case Ended():
                             app.end_stream(asid)
                             ended = True

@@ -201,7 +201,10 @@ class H2Proxy:
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
         runtime = self._http.runtime(route)
         span = obs.span if obs is not None else None
-        call = H2Call(req, h2, sid, route, state, eff, runtime, body, log, span=span, record=record)
+        call = H2Call(
+            req, h2, sid, body, route=route, state=state, eff=eff, runtime=runtime, log=log
+        )
+        call.span, call.record = span, record
         action = fault_action(eff.fault, self._rng)
         if action.delay:
             self.stats["fault_delays"] += 1

@@ -185,7 +185,9 @@ class Attempts:
         self._state = "trying"
         return self._current
 
-    def tried(self, result: TryResult, now: float, *, replayable: bool | None = None) -> Command:
+    def tried(
+        self, result: TryResult, now: float, *, replayable: bool | None = None
+    ) -> Retry | Respond | Answer:
         """The current try ended with `result` at `now`. `replayable`: whether the request
         could still be sent again (a streamed body may have been consumed by this try)."""
         current = self._current

@@ -25,7 +25,7 @@ class RequestRecord:
     endpoint: str = ""
     subset: str = ""
     retries: int = 0
-    grpc_status: int | None = None  # of a Trailers-Only answer
+    grpc_status: int | None = None  # gRPC: from the trailers, or a Trailers-Only answer
     request_bytes: int = 0
     response_bytes: int = 0
 
