@@ -10,8 +10,11 @@ discarded) to where the core says.
 
 The layer is a handful of methods (`_attempt`, `_judge`, `_drop`, `_respond`, `_answer`,
 `_shadow`): what differs between HTTP/1.1 and HTTP/2 is how bytes move, never which try goes
-where. What this module does not do: pools, codecs, telemetry of the whole request
-(`sidecar.observe`).
+where. A new retry rule (a stream the server never processed, a stale pooled connection) is a
+new `Failure` outcome judged by the core, not a change to either layer. `now` is the event
+loop's clock (asyncio's and uvloop's are CLOCK_MONOTONIC, the scale of `time.monotonic`, which
+outlier status and TCP results use). What this module does not do: pools, codecs, telemetry
+of the whole request (`sidecar.observe`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mesh import telemetry as tm
 from mesh.telemetry import AttrValue, Span
 from mesh.tracecontext import TraceParent
 
@@ -90,3 +91,17 @@ class FakeTelemetry:
             response_bytes,
         )
         self.records.append(rec)
+
+
+def source_spans(tel: FakeTelemetry, n: int, trace_id: str, app_span: str) -> list[FakeSpan]:
+    """The `n` source-sidecar spans, each checked: a CLIENT child of the app's span, ended
+    without error."""
+    spans = [s for s in tel.spans if s.hop == tm.SOURCE]
+    assert len(spans) == n, spans
+    for span in spans:
+        assert span.context.trace_id == trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == app_span
+        assert not span.server
+        assert span.error == ""
+    return spans

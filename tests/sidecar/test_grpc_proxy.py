@@ -36,7 +36,7 @@ from mesh.model import (
 )
 from sidecar.traffic.record import GRPC_STATUS
 from tests.sidecar.conftest import Pki
-from tests.sidecar.fake_telemetry import FakeTelemetry
+from tests.sidecar.fake_telemetry import FakeTelemetry, source_spans
 from tests.sidecar.http_rig import SVC, VIP, HttpRig, start_http_rig, stop_http_rig
 
 V1 = {"version": "v1"}
@@ -287,14 +287,8 @@ async def test_a_call_gets_the_source_span_retry_events_and_a_metrics_record(
 
     pods = await asyncio.to_thread(calls)
     assert set(pods) <= {"b", "c"}, pods
-    spans = [s for s in tel.spans if s.hop == tm.SOURCE]
-    assert len(spans) == 12
+    spans = source_spans(tel, 12, trace_id, app_span)
     for span in spans:
-        assert span.context.trace_id == trace_id
-        assert span.parent is not None
-        assert span.parent.span_id == app_span
-        assert not span.server
-        assert span.error == ""
         attrs = span.attributes
         assert attrs[tm.SERVICE] == SVC.fqdn
         assert attrs[tm.STATUS] == 200

@@ -29,7 +29,7 @@ from mesh.model import (
     TrafficPolicy,
 )
 from tests.sidecar.conftest import Pki
-from tests.sidecar.fake_telemetry import FakeTelemetry
+from tests.sidecar.fake_telemetry import FakeTelemetry, source_spans
 from tests.sidecar.http_rig import SVC, VIP, HttpRig, start_http_rig, stop_http_rig
 
 
@@ -184,13 +184,7 @@ async def test_http2_requests_get_the_source_span_and_a_metrics_record(
     trace_id, app_span = secrets.token_hex(16), secrets.token_hex(8)
     rows = await asyncio.to_thread(curl, rig, 3, f"traceparent: 00-{trace_id}-{app_span}-01")
     assert {(c, v) for c, _, v in rows} == {(200, "2")}
-    spans = [s for s in tel.spans if s.hop == tm.SOURCE]
-    assert len(spans) == 3
-    for span in spans:
-        assert span.context.trace_id == trace_id
-        assert span.parent is not None
-        assert span.parent.span_id == app_span
-        assert span.error == ""
+    for span in source_spans(tel, 3, trace_id, app_span):
         assert span.attributes[tm.STATUS] == 200
         assert span.attributes[tm.PROTOCOL] == "http"
         assert span.attributes[tm.DESTINATION_CLUSTER] == "east"
