@@ -168,12 +168,12 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
         """Admit a try to `target` (the request budget: `max requests` refusal), its pool key
         and its dial. The layer ends the request in the budget when the try is over."""
         route = call.route
-        refusal = call.runtime.pool.budget.start_request()
-        if refusal is not None:
-            return Failure(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
         decision = route.decision_for(target)
         address = target.endpoint.address if target.endpoint is not None else ""
         key = PoolKey(route.service, route.port.port, target.cluster, address, target.labels)
+        refusal = call.runtime.pool.budget.start_request()
+        if refusal is not None:
+            return Failure(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
         return TrySetup(decision, key, Dial(self._connect, call, decision))
 
     def _refusal(
