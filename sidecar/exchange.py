@@ -176,14 +176,14 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
             return Failure(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
         return TrySetup(decision, key, Dial(self._connect, call, decision))
 
-    def _refusal(
-        self, log: Any, record: RequestRecord | None, status: int, reason: str, detail: str
-    ) -> None:
+    def _refusal(self, log: Any, record: RequestRecord | None, answer: Answer) -> None:
         """Count, record and log an answer the layer makes itself."""
         self.stats[self.LOCAL_ANSWERS] += 1
         if record is not None:
-            record.status, record.reason = status, reason
-        log.warning("http request failed", status=status, reason=reason, detail=detail)
+            record.status, record.reason = answer.status, answer.reason
+        log.warning(
+            "http request failed", status=answer.status, reason=answer.reason, detail=answer.detail
+        )
 
     # -- the layer --------------------------------------------------------------------------
 
@@ -202,7 +202,8 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
     async def _respond(self, call: C, got: G, deadline: float | None) -> bool: ...
 
     @abc.abstractmethod
-    async def _answer(self, call: C, status: int, reason: str, detail: str) -> bool: ...
+    async def _answer(self, call: C, answer: Answer) -> bool:
+        """Answer the app locally (`x-fedgate-reason`); what the layer's `local` returns."""
 
     @abc.abstractmethod
     def _replayable(self, call: C) -> bool:
@@ -220,7 +221,7 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
         while True:
             step = attempts.next_try(loop.time())
             if isinstance(step, Answer):
-                return await self._answer(call, step.status, step.reason, step.detail)
+                return await self._answer(call, step)
             result = await self._attempt(call, step.target, step.deadline)
             judged = result if isinstance(result, Failure) else self._judge(result)
             command = attempts.tried(judged, loop.time(), replayable=self._replayable(call))
@@ -245,10 +246,10 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
                     assert not isinstance(result, Failure)
                     call.log = _bind_target(call.log, attempts.tries, target)
                     return await self._respond(call, result, deadline)
-                case Answer(status=status, reason=reason, detail=detail):
+                case Answer():
                     call.log = _bind_target(call.log, attempts.tries, step.target)
                     self.stats["failed"] += 1
-                    return await self._answer(call, status, reason, detail)
+                    return await self._answer(call, command)
                 case _:
                     raise AssertionError(f"unexpected command {command!r}")
 

@@ -48,7 +48,7 @@ from sidecar.http.encode import (
 from sidecar.http.flow import FlowConn
 from sidecar.http.pool import Upstream, UpstreamPool
 from sidecar.pipe import relay
-from sidecar.traffic.attempt import Answered, Attempts, Failure
+from sidecar.traffic.attempt import Answer, Answered, Attempts, Failure
 from sidecar.traffic.balance import Target
 from sidecar.traffic.record import RequestRecord
 from sidecar.traffic.retry import RESET, Outcome
@@ -84,16 +84,14 @@ class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
         req: Request,
         body: RequestBody,
         log: Any,
-        status: int,
-        reason: str,
-        detail: str,
+        answer: Answer,
         record: RequestRecord | None = None,
     ) -> bool:
         """Answer the app ourselves (reason in `x-fedgate-reason`); keep the connection only if
         the request was read whole."""
-        self._refusal(log, record, status, reason, detail)
+        self._refusal(log, record, answer)
         keep = req.keep_alive and (body.complete or await body.discard(DISCARD_LIMIT))
-        app.write(local_response(status, reason, detail, close=not keep))
+        app.write(local_response(answer.status, answer.reason, answer.detail, close=not keep))
         return keep
 
     # -- the layer ----------------------------------------------------------------------------
@@ -111,9 +109,8 @@ class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
     def _replayable(self, call: Call) -> bool:
         return call.body.complete and not call.body.streamed  # read ahead whole, never streamed
 
-    async def _answer(self, call: Call, status: int, reason: str, detail: str) -> bool:
-        app, req, body, log, record = call.app, call.req, call.body, call.log, call.record
-        return await self.local(app, req, body, log, status, reason, detail, record)
+    async def _answer(self, call: Call, answer: Answer) -> bool:
+        return await self.local(call.app, call.req, call.body, call.log, answer, call.record)
 
     def _judge(self, got: _Got) -> Answered:
         return Answered(got.resp.status)

@@ -58,7 +58,7 @@ from sidecar.observe import Observation, log_outlier_events
 from sidecar.pipe import Conn
 from sidecar.routes import Decision, Local, RouteTable, ServiceRoute
 from sidecar.state import ProxyState
-from sidecar.traffic.attempt import health_check
+from sidecar.traffic.attempt import Answer, health_check
 from sidecar.traffic.balance import remote_host
 from sidecar.traffic.experiments import fault_action
 from sidecar.traffic.match import RequestInfo, effective
@@ -308,12 +308,13 @@ class HttpProxy:
         local = self.forwarder.local
         if route is None:
             detail = f"{dst} left the mesh"
-            return await local(app, req, body, log, 503, "no route", detail, record)
+            return await local(app, req, body, log, Answer(503, "no route", detail), record)
         if state.client_ctx is None:
-            return await local(app, req, body, log, 503, "not ready", "no SVID yet", record)
+            not_ready = Answer(503, "not ready", "no SVID yet")
+            return await local(app, req, body, log, not_ready, record)
         if req.method == "CONNECT":
             detail = "CONNECT to a mesh service"
-            return await local(app, req, body, log, 501, "not supported", detail, record)
+            return await local(app, req, body, log, Answer(501, "not supported", detail), record)
         info = RequestInfo.build(req.method, req.target, req.headers)
         eff = effective(route.policy, info)
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
@@ -328,7 +329,8 @@ class HttpProxy:
         if action.abort:
             self.stats["fault_aborts"] += 1
             detail = f"injected by the policy of {route.service}"
-            return await local(app, req, body, log, action.abort, "fault abort", detail, record)
+            aborted = Answer(action.abort, "fault abort", detail)
+            return await local(app, req, body, log, aborted, record)
         attempts = self.forwarder.attempts(call)
         if attempts.mirror():
             self.forwarder.mirror(call, attempts)

@@ -37,7 +37,7 @@ from sidecar.http2.messages import (
 )
 from sidecar.http2.pool import H2Pool, H2Upstream
 from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers
-from sidecar.traffic.attempt import Answered, Failure
+from sidecar.traffic.attempt import Answer, Answered, Failure
 from sidecar.traffic.balance import Target
 from sidecar.traffic.record import RequestRecord
 from sidecar.traffic.retry import RESET, Outcome
@@ -69,18 +69,16 @@ class H2Forwarder(Exchanger[H2Call, _Got, H2Pool]):
         sid: int,
         grpc: bool,
         log: Any,
-        status: int,
-        reason: str,
-        detail: str,
+        answer: Answer,
         record: RequestRecord | None = None,
     ) -> bool:
         """Answer the app's stream ourselves; whether the answer went out."""
-        self._refusal(log, record, status, reason, detail)
-        answer = local_answer(status, reason, detail, grpc)
+        self._refusal(log, record, answer)
+        out = local_answer(answer.status, answer.reason, answer.detail, grpc)
         try:
-            app.send_headers(sid, answer.fields, end=not answer.body)
-            if answer.body:
-                await app.send_data(sid, answer.body, end=True)
+            app.send_headers(sid, out.fields, end=not out.body)
+            if out.body:
+                await app.send_data(sid, out.body, end=True)
         except ProxyError:
             return False
         return True
@@ -97,9 +95,9 @@ class H2Forwarder(Exchanger[H2Call, _Got, H2Pool]):
         log = call.log.bind(mirror=True)
         return replace(call, req=call.req.shadow(), log=log, drive=False, record=None)
 
-    async def _answer(self, call: H2Call, status: int, reason: str, detail: str) -> bool:
-        app, sid, grpc = call.app, call.sid, call.req.grpc
-        return await self.local(app, sid, grpc, call.log, status, reason, detail, call.record)
+    async def _answer(self, call: H2Call, answer: Answer) -> bool:
+        grpc_call = call.req.grpc
+        return await self.local(call.app, call.sid, grpc_call, call.log, answer, call.record)
 
     async def _attempt(
         self, call: H2Call, target: Target, deadline: float | None
@@ -202,7 +200,7 @@ class H2Forwarder(Exchanger[H2Call, _Got, H2Pool]):
             if record is not None:
                 record.reason = reason
             if not head_sent:
-                return await self._answer(call, 504, reason, detail)
+                return await self._answer(call, Answer(504, reason, detail))
             if call.req.grpc:
                 try:
                     app.send_headers(asid, failure_trailers(reason, detail), end=True)

@@ -43,6 +43,7 @@ from sidecar.observe import GRPC, HTTP, PROTOCOL_VERSION, Observation
 from sidecar.pipe import Conn
 from sidecar.routes import RouteTable
 from sidecar.state import ProxyState
+from sidecar.traffic.attempt import Answer
 from sidecar.traffic.experiments import fault_action
 from sidecar.traffic.match import effective
 
@@ -153,9 +154,8 @@ class H2Proxy:
             self.stats["bad_requests"] += 1
             ct = next((v for k, v in head.headers if k == "content-type"), None)
             grpc_call = grpc.is_grpc(ct)
-            return await self.forwarder.local(
-                h2, sid, grpc_call, log, 400, "malformed request", str(e)
-            )
+            malformed = Answer(400, "malformed request", str(e))
+            return await self.forwarder.local(h2, sid, grpc_call, log, malformed)
         log = log.bind(method=req.method, path=req.path, **({"grpc": True} if req.grpc else {}))
         obs = Observation.begin(
             self._http.telemetry,
@@ -194,9 +194,10 @@ class H2Proxy:
         route = state.routes.lookup(*dst)
         if route is None:
             detail = f"{dst} left the mesh"
-            return await fwd.local(h2, sid, req.grpc, log, 503, "no route", detail, record)
+            return await fwd.local(h2, sid, req.grpc, log, Answer(503, "no route", detail), record)
         if state.client_ctx is None:
-            return await fwd.local(h2, sid, req.grpc, log, 503, "not ready", "no SVID yet", record)
+            not_ready = Answer(503, "not ready", "no SVID yet")
+            return await fwd.local(h2, sid, req.grpc, log, not_ready, record)
         eff = effective(route.policy, req.info())
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
         runtime = self._http.runtime(route)
@@ -212,9 +213,8 @@ class H2Proxy:
         if action.abort:
             self.stats["fault_aborts"] += 1
             detail = f"injected by the policy of {route.service}"
-            return await fwd.local(
-                h2, sid, req.grpc, log, action.abort, "fault abort", detail, record
-            )
+            aborted = Answer(action.abort, "fault abort", detail)
+            return await fwd.local(h2, sid, req.grpc, log, aborted, record)
         attempts = fwd.attempts(call)
         if attempts.mirror():
             fwd.mirror(call, attempts)

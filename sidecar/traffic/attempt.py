@@ -117,7 +117,7 @@ class Answer:
     status: int
     reason: str
     detail: str
-    upstream_failed: bool
+    upstream_failed: bool = False
 
 
 Command = Try | Retry | Respond | Answer
@@ -179,7 +179,7 @@ class Attempts:
         try:
             target = self.route.target(self.eff, self._rng, healthy, frozenset(self.tried_hosts))
         except NoRouteError as e:
-            return self._answer(Answer(503, "no route", str(e), upstream_failed=False))
+            return self._answer(Answer(503, "no route", str(e)))
         self.tried_hosts.add(target.host)
         self._current = Try(self.plan.tries, target, deadline)
         self._state = "trying"
@@ -211,7 +211,8 @@ class Attempts:
         rec.subset = target.subset
         rec.retries = self.plan.tries - 1
         if isinstance(result, Failure):
-            return self._answer(Answer(result.status, result.reason, result.detail, True))
+            failed = Answer(result.status, result.reason, result.detail, upstream_failed=True)
+            return self._answer(failed)
         self._state = "done"
         rec.status = result.status
         rec.grpc_status = result.grpc
