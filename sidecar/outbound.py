@@ -8,14 +8,15 @@ For each connection redirected to the outbound port:
    local gateway's egress, `CONNECT` naming service, port and cluster, and a `200` required.
 3. Over that connection: TLS 1.3 with the pod's SVID, the server's SPIFFE ID checked against the
    identities the decision allows, the stream header sent, a `200` stream reply required.
+   Steps 2-3 are `sidecar.dial.MeshDialer`'s (on a pooled multiplexed connection when allowed).
 4. Bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
 
 A service port declared `HTTP` (or a `TCP` port whose first bytes are an HTTP/1.x request) is
 served by `sidecar.http.proxy.HttpProxy` instead, one declared `HTTP2`/`GRPC` (or whose first
 bytes are the HTTP/2 preface) by `sidecar.http2.proxy.H2Proxy`: each request (stream) is
-routed on its own, with the
-policy's retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
-connections made by the same `_mesh_upstream` as steps 2-3.
+routed on its own by the request-attempt core (`sidecar.traffic.attempt`), with the policy's
+retries, timeouts, limits, outlier detection, faults and mirroring, over pooled inner
+connections made by the same `MeshDialer.upstream` as steps 2-3.
 
 Every failure resets the app's connection and logs one line with the reason, pod, service,
 clusters and connection id; success logs one access line when the connection ends.
@@ -33,33 +34,22 @@ import asyncio
 import functools
 import itertools
 import random
-import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from ca.errors import VerificationError
-from ca.tls import peer_identity
 from mesh import telemetry as tm
-from mesh.authz import AUTHZ_REFUSAL
-from mesh.codec import StreamHeader, encode_header, reply_from_json, split_frame
-from mesh.connect import (
-    ConnectRequest,
-    encode_request,
-    parse_response,
-    response_peer_unreachable,
-    response_traceparent,
-    split_head,
-)
-from mesh.errors import CodecError, NoRouteError
-from mesh.mux import MuxError
+from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.capture import original_dst
+from sidecar.dial import AUTHZ_DENIED, MeshDialer, SetupError
 from sidecar.errors import CaptureError, ProxyError
+from sidecar.http.exchange import Dialed
 from sidecar.http.flow import FlowConn, open_flow_conn
 from sidecar.http.proxy import H2, HTTP1, SNIFF_TIMEOUT, HttpProxy
 from sidecar.http2.proxy import H2Proxy
@@ -67,12 +57,10 @@ from sidecar.pipe import Conn, open_conn, relay
 from sidecar.resume import SessionCache
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
-from sidecar.smux import ALPN as SMUX_ALPN
-from sidecar.smux import SmuxConnection
-from sidecar.smux_pool import NotMultiplexedError, SmuxPool, destination_key
+from sidecar.smux_pool import SmuxPool
 from sidecar.state import ProxyState
+from sidecar.traffic.peers import PeerHealth
 
-AUTHZ_DENIED = "authorization denied"  # the destination's AuthorizationPolicy refused the stream
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
 
@@ -109,22 +97,20 @@ class Outbound:
         self.sessions = SessionCache()  # TLS tickets per destination (sidecar.resume)
         # Multiplexed mTLS connections per destination (sidecar.smux), when settings allow.
         self.pool = SmuxPool(settings.mux_connections, settings.mux_max_age)
+        peers = PeerHealth()  # remote clusters the local gateway cannot reach
+        self.dialer = MeshDialer(settings, self.sessions, self.pool, peers)
+        connect = functools.partial(self.dialer.upstream, opener=open_flow_conn)
         self.http = HttpProxy(
             state,
-            functools.partial(self._mesh_upstream, opener=open_flow_conn),
+            connect,
             self.live,
             self._rng,
             sniff_timeout=sniff_timeout,
             telemetry=telemetry,
             cluster=settings.cluster,
+            peers=peers,
         )
-        self.h2 = H2Proxy(
-            self.http,
-            state,
-            functools.partial(self._mesh_upstream, opener=open_flow_conn),
-            self.live,
-            self._rng,
-        )
+        self.h2 = H2Proxy(self.http, state, connect, self.live, self._rng)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,7 +181,8 @@ class Outbound:
         self.active += 1
         started = time.monotonic()
         upstream: Conn | None = None
-        facts: dict[str, object] = {}  # what we learned, for the one log line either way
+        where: _Where | None = None  # where the connection goes, for the one log line
+        dialed: Dialed | None = None
         admitted: ServiceRoute | None = None
         route = state.routes.lookup(*dst)
         span: Span | None = None
@@ -227,22 +214,25 @@ class Outbound:
                     server=False,
                 )
                 log = log.bind(**tm.log_ids(span))
-                facts["traceparent"] = span.context.format()
+            traceparent = span.context.format() if span is not None else ""
             try:
                 if route is not None:
                     # maxConnections holds for per-connection traffic too (Istio's tcp pool).
                     self.http.tcp_admit(route)
                     admitted = route
-                upstream = await self._upstream(dst, state, facts)
+                where = self._where(dst, state, route)
+                upstream, dialed = await self._upstream(dst, state, where, traceparent)
             except ProxyError as e:
                 self.failed += 1
                 code, outcome = "error", e.reason
-                _drop_context(facts)
-                log.warning("outbound failed", reason=e.reason, detail=e.detail, **facts)
+                fields = _Where.fields_of(where, route)
+                if isinstance(e, SetupError):
+                    fields.update(e.learned())
+                log.warning("outbound failed", reason=e.reason, detail=e.detail, **fields)
                 return
-            _drop_context(facts)
-            if "peer" in facts:
-                self.live[upstream] = SpiffeId.parse(str(facts["peer"]))
+            facts = {**_Where.fields_of(where, route), **_dialed_fields(dialed)}
+            if dialed is not None:
+                self.live[upstream] = dialed.peer
             error = await relay(app, upstream)
             code, outcome = ("error", error.reason) if error else ("ok", "")
             log.info(
@@ -255,7 +245,7 @@ class Outbound:
             )
         finally:
             if tcp and route is not None and (span is not None or self.telemetry.metrics):
-                self._observe(span, facts, route, code, outcome, started, app, upstream)
+                self._observe(span, where, route, code, outcome, started, app, upstream)
             self.active -= 1
             if admitted is not None:
                 self.http.tcp_release(admitted)
@@ -269,7 +259,7 @@ class Outbound:
     def _observe(
         self,
         span: Span | None,
-        facts: dict[str, object],
+        where: _Where | None,
         route: ServiceRoute,
         code: str,
         outcome: str,
@@ -278,11 +268,11 @@ class Outbound:
         upstream: Conn | None,
     ) -> None:
         """End a TCP connection's span and record it (tracing or metrics on)."""
-        dst_cluster = str(facts.get("dst_cluster", ""))
+        dst_cluster = where.dst_cluster if where is not None else ""
         if span is not None:
             span.set(tm.DESTINATION_CLUSTER, dst_cluster)
-            if "endpoint" in facts:
-                span.set(tm.ENDPOINT, str(facts["endpoint"]))
+            if where is not None and where.endpoint:
+                span.set(tm.ENDPOINT, where.endpoint)
             span.end(outcome)
         self.telemetry.record(
             tm.SOURCE,
@@ -296,264 +286,83 @@ class Outbound:
             upstream.relayed if upstream is not None else 0,
         )
 
-    async def _upstream(
-        self, dst: tuple[str, int], state: ProxyState, facts: dict[str, object]
-    ) -> Conn:
-        """The connection to relay the app's bytes into, ready for them."""
-        s = self._settings
-        route = state.routes.lookup(*dst)
+    def _where(self, dst: tuple[str, int], state: ProxyState, route: ServiceRoute | None) -> _Where:
+        """Where a per-connection call goes: passthrough, or the route's decision."""
         if route is None:
             if state.routes.is_vip(dst[0]):
                 raise ProxyError("unknown port", f"mesh VIP {dst[0]} has no port {dst[1]}")
-            facts["mode"] = "passthrough"
-            return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout)
-        facts.update(service=str(route.service), port=route.port.port)
+            return _Where(mode="passthrough")
         if state.client_ctx is None:
             raise ProxyError("not ready", "no SVID or trust bundle yet")
         try:
             decision = route.decide(self._rng, self.http.health(route))
         except NoRouteError as e:
             raise ProxyError("no route", str(e)) from e
-        match decision:
-            case Local(endpoint=ep):
-                facts.update(dst_cluster=s.cluster, endpoint=ep.address)
-            case Remote(cluster=cluster, egress=egress):
-                facts.update(dst_cluster=cluster, gateway=f"{egress.host}:{egress.port}")
-            case _:
-                raise AssertionError(f"unknown route decision {decision!r}")
+        return _Where.of(route, decision, self._settings.cluster)
+
+    async def _upstream(
+        self, dst: tuple[str, int], state: ProxyState, where: _Where, traceparent: str
+    ) -> tuple[Conn, Dialed | None]:
+        """The connection to relay the app's bytes into, ready for them (and, into the mesh,
+        what setting it up learned)."""
+        s = self._settings
+        route, decision = where.route, where.decision
+        if route is None or decision is None:
+            return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout), None
         try:
             if s.multiplex and state.mux_ctx is not None:
-                conn = await self._mux_upstream(route, decision, state, facts)
+                dialed = await self.dialer.multiplexed(route, decision, state, traceparent)
             else:
-                conn = await self._mesh_upstream(route, decision, state, facts)
+                dialed = await self.dialer.upstream(route, decision, state, traceparent)
         except ProxyError as e:
             # For outlier detection; an AuthorizationPolicy refusal is the caller's, not a
             # sign of an unhealthy endpoint.
             self.http.tcp_result(route, decision, ok=e.reason == AUTHZ_DENIED)
             raise
         self.http.tcp_result(route, decision, ok=True)
-        return conn
-
-    async def _mux_upstream(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        facts: dict[str, object],
-    ) -> Conn:
-        """A stream of a pooled multiplexed connection (`sidecar.smux_pool`), set up like a
-        per-connection upstream; that instead when the pool is full or the peer has no smux."""
-        s = self._settings
-        step = _Step("multiplexed connection")
-        key = destination_key(route, decision)
-        try:
-            async with asyncio.timeout(s.setup_timeout):
-                try:
-                    pooled = await self.pool.acquire(
-                        key,
-                        state.mux_ctx,
-                        decision.identities.__contains__,
-                        functools.partial(self._mux_dial, route, decision, state, facts, step),
-                    )
-                except NotMultiplexedError as e:
-                    return e.conn
-                if pooled is not None:
-                    facts.update(peer=pooled.peer.uri, smux=pooled.id)
-                    try:
-                        upstream = pooled.open_stream("sidecar")
-                    except MuxError as e:
-                        raise ProxyError("smux refused", str(e)) from e
-                    step.name = "stream reply"
-                    try:
-                        await self._mesh_stream(upstream, route, decision, facts)
-                    except BaseException:
-                        upstream.reset()
-                        raise
-                    if pooled.opened == 1 and pooled.tls is not None:  # the reply brought tickets
-                        assert state.mux_ctx is not None
-                        self.sessions.done(("smux", *key), state.mux_ctx, pooled.tls.obj)
-                    return upstream
-        except TimeoutError as e:
-            raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
-        return await self._mesh_upstream(route, decision, state, facts)  # the pool is full
-
-    async def _mux_dial(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        facts: dict[str, object],
-        step: _Step,
-    ) -> SmuxConnection:
-        """A new pooled connection, set up as a per-connection upstream is, offering smux;
-        NotMultiplexedError with a ready per-connection upstream if the peer does not take it."""
-        s = self._settings
-        ctx = state.mux_ctx
-        assert ctx is not None
-        dest = ("smux", *destination_key(route, decision))
-        upstream, ssl_obj, peer = await self._mesh_connect(
-            route, decision, state, facts, ctx, dest, step, open_conn
-        )
-        if ssl_obj.selected_alpn_protocol() != SMUX_ALPN:
-            step.name = "stream reply"
-            try:
-                await self._mesh_stream(upstream, route, decision, facts)
-            except BaseException:
-                upstream.close()
-                raise
-            self.sessions.done(dest, ctx, ssl_obj)
-            raise NotMultiplexedError(upstream)
-        conn = SmuxConnection(
-            is_client=True,
-            peer=peer,
-            max_streams=s.mux_streams,
-            idle_timeout=s.mux_idle_timeout,
-            log=_log.bind(pod=s.pod, cluster=s.cluster, hop=tm.SOURCE),
-        )
-        try:
-            conn.adopt(upstream)
-        except ConnectionError as e:
-            upstream.close()
-            raise ProxyError("connection lost", str(e)) from e
-        return conn
-
-    async def _mesh_upstream(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        facts: dict[str, object],
-        *,
-        opener: Callable[[str, int, str, float], Awaitable[Conn]] = open_conn,
-    ) -> Conn:
-        """A per-connection upstream: steps 2-3 of the module docstring, ready for the app."""
-        s = self._settings
-        ctx = state.client_ctx
-        assert ctx is not None
-        step = _Step("connect")
-        if isinstance(decision, Local):
-            dest: tuple[object, ...] = (decision.endpoint.address,)
-        else:
-            dest = (decision.cluster, route.service, route.port.port, decision.labels)
-        try:
-            async with asyncio.timeout(s.setup_timeout):
-                upstream, ssl_obj, _ = await self._mesh_connect(
-                    route, decision, state, facts, ctx, dest, step, opener
-                )
-                step.name = "stream reply"
-                try:
-                    await self._mesh_stream(upstream, route, decision, facts)
-                except BaseException:
-                    upstream.close()
-                    raise
-                self.sessions.done(dest, ctx, ssl_obj)  # the reply brought the tickets
-        except TimeoutError as e:
-            raise ProxyError("timeout", f"{step.name} not done within {s.setup_timeout} s") from e
-        return upstream
-
-    async def _mesh_connect(
-        self,
-        route: ServiceRoute,
-        decision: Decision,
-        state: ProxyState,
-        facts: dict[str, object],
-        ctx: ssl.SSLContext,
-        dest: tuple[object, ...],
-        step: _Step,
-        opener: Callable[[str, int, str, float], Awaitable[Conn]],
-    ) -> tuple[Conn, ssl.SSLObject, SpiffeId]:
-        """TCP to the endpoint (or the egress and its CONNECT), then TLS 1.3 with `ctx` and the
-        server's identity checked against the decision's; the caller bounds it in time."""
-        s = self._settings
-        step.name = "connect"
-        upstream: Conn | None = None
-        traceparent = str(facts.get("traceparent", ""))  # the calling span's, if tracing
-        try:
-            if isinstance(decision, Local):
-                upstream = await opener(
-                    decision.endpoint.address, s.inbound_port, "sidecar", s.connect_timeout
-                )
-            else:
-                cluster = decision.cluster
-                egress = decision.egress
-                upstream = await opener(egress.host, egress.port, "gateway", s.connect_timeout)
-                step.name = "CONNECT"
-                request = ConnectRequest(
-                    route.service, route.port.port, cluster, traceparent, decision.labels
-                )
-                upstream.write(encode_request(request))
-                head = await upstream.read_frame(split_head, "CONNECT response")
-                status, phrase = _parse_connect(head)
-                if status != 200:
-                    if response_peer_unreachable(head):
-                        # The gateway cannot reach that cluster: avoid it for a while,
-                        # for every service (sidecar.traffic.peers).
-                        self.http.peers.mark_down(cluster, time.monotonic())
-                        raise ProxyError("peer unreachable", f"{status} {phrase}")
-                    raise ProxyError("gateway refused", f"{status} {phrase}")
-                if traceparent:
-                    # The span nearest the destination the tunnel set up (see above).
-                    via = response_traceparent(head)
-                    if via:
-                        facts["via"] = via
-            step.name = "TLS handshake"
-            ssl_obj = await upstream.start_tls(
-                ctx, server_side=False, session=self.sessions.get(dest, ctx)
-            )
-            facts["tls_resumed"] = ssl_obj.session_reused
-            try:
-                server = peer_identity(
-                    ssl_obj, state.bundle, allowed=decision.identities.__contains__
-                )
-            except VerificationError as e:
-                raise ProxyError("server identity rejected", str(e)) from e
-            facts["peer"] = server.uri
-        except BaseException:
-            if upstream is not None:
-                upstream.close()
-            raise
-        return upstream, ssl_obj, server
-
-    async def _mesh_stream(
-        self,
-        upstream: Conn,
-        route: ServiceRoute,
-        decision: Decision,
-        facts: dict[str, object],
-    ) -> None:
-        """Send the stream header and require a `200` stream reply."""
-        cluster = self._settings.cluster if isinstance(decision, Local) else decision.cluster
-        traceparent = str(facts.get("via") or facts.get("traceparent", ""))
-        header = StreamHeader(route.service, route.port.port, cluster, traceparent)
-        upstream.write(encode_header(header))
-        reply = await upstream.read_frame(split_frame, "stream reply")
-        try:
-            answer = reply_from_json(reply)
-        except CodecError as e:
-            raise ProxyError("malformed stream reply", str(e)) from e
-        if answer.status != 200:
-            denied = answer.status == 403 and answer.reason.startswith(AUTHZ_REFUSAL)
-            reason = AUTHZ_DENIED if denied else "destination refused"
-            raise ProxyError(reason, f"{answer.status} {answer.reason}")
+        return dialed.conn, dialed
 
 
-class _Step:
-    """Which setup step runs, for the timeout's message."""
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where a per-connection call goes (what its log line and span say)."""
 
-    __slots__ = ("name",)
+    route: ServiceRoute | None = None
+    decision: Decision | None = None
+    mode: str = ""  # "passthrough" outside the mesh
+    dst_cluster: str = ""
+    endpoint: str = ""
+    gateway: str = ""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    @classmethod
+    def of(cls, route: ServiceRoute, decision: Decision, local_cluster: str) -> _Where:
+        match decision:
+            case Local(endpoint=ep):
+                return cls(route, decision, dst_cluster=local_cluster, endpoint=ep.address)
+            case Remote(cluster=cluster, egress=egress):
+                gateway = f"{egress.host}:{egress.port}"
+                return cls(route, decision, dst_cluster=cluster, gateway=gateway)
+            case _:
+                raise AssertionError(f"unknown route decision {decision!r}")
+
+    @staticmethod
+    def fields_of(where: _Where | None, route: ServiceRoute | None) -> dict[str, object]:
+        """The access-log fields: what is known of the route and where it led."""
+        out: dict[str, object] = {}
+        if route is not None:
+            out.update(service=str(route.service), port=route.port.port)
+        if where is None:
+            return out
+        for name in ("mode", "dst_cluster", "endpoint", "gateway"):
+            if value := getattr(where, name):
+                out[name] = value
+        return out
 
 
-def _drop_context(facts: dict[str, object]) -> None:
-    """Trace context travels in `facts` to `_mesh_upstream`; it is not an access-log field."""
-    facts.pop("traceparent", None)
-    facts.pop("via", None)
-
-
-def _parse_connect(head: bytes) -> tuple[int, str]:
-    try:
-        return parse_response(head)
-    except CodecError as e:
-        raise ProxyError("malformed CONNECT response", str(e)) from e
+def _dialed_fields(dialed: Dialed | None) -> dict[str, object]:
+    if dialed is None:
+        return {}
+    out: dict[str, object] = {"peer": dialed.peer.uri, "tls_resumed": dialed.tls_resumed}
+    if dialed.smux:
+        out["smux"] = dialed.smux
+    return out

@@ -6,7 +6,7 @@ CONNECT stream per connection over pooled HBONE connections. A new app connectio
 no TCP connect, no CONNECT and no handshake (issue 7). `sidecar.smux_pool` keeps the pool.
 
 The TLS handshake and the peer's identity check happen exactly as for a per-connection call,
-on a `sidecar.pipe.Conn` (`Outbound._mesh_connect`, `Inbound._serve`); then `Conn.detach` hands
+on a `sidecar.pipe.Conn` (`sidecar.dial.MeshDialer`, `Inbound._serve`); then `Conn.detach` hands
 the socket and its `TlsSession` to a `SmuxConnection`, the thin driver here: TLS records in,
 `mesh.mux` frames, events out to the streams.
 

@@ -34,11 +34,9 @@ from typing import Any
 
 import structlog
 
-from mesh import telemetry as tm
-from mesh import tracecontext
 from mesh.naming import ServiceKey, SpiffeId
 from mesh.tasks import TaskSet
-from mesh.telemetry import OFF, Span, Telemetry
+from mesh.telemetry import OFF, Telemetry
 from sidecar.errors import ProxyError
 from sidecar.http.body import RequestBody, next_event
 from sidecar.http.codec import (
@@ -51,23 +49,18 @@ from sidecar.http.codec import (
 from sidecar.http.encode import (
     local_response,
 )
+from sidecar.http.exchange import MeshConnect, ServiceRuntime
 from sidecar.http.flow import FlowConn
-from sidecar.http.forward import (
-    Call,
-    Forwarder,
-    MeshConnect,
-    Seen,
-    ServiceRuntime,
-    health_check,
-    log_outlier_events,
-)
+from sidecar.http.forward import Call, Forwarder
 from sidecar.http.pool import PoolKey, ServicePool, UpstreamPool
 from sidecar.http2.session import sniff_preface
+from sidecar.observe import Observation, log_outlier_events
 from sidecar.pipe import Conn
 from sidecar.routes import Decision, Local, RouteTable, ServiceRoute
 from sidecar.state import ProxyState
+from sidecar.traffic.attempt import Answer, health_check
 from sidecar.traffic.balance import remote_host
-from sidecar.traffic.experiments import fault_action, mirror_this
+from sidecar.traffic.experiments import fault_action
 from sidecar.traffic.match import RequestInfo, effective
 from sidecar.traffic.outlier import OutlierDetector
 from sidecar.traffic.peers import PeerHealth
@@ -91,10 +84,11 @@ class HttpProxy:
         sniff_timeout: float = SNIFF_TIMEOUT,
         telemetry: Telemetry = OFF,
         cluster: str = "",
+        peers: PeerHealth | None = None,
     ) -> None:
         self._state = state
         self.telemetry = telemetry
-        self._cluster = cluster
+        self.cluster = cluster  # the source cluster, for telemetry
         self._connect = connect
         self._rng = rng
         self.sniff_timeout = sniff_timeout
@@ -103,7 +97,7 @@ class HttpProxy:
         self._tasks = TaskSet("sidecar-http")
         self._sweeper: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
-        self.peers = PeerHealth()  # remote clusters the local gateway cannot reach
+        self.peers = peers or PeerHealth()  # remote clusters the local gateway cannot reach
         self.forwarder = Forwarder(connect, self.pool, rng, self.stats, self.peers)
 
     # -- lifecycle and config ---------------------------------------------------------------
@@ -188,8 +182,10 @@ class HttpProxy:
             host = decision.endpoint.address
         else:
             host = remote_host(decision.cluster)
-        outlier.record(host, not ok, _now(), len(route.balancer.hosts()))
-        log_outlier_events(outlier, _log.bind(service=str(route.service), mode="tcp"), self.stats)
+        now = _now()
+        outlier.record(host, not ok, now, len(route.balancer.hosts()))
+        tlog = _log.bind(service=str(route.service), mode="tcp")
+        log_outlier_events(outlier.events, tlog, self.stats, now)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
@@ -269,49 +265,17 @@ class HttpProxy:
         self, app: FlowConn, reader: Reader, req: Request, dst: tuple[str, int], log: Any
     ) -> bool:
         """One request and its response; whether the app connection may carry another."""
-        tel = self.telemetry
-        if not (tel.tracing or tel.metrics):
-            return await self._exchange_one(app, reader, req, dst, log, None, None)
-        started = time.monotonic()
-        parent = tracecontext.parse(req.get("traceparent"))
-        span: Span | None = None
-        if tel.tracing:
-            span = tel.start_span(
-                f"outbound {req.method}",
-                tm.SOURCE,
-                parent,
-                {tm.SOURCE_CLUSTER: self._cluster, tm.METHOD: req.method, tm.PATH: req.target},
-                server=False,
-            )
-        seen = Seen()
-        log = log.bind(**tm.log_ids(span, parent))
+        obs = Observation.begin(
+            self.telemetry, self.cluster, req.method, req.target, req.get("traceparent")
+        )
+        if obs is None:
+            return await self._exchange_one(app, reader, req, dst, log, None)
         route = self._state().routes.lookup(*dst)
         service = route.service.fqdn if route is not None else f"{dst[0]}:{dst[1]}"
         try:
-            return await self._exchange_one(app, reader, req, dst, log, span, seen)
+            return await self._exchange_one(app, reader, req, dst, log.bind(**obs.log_ids()), obs)
         finally:
-            if span is not None:
-                span.set(tm.SERVICE, service)
-                span.set(tm.DESTINATION_CLUSTER, seen.dst_cluster)
-                span.set(tm.RETRIES, seen.retries)
-                if seen.endpoint:
-                    span.set(tm.ENDPOINT, seen.endpoint)
-                if seen.subset:
-                    span.set(tm.SUBSET, seen.subset)
-                if seen.status:
-                    span.set(tm.STATUS, seen.status)
-                span.end(seen.reason or _status_error(seen.status))
-            tel.record(
-                tm.SOURCE,
-                "http",
-                self._cluster,
-                seen.dst_cluster,
-                service,
-                str(seen.status or 0),
-                time.monotonic() - started,
-                seen.request_bytes,
-                seen.response_bytes,
-            )
+            obs.end(service)
 
     async def _exchange_one(
         self,
@@ -320,11 +284,11 @@ class HttpProxy:
         req: Request,
         dst: tuple[str, int],
         log: Any,
-        span: Span | None,
-        seen: Seen | None,
+        obs: Observation | None,
     ) -> bool:
         started = time.monotonic()
         self.stats["requests"] += 1
+        record = obs.record if obs is not None else None
         state = self._state()
         route = state.routes.lookup(*dst)
         if (req.get("expect") or "").lower() == "100-continue" and reader.framing.kind != "none":
@@ -338,22 +302,26 @@ class HttpProxy:
             self.stats["bad_requests"] += 1
             log.warning("http request refused", reason="malformed request body", detail=e.detail)
             app.write(local_response(e.status, "malformed request body", e.detail, close=True))
-            if seen is not None:
-                seen.status, seen.reason = e.status, "malformed request body"
+            if record is not None:
+                record.status, record.reason = e.status, "malformed request body"
             return False
         local = self.forwarder.local
         if route is None:
             detail = f"{dst} left the mesh"
-            return await local(app, req, body, log, 503, "no route", detail, seen)
+            return await local(app, req, body, log, Answer(503, "no route", detail), record)
         if state.client_ctx is None:
-            return await local(app, req, body, log, 503, "not ready", "no SVID yet", seen)
+            not_ready = Answer(503, "not ready", "no SVID yet")
+            return await local(app, req, body, log, not_ready, record)
         if req.method == "CONNECT":
             detail = "CONNECT to a mesh service"
-            return await local(app, req, body, log, 501, "not supported", detail, seen)
+            return await local(app, req, body, log, Answer(501, "not supported", detail), record)
         info = RequestInfo.build(req.method, req.target, req.headers)
         eff = effective(route.policy, info)
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
-        call = Call(fwd, route, state, eff, self.runtime(route), body, log, span=span, seen=seen)
+        span = obs.span if obs is not None else None
+        runtime = self.runtime(route)
+        call = Call(fwd, app, body, route=route, state=state, eff=eff, runtime=runtime, log=log)
+        call.span, call.record = span, record
         action = fault_action(eff.fault, self._rng)
         if action.delay:
             self.stats["fault_delays"] += 1
@@ -361,25 +329,20 @@ class HttpProxy:
         if action.abort:
             self.stats["fault_aborts"] += 1
             detail = f"injected by the policy of {route.service}"
-            return await local(app, req, body, log, action.abort, "fault abort", detail, seen)
-        if mirror_this(eff.mirror, self._rng):
-            self.forwarder.mirror(call)
-        keep = await self.forwarder.forward(app, call)
-        if seen is not None:
-            seen.request_bytes = body.sent
+            aborted = Answer(action.abort, "fault abort", detail)
+            return await local(app, req, body, log, aborted, record)
+        attempts = self.forwarder.attempts(call)
+        if attempts.mirror():
+            self.forwarder.mirror(call, attempts)
+        keep = await self.forwarder.forward(call, attempts)
+        if record is not None:
+            record.request_bytes = body.sent
         call.log.info(
             "http request",
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             **({"fault_delay_s": action.delay} if action.delay else {}),
         )
         return keep
-
-
-def _status_error(status: int) -> str:
-    """A span's error for a response the upstream gave (5xx), or none came."""
-    if not status:
-        return "no response"
-    return f"status {status}" if status >= 500 else ""
 
 
 def pool_keeper(routes: RouteTable) -> Callable[[PoolKey], bool]:

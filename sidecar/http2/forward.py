@@ -1,14 +1,15 @@
-"""Forwarding one HTTP/2 stream: its tries, retries, outlier bookkeeping, response and mirror.
+"""Forwarding one HTTP/2 stream: the protocol layer of `sidecar.http.exchange`'s try loop.
 
-The HTTP/2 counterpart of `sidecar.http.forward`, on the same policy objects
-(`sidecar.traffic`: target choice, `RetryPlan`, `PoolBudget`, `OutlierDetector`) and the same
-per-service runtime (`ServiceRuntime`: limits and outlier state are shared with HTTP/1.1 traffic
-to the service port). Each try opens a stream on a pooled upstream connection
-(`sidecar.http2.pool`), sends the request head, and sends the body in a task of its own while
-the response head is awaited (a streaming call may need answers before it sends more). A
-response is judged by its status, or for a gRPC Trailers-Only answer by its `grpc-status`
-(`unavailable` etc. in `retryOn`; UNAVAILABLE counts as a 503 for outlier detection). The final
-response streams back with flow control both ways; trailers pass through.
+Which target each try goes to, its deadline, retries, outlier reports and mirror targets are
+the request-attempt core's (`sidecar.traffic.attempt`), as for HTTP/1.1, on the same
+per-service runtime (`ServiceRuntime`: limits and outlier state are shared with HTTP/1.1
+traffic to the service port). This layer moves the bytes: each try opens a stream on a pooled
+upstream connection (`sidecar.http2.pool`), sends the request head (with the source span's
+`traceparent`, or the remote ingress's on a connection the try opened), and sends the body in
+a task of its own while the response head is awaited (a streaming call may need answers before
+it sends more). A response is judged by its status, or for a gRPC Trailers-Only answer by its
+`grpc-status` (`unavailable` etc. in `retryOn`; UNAVAILABLE counts as a 503 for outlier
+detection). The final response streams back with flow control both ways; trailers pass through.
 
 Failures the sidecar answers itself carry `x-fedgate-reason` (to gRPC clients, a grpc-status
 and grpc-message naming the reason); after the response head went out, a gRPC call ends with
@@ -18,20 +19,14 @@ failure trailers and any other request with a stream reset.
 from __future__ import annotations
 
 import asyncio
-import collections
-import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mesh.errors import NoRouteError
-from mesh.naming import SpiffeId
 from sidecar.errors import ProxyError
-from sidecar.http.flow import FlowConn
-from sidecar.http.forward import MIRROR_TIMEOUT, ForwarderCore, ServiceRuntime, timeout_detail
-from sidecar.http.pool import PoolKey, PoolRefusedError
+from sidecar.http.exchange import Exchange, Exchanger, timeout_detail, try_failure
 from sidecar.http2.body import StreamBody
 from sidecar.http2.conn import LOST, H2Conn
+from sidecar.http2.grpc import parse_status
 from sidecar.http2.messages import (
     MessageError,
     Request,
@@ -42,28 +37,18 @@ from sidecar.http2.messages import (
 )
 from sidecar.http2.pool import H2Pool, H2Upstream
 from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers
-from sidecar.pipe import Conn
-from sidecar.routes import Decision, ServiceRoute
-from sidecar.state import ProxyState
+from sidecar.traffic.attempt import Answer, Answered, Failure
 from sidecar.traffic.balance import Target
-from sidecar.traffic.match import Effective
-from sidecar.traffic.peers import PeerHealth
-from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, STATUS, TIMEOUT, Outcome, RetryPlan
-
-MeshConnect = Callable[[ServiceRoute, Decision, ProxyState, dict[str, object]], Awaitable[Conn]]
+from sidecar.traffic.record import RequestRecord
+from sidecar.traffic.retry import RESET, Outcome
 
 
 @dataclass(eq=False, slots=True)
-class H2Call:
+class H2Call(Exchange):
     req: Request
     app: H2Conn
     sid: int  # the app's stream
-    route: ServiceRoute
-    state: ProxyState
-    eff: Effective
-    runtime: ServiceRuntime
     body: StreamBody
-    log: Any
     drive: bool = True  # reads the app's body (False for a mirror: it follows the primary)
 
 
@@ -75,113 +60,54 @@ class _Got:
     sender: asyncio.Task[None] | None
 
 
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    outcome: Outcome
-    status: int
-    reason: str
-    detail: str
-
-
-class H2Forwarder(ForwarderCore):
-    def __init__(
-        self,
-        connect: MeshConnect,
-        pool: H2Pool,
-        rng: random.Random,
-        stats: collections.Counter[str],
-        peers: PeerHealth | None = None,
-    ) -> None:
-        super().__init__(connect, rng, stats, peers, "sidecar-h2-forward")
-        self.pool = pool
+class H2Forwarder(Exchanger[H2Call, _Got, H2Pool]):
+    TASKS = "sidecar-h2-forward"
 
     async def local(
-        self, app: H2Conn, sid: int, grpc: bool, log: Any, status: int, reason: str, detail: str
+        self,
+        app: H2Conn,
+        sid: int,
+        grpc: bool,
+        log: Any,
+        answer: Answer,
+        record: RequestRecord | None = None,
     ) -> bool:
         """Answer the app's stream ourselves; whether the answer went out."""
-        self.stats["local_answers"] += 1
-        log.warning("http request failed", status=status, reason=reason, detail=detail)
-        answer = local_answer(status, reason, detail, grpc)
+        self._refusal(log, record, answer)
+        out = local_answer(answer.status, answer.reason, answer.detail, grpc)
         try:
-            app.send_headers(sid, answer.fields, end=not answer.body)
-            if answer.body:
-                await app.send_data(sid, answer.body, end=True)
+            app.send_headers(sid, out.fields, end=not out.body)
+            if out.body:
+                await app.send_data(sid, out.body, end=True)
         except ProxyError:
             return False
         return True
 
-    # -- tries ------------------------------------------------------------------------------
+    # -- the layer ----------------------------------------------------------------------------
 
-    async def forward(self, call: H2Call) -> bool:
-        """Route the request; whether the app's stream got a complete answer."""
-        loop = asyncio.get_running_loop()
-        eff, route, rt = call.eff, call.route, call.runtime
-        plan = RetryPlan(eff.retries, eff.timeout, loop.time(), self._rng)
-        tried: set[str] = set()
-        grpc = call.req.grpc
-        while True:
-            now = loop.time()
-            deadline = plan.start_try(now)
-            try:
-                target = route.target(
-                    eff,
-                    self._rng,
-                    self.healthy(rt.outlier),
-                    frozenset(tried),
-                )
-            except NoRouteError as e:
-                return await self.local(call.app, call.sid, grpc, call.log, 503, "no route", str(e))
-            tried.add(target.host)
-            result = await self._try(call, target, deadline)
-            if isinstance(result, _Got):
-                outcome = Outcome(STATUS, result.resp.status, result.resp.grpc_status)
-            else:
-                outcome = result.outcome
-            self._record(call, target, outcome)
-            plan.replayable = call.body.replayable
-            wait = plan.backoff(outcome, loop.time())
-            if wait is None:
-                call.log = call.log.bind(tries=plan.tries, dst_cluster=target.cluster)
-                if target.endpoint is not None:
-                    call.log = call.log.bind(endpoint=target.endpoint.address)
-                if isinstance(result, _Got):
-                    return await self._respond(call, result, plan.deadline)
-                self.stats["failed"] += 1
-                status, reason, detail = result.status, result.reason, result.detail
-                return await self.local(call.app, call.sid, grpc, call.log, status, reason, detail)
-            self.stats["retries"] += 1
-            if isinstance(result, _Got):
-                g = result.resp.grpc_status
-                detail = f"status {result.resp.status}" + (f", grpc-status {g}" if g else "")
-                self._drop(call, result)
-            else:
-                detail = f"{result.reason}: {result.detail}"
-            call.log.info(
-                "http retry", try_=plan.tries, host=target.host, detail=detail, backoff_s=wait
-            )
-            await asyncio.sleep(wait)
+    def _judge(self, got: _Got) -> Answered:
+        return Answered(got.resp.status, got.resp.grpc_status)
 
-    def _record(self, call: H2Call, target: Target, outcome: Outcome) -> None:
-        self.record(call.runtime, call.route, call.log, target.host, outcome)
+    def _replayable(self, call: H2Call) -> bool:
+        return call.body.replayable
 
-    async def _try(self, call: H2Call, target: Target, deadline: float | None) -> _Got | _Failed:
+    def _shadow(self, call: H2Call) -> H2Call:
+        log = call.log.bind(mirror=True)
+        return replace(call, req=call.req.shadow(), log=log, drive=False, record=None)
+
+    async def _answer(self, call: H2Call, answer: Answer) -> bool:
+        grpc_call = call.req.grpc
+        return await self.local(call.app, call.sid, grpc_call, call.log, answer, call.record)
+
+    async def _attempt(
+        self, call: H2Call, target: Target, deadline: float | None
+    ) -> _Got | Failure:
         """One try: a stream, the request, the response head. Upstream failures become
-        `_Failed` with the outcome retries and outlier detection judge."""
-        route, state = call.route, call.state
+        `Failure` with the outcome retries and outlier detection judge."""
+        setup = self._setup(call, target)
+        if isinstance(setup, Failure):
+            return setup
         budget = call.runtime.pool.budget
-        decision = route.decision_for(target)
-        address = target.endpoint.address if target.endpoint is not None else ""
-        key = PoolKey(route.service, route.port.port, target.cluster, address, target.labels)
-        refusal = budget.start_request()
-        if refusal is not None:
-            return _Failed(Outcome(LOCAL), 503, refusal.reason, refusal.detail)
-        facts: dict[str, object] = {}
-
-        async def opener() -> tuple[FlowConn, SpiffeId]:
-            conn = await self._connect(route, decision, state, facts)
-            assert isinstance(conn, FlowConn)
-            return conn, SpiffeId.parse(str(facts["peer"]))
-
         phase = "connect"
         up: H2Upstream | None = None
         sid = 0
@@ -189,13 +115,15 @@ class H2Forwarder(ForwarderCore):
         handed_over = False
         try:
             async with asyncio.timeout_at(deadline):
+                allowed = setup.decision.identities.__contains__
                 up = await self.pool.acquire(
-                    budget, key, decision.identities.__contains__, state.svid, opener
+                    budget, setup.key, allowed, call.state.svid, setup.dial
                 )
                 phase = "request"
                 if call.drive:
                     call.body.take_ready()
-                sid = up.h2.open(call.req.fields(), end=call.body.empty)
+                fields = call.req.fields(setup.dial.next_span())
+                sid = up.h2.open(fields, end=call.body.empty)
                 if call.body.replayable and not call.body.empty:
                     await _send_body(call.body, up.h2, sid, drive=False)  # all here: no task
                 elif not call.body.empty:
@@ -206,18 +134,10 @@ class H2Forwarder(ForwarderCore):
                 resp = await _response_head(up.h2, sid)
                 handed_over = True
                 return _Got(up, sid, resp, sender)  # the request stays counted until the end
-        except PoolRefusedError as e:
-            return _Failed(Outcome(LOCAL), 503, e.reason, e.detail)
-        except TimeoutError:
-            return _Failed(
-                Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(call.eff, phase)
-            )
         except MessageError as e:
-            return _Failed(Outcome(RESET), 502, "bad upstream response", str(e))
-        except ProxyError as e:
-            if phase == "connect":
-                return _Failed(Outcome(CONNECT_FAILURE), 503, "upstream connect failure", str(e))
-            return _Failed(Outcome(RESET), 503, "upstream reset", f"{phase}: {e}")
+            return Failure(Outcome(RESET), 502, "bad upstream response", str(e))
+        except (TimeoutError, ProxyError) as e:
+            return try_failure(e, phase, call.eff)
         finally:
             if not handed_over:
                 if sender is not None:
@@ -226,8 +146,8 @@ class H2Forwarder(ForwarderCore):
                     up.h2.release(sid, reset=True)
                 budget.end_request()
 
-    def _drop(self, call: H2Call, got: _Got) -> None:
-        """Abandon a response we retry (resetting a stream is cheap in HTTP/2)."""
+    async def _drop(self, call: H2Call, got: _Got) -> None:
+        """Abandon a response (resetting a stream is cheap in HTTP/2)."""
         if got.sender is not None:
             got.sender.cancel()
         got.up.h2.release(got.sid, reset=True)
@@ -237,6 +157,7 @@ class H2Forwarder(ForwarderCore):
         """Stream the final response to the app; whether it ended cleanly."""
         app, asid, up, usid = call.app, call.sid, got.up.h2, got.sid
         call.log = call.log.bind(status=got.resp.status)
+        record = call.record
         if got.resp.grpc_status is not None:
             call.log = call.log.bind(grpc_status=got.resp.grpc_status)
         head_sent = False
@@ -251,11 +172,16 @@ class H2Forwarder(ForwarderCore):
                         case Data(data=data, flow=flow, end=end):
                             if data or end:
                                 await app.send_data(asid, data, end=end)
+                            if record is not None:
+                                record.response_bytes += len(data)
                             up.ack(usid, flow)
                             ended = end
                         case Trailers(headers=headers):
                             app.send_headers(asid, headers, end=True)
                             ended = True
+                            if record is not None:  # a gRPC call's status comes last
+                                status = next((v for k, v in headers if k == "grpc-status"), None)
+                                record.grpc_status = parse_status(status)
                         case Ended():
                             app.end_stream(asid)
                             ended = True
@@ -271,8 +197,10 @@ class H2Forwarder(ForwarderCore):
             detail = timeout_detail(call.eff, "response") if timeout else str(e)
             self.stats["failed"] += 1
             call.log.warning("http request failed", reason=reason, detail=detail)
+            if record is not None:
+                record.reason = reason
             if not head_sent:
-                return await self.local(app, asid, call.req.grpc, call.log, 504, reason, detail)
+                return await self._answer(call, Answer(504, reason, detail))
             if call.req.grpc:
                 try:
                     app.send_headers(asid, failure_trailers(reason, detail), end=True)
@@ -288,43 +216,6 @@ class H2Forwarder(ForwarderCore):
         early = got.sender is not None and not call.body.complete
         up.release(usid, early=early)
         return True
-
-    # -- mirroring --------------------------------------------------------------------------
-
-    def mirror(self, call: H2Call) -> None:
-        self.spawn_mirror(call.log, lambda: self._send_mirror(call))
-
-    async def _send_mirror(self, call: H2Call) -> None:
-        mirror = call.eff.mirror
-        assert mirror is not None
-        shadow = replace(call, req=call.req.shadow(), log=call.log.bind(mirror=True), drive=False)
-        loop = asyncio.get_running_loop()
-        try:
-            target = call.route.target(
-                call.eff,
-                self._rng,
-                lambda h: True,
-                subset=mirror.subset or None,
-                cluster_ref=mirror.cluster,
-            )
-            result = await self._try(
-                shadow, target, loop.time() + (call.eff.timeout or MIRROR_TIMEOUT)
-            )
-            if isinstance(result, _Got):
-                self.stats["mirrored"] += 1
-                shadow.log.info(
-                    "http mirrored",
-                    host=target.host,
-                    dst_cluster=target.cluster,
-                    status=result.resp.status,
-                )
-                self._drop(shadow, result)
-            else:
-                self.stats["mirror_failures"] += 1
-                shadow.log.info("http mirror failed", reason=result.reason, detail=result.detail)
-        except NoRouteError as e:
-            self.stats["mirror_failures"] += 1
-            shadow.log.info("http mirror failed", reason="no route", detail=str(e))
 
 
 async def _send_body(body: StreamBody, h2: H2Conn, sid: int, drive: bool) -> None:

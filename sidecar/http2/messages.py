@@ -42,13 +42,17 @@ class Request:
         extra = (("host", self.authority),) if self.authority else ()
         return RequestInfo.build(self.method, self.path, self.headers + extra)
 
-    def fields(self) -> Fields:
-        """The header block to send upstream."""
+    def fields(self, traceparent: str = "") -> Fields:
+        """The header block to send upstream. `traceparent`: replaces the app's (W3C Trace
+        Context: each hop sends its own span)."""
         pseudo = [(":method", self.method), (":scheme", self.scheme)]
         if self.authority:
             pseudo.append((":authority", self.authority))
         pseudo.append((":path", self.path))
-        return (*pseudo, *self.headers)
+        if not traceparent:
+            return (*pseudo, *self.headers)
+        rest = [(k, v) for k, v in self.headers if k != "traceparent"]
+        return (*pseudo, *rest, ("traceparent", traceparent))
 
     def shadow(self) -> Request:
         """A mirror's copy: `-shadow` appended to the authority's host (Envoy's convention)."""

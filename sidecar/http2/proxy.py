@@ -25,22 +25,26 @@ from typing import Any
 
 import structlog
 
+from mesh import telemetry as tm
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from sidecar.errors import ProxyError
+from sidecar.http.exchange import MeshConnect
 from sidecar.http.flow import FlowConn
 from sidecar.http.proxy import HttpProxy, pool_keeper
 from sidecar.http2 import grpc
 from sidecar.http2.body import StreamBody
 from sidecar.http2.conn import H2Conn, serve_streams
-from sidecar.http2.forward import H2Call, H2Forwarder, MeshConnect
-from sidecar.http2.messages import MessageError, parse_request
+from sidecar.http2.forward import H2Call, H2Forwarder
+from sidecar.http2.messages import MessageError, Request, parse_request
 from sidecar.http2.pool import H2Pool
 from sidecar.http2.session import Headers
+from sidecar.observe import GRPC, HTTP, PROTOCOL_VERSION, Observation
 from sidecar.pipe import Conn
 from sidecar.routes import RouteTable
 from sidecar.state import ProxyState
-from sidecar.traffic.experiments import fault_action, mirror_this
+from sidecar.traffic.attempt import Answer
+from sidecar.traffic.experiments import fault_action
 from sidecar.traffic.match import effective
 
 _log = structlog.get_logger("fedgate.sidecar")
@@ -131,25 +135,64 @@ class H2Proxy:
         log: Any,
         started: float,
     ) -> bool:
-        fwd = self.forwarder
         try:
             req = parse_request(head.headers)
         except MessageError as e:
             self.stats["bad_requests"] += 1
             ct = next((v for k, v in head.headers if k == "content-type"), None)
-            return await fwd.local(h2, sid, grpc.is_grpc(ct), log, 400, "malformed request", str(e))
+            grpc_call = grpc.is_grpc(ct)
+            malformed = Answer(400, "malformed request", str(e))
+            return await self.forwarder.local(h2, sid, grpc_call, log, malformed)
         log = log.bind(method=req.method, path=req.path, **({"grpc": True} if req.grpc else {}))
+        obs = Observation.begin(
+            self._http.telemetry,
+            self._http.cluster,
+            req.method,
+            req.path,
+            req.get("traceparent"),
+            protocol=GRPC if req.grpc else HTTP,
+            attrs={tm.PROTOCOL: GRPC if req.grpc else HTTP, PROTOCOL_VERSION: "2"},
+        )
+        if obs is None:
+            return await self._exchange_one(h2, sid, req, body, dst, log, started, None)
+        route = self._state().routes.lookup(*dst)
+        service = route.service.fqdn if route is not None else f"{dst[0]}:{dst[1]}"
+        try:
+            log = log.bind(**obs.log_ids())
+            return await self._exchange_one(h2, sid, req, body, dst, log, started, obs)
+        finally:
+            obs.record.request_bytes = body.size
+            obs.end(service)
+
+    async def _exchange_one(
+        self,
+        h2: H2Conn,
+        sid: int,
+        req: Request,
+        body: StreamBody,
+        dst: tuple[str, int],
+        log: Any,
+        started: float,
+        obs: Observation | None,
+    ) -> bool:
+        fwd = self.forwarder
+        record = obs.record if obs is not None else None
         state = self._state()
         route = state.routes.lookup(*dst)
         if route is None:
             detail = f"{dst} left the mesh"
-            return await fwd.local(h2, sid, req.grpc, log, 503, "no route", detail)
+            return await fwd.local(h2, sid, req.grpc, log, Answer(503, "no route", detail), record)
         if state.client_ctx is None:
-            return await fwd.local(h2, sid, req.grpc, log, 503, "not ready", "no SVID yet")
+            not_ready = Answer(503, "not ready", "no SVID yet")
+            return await fwd.local(h2, sid, req.grpc, log, not_ready, record)
         eff = effective(route.policy, req.info())
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
         runtime = self._http.runtime(route)
-        call = H2Call(req, h2, sid, route, state, eff, runtime, body, log)
+        span = obs.span if obs is not None else None
+        call = H2Call(
+            req, h2, sid, body, route=route, state=state, eff=eff, runtime=runtime, log=log
+        )
+        call.span, call.record = span, record
         action = fault_action(eff.fault, self._rng)
         if action.delay:
             self.stats["fault_delays"] += 1
@@ -157,10 +200,12 @@ class H2Proxy:
         if action.abort:
             self.stats["fault_aborts"] += 1
             detail = f"injected by the policy of {route.service}"
-            return await fwd.local(h2, sid, req.grpc, log, action.abort, "fault abort", detail)
-        if mirror_this(eff.mirror, self._rng):
-            fwd.mirror(call)
-        ok = await fwd.forward(call)
+            aborted = Answer(action.abort, "fault abort", detail)
+            return await fwd.local(h2, sid, req.grpc, log, aborted, record)
+        attempts = fwd.attempts(call)
+        if attempts.mirror():
+            fwd.mirror(call, attempts)
+        ok = await fwd.forward(call, attempts)
         call.log.info(
             "http request",
             protocol="h2",

@@ -20,6 +20,7 @@ from mesh import telemetry as tm
 from mesh.model import ServicePort
 from tests.e2e.conftest import revive_agents, rig_command
 from tests.e2e.otlp import CollectedSpan, Collector
+from tests.e2e.policy_rig import run_in_pod, start_workload
 from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
@@ -31,6 +32,10 @@ PROBE = Path(__file__).with_name("probe.py")
 POLICY_FILE = "policies/obs.yaml"
 WITHIN = 30.0
 HOPS = (tm.SOURCE, tm.EGRESS, tm.INGRESS, tm.DESTINATION)
+RPC = "obsrpc.demo.svc.clusterset.local"
+RPC_GRPC_PORT = 9090
+RPC_H2_PORT = 8082
+GRPC_CLIENT = Path(__file__).with_name("grpc_client.py")
 
 
 def _run(netns: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -94,8 +99,9 @@ def _log_lines(rig: Path, **match: str) -> list[dict[str, Any]]:
     return out
 
 
-def _requests(netns: str, reporter: str, code: str = "200") -> float:
-    """`fedgate_requests_total` for obs.demo from the admin `/metrics` served in `netns`."""
+def _requests(netns: str, reporter: str, code: str = "200", fqdn: str = FQDN) -> float:
+    """`fedgate_requests_total` for `fqdn` (obs.demo) from the admin `/metrics` served in
+    `netns`."""
     port = topology.SIDECAR_ADMIN_PORT
     res = _run(netns, ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/metrics"])
     assert res.returncode == 0, res.stderr
@@ -106,7 +112,7 @@ def _requests(netns: str, reporter: str, code: str = "200") -> float:
             if (
                 s.name == "fedgate_requests_total"
                 and labels.get("reporter") == reporter
-                and labels.get("destination_service") == FQDN
+                and labels.get("destination_service") == fqdn
                 and labels.get("response_code") == code
             ):
                 assert labels["source_cluster"] == "east", labels
@@ -227,6 +233,107 @@ def test_an_app_without_a_trace_gets_one_started_by_its_sidecar(
     while up and up != src.span_id and seen < 4:
         up, seen = parents.get(up, ""), seen + 1
     assert up == src.span_id, (dst, parents)
+
+
+# --- HTTP/2 and gRPC calls, traced and counted as HTTP/1.1 is ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def obsrpc(obs: Path) -> Path:
+    """`obsrpc.demo`: a gRPC port and an HTTP/2 port served only in west (the rig's gRPC echo)."""
+
+    def workload(cluster: str, pod: str) -> list[str]:
+        argv = [sys.executable, "-m", "clusters.rig.grpc_echo", "--cluster", cluster, "--pod", pod]
+        return [*argv, "--port", str(RPC_GRPC_PORT), "--h2-port", str(RPC_H2_PORT)]
+
+    ports = [ServicePort("grpc", RPC_GRPC_PORT, "GRPC"), ServicePort("h2", RPC_H2_PORT, "HTTP2")]
+    start_workload(obs, "obsrpc", (("west", "obsrpc-1", "v1"),), workload, ports)
+    return obs
+
+
+def _source_then_gateways(
+    collector: Collector, trace_id: str, app_span: str
+) -> dict[str, CollectedSpan]:
+    """The source sidecar's span and the two gateways' of one call's trace, in parent order.
+    (The destination sidecar traces an HTTP/2 connection, not each stream: its span comes when
+    the pooled connection closes.)"""
+    hops = (tm.SOURCE, tm.EGRESS, tm.INGRESS)
+
+    def complete(spans: list[CollectedSpan]) -> bool:
+        return {s.attributes.get(tm.HOP) for s in spans} >= set(hops)
+
+    spans = collector.wait_trace(trace_id, complete)
+    assert complete(spans), [(s.name, s.attributes.get(tm.HOP)) for s in spans]
+    hop = {str(s.attributes[tm.HOP]): s for s in spans if s.attributes[tm.HOP] in hops}
+    src, egress, ingress = (hop[h] for h in hops)
+    assert len([s for s in spans if s.attributes[tm.HOP] == tm.SOURCE]) == 1, spans
+    assert src.parent_id == app_span
+    assert src.kind == 3  # CLIENT
+    assert src.service == "fedgate-sidecar"
+    assert egress.parent_id == src.span_id
+    assert ingress.parent_id == egress.span_id
+    for s in (src, egress, ingress):
+        assert s.attributes[tm.SERVICE] == RPC, s
+        assert s.attributes[tm.SOURCE_CLUSTER] == "east", s
+        assert s.attributes[tm.DESTINATION_CLUSTER] == "west", s
+        assert not s.error, s
+    assert src.attributes[tm.STATUS] == 200
+    assert src.attributes[tm.RETRIES] == 0
+    dst = [s for s in spans if s.attributes[tm.HOP] == tm.DESTINATION]
+    assert all(d.parent_id in {ingress.span_id, src.span_id} for d in dst), dst
+    return hop
+
+
+def _source_line(rig: Path, trace_id: str, span_id: str) -> dict[str, Any]:
+    def line() -> list[dict[str, Any]]:
+        return _log_lines(rig, trace_id=trace_id, hop=tm.SOURCE, event="http request")
+
+    [found] = until_sync(line, 10, what="the source sidecar's access line")
+    assert isinstance(found, dict)
+    assert found["span_id"] == span_id, found
+    assert found["status"] == 200
+    assert found["dst_cluster"] == "west"
+    return found
+
+
+def test_http2_and_grpc_calls_are_traced_and_counted_by_the_source_sidecar(
+    obsrpc: Path, otlp_collector: Collector
+) -> None:
+    east_client = _pod_netns(obsrpc, "east", "client")
+    before = _requests(east_client, "source", fqdn=RPC)
+
+    # HTTP/2 (curl, prior knowledge), in the app's own trace.
+    trace_id, app_span = secrets.token_hex(16), secrets.token_hex(8)
+    argv = ["curl", "-sS", "--http2-prior-knowledge", "--noproxy", "*", "--max-time", "10"]
+    argv += ["-H", f"traceparent: 00-{trace_id}-{app_span}-01", "-o", "/dev/null"]
+    argv += ["-w", "%{http_code} %{http_version}", f"http://{RPC}:{RPC_H2_PORT}/h2"]
+    res = _run(east_client, argv)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "200 2", res.stdout
+    h2 = _source_then_gateways(otlp_collector, trace_id, app_span)
+    assert h2[tm.SOURCE].attributes[tm.PROTOCOL] == "http"
+    assert h2[tm.SOURCE].attributes[tm.PATH] == "/h2"
+    assert _source_line(obsrpc, trace_id, h2[tm.SOURCE].span_id)["protocol"] == "h2"
+
+    # gRPC (grpcio), with the traceparent as call metadata.
+    trace_id, app_span = secrets.token_hex(16), secrets.token_hex(8)
+    argv = [sys.executable, str(GRPC_CLIENT), "call", f"{RPC}:{RPC_GRPC_PORT}", "1"]
+    argv += ["--header", f"traceparent=00-{trace_id}-{app_span}-01"]
+    [[pod, detail, _]] = json.loads(run_in_pod(obsrpc, "east", "client", argv, timeout=30))
+    assert pod == "obsrpc-1", detail
+    grpc_call = _source_then_gateways(otlp_collector, trace_id, app_span)
+    src = grpc_call[tm.SOURCE]
+    assert src.attributes[tm.PROTOCOL] == "grpc"
+    assert src.attributes[tm.PATH] == "/fedgate.rig.echo.Echo/Call"
+    assert src.attributes["rpc.grpc.status_code"] == 0
+    assert _source_line(obsrpc, trace_id, src.span_id)["grpc"] is True
+
+    # East's sidecar counts both, as source.
+    until_sync(
+        lambda: _requests(east_client, "source", fqdn=RPC) >= before + 2,
+        WITHIN,
+        what="east counts both calls",
+    )
 
 
 # --- refusals name their hop and reason ---------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from clusters.rig.api import echo_pb2, echo_pb2_grpc
 from clusters.rig.grpc_echo import GrpcEchoControl
 from clusters.rig.grpc_echo import make_server as make_grpc_server
+from mesh import telemetry as tm
 from mesh.model import (
     ClusterWeight,
     ConnectionPool,
@@ -32,7 +34,9 @@ from mesh.model import (
     SubsetWeight,
     TrafficPolicy,
 )
+from sidecar.traffic.record import GRPC_STATUS
 from tests.sidecar.conftest import Pki
+from tests.sidecar.fake_telemetry import FakeTelemetry, source_spans
 from tests.sidecar.http_rig import SVC, VIP, HttpRig, start_http_rig, stop_http_rig
 
 V1 = {"version": "v1"}
@@ -261,3 +265,46 @@ async def test_a_bidirectional_stream_is_forwarded_message_by_message(grig: Grpc
             return texts
 
     assert await asyncio.to_thread(chat) == [f"m{i}" for i in range(5)]
+
+
+async def test_a_call_gets_the_source_span_retry_events_and_a_metrics_record(
+    grig: GrpcRig,
+) -> None:
+    tel = FakeTelemetry()
+    grig.rig.source.outbound.http.telemetry = tel
+    grig.rig.apply(policy(retries=Retries(2, retry_on=("unavailable",))))
+    grig.controls["a"].fail_ratio = 1.0  # a call that lands on a is retried elsewhere
+    trace_id, app_span = secrets.token_hex(16), secrets.token_hex(8)
+    host, port = grig.rig.source.outbound.address
+
+    def calls() -> list[str]:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            meta = (("traceparent", f"00-{trace_id}-{app_span}-01"),)
+            return [
+                stub.Call(echo_pb2.CallRequest(), timeout=10, metadata=meta).pod for _ in range(12)
+            ]
+
+    pods = await asyncio.to_thread(calls)
+    assert set(pods) <= {"b", "c"}, pods
+    spans = source_spans(tel, 12, trace_id, app_span)
+    for span in spans:
+        attrs = span.attributes
+        assert attrs[tm.SERVICE] == SVC.fqdn
+        assert attrs[tm.STATUS] == 200
+        assert attrs[GRPC_STATUS] == 0
+        assert attrs[tm.PROTOCOL] == "grpc"
+        assert attrs[tm.PATH] == "/fedgate.rig.echo.Echo/Call"
+        assert attrs[tm.RETRIES] == len(span.events)
+    retried = [s for s in spans if s.events]
+    assert retried, "no call landed on a first"
+    assert len(retried) == grig.controls["a"].failed
+    [(name, event)] = retried[0].events
+    assert name == "retry"
+    assert event["why"] == "status 200, grpc-status 14"
+    records = [r for r in tel.records if r.hop == tm.SOURCE]
+    assert len(records) == 12
+    assert {(r.protocol, r.code, r.service, r.destination_cluster) for r in records} == {
+        ("grpc", "200", SVC.fqdn, "east")
+    }
+    assert all(r.request_bytes > 0 and r.response_bytes > 0 for r in records)

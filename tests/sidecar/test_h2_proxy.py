@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import secrets
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 
 from clusters.rig.echo import EchoControl
 from clusters.rig.h2_echo import serve_h2
+from mesh import telemetry as tm
 from mesh.model import (
     ClusterWeight,
     Fault,
@@ -27,6 +29,7 @@ from mesh.model import (
     TrafficPolicy,
 )
 from tests.sidecar.conftest import Pki
+from tests.sidecar.fake_telemetry import FakeTelemetry, source_spans
 from tests.sidecar.http_rig import SVC, VIP, HttpRig, start_http_rig, stop_http_rig
 
 
@@ -78,7 +81,7 @@ async def h2_rig(pki: Pki, protocol: str) -> tuple[HttpRig, H2Apps]:
     return rig, apps
 
 
-def curl(rig: HttpRig, n: int) -> list[tuple[int, str, str]]:
+def curl(rig: HttpRig, n: int, *headers: str) -> list[tuple[int, str, str]]:
     """`n` requests, (status, pod, HTTP version) each. One connection per request: curl 7.88
     (Debian 12) breaks when it reuses a prior-knowledge connection (curl#10634, fixed in 8.0),
     so multiplexing on one app connection is tested with grpcio (test_grpc_proxy.py)."""
@@ -87,6 +90,7 @@ def curl(rig: HttpRig, n: int) -> list[tuple[int, str, str]]:
     argv = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "20"]
     argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(n)]  # no reuse
     argv += ["-H", "host: api.shop.svc.clusterset.local", "-w", fmt]
+    argv += [arg for header in headers for arg in ("-H", header)]
     argv += ["-o", "/dev/null"] * n + [f"http://{host}:{port}/?i=[1-{n}]"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 0, res.stderr
@@ -168,3 +172,23 @@ async def test_sidecar_answers_to_plain_http2_carry_status_and_reason(
     answer, seconds = await asyncio.to_thread(one, "/delay/2000")
     assert answer == "504 upstream timeout"
     assert 0.2 <= seconds < 0.5
+
+
+async def test_http2_requests_get_the_source_span_and_a_metrics_record(
+    rig_apps: tuple[HttpRig, H2Apps],
+) -> None:
+    rig, _ = rig_apps
+    tel = FakeTelemetry()
+    rig.source.outbound.http.telemetry = tel
+    rig.apply(TrafficPolicy(SVC, cluster_weights=(ClusterWeight("local", 100),)))
+    trace_id, app_span = secrets.token_hex(16), secrets.token_hex(8)
+    rows = await asyncio.to_thread(curl, rig, 3, f"traceparent: 00-{trace_id}-{app_span}-01")
+    assert {(c, v) for c, _, v in rows} == {(200, "2")}
+    for span in source_spans(tel, 3, trace_id, app_span):
+        assert span.attributes[tm.STATUS] == 200
+        assert span.attributes[tm.PROTOCOL] == "http"
+        assert span.attributes[tm.DESTINATION_CLUSTER] == "east"
+        assert span.attributes[tm.RETRIES] == 0
+    records = [r for r in tel.records if r.hop == tm.SOURCE]
+    assert {(r.protocol, r.code, r.service) for r in records} == {("http", "200", SVC.fqdn)}
+    assert len(records) == 3

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.http.forward import health_check
+from sidecar.traffic.attempt import health_check
 from sidecar.traffic.balance import remote_host
 from sidecar.traffic.peers import PeerHealth
 
