@@ -1,0 +1,282 @@
+"""MCS write-back: ServiceImports and ServiceExport conditions, planned purely, then written by
+server-side apply into the faithful fake API server and asserted on its stored objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clusters.kube.cache import Backoff
+from clusters.kube.mcs import Apply, Delete, export_status, plan, service_import
+from clusters.kube.writeback import McsWriteBack, WriteBackError
+from mesh.model import Condition, MergedService, ServicePort
+from mesh.naming import ServiceKey
+from tests.clusters.kube_objects import NS, service_export
+from tests.clusters.kube_rig import api_client, until
+from tests.kubefake import FakeKubeAPI
+from tests.kubefake.resources import SERVICEEXPORTS, SERVICEIMPORTS
+from tests.kubefake.store import StoreError
+
+MANAGED = {"app.kubernetes.io/managed-by": "fedgate"}
+NOW, LATER = "2026-12-06T10:00:00Z", "2026-12-06T11:00:00Z"
+CONFLICT = Condition(
+    "Conflict",
+    True,
+    "PortConflict",
+    "exports in clusters east, west conflict, the oldest export wins: port 'http': ...",
+)
+VALID = Condition("Valid", True, "Merged", "")
+PORTS = (ServicePort("http", 8080, "HTTP"), ServicePort("grpc", 9090, "GRPC"))
+
+
+def merged(
+    name: str,
+    *conditions: Condition,
+    vip: str = "10.255.0.7",
+    clusters: tuple[str, ...] = ("east", "west"),
+    ports: tuple[ServicePort, ...] = PORTS,
+) -> MergedService:
+    return MergedService(ServiceKey(NS, name), vip, ports, clusters, (), conditions or (VALID,))
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {
+        c["type"]: (c["status"], c["reason"], c["lastTransitionTime"])
+        for c in obj.get("status", {}).get("conditions", [])
+    }
+
+
+def managers(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        m["manager"] + ("/" + m["subresource"] if "subresource" in m else ""): m["fieldsV1"]
+        for m in obj["metadata"]["managedFields"]
+    }
+
+
+# --- the pure plan ----------------------------------------------------------------------------
+
+
+def test_a_service_import_carries_type_vip_and_the_merged_ports() -> None:
+    ports = (*PORTS, ServicePort("", 5432, "TCP"), ServicePort("h2", 8443, "HTTP2"))
+    assert service_import(merged("pay", ports=ports)) == {
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceImport",
+        "metadata": {"name": "pay", "namespace": NS, "labels": MANAGED},
+        "spec": {
+            "type": "ClusterSetIP",
+            "ips": ["10.255.0.7"],
+            "ports": [
+                {"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"},
+                {"name": "grpc", "port": 9090, "protocol": "TCP", "appProtocol": "grpc"},
+                {"port": 5432, "protocol": "TCP"},
+                {"name": "h2", "port": 8443, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"},
+            ],
+        },
+    }
+    assert "ips" not in service_import(merged("pay", vip=""))["spec"]  # no VIP allocated yet
+
+
+def test_exports_get_valid_and_conflict_from_the_controllers_condition() -> None:
+    export = service_export("pay")
+    valid = export_status(export, merged("pay", VALID), NOW)["status"]["conditions"]
+    assert [(c["type"], c["status"], c["reason"]) for c in valid] == [
+        ("Valid", "True", "Merged"),
+        ("Conflict", "False", "NoConflict"),
+    ]
+    clash = export_status(export, merged("pay", CONFLICT), NOW)["status"]["conditions"]
+    assert [(c["type"], c["status"], c["reason"], c["message"]) for c in clash] == [
+        ("Valid", "True", "Merged", ""),
+        ("Conflict", "True", "PortConflict", CONFLICT.message),
+    ]
+
+
+def test_the_plan_writes_only_what_changes_and_keeps_transition_times() -> None:
+    pay = merged("pay", CONFLICT)
+    first = plan("east", [pay], [], [service_export("pay")], NOW)
+    assert [(type(w).__name__, w.plural) for w in first] == [
+        ("Apply", "serviceimports"),
+        ("Apply", "serviceexports"),
+    ]
+    imported, status = (w.body for w in first if isinstance(w, Apply))
+    export = service_export("pay") | {"status": status["status"]}
+    assert plan("east", [pay], [imported], [export], LATER) == ()  # held: nothing to write
+    (resolved,) = plan("east", [merged("pay", VALID)], [imported], [export], LATER)
+    assert isinstance(resolved, Apply)
+    assert conditions(resolved.body) == {
+        "Valid": ("True", "Merged", NOW),  # unchanged status: the transition time stays
+        "Conflict": ("False", "NoConflict", LATER),
+    }
+
+
+def test_the_plan_deletes_only_fedgates_stale_imports_and_skips_foreign_exports() -> None:
+    ours = service_import(merged("gone"))
+    theirs = {"metadata": {"name": "theirs", "namespace": NS}, "spec": {"type": "Headless"}}
+    west_only = merged("cart", clusters=("west",))
+    writes = plan(
+        "east",
+        [west_only],
+        [ours, theirs],
+        [service_export("cart"), service_export("unmerged")],
+        NOW,
+    )
+    # cart is imported here, but its export in east is not part of the merge: no conditions.
+    assert [(type(w).__name__, w.plural, w.name) for w in writes] == [
+        ("Apply", "serviceimports", "cart"),
+        ("Delete", "serviceimports", "gone"),
+    ]
+    assert isinstance(writes[1], Delete)
+
+
+# --- the driver against the fake API server ---------------------------------------------------
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def client(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
+    with api_client(tmp_path, api.url) as c:
+        yield c
+
+
+def test_write_back_stores_imports_and_conditions_leaving_other_managers_fields(
+    api: FakeKubeAPI, client: Any
+) -> None:
+    s = api.store
+    s.create(SERVICEEXPORTS, service_export("pay"))
+    # Another MCS controller's condition on the export, set before fedgate writes.
+    other = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "R",
+        "message": "",
+        "lastTransitionTime": NOW,
+    }
+    s.apply(
+        SERVICEEXPORTS,
+        NS,
+        "pay",
+        {"status": {"conditions": [other]}},
+        "other-mcs",
+        subresource="status",
+    )
+    s.create(SERVICEIMPORTS, service_import(merged("gone")))  # fedgate's, service left
+    s.create(
+        SERVICEIMPORTS,
+        {"metadata": {"name": "theirs", "namespace": NS}, "spec": {"type": "Headless"}},
+    )
+    clock = [1_765_015_200.0]  # 2025-12-06T10:00:00Z
+    writer = McsWriteBack(client, "east", clock=lambda: clock[0])
+
+    assert writer.sync((merged("pay", CONFLICT), merged("cart", clusters=("west",)))) == 4
+
+    pay = s.get(SERVICEIMPORTS, NS, "pay")
+    assert pay["spec"] == service_import(merged("pay"))["spec"]
+    assert pay["metadata"]["labels"] == MANAGED
+    assert managers(pay) == {
+        "fedgate": {
+            "f:metadata": {"f:labels": {"f:app.kubernetes.io/managed-by": {}}},
+            "f:spec": {"f:ips": {}, "f:ports": {}, "f:type": {}},
+        }
+    }
+    assert s.get(SERVICEIMPORTS, NS, "cart")["spec"]["ports"][0]["name"] == "http"
+    with pytest.raises(StoreError):
+        s.get(SERVICEIMPORTS, NS, "gone")  # the stale import fedgate labelled is deleted
+    assert s.get(SERVICEIMPORTS, NS, "theirs")["spec"] == {"type": "Headless"}  # not ours
+    export = s.get(SERVICEEXPORTS, NS, "pay")
+    stamp = "2025-12-06T10:00:00Z"
+    assert conditions(export) == {
+        "Ready": ("True", "R", NOW),  # the other manager's condition is left alone
+        "Valid": ("True", "Merged", stamp),
+        "Conflict": ("True", "PortConflict", stamp),
+    }
+    fields = managers(export)
+    assert set(fields["fedgate/status"]["f:status"]["f:conditions"]) == {
+        'k:{"type":"Valid"}',
+        'k:{"type":"Conflict"}',
+    }
+    assert set(fields["other-mcs/status"]["f:status"]["f:conditions"]) == {'k:{"type":"Ready"}'}
+
+    # kubectl labels the import; fedgate's next sync of the same catalog writes nothing.
+    s.apply(SERVICEIMPORTS, NS, "pay", {"metadata": {"labels": {"team": "pay"}}}, "kubectl")
+    assert writer.sync((merged("pay", CONFLICT), merged("cart", clusters=("west",)))) == 0
+    clock[0] += 3600
+    assert writer.sync((merged("pay", VALID, vip="10.255.0.9"),)) == 3  # pay, its export, cart
+    pay = s.get(SERVICEIMPORTS, NS, "pay")
+    assert pay["spec"]["ips"] == ["10.255.0.9"]
+    assert pay["metadata"]["labels"] == MANAGED | {"team": "pay"}
+    assert conditions(s.get(SERVICEEXPORTS, NS, "pay")) == {
+        "Ready": ("True", "R", NOW),
+        "Valid": ("True", "Merged", stamp),  # still true: the transition time stays
+        "Conflict": ("False", "NoConflict", "2025-12-06T11:00:00Z"),
+    }
+    with pytest.raises(StoreError):
+        s.get(SERVICEIMPORTS, NS, "cart")
+
+
+class MemoryCatalog:
+    """`mesh.interfaces.MergedCatalog` fed by the test."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[MergedService, ...]] = asyncio.Queue(maxsize=8)
+
+    async def changes(self) -> AsyncIterator[tuple[MergedService, ...]]:
+        while True:
+            yield await self.queue.get()
+
+
+@contextlib.asynccontextmanager
+async def running(writer: McsWriteBack, catalog: MemoryCatalog) -> AsyncIterator[None]:
+    task = asyncio.create_task(writer.run(catalog), name="test:mcs-writeback")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def imported(api: FakeKubeAPI, name: str) -> bool:
+    try:
+        api.store.get(SERVICEIMPORTS, NS, name)
+    except StoreError:
+        return False
+    return True
+
+
+async def test_the_driver_follows_the_catalog_resyncs_and_retries(
+    api: FakeKubeAPI, client: Any
+) -> None:
+    catalog = MemoryCatalog()
+    fast = Backoff(initial=0.02, cap=0.1)
+    writer = McsWriteBack(client, "east", resync=0.1, backoff=fast)
+    async with running(writer, catalog):
+        await catalog.queue.put((merged("pay"),))
+        await until(lambda: imported(api, "pay"), "the import written")
+        api.store.delete(SERVICEIMPORTS, NS, "pay")  # someone deletes it: the resync restores it
+        await until(lambda: imported(api, "pay"), "the import restored by the resync")
+        api.stop()  # the API server goes away: syncs fail and are retried
+        await catalog.queue.put((merged("cart"),))
+        await until(lambda: writer.failures > 0, "a failed sync")
+        assert writer.last_error.startswith("list: ")
+        api.start()
+        await until(
+            lambda: imported(api, "cart") and not imported(api, "pay") and not writer.last_error,
+            "the retry",
+        )
+
+
+def test_a_sync_against_an_unreachable_api_fails_with_a_reason(tmp_path: Path) -> None:
+    with (
+        api_client(tmp_path, "http://127.0.0.1:1") as c,
+        pytest.raises(WriteBackError, match="list: "),
+    ):
+        McsWriteBack(c, "east").sync((merged("pay"),))
