@@ -11,8 +11,9 @@ between, so a rollout touching a hundred pods is one publish, and no publish is 
 object is logged once (kind, namespace, name, reason) when it first appears, not on every
 publish.
 
-This module writes nothing back (ServiceImports and ServiceExport conditions are another
-module's job) and reads no kubeconfig unless `from_kubeconfig` is called.
+This module writes nothing back (ServiceImports and ServiceExport conditions are
+`writeback`'s job, on the same API client) and reads no kubeconfig unless `from_kubeconfig` is
+called.
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ class KubeClusterSource:
         source = cls(kubernetes.client.ApiClient(config), cluster, trust_domain, **kw)
         source._owns_client = True
         return source
+
+    @property
+    def api_client(self) -> Any:
+        """The `kubernetes` ApiClient (shared with the MCS write-back and the TokenReview
+        authenticator, which fedgate/ wires next to the source)."""
+        return self._api_client
 
     def close(self) -> None:
         """Close the API client if this source created it (call after `changes()` ended)."""
