@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -26,7 +27,7 @@ from ca.keys import new_key_and_csr
 from ca.service import serve
 from ca.tokens import ServiceAccount, TokenRefusedError, service_account_of
 from ca.verify import utcnow, verify_chain
-from clusters.kube.tokenreview import TokenReviewAuthenticator
+from clusters.kube.tokenreview import TokenReviewAuthenticator, account_of_review
 from clusters.source import FileTokenAuthenticator, add_token
 from mesh.naming import SpiffeId
 from tests.ca.conftest import free_pair
@@ -128,6 +129,18 @@ async def test_an_unreachable_api_server_is_unavailable_not_a_refusal(
             assert refusals(logs)[0].startswith("cannot authenticate the token now: TokenReview")
         finally:
             await server.stop(None)
+
+
+def test_an_authenticated_review_without_our_audience_is_refused() -> None:
+    # An API server that ignores spec.audiences answers with the token's own audiences (or
+    # none): authenticated, but not for fedgate.
+    user = SimpleNamespace(username=PAYMENTS)
+    for granted in ([], None, ["https://kubernetes.default.svc"]):
+        status = SimpleNamespace(authenticated=True, audiences=granted, user=user, error=None)
+        with pytest.raises(TokenRefusedError, match="do not include 'fedgate'"):
+            account_of_review(status, "fedgate")
+    ok = SimpleNamespace(authenticated=True, audiences=["fedgate"], user=user, error=None)
+    assert account_of_review(ok, "fedgate") == ServiceAccount("shop", "payments")
 
 
 def test_service_account_usernames() -> None:
