@@ -1,5 +1,6 @@
 """MCS write-back: ServiceImports and ServiceExport conditions, planned purely, then written by
-server-side apply into the faithful fake API server and asserted on its stored objects."""
+server-side apply into the faithful fake API server and asserted on its stored objects; last,
+the agent's whole path from the leader's status records in a real etcd."""
 
 from __future__ import annotations
 
@@ -10,17 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from etcd3aio import Etcd3Client
 
 from clusters.kube.cache import Backoff
 from clusters.kube.mcs import Apply, Delete, export_status, plan, service_import
 from clusters.kube.writeback import McsWriteBack, WriteBackError
-from mesh.model import Condition, MergedService, ServicePort
+from federation import keys
+from federation.merge import merge_service
+from federation.merged_feed import EtcdMergedCatalog
+from federation.status import service_entry
+from federation.store import kv_service
+from mesh.interfaces import MergedCatalog
+from mesh.model import Condition, MergedService, ServiceExport, ServicePort
 from mesh.naming import ServiceKey
 from tests.clusters.kube_objects import NS, service_export
 from tests.clusters.kube_rig import api_client, until
+from tests.etcd_fixture import etcd, etcd_server
 from tests.kubefake import FakeKubeAPI
 from tests.kubefake.resources import SERVICEEXPORTS, SERVICEIMPORTS
 from tests.kubefake.store import StoreError
+
+__all__ = ["etcd", "etcd_server"]  # fixtures: the session's etcd and a client
 
 MANAGED = {"app.kubernetes.io/managed-by": "fedgate"}
 NOW, LATER = "2026-12-06T10:00:00Z", "2026-12-06T11:00:00Z"
@@ -234,7 +245,7 @@ class MemoryCatalog:
 
 
 @contextlib.asynccontextmanager
-async def running(writer: McsWriteBack, catalog: MemoryCatalog) -> AsyncIterator[None]:
+async def running(writer: McsWriteBack, catalog: MergedCatalog) -> AsyncIterator[None]:
     task = asyncio.create_task(writer.run(catalog), name="test:mcs-writeback")
     try:
         yield
@@ -280,3 +291,42 @@ def test_a_sync_against_an_unreachable_api_fails_with_a_reason(tmp_path: Path) -
         pytest.raises(WriteBackError, match="list: "),
     ):
         McsWriteBack(c, "east").sync((merged("pay"),))
+
+
+# --- the agent's whole path: the leader's status records in etcd -> the fake API server -------
+
+
+@pytest.mark.etcd
+async def test_the_agent_writes_back_what_the_leader_recorded(
+    api: FakeKubeAPI, client: Any, etcd: Etcd3Client
+) -> None:
+    api.store.create(SERVICEEXPORTS, service_export("pay"))
+    key = ServiceKey(NS, "pay")
+    exports = [
+        ServiceExport("east", key, (ServicePort("http", 8080, "HTTP"),), 1.0),
+        ServiceExport("west", key, (ServicePort("http", 9090, "HTTP"),), 2.0),
+    ]
+    kv = kv_service(etcd)
+    await kv.put(*service_entry(merge_service(key, exports, "10.255.0.7"), exports))
+    writer = McsWriteBack(client, "east")
+    async with running(writer, EtcdMergedCatalog(etcd)):
+        await until(lambda: imported(api, "pay"), "the ServiceImport")
+        pay = api.store.get(SERVICEIMPORTS, NS, "pay")
+        assert pay["spec"] == {
+            "type": "ClusterSetIP",
+            "ips": ["10.255.0.7"],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}],
+        }
+        await until(
+            lambda: "Conflict" in conditions(api.store.get(SERVICEEXPORTS, NS, "pay")),
+            "the export's conditions",
+        )
+        conflict = next(
+            c
+            for c in api.store.get(SERVICEEXPORTS, NS, "pay")["status"]["conditions"]
+            if c["type"] == "Conflict"
+        )
+        assert (conflict["status"], conflict["reason"]) == ("True", "PortConflict")
+        assert "clusters east, west" in conflict["message"]
+        await kv.delete(keys.service_status_key(key))  # the service left the merged catalog
+        await until(lambda: not imported(api, "pay"), "the stale ServiceImport deleted")
