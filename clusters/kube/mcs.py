@@ -8,7 +8,9 @@ Lighthouse, Cilium, GKE) keep it:
   namespace, in **every** member cluster: `spec.type: ClusterSetIP`, `spec.ips: [<VIP>]` (left
   out until the controller allocated one), `spec.ports` the merged ports (`name`, `port`,
   `protocol: TCP` and the `appProtocol` our protocol came from: HTTP -> `http`, HTTP2 ->
-  `kubernetes.io/h2c`, GRPC -> `grpc`). fedgate labels what it creates
+  `kubernetes.io/h2c`, GRPC -> `grpc`); its `status.clusters` lists the clusters whose exports
+  make up the service (`[{cluster: east}, ...]`, as Lighthouse fills it). fedgate labels what it
+  creates
   `app.kubernetes.io/managed-by: fedgate`, and deletes only imports carrying that label whose
   service left the merged catalog;
 * in `status.conditions` of each of this cluster's `ServiceExport`s that the merge took in:
@@ -101,6 +103,16 @@ def service_import(service: MergedService) -> Obj:
     }
 
 
+def import_status(service: MergedService) -> Obj:
+    """The ServiceImport's status apply configuration: the clusters backing the service."""
+    return {
+        "apiVersion": MCS_API_VERSION,
+        "kind": "ServiceImport",
+        "metadata": {"name": service.key.name, "namespace": service.key.namespace},
+        "status": {"clusters": [{"cluster": c} for c in service.clusters]},
+    }
+
+
 def export_conditions(service: MergedService) -> tuple[Condition, Condition]:
     """`Valid` and `Conflict` for an export of `service`, from the controller's conditions."""
     by_type = {c.type: c for c in service.conditions}
@@ -160,8 +172,8 @@ def plan(
 
     `imports` are the cluster's ServiceImports labelled as fedgate's (or all of them: unlabelled
     ones are only ever applied to, never deleted); `exports` its ServiceExports; `now` the
-    RFC 3339 time stamped on conditions that change status. Imports first, then export
-    conditions, then deletions, each in key order."""
+    RFC 3339 time stamped on conditions that change status. Imports first (each spec, then its
+    status), then export conditions, then deletions, each in key order."""
     merged = {(s.key.namespace, s.key.name): s for s in services}
     held_imports = {key_of(i): i for i in imports}
     writes: list[Write] = []
@@ -170,6 +182,12 @@ def plan(
         held = held_imports.get(key)
         if held is None or not _import_holds(held, wanted):
             writes.append(Apply(IMPORTS, *key, wanted))
+        backing = import_status(service)
+        if (
+            held is None
+            or (held.get("status") or {}).get("clusters") != backing["status"]["clusters"]
+        ):
+            writes.append(Apply(IMPORTS, *key, backing, "status"))
     for export in sorted(exports, key=key_of):
         key = key_of(export)
         exported = merged.get(key)

@@ -109,14 +109,17 @@ def test_exports_get_valid_and_conflict_from_the_controllers_condition() -> None
 def test_the_plan_writes_only_what_changes_and_keeps_transition_times() -> None:
     pay = merged("pay", CONFLICT)
     first = plan("east", [pay], [], [service_export("pay")], NOW)
-    assert [(type(w).__name__, w.plural) for w in first] == [
-        ("Apply", "serviceimports"),
-        ("Apply", "serviceexports"),
+    assert [(type(w).__name__, w.plural, w.subresource) for w in first] == [
+        ("Apply", "serviceimports", ""),
+        ("Apply", "serviceimports", "status"),
+        ("Apply", "serviceexports", "status"),
     ]
-    imported, status = (w.body for w in first if isinstance(w, Apply))
+    spec, backing, status = (w.body for w in first if isinstance(w, Apply))
+    assert backing["status"] == {"clusters": [{"cluster": "east"}, {"cluster": "west"}]}
+    held = spec | {"status": backing["status"]}
     export = service_export("pay") | {"status": status["status"]}
-    assert plan("east", [pay], [imported], [export], LATER) == ()  # held: nothing to write
-    (resolved,) = plan("east", [merged("pay", VALID)], [imported], [export], LATER)
+    assert plan("east", [pay], [held], [export], LATER) == ()  # held: nothing to write
+    (resolved,) = plan("east", [merged("pay", VALID)], [held], [export], LATER)
     assert isinstance(resolved, Apply)
     assert conditions(resolved.body) == {
         "Valid": ("True", "Merged", NOW),  # unchanged status: the transition time stays
@@ -138,9 +141,10 @@ def test_the_plan_deletes_only_fedgates_stale_imports_and_skips_foreign_exports(
     # cart is imported here, but its export in east is not part of the merge: no conditions.
     assert [(type(w).__name__, w.plural, w.name) for w in writes] == [
         ("Apply", "serviceimports", "cart"),
+        ("Apply", "serviceimports", "cart"),  # its status: backed by west
         ("Delete", "serviceimports", "gone"),
     ]
-    assert isinstance(writes[1], Delete)
+    assert isinstance(writes[2], Delete)
 
 
 # --- the driver against the fake API server ---------------------------------------------------
@@ -187,18 +191,22 @@ def test_write_back_stores_imports_and_conditions_leaving_other_managers_fields(
     clock = [1_765_015_200.0]  # 2025-12-06T10:00:00Z
     writer = McsWriteBack(client, "east", clock=lambda: clock[0])
 
-    assert writer.sync((merged("pay", CONFLICT), merged("cart", clusters=("west",)))) == 4
+    assert writer.sync((merged("pay", CONFLICT), merged("cart", clusters=("west",)))) == 6
 
     pay = s.get(SERVICEIMPORTS, NS, "pay")
     assert pay["spec"] == service_import(merged("pay"))["spec"]
     assert pay["metadata"]["labels"] == MANAGED
+    assert pay["status"] == {"clusters": [{"cluster": "east"}, {"cluster": "west"}]}
     assert managers(pay) == {
         "fedgate": {
             "f:metadata": {"f:labels": {"f:app.kubernetes.io/managed-by": {}}},
             "f:spec": {"f:ips": {}, "f:ports": {}, "f:type": {}},
-        }
+        },
+        "fedgate/status": {"f:status": {"f:clusters": {}}},
     }
-    assert s.get(SERVICEIMPORTS, NS, "cart")["spec"]["ports"][0]["name"] == "http"
+    cart = s.get(SERVICEIMPORTS, NS, "cart")
+    assert cart["spec"]["ports"][0]["name"] == "http"
+    assert cart["status"] == {"clusters": [{"cluster": "west"}]}
     with pytest.raises(StoreError):
         s.get(SERVICEIMPORTS, NS, "gone")  # the stale import fedgate labelled is deleted
     assert s.get(SERVICEIMPORTS, NS, "theirs")["spec"] == {"type": "Headless"}  # not ours
