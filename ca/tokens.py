@@ -77,7 +77,8 @@ def service_account_of(username: str) -> ServiceAccount:
 
 class LookupTokens:
     """A `TokenAuthenticator` over a plain lookup (a table of join tokens, tests): a token the
-    lookup does not know is refused."""
+    lookup does not know is refused. A SpiffeId answer gives its namespace and service account
+    only: the CA issues in its own trust domain, whatever the table says."""
 
     def __init__(self, lookup: Callable[[str], SpiffeId | ServiceAccount | None]) -> None:
         self._lookup = lookup
