@@ -40,7 +40,8 @@ from ca.tokens import (
 )
 
 AUDIENCE = "fedgate"
-TIMEOUT = (5.0, 10.0)  # connect, read (seconds)
+# connect, read (seconds): the review answers within the workload's 5 s Sign deadline.
+TIMEOUT = (2.0, 2.5)
 
 
 def account_of_review(status: Any, audience: str) -> ServiceAccount:
