@@ -84,6 +84,7 @@ class McsWriteBack:
         self.failures = 0
         self.last_error = ""
         self.synced: tuple[MergedService, ...] | None = None  # the catalog of the last good sync
+        self.skipped: set[str] = set()  # writes skipped (404) at the last sync, logged once
 
     def status(self) -> dict[str, object]:
         return {
@@ -92,6 +93,7 @@ class McsWriteBack:
             "failures": self.failures,
             "lastError": self.last_error,
             "services": None if self.synced is None else len(self.synced),
+            "skipped": sorted(self.skipped),
         }
 
     async def run(self, catalog: MergedCatalog) -> None:
@@ -130,18 +132,23 @@ class McsWriteBack:
             raise WriteBackError(f"list: {_describe(e)}") from e
         writes = plan(self.cluster, services, imports, exports, rfc3339(self._clock()))
         sent = 0
+        skipped: set[str] = set()
         for w in writes:
+            what = _describe_write(w)
             try:
                 self._send(w)
             except ApiException as e:
                 if e.status == NOT_FOUND:  # namespace missing, export just deleted, ...
-                    _log.warning("mcs write-back skipped %s: %s", _describe_write(w), e.reason)
+                    skipped.add(what)
+                    if what not in self.skipped:  # once, not at every resync
+                        _log.warning("mcs write-back skipped %s: %s", what, _describe(e))
                     continue
-                raise WriteBackError(f"{_describe_write(w)}: {_describe(e)}") from e
+                raise WriteBackError(f"{what}: {_describe(e)}") from e
             except (urllib3.exceptions.HTTPError, OSError) as e:
-                raise WriteBackError(f"{_describe_write(w)}: {_describe(e)}") from e
+                raise WriteBackError(f"{what}: {_describe(e)}") from e
             sent += 1
-            _log.info("mcs write-back: %s", _describe_write(w))
+            _log.info("mcs write-back: %s", what)
+        self.skipped = skipped
         self.syncs += 1
         self.writes += sent
         self.synced = services

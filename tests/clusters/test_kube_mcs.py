@@ -338,3 +338,24 @@ async def test_the_agent_writes_back_what_the_leader_recorded(
         assert "clusters east, west" in conflict["message"]
         await kv.delete(keys.service_status_key(key))  # the service left the merged catalog
         await until(lambda: not imported(api, "pay"), "the stale ServiceImport deleted")
+
+
+def test_a_write_the_api_answers_not_found_is_skipped_and_logged_once(
+    api: FakeKubeAPI, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = McsWriteBack(client, "east")
+    listed = writer._list
+
+    def with_a_phantom(plural: str, selector: str | None = None) -> list[dict[str, Any]]:
+        # An export listed, then deleted before its status is written (a real race).
+        phantom = [service_export("pay")] if plural == "serviceexports" else []
+        return listed(plural, selector) + phantom
+
+    writer._list = with_a_phantom  # type: ignore[method-assign]
+    assert writer.sync((merged("pay"),)) == 2  # the import and its status; not the export
+    assert writer.sync((merged("pay"),)) == 0  # the next sync tries the export again, quietly
+    assert writer.skipped == {"apply serviceexports/shop/pay/status"}
+    skips = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert [r.getMessage() for r in skips] == [
+        "mcs write-back skipped apply serviceexports/shop/pay/status: 404 Not Found"
+    ]
