@@ -280,13 +280,17 @@ def source_identity_and_writeback(
     and ServiceExport conditions written back (one API client for all). The file source: the
     rig's tokens.json, and nothing written back."""
     if settings.kind == "kubernetes":
+        from clusters.kube.mcs import rejected_exports
         from clusters.kube.source import KubeClusterSource
         from clusters.kube.tokenreview import TokenReviewAuthenticator
         from clusters.kube.writeback import McsWriteBack
 
         assert isinstance(source, KubeClusterSource)
-        api = source.api_client
-        return TokenReviewAuthenticator(api), McsWriteBack(api, cluster)
+        kube = source
+        api = kube.api_client
+        writeback = McsWriteBack(api, cluster, rejected=lambda: rejected_exports(kube.rejections))
+        kube.on_rejections = writeback.poke  # a rejected export's condition does not wait
+        return TokenReviewAuthenticator(api), writeback
     from clusters.source import FileTokenAuthenticator
 
     return FileTokenAuthenticator(tokens), None

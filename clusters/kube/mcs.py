@@ -19,6 +19,10 @@ Lighthouse, Cilium, GKE) keep it:
   reason and the message naming the clusters and ports); the other is filled in: a conflicting
   export is still valid (`Valid` True, reason `Merged`), a valid one has `Conflict` False with
   reason `NoConflict`. `lastTransitionTime` is kept while a condition's status is unchanged.
+  An export this cluster's source rejected as a whole (no Service, an ExternalName Service, no
+  port that can cross a gateway: `clusters.kube.translate`) and that is therefore not in the
+  merge gets `Valid` False, reason `Rejected`, the source's reason as message (and no
+  `Conflict`), so `kubectl describe` says why it does not federate.
 
 The writes are server-side applies by field manager `fedgate` (the driver sends them), so
 labels, annotations, conditions and fields of other managers stay as they are. `plan` compares
@@ -33,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from clusters.kube.translate import Rejection
 from mesh.model import Condition, MergedService, ServicePort
 
 Obj = dict[str, Any]
@@ -132,8 +137,22 @@ def _condition(c: Condition, held: Mapping[str, Obj], now: str) -> Obj:
     }
 
 
-def export_status(export: Mapping[str, Any], service: MergedService, now: str) -> Obj:
-    """The status apply configuration of this cluster's `export` of `service`."""
+def rejected_exports(rejections: Iterable[Rejection]) -> dict[Key, str]:
+    """The exports the source rejected as a whole, with the reason (the first, if several)."""
+    out: dict[Key, str] = {}
+    for r in rejections:
+        if r.kind == "ServiceExport":
+            out.setdefault((r.namespace, r.name), r.reason)
+    return out
+
+
+def export_status(export: Mapping[str, Any], service: MergedService | str, now: str) -> Obj:
+    """The status apply configuration of this cluster's `export` of `service`, or of an export
+    the source rejected (`service` is then the reason)."""
+    if isinstance(service, str):
+        wanted: tuple[Condition, ...] = (Condition(VALID, False, "Rejected", service),)
+    else:
+        wanted = export_conditions(service)
     held = {
         str(c.get("type")): c
         for c in (export.get("status") or {}).get("conditions") or []
@@ -144,7 +163,7 @@ def export_status(export: Mapping[str, Any], service: MergedService, now: str) -
         "apiVersion": MCS_API_VERSION,
         "kind": "ServiceExport",
         "metadata": {"name": name, "namespace": namespace},
-        "status": {"conditions": [_condition(c, held, now) for c in export_conditions(service)]},
+        "status": {"conditions": [_condition(c, held, now) for c in wanted]},
     }
 
 
@@ -167,13 +186,15 @@ def plan(
     imports: Iterable[Mapping[str, Any]],
     exports: Iterable[Mapping[str, Any]],
     now: str,
+    rejected: Mapping[Key, str] | None = None,
 ) -> tuple[Write, ...]:
     """The writes that make `cluster` hold what the merged catalog says.
 
     `imports` are the cluster's ServiceImports labelled as fedgate's (or all of them: unlabelled
     ones are only ever applied to, never deleted); `exports` its ServiceExports; `now` the
-    RFC 3339 time stamped on conditions that change status. Imports first (each spec, then its
-    status), then export conditions, then deletions, each in key order."""
+    RFC 3339 time stamped on conditions that change status; `rejected` the exports this
+    cluster's source rejected (`rejected_exports`), with the reason. Imports first (each spec,
+    then its status), then export conditions, then deletions, each in key order."""
     merged = {(s.key.namespace, s.key.name): s for s in services}
     held_imports = {key_of(i): i for i in imports}
     writes: list[Write] = []
@@ -191,10 +212,14 @@ def plan(
     for export in sorted(exports, key=key_of):
         key = key_of(export)
         exported = merged.get(key)
-        meta = export.get("metadata") or {}
-        if exported is None or cluster not in exported.clusters or meta.get("deletionTimestamp"):
-            continue  # not (or no longer) in the merge: nothing of ours to say about it
-        status = export_status(export, exported, now)
+        why: MergedService | str | None = None
+        if exported is not None and cluster in exported.clusters:
+            why = exported
+        elif rejected and key in rejected:
+            why = rejected[key]
+        if why is None or (export.get("metadata") or {}).get("deletionTimestamp"):
+            continue  # not (or not yet) merged, not rejected: nothing of ours to say about it
+        status = export_status(export, why, now)
         if not _export_holds(export, status):
             writes.append(Apply(EXPORTS, *key, status, "status"))
     for key, held in sorted(held_imports.items()):

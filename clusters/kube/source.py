@@ -24,7 +24,7 @@ import functools
 import logging
 import random
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ class KubeClusterSource:
         self._rng = rng or random.Random()
         self._informers: tuple[Informer, ...] = ()
         self.rejections: tuple[Rejection, ...] = ()
+        self.on_rejections: Callable[[], None] = lambda: None  # called when they change
         self.publishes = 0
 
     @classmethod
@@ -158,6 +159,8 @@ class KubeClusterSource:
             await asyncio.to_thread(_stop_all, informers)
 
     def _log_rejections(self, rejections: tuple[Rejection, ...]) -> None:
+        if rejections != self.rejections:
+            self.on_rejections()  # (the MCS write-back's poke: it reads them on this loop)
         known = set(self.rejections)
         for r in rejections:
             if r not in known:

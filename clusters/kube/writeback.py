@@ -8,7 +8,9 @@ controllers do: a field another manager took over is taken back) and deletions. 
 triggered: the same sync runs again every `resync` seconds (a condition someone removed, an
 export recreated without status, a namespace created after the service merged), and after a
 failure with a jittered exponential backoff, always from the newest catalog; a sync of an
-unchanged cluster writes nothing.
+unchanged cluster writes nothing. Exports the cluster's source rejected (`rejected`, read on the
+event loop before each sync) get `Valid` False; the source `poke()`s the write-back when its
+rejections change, so that condition does not wait for the resync.
 
 The `kubernetes` client is synchronous, so each sync runs in a worker thread
 (`asyncio.to_thread`); syncs never overlap. A ServiceImport whose namespace does not exist in
@@ -25,7 +27,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
@@ -40,6 +42,7 @@ from clusters.kube.mcs import (
     MANAGER,
     Apply,
     Delete,
+    Key,
     Write,
     plan,
 )
@@ -73,12 +76,15 @@ class McsWriteBack:
         resync: float = DEFAULT_RESYNC,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
+        rejected: Callable[[], Mapping[Key, str]] = dict,
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self.cluster = check_label(cluster, "cluster name")
         self._resync = resync
         self._backoff = backoff or Backoff(initial=1.0, cap=30.0, rng=random.Random())
         self._clock = clock
+        self._rejected = rejected  # the exports the source rejected (read on the event loop)
+        self._wake = asyncio.Event()
         self.syncs = 0  # metrics and /config
         self.writes = 0
         self.failures = 0
@@ -96,9 +102,13 @@ class McsWriteBack:
             "skipped": sorted(self.skipped),
         }
 
+    def poke(self) -> None:
+        """Sync now (the source's rejections changed); call on the event loop."""
+        self._wake.set()
+
     async def run(self, catalog: MergedCatalog) -> None:
         latest: list[tuple[MergedService, ...]] = []
-        changed = asyncio.Event()
+        changed = self._wake
 
         async def follow() -> None:
             async for services in catalog.changes():
@@ -112,8 +122,10 @@ class McsWriteBack:
                 with contextlib.suppress(TimeoutError):  # a timeout: resync, or retry
                     await asyncio.wait_for(changed.wait(), wait)
                 changed.clear()
+                if not latest:
+                    continue  # poked before the first catalog arrived
                 try:
-                    await asyncio.to_thread(self.sync, latest[0])
+                    await asyncio.to_thread(self.sync, latest[0], dict(self._rejected()))
                 except WriteBackError as e:
                     self.failures += 1
                     self.last_error = str(e)
@@ -123,14 +135,18 @@ class McsWriteBack:
                 self._backoff.reset()
                 wait = self._resync
 
-    def sync(self, services: tuple[MergedService, ...]) -> int:
-        """Make the cluster hold `services` (blocking); the number of writes sent."""
+    def sync(
+        self, services: tuple[MergedService, ...], rejected: Mapping[Key, str] | None = None
+    ) -> int:
+        """Make the cluster hold `services` and the `rejected` exports' conditions (blocking);
+        the number of writes sent."""
         try:
             imports = self._list(IMPORTS, MANAGED_SELECTOR)
             exports = self._list(EXPORTS)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             raise WriteBackError(f"list: {_describe(e)}") from e
-        writes = plan(self.cluster, services, imports, exports, rfc3339(self._clock()))
+        now = rfc3339(self._clock())
+        writes = plan(self.cluster, services, imports, exports, now, rejected)
         sent = 0
         skipped: set[str] = set()
         for w in writes:

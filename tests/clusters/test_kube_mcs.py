@@ -14,18 +14,28 @@ import pytest
 from etcd3aio import Etcd3Client
 
 from clusters.kube.cache import Backoff
-from clusters.kube.mcs import Apply, Delete, export_status, plan, service_import
+from clusters.kube.mcs import (
+    Apply,
+    Delete,
+    export_status,
+    plan,
+    rejected_exports,
+    service_import,
+)
+from clusters.kube.source import KubeClusterSource
+from clusters.kube.translate import Rejection
 from clusters.kube.writeback import McsWriteBack, WriteBackError
 from federation import keys
 from federation.merge import merge_service
 from federation.merged_feed import EtcdMergedCatalog
 from federation.status import service_entry
 from federation.store import kv_service
+from fedgate.processes import SourceSettings, source_identity_and_writeback
 from mesh.interfaces import MergedCatalog
 from mesh.model import Condition, MergedService, ServiceExport, ServicePort
 from mesh.naming import ServiceKey
 from tests.clusters.kube_objects import NS, service_export
-from tests.clusters.kube_rig import api_client, until
+from tests.clusters.kube_rig import FAST, TD, Recorder, api_client, until, write_kubeconfig
 from tests.etcd_fixture import etcd, etcd_server
 from tests.kubefake import FakeKubeAPI
 from tests.kubefake.resources import SERVICEEXPORTS, SERVICEIMPORTS
@@ -359,3 +369,62 @@ def test_a_write_the_api_answers_not_found_is_skipped_and_logged_once(
     assert [r.getMessage() for r in skips] == [
         "mcs write-back skipped apply serviceexports/shop/pay/status: 404 Not Found"
     ]
+
+
+# --- exports the source rejected --------------------------------------------------------------
+
+
+def test_an_export_the_source_rejected_is_not_valid_with_the_reason() -> None:
+    reasons = rejected_exports(
+        [
+            Rejection("ServiceExport", NS, "lonely", "no Service shop/lonely to export"),
+            Rejection("Service", NS, "pay", "port 1: protocol UDP cannot be federated"),
+        ]
+    )
+    assert reasons == {(NS, "lonely"): "no Service shop/lonely to export"}
+    exports = [service_export("lonely"), service_export("pay")]
+    reasons[(NS, "pay")] = "stale: the merge says otherwise"
+    writes = plan("east", [merged("pay")], [], exports, NOW, reasons)
+    statuses = {w.name: w.body for w in writes if w.plural == "serviceexports"}
+    assert statuses["lonely"]["status"]["conditions"] == [
+        {
+            "type": "Valid",
+            "status": "False",
+            "reason": "Rejected",
+            "message": "no Service shop/lonely to export",
+            "lastTransitionTime": NOW,
+        }
+    ]
+    assert conditions(statuses["pay"])["Valid"][:2] == ("True", "Merged")  # merged wins
+
+
+async def test_a_rejected_export_gets_its_condition_without_waiting_for_a_resync(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    api.store.create(SERVICEEXPORTS, service_export("lonely"))  # no Service to export
+    config = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+    source = KubeClusterSource.from_kubeconfig(config, "east", TD, settings=FAST, debounce=0.05)
+    settings = SourceSettings("kubernetes", config)
+    _, writeback = source_identity_and_writeback(settings, source, Path(), "east")
+    assert writeback is not None  # wired as the agent wires it: the source pokes it
+    catalog = MemoryCatalog()
+    await catalog.queue.put(())
+    try:
+        async with running(writeback, catalog):
+            await until(lambda: writeback.syncs == 1, "the first sync, before the source runs")
+            recorder = Recorder(source)  # the source finds the export has no Service
+            try:
+                await until(  # well before the 30 s resync: the source's poke
+                    lambda: "Valid" in conditions(api.store.get(SERVICEEXPORTS, NS, "lonely")),
+                    "the rejected export's condition",
+                )
+            finally:
+                await recorder.aclose()
+        (valid,) = api.store.get(SERVICEEXPORTS, NS, "lonely")["status"]["conditions"]
+        assert (valid["status"], valid["reason"], valid["message"]) == (
+            "False",
+            "Rejected",
+            "no Service shop/lonely to export",
+        )
+    finally:
+        source.close()
