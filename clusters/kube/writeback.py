@@ -108,20 +108,19 @@ class McsWriteBack:
 
     async def run(self, catalog: MergedCatalog) -> None:
         latest: list[tuple[MergedService, ...]] = []
-        changed = self._wake
 
         async def follow() -> None:
             async for services in catalog.changes():
                 latest[:] = [services]
-                changed.set()
+                self._wake.set()
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(follow(), name="mcs-writeback:catalog")
             wait: float | None = None  # nothing to sync before the first catalog
             while True:
                 with contextlib.suppress(TimeoutError):  # a timeout: resync, or retry
-                    await asyncio.wait_for(changed.wait(), wait)
-                changed.clear()
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                self._wake.clear()
                 if not latest:
                     continue  # poked before the first catalog arrived
                 try:
