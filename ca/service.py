@@ -2,8 +2,10 @@
 
 Two ports serve the same service:
 
-* the **bootstrap** port (TLS, server-auth only): first issuance, authenticated by a join token
-  (a projected service-account token in Kubernetes). The token names the identity.
+* the **bootstrap** port (TLS, server-auth only): first issuance, authenticated by a token that
+  a `ca.tokens.TokenAuthenticator` turns into a service account (a join token of the rig's
+  table, or a projected ServiceAccount token checked with Kubernetes' TokenReview). The
+  account, in the CA's own trust domain, is the identity; the CSR's subject and SANs are not.
 * the **renewal** port (mutual TLS, a client certificate required): renewal, authenticated by
   the caller's current SVID. OpenSSL checks the chain against the CA's published roots; then
   `ca.verify` (same trust domain, not expired, not denied) names the identity, and the CA
@@ -36,12 +38,20 @@ from ca.api import ca_pb2, ca_pb2_grpc
 from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority, Svid, cert_to_pem
 from ca.bundle import TrustBundle, denial_of
 from ca.errors import DeniedError, IssuanceError, VerificationError
+from ca.tokens import (
+    AuthenticatorUnavailableError,
+    LookupTokens,
+    TokenAuthenticator,
+    TokenRefusedError,
+)
 from ca.verify import utcnow, verify_chain
 from mesh.naming import SYSTEM_NAMESPACE, SpiffeId
 
 _log = structlog.get_logger("fedgate.ca")
 
+# A plain lookup is accepted where an authenticator is (the rig's table, tests): `LookupTokens`.
 TokenResolver = Callable[[str], SpiffeId | None]
+Tokens = TokenAuthenticator | TokenResolver
 MIN_TTL = dt.timedelta(seconds=10)
 
 
@@ -93,6 +103,12 @@ def _source(ca: CertificateAuthority | ViewSource, max_ttl: dt.timedelta) -> Vie
     return ca
 
 
+def _authenticator(tokens: Tokens) -> TokenAuthenticator:
+    if callable(tokens):
+        return LookupTokens(tokens)
+    return tokens
+
+
 def _peer_leaf(
     context: grpc.aio.ServicerContext[ca_pb2.SignRequest, ca_pb2.SignResponse],
 ) -> bytes | None:
@@ -109,13 +125,13 @@ class SignServicer(ca_pb2_grpc.CertificateAuthorityServicer):
     def __init__(
         self,
         ca: CertificateAuthority | ViewSource,
-        resolve_token: TokenResolver,
+        tokens: Tokens,
         max_ttl: dt.timedelta = DEFAULT_SVID_TTL,
         now: Callable[[], dt.datetime] = utcnow,
         denied: DenySource = frozenset,
     ) -> None:
         self._view = _source(ca, max_ttl)
-        self._resolve = resolve_token
+        self._tokens = _authenticator(tokens)
         self._now = now
         self._denied = denied
         self.issued = 0  # metrics
@@ -132,6 +148,27 @@ class SignServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         self.refused += 1
         _log.warning("sign refused", peer=context.peer(), reason=reason, **fields)
         await context.abort(code, reason)
+
+    async def _authenticate(
+        self,
+        token: str,
+        trust_domain: str,
+        context: grpc.aio.ServicerContext[ca_pb2.SignRequest, ca_pb2.SignResponse],
+    ) -> SpiffeId:
+        """The identity the bootstrap token proves, in this CA's trust domain, or abort."""
+        if not token:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "missing token")
+        try:
+            account = await self._tokens.authenticate(token)
+        except TokenRefusedError as e:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, f"token refused: {e}")
+            raise  # unreachable: abort raises
+        except AuthenticatorUnavailableError as e:
+            await self._refuse(
+                context, grpc.StatusCode.UNAVAILABLE, f"cannot authenticate the token now: {e}"
+            )
+            raise  # unreachable: abort raises
+        return account.spiffe_id(trust_domain)
 
     async def Sign(  # noqa: N802 - gRPC method name
         self,
@@ -155,13 +192,7 @@ class SignServicer(ca_pb2_grpc.CertificateAuthorityServicer):
                 await self._refuse(context, code, f"renewal refused: {e}")
                 raise  # unreachable: abort raises
         else:
-            resolved = self._resolve(request.token) if request.token else None
-            if resolved is None:
-                await self._refuse(
-                    context, grpc.StatusCode.UNAUTHENTICATED, "unknown or missing join token"
-                )
-            assert resolved is not None
-            spiffe_id = resolved
+            spiffe_id = await self._authenticate(request.token, view.issuer.trust_domain, context)
             entry = denial_of(spiffe_id, self._denied())
             if entry is not None:
                 await self._refuse(
@@ -287,18 +318,19 @@ def dynamic_server_credentials(
 
 async def serve(
     ca: CertificateAuthority | ViewSource,
-    resolve_token: TokenResolver,
+    tokens: Tokens,
     listen: str,
     max_ttl: dt.timedelta = DEFAULT_SVID_TTL,
     *,
     renew_listen: str | None = None,
     denied: DenySource = frozenset,
 ) -> grpc.aio.Server:
-    """Serve `Sign` on `listen` (bootstrap) and `renew_listen` (renewal; default port + 1)."""
+    """Serve `Sign` on `listen` (bootstrap, authenticated by `tokens`) and `renew_listen`
+    (renewal; default port + 1)."""
     view = _source(ca, max_ttl)
     server = grpc.aio.server()
     ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-        SignServicer(view, resolve_token, max_ttl, denied=denied), server
+        SignServicer(view, tokens, max_ttl, denied=denied), server
     )
     identity = serving_identity(view)
     renew_listen = renew_listen or renew_address_for(listen)

@@ -14,9 +14,9 @@ locked read-modify-writes replaced atomically, so the agent polling the file nev
 one. `FileClusterSource` implements `mesh.interfaces.ClusterSource` by polling.
 
 This module does not publish anything (the agent does) and issues no certificate (tokens are only
-stored here; the agent's CA service checks them). It is a little over 400 lines because the
-format, its updates and its reader change together; if it grows, the parsing half (everything
-above "file updates") is the part to move out.
+stored here; the agent's CA service checks them through `FileTokenAuthenticator`). It is a little
+over 400 lines because the format, its updates and its reader change together; if it grows, the
+parsing half (everything above "file updates") is the part to move out.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ca.files import atomic_write, locked
+from ca.tokens import AuthenticatorUnavailableError, ServiceAccount, TokenRefusedError
 from mesh.errors import InvalidNameError
 from mesh.model import Endpoint, ServiceExport, ServicePort
 from mesh.naming import ServiceKey, SpiffeId, check_label
@@ -400,6 +401,24 @@ def read_tokens(path: Path) -> dict[str, TokenGrant]:
         return parse_tokens(path.read_bytes(), where=str(path))
     except FileNotFoundError:
         return {}
+
+
+class FileTokenAuthenticator:
+    """`ca.tokens.TokenAuthenticator` over tokens.json, the rig's equivalent of Kubernetes'
+    TokenReview: a known token proves its grant's account. The file is re-read on every
+    request (the rig adds pods while the agent runs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def authenticate(self, token: str) -> ServiceAccount:
+        try:
+            grant = read_tokens(self.path).get(token)
+        except (SourceError, OSError) as e:
+            raise AuthenticatorUnavailableError(str(e)) from e
+        if grant is None:
+            raise TokenRefusedError(f"unknown join token (not in {self.path.name})")
+        return ServiceAccount(grant.namespace, grant.service_account)
 
 
 def write_tokens(path: Path, grants: Mapping[str, TokenGrant]) -> None:

@@ -6,16 +6,21 @@ With etcd auth enabled every fedgate process logs in as its own user
 | user               | role                   | permission | key range                         |
 |--------------------|------------------------|------------|-----------------------------------|
 | `agent-<cluster>`  | `fedgate-agent-<c>`    | readwrite  | /fedgate/clusters/<cluster>/      |
+|                    |                        | read       | /fedgate/status/services/         |
+|                    |                        | read       | /fedgate/config/denied/           |
 | `controller`       | `fedgate-controller`   | readwrite  | /fedgate/ (all of it)             |
 | `config-sync`      | `fedgate-config-sync`  | readwrite  | /fedgate/config/                  |
 | `reader`           | `fedgate-reader`       | read       | /fedgate/ (`fedgate status`)      |
 | `root`             | `root`                 | everything | (provisioning only)               |
 
-An agent's operations all stay inside its prefix: its transaction's guard reads the prefix, its
-puts and deletes write it, and lease keepalive needs no key permission. etcd checks the keys of
-a lease on revoke, so an agent cannot revoke another cluster's lease either. Lease *grant* is
-open to every authenticated user (etcd has no permission for it): a rogue agent can create
-leases, but cannot attach them to anything outside its prefix.
+An agent's writes all stay inside its prefix: its transaction's guard reads the prefix, its
+puts and deletes write it, and lease keepalive needs no key permission. It also reads, and only
+reads, the leader's service status records (what it writes back into its Kubernetes cluster as
+ServiceImports and ServiceExport conditions) and the deny list (its CA refuses denied
+renewals). etcd checks the keys of a lease on revoke, so an agent cannot revoke another
+cluster's lease either. Lease *grant* is open to every authenticated user (etcd has no
+permission for it): a rogue agent can create leases, but cannot attach them to anything outside
+its prefix.
 
 What this does not give: etcd's simple tokens travel in clear without TLS, so the rig (plain
 HTTP etcd on a private bridge) would need client TLS first to make auth meaningful; with client
@@ -45,6 +50,7 @@ class Grant:
     role: str
     permission: PermissionType
     prefix: str
+    reads: tuple[str, ...] = ()  # further prefixes the role may only read
 
 
 def agent_user(cluster: str) -> str:
@@ -62,7 +68,10 @@ def grants(clusters: Iterable[str]) -> dict[str, Grant]:
     }
     for cluster in clusters:
         out[agent_user(cluster)] = Grant(
-            f"fedgate-agent-{cluster}", PermissionType.READWRITE, keys.cluster_prefix(cluster)
+            f"fedgate-agent-{cluster}",
+            PermissionType.READWRITE,
+            keys.cluster_prefix(cluster),
+            reads=(keys.SERVICE_STATUS_PREFIX, keys.DENIED_PREFIX),
         )
     return out
 
@@ -84,12 +93,12 @@ async def provision(
         for user, password in sorted(passwords.items()):
             grant = table[user]
             await auth.role_add(grant.role)
-            await auth.role_grant_permission(
-                grant.role,
-                grant.prefix,
-                prefix_range_end(grant.prefix),
-                perm_type=grant.permission,
-            )
+            permissions = [(grant.prefix, grant.permission)]
+            permissions += [(prefix, PermissionType.READ) for prefix in grant.reads]
+            for prefix, permission in permissions:
+                await auth.role_grant_permission(
+                    grant.role, prefix, prefix_range_end(prefix), perm_type=permission
+                )
             await auth.user_add(user, password)
             await auth.user_grant_role(user, grant.role)
         await auth.auth_enable()

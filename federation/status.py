@@ -10,7 +10,8 @@
 
 Values are JSON (mesh.codec.dumps: sorted keys, compact) so an unchanged record encodes to the
 same bytes and `changed_keys` can skip it: the leader writes only what changed. This module does
-no I/O; federation.owned writes, fedgate.cli_status reads.
+no I/O; federation.owned writes, fedgate.cli_status reads, and agents read the service records
+back (federation.merged_feed) to write ServiceImports and ServiceExport conditions.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 
 from federation import keys
 from federation.liveness import STATES, ClusterLiveness
-from mesh.codec import dumps, loads, port_to_json
-from mesh.errors import CodecError
+from mesh.codec import dumps, loads, port_from_json, port_to_json
+from mesh.errors import CodecError, MeshError
 from mesh.model import Condition, MergedService, ServiceExport
+from mesh.naming import ServiceKey
 
 Json = dict[str, Any]
 
@@ -89,6 +91,29 @@ def service_status_json(service: MergedService, exports: Iterable[ServiceExport]
             if x.cluster in per_cluster
         },
     }
+
+
+def service_status_from_json(o: Mapping[str, Any]) -> MergedService:
+    """The merged service a status record describes, as agents read it back to write
+    ServiceImports and export conditions: VIP, ports, clusters and conditions (endpoints are
+    only counted in the record, so `endpoints` is empty). Raises CodecError."""
+    try:
+        per_cluster = o["endpoints"]
+        if not isinstance(per_cluster, dict):
+            raise TypeError("endpoints is not an object")
+        return MergedService(
+            key=ServiceKey(str(o["namespace"]), str(o["name"])),
+            vip=str(o["vip"]),
+            ports=tuple(port_from_json(p) for p in o["ports"]),
+            clusters=tuple(sorted(str(c) for c in per_cluster)),
+            endpoints=(),
+            conditions=tuple(
+                Condition(str(c["type"]), bool(c["status"]), str(c["reason"]), str(c["message"]))
+                for c in o["conditions"]
+            ),
+        )
+    except (KeyError, TypeError, ValueError, MeshError) as e:
+        raise CodecError(f"service status record: {e}") from e
 
 
 def service_entry(service: MergedService, exports: Iterable[ServiceExport]) -> tuple[str, bytes]:

@@ -37,6 +37,8 @@ from mesh.tasks import TaskSet
 from mesh.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from ca.tokens import TokenAuthenticator
+    from clusters.kube.writeback import McsWriteBack
     from federation.gitops.sync import GitOpsSync, SyncSettings
     from federation.leader import LeaderElection
 
@@ -270,6 +272,30 @@ def cluster_source(
     return file, lambda: {"file": str(exports)}, lambda: None
 
 
+def source_identity_and_writeback(
+    settings: SourceSettings, source: ClusterSource, tokens: Path, cluster: str
+) -> tuple[TokenAuthenticator, McsWriteBack | None]:
+    """What goes with the source: how the CA authenticates bootstrap tokens, and the MCS
+    write-back. Kubernetes: TokenReview of projected ServiceAccount tokens, and ServiceImports
+    and ServiceExport conditions written back (one API client for all). The file source: the
+    rig's tokens.json, and nothing written back."""
+    if settings.kind == "kubernetes":
+        from clusters.kube.mcs import rejected_exports
+        from clusters.kube.source import KubeClusterSource
+        from clusters.kube.tokenreview import TokenReviewAuthenticator
+        from clusters.kube.writeback import McsWriteBack
+
+        assert isinstance(source, KubeClusterSource)
+        kube = source
+        api = kube.api_client
+        writeback = McsWriteBack(api, cluster, rejected=lambda: rejected_exports(kube.rejections))
+        kube.on_rejections = writeback.poke  # a rejected export's condition does not wait
+        return TokenReviewAuthenticator(api), writeback
+    from clusters.source import FileTokenAuthenticator
+
+    return FileTokenAuthenticator(tokens), None
+
+
 def agent(
     cluster: str,
     etcd_endpoints: list[str],
@@ -322,23 +348,21 @@ async def _agent(
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
-    from clusters.source import read_tokens
     from federation import denied
     from federation.etcd import open_client
+    from federation.merged_feed import EtcdMergedCatalog
     from federation.store import EtcdCatalogPublisher
     from fedgate.identity import AgentCA
-    from mesh.naming import SpiffeId
 
     ca = AgentCA(ca_dir)  # the CA directory, reloaded on change (root rotation)
-
-    def resolve(token: str) -> SpiffeId | None:
-        grant = read_tokens(tokens).get(token)  # re-read: the rig adds pods while we run
-        if grant is None:
-            return None
-        return SpiffeId(ca.trust_domain, grant.namespace, grant.service_account)
-
+    source, source_status, close_source = cluster_source(
+        source_settings, exports, cluster, ca.trust_domain
+    )
+    authenticator, writeback = source_identity_and_writeback(
+        source_settings, source, tokens, cluster
+    )
     ca_server = await ca_service.serve(
-        ca.view, resolve, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
+        ca.view, authenticator, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
     )
     th, tp = parse_hostport(gateway_tunnel)
     eh, ep = parse_hostport(gateway_egress)
@@ -352,15 +376,17 @@ async def _agent(
     )
     client = await open_client(etcd_endpoints)
     publisher = EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
-    source, source_status, close_source = cluster_source(
-        source_settings, exports, cluster, ca.trust_domain
-    )
     the_agent = Agent(info, source, publisher)
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(
         admin.AdminState(
             ready=lambda: the_agent.published,
-            config=lambda: {**the_agent.status(), "ca": ca.status(), "source": source_status()},
+            config=lambda: {
+                **the_agent.status(),
+                "ca": ca.status(),
+                "source": source_status(),
+                "writeBack": writeback.status() if writeback is not None else None,
+            },
         ),
         host,
         port,
@@ -380,6 +406,8 @@ async def _agent(
 
     tasks.spawn(ca.follow(publish_roots), "ca-directory")
     tasks.spawn(denied.follow(client, ca.set_denied), "deny-list")
+    if writeback is not None:
+        tasks.spawn(writeback.run(EtcdMergedCatalog(client)), "mcs-writeback")
     try:
         await until_signalled()
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from mesh.model import ClusterInfo, ServiceExport
+from mesh.model import ClusterInfo, MergedService, ServiceExport
 
 
 class Clock(Protocol):
@@ -26,3 +26,10 @@ class ClusterSource(Protocol):
     """Where an agent learns its cluster's exports and endpoints (Kubernetes, a file, ...)."""
 
     def changes(self) -> AsyncIterator[tuple[ServiceExport, ...]]: ...
+
+
+class MergedCatalog(Protocol):
+    """Where an agent learns the federation's merged services (VIP, ports, clusters and MCS
+    conditions) to write them back into its cluster as ServiceImports and export status."""
+
+    def changes(self) -> AsyncIterator[tuple[MergedService, ...]]: ...

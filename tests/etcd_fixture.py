@@ -4,6 +4,8 @@ Use it from a conftest.py:
 
     from tests.etcd_fixture import etcd_server  # noqa: F401  (registers the fixture)
 
+(and `etcd`, a fresh client on it, the same way).
+
 `etcd_server` is session-scoped: one etcd on free loopback ports with a temporary data dir,
 tuned for tests (10 ms heartbeats so leases as short as 1 s work, no fsync), killed at the end.
 Tests sharing it must not assume an empty store: `reset_etcd(client)` deletes every key and
@@ -24,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,19 @@ class EtcdServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+@pytest.fixture
+async def etcd(etcd_server: EtcdServer) -> AsyncIterator[Any]:
+    """A fresh etcd3aio client (federation.etcd.open_client) on the shared etcd, emptied."""
+    from federation.etcd import open_client
+
+    client = await open_client([etcd_server.endpoint])
+    await reset_etcd(client)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture(scope="session")

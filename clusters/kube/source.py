@@ -11,8 +11,9 @@ between, so a rollout touching a hundred pods is one publish, and no publish is 
 object is logged once (kind, namespace, name, reason) when it first appears, not on every
 publish.
 
-This module writes nothing back (ServiceImports and ServiceExport conditions are another
-module's job) and reads no kubeconfig unless `from_kubeconfig` is called.
+This module writes nothing back (ServiceImports and ServiceExport conditions are
+`writeback`'s job, on the same API client) and reads no kubeconfig unless `from_kubeconfig` is
+called.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import functools
 import logging
 import random
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ class KubeClusterSource:
         self._rng = rng or random.Random()
         self._informers: tuple[Informer, ...] = ()
         self.rejections: tuple[Rejection, ...] = ()
+        self.on_rejections: Callable[[], None] = lambda: None  # called when they change
         self.publishes = 0
 
     @classmethod
@@ -104,6 +106,12 @@ class KubeClusterSource:
         source = cls(kubernetes.client.ApiClient(config), cluster, trust_domain, **kw)
         source._owns_client = True
         return source
+
+    @property
+    def api_client(self) -> Any:
+        """The `kubernetes` ApiClient (shared with the MCS write-back and the TokenReview
+        authenticator, which fedgate/ wires next to the source)."""
+        return self._api_client
 
     def close(self) -> None:
         """Close the API client if this source created it (call after `changes()` ended)."""
@@ -151,6 +159,8 @@ class KubeClusterSource:
             await asyncio.to_thread(_stop_all, informers)
 
     def _log_rejections(self, rejections: tuple[Rejection, ...]) -> None:
+        if rejections != self.rejections:
+            self.on_rejections()  # (the MCS write-back's poke: it reads them on this loop)
         known = set(self.rejections)
         for r in rejections:
             if r not in known:

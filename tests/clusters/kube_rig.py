@@ -1,15 +1,16 @@
 """Shared pieces for tests driving the fake API server with the unmodified `kubernetes` client:
-a kubeconfig pointing at the fake, the bounded poll helper, and a recorder for a source's
-published values."""
+a kubeconfig pointing at the fake, a client for it, the bounded poll helper, and a recorder for
+a source's published values."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import yaml
 
 from clusters.kube.informer import InformerSettings
@@ -37,6 +38,18 @@ def write_kubeconfig(path: Path, server: str, token: str | None = None) -> Path:
         )
     )
     return path
+
+
+@contextlib.contextmanager
+def api_client(directory: Path, server: str) -> Iterator[Any]:
+    """An unmodified `kubernetes` ApiClient for the fake at `server` (kubeconfig in
+    `directory`), closed on exit."""
+    config = write_kubeconfig(directory / "kubeconfig", server)
+    client = kubernetes.config.new_client_from_config(config_file=str(config))
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 async def until(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:

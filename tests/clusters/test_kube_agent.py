@@ -12,9 +12,11 @@ from click.testing import CliRunner
 
 from clusters.agent import Agent
 from clusters.kube.source import KubeClusterSource
-from clusters.source import FileClusterSource
+from clusters.kube.tokenreview import TokenReviewAuthenticator
+from clusters.kube.writeback import McsWriteBack
+from clusters.source import FileClusterSource, FileTokenAuthenticator
 from fedgate.cli import main
-from fedgate.processes import SourceSettings, cluster_source
+from fedgate.processes import SourceSettings, cluster_source, source_identity_and_writeback
 from mesh.model import ClusterInfo, ServiceExport
 from tests.clusters.kube_objects import NS, endpoint, endpoint_slice, pod, service, service_export
 from tests.clusters.kube_rig import FAST, TD, until, write_kubeconfig
@@ -69,6 +71,24 @@ def test_cluster_source_builds_the_kind_asked_for(tmp_path: Path) -> None:
     file, status, close = cluster_source(SourceSettings(), exports, "east", TD)
     assert isinstance(file, FileClusterSource)
     assert status() == {"file": str(exports)}
+
+
+def test_the_source_decides_token_authentication_and_write_back(tmp_path: Path) -> None:
+    config = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1")
+    settings = SourceSettings("kubernetes", config)
+    kube, _, close = cluster_source(settings, Path(), "east", TD)
+    try:
+        tokens, writeback = source_identity_and_writeback(settings, kube, Path(), "east")
+        assert isinstance(tokens, TokenReviewAuthenticator)
+        assert isinstance(writeback, McsWriteBack)
+    finally:
+        close()
+    file, _, _ = cluster_source(SourceSettings(), tmp_path / "exports.json", "east", TD)
+    rig_tokens = tmp_path / "tokens.json"
+    tokens, writeback = source_identity_and_writeback(SourceSettings(), file, rig_tokens, "east")
+    assert isinstance(tokens, FileTokenAuthenticator)
+    assert tokens.path == rig_tokens
+    assert writeback is None
 
 
 def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from tests.clusters.kube_objects import (
     service,
     service_export,
 )
-from tests.clusters.kube_rig import write_kubeconfig
+from tests.clusters.kube_rig import api_client, write_kubeconfig
 from tests.kubefake import FakeKubeAPI, TokenIdentity
 from tests.kubefake.resources import ENDPOINTSLICES, PODS, SERVICEEXPORTS, SERVICES
 
@@ -44,10 +44,8 @@ def api() -> Iterator[FakeKubeAPI]:
 
 @pytest.fixture
 def client(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
-    config = write_kubeconfig(tmp_path / "kubeconfig", api.url)
-    c = kubernetes.config.new_client_from_config(config_file=str(config))
-    yield c
-    c.close()
+    with api_client(tmp_path, api.url) as c:
+        yield c
 
 
 def raw(api: FakeKubeAPI, path: str) -> tuple[int, bytes, dict[str, str]]:

@@ -7,24 +7,12 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import pytest
-from etcd3aio import Etcd3Client
 
-from federation.etcd import open_client
-from tests.etcd_fixture import EtcdServer, etcd_server, reset_etcd
+from tests.etcd_fixture import etcd, etcd_server
 
-__all__ = ["etcd_server"]
+__all__ = ["etcd", "etcd_server"]
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-async def etcd(etcd_server: EtcdServer) -> AsyncIterator[Etcd3Client]:
-    client = await open_client([etcd_server.endpoint])
-    await reset_etcd(client)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

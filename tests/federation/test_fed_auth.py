@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from etcd3aio import prefix_range_end
 
 from federation import keys
 from federation.controller import ControllerSettings
@@ -91,6 +92,12 @@ async def test_an_agent_writes_its_own_prefix_and_nothing_else(provisioned: str)
         assert west.lease_id is not None
         with pytest.raises(StoreAuthError):
             await _as_store(east_client.lease.revoke(west.lease_id))
+        # The service status records (MCS write-back) and the deny list: read, never written.
+        status = keys.service_status_key(export("east").key)
+        for prefix in (keys.SERVICE_STATUS_PREFIX, keys.DENIED_PREFIX):
+            await _as_store(east_client.kv.get(prefix, prefix_range_end(prefix)))
+        with pytest.raises(StoreAuthError):
+            await _as_store(east_client.kv.put(status, b"{}"))
 
         # The controller sees both clusters and allocates VIPs as usual.
         ctl_client = await open_client([provisioned], credentials=creds(CONTROLLER_USER))
