@@ -26,11 +26,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from clusters.rig import topology
+
+if TYPE_CHECKING:
+    from clusters.rig.control import ControlLayout
 
 Json = dict[str, Any]
 
@@ -217,8 +220,11 @@ def _in_rig(rig_dir: Path, as_json: bool) -> int:
     return rerun_in_rig(rig_dir, ["status", *(["--json"] if as_json else [])])
 
 
-def rerun_in_rig(rig_dir: Path, args: list[str]) -> int:
-    """Run `fedgate <args> --etcd <the rig's etcd>` inside the rig's control namespace."""
+def rerun_in_rig(
+    rig_dir: Path, args: list[str], extra: Callable[[ControlLayout], list[str]] | None = None
+) -> int:
+    """Run `fedgate <args> --etcd <the rig's etcd>` inside the rig's control namespace;
+    `extra` adds arguments taken from the rig's control-plane layout."""
     from clusters.rig import control, lifecycle
     from clusters.rig.errors import RigError
 
@@ -226,7 +232,9 @@ def rerun_in_rig(rig_dir: Path, args: list[str]) -> int:
         state = lifecycle.load(rig_dir)
     except RigError as e:
         raise click.ClickException(f"{e}; or pass --etcd") from e
-    endpoints = control.load(rig_dir, state.prefix).etcd_endpoints
-    argv = [sys.executable, "-m", "fedgate", *args, "--etcd", ",".join(endpoints)]
+    layout = control.load(rig_dir, state.prefix)
+    endpoints = layout.etcd_endpoints
+    more = extra(layout) if extra is not None else []
+    argv = [sys.executable, "-m", "fedgate", *args, *more, "--etcd", ",".join(endpoints)]
     netns = topology.control(state.prefix).netns
     return subprocess.call(["ip", "netns", "exec", netns, *argv])
