@@ -52,10 +52,6 @@ class Clock:
         instant of [sent, received] and truncated to the second."""
         return self.server - self.received, self.server + 1.0 - self.sent
 
-    def skew(self) -> float:
-        low, high = self.skew_range()
-        return (low + high) / 2
-
 
 @dataclass(frozen=True, slots=True)
 class Cert:
@@ -495,7 +491,11 @@ def _clock(f: Facts, b: Bounds) -> Iterator[Result]:
         low, high = comp.clock.skew_range()
         # Only a skew provably beyond a bound counts: 0 within [low, high] is "in sync".
         off = low if low > 0 else -high if high < 0 else 0.0
-        detail = f"skew {comp.clock.skew():+.1f} s (between {low:+.1f} and {high:+.1f})"
+        if off == 0.0:
+            detail = f"within {max(high, -low):.1f} s of this host's"
+        else:
+            ahead = "ahead of" if low > 0 else "behind"
+            detail = f"{off:.1f} to {max(abs(low), abs(high)):.1f} s {ahead} this host"
         name = f"clock of {comp.label} is in sync"
         hint = "run NTP (chrony, systemd-timesyncd) on every host"
         if off > b.skew_fail:
