@@ -126,6 +126,8 @@ class Need:
 
 MCS = "multicluster.x-k8s.io"
 _READ = "the cluster source lists and watches them"
+# In step with docs/kubernetes.md's RBAC table: the informers only list and watch (no get);
+# server-side apply of an object that does not exist yet is authorized as create and patch.
 NEEDS: tuple[Need, ...] = (
     *(
         Need(verb, group, resource, why=_READ)
@@ -135,7 +137,7 @@ NEEDS: tuple[Need, ...] = (
             ("discovery.k8s.io", "endpointslices"),
             ("", "pods"),
         )
-        for verb in ("get", "list", "watch")
+        for verb in ("list", "watch")
     ),
     *(
         Need(verb, MCS, "serviceimports", why="the write-back keeps one per merged service")

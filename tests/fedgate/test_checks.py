@@ -297,7 +297,7 @@ def test_kubernetes_rbac_and_crds() -> None:
     }
     checked = {r.name for r in results if r.section == "kubernetes"}
     assert "can watch endpointslices.discovery.k8s.io" in checked
-    assert "can get pods" in checked
+    assert "can list pods" in checked
     assert "can delete serviceimports.multicluster.x-k8s.io" in checked
     assert len(checked) == 1 + len(NEEDS) + 2
     text = render(results)
