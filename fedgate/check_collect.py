@@ -115,6 +115,7 @@ async def _component(
 async def _etcd(endpoints: list[str], timeout: float) -> tuple[Json, GitOps]:  # noqa: ASYNC109
     from federation.etcd import etcd_client
     from federation.gitops.store import ConfigStore
+    from fedgate.cli_config import issue_line
     from fedgate.cli_status import collect as status_collect
 
     async with asyncio.timeout(timeout):
@@ -126,7 +127,7 @@ async def _etcd(endpoints: list[str], timeout: float) -> tuple[Json, GitOps]:  #
         c = state.commit
         g = GitOps(applied_sha=c.sha, applied_subject=c.subject, applied_at=c.applied_at)
     if (r := state.rejection) is not None:
-        issues = tuple(_issue(i) for i in r.issues)
+        issues = tuple(issue_line(i) for i in r.issues)
         g = replace(
             g,
             rejected_sha=r.sha,
@@ -135,20 +136,6 @@ async def _etcd(endpoints: list[str], timeout: float) -> tuple[Json, GitOps]:  #
             total=r.total or len(issues),
         )
     return data, g
-
-
-def _issue(i: Json) -> str:
-    where = ": ".join(
-        p
-        for p in (
-            f"{i.get('file', '')}:{i['line']}" if i.get("line") else str(i.get("file", "")),
-            f"document {i['document']}" if i.get("document") else "",
-            str(i.get("field", "")),
-        )
-        if p
-    )
-    message = str(i.get("message", i.get("error", "")))
-    return f"{where}: {message}" if where else message
 
 
 async def _last_round(leader_admin: str, timeout: float, now: Now) -> tuple[str, str]:  # noqa: ASYNC109
