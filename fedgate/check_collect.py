@@ -24,7 +24,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from fedgate import rates
-from fedgate.checks import (
+from fedgate.check_facts import (
     CRDS,
     NEEDS,
     Access,

@@ -67,6 +67,7 @@ def check(
     """Check the federation: Kubernetes API and RBAC, controllers, clusters, gateway links,
     certificates, clocks and GitOps; exit 1 if any check fails."""
     from fedgate import check_collect, checks
+    from fedgate.check_facts import KubeFacts
 
     if not etcd_endpoints:
         args = [
@@ -88,11 +89,11 @@ def check(
             server = path or "in-cluster"
             reason = str(e) or type(e).__name__
 
-            def kube() -> checks.KubeFacts:
-                return checks.KubeFacts(server, error=f"cannot load the credentials: {reason}")
+            def kube() -> KubeFacts:
+                return KubeFacts(server, error=f"cannot load the credentials: {reason}")
         else:
 
-            def kube() -> checks.KubeFacts:
+            def kube() -> KubeFacts:
                 return check_collect.kube_facts(api_client)
 
     facts = asyncio.run(

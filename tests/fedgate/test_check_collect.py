@@ -15,9 +15,11 @@ from federation import keys
 from federation.etcd import etcd_client
 from federation.gitops.store import COMMIT_KEY, REJECTION_KEY, CommitRecord, Rejection
 from federation.status import LeaderRecord
+from federation.store import kv_service
 from fedgate import admin
 from fedgate.check_collect import collect
-from fedgate.checks import FAIL, OK, Subscriber, evaluate
+from fedgate.check_facts import Subscriber
+from fedgate.checks import FAIL, OK, evaluate
 from tests.etcd_fixture import EtcdServer, reset_etcd
 from tests.helpers import free_port
 
@@ -74,12 +76,13 @@ async def test_collects_every_fact_the_checks_need(
     ctl, gw = servers
     async with etcd_client([etcd_server.endpoint]) as client:
         await reset_etcd(client)
-        await client.kv.put(keys.LEADER_KEY, LeaderRecord("controller-0", "g:1", ctl).encode())
+        kv = kv_service(client)
+        await kv.put(keys.LEADER_KEY, LeaderRecord("controller-0", "g:1", ctl).encode())
         commit = CommitRecord("a" * 40, "main", "weights", "2026-01-01T00:00Z")
-        await client.kv.put(COMMIT_KEY, json.dumps(commit.to_json()).encode())
+        await kv.put(COMMIT_KEY, json.dumps(commit.to_json()).encode())
         issue = {"file": "x.yaml", "document": 1, "line": 3, "field": "spec", "reason": "bad"}
         rejection = Rejection("b" * 40, "2026-01-02T00:00Z", (issue,), 1)
-        await client.kv.put(REJECTION_KEY, json.dumps(rejection.to_json()).encode())
+        await kv.put(REJECTION_KEY, json.dumps(rejection.to_json()).encode())
 
     facts = await collect([etcd_server.endpoint], timeout=2.0)
 
@@ -122,7 +125,9 @@ async def test_unreachable_components_are_facts_not_exceptions(etcd_server: Etcd
     dead = f"127.0.0.1:{free_port()}"
     async with etcd_client([etcd_server.endpoint]) as client:
         await reset_etcd(client)
-        await client.kv.put(keys.LEADER_KEY, LeaderRecord("controller-0", "g:1", dead).encode())
+        await kv_service(client).put(
+            keys.LEADER_KEY, LeaderRecord("controller-0", "g:1", dead).encode()
+        )
     facts = await collect([etcd_server.endpoint], [dead], timeout=1.0)
     (c,) = facts.controllers  # named twice (flag and leader record), read once
     assert c.error

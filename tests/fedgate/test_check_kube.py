@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from fedgate.check_collect import kube_client, kube_facts
-from fedgate.checks import CRDS, FAIL, NEEDS, OK, Facts, KubeFacts, Result, evaluate
+from fedgate.check_facts import CRDS, NEEDS, Facts, KubeFacts
+from fedgate.checks import FAIL, OK, Result, evaluate
 from tests.clusters.kube_rig import write_kubeconfig
 from tests.helpers import free_port
 from tests.kubefake import FakeKubeAPI

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedgate.checks import (
-    FAIL,
+from fedgate.check_facts import (
     NEEDS,
-    OK,
-    WARN,
     Access,
-    Bounds,
     Cert,
     Clock,
     ClusterFacts,
@@ -19,12 +15,9 @@ from fedgate.checks import (
     GitOps,
     KubeFacts,
     Link,
-    Result,
     Subscriber,
-    evaluate,
-    failed,
-    render,
 )
+from fedgate.checks import FAIL, OK, WARN, Bounds, Result, evaluate, failed, render
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
