@@ -123,14 +123,23 @@ async def test_collects_every_fact_the_checks_need(
 
 async def test_unreachable_components_are_facts_not_exceptions(etcd_server: EtcdServer) -> None:
     dead = f"127.0.0.1:{free_port()}"
+    # A wedged process (SIGSTOPped, its loop blocked): the kernel accepts, nothing answers.
+    held: list[asyncio.StreamWriter] = []
+    wedged = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    stuck = f"127.0.0.1:{wedged.sockets[0].getsockname()[1]}"
     async with etcd_client([etcd_server.endpoint]) as client:
         await reset_etcd(client)
         await kv_service(client).put(
             keys.LEADER_KEY, LeaderRecord("controller-0", "g:1", dead).encode()
         )
-    facts = await collect([etcd_server.endpoint], [dead], timeout=1.0)
-    (c,) = facts.controllers  # named twice (flag and leader record), read once
-    assert c.error
+    facts = await collect([etcd_server.endpoint], [dead, stuck], timeout=0.5)
+    for w in held:
+        w.close()
+    wedged.close()
+    await wedged.wait_closed()
+    c, s = facts.controllers  # `dead` named twice (flag and leader record), read once
+    assert "Connect call failed" in c.error
+    assert s.error == f"http://{stuck}/metrics: no answer within 0.5 s"
     assert "cannot read the leader's topology" in facts.topology_error
     unreachable = await asyncio.wait_for(collect([dead], timeout=0.5), 10)
     assert unreachable.etcd_error
