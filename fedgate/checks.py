@@ -337,7 +337,7 @@ def _clock(f: Facts, b: Bounds) -> Iterator[Result]:
         # Only a skew provably beyond a bound counts: 0 within [low, high] is "in sync".
         off = low if low > 0 else -high if high < 0 else 0.0
         if off == 0.0:
-            detail = f"within {max(high, -low):.1f} s of this host's"
+            detail = f"within {max(high, -low):.1f} s of this host's clock"
         else:
             ahead = "ahead of" if low > 0 else "behind"
             detail = f"{off:.1f} to {max(abs(low), abs(high)):.1f} s {ahead} this host"

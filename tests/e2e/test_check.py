@@ -1,6 +1,7 @@
 """`fedgate check --rig-dir` on the rig, twice: every check passes (✓, exit 0) on the healthy
 rig; once west's gateway is killed it fails (✗, exit 1) on that gateway and on both links, each
 with a hint, while the rest still passes. The gateway is restarted and the rig left healthy.
+Then a commit the GitOps sync rejects shows as ✗ with its issue, until a good commit follows.
 
 The command runs as an operator runs it (a subprocess, re-running itself in the rig's control
 namespace); the test reads its `--json` results and prints its text output (`-s`).
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from clusters.rig import control, lifecycle
+from clusters.rig import config_repo, control, lifecycle
 from tests.e2e.test_topology_page import cross_cluster_calls
 from tests.helpers import until_sync
 
@@ -116,3 +117,25 @@ def test_check_passes_on_a_healthy_rig_and_fails_with_hints_without_a_gateway(ri
         control.restart(rig, "west-gateway")
     cross_cluster_calls(rig)  # re-dials the tunnels to the new west gateway
     until_sync(lambda: check_json(rig), 30, check=all_ok, what="every check ✓ again")
+
+
+def test_check_shows_a_rejected_commit_with_its_issues(rig: Path) -> None:
+    cross_cluster_calls(rig)
+    repo, policy = config_repo.repo_dir(rig), config_repo.ECHO_POLICY_FILE
+    same_weights = config_repo.echo_policy(70, 30)  # the rig's own: traffic does not change
+    bad = config_repo.commit(repo, {policy: same_weights + "  timeOut: 2s\n"}, "echo: a typo")
+    try:
+        run = until_sync(
+            lambda: check_json(rig),
+            30,
+            check=lambda r: r.code == 1 and r.by_status("fail") == ["no GitOps commit is rejected"],
+            what="the rejected commit ✗",
+        )
+        rejected = run.result("no GitOps commit is rejected")
+        assert rejected["detail"].startswith(f"{bad[:12]} rejected at ")
+        assert any("spec.timeOut: unknown field" in n for n in rejected["notes"]), rejected
+        print(check(rig).stdout)
+    finally:
+        good = config_repo.commit(repo, {policy: same_weights}, "echo: the typo fixed")
+    fixed = until_sync(lambda: check_json(rig), 30, check=all_ok, what="every check ✓ again")
+    assert fixed.result("a GitOps commit is applied")["detail"].startswith(good[:12])

@@ -184,7 +184,7 @@ def test_clock_skew_counts_only_when_provably_beyond_the_bounds() -> None:
     assert r.detail == "3.0 to 4.0 s ahead of this host"
     facts = healthy(gateways=(gateway("east", clock=in_sync()),))
     assert by_name(evaluate(facts, NOW))["clock of gateway east is in sync"].detail == (
-        "within 1.0 s of this host's"
+        "within 1.0 s of this host's clock"
     )
 
 
