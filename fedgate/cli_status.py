@@ -1,9 +1,10 @@
 """`fedgate status`: the federation as etcd holds it, for operators.
 
 Reads (never writes) etcd: the leader record, the config status the leader wrote (version,
-commit), every cluster's leased `info` key (present = its agent's lease is alive) and liveness
-record (Live / Down / Suppressed by flap damping), and every service's status (VIP, ports,
-endpoints per cluster, MCS conditions with the conflict message). With `--rig-dir` and no
+commit), the last GitOps commit rejected (while no later one is applied), every cluster's
+leased `info` key (present = its agent's lease is alive) and liveness record (Live / Down /
+Suppressed by flap damping), and every service's status (VIP, ports, endpoints per cluster,
+MCS conditions with the conflict message). With `--rig-dir` and no
 `--etcd` it runs itself inside the rig's control namespace, where etcd listens.
 
 Gateways and the links between them (health, RTT) are not in etcd: they come from the
@@ -42,6 +43,7 @@ async def collect(endpoints: list[str]) -> Json:
     from federation import keys
     from federation.etcd import open_client
     from federation.fedconfig import commit_sha, config_from_entries
+    from federation.gitops.store import REJECTION_KEY
     from federation.store import load_prefix
     from mesh.codec import authorization_to_json
 
@@ -87,6 +89,7 @@ async def collect(endpoints: list[str]) -> Json:
         "leader": leader,
         "config": config,
         "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
+        "rejection": obj(values.get(REJECTION_KEY)),
         "clusters": dict(sorted(clusters.items())),
         "services": services,
         "authorization": [authorization_to_json(a) for a in applied.authorization],
@@ -127,6 +130,12 @@ def render(data: Json, now: float | None = None) -> str:
         f"config    version {config.get('version') or '-'}  commit {commit}  "
         f"etcd revision {data['revision']}"
     )
+    rejection = data.get("rejection") or {}
+    if rejection.get("sha"):
+        out.append(
+            f"rejected  {rejection['sha']} at {rejection.get('rejectedAt', '?')}, "
+            f"{rejection.get('total', 0)} issue(s): `fedgate config status` lists them"
+        )
     if leader.get("id"):
         out.append(
             f"leader    {leader['id']}  grpc {leader.get('grpc') or '-'}  "
