@@ -43,6 +43,15 @@ fedgate_certificate_expiry_timestamp_seconds{fingerprint="77",identity="spiffe:/
 """  # noqa: E501
 
 
+@pytest.fixture(autouse=True)
+async def _clean_etcd(etcd_server: EtcdServer) -> AsyncIterator[None]:
+    """The session's etcd is shared: a leader record left behind (no lease) would keep every
+    later controller from being elected."""
+    yield
+    async with etcd_client([etcd_server.endpoint]) as client:
+        await reset_etcd(client)
+
+
 @pytest.fixture
 async def servers() -> AsyncIterator[tuple[str, str]]:
     """A controller admin port and a gateway metrics listener on loopback."""
