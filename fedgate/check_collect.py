@@ -153,11 +153,11 @@ async def _last_round(leader_admin: str, timeout: float, now: Now) -> tuple[str,
 async def collect(
     etcd_endpoints: list[str],
     controller_admins: Sequence[str] = (),
-    kube: Callable[[], KubeFacts] | None = None,
+    kube: Sequence[Callable[[], KubeFacts]] = (),
     timeout: float = 3.0,  # noqa: ASYNC109
     now: Now = time.time,
 ) -> Facts:
-    kube_task = asyncio.create_task(asyncio.to_thread(kube)) if kube is not None else None
+    kube_task = asyncio.gather(*(asyncio.to_thread(probe) for probe in kube))
     etcd = ",".join(etcd_endpoints)
     data: Json = {}
     gitops = GitOps()
@@ -210,7 +210,7 @@ async def collect(
         links=links,
         topology_error="" if etcd_error else str(gw.get("error", "")),
         gitops=gitops,
-        kube=await kube_task if kube_task is not None else None,
+        kube=tuple(await kube_task),
     )
 
 
@@ -221,7 +221,26 @@ async def _none() -> tuple[str, str]:
 # --- Kubernetes -------------------------------------------------------------------------------
 
 
-def kube_facts(api_client: Any) -> KubeFacts:
+def kube_probe(kubeconfig: str | None, context: str | None) -> Callable[[], KubeFacts]:
+    """What `collect` runs in a thread for one cluster: load the credentials (a kubeconfig and
+    context, or the pod's ServiceAccount when `kubeconfig` is None), ask, close."""
+
+    def probe() -> KubeFacts:
+        try:
+            api_client = kube_client(kubeconfig, context)
+        except Exception as e:  # a broken kubeconfig is a failed check, not a traceback
+            reason = str(e) or type(e).__name__
+            where = kubeconfig or "in-cluster"
+            return KubeFacts(where, context or "", error=f"cannot load the credentials: {reason}")
+        try:
+            return kube_facts(api_client, context or "")
+        finally:
+            api_client.close()
+
+    return probe
+
+
+def kube_facts(api_client: Any, context: str = "") -> KubeFacts:
     """Ask the API server (blocking; run it in a thread): its version, a SelfSubjectAccessReview
     per needed permission (cluster-wide: the agent's ClusterRole), the established CRDs."""
     from kubernetes import client
@@ -233,7 +252,7 @@ def kube_facts(api_client: Any) -> KubeFacts:
     try:
         version = client.VersionApi(api_client).get_code(_request_timeout=KUBE_TIMEOUT)
     except errors as e:
-        return KubeFacts(server, error=_kube_error(e))
+        return KubeFacts(server, context, error=_kube_error(e))
     authz = client.AuthorizationV1Api(api_client)
     access = []
     for need in NEEDS:
@@ -272,7 +291,12 @@ def kube_facts(api_client: Any) -> KubeFacts:
     except errors as e:
         crd_error = f"cannot list CRDs: {_kube_error(e)}"
     return KubeFacts(
-        server, "", str(version.git_version), tuple(access), frozenset(crds), crd_error
+        server,
+        context,
+        version=str(version.git_version),
+        access=tuple(access),
+        crds=frozenset(crds),
+        crd_error=crd_error,
     )
 
 

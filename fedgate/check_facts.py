@@ -131,6 +131,7 @@ class Access:
 @dataclass(frozen=True, slots=True)
 class KubeFacts:
     server: str
+    context: str = ""  # the kubeconfig context asked ("" for the current one, or in-cluster)
     error: str = ""  # the API could not be reached (then nothing below was asked)
     version: str = ""
     access: tuple[Access, ...] = ()
@@ -163,4 +164,4 @@ class Facts:
     links: tuple[Link, ...] = ()
     topology_error: str = ""
     gitops: GitOps = field(default_factory=GitOps)
-    kube: KubeFacts | None = None
+    kube: tuple[KubeFacts, ...] = ()  # one per cluster API asked

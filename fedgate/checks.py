@@ -8,10 +8,11 @@ into `Result`s grouped by section; `render()` prints them one line each, like `l
     ‼  warning   works now, needs attention soon (a root expiring within 7 days, an idle link)
     ✗  failure   broken now; the line is followed by a hint saying what to do
 
-Sections, in order: kubernetes (only when a kubeconfig was given), control plane, clusters,
-gateways, identity, clock, gitops. This module does no I/O and reads no clock; it decides
-nothing about how the facts were collected (an unreachable component is a fact with an
-`error`), and it does not retry: a check that fails is re-run by running the command again.
+Sections, in order: kubernetes (one per context asked, only with a kubeconfig or in-cluster),
+control plane, clusters, gateways, identity, clock, gitops. This module does no I/O and reads
+no clock; it decides nothing about how the facts were collected (an unreachable component is a
+fact with an `error`), and it does not retry: a failed check is re-run by running the command
+again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from fedgate.check_facts import CRDS, Cert, Component, Facts, GitOps, KubeFacts
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MARKS = {OK: "✓", WARN: "‼", FAIL: "✗"}
-SECTIONS = ("kubernetes", "control plane", "clusters", "gateways", "identity", "clock", "gitops")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ def _when(t: float, now: float) -> str:
 
 
 def _kube(k: KubeFacts) -> Iterator[Result]:
-    s = "kubernetes"
+    s = f"kubernetes ({k.context})" if k.context else "kubernetes"
     if k.error:
         yield Result(
             s,
@@ -387,8 +387,8 @@ def _gitops(g: GitOps) -> Iterator[Result]:
 
 def evaluate(facts: Facts, now: float, bounds: Bounds = Bounds()) -> list[Result]:
     out: list[Result] = []
-    if facts.kube is not None:
-        out.extend(_kube(facts.kube))
+    for kube in facts.kube:
+        out.extend(_kube(kube))
     out.extend(_control(facts))
     out.extend(_clusters(facts))
     out.extend(_gateways(facts))
@@ -404,10 +404,8 @@ def failed(results: list[Result]) -> bool:
 
 def render(results: list[Result]) -> str:
     lines: list[str] = []
-    for section in SECTIONS:
+    for section in dict.fromkeys(r.section for r in results):  # in the order evaluated
         mine = [r for r in results if r.section == section]
-        if not mine:
-            continue
         if lines:
             lines.append("")
         lines += [section, "-" * len(section)]

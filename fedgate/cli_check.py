@@ -36,7 +36,12 @@ from fedgate.cli_status import etcd_or_rig, rerun_in_rig
     default=None,
     help="Also check this cluster's Kubernetes API: RBAC of the agent and the MCS CRDs.",
 )
-@click.option("--context", default=None, help="The kubeconfig context (default: current).")
+@click.option(
+    "--context",
+    "contexts",
+    multiple=True,
+    help="A kubeconfig context to check (repeat for each cluster; default: the current one).",
+)
 @click.option("--in-cluster", is_flag=True, help="Check the API with the pod's ServiceAccount.")
 @click.option(
     "--warn-days",
@@ -58,7 +63,7 @@ def check(
     rig_dir: Path,
     controller_admins: tuple[str, ...],
     kubeconfig: Path | None,
-    context: str | None,
+    contexts: tuple[str, ...],
     in_cluster: bool,
     warn_days: float,
     timeout: float,
@@ -67,35 +72,22 @@ def check(
     """Check the federation: Kubernetes API and RBAC, controllers, clusters, gateway links,
     certificates, clocks and GitOps; exit 1 if any check fails."""
     from fedgate import check_collect, checks
-    from fedgate.check_facts import KubeFacts
 
     if not etcd_endpoints:
         args = [
             *(f"--controller-admin={a}" for a in controller_admins),
             *([f"--kubeconfig={kubeconfig.absolute()}"] if kubeconfig is not None else []),
-            *([f"--context={context}"] if context else []),
+            *(f"--context={c}" for c in contexts),
             *(["--in-cluster"] if in_cluster else []),
             f"--warn-days={warn_days}",
             f"--timeout={timeout}",
             *(["--json"] if as_json else []),
         ]
         sys.exit(_in_rig(rig_dir, args))
-    kube = None
+    kube = []
     if kubeconfig is not None or in_cluster:
         path = str(kubeconfig) if kubeconfig is not None else None
-        try:
-            api_client = check_collect.kube_client(path, context)
-        except Exception as e:  # a broken kubeconfig is a failed check, not a traceback
-            server = path or "in-cluster"
-            reason = str(e) or type(e).__name__
-
-            def kube() -> KubeFacts:
-                return KubeFacts(server, error=f"cannot load the credentials: {reason}")
-        else:
-
-            def kube() -> KubeFacts:
-                return check_collect.kube_facts(api_client)
-
+        kube = [check_collect.kube_probe(path, c) for c in (contexts or (None,))]
     facts = asyncio.run(
         check_collect.collect(
             etcd_endpoints.split(","), controller_admins, kube=kube, timeout=timeout

@@ -124,7 +124,7 @@ def test_a_denied_verb_and_a_missing_crd_fail_with_hints(api: FakeKubeAPI, clien
 
 
 def evaluate_kube(facts: KubeFacts) -> list[Result]:
-    return evaluate(Facts(etcd="-", kube=facts), 0.0)
+    return evaluate(Facts(etcd="-", kube=(facts,)), 0.0)
 
 
 def test_an_unreachable_api_is_one_failure(tmp_path: Path) -> None:
@@ -157,3 +157,21 @@ def test_the_command_checks_the_api_and_exits_1(api: FakeKubeAPI, tmp_path: Path
     ]
     assert "✓ can patch serviceexports.multicluster.x-k8s.io/status [allowed]" in lines
     assert f"✗ etcd at {etcd} is reachable" in "\n".join(lines)
+
+
+def test_one_section_per_context(api: FakeKubeAPI, tmp_path: Path) -> None:
+    from fedgate.cli import main
+
+    config = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+    etcd = f"127.0.0.1:{free_port()}"
+    argv = ["check", "--etcd", etcd, "--kubeconfig", str(config), "--timeout", "0.5"]
+    result = CliRunner().invoke(main, [*argv, "--context", "fake", "--context", "nope", "--json"])
+    assert result.exit_code == 1, result.output
+    results = json.loads(result.output)
+    sections = list(dict.fromkeys(r["section"] for r in results))
+    assert sections[:3] == ["kubernetes (fake)", "kubernetes (nope)", "control plane"]
+    (nope,) = [r for r in results if r["section"] == "kubernetes (nope)"]
+    assert nope["status"] == "fail"
+    assert "cannot load the credentials" in nope["detail"]
+    fake = [r for r in results if r["section"] == "kubernetes (fake)"]
+    assert [r["status"] for r in fake] == ["ok"] * (1 + len(NEEDS) + len(CRDS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedgate.check_facts import (
+    CRDS,
     NEEDS,
     Access,
     Cert,
@@ -282,7 +283,7 @@ def test_kubernetes_rbac_and_crds() -> None:
         access=access,
         crds=frozenset({"serviceexports.multicluster.x-k8s.io"}),
     )
-    results = evaluate(healthy(kube=kube), NOW)
+    results = evaluate(healthy(kube=(kube,)), NOW)
     assert statuses(results) == {
         "can patch serviceexports.multicluster.x-k8s.io/status": FAIL,
         "can create tokenreviews.authentication.k8s.io": FAIL,
@@ -300,7 +301,16 @@ def test_kubernetes_rbac_and_crds() -> None:
 
 def test_an_unreachable_kubernetes_api_is_one_failure() -> None:
     kube = KubeFacts("https://10.0.0.1:6443", error="connection refused")
-    results = [r for r in evaluate(healthy(kube=kube), NOW) if r.section == "kubernetes"]
+    results = [r for r in evaluate(healthy(kube=(kube,)), NOW) if r.section == "kubernetes"]
     assert [(r.name, r.status) for r in results] == [
         ("the Kubernetes API at https://10.0.0.1:6443 is reachable", FAIL)
     ]
+
+
+def test_each_cluster_api_has_its_own_section() -> None:
+    east = KubeFacts("https://east:6443", "east", version="v1.31.0", crds=frozenset(CRDS))
+    west = KubeFacts("https://west:6443", "west", error="connection refused")
+    text = render(evaluate(healthy(kube=(east, west)), NOW))
+    assert text.index("kubernetes (east)\n") < text.index("kubernetes (west)\n")
+    assert text.index("kubernetes (west)\n") < text.index("control plane\n")
+    assert "✗ the Kubernetes API at https://west:6443 is reachable [connection refused]" in text
