@@ -81,7 +81,7 @@ def _kube(k: KubeFacts) -> Iterator[Result]:
             ""
             if a.allowed
             else f"grant `{a.need.label}` to the agent's ServiceAccount ({a.need.why}); "
-            "the ClusterRole is in docs/kubernetes.md"
+            "docs/kubernetes.md lists what the agent needs"
         )
         yield Result(s, f"can {a.need.label}", OK if a.allowed else FAIL, detail, hint)
     for crd in CRDS:
