@@ -17,6 +17,7 @@ read that fails becomes the fact's `error`; nothing here raises for an unreachab
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -140,8 +141,6 @@ async def _etcd(endpoints: list[str], timeout: float) -> tuple[Json, GitOps]:  #
 
 async def _last_round(leader_admin: str, timeout: float, now: Now) -> tuple[str, str]:  # noqa: ASYNC109
     """The leader's last GitOps round (result, detail) from its /config; ("", "") if unknown."""
-    import json
-
     try:
         body, _ = await _get(leader_admin, "/config", timeout, now)
         last = (json.loads(body).get("gitops") or {}).get("last") or {}
