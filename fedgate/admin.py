@@ -17,6 +17,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 import structlog
@@ -50,9 +51,11 @@ class AdminState:
 
 def _response(status: int, body: bytes, content_type: str) -> bytes:
     reason = {200: "OK", 404: "Not Found", 400: "Bad Request", 503: "Service Unavailable"}
+    # Date (RFC 9110 section 6.6.1): `fedgate check` compares it with its own clock.
     head = (
         f"HTTP/1.1 {status} {reason.get(status, '')}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nDate: {formatdate(usegmt=True)}\r\n"
+        "Connection: close\r\n\r\n"
     )
     return head.encode() + body
 

@@ -549,6 +549,7 @@ main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group) 
 main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
 main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
 main.add_command(__import__("fedgate.cli_authz", fromlist=["x"]).authz_group)  # authz check
+main.add_command(__import__("fedgate.cli_check", fromlist=["x"]).check)  # fedgate check
 
 
 if __name__ == "__main__":

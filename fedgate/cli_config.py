@@ -164,16 +164,21 @@ def status(etcd_endpoints: str) -> None:
         return
     click.secho(f"rejected: {r.sha} at {r.rejected_at}, {r.total} issue(s):", fg="red")
     for i in r.issues:
-        where = ": ".join(
-            part
-            for part in (
-                f"{i.get('file', '')}:{i.get('line')}" if i.get("line") else i.get("file", ""),
-                f"document {i['document']}" if i.get("document") else "",
-                i.get("field", ""),
-            )
-            if part
+        click.echo(f"  {issue_line(i)}")
+
+
+def issue_line(i: dict[str, Any]) -> str:
+    """One issue of a rejection record: `file:line: document N: field: reason`."""
+    where = ": ".join(
+        part
+        for part in (
+            f"{i.get('file', '')}:{i.get('line')}" if i.get("line") else i.get("file", ""),
+            f"document {i['document']}" if i.get("document") else "",
+            i.get("field", ""),
         )
-        click.echo(f"  {where}: {i.get('reason', '')}" if where else f"  {i.get('reason', '')}")
+        if part
+    )
+    return f"{where}: {i.get('reason', '')}" if where else str(i.get("reason", ""))
 
 
 @config_group.command("schema")

@@ -1,9 +1,10 @@
 """`fedgate status`: the federation as etcd holds it, for operators.
 
 Reads (never writes) etcd: the leader record, the config status the leader wrote (version,
-commit), every cluster's leased `info` key (present = its agent's lease is alive) and liveness
-record (Live / Down / Suppressed by flap damping), and every service's status (VIP, ports,
-endpoints per cluster, MCS conditions with the conflict message). With `--rig-dir` and no
+commit), the last GitOps commit rejected (while no later one is applied), every cluster's
+leased `info` key (present = its agent's lease is alive) and liveness record (Live / Down /
+Suppressed by flap damping), and every service's status (VIP, ports, endpoints per cluster,
+MCS conditions with the conflict message). With `--rig-dir` and no
 `--etcd` it runs itself inside the rig's control namespace, where etcd listens.
 
 Gateways and the links between them (health, RTT) are not in etcd: they come from the
@@ -26,11 +27,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from clusters.rig import topology
+
+if TYPE_CHECKING:
+    from clusters.rig.control import ControlLayout
 
 Json = dict[str, Any]
 
@@ -39,6 +43,7 @@ async def collect(endpoints: list[str]) -> Json:
     from federation import keys
     from federation.etcd import open_client
     from federation.fedconfig import commit_sha, config_from_entries
+    from federation.gitops.store import REJECTION_KEY
     from federation.store import load_prefix
     from mesh.codec import authorization_to_json
 
@@ -84,6 +89,7 @@ async def collect(endpoints: list[str]) -> Json:
         "leader": leader,
         "config": config,
         "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
+        "rejection": obj(values.get(REJECTION_KEY)),
         "clusters": dict(sorted(clusters.items())),
         "services": services,
         "authorization": [authorization_to_json(a) for a in applied.authorization],
@@ -124,6 +130,12 @@ def render(data: Json, now: float | None = None) -> str:
         f"config    version {config.get('version') or '-'}  commit {commit}  "
         f"etcd revision {data['revision']}"
     )
+    rejection = data.get("rejection") or {}
+    if rejection.get("sha"):
+        out.append(
+            f"rejected  {rejection['sha']} at {rejection.get('rejectedAt', '?')}, "
+            f"{rejection.get('total', 0)} issue(s): `fedgate config status` lists them"
+        )
     if leader.get("id"):
         out.append(
             f"leader    {leader['id']}  grpc {leader.get('grpc') or '-'}  "
@@ -217,8 +229,11 @@ def _in_rig(rig_dir: Path, as_json: bool) -> int:
     return rerun_in_rig(rig_dir, ["status", *(["--json"] if as_json else [])])
 
 
-def rerun_in_rig(rig_dir: Path, args: list[str]) -> int:
-    """Run `fedgate <args> --etcd <the rig's etcd>` inside the rig's control namespace."""
+def rerun_in_rig(
+    rig_dir: Path, args: list[str], extra: Callable[[ControlLayout], list[str]] | None = None
+) -> int:
+    """Run `fedgate <args> --etcd <the rig's etcd>` inside the rig's control namespace;
+    `extra` adds arguments taken from the rig's control-plane layout."""
     from clusters.rig import control, lifecycle
     from clusters.rig.errors import RigError
 
@@ -226,7 +241,9 @@ def rerun_in_rig(rig_dir: Path, args: list[str]) -> int:
         state = lifecycle.load(rig_dir)
     except RigError as e:
         raise click.ClickException(f"{e}; or pass --etcd") from e
-    endpoints = control.load(rig_dir, state.prefix).etcd_endpoints
-    argv = [sys.executable, "-m", "fedgate", *args, "--etcd", ",".join(endpoints)]
+    layout = control.load(rig_dir, state.prefix)
+    endpoints = layout.etcd_endpoints
+    more = extra(layout) if extra is not None else []
+    argv = [sys.executable, "-m", "fedgate", *args, *more, "--etcd", ",".join(endpoints)]
     netns = topology.control(state.prefix).netns
     return subprocess.call(["ip", "netns", "exec", netns, *argv])

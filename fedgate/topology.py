@@ -184,6 +184,16 @@ def build(
 
 async def http_get(host: str, port: int, path: str, timeout: float) -> str:  # noqa: ASYNC109
     """A minimal HTTP/1.0 GET (the admin servers answer one request per connection)."""
+    return (await http_get_headers(host, port, path, timeout))[1]
+
+
+async def http_get_headers(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,  # noqa: ASYNC109
+) -> tuple[dict[str, str], str]:
+    """`http_get`, with the response's headers (names lowercased)."""
     where = f"http://{host}:{port}{path}"
     try:
         async with asyncio.timeout(timeout):
@@ -205,7 +215,12 @@ async def http_get(host: str, port: int, path: str, timeout: float) -> str:  # n
     status = head.split(b" ", 2)[1:2]
     if not sep or status != [b"200"]:
         raise ScrapeError(f"{where}: answered {head.splitlines()[0][:80]!r}" if head else where)
-    return body.decode("utf-8", "replace")
+    headers = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return headers, body.decode("utf-8", "replace")
 
 
 @dataclass

@@ -76,3 +76,13 @@ def test_a_service_without_a_vip_and_the_policies_of_each_service_are_shown() ->
     assert "no VIP" in lines[late + 1]
     echo = lines.index(next(x for x in lines if x.startswith("echo.demo")))
     assert lines[echo + 1].strip() == "AuthorizationPolicy: demo/west-only (ALLOW)"
+
+
+def test_a_rejected_commit_is_shown_under_the_applied_one() -> None:
+    rejection = {"sha": "b" * 40, "rejectedAt": "2026-01-02T00:00Z", "total": 2, "issues": []}
+    lines = render({**BASE, "rejection": rejection, "gateways": {"error": "x"}}).splitlines()
+    assert lines[0].startswith("config    version v1  commit abc")
+    assert lines[1] == (
+        f"rejected  {'b' * 40} at 2026-01-02T00:00Z, 2 issue(s): `fedgate config status` lists them"
+    )
+    assert not any(x.startswith("rejected") for x in render({**BASE, "gateways": {}}).splitlines())

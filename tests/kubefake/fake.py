@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from tests.kubefake.access import CUSTOM, Rule
 from tests.kubefake.resources import Obj
 from tests.kubefake.server import Request, _Server
 from tests.kubefake.store import Store
@@ -45,6 +46,8 @@ class FakeKubeAPI:
         self.split_events = split_events  # write each watch event as two chunks
         self.bearer_tokens = bearer_tokens
         self.token_reviews = dict(token_reviews or {})
+        self.denied: set[Rule] = set()  # SelfSubjectAccessReview answers allowed: false
+        self.crds: set[str] = set(CUSTOM)  # installed CRDs (by name), all to begin with
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self.epoch = 0  # bumped on stop(): open watches end
@@ -101,6 +104,18 @@ class FakeKubeAPI:
 
     def bookmark_now(self) -> None:
         self.store.bookmark_now()
+
+    def deny(self, verb: str, resource: str, group: str = "", subresource: str = "") -> None:
+        """Make SelfSubjectAccessReviews of this permission answer `allowed: false` (verb "*":
+        every verb)."""
+        with self.lock:
+            self.denied.add((verb, group, resource, subresource))
+
+    def remove_crd(self, name: str) -> None:
+        """Uninstall a CRD (e.g. "serviceimports.multicluster.x-k8s.io"): unlisted, its
+        resources 404."""
+        with self.lock:
+            self.crds.discard(name)
 
     def watch_requests(self, plural: str) -> list[Request]:
         with self.lock:

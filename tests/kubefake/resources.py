@@ -2,7 +2,8 @@
 
 Only what fedgate reads or writes is served: core/v1 services and pods, discovery.k8s.io/v1
 endpointslices, multicluster.x-k8s.io/v1alpha1 serviceexports and serviceimports (MCS API
-CRDs, both with a `status` subresource), and authentication.k8s.io/v1 tokenreviews (create only).
+CRDs, both with a `status` subresource), and authentication.k8s.io/v1 tokenreviews (create only);
+selfsubjectaccessreviews and the CRDs themselves are answered by access.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ What a client sees is what kube-apiserver sends (see docs/kubernetes.md and the 
   `timeoutSeconds` ends the stream cleanly.
 * GET, POST, PUT, DELETE of single objects; PATCH with `application/apply-patch+yaml`
   (server-side apply, `fieldManager` required, `force`) on objects and their `/status`;
-  POST tokenreviews answered from a token table; `/version`.
+  POST tokenreviews answered from a token table; POST selfsubjectaccessreviews (allowed unless
+  `deny()`ed) and GET customresourcedefinitions (the served custom resources' CRDs, less those
+  `remove_crd()` took away, whose resources then 404), both in access.py; `/version`.
 * Errors are `Status` objects with the real reasons (NotFound, AlreadyExists, Conflict,
   Unauthorized, BadRequest, UnsupportedMediaType).
 
@@ -41,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tests.kubefake import access, selectors
 from tests.kubefake import resources as r
-from tests.kubefake import selectors
 from tests.kubefake.apply import ApplyConflictError
 from tests.kubefake.resources import Obj, Resource
 from tests.kubefake.store import Store, StoreError
@@ -91,6 +93,20 @@ class _Server(ThreadingHTTPServer):
         for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
+
+
+# What kube-apiserver's /version answers (every field of version.Info).
+VERSION = {
+    "major": "1",
+    "minor": "31",
+    "gitVersion": "v1.31.0-kubefake",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2024-08-13T07:28:49Z",
+    "goVersion": "go1.22.5",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
 
 
 class _DroppedError(Exception):
@@ -165,11 +181,13 @@ class _Handler(BaseHTTPRequestHandler):
     # --- routing ------------------------------------------------------------------------
 
     def _dispatch(self, method: str, path: str, query: dict[str, str]) -> None:
-        if path == "/version" and method == "GET":
-            self._send_json(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-kubefake"})
+        if path in ("/version", "/version/") and method == "GET":  # the client asks with a /
+            self._send_json(200, VERSION)
             return
         if path == r.TOKENREVIEW_PATH and method == "POST":
             self._send_json(201, self.server.api.review(json.loads(self._body())))
+            return
+        if self._access(method, path):
             return
         parts = path.strip("/").split("/")
         # /api/v1/... or /apis/<group>/<version>/...
@@ -179,6 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
         if len(rest) >= 2 and rest[0] == "namespaces":
             namespace, rest = rest[1], rest[2:]
         res = r.by_path(prefix, rest[0]) if rest else None
+        if res is not None and not res.builtin and access.crd_name(res) not in self._installed():
+            res = None  # its CRD is not installed
         if res is None or len(rest) > 3 or (len(rest) == 3 and rest[2] != "status"):
             self._error(
                 r.status(404, "NotFound", "the server could not find the requested resource")
@@ -224,6 +244,36 @@ class _Handler(BaseHTTPRequestHandler):
             self._patch(res, ns, name, sub, query)
         else:
             self._error(r.status(405, "MethodNotAllowed", f"{method} is not supported here"))
+
+    def _access(self, method: str, path: str) -> bool:
+        """SelfSubjectAccessReview and the CRDs (access.py); False for any other path."""
+        api = self.server.api
+        if path == access.SSAR_PATH and method == "POST":
+            with api.lock:
+                denied = set(api.denied)
+            self._send_json(201, access.review(json.loads(self._body()), denied))
+            return True
+        crds = access.CRD_PREFIX + "/" + access.CRD_PLURAL
+        if method != "GET" or not (path == crds or path.startswith(crds + "/")):
+            return False
+        installed = self._installed()
+        name = path[len(crds) + 1 :]
+        if not name:
+            self._send_json(200, access.crd_list(installed, api.store.rv))
+        elif name in installed:
+            obj = access.crd(access.CUSTOM[name])
+            kind = {"kind": "CustomResourceDefinition", "apiVersion": "apiextensions.k8s.io/v1"}
+            self._send_json(200, {**kind, **obj})
+        else:
+            message = f'{access.CRD_PLURAL}.apiextensions.k8s.io "{name}" not found'
+            details = {"name": name, "group": "apiextensions.k8s.io", "kind": access.CRD_PLURAL}
+            self._error(r.status(404, "NotFound", message, details))
+        return True
+
+    def _installed(self) -> set[str]:
+        api = self.server.api
+        with api.lock:
+            return set(api.crds)
 
     def _patch(self, res: Resource, ns: str, name: str, sub: str, query: dict[str, str]) -> None:
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
