@@ -404,12 +404,16 @@ class Inbound:
         if self.telemetry.tracing or self.telemetry.metrics:
             watch = _Watch(self.telemetry, s.cluster, header, caller_id, log, started)
             caller.tap, app.tap = watch.tap.from_caller, watch.tap.from_app
-        if gated:
-            assert isinstance(caller, FlowConn)
-            assert isinstance(app, FlowConn)
-            error = await self._gated(caller, app, call, log)
-        else:
-            error = await relay(caller, app)
+        try:
+            if gated:
+                assert isinstance(caller, FlowConn)
+                assert isinstance(app, FlowConn)
+                error = await self._gated(caller, app, call, log)
+            else:
+                error = await relay(caller, app)
+        except BaseException:
+            app.reset_if_open()  # cancelled (the sidecar stops): the caller's owner resets it
+            raise
         log = watch.connection_log(log) if watch is not None else log
         log.info(
             "inbound closed",
