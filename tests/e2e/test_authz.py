@@ -20,6 +20,7 @@ from clusters.rig import config_repo, control, lifecycle, topology
 from mesh.model import ServicePort
 from tests.e2e.conftest import revive_agents
 from tests.e2e.policy_rig import pod_netns, run_in_pod, start_workload
+from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
 
@@ -154,8 +155,17 @@ def test_allow_only_west_client_refuses_east_within_a_second(echo: Path) -> None
             for c in ("east", "west")
         )
         assert refusals >= 11
-        lines = log_lines(echo, "east-echo-1-sidecar", "inbound request denied")
-        lines += log_lines(echo, "west-echo-1-sidecar", "inbound request denied")
+
+        def denied_lines() -> list[dict[str, object]]:
+            return [
+                line
+                for c in ("east", "west")
+                for line in log_lines(echo, f"{c}-echo-1-sidecar", "inbound request denied")
+            ]
+
+        lines = until_sync(
+            denied_lines, WITHIN, check=lambda got: len(got) >= 11, what="the refusals' lines"
+        )
         assert {(r["reason"], r["status"], r["caller"]) for r in lines} == {
             ("no ALLOW policy matched", 403, EAST_CLIENT)
         }
@@ -291,13 +301,15 @@ def test_a_tcp_port_is_refused_and_an_open_stream_cut_off(redis: Path) -> None:
                 while redis_ping(redis, REDIS_PORTS[0]) == "PONG":
                     assert time.monotonic() < deadline, "the denied port still answers"
                 assert redis_ping(redis, REDIS_PORTS[1]) == "PONG"  # refused per port
-                # The source sidecar logs why its stream was refused.
-                refused = [
-                    r
-                    for r in log_lines(redis, "east-client-sidecar", "outbound failed")
-                    if "denied by authorization policy demo/no-redis" in str(r.get("detail"))
-                ]
-                assert refused, "east/client's sidecar did not log the refusal"
+
+                # The source sidecar logs why its stream was refused (its log goes through a
+                # pipe, fedgate.native_logs: poll for the line).
+                def refusals() -> list[dict[str, object]]:
+                    failed = log_lines(redis, "east-client-sidecar", "outbound failed")
+                    want = "denied by authorization policy demo/no-redis"
+                    return [r for r in failed if want in str(r.get("detail"))]
+
+                until_sync(refusals, WITHIN, what="east/client's sidecar logs the refusal")
                 holder.stdin.write("\n")
                 holder.stdin.flush()
                 assert holder.stdout.readline().startswith("closed")
