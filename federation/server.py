@@ -18,6 +18,13 @@ NACK with the node's id, cluster and versions. A replica without a snapshot yet 
 another replica instead of hanging on one that cannot serve. Who may open a stream is decided
 by the `authorize(context)` callable (the lead plugs in ca/'s SPIFFE verifier); it returns an
 error text to refuse with PERMISSION_DENIED. Config generation happens elsewhere.
+
+Stalls are made visible and self-healing rather than assumed impossible (docs/controller.md,
+"Stalled streams"): every response carries the replica's current version and an idle stream
+gets a heartbeat every `heartbeat` seconds, so a proxy can tell that it trails and reconnect;
+a write the proxy does not take within `write_timeout` drops the stream (STYLE: drop the slow
+stream); and each stream's lag (since when the replica has published a version the proxy
+does not run, counted from the offer) is in `PushStats` for metrics and `fedgate status`.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ Context = grpc.aio.ServicerContext[ConfigRequest, ConfigResponse]
 Authorizer = Callable[[Context], "str | None"]
 MAX_MESSAGE = 64 * 1024 * 1024
 HISTORY = 8  # recent snapshots kept to build deltas from
+HEARTBEAT = 2.0  # seconds: an idle stream is told the current version this often
+WRITE_TIMEOUT = 30.0  # seconds: a stream whose proxy does not take a response is dropped
 DELTAS_PER_VERSION = 8  # delta payloads cached per published version (one per base)
 
 
@@ -108,13 +117,16 @@ class Subscription:
     not an asyncio.Queue: `offer` runs once per stream per version, 1,000 streams per sync).
     """
 
-    def __init__(self, publisher: SnapshotPublisher) -> None:
+    def __init__(self, publisher: SnapshotPublisher, tracker: Subscriber | None = None) -> None:
         self._publisher = publisher
         self._item: Published | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._tracker = tracker
         self.superseded = 0  # metric: snapshots replaced before this stream took them
 
     def offer(self, item: Published) -> None:
+        if self._tracker is not None:  # lag counts from the offer, whatever the stream does
+            self._tracker.offered(item.version, item.at)
         if self._item is not None:
             self.superseded += 1
             self._publisher.superseded += 1
@@ -205,12 +217,26 @@ class SnapshotPublisher:
             subscription.offer(self._current)
         return True
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self)
+    def subscribe(self, tracker: Subscriber | None = None) -> Subscription:
+        """A subscription offered the current snapshot and every later one; `tracker` (the
+        stream's push statistics) learns of each offer, for the lag."""
+        subscription = Subscription(self, tracker)
         if self._current is not None:
             subscription.offer(self._current)
         self._subscriptions.add(subscription)
         return subscription
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """One open config stream, as its two tasks (take/offer/write and read) share it."""
+
+    context: Context
+    session: ServerSession
+    subscription: Subscription
+    log: Any
+    sub: Subscriber
+    opened_at: float
 
 
 class ConfigDiscoveryServicer(_ServicerBase):
@@ -221,18 +247,46 @@ class ConfigDiscoveryServicer(_ServicerBase):
         *,
         replica: str = "",
         first_snapshot_timeout: float = 10.0,
+        heartbeat: float = HEARTBEAT,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self._publisher = publisher
         self._authorize = authorize
         self._replica = replica
         self._first_timeout = first_snapshot_timeout
+        self._heartbeat = heartbeat
+        self._write_timeout = write_timeout
         self._tasks = TaskSet("config-streams")
         self.acks = 0  # metrics
         self.nacks = 0
         self.resyncs = 0
         self.deltas = 0
         self.fulls = 0
-        self.push = PushStats()  # per-subscriber versions and push latency (metrics)
+        self.heartbeats = 0
+        self.dropped = 0  # streams closed because a write stalled
+        self.push = PushStats()  # per-subscriber versions, lag and push latency (metrics)
+
+    def streams(self) -> list[dict[str, Any]]:
+        """Every open stream and its lag, the worst first (the admin `/config`, `fedgate
+        status`)."""
+        now = self._publisher.clock()
+        subs = sorted(self.push.subscribers.values(), key=lambda s: (-s.lag(now), s.node))
+        return [
+            {
+                "node": s.node,
+                "kind": s.kind,
+                "cluster": s.cluster,
+                "version": s.version,
+                "sent": s.sent,
+                "nacked": s.nacked,
+                "lag_seconds": round(s.lag(now), 3),
+            }
+            for s in subs
+        ]
+
+    def _current(self) -> str:
+        current = self._publisher.published
+        return current.version if current is not None else ""
 
     async def StreamConfig(  # noqa: N802 - the gRPC method name
         self, request_iterator: Any, context: Context
@@ -256,53 +310,93 @@ class ConfigDiscoveryServicer(_ServicerBase):
             kind=session.node.kind,
             peer=context.peer(),
         )
-        log.info("config stream opened", version=hello.version_info)
-        taking: asyncio.Future[Published] | None = None
-        reader: asyncio.Task[None] | None = None
+        log.info("config stream opened", version=hello.version_info, full=hello.full)
         node = session.node
-        sub = self.push.opened(node.id, node.kind, node.cluster)
+        sub = self.push.opened(node.id, node.kind, node.cluster, hello.version_info)
         try:
-            with self._publisher.subscribe() as subscription:
-                reader = self._tasks.spawn(
-                    self._read(context, session, subscription, log, sub, opened_at),
-                    f"read:{session.node.id}",
-                )
-                while not reader.done():
+            with self._publisher.subscribe(sub) as subscription:
+                await self._serve(_Stream(context, session, subscription, log, sub, opened_at))
+        finally:
+            self.push.closed(sub)
+            log.info("config stream closed", version=session.client_version)
+
+    async def _serve(self, stream: _Stream) -> None:
+        """Take each offered snapshot and send what the session says, with a heartbeat on an
+        idle stream. One `take` lives across heartbeats: an offer made at any point (while
+        writing, while waiting, between the two) is in the subscription's slot and wakes it."""
+        context, session, subscription = stream.context, stream.session, stream.subscription
+        loop = asyncio.get_running_loop()
+        reader = self._tasks.spawn(self._read(stream), f"read:{session.node.id}")
+        taking: asyncio.Future[Published] | None = None
+        last_write = loop.time()
+        try:
+            while not reader.done():
+                if taking is None:
                     taking = asyncio.ensure_future(subscription.next())
-                    await asyncio.wait({reader, taking}, return_when=asyncio.FIRST_COMPLETED)
-                    if not taking.done():
-                        break  # the proxy closed its side
+                timeout = max(0.0, last_write + self._heartbeat - loop.time())
+                await asyncio.wait(
+                    {reader, taking}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                response: ConfigResponse | None = None
+                if taking.done():
                     item = taking.result()
+                    taking = None
                     response = session.offer(item.version, item.full, item.delta)
-                    if response is not None:
-                        response.replica = self._replica
-                        if response.base_version:
-                            self.deltas += 1
-                        else:
-                            self.fulls += 1
-                        await context.write(response)
-                        log.debug(
-                            "config sent",
-                            version=response.version_info,
-                            delta_from=response.base_version,
-                            size=len(response.snapshot),
-                        )
+                    if response is None:
+                        continue
+                    stream.sub.sent = item.version
+                    if response.base_version:
+                        self.deltas += 1
+                    else:
+                        self.fulls += 1
+                elif reader.done():
+                    break  # the proxy closed its side
+                elif loop.time() - last_write >= self._heartbeat:
+                    response = session.heartbeat(self._current())
+                    self.heartbeats += 1
+                else:
+                    continue
+                response.replica = self._replica
+                response.current_version = self._current()
+                await self._write(context, response, stream.log)
+                last_write = loop.time()
         finally:
             for task in (reader, taking):
                 if task is not None:
                     task.cancel()
-            self.push.closed(sub)
-            log.info("config stream closed", version=session.client_version)
 
-    async def _read(
-        self,
-        context: Context,
-        session: ServerSession,
-        subscription: Subscription,
-        log: Any,
-        sub: Subscriber,
-        opened_at: float,
-    ) -> None:
+    async def _write(self, context: Context, response: ConfigResponse, log: Any) -> None:
+        """Send `response`; a stream that cannot take it within `write_timeout` is dropped
+        (the proxy reconnects and gets the current snapshot), never left stalled."""
+        write = asyncio.ensure_future(context.write(response))
+        try:
+            done, _ = await asyncio.wait({write}, timeout=self._write_timeout)
+        finally:
+            if not write.done():
+                write.cancel()
+        if not done:
+            self.dropped += 1
+            log.warning(
+                "config stream dropped: write stalled",
+                version=response.version_info or None,
+                seconds=self._write_timeout,
+            )
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"config stream stalled: a response was not taken in {self._write_timeout} s",
+            )
+        write.result()  # a failed write (the stream is gone) ends the stream
+        if not response.heartbeat:
+            log.debug(
+                "config sent",
+                version=response.version_info,
+                delta_from=response.base_version,
+                size=len(response.snapshot),
+            )
+
+    async def _read(self, stream: _Stream) -> None:
+        context, session, subscription = stream.context, stream.session, stream.subscription
+        log, sub, opened_at = stream.log, stream.sub, stream.opened_at
         while True:
             request = await context.read()
             if not isinstance(request, ConfigRequest):  # the proxy half-closed the stream
@@ -313,7 +407,12 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     self.acks += 1
                     clock = self._publisher.clock
                     latency = self.push.acked(
-                        sub, version, self._publisher.published_at(version), opened_at, clock()
+                        sub,
+                        version,
+                        self._publisher.published_at(version),
+                        opened_at,
+                        clock(),
+                        current=self._current(),
                     )
                     log.info(
                         "config ACK",
@@ -322,7 +421,7 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     )
                 case Nack(rejected=rejected, kept=kept, error=error):
                     self.nacks += 1
-                    self.push.nacked(sub)
+                    self.push.nacked(sub, rejected)
                     log.warning("config NACK", version=rejected, kept=kept, error=error)
                 case Stale(nonce=nonce):
                     log.debug("stale config request ignored", nonce=nonce)
