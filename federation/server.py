@@ -227,6 +227,10 @@ class SnapshotPublisher:
         return subscription
 
 
+class _StreamDroppedError(Exception):
+    """A write stalled: end the stream (its status is set already)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Stream:
     """One open config stream, as its two tasks (take/offer/write and read) share it."""
@@ -316,6 +320,8 @@ class ConfigDiscoveryServicer(_ServicerBase):
         try:
             with self._publisher.subscribe(sub) as subscription:
                 await self._serve(_Stream(context, session, subscription, log, sub, opened_at))
+        except _StreamDroppedError:
+            pass  # logged where it happened; the status is set
         finally:
             self.push.closed(sub)
             log.info("config stream closed", version=session.client_version)
@@ -381,10 +387,14 @@ class ConfigDiscoveryServicer(_ServicerBase):
                 version=response.version_info or None,
                 seconds=self._write_timeout,
             )
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"config stream stalled: a response was not taken in {self._write_timeout} s",
+            # Not context.abort: its status would queue behind the response the proxy does
+            # not take, and the handler (with its subscription) would hang on it. The status
+            # set here goes out when it can; the stream's resources go now.
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(
+                f"config stream stalled: a response was not taken in {self._write_timeout} s"
             )
+            raise _StreamDroppedError
         write.result()  # a failed write (the stream is gone) ends the stream
         if not response.heartbeat:
             log.debug(

@@ -153,7 +153,13 @@ async def run_proxy(
     def proxy_families() -> Iterator[Metric]:
         own = current[0]
         yield from metrics.config_version_families(latest[-1].version if latest else "", w.kind)
-        yield from metrics.proxy_config_families(client.nacks, client.reconnects, client.failovers)
+        yield from metrics.proxy_config_families(
+            client.nacks,
+            client.reconnects,
+            client.failovers,
+            lag_seconds=client.lag_seconds,
+            stalls=client.stalls,
+        )
         yield from metrics.certificate_families(
             [metrics.svid_expiry(own.spiffe_id.uri, own.not_after, own.cert_pem)]
         )

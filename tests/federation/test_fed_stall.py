@@ -1,0 +1,202 @@
+"""Stalled config streams (issue 15): whatever stops a stream from delivering, the lag shows on
+the replica and the proxy resyncs on its own. Real gRPC on loopback; the stall is injected
+by a server session that stops sending after its first response (what a lost wake-up in the
+take/offer loop, or a session that wrongly believes the proxy is up to date, looks like)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc.aio
+import pytest
+
+from federation import server as server_module
+from federation.api.client import ConfigClient
+from federation.api.config_pb2 import ConfigRequest, ConfigResponse
+from federation.api.config_pb2_grpc import ConfigDiscoveryStub
+from federation.api.session import DeltaSource, NodeInfo, Payload, ServerSession
+from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
+from mesh.model import Snapshot
+from tests.federation.conftest import until
+from tests.federation.test_fed_stream import snapshot
+
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
+
+
+class StallingSession(ServerSession):
+    """Sends its first response, then nothing, as the issue's sidecar saw; a stream opened
+    with `full` (a proxy resyncing) is served normally."""
+
+    def __init__(self, hello: ConfigRequest) -> None:
+        super().__init__(hello)
+        self._stall = not hello.full
+        self._sent_one = False
+
+    def offer(
+        self, version: str, payload: Payload, delta: DeltaSource | None = None
+    ) -> ConfigResponse | None:
+        if self._stall and self._sent_one:
+            return None
+        response = super().offer(version, payload, delta)
+        self._sent_one = self._sent_one or response is not None
+        return response
+
+
+@pytest.fixture
+def stalling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "ServerSession", StallingSession)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@contextlib.asynccontextmanager
+async def started(servicer: ConfigDiscoveryServicer) -> AsyncIterator[ConfigServer]:
+    running = await serve(servicer, "127.0.0.1:0", None)
+    try:
+        yield running
+    finally:
+        await running.stop(None)
+
+
+def proxy(port: int, name: str, **timing: float) -> ConfigClient:
+    return ConfigClient(f"127.0.0.1:{port}", node_id=name, cluster="east", insecure=True, **timing)
+
+
+@pytest.mark.usefixtures("stalling")
+async def test_a_stalled_stream_shows_its_lag_and_the_proxy_resyncs_from_the_heartbeat() -> None:
+    publisher = SnapshotPublisher()
+    servicer = ConfigDiscoveryServicer(publisher, heartbeat=0.05)
+    s1, s2, s3 = snapshot("10.0.0.1"), snapshot("10.0.0.2"), snapshot("10.0.0.3")
+    publisher.update(s1)
+    async with started(servicer) as running:
+        c = proxy(running.port, "sidecar-stuck", resync_after=0.5, silence_limit=30.0)
+        stream = c.snapshots()
+        waiting: asyncio.Future[Snapshot] | None = None
+        try:
+            assert await asyncio.wait_for(anext(stream), 5.0) == s1
+            waiting = asyncio.ensure_future(anext(stream))
+            publisher.update(s2)
+            publisher.update(s3)
+            # The replica sends nothing, but the lag is there from the offer on.
+            await until(lambda: servicer.streams()[0]["lag_seconds"] > 0.2)
+            row = servicer.streams()[0]
+            assert (row["node"], row["version"], row["sent"]) == (
+                "sidecar-stuck",
+                s1.version,
+                s1.version,
+            )
+            assert not waiting.done()
+            # The heartbeats name s3; 0.5 s later the proxy reconnects asking for everything.
+            assert await asyncio.wait_for(waiting, 5.0) == s3
+            assert c.stalls == 1
+            assert c.latest == s3
+            await until(lambda: [r["lag_seconds"] for r in servicer.streams()] == [0.0])
+            assert servicer.streams()[0]["version"] == s3.version
+            assert servicer.heartbeats > 0
+        finally:
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
+                await asyncio.wait({waiting})
+            await stream.aclose()
+
+
+@pytest.mark.usefixtures("stalling")
+async def test_a_silent_stream_is_dropped_by_the_proxy() -> None:
+    publisher = SnapshotPublisher()
+    servicer = ConfigDiscoveryServicer(publisher, heartbeat=3600.0)  # no heartbeat either
+    s1, s2 = snapshot("10.0.0.1"), snapshot("10.0.0.2")
+    publisher.update(s1)
+    async with started(servicer) as running:
+        c = proxy(running.port, "sidecar-silent", resync_after=30.0, silence_limit=0.5)
+        stream = c.snapshots()
+        try:
+            assert await asyncio.wait_for(anext(stream), 5.0) == s1
+            publisher.update(s2)
+            assert await asyncio.wait_for(anext(stream), 5.0) == s2
+            assert c.stalls >= 1
+        finally:
+            await stream.aclose()
+
+
+async def test_a_proxy_that_takes_nothing_is_dropped_by_the_replica() -> None:
+    publisher = SnapshotPublisher()
+    servicer = ConfigDiscoveryServicer(publisher, write_timeout=0.5)
+    big_root = "R" * 1_000_000  # fills the stalled stream's flow-control window
+    publisher.update(snapshot("10.0.0.1", roots=(big_root + "0",)))
+    async with (
+        started(servicer) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stalled = ConfigDiscoveryStub(channel).StreamConfig()
+        await stalled.write(ConfigRequest(node=NodeInfo("reads-nothing", "east").to_proto()))
+        await until(lambda: publisher.subscribers == 1)
+        for i in range(1, 20):  # each version taken (written) before the next is published
+            publisher.update(snapshot("10.0.0.1", roots=(big_root + str(i),)))
+            await until(lambda sent=i + 1: servicer.fulls == sent or servicer.dropped == 1)
+            if servicer.dropped:
+                break
+        await until(lambda: servicer.dropped == 1 and publisher.subscribers == 0)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await read_to_the_end(stalled)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "stalled" in (raised.value.details() or "")
+
+
+async def test_lag_runs_from_publication_until_the_ack_of_the_current_version() -> None:
+    clock = Clock()
+    publisher = SnapshotPublisher(clock=clock)
+    servicer = ConfigDiscoveryServicer(publisher)
+    s1, s2, s3 = snapshot("10.0.0.1"), snapshot("10.0.0.2"), snapshot("10.0.0.3")
+    publisher.update(s1)
+    async with (
+        started(servicer) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        call = ConfigDiscoveryStub(channel).StreamConfig()
+        node = NodeInfo("gw-west", "west", "gateway").to_proto()
+        await call.write(ConfigRequest(node=node))
+        first = await call.read()
+        assert isinstance(first, ConfigResponse)
+        assert first.current_version == s1.version
+        await call.write(ConfigRequest(node=node, version_info=s1.version, **nonce(first)))
+        await until(lambda: servicer.streams()[0]["version"] == s1.version)
+        assert servicer.streams()[0]["lag_seconds"] == 0.0
+        clock.t = 5.0
+        publisher.update(s2)  # published at 5 s, not answered yet
+        second = await call.read()
+        assert isinstance(second, ConfigResponse)
+        clock.t = 6.0
+        publisher.update(s3)
+        third = await call.read()
+        assert isinstance(third, ConfigResponse)
+        clock.t = 12.0
+        assert servicer.streams()[0]["lag_seconds"] == 7.0  # behind since s2's publication
+        # An ACK of s2 (older than current) keeps the lag; a NACK of s3 too.
+        await call.write(ConfigRequest(node=node, version_info=s2.version, **nonce(second)))
+        await call.write(
+            ConfigRequest(node=node, version_info=s2.version, error_detail="no", **nonce(third))
+        )
+        await until(lambda: servicer.streams()[0]["nacked"] == s3.version)
+        assert servicer.streams()[0]["lag_seconds"] == 7.0
+        assert servicer.streams()[0]["version"] == s2.version
+        clock.t = 13.0
+        publisher.update(s2)  # back to what it runs: up to date again
+        assert servicer.streams()[0]["lag_seconds"] == 0.0
+        call.cancel()
+
+
+async def read_to_the_end(call: grpc.aio.StreamStreamCall[ConfigRequest, ConfigResponse]) -> None:
+    while isinstance(await call.read(), ConfigResponse):
+        pass
+
+
+def nonce(response: ConfigResponse) -> dict[str, str]:
+    return {"response_nonce": response.nonce}
