@@ -144,13 +144,19 @@ def test_answer_to_an_older_response_still_counts() -> None:
 # --- staleness: the server's current version, heartbeats, a full resync ---------------------
 
 
-def test_a_heartbeat_is_not_answered_and_names_the_current_version() -> None:
+def running_s1() -> tuple[ClientSession, ServerSession, Snapshot]:
+    """A client and its server session after the first snapshot was sent and accepted."""
     client = ClientSession(NODE)
     server = ServerSession(client.hello())
     s1, p1 = snapshot("10.0.0.1")
     first = server.offer(s1.version, p1)
     assert first is not None
     assert isinstance(client.receive(first), Accepted)
+    return client, server, s1
+
+
+def test_a_heartbeat_is_not_answered_and_names_the_current_version() -> None:
+    client, server, s1 = running_s1()
     beat = server.heartbeat(s1.version)
     assert beat.heartbeat
     assert not beat.nonce
@@ -160,13 +166,8 @@ def test_a_heartbeat_is_not_answered_and_names_the_current_version() -> None:
 
 
 def test_trailing_counts_from_the_first_sight_of_a_version_the_client_does_not_run() -> None:
-    client = ClientSession(NODE)
-    server = ServerSession(client.hello())
-    s1, p1 = snapshot("10.0.0.1")
+    client, _, s1 = running_s1()
     s2, _ = snapshot("10.0.0.2")
-    first = server.offer(s1.version, p1)
-    assert first is not None
-    client.receive(first)
     client.observe(s1.version, 1.0)
     assert client.trailing_for(9.0) == 0.0
     client.observe(s2.version, 10.0)  # e.g. a heartbeat while s2's response never came
