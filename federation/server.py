@@ -227,6 +227,11 @@ class SnapshotPublisher:
         return subscription
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class _StreamDroppedError(Exception):
     """A write stalled: end the stream (its status is set already)."""
 
@@ -375,6 +380,9 @@ class ConfigDiscoveryServicer(_ServicerBase):
         """Send `response`; a stream that cannot take it within `write_timeout` is dropped
         (the proxy reconnects and gets the current snapshot), never left stalled."""
         write = asyncio.ensure_future(context.write(response))
+        # If the stream ends while it waits (a cancelled handler), nobody awaits the write:
+        # its ExecuteBatchError must not be logged as never retrieved.
+        write.add_done_callback(_retrieve)
         try:
             done, _ = await asyncio.wait({write}, timeout=self._write_timeout)
         finally:

@@ -7,6 +7,7 @@ below reads the environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -170,12 +171,14 @@ async def run_proxy(
 
     async def follow() -> None:
         nonlocal started
-        async for snapshot in client.snapshots():
-            latest[:] = [snapshot]
-            if not started:
-                await proxy.start()
-                started = True
-                _log.info("serving", version=snapshot.version)
+        # aclosing: a cancelled follow() closes the stream's channel now, not at GC.
+        async with contextlib.aclosing(client.snapshots()) as snapshots:
+            async for snapshot in snapshots:
+                latest[:] = [snapshot]
+                if not started:
+                    await proxy.start()
+                    started = True
+                    _log.info("serving", version=snapshot.version)
 
     def install(new: Svid) -> None:
         proxy.set_identity(new)  # new handshakes use it; established connections keep theirs

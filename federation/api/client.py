@@ -35,7 +35,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from federation.api.config_pb2 import ConfigResponse
+from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 from federation.api.config_pb2_grpc import ConfigDiscoveryStub
 from federation.api.session import (
     Accepted,
@@ -183,7 +183,7 @@ class ConfigClient:
             channel = self._channel(target)
             call = ConfigDiscoveryStub(channel).StreamConfig()
             try:
-                await call.write(self._session.hello(full=full))
+                await _send(call, self._session.hello(full=full))
                 full = False
                 while True:
                     response = await self._read(call)
@@ -196,9 +196,13 @@ class ConfigClient:
                         case Heartbeat():
                             pass
                         case Accepted(snapshot=snapshot, ack=ack):
-                            await call.write(ack)
                             self._log.info("config accepted", version=snapshot.version)
+                            # Accepted (and applied, when `validate` applies) whether or not
+                            # the ACK gets out: the caller hears of it either way.
+                            ack_failed = await _try_send(call, ack)
                             yield snapshot
+                            if ack_failed is not None:
+                                raise ack_failed
                         case Rejected(error=error, nack=nack):
                             self.nacks += 1
                             self._log.warning(
@@ -207,11 +211,11 @@ class ConfigClient:
                                 kept=self._session.version,
                                 error=error,
                             )
-                            await call.write(nack)
+                            await _send(call, nack)
                         case ResyncNeeded(base=base, request=request):
                             self.resyncs += 1
                             self._log.info("config delta base mismatch, resync", base=base)
-                            await call.write(request)
+                            await _send(call, request)
                         case _:
                             raise AssertionError(f"unknown session outcome {outcome!r}")
             except _StreamStalledError as e:
@@ -226,6 +230,10 @@ class ConfigClient:
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, _StreamEndedError) as e:
                 self._log.warning(
                     "config stream failed, reconnecting", target=target, error=_describe(e)
+                )
+            except Exception as e:  # a bug must not end the config stream for good
+                self._log.exception(
+                    "config stream broke, reconnecting", target=target, error=repr(e)
                 )
             finally:
                 call.cancel()
@@ -271,6 +279,31 @@ class ConfigClient:
         if not isinstance(response, ConfigResponse):  # grpc.aio.EOF
             raise _StreamEndedError("controller closed the config stream")
         return response
+
+
+async def _send(call: Any, request: ConfigRequest) -> None:
+    """Write `request`; `_StreamEndedError` if the stream has ended meanwhile.
+
+    grpc.aio raises asyncio.InvalidStateError ("RPC already finished") for a write on a call
+    whose status has arrived: a stream the controller (or the connection) ended between our
+    read and our answer. Before issue 15 that escaped `snapshots()` and ended the proxy's
+    config stream for good, silently: the proxy kept its last config for ever.
+    """
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError as e:
+        raise _StreamEndedError(f"the config stream ended before our answer: {e}") from e
+
+
+async def _try_send(call: Any, request: ConfigRequest) -> _StreamEndedError | None:
+    """`_send`, returning the error instead of raising it (AioRpcError becomes one too)."""
+    try:
+        await _send(call, request)
+    except _StreamEndedError as e:
+        return e
+    except grpc.aio.AioRpcError as e:
+        return _StreamEndedError(_describe(e))
+    return None
 
 
 def _describe(e: BaseException) -> str:

@@ -13,11 +13,13 @@ import grpc.aio
 import pytest
 
 from federation import server as server_module
+from federation.api import client as client_module
 from federation.api.client import ConfigClient
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 from federation.api.config_pb2_grpc import ConfigDiscoveryStub
 from federation.api.session import DeltaSource, NodeInfo, Payload, ServerSession
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
+from mesh.codec import dumps, snapshot_to_json
 from mesh.model import Snapshot
 from tests.federation.conftest import until
 from tests.federation.test_fed_stream import snapshot
@@ -200,3 +202,67 @@ async def read_to_the_end(call: grpc.aio.StreamStreamCall[ConfigRequest, ConfigR
 
 def nonce(response: ConfigResponse) -> dict[str, str]:
     return {"response_nonce": response.nonce}
+
+
+# --- the cause found: an answer written after the stream ended killed the config stream ---
+
+
+class ScriptedCall:
+    """A config stream call that serves `responses`, then waits for `more`; writing
+    `fail_on` (a nonce) raises what grpc.aio raises for a call whose status has arrived."""
+
+    def __init__(self, responses: list[ConfigResponse], fail_on: str = "") -> None:
+        self.queue: asyncio.Queue[ConfigResponse] = asyncio.Queue()
+        for r in responses:
+            self.queue.put_nowait(r)
+        self.fail_on = fail_on
+        self.written: list[ConfigRequest] = []
+
+    async def write(self, request: ConfigRequest) -> None:
+        self.written.append(request)
+        if self.fail_on and request.response_nonce == self.fail_on:
+            raise asyncio.InvalidStateError("RPC already finished.")
+
+    async def read(self) -> ConfigResponse:
+        return await self.queue.get()
+
+    def cancel(self) -> bool:
+        return True
+
+
+async def test_a_stream_that_ends_before_the_ack_is_written_reconnects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s1, s2, s3 = snapshot("10.0.0.1"), snapshot("10.0.0.2"), snapshot("10.0.0.3")
+    payload = {s.version: dumps(snapshot_to_json(s)) for s in (s1, s2, s3)}
+    first = ServerSession(ConfigRequest(node=NodeInfo("sidecar-1", "east").to_proto()))
+    r1, r2 = (first.offer(s.version, payload[s.version]) for s in (s1, s2))
+    assert r1 is not None
+    assert r2 is not None
+    # The replica sent s2 and the stream ended before the proxy's ACK of it went out.
+    calls = [ScriptedCall([r1, r2], fail_on=r2.nonce), ScriptedCall([])]
+
+    class Stub:
+        def __init__(self, channel: object) -> None:
+            pass
+
+        def StreamConfig(self) -> ScriptedCall:  # noqa: N802 - the gRPC method name
+            return calls.pop(0) if len(calls) > 1 else calls[0]
+
+    second = calls[1]
+    monkeypatch.setattr(client_module, "ConfigDiscoveryStub", Stub)
+    c = proxy(1, "sidecar-1", backoff_initial=0.01)
+    stream = c.snapshots()
+    try:
+        assert await asyncio.wait_for(anext(stream), 5.0) == s1
+        assert await asyncio.wait_for(anext(stream), 5.0) == s2  # accepted, so yielded
+        waiting = asyncio.ensure_future(anext(stream))
+        await until(lambda: len(second.written) == 1)  # it reconnected, announcing s2
+        assert second.written[0].version_info == s2.version
+        assert c.reconnects == 1
+        third = ServerSession(second.written[0]).offer(s3.version, payload[s3.version])
+        assert third is not None
+        second.queue.put_nowait(third)
+        assert await asyncio.wait_for(waiting, 5.0) == s3
+    finally:
+        await stream.aclose()
