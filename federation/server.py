@@ -354,6 +354,8 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     taking = None
                     response = session.offer(item.version, item.full, item.delta)
                     if response is None:
+                        if item.version == session.client_version:  # it runs it already
+                            stream.sub.running(item.version, self._current(), item.at)
                         continue
                     stream.sub.sent = item.version
                     if response.base_version:
@@ -416,7 +418,11 @@ class ConfigDiscoveryServicer(_ServicerBase):
         context, session, subscription = stream.context, stream.session, stream.subscription
         log, sub, opened_at = stream.log, stream.sub, stream.opened_at
         while True:
-            request = await context.read()
+            try:
+                request = await context.read()
+            except Exception as e:  # the stream is over (cancelled, server stopped)
+                log.debug("config stream read ended", error=repr(e))
+                return
             if not isinstance(request, ConfigRequest):  # the proxy half-closed the stream
                 return
             event = session.receive(request)
@@ -446,6 +452,8 @@ class ConfigDiscoveryServicer(_ServicerBase):
                 case Resync(kept=kept):
                     self.resyncs += 1
                     log.info("config resync requested", kept=kept)
+                    # It says what it runs: an ACK the resync made stale may have been lost.
+                    sub.running(kept, self._current(), self._publisher.clock())
                     current = self._publisher.published
                     if current is not None:
                         subscription.offer(current)

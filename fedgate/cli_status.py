@@ -92,7 +92,7 @@ async def collect(endpoints: list[str], controller_admins: list[str] | None = No
     return {
         "revision": loaded.revision,
         "gateways": await _gateways(str(leader.get("admin", ""))),
-        "streams": await _streams(admins),
+        "streams": await replica_streams(admins),
         "leader": leader,
         "config": config,
         "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
@@ -120,7 +120,7 @@ async def _gateways(admin: str) -> Json:
     }
 
 
-async def _streams(admins: list[str]) -> list[Json]:
+async def replica_streams(admins: list[str]) -> list[Json]:
     """Each replica's config streams (or why they are unknown), from its admin address."""
     from fedgate.errors import FedgateError
     from fedgate.topology import http_get

@@ -68,6 +68,29 @@ async def started(servicer: ConfigDiscoveryServicer) -> AsyncIterator[ConfigServ
         await running.stop(None)
 
 
+@contextlib.asynccontextmanager
+async def raw_call(
+    servicer: ConfigDiscoveryServicer,
+) -> AsyncIterator[grpc.aio.StreamStreamCall[ConfigRequest, ConfigResponse]]:
+    """A config stream to `servicer` driven by hand (no ConfigClient)."""
+    async with (
+        started(servicer) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        call = ConfigDiscoveryStub(channel).StreamConfig()
+        try:
+            yield call
+        finally:
+            call.cancel()
+
+
+def three_versions(publisher: SnapshotPublisher) -> tuple[Snapshot, Snapshot, Snapshot]:
+    """Three snapshots, the first published."""
+    s1, s2, s3 = snapshot("10.0.0.1"), snapshot("10.0.0.2"), snapshot("10.0.0.3")
+    publisher.update(s1)
+    return s1, s2, s3
+
+
 def proxy(port: int, name: str, **timing: float) -> ConfigClient:
     return ConfigClient(f"127.0.0.1:{port}", node_id=name, cluster="east", insecure=True, **timing)
 
@@ -156,13 +179,8 @@ async def test_lag_runs_from_publication_until_the_ack_of_the_current_version() 
     clock = Clock()
     publisher = SnapshotPublisher(clock=clock)
     servicer = ConfigDiscoveryServicer(publisher)
-    s1, s2, s3 = snapshot("10.0.0.1"), snapshot("10.0.0.2"), snapshot("10.0.0.3")
-    publisher.update(s1)
-    async with (
-        started(servicer) as running,
-        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
-    ):
-        call = ConfigDiscoveryStub(channel).StreamConfig()
+    s1, s2, s3 = three_versions(publisher)
+    async with raw_call(servicer) as call:
         node = NodeInfo("gw-west", "west", "gateway").to_proto()
         await call.write(ConfigRequest(node=node))
         first = await call.read()
@@ -192,7 +210,6 @@ async def test_lag_runs_from_publication_until_the_ack_of_the_current_version() 
         clock.t = 13.0
         publisher.update(s2)  # back to what it runs: up to date again
         assert servicer.streams()[0]["lag_seconds"] == 0.0
-        call.cancel()
 
 
 async def read_to_the_end(call: grpc.aio.StreamStreamCall[ConfigRequest, ConfigResponse]) -> None:
@@ -266,3 +283,36 @@ async def test_a_stream_that_ends_before_the_ack_is_written_reconnects(
         assert await asyncio.wait_for(waiting, 5.0) == s3
     finally:
         await stream.aclose()
+
+
+async def test_the_lag_follows_what_a_resync_says_the_proxy_runs() -> None:
+    """A resync can make the ACK of a response already in flight stale (it is ignored): the
+    lag must then follow the version the proxy names in its next resync, not stay for ever."""
+    publisher = SnapshotPublisher()
+    servicer = ConfigDiscoveryServicer(publisher)
+    s1, s2, s3 = three_versions(publisher)
+    async with raw_call(servicer) as call:
+        node = NodeInfo("sidecar-r", "east").to_proto()
+        await call.write(ConfigRequest(node=node, accept_delta=True))
+        r1 = await call.read()
+        assert isinstance(r1, ConfigResponse)
+        await call.write(ConfigRequest(node=node, version_info=s1.version, **nonce(r1)))
+        publisher.update(s2)
+        r2 = await call.read()
+        publisher.update(s3)
+        r3 = await call.read()
+        assert isinstance(r2, ConfigResponse)
+        assert isinstance(r3, ConfigResponse)
+        # It could not apply r2 but (say) got s3 whole from r3: resync, then ACK s3.
+        await call.write(
+            ConfigRequest(node=node, version_info=s1.version, resync=True, **nonce(r2))
+        )
+        await call.write(ConfigRequest(node=node, version_info=s3.version, **nonce(r3)))
+        r4 = await call.read()  # s3 again, as a delta from s1: it runs s3, so resync
+        assert isinstance(r4, ConfigResponse)
+        assert r4.base_version == s1.version
+        await call.write(
+            ConfigRequest(node=node, version_info=s3.version, resync=True, **nonce(r4))
+        )
+        await until(lambda: servicer.streams()[0]["lag_seconds"] == 0.0)
+        assert servicer.streams()[0]["version"] == s3.version
