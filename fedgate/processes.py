@@ -452,9 +452,12 @@ def gateway(
     logs.configure("gateway", cluster)
     if worker_index is not None:
         structlog.contextvars.bind_contextvars(worker=worker_index)
+    # Each worker has its own config stream: its own node id, so the controller's per-stream
+    # versions and lag (`/streams.json`, metrics) show every worker, not one of them.
+    node = f"gateway.{cluster}" if worker_index is None else f"gateway.{cluster}.w{worker_index}"
     w = _proxy_wiring(
         "gateway",
-        f"gateway.{cluster}",
+        node,
         cluster,
         identity_dir,
         ca_address,
