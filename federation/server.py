@@ -276,8 +276,8 @@ class ConfigDiscoveryServicer(_ServicerBase):
         self.push = PushStats()  # per-subscriber versions, lag and push latency (metrics)
 
     def streams(self) -> list[dict[str, Any]]:
-        """Every open stream and its lag, the worst first (the admin `/config`, `fedgate
-        status`)."""
+        """Every open stream and its lag, the worst first (the controller's admin
+        `/streams.json`, which `fedgate status` reads)."""
         now = self._publisher.clock()
         subs = sorted(self.push.subscribers.values(), key=lambda s: (-s.lag(now), s.node))
         return [

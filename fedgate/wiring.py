@@ -113,6 +113,21 @@ async def run_proxy(
     current = [svid]  # the SVID in use (renewal replaces it)
     started = False
     latest: list[Snapshot] = []
+    streams: list[ConfigClient] = []  # the config client, once there is one
+
+    def stream_status() -> dict[str, Any]:
+        """The controller replica in use, and how long this proxy has trailed its version."""
+        if not streams:
+            return {}
+        c = streams[0]
+        lag = round(c.lag_seconds, 3)
+        return {
+            "replica": c.replica,
+            "lagSeconds": lag,
+            "stalls": c.stalls,
+            "reconnects": c.reconnects,
+        }
+
     state = admin.AdminState(
         ready=lambda: started,
         config=lambda: {
@@ -122,6 +137,7 @@ async def run_proxy(
             "identityNotAfter": current[0].not_after.isoformat(),
             "identityPem": current[0].cert_pem.decode(),
             "version": latest[-1].version if latest else "",
+            "configStream": stream_status(),
             "status": proxy.status(),
             "snapshot": codec.snapshot_to_json(latest[-1]) if latest else None,
         },
@@ -149,6 +165,7 @@ async def run_proxy(
         server_name_override=controller_dns_name(),
         validate=apply,
     )
+    streams.append(client)
     tasks = TaskSet(w.kind)
 
     def proxy_families() -> Iterator[Metric]:
