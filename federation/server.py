@@ -212,6 +212,8 @@ class SnapshotPublisher:
             self._history.popitem(last=False)
         while len(self._published_at) > HISTORY:
             self._published_at.popitem(last=False)
+        if len(self.fragments) > len(snapshot.services):  # services were deleted: forget them
+            self.fragments.retain(s.key for s in snapshot.services)
         self._first.set()
         for subscription in self._subscriptions:
             subscription.offer(self._current)
