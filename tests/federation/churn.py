@@ -105,6 +105,7 @@ async def run_round(
     pool = [churn_snapshot(1000 * seed + i) for i in range(40)]
     refused = pool[3].version
     replicas = [await _Replica.start(), await _Replica.start()]
+    retired: list[_Replica] = []  # the restarted replica's first life (its counters)
     for r in replicas:
         r.publisher.update(pool[0])
     clients: list[ConfigClient] = []
@@ -148,12 +149,13 @@ async def run_round(
                 if rng.random() < 0.3:
                     await asyncio.sleep(0)  # the replicas publish it at different moments
             if v == versions // 4:  # let some refusing proxy see it (bounded): NACKs happen
-                await _until(lambda: any(r.servicer.nacks for r in replicas), 5.0)
+                await _until(lambda: any(r.servicer.nacks for r in replicas), 10.0)
             if v == versions // 2:
                 for k in sorted(late):
                     add(k)
                 # One replica restarts on its port: its streams fail over to the other.
                 old = replicas[1]
+                retired.append(old)
                 await old.server.stop(0.2)
                 replicas[1] = await _Replica.start(old.port)
                 replicas[1].publisher.update(snapshot)
@@ -182,7 +184,7 @@ async def run_round(
         result.died = [f"{t.get_name()}: {t.exception()!r}" for t in tasks if t.done()]
         result.converged = proxies - len(result.behind)
         result.lagging = lagging
-        for r in replicas:
+        for r in replicas + retired:
             result.acks += r.servicer.acks
             result.nacks += r.servicer.nacks
             result.resyncs += r.servicer.resyncs
