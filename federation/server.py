@@ -366,7 +366,7 @@ class ConfigDiscoveryServicer(_ServicerBase):
                         self.fulls += 1
                 elif reader.done():
                     break  # the proxy closed its side
-                elif loop.time() - last_write >= self._heartbeat:
+                elif session.heartbeats and loop.time() - last_write >= self._heartbeat:
                     response = session.heartbeat(self._current())
                     self.heartbeats += 1
                 else:

@@ -258,9 +258,12 @@ class ConfigClient:
         trailing = self._session.trailing_for(time.monotonic())
         if trailing >= self._resync_after:
             raise _StreamStalledError(f"trailing the controller's version for {trailing:.1f} s")
-        timeout = self._silence_limit
+        # A controller that does not name its version sends no heartbeats either: an idle
+        # stream to it is silent by design (keepalive still notices a dead one).
+        timeout = self._silence_limit if self._session.server_reports else None
         if trailing > 0:
-            timeout = min(timeout, self._resync_after - trailing)
+            left = self._resync_after - trailing
+            timeout = left if timeout is None else min(timeout, left)
         read = asyncio.ensure_future(call.read())
         try:
             # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -270,7 +273,7 @@ class ConfigClient:
             if not read.done():
                 read.cancel()
         if not done:
-            if timeout < self._silence_limit:
+            if timeout is not None and timeout < self._silence_limit:
                 raise _StreamStalledError(
                     f"trailing the controller's version for {self._resync_after:.1f} s"
                 )

@@ -17,7 +17,7 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., cluster: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ConfigRequest(_message.Message):
-    __slots__ = ("node", "version_info", "response_nonce", "error_detail", "accept_delta", "resync", "full")
+    __slots__ = ("node", "version_info", "response_nonce", "error_detail", "accept_delta", "resync", "full", "heartbeat")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_INFO_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class ConfigRequest(_message.Message):
     ACCEPT_DELTA_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     node: Node
     version_info: str
     response_nonce: str
@@ -32,7 +33,8 @@ class ConfigRequest(_message.Message):
     accept_delta: bool
     resync: bool
     full: bool
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version_info: _Optional[str] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[str] = ..., accept_delta: _Optional[bool] = ..., resync: _Optional[bool] = ..., full: _Optional[bool] = ...) -> None: ...
+    heartbeat: bool
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version_info: _Optional[str] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[str] = ..., accept_delta: _Optional[bool] = ..., resync: _Optional[bool] = ..., full: _Optional[bool] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
 
 class ConfigResponse(_message.Message):
     __slots__ = ("version_info", "nonce", "snapshot", "base_version", "replica", "current_version", "heartbeat")

@@ -15,7 +15,8 @@ xDS-style rules (as Envoy's state-of-the-world ADS, one resource type):
   stream, else the version it announced). A client that runs another version answers with
   `resync` instead of ACK/NACK; the server then sends the full snapshot of its current version.
 - Staleness (docs/controller.md, "Stalled streams"): every response names the server's
-  current version, and an idle stream gets a heartbeat naming it (never answered). The client
+  current version, and an idle stream whose hello set `heartbeat` gets a heartbeat naming it
+  (never answered; a proxy from before heartbeats would NACK one, so it gets none). The client
   notes since when the server's current version has been neither the one it runs nor the one
   it last refused (`trailing_for`); its driver drops a stream that trails too long and opens
   a new one whose hello sets `full`, so the server sends the whole snapshot whatever it thinks
@@ -100,6 +101,9 @@ class ClientSession:
         self.rejected = ""  # the last version refused (NACKed) since the last one accepted
         self.deltas = 0  # metric: snapshots received as deltas
         self._trailing_since: float | None = None
+        # The server on this stream names its current version (and so sends heartbeats): a
+        # controller from before issue 15 does neither, and its silence means nothing.
+        self.server_reports = False
 
     @property
     def version(self) -> str:
@@ -109,15 +113,18 @@ class ClientSession:
         """The first request of a stream: resending our version spares an unchanged server;
         `full` asks for the whole snapshot anyway (after a stalled stream)."""
         self._trailing_since = None  # a new stream: whatever the last one said is moot
+        self.server_reports = False
         return ConfigRequest(
             node=self._node.to_proto(),
             version_info=self.version,
             accept_delta=self._accept_delta,
             full=full,
+            heartbeat=True,
         )
 
     def observe(self, current: str, now: float) -> None:
         """The server says its current version is `current` (every response does)."""
+        self.server_reports = self.server_reports or bool(current)
         if not current or current in (self.version, self.rejected):
             self._trailing_since = None
         elif self._trailing_since is None:
@@ -213,6 +220,7 @@ class ServerSession:
         self.accepts_delta = hello.accept_delta
         self.deltas = 0  # metric: responses sent as deltas
         self._full = hello.full  # the client asked for the whole snapshot, whatever it runs
+        self.heartbeats = hello.heartbeat  # it understands heartbeats (older proxies NACK them)
         self._sent_version: str | None = None
         self._count = 0
         # Responses not answered yet, oldest first. A newer snapshot may go out before the

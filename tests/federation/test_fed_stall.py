@@ -313,3 +313,26 @@ async def test_the_lag_follows_what_a_resync_says_the_proxy_runs() -> None:
         )
         await until(lambda: servicer.streams()[0]["lag_seconds"] == 0.0)
         assert servicer.streams()[0]["version"] == s3.version
+
+
+async def test_only_proxies_that_understand_heartbeats_get_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    beaten: list[str] = []
+
+    class Recording(ServerSession):
+        def heartbeat(self, current: str) -> ConfigResponse:
+            beaten.append(self.node.id)
+            return super().heartbeat(current)
+
+    monkeypatch.setattr(server_module, "ServerSession", Recording)
+    publisher = SnapshotPublisher()
+    servicer = ConfigDiscoveryServicer(publisher, heartbeat=0.05)
+    three_versions(publisher)
+    async with raw_call(servicer) as old, raw_call(servicer) as new:
+        # A proxy from before heartbeats (it would NACK one), then a current one.
+        await old.write(ConfigRequest(node=NodeInfo("old", "east").to_proto()))
+        await until(lambda: publisher.subscribers == 1)
+        await new.write(ConfigRequest(node=NodeInfo("new", "east").to_proto(), heartbeat=True))
+        await until(lambda: beaten.count("new") >= 3)
+        assert "old" not in beaten
