@@ -16,7 +16,11 @@ from federation import server as server_module
 from federation.api import client as client_module
 from federation.api.client import ConfigClient
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
-from federation.api.config_pb2_grpc import ConfigDiscoveryStub
+from federation.api.config_pb2_grpc import ConfigDiscoveryServicer as ConfigDiscoveryServicerBase
+from federation.api.config_pb2_grpc import (
+    ConfigDiscoveryStub,
+    add_ConfigDiscoveryServicer_to_server,
+)
 from federation.api.session import DeltaSource, NodeInfo, Payload, ServerSession
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
 from mesh.codec import dumps, snapshot_to_json
@@ -336,3 +340,47 @@ async def test_only_proxies_that_understand_heartbeats_get_them(
         await new.write(ConfigRequest(node=NodeInfo("new", "east").to_proto(), heartbeat=True))
         await until(lambda: beaten.count("new") >= 3)
         assert "old" not in beaten
+
+
+async def test_a_snapshot_accepted_as_the_stream_ends_is_still_handed_over() -> None:
+    """Real gRPC: the replica sends s2 and ends the stream at once (it is going away). The
+    proxy accepts (applies) s2; its ACK cannot go out. Before issue 15 the ACK's failure came
+    first and s2 was never yielded: the proxy ran s2 but reported s1 (its /config, metrics,
+    CA anchors) until the next version, since its reconnect announced s2."""
+    s1, s2 = snapshot("10.0.0.1"), snapshot("10.0.0.2")
+    payload = {s.version: dumps(snapshot_to_json(s)) for s in (s1, s2)}
+    opened: list[str] = []
+
+    class EndsAfterS2(ConfigDiscoveryServicerBase):
+        async def StreamConfig(  # noqa: N802 - the gRPC method name
+            self, request_iterator: object, context: server_module.Context
+        ) -> None:
+            hello = await context.read()
+            assert isinstance(hello, ConfigRequest)
+            opened.append(hello.version_info)
+            session = ServerSession(hello)
+            for s in (s1, s2):
+                response = session.offer(s.version, payload[s.version])
+                if response is not None:
+                    await context.write(response)
+                    if s is s1:
+                        await context.read()  # its ACK
+            if len(opened) > 1:
+                await context.read()  # later streams stay open until the proxy leaves
+
+    grpc_server = grpc.aio.server()
+    add_ConfigDiscoveryServicer_to_server(EndsAfterS2(), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    c = proxy(port, "sidecar-1", backoff_initial=0.01)
+    stream = c.snapshots()
+    try:
+        assert await asyncio.wait_for(anext(stream), 5.0) == s1
+        assert await asyncio.wait_for(anext(stream), 5.0) == s2
+        waiting = asyncio.ensure_future(anext(stream))
+        await until(lambda: opened[1:] == [s2.version])  # it came back announcing s2
+        waiting.cancel()
+        await asyncio.wait({waiting})
+    finally:
+        await stream.aclose()
+        await grpc_server.stop(None)
