@@ -8,8 +8,10 @@ the last value and version per subscriber are kept while its stream is open. ACK
 are counted per (kind, cluster). Times come in as arguments: this module reads no clock.
 
 Lag: each open stream's subscriber records since when the replica has published a version the
-proxy does not run (`behind_since`: the publication time of the first such version; cleared
-when it ACKs the current version, or when the current version is one it already runs). It is
+proxy does not run (`behind_since`: the publication time of the first such version; moved
+on to the publication of the version after the one it ACKs when that is still known, so a
+proxy that keeps up with sustained churn is only as late as it is; cleared when it ACKs the
+current version, or when the current version is one it already runs). It is
 set when a version is *offered* to the stream, not when the stream sends it, so a stream that
 never sends (a stalled take/offer loop, a write that never completes) still shows its lag
 growing. A proxy that NACKed the current version lags too: it runs stale config either way.
@@ -70,11 +72,16 @@ class Subscriber:
         elif self.behind_since is None:
             self.behind_since = published_at
 
-    def running(self, version: str, current: str | None, now: float) -> None:
-        """The proxy runs `version` (an ACK, or what its hello announced)."""
+    def running(
+        self, version: str, current: str | None, now: float, since: float | None = None
+    ) -> None:
+        """The proxy runs `version` (an ACK, or what its hello announced); `since`: when the
+        version after it was published, if known (a proxy that moves is only that late)."""
         self.version = version
         if current is None or version == current:
             self.behind_since = None
+        elif since is not None:
+            self.behind_since = since
         elif self.behind_since is None:
             self.behind_since = now
 
@@ -108,13 +115,15 @@ class PushStats:
         opened_at: float,
         now: float,
         current: str | None = None,
+        behind_since: float | None = None,
     ) -> float | None:
         """Record an ACK; returns the push latency (None if the version's publication time is
         no longer known: an ACK for a version older than the publisher's history). `current`:
-        the replica's current version, for the lag (None: take the ACK as current)."""
+        the replica's current version, for the lag (None: take the ACK as current);
+        `behind_since`: when the version after the ACKed one was published, if known."""
         group = (sub.kind, sub.cluster)
         self.acks[group] = self.acks.get(group, 0) + 1
-        sub.running(version, current, now)
+        sub.running(version, current, now, behind_since)
         sub.nacked = ""
         if published_at is None:
             sub.latency = None

@@ -194,6 +194,16 @@ class SnapshotPublisher:
         """When `version` was published, if it is among the last `HISTORY` versions."""
         return self._published_at.get(version)
 
+    def superseded_at(self, version: str) -> float | None:
+        """When the version after `version` was published (a proxy running `version` has been
+        behind since then), if both are among the last `HISTORY` versions."""
+        found = False
+        for v, at in self._published_at.items():
+            if found:
+                return at
+            found = v == version
+        return None
+
     @property
     def first(self) -> asyncio.Event:
         """Set once there is a snapshot."""
@@ -439,6 +449,7 @@ class ConfigDiscoveryServicer(_ServicerBase):
                         opened_at,
                         clock(),
                         current=self._current(),
+                        behind_since=self._publisher.superseded_at(version),
                     )
                     log.info(
                         "config ACK",

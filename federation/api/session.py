@@ -18,10 +18,11 @@ xDS-style rules (as Envoy's state-of-the-world ADS, one resource type):
   current version, and an idle stream whose hello set `heartbeat` gets a heartbeat naming it
   (never answered; a proxy from before heartbeats would NACK one, so it gets none). The client
   notes since when the server's current version has been neither the one it runs nor the one
-  it last refused (`trailing_for`); its driver drops a stream that trails too long and opens
-  a new one whose hello sets `full`, so the server sends the whole snapshot whatever it thinks
-  the client runs. A refused version never counts as trailing: a proxy that NACKs keeps its
-  last good config without reconnecting in a loop.
+  it last refused, without the client accepting any new version meanwhile (`trailing_for`: a
+  stream that keeps moving under sustained churn is slow, not stalled); its driver drops a
+  stream that trails too long and opens a new one whose hello sets `full`, so the server
+  sends the whole snapshot whatever it thinks the client runs. A refused version never counts
+  as trailing: a proxy that NACKs keeps its last good config without reconnecting in a loop.
 
 The drivers are `federation.api.client.ConfigClient` and `federation.server`; this module only
 decides what to send and what a message means, so both halves are tested back to back.
@@ -170,6 +171,8 @@ class ClientSession:
             )
             self.rejected = response.version_info
             return Rejected(nack.error_detail, nack)
+        if self.latest is None or snapshot.version != self.latest.version:
+            self._trailing_since = None  # progress: a stream that moves is not stalled
         self.latest = snapshot
         self.rejected = ""
         ack = ConfigRequest(

@@ -215,3 +215,15 @@ def test_a_hello_asking_for_full_gets_the_whole_snapshot_even_when_versions_agre
     assert isinstance(outcome, Accepted)
     assert outcome.snapshot == s1
     assert server.offer(s1.version, p1) is None  # only the first response is forced
+
+
+def test_a_client_that_keeps_accepting_newer_versions_is_not_trailing() -> None:
+    client, server, _ = running_s1()
+    s2, p2 = snapshot("10.0.0.2")
+    s3, _ = snapshot("10.0.0.3")
+    client.observe(s3.version, 10.0)  # sustained churn: the server is always ahead
+    r2 = server.offer(s2.version, p2)
+    assert r2 is not None
+    assert isinstance(client.receive(r2), Accepted)  # but the stream moves
+    client.observe(s3.version, 12.0)
+    assert client.trailing_for(13.0) == pytest.approx(1.0)
