@@ -1,15 +1,6 @@
-"""Config distribution: the current snapshot, its subscribers, and the gRPC servicer.
+"""Config distribution: the gRPC servicer of the config streams.
 
-`SnapshotPublisher` holds the current snapshot and every open stream's subscription. Each
-subscription is a bounded queue of one whose overflow policy is "keep the newest": a slow
-stream is never fed a backlog, it gets the latest snapshot when it is ready again (a delta from
-what it runs, or the full snapshot), and `update()` never waits for anyone. `superseded`
-counts the snapshots a slow stream never saw.
-
-Encoding is lazy and shared: the full payload of a version is built once, from the per-service
-fragments of a `FragmentCache` (federation.api.delta), and only if some stream needs it; a
-delta from a base version is built once per (base, version) from the last `HISTORY` snapshots.
-So an endpoint change costs every up-to-date stream one small delta, not the federation.
+The current snapshot and its subscriptions are `federation.publisher` (re-exported here).
 
 `ConfigDiscoveryServicer` runs one `ServerSession` (federation.api.session) per stream: it
 sends a snapshot when the version differs from what the proxy runs, and logs every ACK and
@@ -18,16 +9,20 @@ NACK with the node's id, cluster and versions. A replica without a snapshot yet 
 another replica instead of hanging on one that cannot serve. Who may open a stream is decided
 by the `authorize(context)` callable (the lead plugs in ca/'s SPIFFE verifier); it returns an
 error text to refuse with PERMISSION_DENIED. Config generation happens elsewhere.
+
+Stalls are made visible and self-healing rather than assumed impossible (docs/controller.md,
+"Stalled streams"): every response carries the replica's current version and an idle stream
+gets a heartbeat every `heartbeat` seconds, so a proxy can tell that it trails and reconnect;
+a write the proxy does not take within `write_timeout` drops the stream (STYLE: drop the slow
+stream); and each stream's lag (since when the replica has published a version the proxy
+does not run, counted from the offer) is in `PushStats` for metrics and `fedgate status`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -42,175 +37,55 @@ from federation.api.config_pb2_grpc import (
 from federation.api.config_pb2_grpc import (
     add_ConfigDiscoveryServicer_to_server,
 )
-from federation.api.delta import FragmentCache, encode_delta, encode_full
 from federation.api.session import Ack, Nack, Resync, ServerSession, Stale
 from federation.errors import FederationError
+from federation.publisher import HISTORY, Published, SnapshotPublisher, Subscription
 from federation.pushstats import PushStats, Subscriber
-from mesh.model import Snapshot
 from mesh.tasks import TaskSet
+
+__all__ = [
+    "HISTORY",
+    "ConfigDiscoveryServicer",
+    "ConfigServer",
+    "Published",
+    "SnapshotPublisher",
+    "Subscription",
+    "allow_all",
+    "serve",
+]
 
 _log = structlog.get_logger("fedgate.federation.server")
 
 Context = grpc.aio.ServicerContext[ConfigRequest, ConfigResponse]
 Authorizer = Callable[[Context], "str | None"]
 MAX_MESSAGE = 64 * 1024 * 1024
-HISTORY = 8  # recent snapshots kept to build deltas from
-DELTAS_PER_VERSION = 8  # delta payloads cached per published version (one per base)
+HEARTBEAT = 2.0  # seconds: an idle stream is told the current version this often
+WRITE_TIMEOUT = 30.0  # seconds: a stream whose proxy does not take a response is dropped
 
 
 def allow_all(context: Context) -> str | None:
     return None
 
 
-class Published:
-    """One version as the streams see it: its payloads are encoded at most once, on demand."""
-
-    def __init__(self, snapshot: Snapshot, publisher: SnapshotPublisher, at: float) -> None:
-        self.snapshot = snapshot
-        self.at = at  # when it was published (the publisher's clock), for push latency
-        self._publisher = publisher
-        self._payload: bytes | None = None
-        self._deltas: OrderedDict[str, bytes | None] = OrderedDict()
-
-    @property
-    def version(self) -> str:
-        return self.snapshot.version
-
-    @property
-    def payload(self) -> bytes:
-        """The full snapshot: byte-identical to mesh.codec.dumps(snapshot_to_json(...))."""
-        if self._payload is None:
-            self._payload = encode_full(self.snapshot, self._publisher.fragments)
-            self._publisher.full_encodings += 1
-        return self._payload
-
-    def full(self) -> bytes:
-        return self.payload
-
-    def delta(self, base: str) -> bytes | None:
-        """A delta from `base` to this version, or None if `base` is not in recent history."""
-        if base in self._deltas:
-            return self._deltas[base]
-        old = self._publisher.historic(base)
-        # Even when everything changed a delta is barely larger than the full snapshot, and
-        # checking would cost the full encoding this avoids.
-        body = None if old is None else encode_delta(old, self.snapshot, self._publisher.fragments)
-        self._deltas[base] = body
-        if len(self._deltas) > DELTAS_PER_VERSION:
-            self._deltas.popitem(last=False)
-        return body
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
-class Subscription:
-    """One stream's view of the publisher: the newest snapshot it has not taken yet.
-
-    A bounded queue of one whose overflow policy is "keep the newest" (a slot and a waiter,
-    not an asyncio.Queue: `offer` runs once per stream per version, 1,000 streams per sync).
-    """
-
-    def __init__(self, publisher: SnapshotPublisher) -> None:
-        self._publisher = publisher
-        self._item: Published | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.superseded = 0  # metric: snapshots replaced before this stream took them
-
-    def offer(self, item: Published) -> None:
-        if self._item is not None:
-            self.superseded += 1
-            self._publisher.superseded += 1
-        self._item = item
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next(self) -> Published:
-        while self._item is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item, self._item = self._item, None
-        return item
-
-    def close(self) -> None:
-        self._publisher._subscriptions.discard(self)
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+class _StreamDroppedError(Exception):
+    """A write stalled: end the stream (its status is set already)."""
 
 
-class SnapshotPublisher:
-    def __init__(
-        self,
-        fragments: FragmentCache | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.fragments = fragments or FragmentCache()
-        self.clock = clock
-        self._published_at: OrderedDict[str, float] = OrderedDict()
-        self._current: Published | None = None
-        self._history: OrderedDict[str, Snapshot] = OrderedDict()
-        self._subscriptions: set[Subscription] = set()
-        self._first = asyncio.Event()
-        self.superseded = 0  # metric, summed over every subscription
-        self.full_encodings = 0  # metric: full payloads encoded
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """One open config stream, as its two tasks (take/offer/write and read) share it."""
 
-    @property
-    def current(self) -> Snapshot | None:
-        return self._current.snapshot if self._current is not None else None
-
-    @property
-    def published(self) -> Published | None:
-        return self._current
-
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscriptions)
-
-    def historic(self, version: str) -> Snapshot | None:
-        return self._history.get(version)
-
-    def published_at(self, version: str) -> float | None:
-        """When `version` was published, if it is among the last `HISTORY` versions."""
-        return self._published_at.get(version)
-
-    @property
-    def first(self) -> asyncio.Event:
-        """Set once there is a snapshot."""
-        return self._first
-
-    def update(self, snapshot: Snapshot) -> bool:
-        """Make `snapshot` current and offer it to every stream; False if the version is same."""
-        if self._current is not None and self._current.snapshot.version == snapshot.version:
-            return False
-        self._current = Published(snapshot, self, self.clock())
-        self._history[snapshot.version] = snapshot
-        self._history.move_to_end(snapshot.version)
-        self._published_at[snapshot.version] = self._current.at
-        self._published_at.move_to_end(snapshot.version)
-        while len(self._history) > HISTORY:
-            self._history.popitem(last=False)
-        while len(self._published_at) > HISTORY:
-            self._published_at.popitem(last=False)
-        self._first.set()
-        for subscription in self._subscriptions:
-            subscription.offer(self._current)
-        return True
-
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self)
-        if self._current is not None:
-            subscription.offer(self._current)
-        self._subscriptions.add(subscription)
-        return subscription
+    context: Context
+    session: ServerSession
+    subscription: Subscription
+    log: Any
+    sub: Subscriber
+    opened_at: float
 
 
 class ConfigDiscoveryServicer(_ServicerBase):
@@ -221,18 +96,46 @@ class ConfigDiscoveryServicer(_ServicerBase):
         *,
         replica: str = "",
         first_snapshot_timeout: float = 10.0,
+        heartbeat: float = HEARTBEAT,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self._publisher = publisher
         self._authorize = authorize
         self._replica = replica
         self._first_timeout = first_snapshot_timeout
+        self._heartbeat = heartbeat
+        self._write_timeout = write_timeout
         self._tasks = TaskSet("config-streams")
         self.acks = 0  # metrics
         self.nacks = 0
         self.resyncs = 0
         self.deltas = 0
         self.fulls = 0
-        self.push = PushStats()  # per-subscriber versions and push latency (metrics)
+        self.heartbeats = 0
+        self.dropped = 0  # streams closed because a write stalled
+        self.push = PushStats()  # per-subscriber versions, lag and push latency (metrics)
+
+    def streams(self) -> list[dict[str, Any]]:
+        """Every open stream and its lag, the worst first (the controller's admin
+        `/streams.json`, which `fedgate status` reads)."""
+        now = self._publisher.clock()
+        subs = sorted(self.push.subscribers.values(), key=lambda s: (-s.lag(now), s.node))
+        return [
+            {
+                "node": s.node,
+                "kind": s.kind,
+                "cluster": s.cluster,
+                "version": s.version,
+                "sent": s.sent,
+                "nacked": s.nacked,
+                "lag_seconds": round(s.lag(now), 3),
+            }
+            for s in subs
+        ]
+
+    def _current(self) -> str:
+        current = self._publisher.published
+        return current.version if current is not None else ""
 
     async def StreamConfig(  # noqa: N802 - the gRPC method name
         self, request_iterator: Any, context: Context
@@ -256,55 +159,110 @@ class ConfigDiscoveryServicer(_ServicerBase):
             kind=session.node.kind,
             peer=context.peer(),
         )
-        log.info("config stream opened", version=hello.version_info)
-        taking: asyncio.Future[Published] | None = None
-        reader: asyncio.Task[None] | None = None
+        log.info("config stream opened", version=hello.version_info, full=hello.full)
         node = session.node
-        sub = self.push.opened(node.id, node.kind, node.cluster)
+        sub = self.push.opened(node.id, node.kind, node.cluster, hello.version_info)
         try:
-            with self._publisher.subscribe() as subscription:
-                reader = self._tasks.spawn(
-                    self._read(context, session, subscription, log, sub, opened_at),
-                    f"read:{session.node.id}",
-                )
-                while not reader.done():
+            with self._publisher.subscribe(sub) as subscription:
+                await self._serve(_Stream(context, session, subscription, log, sub, opened_at))
+        except _StreamDroppedError:
+            pass  # logged where it happened; the status is set
+        finally:
+            self.push.closed(sub)
+            log.info("config stream closed", version=session.client_version)
+
+    async def _serve(self, stream: _Stream) -> None:
+        """Take each offered snapshot and send what the session says, with a heartbeat on an
+        idle stream. One `take` lives across heartbeats: an offer made at any point (while
+        writing, while waiting, between the two) is in the subscription's slot and wakes it."""
+        context, session, subscription = stream.context, stream.session, stream.subscription
+        loop = asyncio.get_running_loop()
+        reader = self._tasks.spawn(self._read(stream), f"read:{session.node.id}")
+        taking: asyncio.Future[Published] | None = None
+        last_write = loop.time()
+        try:
+            while not reader.done():
+                if taking is None:
                     taking = asyncio.ensure_future(subscription.next())
-                    await asyncio.wait({reader, taking}, return_when=asyncio.FIRST_COMPLETED)
-                    if not taking.done():
-                        break  # the proxy closed its side
+                timeout = max(0.0, last_write + self._heartbeat - loop.time())
+                await asyncio.wait(
+                    {reader, taking}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                response: ConfigResponse | None = None
+                if taking.done():
                     item = taking.result()
+                    taking = None
                     response = session.offer(item.version, item.full, item.delta)
-                    if response is not None:
-                        response.replica = self._replica
-                        if response.base_version:
-                            self.deltas += 1
-                        else:
-                            self.fulls += 1
-                        await context.write(response)
-                        log.debug(
-                            "config sent",
-                            version=response.version_info,
-                            delta_from=response.base_version,
-                            size=len(response.snapshot),
-                        )
+                    if response is None:
+                        if item.version == session.client_version:  # it runs it already
+                            stream.sub.running(item.version, self._current(), item.at)
+                        continue
+                    stream.sub.sent = item.version
+                    if response.base_version:
+                        self.deltas += 1
+                    else:
+                        self.fulls += 1
+                elif reader.done():
+                    break  # the proxy closed its side
+                elif session.heartbeats and loop.time() - last_write >= self._heartbeat:
+                    response = session.heartbeat(self._current())
+                    self.heartbeats += 1
+                else:
+                    continue
+                response.replica = self._replica
+                response.current_version = self._current()
+                await self._write(context, response, stream.log)
+                last_write = loop.time()
         finally:
             for task in (reader, taking):
                 if task is not None:
                     task.cancel()
-            self.push.closed(sub)
-            log.info("config stream closed", version=session.client_version)
 
-    async def _read(
-        self,
-        context: Context,
-        session: ServerSession,
-        subscription: Subscription,
-        log: Any,
-        sub: Subscriber,
-        opened_at: float,
-    ) -> None:
+    async def _write(self, context: Context, response: ConfigResponse, log: Any) -> None:
+        """Send `response`; a stream that cannot take it within `write_timeout` is dropped
+        (the proxy reconnects and gets the current snapshot), never left stalled."""
+        write = asyncio.ensure_future(context.write(response))
+        # If the stream ends while it waits (a cancelled handler), nobody awaits the write:
+        # its ExecuteBatchError must not be logged as never retrieved.
+        write.add_done_callback(_retrieve)
+        try:
+            done, _ = await asyncio.wait({write}, timeout=self._write_timeout)
+        finally:
+            if not write.done():
+                write.cancel()
+        if not done:
+            self.dropped += 1
+            log.warning(
+                "config stream dropped: write stalled",
+                version=response.version_info or None,
+                seconds=self._write_timeout,
+            )
+            # Not context.abort: its status would queue behind the response the proxy does
+            # not take, and the handler (with its subscription) would hang on it. The status
+            # set here goes out when it can; the stream's resources go now.
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(
+                f"config stream stalled: a response was not taken in {self._write_timeout} s"
+            )
+            raise _StreamDroppedError
+        write.result()  # a failed write (the stream is gone) ends the stream
+        if not response.heartbeat:
+            log.debug(
+                "config sent",
+                version=response.version_info,
+                delta_from=response.base_version,
+                size=len(response.snapshot),
+            )
+
+    async def _read(self, stream: _Stream) -> None:
+        context, session, subscription = stream.context, stream.session, stream.subscription
+        log, sub, opened_at = stream.log, stream.sub, stream.opened_at
         while True:
-            request = await context.read()
+            try:
+                request = await context.read()
+            except Exception as e:  # the stream is over (cancelled, server stopped)
+                log.debug("config stream read ended", error=repr(e))
+                return
             if not isinstance(request, ConfigRequest):  # the proxy half-closed the stream
                 return
             event = session.receive(request)
@@ -313,7 +271,13 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     self.acks += 1
                     clock = self._publisher.clock
                     latency = self.push.acked(
-                        sub, version, self._publisher.published_at(version), opened_at, clock()
+                        sub,
+                        version,
+                        self._publisher.published_at(version),
+                        opened_at,
+                        clock(),
+                        current=self._current(),
+                        behind_since=self._publisher.superseded_at(version),
                     )
                     log.info(
                         "config ACK",
@@ -322,13 +286,15 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     )
                 case Nack(rejected=rejected, kept=kept, error=error):
                     self.nacks += 1
-                    self.push.nacked(sub)
+                    self.push.nacked(sub, rejected)
                     log.warning("config NACK", version=rejected, kept=kept, error=error)
                 case Stale(nonce=nonce):
                     log.debug("stale config request ignored", nonce=nonce)
                 case Resync(kept=kept):
                     self.resyncs += 1
                     log.info("config resync requested", kept=kept)
+                    # It says what it runs: an ACK the resync made stale may have been lost.
+                    sub.running(kept, self._current(), self._publisher.clock())
                     current = self._publisher.published
                     if current is not None:
                         subscription.offer(current)

@@ -11,6 +11,13 @@ Gateways and the links between them (health, RTT) are not in etcd: they come fro
 leader's topology data (`GET /topology.json` on the admin address its record names), which
 reads each gateway's metrics; when that is unreachable the rest is still shown.
 
+Config streams: every proxy's config version and lag come from each controller replica's
+`GET /streams.json` (the leader's admin address from its record, plus `--controller-admin`
+for the others; inside the rig, every replica of the rig). A proxy that trails its replica's
+current version by more than `STALE_AFTER` seconds is flagged STALE; it resyncs on its own
+after a few seconds (docs/controller.md, "Stalled streams"), so one that stays STALE is a bug
+to report. An unreachable replica is named, with why.
+
 Each service's AuthorizationPolicies (the applied config under /fedgate/config/) are listed
 under it; `fedgate authz check` decides a call against them.
 
@@ -39,7 +46,10 @@ if TYPE_CHECKING:
 Json = dict[str, Any]
 
 
-async def collect(endpoints: list[str]) -> Json:
+STALE_AFTER = 5.0  # seconds; as fedgate.metrics.STALE_AFTER
+
+
+async def collect(endpoints: list[str], controller_admins: list[str] | None = None) -> Json:
     from federation import keys
     from federation.etcd import open_client
     from federation.fedconfig import commit_sha, config_from_entries
@@ -83,9 +93,12 @@ async def collect(endpoints: list[str]) -> Json:
     applied, _ = config_from_entries(
         {k: v for k, v in values.items() if k.startswith(keys.CONFIG_PREFIX)}
     )
+    admins = [str(leader.get("admin", ""))] if leader.get("admin") else []
+    admins += [a for a in controller_admins or [] if a and a not in admins]
     return {
         "revision": loaded.revision,
         "gateways": await _gateways(str(leader.get("admin", ""))),
+        "streams": await replica_streams(admins),
         "leader": leader,
         "config": config,
         "commit": commit_sha(values.get(keys.COMMIT_KEY, b"")),
@@ -112,6 +125,63 @@ async def _gateways(admin: str) -> Json:
         "clusters": {c["name"]: c["gateway"] for c in data.get("clusters", [])},
         "links": data.get("links", []),
     }
+
+
+async def replica_streams(admins: list[str]) -> list[Json]:
+    """Each replica's config streams (or why they are unknown), from its admin address."""
+    from fedgate.errors import FedgateError
+    from fedgate.topology import http_get
+
+    async def one(admin: str) -> Json:
+        host, sep, port = admin.rpartition(":")
+        if not sep or not port.isdigit():
+            return {"admin": admin, "error": "not host:port"}
+        try:
+            data = json.loads(await http_get(host, int(port), "/streams.json", 2.0))
+        except (FedgateError, ValueError) as e:
+            return {"admin": admin, "error": f"cannot read the replica's streams: {e}"}
+        if not isinstance(data, dict):
+            return {"admin": admin, "error": "malformed /streams.json"}
+        return {"admin": admin, **data}
+
+    return list(await asyncio.gather(*(one(a) for a in admins)))
+
+
+def _render_streams(replicas: list[Json]) -> list[str]:
+    out: list[str] = []
+    rows: list[tuple[float, str]] = []
+    for r in replicas:
+        name = r.get("replica") or r["admin"]
+        if "error" in r:
+            out.append(f"replica   {name}  unknown: {r['error']}")
+            continue
+        streams = r.get("streams", [])
+        stale = [s for s in streams if s.get("lag_seconds", 0) > STALE_AFTER]
+        worst = max((s.get("lag_seconds", 0) for s in streams), default=0.0)
+        role = "leader" if r.get("leader") else "follower"
+        out.append(
+            f"replica   {name} ({role})  version {r.get('version') or '-'}  "
+            f"{len(streams)} streams  {len(stale)} stale  max lag {worst:.1f}s"
+        )
+        for s in streams:
+            lag = float(s.get("lag_seconds", 0))
+            state = "ok" if lag == 0 else ("STALE" if lag > STALE_AFTER else "behind")
+            note = f"NACKed {s['nacked']}" if s.get("nacked") else ""
+            rows.append(
+                (
+                    -lag,
+                    f"{s['node']:<28}{s['kind']:<9}{s['cluster']:<10}{name:<18}"
+                    f"{s.get('version') or '-':<18}{state:<7}{lag:>7.1f}s  {note}".rstrip(),
+                )
+            )
+    if rows:
+        out.append("")
+        out.append(
+            f"{'PROXY':<28}{'KIND':<9}{'CLUSTER':<10}{'REPLICA':<18}{'VERSION':<18}"
+            f"{'STATE':<7}{'LAG':>8}"
+        )
+        out.extend(row for _, row in sorted(rows, key=lambda r: r[0]))
+    return out
 
 
 def _ago(t: object, now: float) -> str:
@@ -171,6 +241,9 @@ def render(data: Json, now: float | None = None) -> str:
                 f"{link.get('reason', '')}"
             )
     out.append("")
+    if data.get("streams"):
+        out.extend(_render_streams(data["streams"]))
+        out.append("")
     out.append(f"{'SERVICE':<28}{'VIP':<14}{'PORTS':<24}{'ENDPOINTS':<24}CONDITIONS")
     for s in data["services"]:
         name = f"{s.get('name')}.{s.get('namespace')}"
@@ -213,20 +286,32 @@ def etcd_or_rig(f: F) -> F:
 
 @click.command("status")
 @etcd_or_rig
+@click.option(
+    "--controller-admin",
+    "controller_admins",
+    default="",
+    help="host:port[,...]: admin addresses of controller replicas besides the leader, whose "
+    "config streams (every proxy's version and lag) to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the collected data as JSON.")
-def status(etcd_endpoints: str, rig_dir: Path, as_json: bool) -> None:
-    """Show clusters (liveness), services (endpoints, MCS conditions) and the config version."""
+def status(etcd_endpoints: str, rig_dir: Path, controller_admins: str, as_json: bool) -> None:
+    """Show clusters (liveness), services (endpoints, MCS conditions), the config version and
+    every proxy's config lag."""
     if not etcd_endpoints:
         sys.exit(_in_rig(rig_dir, as_json))
+    admins = [a.strip() for a in controller_admins.split(",") if a.strip()]
     try:
-        data = asyncio.run(collect(etcd_endpoints.split(",")))
+        data = asyncio.run(collect(etcd_endpoints.split(","), admins))
     except Exception as e:  # an operator tool: one clear line, not a traceback
         raise click.ClickException(f"cannot read etcd at {etcd_endpoints}: {e}") from e
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
 
 
 def _in_rig(rig_dir: Path, as_json: bool) -> int:
-    return rerun_in_rig(rig_dir, ["status", *(["--json"] if as_json else [])])
+    def admins(layout: ControlLayout) -> list[str]:
+        return ["--controller-admin", ",".join(r.admin for r in layout.controllers)]
+
+    return rerun_in_rig(rig_dir, ["status", *(["--json"] if as_json else [])], admins)
 
 
 def rerun_in_rig(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -141,8 +142,20 @@ def config_version_families(version: str, component: str) -> Iterator[Metric]:
     yield info
 
 
-def push_families(push: PushStats, subscribers: int) -> Iterator[Metric]:
-    """The controller's side of the config streams (federation.pushstats)."""
+STALE_AFTER = 5.0  # seconds of lag after which a subscriber counts as stale (docs/operations.md)
+
+
+def push_families(
+    push: PushStats,
+    subscribers: int,
+    now: float | None = None,
+    *,
+    dropped: int = 0,
+    heartbeats: int = 0,
+) -> Iterator[Metric]:
+    """The controller's side of the config streams (federation.pushstats); `now` on the
+    publisher's clock (default: time.monotonic, the publisher's default)."""
+    now = time.monotonic() if now is None else now
     kc = ["kind", "cluster"]
     hist = HistogramMetricFamily(
         "fedgate_config_push_latency_seconds",
@@ -175,19 +188,67 @@ def push_families(push: PushStats, subscribers: int) -> Iterator[Metric]:
         "The config version each connected subscriber last ACKed on its stream.",
         labels=per_node,
     )
+    lag = GaugeMetricFamily(
+        "fedgate_config_subscriber_lag_seconds",
+        "How long each connected subscriber has not run this replica's current config version "
+        "(0: up to date). Counted from the publication of the first version it does not run.",
+        labels=per_node,
+    )
+    worst = 0.0
+    stale: dict[tuple[str, str], int] = {}
     for node, sub in sorted(push.subscribers.items()):
         if sub.latency is not None:
             last.add_metric([node, sub.kind, sub.cluster], sub.latency)
         if sub.version:
             version.add_metric([node, sub.kind, sub.cluster], {"version": sub.version})
+        seconds = sub.lag(now)
+        lag.add_metric([node, sub.kind, sub.cluster], seconds)
+        worst = max(worst, seconds)
+        group = (sub.kind, sub.cluster)
+        stale[group] = stale.get(group, 0) + (seconds > STALE_AFTER)
     yield last
     yield version
+    yield lag
+    yield GaugeMetricFamily(
+        "fedgate_config_subscriber_max_lag_seconds",
+        "The largest fedgate_config_subscriber_lag_seconds on this replica.",
+        value=worst,
+    )
+    behind = GaugeMetricFamily(
+        "fedgate_config_subscribers_stale",
+        f"Connected subscribers that have trailed the current version for over {STALE_AFTER:g} s.",
+        labels=kc,
+    )
+    for group, n in sorted(stale.items()):
+        behind.add_metric(list(group), n)
+    yield behind
     yield GaugeMetricFamily(
         "fedgate_config_subscribers", "Open config streams on this replica.", value=subscribers
     )
+    yield CounterMetricFamily(
+        "fedgate_config_streams_dropped",
+        "Config streams closed because the proxy did not take a response in time.",
+        value=dropped,
+    )
+    yield CounterMetricFamily(
+        "fedgate_config_heartbeats", "Heartbeats sent on idle config streams.", value=heartbeats
+    )
 
 
-def proxy_config_families(nacks: int, reconnects: int, failovers: int) -> Iterator[Metric]:
+def proxy_config_families(
+    nacks: int, reconnects: int, failovers: int, *, lag_seconds: float = 0.0, stalls: int = 0
+) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "fedgate_config_lag_seconds",
+        "How long the controller's current config version has been one this proxy neither "
+        "runs nor refused (0: up to date); past a few seconds the proxy resyncs on its own.",
+        value=lag_seconds,
+    )
+    yield CounterMetricFamily(
+        "fedgate_config_stream_stalls",
+        "Config streams this proxy dropped and resynced because they trailed or went silent.",
+        value=stalls,
+    )
     yield CounterMetricFamily(
         "fedgate_config_nacks_sent", "Config versions this proxy refused (NACK).", value=nacks
     )

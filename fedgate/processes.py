@@ -195,7 +195,13 @@ async def _controller(
         snap = ctl.current()
         status = ctl.status()
         yield from metrics.config_version_families(snap.version if snap else "", "controller")
-        yield from metrics.push_families(servicer.push, publisher.subscribers)
+        yield from metrics.push_families(
+            servicer.push,
+            publisher.subscribers,
+            publisher.clock(),
+            dropped=servicer.dropped,
+            heartbeats=servicer.heartbeats,
+        )
         yield from metrics.controller_families(status)
         yield from metrics.gitops_families(sync.status() if sync is not None else None)
         own = svid.svid
@@ -221,8 +227,21 @@ async def _controller(
     async def topology_page(query: str) -> tuple[int, bytes, str]:
         return 200, topology.page(), "text/html; charset=utf-8"
 
+    async def streams_json(query: str) -> tuple[int, bytes, str]:
+        # Every config stream on this replica with its proxy's version and lag (`fedgate
+        # status` reads it from every replica).
+        snap = ctl.current()
+        body = {
+            "replica": settings.replica,
+            "leader": ctl.is_leader,
+            "version": snap.version if snap else "",
+            "streams": servicer.streams(),
+        }
+        return 200, json.dumps(body).encode(), "application/json"
+
     state.pages["topology"] = topology_page
     state.pages["topology.json"] = topology_json
+    state.pages["streams.json"] = streams_json
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(state, host, port)
     tasks = TaskSet("controller")
@@ -474,9 +493,12 @@ def gateway(
     logs.configure("gateway", cluster)
     if worker_index is not None:
         structlog.contextvars.bind_contextvars(worker=worker_index)
+    # Each worker has its own config stream: its own node id, so the controller's per-stream
+    # versions and lag (`/streams.json`, metrics) show every worker, not one of them.
+    node = f"gateway.{cluster}" if worker_index is None else f"gateway.{cluster}.w{worker_index}"
     w = _proxy_wiring(
         "gateway",
-        f"gateway.{cluster}",
+        node,
         cluster,
         identity_dir,
         ca_address,

@@ -7,6 +7,7 @@ below reads the environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -113,6 +114,21 @@ async def run_proxy(
     current = [svid]  # the SVID in use (renewal replaces it)
     started = False
     latest: list[Snapshot] = []
+    streams: list[ConfigClient] = []  # the config client, once there is one
+
+    def stream_status() -> dict[str, Any]:
+        """The controller replica in use, and how long this proxy has trailed its version."""
+        if not streams:
+            return {}
+        c = streams[0]
+        lag = round(c.lag_seconds, 3)
+        return {
+            "replica": c.replica,
+            "lagSeconds": lag,
+            "stalls": c.stalls,
+            "reconnects": c.reconnects,
+        }
+
     state = admin.AdminState(
         ready=lambda: started,
         config=lambda: {
@@ -122,6 +138,7 @@ async def run_proxy(
             "identityNotAfter": current[0].not_after.isoformat(),
             "identityPem": current[0].cert_pem.decode(),
             "version": latest[-1].version if latest else "",
+            "configStream": stream_status(),
             "status": proxy.status(),
             "snapshot": codec.snapshot_to_json(latest[-1]) if latest else None,
         },
@@ -149,12 +166,19 @@ async def run_proxy(
         server_name_override=controller_dns_name(),
         validate=apply,
     )
+    streams.append(client)
     tasks = TaskSet(w.kind)
 
     def proxy_families() -> Iterator[Metric]:
         own = current[0]
         yield from metrics.config_version_families(latest[-1].version if latest else "", w.kind)
-        yield from metrics.proxy_config_families(client.nacks, client.reconnects, client.failovers)
+        yield from metrics.proxy_config_families(
+            client.nacks,
+            client.reconnects,
+            client.failovers,
+            lag_seconds=client.lag_seconds,
+            stalls=client.stalls,
+        )
         yield from metrics.certificate_families(
             [metrics.svid_expiry(own.spiffe_id.uri, own.not_after, own.cert_pem)]
         )
@@ -165,12 +189,14 @@ async def run_proxy(
 
     async def follow() -> None:
         nonlocal started
-        async for snapshot in client.snapshots():
-            latest[:] = [snapshot]
-            if not started:
-                await proxy.start()
-                started = True
-                _log.info("serving", version=snapshot.version)
+        # aclosing: a cancelled follow() closes the stream's channel now, not at GC.
+        async with contextlib.aclosing(client.snapshots()) as snapshots:
+            async for snapshot in snapshots:
+                latest[:] = [snapshot]
+                if not started:
+                    await proxy.start()
+                    started = True
+                    _log.info("serving", version=snapshot.version)
 
     def install(new: Svid) -> None:
         proxy.set_identity(new)  # new handshakes use it; established connections keep theirs

@@ -13,6 +13,12 @@ stream announces the last good version, and versions are equal on every replica,
 over sends nothing unless the config changed meanwhile. The proxy keeps routing on its last
 good snapshot the whole time.
 
+A stream that stalls is dropped, whatever the cause: when the controller's current version
+(every response and heartbeat names it) has been one this proxy neither runs nor refused for
+`resync_after` seconds, or when nothing at all arrives for `silence_limit` seconds (the
+controller sends a heartbeat every 2 s), the client reconnects (to the next replica, if there
+are several) and asks for the full snapshot. `lag_seconds` is how long it has trailed so far.
+
 Session rules live in `federation.api.session`; credentials (mTLS with the proxy's SVID) are the
 caller's business. `credentials=None` means a plaintext channel, for tests on loopback only.
 """
@@ -21,17 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
 import structlog
 
-from federation.api.config_pb2 import ConfigResponse
+from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 from federation.api.config_pb2_grpc import ConfigDiscoveryStub
 from federation.api.session import (
     Accepted,
     ClientSession,
+    Heartbeat,
     NodeInfo,
     Rejected,
     ResyncNeeded,
@@ -46,10 +55,16 @@ _log = structlog.get_logger("fedgate.federation.api.client")
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 MAX_MESSAGE = 64 * 1024 * 1024  # a large federation's snapshot outgrows gRPC's 4 MiB default
+RESYNC_AFTER = 5.0  # seconds trailing the controller's current version before a full resync
+SILENCE_LIMIT = 10.0  # seconds without any message (heartbeats come every 2 s) before one
 
 
 class _StreamEndedError(Exception):
     """The controller closed the stream; we reconnect."""
+
+
+class _StreamStalledError(_StreamEndedError):
+    """The stream trails the controller or went silent; we reconnect for the full snapshot."""
 
 
 class ConfigClient:
@@ -76,6 +91,8 @@ class ConfigClient:
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
         rng: random.Random | None = None,
+        resync_after: float = RESYNC_AFTER,
+        silence_limit: float = SILENCE_LIMIT,
     ) -> None:
         if node is None:
             if not node_id or not cluster:
@@ -95,6 +112,8 @@ class ConfigClient:
         self._session = ClientSession(node, validate)
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._resync_after = resync_after
+        self._silence_limit = silence_limit
         self._rng = rng or random.Random()
         self._index = self._rng.randrange(len(self._targets))
         self._log = _log.bind(node=node.id, cluster=node.cluster)
@@ -102,6 +121,7 @@ class ConfigClient:
         self.failovers = 0
         self.nacks = 0
         self.resyncs = 0
+        self.stalls = 0  # streams dropped because they trailed or went silent
         self.replica = ""  # the controller replica that sent the last response
 
     @property
@@ -133,6 +153,11 @@ class ConfigClient:
     def deltas(self) -> int:
         return self._session.deltas
 
+    @property
+    def lag_seconds(self) -> float:
+        """How long the controller's current version has been one we neither run nor refused."""
+        return self._session.trailing_for(time.monotonic())
+
     def _channel(self, target: str) -> grpc.aio.Channel:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -152,25 +177,32 @@ class ConfigClient:
         """Each new good snapshot, for ever; reconnects (and fails over) on its own."""
         delay = self._backoff_initial
         failed_in_a_row = 0
+        full = False  # the next hello asks for the full snapshot (after a stall)
         while True:
             target = self._targets[self._index]
             channel = self._channel(target)
             call = ConfigDiscoveryStub(channel).StreamConfig()
             try:
-                await call.write(self._session.hello())
+                await _send(call, self._session.hello(full=full))
+                full = False
                 while True:
-                    response = await call.read()
-                    if not isinstance(response, ConfigResponse):  # grpc.aio.EOF
-                        raise _StreamEndedError("controller closed the config stream")
+                    response = await self._read(call)
                     delay = self._backoff_initial
                     failed_in_a_row = 0
                     self.replica = response.replica or target
                     outcome = self._session.receive(response)
+                    self._session.observe(response.current_version, time.monotonic())
                     match outcome:
+                        case Heartbeat():
+                            pass
                         case Accepted(snapshot=snapshot, ack=ack):
-                            await call.write(ack)
                             self._log.info("config accepted", version=snapshot.version)
+                            # Accepted (and applied, when `validate` applies) whether or not
+                            # the ACK gets out: the caller hears of it either way.
+                            ack_failed = await _try_send(call, ack)
                             yield snapshot
+                            if ack_failed is not None:
+                                raise ack_failed
                         case Rejected(error=error, nack=nack):
                             self.nacks += 1
                             self._log.warning(
@@ -179,16 +211,29 @@ class ConfigClient:
                                 kept=self._session.version,
                                 error=error,
                             )
-                            await call.write(nack)
+                            await _send(call, nack)
                         case ResyncNeeded(base=base, request=request):
                             self.resyncs += 1
                             self._log.info("config delta base mismatch, resync", base=base)
-                            await call.write(request)
+                            await _send(call, request)
                         case _:
                             raise AssertionError(f"unknown session outcome {outcome!r}")
+            except _StreamStalledError as e:
+                self.stalls += 1
+                full = True
+                self._log.warning(
+                    "config stream stalled, resyncing",
+                    target=target,
+                    error=str(e),
+                    version=self._session.version,
+                )
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, _StreamEndedError) as e:
                 self._log.warning(
                     "config stream failed, reconnecting", target=target, error=_describe(e)
+                )
+            except Exception as e:  # a bug must not end the config stream for good
+                self._log.exception(
+                    "config stream broke, reconnecting", target=target, error=repr(e)
                 )
             finally:
                 call.cancel()
@@ -206,6 +251,62 @@ class ConfigClient:
             failed_in_a_row = 0
             await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
             delay = min(delay * 2, self._backoff_max)
+
+    async def _read(self, call: Any) -> ConfigResponse:
+        """The next response; `_StreamStalledError` once the stream has trailed the
+        controller's version for `resync_after` s or been silent for `silence_limit` s."""
+        trailing = self._session.trailing_for(time.monotonic())
+        if trailing >= self._resync_after:
+            raise _StreamStalledError(f"trailing the controller's version for {trailing:.1f} s")
+        # A controller that does not name its version sends no heartbeats either: an idle
+        # stream to it is silent by design (keepalive still notices a dead one).
+        timeout = self._silence_limit if self._session.server_reports else None
+        if trailing > 0:
+            left = self._resync_after - trailing
+            timeout = left if timeout is None else min(timeout, left)
+        read = asyncio.ensure_future(call.read())
+        try:
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races its timeout (federation.aio says more).
+            done, _ = await asyncio.wait({read}, timeout=timeout)
+        finally:
+            if not read.done():
+                read.cancel()
+        if not done:
+            if timeout is not None and timeout < self._silence_limit:
+                raise _StreamStalledError(
+                    f"trailing the controller's version for {self._resync_after:.1f} s"
+                )
+            raise _StreamStalledError(f"nothing from the controller for {timeout:.1f} s")
+        response = read.result()
+        if not isinstance(response, ConfigResponse):  # grpc.aio.EOF
+            raise _StreamEndedError("controller closed the config stream")
+        return response
+
+
+async def _send(call: Any, request: ConfigRequest) -> None:
+    """Write `request`; `_StreamEndedError` if the stream has ended meanwhile.
+
+    grpc.aio raises asyncio.InvalidStateError ("RPC already finished") for a write on a call
+    whose status has arrived: a stream the controller (or the connection) ended between our
+    read and our answer. Before issue 15 that escaped `snapshots()` and ended the proxy's
+    config stream for good, silently: the proxy kept its last config for ever.
+    """
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError as e:
+        raise _StreamEndedError(f"the config stream ended before our answer: {e}") from e
+
+
+async def _try_send(call: Any, request: ConfigRequest) -> _StreamEndedError | None:
+    """`_send`, returning the error instead of raising it (AioRpcError becomes one too)."""
+    try:
+        await _send(call, request)
+    except _StreamEndedError as e:
+        return e
+    except grpc.aio.AioRpcError as e:
+        return _StreamEndedError(_describe(e))
+    return None
 
 
 def _describe(e: BaseException) -> str:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64\x65ration/api/config.proto\x12\x11\x66\x65\x64gate.config.v1\"1\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\xa0\x01\n\rConfigRequest\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.fedgate.config.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65pt_delta\x18\x05 \x01(\x08\x12\x0e\n\x06resync\x18\x06 \x01(\x08\"n\n\x0e\x43onfigResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12\x0f\n\x07replica\x18\x05 \x01(\t2j\n\x0f\x43onfigDiscovery\x12W\n\x0cStreamConfig\x12 .fedgate.config.v1.ConfigRequest\x1a!.fedgate.config.v1.ConfigResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64\x65ration/api/config.proto\x12\x11\x66\x65\x64gate.config.v1\"1\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\xc1\x01\n\rConfigRequest\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.fedgate.config.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65pt_delta\x18\x05 \x01(\x08\x12\x0e\n\x06resync\x18\x06 \x01(\x08\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x11\n\theartbeat\x18\x08 \x01(\x08\"\x9a\x01\n\x0e\x43onfigResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x06 \x01(\t\x12\x11\n\theartbeat\x18\x07 \x01(\x08\x32j\n\x0f\x43onfigDiscovery\x12W\n\x0cStreamConfig\x12 .fedgate.config.v1.ConfigRequest\x1a!.fedgate.config.v1.ConfigResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE']._serialized_start=50
   _globals['_NODE']._serialized_end=99
   _globals['_CONFIGREQUEST']._serialized_start=102
-  _globals['_CONFIGREQUEST']._serialized_end=262
-  _globals['_CONFIGRESPONSE']._serialized_start=264
-  _globals['_CONFIGRESPONSE']._serialized_end=374
-  _globals['_CONFIGDISCOVERY']._serialized_start=376
-  _globals['_CONFIGDISCOVERY']._serialized_end=482
+  _globals['_CONFIGREQUEST']._serialized_end=295
+  _globals['_CONFIGRESPONSE']._serialized_start=298
+  _globals['_CONFIGRESPONSE']._serialized_end=452
+  _globals['_CONFIGDISCOVERY']._serialized_start=454
+  _globals['_CONFIGDISCOVERY']._serialized_end=560
 # @@protoc_insertion_point(module_scope)

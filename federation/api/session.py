@@ -14,6 +14,15 @@ xDS-style rules (as Envoy's state-of-the-world ADS, one resource type):
   whose `base_version` names the version it is assumed to run (the last version sent on the
   stream, else the version it announced). A client that runs another version answers with
   `resync` instead of ACK/NACK; the server then sends the full snapshot of its current version.
+- Staleness (docs/controller.md, "Stalled streams"): every response names the server's
+  current version, and an idle stream whose hello set `heartbeat` gets a heartbeat naming it
+  (never answered; a proxy from before heartbeats would NACK one, so it gets none). The client
+  notes since when the server's current version has been neither the one it runs nor the one
+  it last refused, without the client accepting any new version meanwhile (`trailing_for`: a
+  stream that keeps moving under sustained churn is slow, not stalled); its driver drops a
+  stream that trails too long and opens a new one whose hello sets `full`, so the server
+  sends the whole snapshot whatever it thinks the client runs. A refused version never counts
+  as trailing: a proxy that NACKs keeps its last good config without reconnecting in a loop.
 
 The drivers are `federation.api.client.ConfigClient` and `federation.server`; this module only
 decides what to send and what a message means, so both halves are tested back to back.
@@ -66,6 +75,13 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The server is alive and runs `current`: nothing to answer."""
+
+    current: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResyncNeeded:
     """A delta against a version we do not run: ask for the full snapshot."""
 
@@ -83,21 +99,45 @@ class ClientSession:
         self._validate = validate
         self._accept_delta = accept_delta
         self.latest: Snapshot | None = None
+        self.rejected = ""  # the last version refused (NACKed) since the last one accepted
         self.deltas = 0  # metric: snapshots received as deltas
+        self._trailing_since: float | None = None
+        # The server on this stream names its current version (and so sends heartbeats): a
+        # controller from before issue 15 does neither, and its silence means nothing.
+        self.server_reports = False
 
     @property
     def version(self) -> str:
         return self.latest.version if self.latest is not None else ""
 
-    def hello(self) -> ConfigRequest:
-        """The first request of a stream: resending our version spares an unchanged server."""
+    def hello(self, *, full: bool = False) -> ConfigRequest:
+        """The first request of a stream: resending our version spares an unchanged server;
+        `full` asks for the whole snapshot anyway (after a stalled stream)."""
+        self._trailing_since = None  # a new stream: whatever the last one said is moot
+        self.server_reports = False
         return ConfigRequest(
             node=self._node.to_proto(),
             version_info=self.version,
             accept_delta=self._accept_delta,
+            full=full,
+            heartbeat=True,
         )
 
-    def receive(self, response: ConfigResponse) -> Accepted | Rejected | ResyncNeeded:
+    def observe(self, current: str, now: float) -> None:
+        """The server says its current version is `current` (every response does)."""
+        self.server_reports = self.server_reports or bool(current)
+        if not current or current in (self.version, self.rejected):
+            self._trailing_since = None
+        elif self._trailing_since is None:
+            self._trailing_since = now
+
+    def trailing_for(self, now: float) -> float:
+        """Seconds since the server's current version was first not ours (0: up to date)."""
+        return 0.0 if self._trailing_since is None else max(0.0, now - self._trailing_since)
+
+    def receive(self, response: ConfigResponse) -> Accepted | Rejected | ResyncNeeded | Heartbeat:
+        if response.heartbeat:
+            return Heartbeat(response.current_version)
         try:
             snapshot: Snapshot
             if response.base_version:
@@ -129,8 +169,12 @@ class ClientSession:
                 response_nonce=response.nonce,
                 error_detail=str(e) or type(e).__name__,
             )
+            self.rejected = response.version_info
             return Rejected(nack.error_detail, nack)
+        if self.latest is None or snapshot.version != self.latest.version:
+            self._trailing_since = None  # progress: a stream that moves is not stalled
         self.latest = snapshot
+        self.rejected = ""
         ack = ConfigRequest(
             node=self._node.to_proto(),
             version_info=response.version_info,
@@ -178,6 +222,8 @@ class ServerSession:
         self.client_version = hello.version_info  # what the client runs, as far as we know
         self.accepts_delta = hello.accept_delta
         self.deltas = 0  # metric: responses sent as deltas
+        self._full = hello.full  # the client asked for the whole snapshot, whatever it runs
+        self.heartbeats = hello.heartbeat  # it understands heartbeats (older proxies NACK them)
         self._sent_version: str | None = None
         self._count = 0
         # Responses not answered yet, oldest first. A newer snapshot may go out before the
@@ -193,6 +239,8 @@ class ServerSession:
         version the client is assumed to run, when `delta` can produce one.
         """
         known = self._sent_version if self._sent_version is not None else self.client_version
+        if self._full:  # a client recovering from a stalled stream: no delta, no shortcut
+            known, self._full = "", False
         if version == known:
             return None
         self._count += 1
@@ -210,6 +258,10 @@ class ServerSession:
                 )
         full = payload if isinstance(payload, bytes) else payload()
         return ConfigResponse(version_info=version, nonce=nonce, snapshot=full)
+
+    def heartbeat(self, current: str) -> ConfigResponse:
+        """Tells an idle stream's client the current version; it is never answered."""
+        return ConfigResponse(heartbeat=True, current_version=current)
 
     def receive(self, request: ConfigRequest) -> Ack | Nack | Stale | Resync:
         version = self._unanswered.get(request.response_nonce)

@@ -110,3 +110,29 @@ def test_an_ack_for_a_forgotten_version_counts_without_a_latency() -> None:
     replaced = stats.opened("p", "sidecar", "east")  # the proxy reconnected
     stats.closed(sub)  # the old stream's late close leaves the new entry alone
     assert stats.subscribers["p"] is replaced
+
+
+def test_lag_counts_from_the_first_offer_of_a_version_the_proxy_does_not_run() -> None:
+    push = PushStats()
+    sub = push.opened("echo-1.east", "sidecar", "east", version="v1")
+    sub.offered("v1", 1.0)  # the hello announced the current version
+    assert sub.lag(5.0) == 0.0
+    sub.offered("v2", 6.0)
+    sub.offered("v3", 7.0)  # still behind since v2
+    assert sub.lag(10.0) == 4.0
+    push.acked(sub, "v2", 6.0, 0.0, 10.5, current="v3")  # an older one: still behind
+    assert sub.lag(11.0) == 5.0
+    push.nacked(sub, "v3")
+    assert sub.nacked == "v3"
+    assert [s.node for s in push.behind(11.0, more_than=4.0)] == ["echo-1.east"]
+    push.acked(sub, "v3", 7.0, 0.0, 12.0, current="v3")
+    assert sub.lag(20.0) == 0.0
+    assert sub.nacked == ""
+    assert push.behind(20.0) == []
+
+
+def test_a_version_coming_back_to_what_the_proxy_runs_ends_the_lag() -> None:
+    sub = PushStats().opened("gw", "gateway", "west", version="a")
+    sub.offered("b", 1.0)
+    sub.offered("a", 2.0)  # b was withdrawn before the proxy took it: a is current again
+    assert sub.lag(9.0) == 0.0

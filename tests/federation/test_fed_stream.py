@@ -233,3 +233,15 @@ async def test_unauthorized_stream_is_refused() -> None:
             assert raised.value.details() == "not a known SVID"
     finally:
         await running.stop(None)
+
+
+def test_the_publisher_forgets_the_fragments_of_deleted_services() -> None:
+    clusters = [info("east")]
+    both = [export("east", name="a"), export("east", name="b")]
+    publisher = SnapshotPublisher()
+    publisher.update(generate(clusters, merge(clusters, both, {}), []))
+    assert publisher.published is not None
+    assert publisher.published.payload  # encoded: one fragment per service
+    assert len(publisher.fragments) == 2
+    publisher.update(generate(clusters, merge(clusters, both[:1], {}), []))
+    assert len(publisher.fragments) <= 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fedgate.cli_status import render
+import json
+
+from fedgate.admin import AdminState, serve
+from fedgate.cli_status import render, replica_streams
 
 BASE = {
     "revision": 42,
@@ -86,3 +89,49 @@ def test_a_rejected_commit_is_shown_under_the_applied_one() -> None:
         f"rejected  {'b' * 40} at 2026-01-02T00:00Z, 2 issue(s): `fedgate config status` lists them"
     )
     assert not any(x.startswith("rejected") for x in render({**BASE, "gateways": {}}).splitlines())
+
+
+def stream_row(node: str, version: str, lag: float, nacked: str = "") -> dict[str, object]:
+    kind = "gateway" if node.startswith("gw") else "sidecar"
+    return {"node": node, "kind": kind, "cluster": "east", "version": version,
+            "sent": nacked or version, "nacked": nacked, "lag_seconds": lag}  # fmt: skip
+
+
+def test_every_proxys_config_lag_is_shown_and_a_stale_one_is_flagged() -> None:
+    streams = [
+        {"admin": "10.0.0.1:15014", "replica": "ctl-0", "leader": True, "version": "v9",
+         "streams": [stream_row("gw.east", "v9", 0.0)]},
+        {"admin": "10.0.0.1:15114", "replica": "ctl-1", "leader": False, "version": "v9",
+         "streams": [stream_row("echo-1.east", "v1", 42.0),
+                     stream_row("echo-2.east", "v8", 1.5, nacked="v9")]},
+        {"admin": "10.0.0.1:15214", "error": "cannot read the replica's streams: refused"},
+    ]  # fmt: skip
+    text = render({**BASE, "gateways": {"error": "-"}, "streams": streams}, now=100.0)
+    lines = text.splitlines()
+    assert "ctl-1 (follower)  version v9  2 streams  1 stale  max lag 42.0s" in text
+    assert "10.0.0.1:15214  unknown: cannot read the replica's streams: refused" in text
+    rows = [x for x in lines if x.startswith(("echo-", "gw."))]
+    assert [r.split()[0] for r in rows] == ["echo-1.east", "echo-2.east", "gw.east"]  # worst 1st
+    assert rows[0].split()[4:7] == ["v1", "STALE", "42.0s"]
+    assert rows[1].endswith("NACKed v9")
+    assert rows[2].split()[4:7] == ["v9", "ok", "0.0s"]
+
+
+async def test_streams_are_read_from_every_replica_admin() -> None:
+    state = AdminState()
+
+    async def streams_json(query: str) -> tuple[int, bytes, str]:
+        body = {"replica": "ctl-0", "leader": True, "version": "v1", "streams": []}
+        return 200, json.dumps(body).encode(), "application/json"
+
+    state.pages["streams.json"] = streams_json
+    server = await serve(state, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        up, bad = await replica_streams([f"127.0.0.1:{port}", "nowhere"])
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert up == {"admin": f"127.0.0.1:{port}", "replica": "ctl-0", "leader": True,
+                  "version": "v1", "streams": []}  # fmt: skip
+    assert bad == {"admin": "nowhere", "error": "not host:port"}

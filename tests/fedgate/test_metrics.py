@@ -83,6 +83,27 @@ def test_push_and_config_families() -> None:
     assert s.value("fedgate_config_subscribers") == 1
 
 
+def test_subscriber_lag_families() -> None:
+    push = PushStats()
+    fresh = push.opened("gw.east", "gateway", "east", version="v2")
+    stuck = push.opened("echo-1.east", "sidecar", "east", version="v1")
+    for sub in (fresh, stuck):
+        sub.offered("v2", 100.0)
+    s = scrape(lambda: metrics.push_families(push, 2, 112.5, dropped=1, heartbeats=7))
+    east = {"kind": "sidecar", "cluster": "east"}
+    assert s.value("fedgate_config_subscriber_lag_seconds", node="echo-1.east", **east) == 12.5
+    assert s.value("fedgate_config_subscriber_lag_seconds", node="gw.east", kind="gateway",
+                   cluster="east") == 0.0  # fmt: skip
+    assert s.value("fedgate_config_subscriber_max_lag_seconds") == 12.5
+    assert s.value("fedgate_config_subscribers_stale", **east) == 1
+    assert s.value("fedgate_config_subscribers_stale", kind="gateway", cluster="east") == 0
+    assert s.value("fedgate_config_streams_dropped_total") == 1
+    assert s.value("fedgate_config_heartbeats_total") == 7
+    proxy = scrape(lambda: metrics.proxy_config_families(0, 3, 1, lag_seconds=4.5, stalls=2))
+    assert proxy.value("fedgate_config_lag_seconds") == 4.5
+    assert proxy.value("fedgate_config_stream_stalls_total") == 2
+
+
 def test_gitops_and_controller_families() -> None:
     status = {
         "branch": "main",
