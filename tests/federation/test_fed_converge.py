@@ -7,7 +7,7 @@ variant is `bench/config_convergence.py`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import structlog
@@ -33,9 +33,16 @@ async def no_leaked_tasks_of_ours() -> AsyncIterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def quiet() -> None:
-    # 100 proxies log every ACK; keep the captured output small.
+def quiet() -> Iterator[None]:
+    # 100 proxies log every ACK; keep the captured output small, and give the next tests back
+    # the configuration they capture logs with.
+    before = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        structlog.configure(**before)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
