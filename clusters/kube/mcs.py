@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from clusters.kube.translate import Rejection
+from clusters.kube.translate import APP_PROTOCOLS, Rejection
 from mesh.model import Condition, MergedService, ServicePort
 
 Obj = dict[str, Any]
@@ -48,8 +48,8 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGER}"
 MCS_API_VERSION = "multicluster.x-k8s.io/v1alpha1"
 IMPORTS, EXPORTS = "serviceimports", "serviceexports"
-# The inverse of clusters.kube.translate.APP_PROTOCOLS.
-APP_PROTOCOL_OF = {"HTTP": "http", "HTTP2": "kubernetes.io/h2c", "GRPC": "grpc"}
+# Our protocol -> the `appProtocol` it is read from (the inverse of the source's table).
+APP_PROTOCOL_OF = {ours: app for app, ours in APP_PROTOCOLS.items()}
 VALID, CONFLICT = "Valid", "Conflict"
 MERGED_VALID = Condition(VALID, True, "Merged")
 NO_CONFLICT = Condition(CONFLICT, False, "NoConflict")
