@@ -12,7 +12,7 @@ What this module does not do: decide what a document means (federation.gitops.va
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -175,11 +175,3 @@ def _read_files(root: Path, names: list[str]) -> tuple[list[SourceFile], list[tu
         files.append(SourceFile(name, data))
     return files, problems
 
-
-def iter_documents(files: list[SourceFile]) -> Iterator[tuple[SourceFile, str | None]]:
-    """Each file with its text, or None when it is not UTF-8."""
-    for f in files:
-        try:
-            yield f, f.data.decode("utf-8")
-        except UnicodeDecodeError:
-            yield f, None
