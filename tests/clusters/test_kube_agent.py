@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from clusters.agent import Agent
@@ -15,6 +16,7 @@ from clusters.kube.source import KubeClusterSource
 from clusters.kube.tokenreview import TokenReviewAuthenticator
 from clusters.kube.writeback import McsWriteBack
 from clusters.source import FileClusterSource, FileTokenAuthenticator
+from fedgate import native_logs, processes
 from fedgate.cli import main
 from fedgate.processes import SourceSettings, cluster_source, source_identity_and_writeback
 from mesh.model import ClusterInfo, ServiceExport
@@ -102,8 +104,6 @@ def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:
         str(tmp_path),
         "--ca-listen",
         "127.0.0.1:1",
-        "--tokens",
-        str(tmp_path / "t"),
         "--gateway-tunnel",
         "127.0.0.1:2",
         "--gateway-egress",
@@ -111,13 +111,54 @@ def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:
         "--admin",
         "127.0.0.1:4",
     ]
+    exports, tokens = ["--exports", str(tmp_path / "x.json")], ["--tokens", str(tmp_path / "t")]
     runner = CliRunner()
-    result = runner.invoke(main, [*base, "--source", "file"])
-    assert result.exit_code == 2
-    assert "--source file needs --exports" in result.output
-    result = runner.invoke(
-        main, [*base, "--source", "kubernetes", "--exports", str(tmp_path / "x.json")]
-    )
+    for missing in ([*tokens], [*exports]):
+        result = runner.invoke(main, [*base, "--source", "file", *missing])
+        assert result.exit_code == 2
+        assert "--source file needs --exports and --tokens" in result.output
+    result = runner.invoke(main, [*base, "--source", "kubernetes", *exports])
     assert result.exit_code == 2
     assert "--exports is for --source file" in result.output
+    # The rig's join tokens mean nothing to TokenReview: refused, so nobody believes they count.
+    result = runner.invoke(main, [*base, "--source", "kubernetes", *tokens])
+    assert result.exit_code == 2
+    assert "--tokens is for --source file" in result.output
+    assert "TokenReview" in result.output
     assert "--kubeconfig" in runner.invoke(main, ["agent", "--help"]).output
+
+
+def test_agent_cli_runs_the_kubernetes_source_without_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI's parsing only: what it hands the agent's wiring (the tests above run that, and
+    # the rig e2e runs the whole command); stderr stays pytest's.
+    seen: list[tuple[object, ...]] = []
+    monkeypatch.setattr(native_logs, "take_over_stderr", lambda: None)
+    monkeypatch.setattr(processes, "agent", lambda *a, **kw: seen.append((*a, kw["source"])))
+    config = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1")
+    argv = [
+        "agent",
+        "--cluster",
+        "east",
+        "--etcd",
+        "127.0.0.1:1",
+        "--ca-dir",
+        str(tmp_path),
+        "--ca-listen",
+        "127.0.0.1:1",
+        "--gateway-tunnel",
+        "127.0.0.1:2",
+        "--gateway-egress",
+        "127.0.0.1:3",
+        "--admin",
+        "127.0.0.1:4",
+        "--source",
+        "kubernetes",
+        "--kubeconfig",
+        str(config),
+    ]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    [args] = seen
+    assert args[-1] == SourceSettings("kubernetes", config, None)
