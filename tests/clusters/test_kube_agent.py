@@ -93,24 +93,18 @@ def test_the_source_decides_token_authentication_and_write_back(tmp_path: Path) 
     assert writeback is None
 
 
-def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:
-    base = [
+def agent_argv(tmp_path: Path) -> list[str]:
+    """`fedgate agent` with every option but the source's (nothing listens at these)."""
+    return [
         "agent",
-        "--cluster",
-        "east",
-        "--etcd",
-        "127.0.0.1:1",
-        "--ca-dir",
-        str(tmp_path),
-        "--ca-listen",
-        "127.0.0.1:1",
-        "--gateway-tunnel",
-        "127.0.0.1:2",
-        "--gateway-egress",
-        "127.0.0.1:3",
-        "--admin",
-        "127.0.0.1:4",
+        *("--cluster", "east", "--etcd", "127.0.0.1:1", "--ca-dir", str(tmp_path)),
+        *("--ca-listen", "127.0.0.1:1", "--gateway-tunnel", "127.0.0.1:2"),
+        *("--gateway-egress", "127.0.0.1:3", "--admin", "127.0.0.1:4"),
     ]
+
+
+def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:
+    base = agent_argv(tmp_path)
     exports, tokens = ["--exports", str(tmp_path / "x.json")], ["--tokens", str(tmp_path / "t")]
     runner = CliRunner()
     for missing in ([*tokens], [*exports]):
@@ -137,27 +131,7 @@ def test_agent_cli_runs_the_kubernetes_source_without_tokens(
     monkeypatch.setattr(native_logs, "take_over_stderr", lambda: None)
     monkeypatch.setattr(processes, "agent", lambda *a, **kw: seen.append((*a, kw["source"])))
     config = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1")
-    argv = [
-        "agent",
-        "--cluster",
-        "east",
-        "--etcd",
-        "127.0.0.1:1",
-        "--ca-dir",
-        str(tmp_path),
-        "--ca-listen",
-        "127.0.0.1:1",
-        "--gateway-tunnel",
-        "127.0.0.1:2",
-        "--gateway-egress",
-        "127.0.0.1:3",
-        "--admin",
-        "127.0.0.1:4",
-        "--source",
-        "kubernetes",
-        "--kubeconfig",
-        str(config),
-    ]
+    argv = [*agent_argv(tmp_path), "--source", "kubernetes", "--kubeconfig", str(config)]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     [args] = seen
