@@ -142,8 +142,9 @@ def controller(
     "--tokens",
     type=click.Path(path_type=Path),
     default=None,
-    help="The join tokens (tokens.json) the CA accepts (required with --source file; the "
-    "Kubernetes source checks projected ServiceAccount tokens with TokenReview instead).",
+    help="The join tokens (tokens.json) the CA accepts (required with --source file; ignored, "
+    "with a warning, with --source kubernetes, whose CA checks projected ServiceAccount tokens "
+    "with TokenReview).",
 )
 @click.option("--gateway-tunnel", required=True)
 @click.option("--gateway-egress", required=True)
@@ -186,12 +187,6 @@ def agent(
         raise click.UsageError(
             "--exports is for --source file; the Kubernetes source reads the API"
         )
-    if source_kind == "kubernetes" and tokens is not None:
-        # Refused, not ignored: an operator passing it would believe it grants identities.
-        raise click.UsageError(
-            "--tokens is for --source file; with --source kubernetes the CA checks projected "
-            "ServiceAccount tokens with TokenReview"
-        )
     native_logs.take_over_stderr()  # before grpc is imported (after the usage checks)
     from fedgate import processes
 
@@ -201,7 +196,7 @@ def agent(
         ca_dir,
         ca_listen,
         exports or Path(),
-        tokens or Path(),
+        tokens,
         gateway_tunnel,
         gateway_egress,
         admin,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from structlog.testing import LogCapture
 
 from clusters.agent import Agent
 from clusters.kube.source import KubeClusterSource
@@ -75,14 +76,25 @@ def test_cluster_source_builds_the_kind_asked_for(tmp_path: Path) -> None:
     assert status() == {"file": str(exports)}
 
 
-def test_the_source_decides_token_authentication_and_write_back(tmp_path: Path) -> None:
+def test_the_source_decides_token_authentication_and_write_back(
+    tmp_path: Path, logs: LogCapture
+) -> None:
     config = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1")
     settings = SourceSettings("kubernetes", config)
     kube, _, close = cluster_source(settings, Path(), "east", TD)
     try:
-        tokens, writeback = source_identity_and_writeback(settings, kube, Path(), "east")
+        tokens, writeback = source_identity_and_writeback(settings, kube, None, "east")
         assert isinstance(tokens, TokenReviewAuthenticator)
         assert isinstance(writeback, McsWriteBack)
+        assert not [e for e in logs.entries if e["event"] == "--tokens ignored"]
+        # A tokens file given anyway (it was once required) grants nothing, and says so.
+        given = tmp_path / "tokens.json"
+        tokens, _ = source_identity_and_writeback(settings, kube, given, "east")
+        assert isinstance(tokens, TokenReviewAuthenticator)
+        [ignored] = [e for e in logs.entries if e["event"] == "--tokens ignored"]
+        assert ignored["log_level"] == "warning"
+        assert ignored["tokens"] == str(given)
+        assert "TokenReview" in ignored["reason"]
     finally:
         close()
     file, _, _ = cluster_source(SourceSettings(), tmp_path / "exports.json", "east", TD)
@@ -114,11 +126,6 @@ def test_agent_cli_checks_the_source_options(tmp_path: Path) -> None:
     result = runner.invoke(main, [*base, "--source", "kubernetes", *exports])
     assert result.exit_code == 2
     assert "--exports is for --source file" in result.output
-    # The rig's join tokens mean nothing to TokenReview: refused, so nobody believes they count.
-    result = runner.invoke(main, [*base, "--source", "kubernetes", *tokens])
-    assert result.exit_code == 2
-    assert "--tokens is for --source file" in result.output
-    assert "TokenReview" in result.output
     assert "--kubeconfig" in runner.invoke(main, ["agent", "--help"]).output
 
 
@@ -132,7 +139,12 @@ def test_agent_cli_runs_the_kubernetes_source_without_tokens(
     monkeypatch.setattr(processes, "agent", lambda *a, **kw: seen.append((*a, kw["source"])))
     config = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1")
     argv = [*agent_argv(tmp_path), "--source", "kubernetes", "--kubeconfig", str(config)]
-    result = CliRunner().invoke(main, argv)
+    runner = CliRunner()
+    result = runner.invoke(main, argv)
     assert result.exit_code == 0, result.output
-    [args] = seen
-    assert args[-1] == SourceSettings("kubernetes", config, None)
+    # Given anyway, --tokens is handed on, and the wiring warns it is ignored (test above).
+    result = runner.invoke(main, [*argv, "--tokens", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    without, given = seen
+    assert without[-1] == given[-1] == SourceSettings("kubernetes", config, None)
+    assert (without[5], given[5]) == (None, tmp_path / "t")  # processes.agent's `tokens`
