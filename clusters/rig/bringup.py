@@ -57,12 +57,7 @@ class RigCommand:
 
 Progress = Callable[[str], None]
 
-# A cluster whose agent reads a Kubernetes API server (`--source kubernetes`) instead of the
-# rig's exports.json: given the cluster's netns (it exists by then; the agent, which runs there,
-# must reach the server), it returns the kubeconfig the agent uses. The rig then writes nothing
-# into that API: whoever serves it describes the cluster's pods (Pods, Services, EndpointSlices,
-# ServiceExports), and its TokenReview must accept the pods' join tokens (the CA checks them
-# there, docs/kubernetes.md). The e2e test serves it with tests/kubefake.
+# The cluster's netns -> the kubeconfig of a Kubernetes API its agent reads (see `up`).
 KubeApi = Callable[[str], Path]
 
 
@@ -131,8 +126,11 @@ def up(
     `svid_ttl` (seconds, 0: 1 h): the cluster CAs' longest SVID lifetime, and what every
     gateway and sidecar asks for (tests use ~20 s to watch renewals and rotations).
 
-    `kube_api`: the clusters whose agents read a Kubernetes API (`KubeApi`); the others read
-    their exports.json."""
+    `kube_api`: the clusters whose agents read a Kubernetes API (`--source kubernetes`) instead
+    of their exports.json. Each function is called with the cluster's netns once it exists,
+    before the agent starts there, and returns a kubeconfig the agent can use from that netns.
+    The rig writes nothing into that API: its server describes the cluster's pods and answers
+    TokenReview for their join tokens (docs/kubernetes.md, "On the rig")."""
     started = time.monotonic()
     state = lifecycle.up(rigdir, clusters, prefix)
     _svid_ttl_file(rigdir).write_text(f"{svid_ttl}\n")

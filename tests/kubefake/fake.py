@@ -2,7 +2,8 @@
 
 Start it in-process (`with FakeKubeAPI() as api:`), point a kubeconfig's `server` at `api.url`,
 and drive it with the unmodified `kubernetes` client. Objects are written either over HTTP or
-directly through `api.store` (which emits the same watch events).
+directly through `api.store` (which emits the same watch events). TokenReview answers from the
+`token_reviews` table, then from `token_lookup` (e.g. the rig's growing tokens.json).
 """
 
 from __future__ import annotations
