@@ -243,7 +243,11 @@ class Load:
                 self._take(line)
 
     def stop(self) -> list[tuple[float, str]]:
-        out, _ = self.proc.communicate("", timeout=15)  # closes stdin: the loop ends
+        try:
+            out, _ = self.proc.communicate("", timeout=15)  # closes stdin: the loop ends
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # `ip netns exec` exec'd the loop: this pid is the loop
+            out, _ = self.proc.communicate()
         for line in out.splitlines():
             self._take(line)
         return self.calls
