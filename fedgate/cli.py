@@ -138,7 +138,14 @@ def controller(
     "ServiceAccount].",
 )
 @click.option("--kube-context", default=None, help="The kubeconfig context [default: current].")
-@click.option("--tokens", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--tokens",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The join tokens (tokens.json) the CA accepts (required with --source file; ignored, "
+    "with a warning, with --source kubernetes, whose CA checks projected ServiceAccount tokens "
+    "with TokenReview).",
+)
 @click.option("--gateway-tunnel", required=True)
 @click.option("--gateway-egress", required=True)
 @click.option("--admin", required=True)
@@ -165,7 +172,7 @@ def agent(
     exports: Path | None,
     kubeconfig: Path | None,
     kube_context: str | None,
-    tokens: Path,
+    tokens: Path | None,
     gateway_tunnel: str,
     gateway_egress: str,
     admin: str,
@@ -174,15 +181,15 @@ def agent(
     transport: str,
 ) -> None:
     """Run a cluster's agent (publishes the catalog) and its CA."""
-    native_logs.take_over_stderr()  # before grpc is imported
-    from fedgate import processes
-
-    if source_kind == "file" and exports is None:
-        raise click.UsageError("--source file needs --exports")
+    if source_kind == "file" and (exports is None or tokens is None):
+        raise click.UsageError("--source file needs --exports and --tokens")
     if source_kind == "kubernetes" and exports is not None:
         raise click.UsageError(
             "--exports is for --source file; the Kubernetes source reads the API"
         )
+    native_logs.take_over_stderr()  # before grpc is imported (after the usage checks)
+    from fedgate import processes
+
     processes.agent(
         cluster,
         etcd_endpoints.split(","),

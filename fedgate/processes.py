@@ -292,13 +292,22 @@ def cluster_source(
 
 
 def source_identity_and_writeback(
-    settings: SourceSettings, source: ClusterSource, tokens: Path, cluster: str
+    settings: SourceSettings, source: ClusterSource, tokens: Path | None, cluster: str
 ) -> tuple[TokenAuthenticator, McsWriteBack | None]:
     """What goes with the source: how the CA authenticates bootstrap tokens, and the MCS
     write-back. Kubernetes: TokenReview of projected ServiceAccount tokens, and ServiceImports
     and ServiceExport conditions written back (one API client for all). The file source: the
-    rig's tokens.json, and nothing written back."""
+    rig's tokens.json (`tokens`, required), and nothing written back."""
     if settings.kind == "kubernetes":
+        if tokens is not None:
+            # Ignored, not refused: a deployment that passed it while the option was required
+            # keeps starting; the warning says it grants nothing.
+            _log.warning(
+                "--tokens ignored",
+                tokens=str(tokens),
+                reason="with --source kubernetes the CA checks projected ServiceAccount tokens "
+                "with TokenReview",
+            )
         from clusters.kube.mcs import rejected_exports
         from clusters.kube.source import KubeClusterSource
         from clusters.kube.tokenreview import TokenReviewAuthenticator
@@ -312,6 +321,8 @@ def source_identity_and_writeback(
         return TokenReviewAuthenticator(api), writeback
     from clusters.source import FileTokenAuthenticator
 
+    if tokens is None:
+        raise ValueError("the file source needs a tokens file (--tokens)")
     return FileTokenAuthenticator(tokens), None
 
 
@@ -321,7 +332,7 @@ def agent(
     ca_dir: Path,
     ca_listen: str,
     exports: Path,
-    tokens: Path,
+    tokens: Path | None,
     gateway_tunnel: str,
     gateway_egress: str,
     admin_addr: str,
@@ -356,7 +367,7 @@ async def _agent(
     ca_dir: Path,
     ca_listen: str,
     exports: Path,
-    tokens: Path,
+    tokens: Path | None,
     gateway_tunnel: str,
     gateway_egress: str,
     admin_addr: str,

@@ -14,7 +14,7 @@ import json
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,9 @@ class RigCommand:
 
 
 Progress = Callable[[str], None]
+
+# The cluster's netns -> the kubeconfig of a Kubernetes API its agent reads (see `up`).
+KubeApi = Callable[[str], Path]
 
 
 def ca_dir(rigdir: Path, name: str) -> Path:
@@ -112,6 +115,7 @@ def up(
     etcd_members: int = 1,
     controllers: int = 2,
     transport: str = DEFAULT_TRANSPORT,
+    kube_api: Mapping[str, KubeApi] | None = None,
 ) -> None:
     """Build the rig and start the whole federation on it; returns once calls can flow.
 
@@ -120,7 +124,13 @@ def up(
     (tls on TCP and quic on UDP at the tunnel port, passthrough on TCP `PASSTHROUGH_PORT`).
 
     `svid_ttl` (seconds, 0: 1 h): the cluster CAs' longest SVID lifetime, and what every
-    gateway and sidecar asks for (tests use ~20 s to watch renewals and rotations)."""
+    gateway and sidecar asks for (tests use ~20 s to watch renewals and rotations).
+
+    `kube_api`: the clusters whose agents read a Kubernetes API (`--source kubernetes`) instead
+    of their exports.json. Each function is called with the cluster's netns once it exists,
+    before the agent starts there, and returns a kubeconfig the agent can use from that netns.
+    The rig writes nothing into that API: its server describes the cluster's pods and answers
+    TokenReview for their join tokens (docs/kubernetes.md, "On the rig")."""
     started = time.monotonic()
     state = lifecycle.up(rigdir, clusters, prefix)
     _svid_ttl_file(rigdir).write_text(f"{svid_ttl}\n")
@@ -130,7 +140,10 @@ def up(
             rigdir, command, state.prefix, control.layout(state.prefix, etcd_members, controllers)
         )
         for c in state.clusters:
-            _start_cluster(rigdir, command, state.prefix, c.name, c.index, transport)
+            kube = (kube_api or {}).get(c.name)
+            netns = topology.cluster(state.prefix, c.index).netns
+            kubeconfig = kube(netns) if kube is not None else None
+            _start_cluster(rigdir, command, state.prefix, c.name, c.index, transport, kubeconfig)
         for c in state.clusters:
             add_pod(rigdir, command, c.name, "client", DEMO_NAMESPACE, "client", None, None)
             add_pod(
@@ -217,6 +230,7 @@ def _start_cluster(
     name: str,
     index: int,
     transport: str = DEFAULT_TRANSPORT,
+    kubeconfig: Path | None = None,
 ) -> None:
     plan = topology.cluster(prefix, index)
     passthrough = (plan.wan_ip, PASSTHROUGH_PORT)
@@ -225,6 +239,14 @@ def _start_cluster(
     # A fresh CA per rig (the directory layout of ca.cadir: root rotation works on it).
     shutil.rmtree(ca_dir(rigdir, name), ignore_errors=True)
     ttl = _svid_ttl(rigdir)
+    source_args = (
+        ["--source", "kubernetes", "--kubeconfig", str(kubeconfig)]
+        if kubeconfig is not None
+        else [
+            *("--exports", str(source.exports_path(rigdir, name))),
+            *("--tokens", str(source.tokens_path(rigdir, name))),
+        ]
+    )
     cadir.init_ca_dir(
         ca_dir(rigdir, name),
         td,
@@ -246,10 +268,7 @@ def _start_cluster(
             str(ca_dir(rigdir, name)),
             "--ca-listen",
             _addr(plan.agent_ca_address),
-            "--exports",
-            str(source.exports_path(rigdir, name)),
-            "--tokens",
-            str(source.tokens_path(rigdir, name)),
+            *source_args,
             "--gateway-tunnel",
             _addr(published),
             "--transport",

@@ -2,12 +2,14 @@
 
 Start it in-process (`with FakeKubeAPI() as api:`), point a kubeconfig's `server` at `api.url`,
 and drive it with the unmodified `kubernetes` client. Objects are written either over HTTP or
-directly through `api.store` (which emits the same watch events).
+directly through `api.store` (which emits the same watch events). TokenReview answers from the
+`token_reviews` table, then from `token_lookup` (e.g. the rig's growing tokens.json).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tests.kubefake.access import CUSTOM, Rule
@@ -39,6 +41,7 @@ class FakeKubeAPI:
         bookmark_interval: float = 60.0,
         bearer_tokens: set[str] | None = None,
         token_reviews: dict[str, TokenIdentity] | None = None,
+        token_lookup: Callable[[str], TokenIdentity | None] | None = None,
         split_events: bool = False,
     ) -> None:
         self.store = store or Store()
@@ -46,6 +49,8 @@ class FakeKubeAPI:
         self.split_events = split_events  # write each watch event as two chunks
         self.bearer_tokens = bearer_tokens
         self.token_reviews = dict(token_reviews or {})
+        # Asked about tokens the table lacks (e.g. a rig whose tokens file grows as pods start).
+        self.token_lookup = token_lookup
         self.denied: set[Rule] = set()  # SelfSubjectAccessReview answers allowed: false
         self.crds: set[str] = set(CUSTOM)  # installed CRDs (by name), all to begin with
         self.requests: list[Request] = []
@@ -138,6 +143,8 @@ class FakeKubeAPI:
         spec = review.get("spec") or {}
         token, wanted = spec.get("token", ""), list(spec.get("audiences") or [])
         ident = self.token_reviews.get(token)
+        if ident is None and self.token_lookup is not None:
+            ident = self.token_lookup(token)
         out: Obj = {
             "kind": "TokenReview",
             "apiVersion": "authentication.k8s.io/v1",
