@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from fedgate.inject_webhook import WebhookOptions
 
 RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
+INJECT_CONFIG_HELP = (
+    "The injector's settings (YAML; `fedgate inject --config`, docs/kubernetes.md)."
+)
 
 
 _rig_dir_option = click.option(
@@ -171,12 +174,7 @@ def controller(
     show_default=True,
     help="<service>.<namespace> of the Service in front of the webhook (its certificate's name).",
 )
-@click.option(
-    "--inject-config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="The injector's settings (YAML; `fedgate inject --config`, docs/kubernetes.md).",
-)
+@click.option("--inject-config", type=click.Path(path_type=Path), help=INJECT_CONFIG_HELP)
 def agent(
     cluster: str,
     etcd_endpoints: str,
