@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from clusters.inject.spec import InjectSettings
 from fedgate import inject_config
 from fedgate.cli import main
+from tests.etcd_fixture import etcd_server  # noqa: F401  (registers the fixture)
 
 FIXTURES = Path(__file__).with_name("fixtures")
 GOLDEN = FIXTURES / "golden"
