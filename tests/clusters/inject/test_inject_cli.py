@@ -7,6 +7,7 @@ diff to review (regenerate with `fedgate inject --config fixtures/inject.yaml FI
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -184,3 +185,60 @@ def test_missing_settings_are_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["inject", "--cluster", "east"], input="")
     assert result.exit_code == 2
     assert "controller_address not given" in result.stderr
+
+
+def test_the_injected_command_lines_are_fedgates_own() -> None:
+    """Every flag the containers are started with exists and the required ones are there."""
+    import click
+
+    from fedgate.cli import main
+
+    (deployment,) = objects((GOLDEN / "deployment-with-init.yaml").read_text())
+    init, proxy = deployment["spec"]["template"]["spec"]["initContainers"][:2]
+    env = {"$(POD_NAME)": "payments-7d9f", "$(POD_NAMESPACE)": "shop"}  # the kubelet expands
+    parsed = {}
+    for container in (init, proxy):
+        assert container["command"] == ["fedgate"]
+        args = [env.get(a, a) for a in container["args"]]
+        group = main
+        while isinstance(group, click.Group):  # fedgate capture install / fedgate sidecar
+            sub = group.get_command(click.Context(group), args[0])
+            assert sub is not None, args[0]
+            group, args = sub, args[1:]
+        parsed[container["name"]] = group.make_context(group.name or "", args).params
+    assert parsed["fedgate-init"]["accept_ports"] == (15020,)
+    sidecar = parsed["fedgate-proxy"]
+    assert sidecar["no_capture"] is True
+    assert sidecar["metrics_listen"] == "0.0.0.0:15020"
+    assert (sidecar["pod"], sidecar["namespace"]) == ("payments-7d9f", "shop")
+    assert sidecar["identity_dir"].as_posix() == "/var/run/fedgate/identity"
+    assert sidecar["controller_address"] == "controller.fedgate.example:15012"
+
+
+def test_the_identity_volume_has_the_files_the_sidecar_bootstraps_from(tmp_path: Path) -> None:
+    """Materialise the projected volume as the kubelet would; `Bootstrap.load` reads it."""
+    from ca.authority import CertificateAuthority
+    from ca.bootstrap import Bootstrap
+    from ca.verify import utcnow
+
+    (deployment,) = objects((GOLDEN / "deployment-with-init.yaml").read_text())
+    spec = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "fedgate-identity"]
+    token_source, configmap_source = volume["projected"]["sources"]
+    ca = CertificateAuthority.create("east.fedgate.test", utcnow())
+    configmap = {  # what the fedgate-ca-root ConfigMap holds
+        "ca.pem": ca.root_pem.decode(),
+        "control.pem": ca.root_pem.decode(),
+        "trust-domain": "east.fedgate.test",
+    }
+    assert configmap_source["configMap"]["name"] == "fedgate-ca-root"
+    (tmp_path / token_source["serviceAccountToken"]["path"]).write_text("a.jwt.token")
+    for item in configmap_source["configMap"]["items"]:
+        (tmp_path / item["path"]).write_text(configmap[item["key"]])
+    proxy = spec["initContainers"][1]
+    (mount,) = proxy["volumeMounts"]
+    assert (mount["name"], mount["readOnly"]) == ("fedgate-identity", True)
+    assert proxy["args"][proxy["args"].index("--identity-dir") + 1] == mount["mountPath"]
+    boot = Bootstrap.load(tmp_path)
+    assert boot.token == "a.jwt.token"
+    assert boot.trust_domain == "east.fedgate.test"
