@@ -50,13 +50,17 @@ def review(body: Mapping[str, Any], s: InjectSettings) -> Json:
         raise AdmissionError("the AdmissionReview has no request.uid")
     response: Json = {"uid": request["uid"], "allowed": True}
     pod = request.get("object")
-    kind = (request.get("kind") or {}).get("kind")
-    if request.get("operation") == "CREATE" and kind == "Pod" and isinstance(pod, Mapping):
+    kind = request.get("kind")
+    is_pod = isinstance(kind, Mapping) and kind.get("kind") == "Pod"
+    if request.get("operation") == "CREATE" and is_pod and isinstance(pod, Mapping):
         namespace = str(request.get("namespace") or "default")
         try:
             outcome = inject_object(pod, namespace, s)
         except InjectRefusedError as e:
             response["warnings"] = [f"fedgate: not injected: {e}"]
+        except (AttributeError, TypeError, KeyError) as e:
+            # A field of the wrong JSON type: the API server never sends one, a bad peer might.
+            raise AdmissionError(f"malformed Pod in the review: {e!r}") from e
         else:
             if outcome.changed:
                 patch = diff(json.loads(json.dumps(pod)), outcome.obj)

@@ -115,4 +115,6 @@ def inject_object(obj: Mapping[str, Any], namespace: str, s: InjectSettings) -> 
         holder["metadata"], holder["spec"] = inject_pod(pod_meta, spec, pod_ns, s)
     except ValueError as e:
         raise InjectRefusedError(f"{ref}: cannot inject: {e}") from e
+    except (AttributeError, TypeError) as e:  # a field of the wrong type, e.g. containers: "x"
+        raise InjectRefusedError(f"{ref}: malformed pod spec: {e}") from e
     return Outcome(out, ((ref, INJECTED),))

@@ -77,8 +77,11 @@ def _answer(method: str, target: str, body: bytes, s: InjectSettings) -> tuple[i
     if method != "POST":
         return 405, {"error": "POST only"}
     try:
-        return 200, review(json.loads(body), s)
-    except (ValueError, AdmissionError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise AdmissionError("the body is not a JSON object")
+        return 200, review(data, s)
+    except (ValueError, AdmissionError) as e:  # JSONDecodeError is a ValueError
         return 400, {"error": str(e)}
 
 

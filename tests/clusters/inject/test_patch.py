@@ -46,3 +46,34 @@ def test_pointers_escape_slash_and_tilde() -> None:
         "/metadata/annotations/fedgate.io~1injected"
     )
     assert pointer(("a~b", 0)) == "/a~0b/0"
+
+
+_pods = st.fixed_dictionaries(
+    {"apiVersion": st.just("v1"), "kind": st.just("Pod")},
+    optional={"metadata": _json, "spec": _json},
+)
+
+
+@given(_pods, _json)
+def test_review_of_any_pod_answers_or_raises_admission_error(pod: Any, namespace: Any) -> None:
+    """The webhook faces the network: whatever the object holds, it answers or says why not."""
+    from clusters.inject.admission import AdmissionError, review
+    from clusters.inject.spec import InjectSettings
+
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u",
+            "kind": {"kind": "Pod"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "object": pod,
+        },
+    }
+    try:
+        answer = review(body, InjectSettings("east", "ctl:15012"))
+    except AdmissionError:
+        return
+    assert answer["response"]["uid"] == "u"
+    assert answer["response"]["allowed"] is True

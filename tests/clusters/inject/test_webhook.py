@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import datetime as dt
 import http.client
 import json
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 import jsonpatch
 import pytest
 import yaml
+from cryptography import x509
 
 from ca.authority import CertificateAuthority
 from ca.service import CaView
@@ -30,6 +32,7 @@ from clusters.inject.webhook import WebhookServer
 from fedgate.inject_webhook import WebhookOptions, start
 from mesh.tasks import TaskSet
 from tests.clusters.inject.conftest import CONFIG, FIXTURES, objects, run_inject, validate
+from tests.helpers import until
 
 
 class _Connection(http.client.HTTPSConnection):
@@ -207,3 +210,42 @@ def test_the_webhook_configuration_selects_labelled_namespaces_and_never_blocks(
         "path": "/inject",
         "port": 443,
     }
+
+
+async def test_the_certificate_is_renewed_into_the_running_server() -> None:
+    ca = CertificateAuthority.create("east.fedgate.test", utcnow())
+    view = CaView(ca, (ca.root,), max_ttl=dt.timedelta(seconds=4))  # renewed after ~2 s
+    tasks = TaskSet("test-webhook")
+    options = WebhookOptions("127.0.0.1:0", "fedgate-agent", "fedgate-system", CONFIG)
+    server = await start(options, "east", lambda: view, tasks)
+
+    async def serial() -> int:
+        pem = await asyncio.to_thread(ssl.get_server_certificate, server.address, timeout=5)
+        return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+    try:
+        first = await serial()
+        await until(serial, 10, check=lambda s: s != first, what="a renewed certificate")
+    finally:
+        await server.aclose()
+        await tasks.aclose()
+
+
+@pytest.mark.parametrize(("operation", "kind"), [("UPDATE", "Pod"), ("CREATE", "Deployment")])
+def test_anything_but_a_pod_create_is_admitted_untouched(operation: str, kind: str) -> None:
+    from clusters.inject.admission import review
+    from fedgate import inject_config
+
+    body = json.loads(_review(POD_TEMPLATE, "demo"))
+    body["request"]["operation"] = operation
+    body["request"]["kind"]["kind"] = kind
+    answer = review(body, inject_config.load(CONFIG))
+    assert answer["response"] == {"uid": "705ab4f5-6393-11e8-b7cc", "allowed": True}
+
+
+POD_TEMPLATE = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "web"},
+    "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+}
