@@ -68,6 +68,7 @@ class InjectSettings:
     127.0.0.1; `probe_port`: its metrics-only listener on every address (probes, scraping).
     `cluster_dns`: the cluster's DNS Service IP (kube-dns), the second nameserver;
     `cluster_domain`: the cluster's DNS domain. `version`: recorded in the annotation.
+    `otlp_endpoint`: where the sidecars export traces ("": tracing off).
     """
 
     cluster: str
@@ -88,6 +89,7 @@ class InjectSettings:
     proxy_cpu_request: str = "100m"
     proxy_memory_request: str = "128Mi"
     proxy_memory_limit: str = "512Mi"
+    otlp_endpoint: str = ""  # the sidecars' trace collector (`fedgate sidecar --otlp-endpoint`)
 
     def __post_init__(self) -> None:
         if not self.cluster or not self.controller_address:
@@ -175,6 +177,7 @@ def proxy_container(s: InjectSettings) -> Json:
             "$(POD_NAMESPACE)",
             # The init container installed the rules: this process has no NET_ADMIN.
             "--no-capture",
+            *(["--otlp-endpoint", s.otlp_endpoint] if s.otlp_endpoint else []),
         ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

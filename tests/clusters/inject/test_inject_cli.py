@@ -242,3 +242,14 @@ def test_the_identity_volume_has_the_files_the_sidecar_bootstraps_from(tmp_path:
     boot = Bootstrap.load(tmp_path)
     assert boot.token == "a.jwt.token"
     assert boot.trust_domain == "east.fedgate.test"
+
+
+def test_an_otlp_endpoint_in_the_settings_reaches_the_sidecar(settings: InjectSettings) -> None:
+    from dataclasses import replace
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}
+    traced = replace(settings, otlp_endpoint="http://otel-collector.observability:4317")
+    proxy = inject_object(pod, "demo", traced).obj["spec"]["initContainers"][1]
+    assert proxy["args"][-2:] == ["--otlp-endpoint", "http://otel-collector.observability:4317"]
+    plain = inject_object(pod, "demo", settings).obj["spec"]["initContainers"][1]
+    assert "--otlp-endpoint" not in plain["args"]
