@@ -6,7 +6,7 @@ holds it (the way Istio's injector reads its `istio-sidecar-injector` ConfigMap)
 
     cluster: east
     controllerAddress: controller.fedgate.example:15012
-    caAddress: fedgate-agent.fedgate-system.svc:15013
+    caAddress: fedgate-ca.fedgate-system.svc:15013
     image: ghcr.io/example/fedgate:0.1.0
     clusterDNS: 10.96.0.10
 
@@ -61,6 +61,7 @@ def load(path: Path | None, **overrides: Any) -> InjectSettings:
     values.setdefault("inbound_port", capture.inbound_port)
     values.setdefault("proxy_gid", capture.proxy_gid)
     values.setdefault("version", version())
+    values.setdefault("image", f"fedgate:{values['version']}")
     missing = sorted(n for n in ("cluster", "controller_address") if not values.get(n))
     if missing:
         raise ValueError(f"injector settings: {', '.join(missing)} not given")

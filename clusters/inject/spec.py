@@ -17,7 +17,8 @@ and returns injected copies; it never mutates its input. What it adds, by name:
   kubelet's probes and Prometheus reach it.
 * volume `fedgate-identity`, mounted read-only into the sidecar only: a projected ServiceAccount
   token with audience `fedgate` (the agent's CA checks it with TokenReview) and the
-  `fedgate-ca-root` ConfigMap (`ca.pem`, `control.pem`, `trust-domain`), the layout
+  `fedgate-bootstrap` ConfigMap (`ca.pem`, `control.pem`, `trust-domain`; the one the gateway
+  mounts, copied into each injected namespace), the layout
   `ca.bootstrap.Bootstrap` reads.
 * DNS: the sidecar answers `*.clusterset.local` on 127.0.0.1:53 and REFUSES every other name;
   glibc and musl both move on to the next nameserver after REFUSED, so the pod gets
@@ -47,7 +48,6 @@ INIT_NAME = "fedgate-init"
 PROXY_NAME = "fedgate-proxy"
 IDENTITY_VOLUME = "fedgate-identity"
 IDENTITY_DIR = "/var/run/fedgate/identity"
-CA_ROOT_CONFIGMAP = "fedgate-ca-root"
 TOKEN_AUDIENCE = "fedgate"
 PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
 SIDECAR_DNS = "127.0.0.1"
@@ -69,12 +69,13 @@ class InjectSettings:
     `cluster_dns`: the cluster's DNS Service IP (kube-dns), the second nameserver;
     `cluster_domain`: the cluster's DNS domain. `version`: recorded in the annotation.
     `otlp_endpoint`: where the sidecars export traces ("": tracing off).
+    `bootstrap_config_map`: the ConfigMap with the roots and trust domain, in the pod's namespace.
     """
 
     cluster: str
     controller_address: str
-    ca_address: str = "fedgate-agent.fedgate-system.svc:15013"
-    image: str = "fedgate:latest"
+    ca_address: str = "fedgate-ca.fedgate-system.svc:15013"
+    image: str = "fedgate:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     version: str = "0.1.0"
     outbound_port: int = 15001
@@ -90,6 +91,7 @@ class InjectSettings:
     proxy_memory_request: str = "128Mi"
     proxy_memory_limit: str = "512Mi"
     otlp_endpoint: str = ""  # the sidecars' trace collector (`fedgate sidecar --otlp-endpoint`)
+    bootstrap_config_map: str = "fedgate-bootstrap"
 
     def __post_init__(self) -> None:
         if not self.cluster or not self.controller_address:
@@ -227,7 +229,7 @@ def identity_volume(s: InjectSettings) -> Json:
                 },
                 {
                     "configMap": {
-                        "name": CA_ROOT_CONFIGMAP,
+                        "name": s.bootstrap_config_map,
                         "items": [{"key": f, "path": f} for f in files],
                     }
                 },

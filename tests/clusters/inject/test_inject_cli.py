@@ -226,12 +226,12 @@ def test_the_identity_volume_has_the_files_the_sidecar_bootstraps_from(tmp_path:
     (volume,) = [v for v in spec["volumes"] if v["name"] == "fedgate-identity"]
     token_source, configmap_source = volume["projected"]["sources"]
     ca = CertificateAuthority.create("east.fedgate.test", utcnow())
-    configmap = {  # what the fedgate-ca-root ConfigMap holds
+    configmap = {  # what the fedgate-bootstrap ConfigMap holds
         "ca.pem": ca.root_pem.decode(),
         "control.pem": ca.root_pem.decode(),
         "trust-domain": "east.fedgate.test",
     }
-    assert configmap_source["configMap"]["name"] == "fedgate-ca-root"
+    assert configmap_source["configMap"]["name"] == "fedgate-bootstrap"
     (tmp_path / token_source["serviceAccountToken"]["path"]).write_text("a.jwt.token")
     for item in configmap_source["configMap"]["items"]:
         (tmp_path / item["path"]).write_text(configmap[item["key"]])
