@@ -36,7 +36,8 @@ def _yaml() -> YAML:
 def inject_text(text: str, namespace: str, s: InjectSettings) -> tuple[str, list[str]]:
     """The injected YAML of `text` and the report lines; InjectRefusedError for a refused pod."""
     y = _yaml()
-    docs = list(y.load_all(text))
+    # Empty documents (a stray `---`) are dropped: dumped back they would read `null`.
+    docs = [d for d in y.load_all(text) if d is not None]
     report: list[str] = []
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):

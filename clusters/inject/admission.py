@@ -70,13 +70,22 @@ def review(body: Mapping[str, Any], s: InjectSettings) -> Json:
 
 
 def webhook_configuration(
-    ca_bundle_pem: bytes,
+    ca_bundle_pem: bytes | None,
     service: str = "fedgate-agent",
     namespace: str = "fedgate-system",
     port: int = 443,
     timeout_seconds: int = 10,
 ) -> Json:
-    """The MutatingWebhookConfiguration for the injector behind `service`.`namespace`:`port`."""
+    """The MutatingWebhookConfiguration for the injector behind `service`.`namespace`:`port`.
+
+    `ca_bundle_pem`: the cluster CA's published roots (PEM); None leaves `caBundle` out, for an
+    installer that fills it in afterwards (the API server cannot call the webhook until then).
+    """
+    client: Json = {
+        "service": {"name": service, "namespace": namespace, "path": WEBHOOK_PATH, "port": port}
+    }
+    if ca_bundle_pem is not None:
+        client["caBundle"] = base64.b64encode(ca_bundle_pem).decode()
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -87,15 +96,7 @@ def webhook_configuration(
         "webhooks": [
             {
                 "name": WEBHOOK_NAME,
-                "clientConfig": {
-                    "service": {
-                        "name": service,
-                        "namespace": namespace,
-                        "path": WEBHOOK_PATH,
-                        "port": port,
-                    },
-                    "caBundle": base64.b64encode(ca_bundle_pem).decode(),
-                },
+                "clientConfig": client,
                 "rules": [
                     {
                         "operations": ["CREATE"],

@@ -253,3 +253,14 @@ def test_an_otlp_endpoint_in_the_settings_reaches_the_sidecar(settings: InjectSe
     assert proxy["args"][-2:] == ["--otlp-endpoint", "http://otel-collector.observability:4317"]
     plain = inject_object(pod, "demo", settings).obj["spec"]["initContainers"][1]
     assert "--otlp-endpoint" not in plain["args"]
+
+
+def test_several_documents_in_one_stream_stray_separators_dropped() -> None:
+    deployment = (FIXTURES / "deployment-with-init.yaml").read_text()
+    opted_out = (FIXTURES / "opted-out-pod.yaml").read_text()
+    code, out, err = run_inject(stdin=f"---\n{deployment}---\n---\n{opted_out}")
+    assert code == 0, err
+    kinds = [o["kind"] for o in objects(out)]
+    assert kinds == ["Deployment", "Pod"]
+    assert "null" not in out
+    assert out.endswith(opted_out)  # the opted-out pod, byte for byte

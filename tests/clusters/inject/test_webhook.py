@@ -249,3 +249,12 @@ POD_TEMPLATE = {
     "metadata": {"name": "web"},
     "spec": {"containers": [{"name": "web", "image": "nginx"}]},
 }
+
+
+def test_the_configuration_without_a_bundle_leaves_ca_bundle_to_the_installer() -> None:
+    config = webhook_configuration(None, "fedgate-ca", "fedgate-system", 15017)
+    validate(config)
+    client = config["webhooks"][0]["clientConfig"]
+    assert "caBundle" not in client
+    assert client["service"]["name"] == "fedgate-ca"
+    assert client["service"]["port"] == 15017
