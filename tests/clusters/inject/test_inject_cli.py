@@ -264,3 +264,36 @@ def test_several_documents_in_one_stream_stray_separators_dropped() -> None:
     assert kinds == ["Deployment", "Pod"]
     assert "null" not in out
     assert out.endswith(opted_out)  # the opted-out pod, byte for byte
+
+
+def test_a_cronjob_and_a_replicaset_are_injected_and_validate(settings: InjectSettings) -> None:
+    pod_spec = {"restartPolicy": "OnFailure", "containers": [{"name": "c", "image": "i"}]}
+    cronjob = {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": "nightly", "namespace": "ops"},
+        "spec": {
+            "schedule": "0 3 * * *",
+            "jobTemplate": {"spec": {"template": {"spec": pod_spec}}},
+        },
+    }
+    replicaset = {
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "metadata": {"name": "rs", "namespace": "ops"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {
+                "metadata": {"labels": {"a": "b"}},
+                "spec": {"containers": [{"name": "c", "image": "i"}]},
+            },
+        },
+    }
+    for obj, path in ((cronjob, ("jobTemplate", "spec", "template")), (replicaset, ("template",))):
+        out = inject_object(obj, "default", settings).obj
+        validate(out)
+        template = out["spec"]
+        for key in path:
+            template = template[key]
+        assert template["spec"]["initContainers"][1]["name"] == "fedgate-proxy"
+        assert template["spec"]["dnsConfig"]["searches"][0] == "ops.svc.cluster.local"
