@@ -74,3 +74,18 @@ def peer_identity(
     if allowed is not None and not allowed(spiffe_id):
         raise VerificationError(f"identity {spiffe_id} is not allowed here")
     return spiffe_id
+
+
+def load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
+    """Replace the certificate `ctx` presents; connections made from now on use `svid`."""
+    _load_svid(ctx, svid)
+
+
+def webhook_server_context(svid: Svid) -> ssl.SSLContext:
+    """A server context presenting `svid` and asking for no client certificate: for a
+    Kubernetes admission webhook, which the API server checks by `caBundle` and DNS SAN."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    _load_svid(ctx, svid)
+    return ctx

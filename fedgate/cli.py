@@ -10,13 +10,20 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from clusters.rig import topology
 from fedgate import native_logs
 
+if TYPE_CHECKING:
+    from fedgate.inject_webhook import WebhookOptions
+
 RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
+INJECT_CONFIG_HELP = (
+    "The injector's settings (YAML; `fedgate inject --config`, docs/kubernetes.md)."
+)
 
 
 _rig_dir_option = click.option(
@@ -163,6 +170,18 @@ def controller(
     help="How peer gateways reach this cluster's gateway (published with --gateway-tunnel, "
     "which must be that transport's listener).",
 )
+@click.option(
+    "--webhook-listen",
+    default="",
+    help="Serve the sidecar-injection admission webhook (HTTPS) here, host:port [default: off].",
+)
+@click.option(
+    "--webhook-service",
+    default="fedgate-agent.fedgate-system",
+    show_default=True,
+    help="<service>.<namespace> of the Service in front of the webhook (its certificate's name).",
+)
+@click.option("--inject-config", type=click.Path(path_type=Path), help=INJECT_CONFIG_HELP)
 def agent(
     cluster: str,
     etcd_endpoints: str,
@@ -179,6 +198,9 @@ def agent(
     lease_ttl: int,
     ca_renew_listen: str,
     transport: str,
+    webhook_listen: str,
+    webhook_service: str,
+    inject_config: Path | None,
 ) -> None:
     """Run a cluster's agent (publishes the catalog) and its CA."""
     if source_kind == "file" and (exports is None or tokens is None):
@@ -204,7 +226,19 @@ def agent(
         ca_renew_listen,
         transport,
         source=processes.SourceSettings(source_kind, kubeconfig, kube_context),
+        webhook=_webhook_options(webhook_listen, webhook_service, inject_config),
     )
+
+
+def _webhook_options(listen: str, service: str, config: Path | None) -> WebhookOptions:
+    from fedgate.inject_webhook import WebhookOptions
+
+    name, dot, namespace = service.partition(".")
+    if not dot or not name or not namespace:
+        raise click.UsageError(f"--webhook-service {service!r} is not <service>.<namespace>")
+    if listen and config is None:
+        raise click.UsageError("--webhook-listen needs --inject-config")
+    return WebhookOptions(listen, name, namespace, config)
 
 
 def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
@@ -387,6 +421,12 @@ def _gateway_argv(ctx: click.Context) -> list[str]:
 @click.option("--namespace", required=True)
 @click.option("--no-capture", is_flag=True, help="Do not install iptables capture.")
 @click.option(
+    "--metrics-listen",
+    default="",
+    help="A second listener serving only /metrics, /healthz and /readyz (host:port): the "
+    "kubelet's probes and Prometheus in Kubernetes [default: none].",
+)
+@click.option(
     "--no-multiplex",
     is_flag=True,
     help="One end-to-end mTLS connection per TCP call (no fedgate-smux/1 pooling).",
@@ -403,6 +443,7 @@ def sidecar(
     pod: str,
     namespace: str,
     no_capture: bool,
+    metrics_listen: str,
     no_multiplex: bool,
 ) -> None:
     """Run a pod's sidecar (inside the pod's network namespace)."""
@@ -421,6 +462,7 @@ def sidecar(
         multiplex=not no_multiplex,
         identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
         otlp_endpoint=otlp_endpoint,
+        metrics_listen=metrics_listen,
     )
 
 
@@ -557,6 +599,8 @@ main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # con
 main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
 main.add_command(__import__("fedgate.cli_authz", fromlist=["x"]).authz_group)  # authz check
 main.add_command(__import__("fedgate.cli_check", fromlist=["x"]).check)  # fedgate check
+main.add_command(__import__("fedgate.cli_inject", fromlist=["x"]).inject)  # sidecar injection
+main.add_command(__import__("fedgate.cli_capture", fromlist=["x"]).capture)  # init container
 
 
 if __name__ == "__main__":

@@ -38,9 +38,12 @@ from mesh.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ca.tokens import TokenAuthenticator
+    from clusters.inject.webhook import WebhookServer
     from clusters.kube.writeback import McsWriteBack
     from federation.gitops.sync import GitOpsSync, SyncSettings
     from federation.leader import LeaderElection
+    from fedgate.identity import AgentCA
+    from fedgate.inject_webhook import WebhookOptions
 
 _log = structlog.get_logger("fedgate")
 
@@ -340,6 +343,7 @@ def agent(
     ca_renew_listen: str = "",
     transport: str = "tls",
     source: SourceSettings = SourceSettings(),
+    webhook: WebhookOptions | None = None,
 ) -> None:
     logs.configure("agent", cluster)
     run_with_loop(
@@ -357,6 +361,7 @@ def agent(
             ca_renew_listen,
             transport,
             source,
+            webhook,
         )
     )
 
@@ -375,6 +380,7 @@ async def _agent(
     ca_renew_listen: str = "",
     transport: str = "tls",
     source_settings: SourceSettings = SourceSettings(),
+    webhook_options: WebhookOptions | None = None,
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
@@ -430,6 +436,7 @@ async def _agent(
     collector = metrics.register(families)
     tasks = TaskSet("agent")
     tasks.spawn(the_agent.run(), "publish")
+    webhook = await _start_webhook(webhook_options, cluster, ca, tasks)
 
     async def publish_roots(roots: tuple[str, ...]) -> None:
         await the_agent.set_info(replace(the_agent.info, roots=roots))
@@ -443,11 +450,24 @@ async def _agent(
     finally:
         REGISTRY.unregister(collector)
         await tasks.aclose()
+        if webhook is not None:
+            await webhook.aclose()
         close_source()
         await publisher.aclose()  # revoke the lease: a clean stop leaves routing at once
         await ca_server.stop(None)
         admin_server.close()
         await client.close()
+
+
+async def _start_webhook(
+    options: WebhookOptions | None, cluster: str, ca: AgentCA, tasks: TaskSet
+) -> WebhookServer | None:
+    """The sidecar-injection webhook (`--webhook-listen`), when asked for."""
+    if options is None or not options.listen:
+        return None
+    from fedgate import inject_webhook
+
+    return await inject_webhook.start(options, cluster, ca.view, tasks)
 
 
 # --- proxies ----------------------------------------------------------------------------------
@@ -663,6 +683,7 @@ def sidecar(
     identity: IdentityOptions = IdentityOptions(),
     otlp_endpoint: str = "",
     multiplex: bool = True,
+    metrics_listen: str = "",
 ) -> None:
     logs.configure("sidecar", cluster)
     structlog.contextvars.bind_contextvars(pod=pod)
@@ -682,6 +703,8 @@ def sidecar(
         admin_addr,
         identity,
     )
+    if metrics_listen:  # probes and scraping from outside the pod (Kubernetes)
+        w = replace(w, metrics_address=parse_hostport(metrics_listen))
     tel = telemetry.TelemetrySettings("fedgate-sidecar", w.node_id, cluster, otlp_endpoint)
     run_with_loop(_sidecar(w, pod, namespace, capture, multiplex, tel))
 

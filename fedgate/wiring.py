@@ -76,7 +76,9 @@ class ProxyWiring:
     admin_port: int
     svid_ttl_seconds: int = 0  # 0: the CA's maximum (default 1 h)
     ca_renew_address: str = ""  # "": the CA address's port + 1 (ca.service.renew_address_for)
-    metrics_address: tuple[str, int] | None = None  # a metrics-only listener (gateways)
+    metrics_address: tuple[str, int] | None = (
+        None  # a metrics-only listener (gateways; sidecars in Kubernetes)
+    )
 
     @property
     def renew_address(self) -> str:

@@ -7,7 +7,8 @@
   `lo` or 127.0.0.0/8 returns (local calls stay local); every other TCP connection is REDIRECTed
   to the outbound port (15001), where `original_dst` recovers where it was going.
 - filter INPUT (chain `FEDGATE_INBOUND`): accept `lo`, established/related, and new TCP to the
-  inbound port (15006); drop every other inbound connection attempt (SYN), so a pod's
+  inbound port (15006) and to each of `accept_ports` (none in the rig; the sidecar's probe port
+  in Kubernetes, `fedgate inject`); drop every other inbound connection attempt (SYN), so a pod's
   applications are reachable only through the sidecar's mutual TLS.
 
 Both tables act on SYNs only. The sidecar opens its config stream before it captures, and the
@@ -47,11 +48,15 @@ class CaptureConfig:
     outbound_port: int = 15001
     inbound_port: int = 15006
     proxy_gid: int = CAPTURE_GID
+    # Inbound ports accepted without the sidecar's mTLS: in Kubernetes, the sidecar's own
+    # probe/metrics port, which the kubelet and Prometheus reach from outside the pod.
+    accept_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name, port in (
             ("outbound_port", self.outbound_port),
             ("inbound_port", self.inbound_port),
+            *(("accept_ports", p) for p in self.accept_ports),
         ):
             if not 0 < port < 65536:
                 raise ValueError(f"{name} {port} is outside 1..65535")
@@ -84,6 +89,7 @@ def capture_rules(config: CaptureConfig) -> str:
         f"-A {INBOUND_CHAIN} -i lo -j ACCEPT",
         f"-A {INBOUND_CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         f"-A {INBOUND_CHAIN} -p tcp --dport {config.inbound_port} -j ACCEPT",
+        *(f"-A {INBOUND_CHAIN} -p tcp --dport {p} -j ACCEPT" for p in config.accept_ports),
         f"-A {INBOUND_CHAIN} -p tcp --syn -m conntrack --ctstate NEW -j DROP",
         "COMMIT",
     ]
