@@ -39,6 +39,9 @@ LABELS = (
     "destination_service",
     "response_code",
     "request_protocol",
+    "route",
+    "source_workload",
+    "destination_workload",
 )
 # Istio's default buckets (ms) in seconds: sub-millisecond hops to 10 s calls.
 BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -145,11 +148,25 @@ class ProcessTelemetry:
         duration_s: float,
         request_bytes: int,
         response_bytes: int,
+        *,
+        route: str = "",
+        source_workload: str = names.UNKNOWN,
+        destination_workload: str = names.UNKNOWN,
     ) -> None:
         if not self.metrics:
             return
         reporter = names.REPORTER.get(hop, hop)
-        key = (reporter, source_cluster, destination_cluster, service, code, protocol)
+        key = (
+            reporter,
+            source_cluster,
+            destination_cluster,
+            service,
+            code,
+            protocol,
+            route,
+            source_workload,
+            destination_workload,
+        )
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (

@@ -29,9 +29,10 @@ the reason), all with the trace and span ids; one metrics record per call.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -69,8 +70,11 @@ class Egress:
         reply_timeout: float,
         log: Any = _log,
         telemetry: Telemetry = OFF,
+        resolve: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         self.cluster = cluster
+        # Published gateway hosts -> the address to dial (`gateway.resolve`); None: as is.
+        self._resolve = resolve
         self.telemetry = telemetry
         self._snapshot = snapshot
         self._dialers = dialers
@@ -115,6 +119,9 @@ class Egress:
         target = self.target(request)
         hop = f"tunnel to {target.cluster}"
         try:
+            if self._resolve is not None:
+                # The pool keys connections on the address: a new one retires the old links.
+                target = dataclasses.replace(target, host=await self._resolve(target.host))
             stream = await self._dialers[target.transport].open_stream(target)
         except TunnelTimeoutError as e:
             raise PeerUnreachableError(504, f"{hop}: {e}") from e

@@ -18,6 +18,10 @@ class PeerDownError(TunnelError):
     """The peer gateway failed its health probes or its dials: refused at once, no dial."""
 
 
+class ResolveError(PeerDownError):
+    """The peer gateway's published name has no address (and never had one): no dial."""
+
+
 class CallRefusedError(GatewayError):
     """A call answered with an error status; `reason` becomes the reason phrase."""
 

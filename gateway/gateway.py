@@ -47,6 +47,7 @@ from gateway.ingress import Ingress
 from gateway.passthrough import PassthroughDialer, PassthroughServer, PassthroughSettings
 from gateway.pool import PeerPool
 from gateway.quic_mtls import PeerPolicy
+from gateway.resolve import Resolver
 from gateway.tls_server import TlsTunnelServer
 from gateway.tls_tunnel import TlsTunnelSettings
 from gateway.transport import LISTEN_BACKLOG, TRANSPORTS, PeerTarget, StreamDialer
@@ -75,6 +76,8 @@ class GatewaySettings:
     max_datagram_size: int = 1350
     connect_timeout: float = 5.0  # ingress -> endpoint
     reuse_port: bool = False  # SO_REUSEPORT on the TCP listeners (several replicas per host)
+    # Peer gateways published under a DNS name are looked up again this often (`gateway.resolve`).
+    dns_refresh: float = 5.0
     tunnel: TunnelSettings = field(default_factory=TunnelSettings)
     tls: TlsTunnelSettings = field(default_factory=TlsTunnelSettings)
     passthrough: PassthroughSettings = field(default_factory=PassthroughSettings)
@@ -159,6 +162,7 @@ class Gateway:
             log=self.log,
             telemetry=telemetry,
         )
+        self.resolver = Resolver(refresh=settings.dns_refresh, log=self.log)
         self.egress = Egress(
             settings.cluster,
             lambda: self._snapshot,
@@ -166,6 +170,7 @@ class Gateway:
             self._tunnel.reply_timeout,
             log=self.log,
             telemetry=telemetry,
+            resolve=self.resolver.address,
         )
         self._server_policy = PeerPolicy(
             bundle=lambda: self._bundle, authorize=self._authorize_peer, now=now
@@ -303,6 +308,7 @@ class Gateway:
         if self._egress_server is not None:
             self._egress_server.close()
         await self.egress.aclose()
+        await self.resolver.aclose()
         await self.ingress.aclose()
         for pool in self.pools.values():
             await pool.aclose()

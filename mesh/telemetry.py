@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from mesh.naming import SpiffeId
 from mesh.tracecontext import TraceParent
 
 SOURCE = "source-sidecar"
@@ -24,6 +25,22 @@ DESTINATION = "destination-sidecar"
 
 # Prometheus `reporter` label by hop (Istio's names, plus `gateway`).
 REPORTER = {SOURCE: "source", EGRESS: "gateway", INGRESS: "gateway", DESTINATION: "destination"}
+
+# Request-metric label values (Istio's): a peer this hop cannot name, and the `route` of an HTTP
+# request that matched none of its TrafficPolicy's routes (or whose service has no policy).
+UNKNOWN = "unknown"
+DEFAULT_ROUTE = "default"
+
+
+def workload(identity: SpiffeId | None) -> str:
+    """The `source_workload` / `destination_workload` label of a verified SPIFFE ID: its
+    service account. Both ends of a call know both identities from the mutual TLS handshake
+    (no metadata exchange is needed, and gateways cannot alter them), and a cluster has few
+    service accounts, so the label stays bounded. On the rig every pod has its own (`client`,
+    `echo`); on Kubernetes give each Deployment its own ServiceAccount, as Istio and Linkerd
+    advise, or its pods share the workload `default` (docs/observability.md)."""
+    return identity.service_account if identity is not None else UNKNOWN
+
 
 HOP = "fedgate.hop"
 SOURCE_CLUSTER = "fedgate.source.cluster"
@@ -90,9 +107,16 @@ class Telemetry(Protocol):
         duration_s: float,
         request_bytes: int,
         response_bytes: int,
+        *,
+        route: str = "",
+        source_workload: str = UNKNOWN,
+        destination_workload: str = UNKNOWN,
     ) -> None:
         """One finished request (`protocol` "http") or connection ("tcp") seen by `hop`.
-        `code`: the HTTP status, or for TCP "ok" / the refusal status / "error"."""
+        `code`: the HTTP status, or for TCP "ok" / the refusal status / "error". `route`: the
+        TrafficPolicy route an HTTP request took (`DEFAULT_ROUTE` for none; "" where routes do
+        not apply: TCP, gateways); the workloads: `workload()` of each end, `UNKNOWN` where the
+        hop does not know it."""
         ...
 
 
@@ -122,6 +146,10 @@ class _Off:
         duration_s: float,
         request_bytes: int,
         response_bytes: int,
+        *,
+        route: str = "",
+        source_workload: str = UNKNOWN,
+        destination_workload: str = UNKNOWN,
     ) -> None:
         return None
 

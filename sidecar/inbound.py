@@ -225,7 +225,14 @@ class Inbound:
             0.0,
             0,
             0,
+            route="",
+            source_workload=tm.workload(call.caller),
+            destination_workload=self._workload(),
         )
+
+    def _workload(self) -> str:
+        svid = self._state().svid
+        return tm.workload(svid.spiffe_id if svid is not None else None)
 
     def _accepted(self, caller: Conn) -> None:
         self._tasks.spawn(self.handle(caller), "conn")
@@ -403,6 +410,7 @@ class Inbound:
         watch: _Watch | None = None
         if self.telemetry.tracing or self.telemetry.metrics:
             watch = _Watch(self.telemetry, s.cluster, header, caller_id, log, started)
+            watch.workload = self._workload()
             caller.tap, app.tap = watch.tap.from_caller, watch.tap.from_app
         try:
             if gated:
@@ -460,6 +468,7 @@ class _Watch:
         self.service = header.service.fqdn
         self.caller = caller
         self.source_cluster = caller.trust_domain.partition(".")[0]
+        self.workload = tm.UNKNOWN  # this sidecar's (the destination's)
         self.log = log
         self.started = started
         self.parent = tracecontext.parse(header.traceparent)
@@ -524,7 +533,15 @@ class _Watch:
             duration,
             exchange.request_bytes,
             exchange.response_bytes,
+            **self._workloads(),
         )
+
+    def _workloads(self) -> dict[str, str]:
+        # The destination does not match routes (the source did): its `route` is empty.
+        return {
+            "source_workload": tm.workload(self.caller),
+            "destination_workload": self.workload,
+        }
 
     def closed(self, error: str, received: int, sent: int) -> None:
         self.tap.close(error)
@@ -541,4 +558,5 @@ class _Watch:
                 time.monotonic() - self.started,
                 received,
                 sent,
+                **self._workloads(),
             )

@@ -92,6 +92,9 @@ class Observation:
             time.monotonic() - self.started,
             rec.request_bytes,
             rec.response_bytes,
+            route=rec.route,
+            source_workload=rec.source_workload,
+            destination_workload=rec.destination_workload,
         )
 
 

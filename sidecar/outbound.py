@@ -245,7 +245,10 @@ class Outbound:
             )
         finally:
             if tcp and route is not None and (span is not None or self.telemetry.metrics):
-                self._observe(span, where, route, code, outcome, started, app, upstream)
+                peer = dialed.peer if dialed is not None else None
+                own = state.svid.spiffe_id if state.svid is not None else None
+                workloads = (tm.workload(own), tm.workload(peer))
+                self._observe(span, where, route, code, outcome, started, app, upstream, workloads)
             self.active -= 1
             if admitted is not None:
                 self.http.tcp_release(admitted)
@@ -266,8 +269,10 @@ class Outbound:
         started: float,
         app: Conn,
         upstream: Conn | None,
+        workloads: tuple[str, str],
     ) -> None:
-        """End a TCP connection's span and record it (tracing or metrics on)."""
+        """End a TCP connection's span and record it (tracing or metrics on); `workloads`:
+        (this one, the destination's verified one)."""
         dst_cluster = where.dst_cluster if where is not None else ""
         if span is not None:
             span.set(tm.DESTINATION_CLUSTER, dst_cluster)
@@ -284,6 +289,8 @@ class Outbound:
             time.monotonic() - started,
             app.relayed,
             upstream.relayed if upstream is not None else 0,
+            source_workload=workloads[0],
+            destination_workload=workloads[1],
         )
 
     def _where(self, dst: tuple[str, int], state: ProxyState, route: ServiceRoute | None) -> _Where:

@@ -318,6 +318,8 @@ class HttpProxy:
         info = RequestInfo.build(req.method, req.target, req.headers)
         eff = effective(route.policy, info)
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
+        if record is not None:
+            record.routed(eff.route, state.svid.spiffe_id if state.svid else None)
         span = obs.span if obs is not None else None
         runtime = self.runtime(route)
         call = Call(fwd, app, body, route=route, state=state, eff=eff, runtime=runtime, log=log)

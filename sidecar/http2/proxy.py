@@ -187,6 +187,8 @@ class H2Proxy:
             return await fwd.local(h2, sid, req.grpc, log, not_ready, record)
         eff = effective(route.policy, req.info())
         log = log.bind(service=str(route.service), **({"route": eff.route} if eff.route else {}))
+        if record is not None:
+            record.routed(eff.route, state.svid.spiffe_id if state.svid else None)
         runtime = self._http.runtime(route)
         span = obs.span if obs is not None else None
         call = H2Call(

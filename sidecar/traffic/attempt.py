@@ -228,6 +228,7 @@ class Attempts:
         rec.dst_cluster = target.cluster
         rec.endpoint = target.endpoint.address if target.endpoint is not None else ""
         rec.subset = target.subset
+        rec.went_to(target)
         rec.retries = self.plan.tries - 1
         if isinstance(result, Failure):
             failed = Answer(result.status, result.reason, result.detail, upstream_failed=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh import telemetry as tm
+from mesh.naming import SpiffeId
 from mesh.telemetry import AttrValue
+from sidecar.traffic.balance import Target
 
 
 @dataclass(slots=True)
@@ -28,6 +30,23 @@ class RequestRecord:
     grpc_status: int | None = None  # gRPC: from the trailers, or a Trailers-Only answer
     request_bytes: int = 0
     response_bytes: int = 0
+    route: str = ""  # the metrics' `route` label, set by `routed`
+    source_workload: str = tm.UNKNOWN
+    destination_workload: str = tm.UNKNOWN
+
+    def routed(self, route: str, own: SpiffeId | None) -> None:
+        """The request matched `route` ("" for none) in a sidecar running as `own`."""
+        self.route = route or tm.DEFAULT_ROUTE
+        self.source_workload = tm.workload(own)
+
+    def went_to(self, target: Target) -> None:
+        """The final try's target: the destination workload is the endpoint's identity, or,
+        for a remote cluster (whose ingress picks the endpoint), the one identity its endpoints
+        share; several: unknown (the label must not guess)."""
+        if target.endpoint is not None:
+            self.destination_workload = tm.workload(target.endpoint.identity)
+        elif len(names := {i.service_account for i in target.identities}) == 1:
+            self.destination_workload = names.pop()
 
     def span_attributes(self, service: str) -> dict[str, AttrValue]:
         """What the source span gets set at its end."""

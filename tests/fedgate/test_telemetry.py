@@ -88,6 +88,35 @@ def test_requests_appear_in_the_metrics_exposition() -> None:
     assert got[("fedgate_request_duration_seconds_bucket", "+Inf")] == 2
 
 
+def test_route_and_workload_labels_are_exposed() -> None:
+    t = telemetry.setup(_settings())
+    svc = "labels.demo.svc.clusterset.local"
+    t.record(
+        tm.SOURCE,
+        "http",
+        "east",
+        "west",
+        svc,
+        "200",
+        0.01,
+        0,
+        0,
+        route="canary",
+        source_workload="client",
+        destination_workload="echo",
+    )
+    t.record(tm.EGRESS, "tcp", "east", "west", svc, "ok", 0.01, 0, 0)
+    seen = set()
+    for family in text_string_to_metric_families(metrics.exposition()):
+        for s in family.samples:
+            if s.name == "fedgate_requests_total" and s.labels["destination_service"] == svc:
+                labels = s.labels
+                seen.add(
+                    (labels["route"], labels["source_workload"], labels["destination_workload"])
+                )
+    assert seen == {("canary", "client", "echo"), ("", tm.UNKNOWN, tm.UNKNOWN)}
+
+
 def test_a_bad_endpoint_is_named() -> None:
     with pytest.raises(ValueError, match=r"'ftp://x' must start with http://, https:// or unix:"):
         telemetry.setup(_settings("ftp://x"))

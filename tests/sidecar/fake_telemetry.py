@@ -43,6 +43,9 @@ class Record:
     code: str
     request_bytes: int
     response_bytes: int
+    route: str = ""
+    source_workload: str = tm.UNKNOWN
+    destination_workload: str = tm.UNKNOWN
 
 
 class FakeTelemetry:
@@ -79,6 +82,10 @@ class FakeTelemetry:
         duration_s: float,
         request_bytes: int,
         response_bytes: int,
+        *,
+        route: str = "",
+        source_workload: str = tm.UNKNOWN,
+        destination_workload: str = tm.UNKNOWN,
     ) -> None:
         rec = Record(
             hop,
@@ -89,6 +96,9 @@ class FakeTelemetry:
             code,
             request_bytes,
             response_bytes,
+            route,
+            source_workload,
+            destination_workload,
         )
         self.records.append(rec)
 

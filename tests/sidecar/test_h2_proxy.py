@@ -192,3 +192,6 @@ async def test_http2_requests_get_the_source_span_and_a_metrics_record(
     records = [r for r in tel.records if r.hop == tm.SOURCE]
     assert {(r.protocol, r.code, r.service) for r in records} == {("http", "200", SVC.fqdn)}
     assert len(records) == 3
+    # No TrafficPolicy route matched; both ends are named by their verified identities.
+    workloads = {(r.route, r.source_workload, r.destination_workload) for r in records}
+    assert workloads == {(tm.DEFAULT_ROUTE, "client", "api")}
