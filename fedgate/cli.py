@@ -6,6 +6,7 @@ environment or the command line.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -28,7 +29,33 @@ _rig_dir_option = click.option(
 )
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """A group whose operator subcommands are imported only when invoked (or listed): every
+    process (a sidecar in each pod) starts through this module, and those subcommands' imports
+    (CA tooling, GitOps, status scrapers) would otherwise weigh on each (docs/footprint.md)."""
+
+    LAZY = {
+        "ca": ("fedgate.cli_ca", "ca"),  # identity
+        "config": ("fedgate.cli_config", "config_group"),  # GitOps
+        "status": ("fedgate.cli_status", "status"),  # controller
+        "top": ("fedgate.cli_top", "top"),  # request rates
+        "authz": ("fedgate.cli_authz", "authz_group"),  # authz check
+        "check": ("fedgate.cli_check", "check"),  # fedgate check
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            module, attr = self.LAZY[cmd_name]
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup)
 def main() -> None:
     """fedgate: federate service meshes across clusters."""
 
@@ -542,14 +569,6 @@ def demo(rig_dir: Path, calls: int, keep: bool) -> None:
 
     _need_root()
     sys.exit(demo_mod.run(rig_dir, _rig_command(), calls, keep))  # type: ignore[arg-type]
-
-
-main.add_command(__import__("fedgate.cli_ca", fromlist=["ca"]).ca)  # fedgate ca ... (identity)
-main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group)  # GitOps
-main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
-main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
-main.add_command(__import__("fedgate.cli_authz", fromlist=["x"]).authz_group)  # authz check
-main.add_command(__import__("fedgate.cli_check", fromlist=["x"]).check)  # fedgate check
 
 
 if __name__ == "__main__":
