@@ -27,9 +27,9 @@ from mesh.telemetry import OFF, AttrValue, Span, Telemetry
 from mesh.tracecontext import TraceParent
 
 if TYPE_CHECKING:  # the SDK is imported (fedgate.tracing) only when tracing is on
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+
+    from fedgate.tracing import Tracing
 
 LABELS = (
     "reporter",
@@ -72,18 +72,11 @@ class TelemetrySettings:
 class ProcessTelemetry:
     """`mesh.telemetry.Telemetry` for one process."""
 
-    def __init__(
-        self, tracer: trace.Tracer | None, provider: TracerProvider | None, metrics: bool
-    ) -> None:
-        self.tracing = tracer is not None
+    def __init__(self, tracing: Tracing | None, metrics: bool) -> None:
+        self.tracing = tracing is not None
         self.metrics = metrics
-        self._tracer = tracer
-        self._provider = provider
+        self._tracing = tracing
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
-        if tracer is not None:
-            from fedgate import tracing  # only with tracing on: the SDK stays unimported
-
-            self._start = tracing.start_span
 
     def start_span(
         self,
@@ -94,8 +87,8 @@ class ProcessTelemetry:
         *,
         server: bool,
     ) -> Span:
-        assert self._tracer is not None, "start_span with tracing off"
-        return self._start(self._tracer, name, hop, parent, attrs, server=server)
+        assert self._tracing is not None, "start_span with tracing off"
+        return self._tracing.span(name, {names.HOP: hop, **attrs}, parent, server)
 
     def record(
         self,
@@ -131,8 +124,8 @@ class ProcessTelemetry:
 
     def shutdown(self) -> None:
         """Flush spans still queued (bounded by the exporter's timeout) and stop exporting."""
-        if self._provider is not None:
-            self._provider.shutdown()
+        if self._tracing is not None:
+            self._tracing.provider.shutdown()
 
 
 def exporter_for(endpoint: str) -> SpanExporter:
@@ -151,8 +144,7 @@ def setup(s: TelemetrySettings, exporter: SpanExporter | None = None) -> Telemet
     if exporter is None and s.otlp_endpoint:
         exporter = exporter_for(s.otlp_endpoint)
     if exporter is None:
-        return ProcessTelemetry(None, None, True) if s.metrics else OFF
-    from fedgate import tracing
+        return ProcessTelemetry(None, True) if s.metrics else OFF
+    from fedgate.tracing import Tracing
 
-    provider = tracing.provider(s.service, s.instance, s.cluster, exporter)
-    return ProcessTelemetry(provider.get_tracer("fedgate"), provider, s.metrics)
+    return ProcessTelemetry(Tracing(s.service, s.instance, s.cluster, exporter), s.metrics)

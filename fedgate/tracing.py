@@ -1,8 +1,8 @@
 """Tracing with the OpenTelemetry SDK, for a process that has an OTLP endpoint.
 
 Imported by `fedgate.telemetry` only when tracing is on, so a process without an endpoint never
-loads the SDK (docs/footprint.md). It builds the process's `TracerProvider` and starts spans
-under a caller's W3C context; what it does not do: choose whether to trace, or metrics.
+loads the SDK (docs/footprint.md). `Tracing` holds the process's `TracerProvider` and starts
+spans under a caller's W3C context; what it does not do: choose whether to trace, or metrics.
 """
 
 from __future__ import annotations
@@ -47,39 +47,28 @@ class _Span:
         self._span.end()
 
 
-def start_span(
-    tracer: trace.Tracer,
-    name: str,
-    hop: str,
-    parent: TraceParent | None,
-    attrs: Mapping[str, AttrValue],
-    *,
-    server: bool,
-) -> Span:
-    ctx = Context()  # never the ambient context: a task may inherit another call's
-    if parent is not None:
-        remote = SpanContext(
-            int(parent.trace_id, 16),
-            int(parent.span_id, 16),
-            is_remote=True,
-            trace_flags=OtelFlags(parent.flags),
+class Tracing:
+    """The process's `TracerProvider` (batching to `exporter`) and its spans."""
+
+    def __init__(self, service: str, instance: str, cluster: str, exporter: SpanExporter) -> None:
+        resource = Resource.create(
+            {"service.name": service, "service.instance.id": instance, "fedgate.cluster": cluster}
         )
-        ctx = trace.set_span_in_context(NonRecordingSpan(remote), ctx)
-    span = tracer.start_span(
-        name,
-        context=ctx,
-        kind=SpanKind.SERVER if server else SpanKind.CLIENT,
-        attributes={names.HOP: hop, **attrs},
-    )
-    return _Span(span)
+        self.provider = TracerProvider(resource=resource)
+        # Bounded queue (2,048 spans, the SDK default): beyond it spans are dropped, never
+        # waited for; exports run on the processor's own thread, off the event loop.
+        self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+        self._tracer = self.provider.get_tracer("fedgate")
 
-
-def provider(service: str, instance: str, cluster: str, exporter: SpanExporter) -> TracerProvider:
-    resource = Resource.create(
-        {"service.name": service, "service.instance.id": instance, "fedgate.cluster": cluster}
-    )
-    p = TracerProvider(resource=resource)
-    # Bounded queue (2,048 spans, the SDK default): beyond it spans are dropped, never waited
-    # for; exports run on the processor's own thread, off the event loop.
-    p.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
-    return p
+    def span(
+        self, name: str, attrs: dict[str, AttrValue], up: TraceParent | None, server: bool
+    ) -> Span:
+        """A span under the caller's context `up` (None: a new trace)."""
+        ctx = Context()  # never the ambient context: a task may inherit another call's
+        if up is not None:
+            remote = SpanContext(
+                int(up.trace_id, 16), int(up.span_id, 16), True, OtelFlags(up.flags)
+            )
+            ctx = trace.set_span_in_context(NonRecordingSpan(remote), ctx)
+        kind = SpanKind.SERVER if server else SpanKind.CLIENT
+        return _Span(self._tracer.start_span(name, context=ctx, kind=kind, attributes=attrs))

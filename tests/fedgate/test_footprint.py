@@ -74,3 +74,39 @@ def test_the_controller_does_load_the_yaml_and_schema_stack() -> None:
     assert isinstance(modules, list)
     assert "yaml" in modules
     assert "pydantic" in modules
+
+
+_LOG_LINES = """
+import logging, structlog
+from fedgate import logs
+logs.configure("sidecar", "east")
+structlog.get_logger("fedgate.sidecar").info("request", status=200)
+logging.getLogger("grpc").warning("from %s", "grpc")
+"""
+
+
+def test_log_lines_keep_their_fields_without_the_caller_lookup() -> None:
+    # logs.configure turns off stdlib logging's per-record caller, thread and process lookups
+    # (half an access line's cost); the lines must not lose a field for it.
+    out = subprocess.run(
+        [sys.executable, "-c", _LOG_LINES], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    own, foreign = (json.loads(line) for line in out.stderr.strip().splitlines())
+    assert own.pop("timestamp")
+    assert foreign.pop("timestamp")
+    assert own == {
+        "event": "request",
+        "status": 200,
+        "level": "info",
+        "logger": "fedgate.sidecar",
+        "component": "sidecar",
+        "cluster": "east",
+    }
+    assert foreign == {
+        "event": "from grpc",
+        "level": "warning",
+        "logger": "grpc",
+        "component": "sidecar",
+        "cluster": "east",
+    }
