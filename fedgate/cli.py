@@ -6,7 +6,6 @@ environment or the command line.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
@@ -16,6 +15,7 @@ import click
 
 from clusters.rig import topology
 from fedgate import native_logs
+from fedgate.cli_lazy import LazyGroup
 
 RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
 
@@ -29,33 +29,18 @@ _rig_dir_option = click.option(
 )
 
 
-class _LazyGroup(click.Group):
-    """A group whose operator subcommands are imported only when invoked (or listed): every
-    process (a sidecar in each pod) starts through this module, and those subcommands' imports
-    (CA tooling, GitOps, status scrapers) would otherwise weigh on each (docs/footprint.md)."""
-
-    LAZY = {
-        "ca": ("fedgate.cli_ca", "ca"),  # identity
-        "config": ("fedgate.cli_config", "config_group"),  # GitOps
-        "status": ("fedgate.cli_status", "status"),  # controller
-        "top": ("fedgate.cli_top", "top"),  # request rates
-        "authz": ("fedgate.cli_authz", "authz_group"),  # authz check
-        "check": ("fedgate.cli_check", "check"),  # fedgate check
-    }
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.LAZY})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.LAZY and cmd_name not in self.commands:
-            module, attr = self.LAZY[cmd_name]
-            command = getattr(importlib.import_module(module), attr)
-            assert isinstance(command, click.Command)
-            self.add_command(command, cmd_name)
-        return super().get_command(ctx, cmd_name)
+# Operator subcommands, imported when invoked: every process starts through this module.
+_LAZY = {
+    "ca": ("fedgate.cli_ca", "ca"),  # identity
+    "config": ("fedgate.cli_config", "config_group"),  # GitOps
+    "status": ("fedgate.cli_status", "status"),  # controller
+    "top": ("fedgate.cli_top", "top"),  # request rates
+    "authz": ("fedgate.cli_authz", "authz_group"),  # authz check
+    "check": ("fedgate.cli_check", "check"),  # fedgate check
+}
 
 
-@click.group(cls=_LazyGroup)
+@click.group(cls=LazyGroup, lazy_subcommands=_LAZY)
 def main() -> None:
     """fedgate: federate service meshes across clusters."""
 

@@ -110,3 +110,28 @@ def test_log_lines_keep_their_fields_without_the_caller_lookup() -> None:
         "component": "sidecar",
         "cluster": "east",
     }
+
+
+_CLI = """
+import json, sys
+from click.testing import CliRunner
+from fedgate.cli import main
+before = sorted(m for m in sys.modules if m.startswith("fedgate.cli_"))
+listed = CliRunner().invoke(main, ["--help"]).output
+ca_help = CliRunner().invoke(main, ["ca", "--help"])
+after = sorted(m for m in sys.modules if m.startswith("fedgate.cli_"))
+print(json.dumps({"before": before, "listed": listed, "ca": ca_help.exit_code, "after": after}))
+"""
+
+
+def test_operator_subcommands_are_listed_but_imported_only_when_invoked() -> None:
+    result = _child("-c", _CLI)
+    assert result["before"] == ["fedgate.cli_lazy"]
+    listed = result["listed"]
+    assert isinstance(listed, str)
+    for command in ("ca", "config", "status", "top", "authz", "check", "sidecar"):
+        assert f"\n  {command} " in listed
+    assert result["ca"] == 0
+    after = result["after"]
+    assert isinstance(after, list)
+    assert "fedgate.cli_ca" in after
