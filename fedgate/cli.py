@@ -16,6 +16,7 @@ import click
 
 from clusters.rig import topology
 from fedgate import native_logs
+from fedgate.cli_lazy import LazyGroup
 
 if TYPE_CHECKING:
     from fedgate.inject_webhook import WebhookOptions
@@ -35,7 +36,20 @@ _rig_dir_option = click.option(
 )
 
 
-@click.group()
+# Operator subcommands, imported when invoked: every process starts through this module.
+_LAZY = {
+    "ca": ("fedgate.cli_ca", "ca"),  # identity
+    "config": ("fedgate.cli_config", "config_group"),  # GitOps
+    "status": ("fedgate.cli_status", "status"),  # controller
+    "top": ("fedgate.cli_top", "top"),  # request rates
+    "authz": ("fedgate.cli_authz", "authz_group"),  # authz check
+    "check": ("fedgate.cli_check", "check"),  # fedgate check
+    "inject": ("fedgate.cli_inject", "inject"),  # sidecar injection
+    "capture": ("fedgate.cli_capture", "capture"),  # the injected init container's rules
+}
+
+
+@click.group(cls=LazyGroup, lazy_subcommands=_LAZY)
 def main() -> None:
     """fedgate: federate service meshes across clusters."""
 
@@ -591,16 +605,6 @@ def demo(rig_dir: Path, calls: int, keep: bool) -> None:
 
     _need_root()
     sys.exit(demo_mod.run(rig_dir, _rig_command(), calls, keep))  # type: ignore[arg-type]
-
-
-main.add_command(__import__("fedgate.cli_ca", fromlist=["ca"]).ca)  # fedgate ca ... (identity)
-main.add_command(__import__("fedgate.cli_config", fromlist=["x"]).config_group)  # GitOps
-main.add_command(__import__("fedgate.cli_status", fromlist=["x"]).status)  # controller
-main.add_command(__import__("fedgate.cli_top", fromlist=["x"]).top)  # request rates
-main.add_command(__import__("fedgate.cli_authz", fromlist=["x"]).authz_group)  # authz check
-main.add_command(__import__("fedgate.cli_check", fromlist=["x"]).check)  # fedgate check
-main.add_command(__import__("fedgate.cli_inject", fromlist=["x"]).inject)  # sidecar injection
-main.add_command(__import__("fedgate.cli_capture", fromlist=["x"]).capture)  # init container
 
 
 if __name__ == "__main__":

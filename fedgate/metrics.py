@@ -15,7 +15,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from prometheus_client import REGISTRY, generate_latest
@@ -29,8 +29,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ca.authority import root_id
-from federation.pushstats import PushStats
-from gateway.gateway import LinkStats
+
+if TYPE_CHECKING:  # annotations only: a sidecar must not load the gateway (aioquic) or controller
+    from federation.pushstats import PushStats
+    from gateway.gateway import LinkStats
 
 Families = Callable[[], Iterable[Metric]]
 PAIR = ("source_cluster", "destination_cluster", "transport")

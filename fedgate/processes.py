@@ -19,7 +19,7 @@ from ca.authority import CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
 from ca.bundle import TrustBundle
 from ca.service import SelfIssued, dynamic_server_credentials
-from fedgate import admin, logs, metrics, telemetry, topology
+from fedgate import admin, logs, metrics, telemetry
 from fedgate.wiring import (
     ProxyWiring,
     authorize_peer,
@@ -138,6 +138,7 @@ async def _controller(
     from federation.gitops.sync import GitOpsSync
     from federation.policy_file import load_policies
     from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
+    from fedgate import topology  # the controller's page only: no other kind loads it
 
     ca = CertificateAuthority.load(ca_dir)
     svid = controller_svid(ca)

@@ -1,10 +1,11 @@
-"""Telemetry set-up for one process: the OpenTelemetry SDK (OTLP gRPC) and request metrics.
+"""Telemetry set-up for one process: request metrics, and tracing (fedgate.tracing) if asked.
 
 `setup(TelemetrySettings)` returns the `mesh.telemetry.Telemetry` the data plane is given.
 Tracing is on only with an OTLP endpoint (`--otlp-endpoint`, or the standard
 `OTEL_EXPORTER_OTLP_ENDPOINT`, read by the CLI): then a `TracerProvider` with a batching OTLP
 exporter is built for this process (never installed as the global provider, so nothing else
-in the process starts exporting behind our back). Without one, no SDK object exists.
+in the process starts exporting behind our back). Without one, no SDK object exists and no
+OpenTelemetry module is even imported: the OTLP exporter alone weighs ~5 MiB of RSS.
 
 Request metrics use prometheus_client's default `REGISTRY` (other parts of fedgate add their
 own metrics there); `exposition()` is what the admin port's `/metrics` serves. Label children
@@ -17,20 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
-from opentelemetry.trace import TraceFlags as OtelFlags
 from prometheus_client import Counter, Histogram
 
 from mesh import telemetry as names
 from mesh.telemetry import OFF, AttrValue, Span, Telemetry
 from mesh.tracecontext import TraceParent
+
+if TYPE_CHECKING:  # the SDK is imported (fedgate.tracing) only when tracing is on
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from fedgate.tracing import Tracing
 
 LABELS = (
     "reporter",
@@ -73,41 +72,13 @@ class TelemetrySettings:
     metrics: bool = True
 
 
-class _Span:
-    """`mesh.telemetry.Span` over an SDK span."""
-
-    __slots__ = ("_span", "context")
-
-    def __init__(self, span: trace.Span) -> None:
-        self._span = span
-        c = span.get_span_context()
-        self.context = TraceParent(
-            format(c.trace_id, "032x"), format(c.span_id, "016x"), int(c.trace_flags)
-        )
-
-    def set(self, key: str, value: AttrValue) -> None:
-        self._span.set_attribute(key, value)
-
-    def event(self, name: str, attrs: Mapping[str, AttrValue]) -> None:
-        self._span.add_event(name, dict(attrs))
-
-    def end(self, error: str = "") -> None:
-        if error:
-            self._span.set_attribute(names.ERROR, error)
-            self._span.set_status(Status(StatusCode.ERROR, error))
-        self._span.end()
-
-
 class ProcessTelemetry:
     """`mesh.telemetry.Telemetry` for one process."""
 
-    def __init__(
-        self, tracer: trace.Tracer | None, provider: TracerProvider | None, metrics: bool
-    ) -> None:
-        self.tracing = tracer is not None
+    def __init__(self, tracing: Tracing | None, metrics: bool) -> None:
+        self.tracing = tracing is not None
         self.metrics = metrics
-        self._tracer = tracer
-        self._provider = provider
+        self._tracing = tracing
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
 
     def start_span(
@@ -119,23 +90,8 @@ class ProcessTelemetry:
         *,
         server: bool,
     ) -> Span:
-        assert self._tracer is not None, "start_span with tracing off"
-        ctx = Context()  # never the ambient context: a task may inherit another call's
-        if parent is not None:
-            remote = SpanContext(
-                int(parent.trace_id, 16),
-                int(parent.span_id, 16),
-                is_remote=True,
-                trace_flags=OtelFlags(parent.flags),
-            )
-            ctx = trace.set_span_in_context(NonRecordingSpan(remote), ctx)
-        span = self._tracer.start_span(
-            name,
-            context=ctx,
-            kind=SpanKind.SERVER if server else SpanKind.CLIENT,
-            attributes={names.HOP: hop, **attrs},
-        )
-        return _Span(span)
+        assert self._tracing is not None, "start_span with tracing off"
+        return self._tracing.span(name, {names.HOP: hop, **attrs}, parent, server)
 
     def record(
         self,
@@ -185,8 +141,8 @@ class ProcessTelemetry:
 
     def shutdown(self) -> None:
         """Flush spans still queued (bounded by the exporter's timeout) and stop exporting."""
-        if self._provider is not None:
-            self._provider.shutdown()
+        if self._tracing is not None:
+            self._tracing.provider.shutdown()
 
 
 def exporter_for(endpoint: str) -> SpanExporter:
@@ -200,20 +156,12 @@ def exporter_for(endpoint: str) -> SpanExporter:
 
 def setup(s: TelemetrySettings, exporter: SpanExporter | None = None) -> Telemetry:
     """The process's telemetry. Tracing with `s.otlp_endpoint` (or `exporter`, for tests and
-    the bench); without either and without metrics, `mesh.telemetry.OFF`."""
+    the bench); without either and without metrics, `mesh.telemetry.OFF`. Without tracing, no
+    OpenTelemetry module is imported at all (docs/footprint.md)."""
     if exporter is None and s.otlp_endpoint:
         exporter = exporter_for(s.otlp_endpoint)
     if exporter is None:
-        return ProcessTelemetry(None, None, True) if s.metrics else OFF
-    resource = Resource.create(
-        {
-            "service.name": s.service,
-            "service.instance.id": s.instance,
-            "fedgate.cluster": s.cluster,
-        }
-    )
-    provider = TracerProvider(resource=resource)
-    # Bounded queue (2,048 spans, the SDK default): beyond it spans are dropped, never waited
-    # for; exports run on the processor's own thread, off the event loop.
-    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
-    return ProcessTelemetry(provider.get_tracer("fedgate"), provider, s.metrics)
+        return ProcessTelemetry(None, True) if s.metrics else OFF
+    from fedgate.tracing import Tracing
+
+    return ProcessTelemetry(Tracing(s.service, s.instance, s.cluster, exporter), s.metrics)
