@@ -174,4 +174,3 @@ def _read_files(root: Path, names: list[str]) -> tuple[list[SourceFile], list[tu
             raise RepositoryError(f"{root}: config files exceed {MAX_TOTAL_BYTES} bytes in total")
         files.append(SourceFile(name, data))
     return files, problems
-
