@@ -15,7 +15,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ca import cadir
@@ -23,8 +23,21 @@ from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority
 from ca.bootstrap import Bootstrap
 from ca.verify import utcnow
 from clusters import source
-from clusters.rig import cmd, config_repo, control, lifecycle, procs, topology
+from clusters.rig import (
+    config_repo,
+    control,
+    lifecycle,
+    procs,
+    ready,
+    restart,
+    supervisor,
+    topology,
+)
 from clusters.rig.errors import RigError
+from clusters.rig.ready import endpoints_seen as endpoints_seen
+from clusters.rig.ready import sidecar_config as sidecar_config
+from clusters.rig.ready import wait_routes as wait_routes
+from clusters.rig.restart import NO_RESTARTS, RestartPolicy
 from mesh.model import ServicePort
 from mesh.naming import DEFAULT_FEDERATION_DOMAIN, SYSTEM_NAMESPACE, trust_domain_for
 
@@ -112,25 +125,34 @@ def up(
     etcd_members: int = 1,
     controllers: int = 2,
     transport: str = DEFAULT_TRANSPORT,
+    restart_policy: RestartPolicy = NO_RESTARTS,
+    pod_cidr_overlap: bool = False,
 ) -> None:
-    """Build the rig and start the whole federation on it; returns once calls can flow.
+    """Build the rig and start the whole federation on it; returns once calls can flow, a
+    controller leads and every cluster is Live in its view (`ready.wait_leader`).
 
     `transport` (tls, quic or passthrough): what every cluster's agent publishes for its
     gateway, so what the gateways use between them. Every gateway listens for all three
     (tls on TCP and quic on UDP at the tunnel port, passthrough on TCP `PASSTHROUGH_PORT`).
 
     `svid_ttl` (seconds, 0: 1 h): the cluster CAs' longest SVID lifetime, and what every
-    gateway and sidecar asks for (tests use ~20 s to watch renewals and rotations)."""
+    gateway and sidecar asks for (tests use ~20 s to watch renewals and rotations).
+
+    `restart_policy` (default Never, for tests that kill processes on purpose; the CLI's
+    default is Always): a supervisor restarts dead processes once the rig is ready
+    (clusters/rig/supervisor.py). `pod_cidr_overlap`: north shares west's pod subnet."""
     started = time.monotonic()
-    state = lifecycle.up(rigdir, clusters, prefix)
+    state = lifecycle.up(rigdir, clusters, prefix, pod_cidr_overlap)
     _svid_ttl_file(rigdir).write_text(f"{svid_ttl}\n")
+    _otlp_file(rigdir).write_text(command.otlp_endpoint)
+    restart.save(rigdir, restart_policy)
     progress(f"namespaces ready for {', '.join(c.name for c in state.clusters)}")
     try:
         _start_control_plane(
             rigdir, command, state.prefix, control.layout(state.prefix, etcd_members, controllers)
         )
         for c in state.clusters:
-            _start_cluster(rigdir, command, state.prefix, c.name, c.index, transport)
+            _start_cluster(rigdir, command, state.prefix, c.name, transport)
         for c in state.clusters:
             add_pod(rigdir, command, c.name, "client", DEMO_NAMESPACE, "client", None, None)
             add_pod(
@@ -157,7 +179,7 @@ def up(
             for pod in ("client", "echo-1"):
                 wait_pod_ready(rigdir, c.name, pod)
             _wait(
-                topology.cluster(state.prefix, c.index).netns,
+                state.plan(c.name).netns,
                 f"http://127.0.0.1:{topology.GATEWAY_ADMIN_PORT}/readyz",
                 rigdir,
                 f"{c.name}-gateway",
@@ -165,9 +187,16 @@ def up(
         for c in state.clusters:
             _export_ready_pod(rigdir, c.name, "echo-1")
         wait_routes(rigdir, "echo", DEMO_NAMESPACE, len(state.clusters))
+        lead = ready.wait_leader(rigdir)
+        if restart_policy.restarts:
+            supervisor.start(rigdir, command.fedgate)
     except BaseException:
         progress("rig up failed; logs are in " + str(lifecycle.logs_dir(rigdir)))
         raise
+    progress(
+        f"leader {lead.leader} elected; clusters {', '.join(sorted(lead.clusters))} live; "
+        f"restart policy {restart_policy.policy}"
+    )
     progress(f"rig up in {time.monotonic() - started:.1f} s")
 
 
@@ -204,6 +233,17 @@ def _svid_ttl(rigdir: Path) -> int:
         return 0
 
 
+def _otlp_file(rigdir: Path) -> Path:
+    return rigdir / "otlp-endpoint"
+
+
+def _rig_otlp(rigdir: Path) -> str:
+    try:
+        return _otlp_file(rigdir).read_text().strip()
+    except OSError:
+        return ""
+
+
 def _identity_args(rigdir: Path) -> list[str]:
     """`--svid-ttl N` for gateways and sidecars when the rig was brought up with one."""
     ttl = _svid_ttl(rigdir)
@@ -215,10 +255,9 @@ def _start_cluster(
     command: RigCommand,
     prefix: str,
     name: str,
-    index: int,
     transport: str = DEFAULT_TRANSPORT,
 ) -> None:
-    plan = topology.cluster(prefix, index)
+    plan = lifecycle.load(rigdir).plan(name)
     passthrough = (plan.wan_ip, PASSTHROUGH_PORT)
     published = passthrough if transport == "passthrough" else plan.tunnel_address
     td = trust_domain_for(name)
@@ -309,8 +348,9 @@ def add_pod(
     state = lifecycle.load(rigdir)
     record = lifecycle.add_pod(rigdir, cluster, pod, namespace, service_account)
     ident = _issue_bootstrap(rigdir, cluster, pod, namespace, service_account)
-    plan = next(c for c in state.clusters if c.name == cluster)
-    cplan = topology.cluster(state.prefix, plan.index)
+    cplan = state.plan(cluster)
+    # The rig's tracing endpoint, also for pods added later by a command that did not get it.
+    command = replace(command, otlp_endpoint=command.otlp_endpoint or _rig_otlp(rigdir))
     lifecycle.start_process(
         rigdir,
         f"{cluster}-{pod}-sidecar",
@@ -401,56 +441,6 @@ def _export_ready_pod(rigdir: Path, cluster: str, pod: str) -> None:
         source.exports_path(rigdir, cluster), ns, svc, pod, record.ip, record.service_account
     )
     _pending_exports(rigdir).write_text(json.dumps(pending))
-
-
-def sidecar_config(rigdir: Path, cluster: str, pod: str) -> dict[str, object]:
-    """The running config a pod's sidecar reports on its admin port."""
-    record = lifecycle.load(rigdir).pod(cluster, pod)
-    if record is None:
-        raise RigError(f"no pod {cluster}/{pod}")
-    out = cmd.run_in(
-        record.netns,
-        [
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "2",
-            f"http://127.0.0.1:{topology.SIDECAR_ADMIN_PORT}/config",
-        ],
-    )
-    data: dict[str, object] = json.loads(out)
-    return data
-
-
-def endpoints_seen(config: dict[str, object], name: str, namespace: str) -> list[dict[str, str]]:
-    snap = config.get("snapshot")
-    if not isinstance(snap, dict):
-        return []
-    for svc in snap.get("services", []):
-        if svc.get("name") == name and svc.get("namespace") == namespace:
-            return list(svc.get("endpoints", []))
-    return []
-
-
-def wait_routes(
-    rigdir: Path, name: str, namespace: str, expected: int, timeout: float = READY_TIMEOUT
-) -> None:
-    """Wait until every client sidecar routes `name.namespace` to `expected` endpoints."""
-    state = lifecycle.load(rigdir)
-    deadline = time.monotonic() + timeout
-    for c in state.clusters:
-        while True:
-            seen = len(endpoints_seen(sidecar_config(rigdir, c.name, "client"), name, namespace))
-            if seen == expected:
-                break
-            if time.monotonic() > deadline:
-                raise RigError(
-                    f"{c.name}/client sees {seen} endpoints of {name}.{namespace}, "
-                    f"expected {expected} within {timeout:.0f} s"
-                )
-            time.sleep(0.2)
 
 
 # A stock Redis with no persistence: the rig's example of a non-HTTP workload a user brings.
