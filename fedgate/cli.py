@@ -483,6 +483,12 @@ def _need_root() -> None:
 @click.option(
     "--pod-cidr-overlap", is_flag=True, help="Give north (cluster 3) the same pod subnet as west."
 )
+@click.option(
+    "--prefix",
+    default=topology.DEFAULT_PREFIX,
+    show_default=True,
+    help="Names of the rig's namespaces start with it (several rigs can share a machine).",
+)
 @_rig_dir_option
 def rig_up(
     count: int,
@@ -491,6 +497,7 @@ def rig_up(
     restart_policy: str,
     restart_backoff_max: float,
     pod_cidr_overlap: bool,
+    prefix: str,
     rig_dir: Path,
 ) -> None:
     """Create N clusters and start the whole federation on them; returns when a controller
@@ -506,6 +513,7 @@ def rig_up(
         otlp_endpoint,
         (restart_policy, restart_backoff_max),
         pod_cidr_overlap,
+        prefix,
     )
 
 

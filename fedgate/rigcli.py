@@ -32,18 +32,22 @@ def up(
     otlp_endpoint: str,
     restarts: tuple[str, float],
     pod_cidr_overlap: bool,
+    prefix: str,
 ) -> None:
     assert isinstance(command, bringup.RigCommand)
+    if pod_cidr_overlap and count < 3:
+        raise click.ClickException("--pod-cidr-overlap needs --clusters 3 or more (north)")
     try:
         bringup.up(
             rig_dir,
             count,
             replace(command, otlp_endpoint=otlp_endpoint),
+            prefix,
             transport=transport,
             restart_policy=RestartPolicy(restarts[0], backoff_max=restarts[1]),
             pod_cidr_overlap=pod_cidr_overlap,
         )
-    except RigError as e:
+    except (RigError, ValueError) as e:  # ValueError: topology limits (prefix, counts)
         raise click.ClickException(str(e)) from e
 
 
