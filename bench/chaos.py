@@ -17,12 +17,12 @@ killed, waits until routes, a leader and live clusters are back) before the next
     etcd-restart        every etcd member stopped for HOLD seconds, then started again
     controller-leader   the elected controller replica SIGKILLed
     etcd-member-kill    one etcd member of 3 SIGKILLed
+    h2-goaway-every-100 an upstream HTTP/2 server that sends GOAWAY after every 100 requests on
+                        a connection (curl, 10 concurrent h2 streams per iteration)
     redis-gateway-kill  a redis-cli loop (opaque TCP) while west's gateway is SIGKILLed
 
 Columns: calls, failed calls, time to recover (from the fault to the last failed call; "-" with
 no failure; "never" when the last call failed), and the reasons seen (most frequent first).
-Not covered: an upstream HTTP/2 server sending GOAWAY every 100 requests (the rig's h2 echo has
-no such option yet).
 
     sudo .venv/bin/python bench/chaos.py [--prefix fgc] [--seconds 25] [--only gateway-sigkill]
 """
@@ -55,29 +55,87 @@ ECHO = "http://echo.demo.svc.clusterset.local:8080/"
 REDIS_HOST = "redis.demo.svc.clusterset.local"
 CHAIN = "FGCHAOS"
 
-# One call per iteration, a new connection each; one JSON line per call: time, ok, why.
+# One call per iteration (h2: 10 concurrent streams), a new client connection each; one JSON
+# line per call: time, ok, why.
 LOAD = r"""
 import json, subprocess, sys, time, urllib.request, urllib.error
 mode, target, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def calls():
+    if mode == "http":
+        with opener.open(target, timeout=5) as r:
+            return [(r.status == 200, str(r.status))]
+    if mode == "redis":
+        out = subprocess.run(["redis-cli", "-h", target, "-p", "6379", "PING"],
+                             capture_output=True, text=True, timeout=5)
+        return [(out.stdout.strip() == "PONG", (out.stdout + out.stderr).strip()[:120])]
+    n = 10  # curl 7.88: one connection per transfer with prior knowledge (curl#10634)
+    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "--noproxy", "*",
+                          "--max-time", "5", "--parallel", "--parallel-immediate",
+                          "--parallel-max", str(n), "-w", "%{http_code} %{errormsg}\\n",
+                          *(["-o", "/dev/null"] * n), f"{target}?i=[1-{n}]"],
+                         capture_output=True, text=True, timeout=15)
+    return [(line.startswith("200"), line.strip()) for line in out.stdout.splitlines()]
+
 end = time.monotonic() + seconds
 while time.monotonic() < end:
-    t, ok, why = time.time(), False, ""
+    t = time.time()
     try:
-        if mode == "http":
-            with opener.open(target, timeout=5) as r:
-                ok, why = r.status == 200, str(r.status)
-        else:
-            out = subprocess.run(["redis-cli", "-h", target, "-p", "6379", "PING"],
-                                 capture_output=True, text=True, timeout=5)
-            ok, why = out.stdout.strip() == "PONG", (out.stdout + out.stderr).strip()[:120]
+        got = calls()
     except urllib.error.HTTPError as e:
-        why = f"{e.code} {e.read()[:120].decode(errors='replace')}"
+        body = e.read()[:160].decode(errors="replace")
+        got = [(False, body if body.startswith(str(e.code)) else f"{e.code} {body}")]
     except Exception as e:
-        why = f"{type(e).__name__}: {e}"[:140]
-    print(json.dumps({"t": t, "ok": ok, "why": why}), flush=True)
+        got = [(False, f"{type(e).__name__}: {e}"[:140])]
+    for ok, why in got:
+        print(json.dumps({"t": t, "ok": ok, "why": why}), flush=True)
     time.sleep(0.05)
 """
+
+# An upstream HTTP/2 server (h2c) that sends GOAWAY after `limit` requests on a connection,
+# as servers with a per-connection request limit do (nginx `keepalive_requests`); streams above
+# the GOAWAY's last-stream-id are never processed: the caller's proxy must retry them.
+GOAWAY_SERVER = r"""
+import asyncio, sys
+import h2.config, h2.connection, h2.events
+limit = int(sys.argv[1])
+
+class Server(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.n, self.last = transport, 0, None
+        self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.c.initiate_connection()
+        transport.write(self.c.data_to_send())
+
+    def data_received(self, data):
+        try:
+            events = self.c.receive_data(data)
+        except Exception:
+            self.t.close()
+            return
+        for e in events:
+            if not isinstance(e, h2.events.RequestReceived) or self.last is not None:
+                continue
+            self.n += 1
+            body = b'{"cluster": "east", "pod": "goaway"}\n'
+            self.c.send_headers(e.stream_id, [(":status", "200"),
+                                              ("content-length", str(len(body)))])
+            self.c.send_data(e.stream_id, body, end_stream=True)
+            if self.n == limit:
+                self.last = e.stream_id
+                self.c.close_connection(last_stream_id=e.stream_id)
+        self.t.write(self.c.data_to_send())
+        if self.last is not None:
+            self.t.close()
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Server, "0.0.0.0", 8443)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+GOAWAY_URL = "http://goaway.demo.svc.clusterset.local:8443/"
 
 
 @dataclass
@@ -177,6 +235,11 @@ SCENARIOS = (
     Scenario("controller-leader", leader_kill, restart=("controller", "controller-1")),
     Scenario("etcd-member-kill", kill("etcd-1"), restart=("etcd-1",)),
     Scenario(
+        "h2-goaway-every-100",
+        lambda rig: None,  # the upstream itself is the fault
+        clients=(("east", "h2", GOAWAY_URL),),
+    ),
+    Scenario(
         "redis-gateway-kill",
         kill("west-gateway"),
         clients=(("east", "redis", REDIS_HOST),),
@@ -217,10 +280,14 @@ def bring_up(rig: Path, prefix: str) -> None:
             list(bringup.REDIS_ARGV),
             (f"redis.{bringup.DEMO_NAMESPACE}", ServicePort("tcp", 6379, "TCP")),
         )
+    goaway = [sys.executable, "-c", GOAWAY_SERVER, "100"]
+    port = ServicePort("http2", 8443, "HTTP2")
+    bringup.add_pod(rig, command, "east", "goaway", "demo", "goaway", goaway, ("goaway.demo", port))
     config_repo.commit(
         config_repo.repo_dir(rig), {"policies/redis.yaml": REDIS_POLICY}, "redis 70/30"
     )
     bringup.wait_routes(rig, "redis", bringup.DEMO_NAMESPACE, 2)
+    bringup.wait_routes(rig, "goaway", bringup.DEMO_NAMESPACE, 1)
 
 
 def settle(rig: Path, scenario: Scenario) -> str:
@@ -270,7 +337,7 @@ def run_scenario(rig: Path, scenario: Scenario, seconds: float) -> Outcome:
             out.calls += 1
             if not call["ok"]:
                 out.failed += 1
-                out.reasons[" ".join(str(call["why"]).split())[:70]] += 1
+                out.reasons[" ".join(str(call["why"]).split())[:110]] += 1
                 last_failure = max(last_failure, float(call["t"]))
         lines = stdout.splitlines()
         last_ok = last_ok and (not lines or json.loads(lines[-1])["ok"])

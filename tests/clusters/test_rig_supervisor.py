@@ -13,11 +13,13 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from clusters.rig import lifecycle, netns, procs, restart, supervisor
+from clusters.rig import lifecycle, netns, procs, restart, supervisor, topology
+from clusters.rig import state as rigstate
 from clusters.rig.cmd import run_in
 from clusters.rig.errors import RigError
 from clusters.rig.restart import Backoff, RestartPolicy
@@ -57,6 +59,31 @@ def test_policies_are_validated_and_never_is_the_library_default(tmp_path: Path)
         RestartPolicy("Always", backoff_max=0.5, backoff_base=1.0)
     restart.save(tmp_path, RestartPolicy("Always", backoff_max=3.0))
     assert restart.load(tmp_path) == RestartPolicy("Always", backoff_max=3.0)
+
+
+def test_overlap_and_restarts_survive_the_state_file_and_older_files_still_load() -> None:
+    s = rigstate.RigState(prefix="fgp")
+    for index in range(3):
+        s = rigstate.with_cluster(s, topology.cluster("fgp", index, topology.pod_net(index, True)))
+    s, west = rigstate.allocate_pod(s, "west", "a")
+    s, north = rigstate.allocate_pod(s, "north", "a")
+    assert west.ip == north.ip == "10.2.0.10"
+    assert west.netns != north.netns
+    dead = rigstate.ProcessRecord("gw", 10, "fgp-west", ("fedgate",), "/tmp/gw.log")
+    s = rigstate.with_process(s, dead)
+    s = rigstate.with_restarted(s, 10, replace(dead, pid=11))
+    assert [(p.pid, p.restarts) for p in s.processes] == [(11, 1)]
+    again = rigstate.from_json(rigstate.to_json(s))
+    assert again == s
+    assert again.plan("north").pod_subnet == "10.2.0.0/24"
+    old = rigstate.to_dict(s)
+    for c in old["clusters"]:
+        del c["pod_net"]
+    for p in old["processes"]:
+        del p["restarts"]
+    before = rigstate.from_dict(old)  # a state written before these fields existed
+    assert before.plan("east").pod_subnet == "10.1.0.0/24"
+    assert before.processes[0].restarts == 0
 
 
 _REASON = _skip_reason()
