@@ -125,6 +125,7 @@ class Server(asyncio.Protocol):
             if self.n == limit:
                 self.last = e.stream_id
                 self.c.close_connection(last_stream_id=e.stream_id)
+                print('{"event": "goaway sent"}', flush=True)
         self.t.write(self.c.data_to_send())
         if self.last is not None:
             self.t.close()
@@ -155,6 +156,7 @@ class Scenario:
     clients: tuple[tuple[str, str, str], ...] = (("east", "http", ECHO),)  # cluster, mode, target
     restart: tuple[str, ...] = ()  # processes to start again afterwards
     hold: float = HOLD
+    report: Callable[[Path], str] | None = None  # what the scenario adds to the reasons column
 
 
 def _pid(rig: Path, name: str) -> int:
@@ -221,6 +223,11 @@ def leader_kill(rig: Path) -> None:
     os.kill(_pid(rig, lead.leader), signal.SIGKILL)
 
 
+def goaways_sent(rig: Path) -> str:
+    log = lifecycle.log_path(rig, "east-goaway").read_text(errors="replace")
+    return f"{log.count('goaway sent')} GOAWAYs sent so far"
+
+
 SCENARIOS = (
     Scenario("gateway-sigkill", kill("west-gateway"), restart=("west-gateway",)),
     Scenario("gateway-sigstop", sigstop("west-gateway")),
@@ -238,6 +245,7 @@ SCENARIOS = (
         "h2-goaway-every-100",
         lambda rig: None,  # the upstream itself is the fault
         clients=(("east", "h2", GOAWAY_URL),),
+        report=goaways_sent,
     ),
     Scenario(
         "redis-gateway-kill",
@@ -343,8 +351,9 @@ def run_scenario(rig: Path, scenario: Scenario, seconds: float) -> Outcome:
         last_ok = last_ok and (not lines or json.loads(lines[-1])["ok"])
     if out.failed:
         out.recover = f"{max(0.0, last_failure - fault_time):.1f} s" if last_ok else "never"
+    report = scenario.report(rig) if scenario.report is not None else ""
     note = settle(rig, scenario)
-    out.note = "; ".join(n for n in (out.note, note) if n)
+    out.note = "; ".join(n for n in (report, out.note, note) if n)
     return out
 
 

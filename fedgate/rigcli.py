@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from clusters import source
-from clusters.rig import bringup, lifecycle, procs, restart, topology
+from clusters.rig import bringup, lifecycle, procs, restart, supervisor, topology
 from clusters.rig.errors import RigError
 from clusters.rig.restart import RestartPolicy
 from mesh.errors import MeshError
@@ -76,7 +76,9 @@ def status(rig_dir: Path) -> None:
             eps = ",".join(e.address for e in x.endpoints) or "(no ready endpoints)"
             click.echo(f"  service {x.name}.{x.namespace}.svc.clusterset.local:{ports}  -> {eps}")
     policy = restart.load(rig_dir)
-    click.echo(f"\nprocesses (restart policy {policy.policy}):")
+    sup = supervisor.running(rig_dir)
+    watch = f"supervisor pid {sup}" if sup else "no supervisor running"
+    click.echo(f"\nprocesses (restart policy {policy.policy}, {watch}):")
     for pr in state.processes:
         alive = "up" if procs.owned(pr) else "DOWN"
         click.echo(

@@ -79,8 +79,8 @@ def step(rigdir: Path, backoff: restart.Backoff, now: float) -> list[rigstate.Pr
 
 
 def run(rigdir: Path) -> None:
-    """Supervise until SIGTERM/SIGINT; finishes the current pass first (never leaves a started
-    process unrecorded)."""
+    """Supervise until SIGTERM/SIGINT or until the rig's state is gone; finishes the current
+    pass first (never leaves a started process unrecorded)."""
     stopping: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -91,10 +91,11 @@ def run(rigdir: Path) -> None:
     policy = restart.load(rigdir)
     backoff = restart.Backoff(policy)
     _log(rigdir, "supervising", policy=policy.policy, backoff_max=policy.backoff_max)
-    while not stopping:
+    state = rigstate.state_file(rigdir)
+    while not stopping and state.exists():  # no state: the rig is gone, so is our work
         step(rigdir, backoff, time.monotonic())
         time.sleep(POLL)
-    _log(rigdir, "stopped", signal=stopping[0])
+    _log(rigdir, "stopped", signal=stopping[0] if stopping else None)
 
 
 def start(rigdir: Path, fedgate: Sequence[str]) -> int:
@@ -116,17 +117,22 @@ def start(rigdir: Path, fedgate: Sequence[str]) -> int:
     return proc.pid
 
 
-def stop(rigdir: Path) -> bool:
-    """Stop the rig's supervisor (before anything else is stopped); True if it was running."""
+def running(rigdir: Path) -> int | None:
+    """The supervisor's pid while it runs (its recorded start time guards against reuse)."""
     try:
         data = json.loads(pid_path(rigdir).read_text())
         record = rigstate.ProcessRecord(
             "supervisor", int(data["pid"]), "", (), "", data.get("start_ticks")
         )
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    running = procs.owned(record)
-    if running:
-        procs.terminate([record.pid])
+        return None
+    return record.pid if procs.owned(record) else None
+
+
+def stop(rigdir: Path) -> bool:
+    """Stop the rig's supervisor (before anything else is stopped); True if it was running."""
+    pid = running(rigdir)
+    if pid is not None:
+        procs.terminate([pid])
     pid_path(rigdir).unlink(missing_ok=True)
-    return running
+    return pid is not None

@@ -243,7 +243,7 @@ def _status_line(rig: Path, process: str) -> str:
 
 
 def test_a_killed_gateway_is_restarted_and_rig_status_counts_it(ops: OpsRig) -> None:
-    assert "restart policy Always" in fedgate(ops.dir, "rig", "status")
+    assert "restart policy Always, supervisor pid" in fedgate(ops.dir, "rig", "status")
     record = lifecycle.load(ops.dir).process("west-gateway")
     assert record is not None
     assert " restarts=0 " in _status_line(ops.dir, "west-gateway")
