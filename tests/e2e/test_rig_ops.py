@@ -2,8 +2,9 @@
 
 - `rig up` returns only once a controller leads and every cluster is live, and says so; a
   service exported in the same second resolves (it gets its VIP from that leader);
-- north shares west's pod subnet (`--pod-cidr-overlap`): east calls services in both, and each
-  call is answered by the cluster that owns the service, though the pods' addresses are equal;
+- north shares west's pod subnet (`--pod-cidr-overlap`): east calls services in both, each of
+  them calls the other's, and every call is answered by the cluster that owns the service,
+  though the pods' addresses are equal;
 - a pod from `rig run` exports traces to the rig's `--otlp-endpoint` like the others;
 - a killed process comes back (restart policy Always) and `rig status` counts the restart;
 - `rig down` stops everything and removes etcd's data.
@@ -120,12 +121,13 @@ def resolve(rig: Path, name: str) -> str:
     return done.stdout.split()[0] if done.returncode == 0 and done.stdout else ""
 
 
-def call(rig: Path, url: str, *headers: str) -> dict[str, object]:
+def call(rig: Path, url: str, *headers: str, source: str = "east") -> dict[str, object]:
+    """One curl from `<source>/client` (default east) through its sidecar."""
     argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "5", "--retry", "0"]
     for h in headers:
         argv += ["-H", h]
     done = subprocess.run(
-        ["ip", "netns", "exec", netns_of(rig, "east", "client"), *argv, url],
+        ["ip", "netns", "exec", netns_of(rig, source, "client"), *argv, url],
         capture_output=True,
         text=True,
         timeout=10,
@@ -194,16 +196,24 @@ def test_east_reaches_west_and_north_though_their_pod_cidrs_overlap(ops: OpsRig)
     assert addresses["north"] is not None
     assert addresses["west"].ip == addresses["north"].ip  # the same pod address in both
 
-    for service, cluster in (("onlywest", "west"), ("onlynorth", "north")):
+    # East calls both; and each of west and north calls the other's service, whose pod has the
+    # caller's own pod's address: only routing by name (never by pod IP) gets these right.
+    cases = (
+        ("east", "onlywest", "west"),
+        ("east", "onlynorth", "north"),
+        ("north", "onlywest", "west"),
+        ("west", "onlynorth", "north"),
+    )
+    for source_cluster, service, cluster in cases:
         url = f"http://{service}.demo.svc.clusterset.local:8080/"
         until_sync(
-            lambda u=url: call(ops.dir, u),  # type: ignore[misc]
+            lambda u=url, c=source_cluster: call(ops.dir, u, source=c),  # type: ignore[misc]
             30,
-            what=f"{service} answering",
+            what=f"{service} answering {source_cluster}",
             ignoring=(AssertionError,),
         )
-        answers = [call(ops.dir, url)["cluster"] for _ in range(10)]
-        assert answers == [cluster] * 10, (service, answers)
+        answers = [call(ops.dir, url, source=source_cluster)["cluster"] for _ in range(10)]
+        assert answers == [cluster] * 10, (source_cluster, service, answers)
 
     # The controller keeps equal addresses of different clusters apart (endpoints, VIPs).
     status = json.loads(fedgate(ops.dir, "status", "--json"))
