@@ -152,7 +152,7 @@ def up(
             rigdir, command, state.prefix, control.layout(state.prefix, etcd_members, controllers)
         )
         for c in state.clusters:
-            _start_cluster(rigdir, command, state.prefix, c.name, transport)
+            _start_cluster(rigdir, command, state.prefix, c.name, c.index, transport)
         for c in state.clusters:
             add_pod(rigdir, command, c.name, "client", DEMO_NAMESPACE, "client", None, None)
             add_pod(
@@ -255,9 +255,10 @@ def _start_cluster(
     command: RigCommand,
     prefix: str,
     name: str,
+    index: int,
     transport: str = DEFAULT_TRANSPORT,
 ) -> None:
-    plan = lifecycle.load(rigdir).plan(name)
+    plan = lifecycle.load(rigdir).plan(name)  # its pod network may be another's (overlap)
     passthrough = (plan.wan_ip, PASSTHROUGH_PORT)
     published = passthrough if transport == "passthrough" else plan.tunnel_address
     td = trust_domain_for(name)
