@@ -10,7 +10,6 @@ operator would run. It does not decide anything about routing: it writes exports
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
 import shutil
 import time
@@ -27,15 +26,14 @@ from clusters.rig import (
     config_repo,
     control,
     lifecycle,
-    procs,
     ready,
     restart,
     supervisor,
     topology,
 )
-from clusters.rig.errors import RigError
 from clusters.rig.ready import endpoints_seen as endpoints_seen
 from clusters.rig.ready import sidecar_config as sidecar_config
+from clusters.rig.ready import wait_pod_ready as wait_pod_ready
 from clusters.rig.ready import wait_routes as wait_routes
 from clusters.rig.restart import NO_RESTARTS, RestartPolicy
 from mesh.model import ServicePort
@@ -104,17 +102,6 @@ def _issue_bootstrap(
     return directory
 
 
-def _wait(netns: str, url: str, rigdir: Path, name: str) -> None:
-    record = lifecycle.load(rigdir).process(name)
-    procs.wait_http_ok(
-        netns,
-        url,
-        READY_TIMEOUT,
-        log_path=lifecycle.log_path(rigdir, name),
-        pid=record.pid if record else None,
-    )
-
-
 def up(
     rigdir: Path,
     clusters: int,
@@ -178,14 +165,14 @@ def up(
         for c in state.clusters:
             for pod in ("client", "echo-1"):
                 wait_pod_ready(rigdir, c.name, pod)
-            _wait(
+            ready.wait_http(
                 state.plan(c.name).netns,
                 f"http://127.0.0.1:{topology.GATEWAY_ADMIN_PORT}/readyz",
                 rigdir,
                 f"{c.name}-gateway",
             )
         for c in state.clusters:
-            _export_ready_pod(rigdir, c.name, "echo-1")
+            ready.export_ready_pod(rigdir, c.name, "echo-1")
         wait_routes(rigdir, "echo", DEMO_NAMESPACE, len(state.clusters))
         lead = ready.wait_leader(rigdir)
         if restart_policy.restarts:
@@ -384,64 +371,11 @@ def add_pod(
         svc, _, ns = service.partition(".")
         path = source.exports_path(rigdir, cluster)
         source.add_export(path, ns, svc, [port])
-        _pending_exports(rigdir).write_text(
-            json.dumps({**_read_pending(rigdir), f"{cluster}/{pod}": [ns, svc, port.port]})
-        )
+        ready.add_pending(rigdir, cluster, pod, ns, svc, port.port)
     if wait:
         wait_pod_ready(rigdir, cluster, pod)
         if export is not None:
-            _export_ready_pod(rigdir, cluster, pod)
-
-
-def _pending_exports(rigdir: Path) -> Path:
-    return rigdir / "pending-exports.json"
-
-
-def _read_pending(rigdir: Path) -> dict[str, list[object]]:
-    try:
-        data: dict[str, list[object]] = json.loads(_pending_exports(rigdir).read_text())
-    except FileNotFoundError:
-        return {}
-    return data
-
-
-def wait_pod_ready(rigdir: Path, cluster: str, pod: str) -> None:
-    """Sidecar ready (identity + config) and, for exported pods, the workload port open."""
-    record = lifecycle.load(rigdir).pod(cluster, pod)
-    if record is None:
-        raise RigError(f"no pod {cluster}/{pod}")
-    _wait(
-        record.netns,
-        f"http://127.0.0.1:{topology.SIDECAR_ADMIN_PORT}/readyz",
-        rigdir,
-        f"{cluster}-{pod}-sidecar",
-    )
-    pending = _read_pending(rigdir).get(f"{cluster}/{pod}")
-    if pending is not None:
-        wl = lifecycle.load(rigdir).process(f"{cluster}-{pod}")
-        procs.wait_tcp(
-            record.netns,
-            "127.0.0.1",
-            int(str(pending[2])),
-            READY_TIMEOUT,
-            log_path=lifecycle.log_path(rigdir, f"{cluster}-{pod}"),
-            pid=wl.pid if wl else None,
-        )
-
-
-def _export_ready_pod(rigdir: Path, cluster: str, pod: str) -> None:
-    """Publish the pod as an endpoint only once it is ready, as Kubernetes EndpointSlices do."""
-    pending = _read_pending(rigdir)
-    entry = pending.pop(f"{cluster}/{pod}", None)
-    if entry is None:
-        return
-    record = lifecycle.load(rigdir).pod(cluster, pod)
-    assert record is not None
-    ns, svc = str(entry[0]), str(entry[1])
-    source.add_endpoint(
-        source.exports_path(rigdir, cluster), ns, svc, pod, record.ip, record.service_account
-    )
-    _pending_exports(rigdir).write_text(json.dumps(pending))
+            ready.export_ready_pod(rigdir, cluster, pod)
 
 
 # A stock Redis with no persistence: the rig's example of a non-HTTP workload a user brings.

@@ -1,5 +1,8 @@
 """When the rig is ready: what `fedgate rig up` waits for before it returns.
 
+- a pod is ready when its sidecar is (identity and config) and, for a pod that backs a
+  service, its workload's port is open; only then is it published as an endpoint
+  (`export_ready_pod`, as Kubernetes EndpointSlices list only ready pods);
 - every client sidecar routes `echo.demo` to every cluster's endpoint (`wait_routes`);
 - a controller replica is the elected leader and every cluster is Live in its view
   (`wait_leader`), read from each replica's `GET /topology.json` inside the control netns.
@@ -17,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusters.rig import cmd, control, lifecycle, topology
+from clusters import source
+from clusters.rig import cmd, control, lifecycle, procs, topology
 from clusters.rig.errors import CommandError, RigError
 
 READY_TIMEOUT = 60.0
@@ -75,6 +79,75 @@ def wait_leader(rigdir: Path, timeout: float = READY_TIMEOUT) -> Leadership:
             want = f"want {', '.join(sorted(names))} Live"
             raise RigError(f"rig not ready after {timeout:.0f} s: {what} ({want})")
         time.sleep(POLL)
+
+
+def wait_http(netns: str, url: str, rigdir: Path, name: str) -> None:
+    """Wait for a 2xx from `url` in `netns`; fail early if rig process `name` exits."""
+    record = lifecycle.load(rigdir).process(name)
+    procs.wait_http_ok(
+        netns,
+        url,
+        READY_TIMEOUT,
+        log_path=lifecycle.log_path(rigdir, name),
+        pid=record.pid if record else None,
+    )
+
+
+def _pending_exports(rigdir: Path) -> Path:
+    return rigdir / "pending-exports.json"
+
+
+def add_pending(rigdir: Path, cluster: str, pod: str, ns: str, svc: str, port: int) -> None:
+    """Pod `cluster/pod` backs `svc.ns` once its workload listens on `port`."""
+    entry = {f"{cluster}/{pod}": [ns, svc, port]}
+    _pending_exports(rigdir).write_text(json.dumps({**_read_pending(rigdir), **entry}))
+
+
+def _read_pending(rigdir: Path) -> dict[str, list[object]]:
+    try:
+        data: dict[str, list[object]] = json.loads(_pending_exports(rigdir).read_text())
+    except FileNotFoundError:
+        return {}
+    return data
+
+
+def wait_pod_ready(rigdir: Path, cluster: str, pod: str) -> None:
+    """Sidecar ready (identity + config) and, for exported pods, the workload port open."""
+    record = lifecycle.load(rigdir).pod(cluster, pod)
+    if record is None:
+        raise RigError(f"no pod {cluster}/{pod}")
+    wait_http(
+        record.netns,
+        f"http://127.0.0.1:{topology.SIDECAR_ADMIN_PORT}/readyz",
+        rigdir,
+        f"{cluster}-{pod}-sidecar",
+    )
+    pending = _read_pending(rigdir).get(f"{cluster}/{pod}")
+    if pending is not None:
+        wl = lifecycle.load(rigdir).process(f"{cluster}-{pod}")
+        procs.wait_tcp(
+            record.netns,
+            "127.0.0.1",
+            int(str(pending[2])),
+            READY_TIMEOUT,
+            log_path=lifecycle.log_path(rigdir, f"{cluster}-{pod}"),
+            pid=wl.pid if wl else None,
+        )
+
+
+def export_ready_pod(rigdir: Path, cluster: str, pod: str) -> None:
+    """Publish the pod as an endpoint only once it is ready, as Kubernetes EndpointSlices do."""
+    pending = _read_pending(rigdir)
+    entry = pending.pop(f"{cluster}/{pod}", None)
+    if entry is None:
+        return
+    record = lifecycle.load(rigdir).pod(cluster, pod)
+    assert record is not None
+    ns, svc = str(entry[0]), str(entry[1])
+    source.add_endpoint(
+        source.exports_path(rigdir, cluster), ns, svc, pod, record.ip, record.service_account
+    )
+    _pending_exports(rigdir).write_text(json.dumps(pending))
 
 
 def sidecar_config(rigdir: Path, cluster: str, pod: str) -> dict[str, object]:
