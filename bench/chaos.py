@@ -338,8 +338,11 @@ def run_scenario(rig: Path, scenario: Scenario, seconds: float) -> Outcome:
         time.sleep(scenario.hold)
         heal()
     last_failure, last_ok = 0.0, True
-    for p in loads:
+    per_client: list[str] = []
+    for (cluster, _, _), p in zip(scenario.clients, loads, strict=True):
         stdout, _ = p.communicate(timeout=seconds + 60)
+        failed = sum(not json.loads(line)["ok"] for line in stdout.splitlines())
+        per_client.append(f"{cluster}/client {failed} of {len(stdout.splitlines())} failed")
         for line in stdout.splitlines():
             call = json.loads(line)
             out.calls += 1
@@ -352,6 +355,8 @@ def run_scenario(rig: Path, scenario: Scenario, seconds: float) -> Outcome:
     if out.failed:
         out.recover = f"{max(0.0, last_failure - fault_time):.1f} s" if last_ok else "never"
     report = scenario.report(rig) if scenario.report is not None else ""
+    if len(per_client) > 1:
+        report = ", ".join([*per_client, *([report] if report else [])])
     note = settle(rig, scenario)
     out.note = "; ".join(n for n in (report, out.note, note) if n)
     return out
