@@ -529,22 +529,64 @@ def _need_root() -> None:
     help="Gateways and sidecars export traces there (OTLP/gRPC; unix:/path reaches a collector "
     "from every namespace) [default: tracing off].",
 )
+@click.option(
+    "--restart-policy",
+    type=click.Choice(["Always", "Never"]),
+    default="Always",
+    show_default=True,
+    help="Restart the rig's processes when they die (Kubernetes restartPolicy).",
+)
+@click.option(
+    "--restart-backoff-max",
+    type=click.FloatRange(1.0),
+    default=10.0,
+    show_default=True,
+    help="Cap of the restart backoff in seconds (1 s, doubling: like CrashLoopBackOff).",
+)
+@click.option(
+    "--pod-cidr-overlap", is_flag=True, help="Give north (cluster 3) the same pod subnet as west."
+)
+@click.option(
+    "--prefix",
+    default=topology.DEFAULT_PREFIX,
+    show_default=True,
+    help="Names of the rig's namespaces start with it (several rigs can share a machine).",
+)
 @_rig_dir_option
-def rig_up(count: int, transport: str, otlp_endpoint: str, rig_dir: Path) -> None:
-    """Create N clusters and start the whole federation on them."""
-    from dataclasses import replace
-
-    from clusters.rig import bringup
-    from clusters.rig.errors import RigError
+def rig_up(
+    count: int,
+    transport: str,
+    otlp_endpoint: str,
+    restart_policy: str,
+    restart_backoff_max: float,
+    pod_cidr_overlap: bool,
+    prefix: str,
+    rig_dir: Path,
+) -> None:
+    """Create N clusters and start the whole federation on them; returns when a controller
+    leads and every cluster is live."""
+    from fedgate import rigcli
 
     _need_root()
-    base = _rig_command()
-    assert isinstance(base, bringup.RigCommand)
-    command = replace(base, otlp_endpoint=otlp_endpoint)
-    try:
-        bringup.up(rig_dir, count, command, transport=transport)
-    except RigError as e:
-        raise click.ClickException(str(e)) from e
+    rigcli.up(
+        rig_dir,
+        _rig_command(),
+        count,
+        transport,
+        otlp_endpoint,
+        (restart_policy, restart_backoff_max),
+        pod_cidr_overlap,
+        prefix,
+    )
+
+
+@rig.command("supervise", hidden=True)
+@_rig_dir_option
+def rig_supervise(rig_dir: Path) -> None:
+    """Restart the rig's dead processes (started by `rig up --restart-policy Always`)."""
+    from clusters.rig import supervisor
+
+    supervisor.run(rig_dir)
 
 
 @rig.command("down")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from clusters import source
-from clusters.rig import bringup, lifecycle, topology
+from clusters.rig import bringup, lifecycle, procs, restart, supervisor, topology
 from clusters.rig.errors import RigError
+from clusters.rig.restart import RestartPolicy
 from mesh.errors import MeshError
 from mesh.model import PROTOCOLS, ServicePort
 from mesh.naming import ServiceKey
@@ -21,6 +22,33 @@ def _pod(rig_dir: Path, target: str) -> tuple[str, str]:
     if not sep or not cluster or not pod:
         raise click.ClickException(f"{target!r} is not <cluster>/<pod>")
     return cluster, pod
+
+
+def up(
+    rig_dir: Path,
+    command: object,
+    count: int,
+    transport: str,
+    otlp_endpoint: str,
+    restarts: tuple[str, float],
+    pod_cidr_overlap: bool,
+    prefix: str,
+) -> None:
+    assert isinstance(command, bringup.RigCommand)
+    if pod_cidr_overlap and count < 3:
+        raise click.ClickException("--pod-cidr-overlap needs --clusters 3 or more (north)")
+    try:
+        bringup.up(
+            rig_dir,
+            count,
+            replace(command, otlp_endpoint=otlp_endpoint),
+            prefix,
+            transport=transport,
+            restart_policy=RestartPolicy(restarts[0], backoff_max=restarts[1]),
+            pod_cidr_overlap=pod_cidr_overlap,
+        )
+    except (RigError, ValueError) as e:  # ValueError: topology limits (prefix, counts)
+        raise click.ClickException(str(e)) from e
 
 
 def status(rig_dir: Path) -> None:
@@ -34,7 +62,7 @@ def status(rig_dir: Path) -> None:
         f"controller {ctl.ip}:{topology.CONTROLLER_GRPC_PORT}"
     )
     for c in state.clusters:
-        plan = topology.cluster(state.prefix, c.index)
+        plan = state.plan(c.name)
         click.echo(
             f"\ncluster {c.name}  netns {plan.netns}  pods {plan.pod_subnet}  "
             f"gateway tunnel {plan.wan_ip}:{topology.TUNNEL_PORT}/udp  "
@@ -47,20 +75,15 @@ def status(rig_dir: Path) -> None:
             ports = ",".join(f"{p.port}/{p.protocol}" for p in x.ports)
             eps = ",".join(e.address for e in x.endpoints) or "(no ready endpoints)"
             click.echo(f"  service {x.name}.{x.namespace}.svc.clusterset.local:{ports}  -> {eps}")
-    click.echo("\nprocesses:")
+    policy = restart.load(rig_dir)
+    sup = supervisor.running(rig_dir)
+    watch = f"supervisor pid {sup}" if sup else "no supervisor running"
+    click.echo(f"\nprocesses (restart policy {policy.policy}, {watch}):")
     for pr in state.processes:
-        alive = "up" if _alive(pr.pid) else "DOWN"
-        click.echo(f"  {pr.name:<24} pid {pr.pid:<7} {alive:<5} {pr.netns}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        alive = "up" if procs.owned(pr) else "DOWN"
+        click.echo(
+            f"  {pr.name:<24} pid {pr.pid:<7} {alive:<5} restarts={pr.restarts:<3} {pr.netns}"
+        )
 
 
 def exec_in(rig_dir: Path, target: str, argv: list[str]) -> int:

@@ -10,12 +10,11 @@ operator would run. It does not decide anything about routing: it writes exports
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ca import cadir
@@ -23,8 +22,20 @@ from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority
 from ca.bootstrap import Bootstrap
 from ca.verify import utcnow
 from clusters import source
-from clusters.rig import cmd, config_repo, control, lifecycle, procs, topology
-from clusters.rig.errors import RigError
+from clusters.rig import (
+    config_repo,
+    control,
+    lifecycle,
+    ready,
+    restart,
+    supervisor,
+    topology,
+)
+from clusters.rig.ready import endpoints_seen as endpoints_seen
+from clusters.rig.ready import sidecar_config as sidecar_config
+from clusters.rig.ready import wait_pod_ready as wait_pod_ready
+from clusters.rig.ready import wait_routes as wait_routes
+from clusters.rig.restart import NO_RESTARTS, RestartPolicy
 from mesh.model import ServicePort
 from mesh.naming import DEFAULT_FEDERATION_DOMAIN, SYSTEM_NAMESPACE, trust_domain_for
 
@@ -94,17 +105,6 @@ def _issue_bootstrap(
     return directory
 
 
-def _wait(netns: str, url: str, rigdir: Path, name: str) -> None:
-    record = lifecycle.load(rigdir).process(name)
-    procs.wait_http_ok(
-        netns,
-        url,
-        READY_TIMEOUT,
-        log_path=lifecycle.log_path(rigdir, name),
-        pid=record.pid if record else None,
-    )
-
-
 def up(
     rigdir: Path,
     clusters: int,
@@ -116,8 +116,11 @@ def up(
     controllers: int = 2,
     transport: str = DEFAULT_TRANSPORT,
     kube_api: Mapping[str, KubeApi] | None = None,
+    restart_policy: RestartPolicy = NO_RESTARTS,
+    pod_cidr_overlap: bool = False,
 ) -> None:
-    """Build the rig and start the whole federation on it; returns once calls can flow.
+    """Build the rig and start the whole federation on it; returns once calls can flow, a
+    controller leads and every cluster is Live in its view (`ready.wait_leader`).
 
     `transport` (tls, quic or passthrough): what every cluster's agent publishes for its
     gateway, so what the gateways use between them. Every gateway listens for all three
@@ -130,10 +133,16 @@ def up(
     of their exports.json. Each function is called with the cluster's netns once it exists,
     before the agent starts there, and returns a kubeconfig the agent can use from that netns.
     The rig writes nothing into that API: its server describes the cluster's pods and answers
-    TokenReview for their join tokens (docs/kubernetes.md, "On the rig")."""
+    TokenReview for their join tokens (docs/kubernetes.md, "On the rig").
+
+    `restart_policy` (default Never, for tests that kill processes on purpose; the CLI's
+    default is Always): a supervisor restarts dead processes once the rig is ready
+    (clusters/rig/supervisor.py). `pod_cidr_overlap`: north shares west's pod subnet."""
     started = time.monotonic()
-    state = lifecycle.up(rigdir, clusters, prefix)
+    state = lifecycle.up(rigdir, clusters, prefix, pod_cidr_overlap)
     _svid_ttl_file(rigdir).write_text(f"{svid_ttl}\n")
+    _otlp_file(rigdir).write_text(command.otlp_endpoint)
+    restart.save(rigdir, restart_policy)
     progress(f"namespaces ready for {', '.join(c.name for c in state.clusters)}")
     try:
         _start_control_plane(
@@ -169,18 +178,25 @@ def up(
         for c in state.clusters:
             for pod in ("client", "echo-1"):
                 wait_pod_ready(rigdir, c.name, pod)
-            _wait(
-                topology.cluster(state.prefix, c.index).netns,
+            ready.wait_http(
+                state.plan(c.name).netns,
                 f"http://127.0.0.1:{topology.GATEWAY_ADMIN_PORT}/readyz",
                 rigdir,
                 f"{c.name}-gateway",
             )
         for c in state.clusters:
-            _export_ready_pod(rigdir, c.name, "echo-1")
+            ready.export_ready_pod(rigdir, c.name, "echo-1")
         wait_routes(rigdir, "echo", DEMO_NAMESPACE, len(state.clusters))
+        lead = ready.wait_leader(rigdir)
+        if restart_policy.restarts:
+            supervisor.start(rigdir, command.fedgate)
     except BaseException:
         progress("rig up failed; logs are in " + str(lifecycle.logs_dir(rigdir)))
         raise
+    progress(
+        f"leader {lead.leader} elected; clusters {', '.join(sorted(lead.clusters))} live; "
+        f"restart policy {restart_policy.policy}"
+    )
     progress(f"rig up in {time.monotonic() - started:.1f} s")
 
 
@@ -217,6 +233,17 @@ def _svid_ttl(rigdir: Path) -> int:
         return 0
 
 
+def _otlp_file(rigdir: Path) -> Path:
+    return rigdir / "otlp-endpoint"
+
+
+def _rig_otlp(rigdir: Path) -> str:
+    try:
+        return _otlp_file(rigdir).read_text().strip()
+    except OSError:
+        return ""
+
+
 def _identity_args(rigdir: Path) -> list[str]:
     """`--svid-ttl N` for gateways and sidecars when the rig was brought up with one."""
     ttl = _svid_ttl(rigdir)
@@ -232,7 +259,7 @@ def _start_cluster(
     transport: str = DEFAULT_TRANSPORT,
     kubeconfig: Path | None = None,
 ) -> None:
-    plan = topology.cluster(prefix, index)
+    plan = lifecycle.load(rigdir).plan(name)  # its pod network may be another's (overlap)
     passthrough = (plan.wan_ip, PASSTHROUGH_PORT)
     published = passthrough if transport == "passthrough" else plan.tunnel_address
     td = trust_domain_for(name)
@@ -328,8 +355,9 @@ def add_pod(
     state = lifecycle.load(rigdir)
     record = lifecycle.add_pod(rigdir, cluster, pod, namespace, service_account)
     ident = _issue_bootstrap(rigdir, cluster, pod, namespace, service_account)
-    plan = next(c for c in state.clusters if c.name == cluster)
-    cplan = topology.cluster(state.prefix, plan.index)
+    cplan = state.plan(cluster)
+    # The rig's tracing endpoint, also for pods added later by a command that did not get it.
+    command = replace(command, otlp_endpoint=command.otlp_endpoint or _rig_otlp(rigdir))
     lifecycle.start_process(
         rigdir,
         f"{cluster}-{pod}-sidecar",
@@ -362,114 +390,11 @@ def add_pod(
         svc, _, ns = service.partition(".")
         path = source.exports_path(rigdir, cluster)
         source.add_export(path, ns, svc, [port])
-        _pending_exports(rigdir).write_text(
-            json.dumps({**_read_pending(rigdir), f"{cluster}/{pod}": [ns, svc, port.port]})
-        )
+        ready.add_pending(rigdir, cluster, pod, ns, svc, port.port)
     if wait:
         wait_pod_ready(rigdir, cluster, pod)
         if export is not None:
-            _export_ready_pod(rigdir, cluster, pod)
-
-
-def _pending_exports(rigdir: Path) -> Path:
-    return rigdir / "pending-exports.json"
-
-
-def _read_pending(rigdir: Path) -> dict[str, list[object]]:
-    try:
-        data: dict[str, list[object]] = json.loads(_pending_exports(rigdir).read_text())
-    except FileNotFoundError:
-        return {}
-    return data
-
-
-def wait_pod_ready(rigdir: Path, cluster: str, pod: str) -> None:
-    """Sidecar ready (identity + config) and, for exported pods, the workload port open."""
-    record = lifecycle.load(rigdir).pod(cluster, pod)
-    if record is None:
-        raise RigError(f"no pod {cluster}/{pod}")
-    _wait(
-        record.netns,
-        f"http://127.0.0.1:{topology.SIDECAR_ADMIN_PORT}/readyz",
-        rigdir,
-        f"{cluster}-{pod}-sidecar",
-    )
-    pending = _read_pending(rigdir).get(f"{cluster}/{pod}")
-    if pending is not None:
-        wl = lifecycle.load(rigdir).process(f"{cluster}-{pod}")
-        procs.wait_tcp(
-            record.netns,
-            "127.0.0.1",
-            int(str(pending[2])),
-            READY_TIMEOUT,
-            log_path=lifecycle.log_path(rigdir, f"{cluster}-{pod}"),
-            pid=wl.pid if wl else None,
-        )
-
-
-def _export_ready_pod(rigdir: Path, cluster: str, pod: str) -> None:
-    """Publish the pod as an endpoint only once it is ready, as Kubernetes EndpointSlices do."""
-    pending = _read_pending(rigdir)
-    entry = pending.pop(f"{cluster}/{pod}", None)
-    if entry is None:
-        return
-    record = lifecycle.load(rigdir).pod(cluster, pod)
-    assert record is not None
-    ns, svc = str(entry[0]), str(entry[1])
-    source.add_endpoint(
-        source.exports_path(rigdir, cluster), ns, svc, pod, record.ip, record.service_account
-    )
-    _pending_exports(rigdir).write_text(json.dumps(pending))
-
-
-def sidecar_config(rigdir: Path, cluster: str, pod: str) -> dict[str, object]:
-    """The running config a pod's sidecar reports on its admin port."""
-    record = lifecycle.load(rigdir).pod(cluster, pod)
-    if record is None:
-        raise RigError(f"no pod {cluster}/{pod}")
-    out = cmd.run_in(
-        record.netns,
-        [
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "2",
-            f"http://127.0.0.1:{topology.SIDECAR_ADMIN_PORT}/config",
-        ],
-    )
-    data: dict[str, object] = json.loads(out)
-    return data
-
-
-def endpoints_seen(config: dict[str, object], name: str, namespace: str) -> list[dict[str, str]]:
-    snap = config.get("snapshot")
-    if not isinstance(snap, dict):
-        return []
-    for svc in snap.get("services", []):
-        if svc.get("name") == name and svc.get("namespace") == namespace:
-            return list(svc.get("endpoints", []))
-    return []
-
-
-def wait_routes(
-    rigdir: Path, name: str, namespace: str, expected: int, timeout: float = READY_TIMEOUT
-) -> None:
-    """Wait until every client sidecar routes `name.namespace` to `expected` endpoints."""
-    state = lifecycle.load(rigdir)
-    deadline = time.monotonic() + timeout
-    for c in state.clusters:
-        while True:
-            seen = len(endpoints_seen(sidecar_config(rigdir, c.name, "client"), name, namespace))
-            if seen == expected:
-                break
-            if time.monotonic() > deadline:
-                raise RigError(
-                    f"{c.name}/client sees {seen} endpoints of {name}.{namespace}, "
-                    f"expected {expected} within {timeout:.0f} s"
-                )
-            time.sleep(0.2)
+            ready.export_ready_pod(rigdir, cluster, pod)
 
 
 # A stock Redis with no persistence: the rig's example of a non-HTTP workload a user brings.

@@ -124,7 +124,7 @@ def etcd_argv(etcd: str, rigdir: Path, plan: ControlLayout, member: EtcdMember) 
         "--name",
         member.name,
         "--data-dir",
-        str(rigdir / ("etcd" if member.process == "etcd" else member.process)),
+        str(lifecycle.etcd_data_dir(rigdir, member.process)),
         "--listen-client-urls",
         f"http://{member.endpoint}",
         "--advertise-client-urls",

@@ -13,12 +13,13 @@ gateways, sidecars): the CLI builds their argv from `fedgate_cmd` and calls `sta
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ca.files import locked
 from clusters import source
-from clusters.rig import netns, procs, topology
+from clusters.rig import netns, procs, supervisor, topology
 from clusters.rig import state as rigstate
 from clusters.rig.errors import RigError, StateError
 
@@ -31,6 +32,11 @@ def log_path(rigdir: Path, process_name: str) -> Path:
     return logs_dir(rigdir) / f"{process_name}.log"
 
 
+def etcd_data_dir(rigdir: Path, member: str) -> Path:
+    """Where etcd member `member` ("etcd", "etcd-1", ...) keeps its data; `down` removes it."""
+    return rigdir / "etcd-data" / member
+
+
 def load(rigdir: Path) -> rigstate.RigState:
     """The state of the rig at `rigdir`; `RigError` if no rig is up there."""
     current = rigstate.load(rigstate.state_file(rigdir))
@@ -39,8 +45,15 @@ def load(rigdir: Path) -> rigstate.RigState:
     return current
 
 
-def up(rigdir: Path, clusters: int, prefix: str = topology.DEFAULT_PREFIX) -> rigstate.RigState:
+def up(
+    rigdir: Path,
+    clusters: int,
+    prefix: str = topology.DEFAULT_PREFIX,
+    pod_cidr_overlap: bool = False,
+) -> rigstate.RigState:
     """Create the WAN, the control netns and `clusters` clusters; return the saved state.
+
+    `pod_cidr_overlap`: north gets west's pod subnet (`topology.pod_net`).
 
     Refuses to run over an existing rig (state file or `<prefix>-*` namespaces): run `down`
     first. On failure, everything created so far is swept away before the error propagates.
@@ -58,7 +71,7 @@ def up(rigdir: Path, clusters: int, prefix: str = topology.DEFAULT_PREFIX) -> ri
         current = rigstate.with_created(current, "netns", netns.create_wan(prefix))
         current = rigstate.with_created(current, "netns", netns.create_control(prefix).netns)
         for index, name in enumerate(names):
-            plan = netns.create_cluster(prefix, index)
+            plan = netns.create_cluster(prefix, index, topology.pod_net(index, pod_cidr_overlap))
             current = rigstate.with_created(current, "netns", plan.netns)
             current = rigstate.with_cluster(current, plan)
             # Fresh files: a previous rig's endpoints and tokens must not leak into this one.
@@ -88,7 +101,8 @@ def add_pod(
         # Save the spent index before creating, so even a failed attempt never reuses it.
         rigstate.save(path, current)
         try:
-            netns.create_pod(current.prefix, plan.cluster_index, plan.index, name)
+            net = current.plan(cluster).pod_net
+            netns.create_pod(current.prefix, plan.cluster_index, plan.index, name, net)
         except BaseException:
             netns.delete(plan.netns)
             raise
@@ -147,9 +161,11 @@ def down(rigdir: Path, prefix: str | None = None) -> list[str]:
     """Stop every process and delete every namespace of the rig; return the namespaces removed.
 
     The prefix comes from the state file, or `prefix` (default "fg") when the state is missing
-    or unreadable: after a crash `down` still cleans up. Logs are kept for post-mortems.
+    or unreadable: after a crash `down` still cleans up. Logs are kept for post-mortems; etcd's
+    data goes (a new rig must not start from the old one's keys, leases and revisions).
     """
     path = rigstate.state_file(rigdir)
+    supervisor.stop(rigdir)  # first: nothing may be restarted while the rig goes down
     try:
         current = rigstate.load(path)
     except StateError:
@@ -161,6 +177,7 @@ def down(rigdir: Path, prefix: str | None = None) -> list[str]:
         # All at once (one shared grace period), and only pids that are still ours.
         procs.terminate([p.pid for p in current.processes if procs.owned(p)])
     removed = netns.delete_all(prefix or topology.DEFAULT_PREFIX)
+    shutil.rmtree(etcd_data_dir(rigdir, "etcd").parent, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return removed

@@ -85,13 +85,13 @@ def create_control(prefix: str) -> topology.ControlPlan:
     return plan
 
 
-def create_cluster(prefix: str, index: int) -> topology.ClusterPlan:
+def create_cluster(prefix: str, index: int, net: int | None = None) -> topology.ClusterPlan:
     """A cluster namespace: WAN leg, pod bridge, forwarding and NAT from pods to the WAN.
 
     There is deliberately no route to any other cluster's pod subnet (and no default route):
     clusters meet only through their gateways' WAN addresses.
     """
-    plan = topology.cluster(prefix, index)
+    plan = topology.cluster(prefix, index, net)
     _add_netns(plan.netns)
     _attach_to_wan(prefix, plan.netns, plan.wan_peer, plan.wan_ip)
     _ip(plan.netns, "link", "add", topology.POD_BRIDGE, "type", "bridge")
@@ -105,9 +105,11 @@ def create_cluster(prefix: str, index: int) -> topology.ClusterPlan:
     return plan
 
 
-def create_pod(prefix: str, cluster_index: int, pod_index: int, name: str) -> topology.PodPlan:
+def create_pod(
+    prefix: str, cluster_index: int, pod_index: int, name: str, net: int | None = None
+) -> topology.PodPlan:
     """A pod namespace on its cluster's pod bridge, with resolv.conf pointing at the sidecar."""
-    plan = topology.pod(prefix, cluster_index, pod_index, name)
+    plan = topology.pod(prefix, cluster_index, pod_index, name, net)
     cluster_ns = topology.cluster(prefix, cluster_index).netns
     _add_netns(plan.netns)
     _veth(plan.netns, topology.POD_INTERFACE, cluster_ns, plan.veth)

@@ -114,6 +114,11 @@ def _spawn(
     return proc
 
 
+def adopt(proc: subprocess.Popen[bytes]) -> None:
+    """Track a child started elsewhere in this interpreter, so `alive` reaps it."""
+    _children[proc.pid] = proc
+
+
 def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
     fields = _stat_fields(pid)
@@ -202,11 +207,36 @@ def stop(pid: int, timeout: float = STOP_TIMEOUT, *, state_file: Path | None = N
             record = next((p for p in current.processes if p.pid == pid), None)
     # With a record, a live pid whose start time differs is another process: not ours.
     was_running = owned(record) if record is not None else alive(pid)
+    if state_file is not None and record is not None:
+        # Unrecorded first: the rig's supervisor restarts only recorded processes, so one
+        # stopped on purpose is never started again behind the caller's back.
+        rigstate.update(state_file, lambda s: rigstate.without_process(s, pid))
     if was_running:
         terminate([pid], timeout)
-    if state_file is not None and record is not None:
-        rigstate.update(state_file, lambda s: rigstate.without_process(s, pid))
     return was_running
+
+
+def respawn(state_file: Path, name: str, dead_pid: int) -> rigstate.ProcessRecord | None:
+    """Start the recorded process `name` again with its argv if it is still recorded as the
+    dead `dead_pid`; return its new record (restarts + 1), or None if someone else (a stop, a
+    manual restart) changed it first. Check and start happen under the state lock."""
+    with locked(state_file):
+        current = rigstate.load(state_file)
+        record = current.process(name) if current is not None else None
+        if current is None or record is None or record.pid != dead_pid or owned(record):
+            return None
+        proc = _spawn(name, record.netns, record.argv, Path(record.log_path), None)
+        fresh = rigstate.ProcessRecord(
+            name=name,
+            pid=proc.pid,
+            netns=record.netns,
+            argv=record.argv,
+            log_path=record.log_path,
+            start_ticks=start_ticks(proc.pid),
+        )
+        updated = rigstate.with_restarted(current, dead_pid, fresh)
+        rigstate.save(state_file, updated)
+        return updated.process(name)
 
 
 # --- readiness ----------------------------------------------------------------------------

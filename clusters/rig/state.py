@@ -34,6 +34,11 @@ class ClusterRecord:
     netns: str
     wan_ip: str
     pod_subnet: str
+    pod_net: int = -1  # topology.pod_net (-1: its own index, as in a state written before it)
+
+    @property
+    def net(self) -> int:
+        return self.index if self.pod_net < 0 else self.pod_net
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,8 @@ class ProcessRecord:
     log_path: str
     # /proc/<pid>/stat starttime: lets `stop` refuse to signal a recycled pid after a crash.
     start_ticks: int | None = None
+    # How often the rig's supervisor started it again after it died (`restart.py`).
+    restarts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,13 @@ class RigState:
     def cluster(self, name: str) -> ClusterRecord | None:
         return next((c for c in self.clusters if c.name == name), None)
 
+    def plan(self, name: str) -> topology.ClusterPlan:
+        """The address plan of cluster `name` (with the pod network it was created with)."""
+        c = self.cluster(name)
+        if c is None:
+            raise StateError(f"cluster {name!r} is not in the rig (have: {_names(self)})")
+        return topology.cluster(self.prefix, c.index, c.net)
+
     def pod(self, cluster: str, name: str) -> PodRecord | None:
         return next((p for p in self.pods if p.cluster == cluster and p.name == name), None)
 
@@ -102,7 +116,9 @@ class RigState:
 def with_cluster(state: RigState, plan: topology.ClusterPlan) -> RigState:
     if state.cluster(plan.name) is not None:
         raise StateError(f"cluster {plan.name!r} is already in the rig state")
-    record = ClusterRecord(plan.name, plan.index, plan.netns, plan.wan_ip, plan.pod_subnet)
+    record = ClusterRecord(
+        plan.name, plan.index, plan.netns, plan.wan_ip, plan.pod_subnet, plan.pod_net
+    )
     return replace(state, clusters=(*state.clusters, record))
 
 
@@ -114,7 +130,7 @@ def allocate_pod(state: RigState, cluster: str, name: str) -> tuple[RigState, to
     if state.pod(cluster, name) is not None:
         raise StateError(f"pod {name!r} already exists in cluster {cluster!r}")
     index = state.next_pod_index.get(cluster, 0)
-    plan = topology.pod(state.prefix, c.index, index, name)
+    plan = topology.pod(state.prefix, c.index, index, name, c.net)
     counters = {**state.next_pod_index, cluster: index + 1}
     return replace(state, next_pod_index=counters), plan
 
@@ -145,6 +161,17 @@ def with_process(state: RigState, record: ProcessRecord) -> RigState:
     if state.process(record.name) is not None:
         raise StateError(f"a process named {record.name!r} is already recorded")
     return replace(state, processes=(*state.processes, record))
+
+
+def with_restarted(state: RigState, old_pid: int, record: ProcessRecord) -> RigState:
+    """`record` replaces the dead process `old_pid` (same name), one restart more."""
+    return replace(
+        state,
+        processes=tuple(
+            replace(record, restarts=p.restarts + 1) if p.pid == old_pid else p
+            for p in state.processes
+        ),
+    )
 
 
 def without_process(state: RigState, pid: int) -> RigState:
@@ -180,6 +207,7 @@ def to_dict(state: RigState) -> dict[str, Any]:
                 "netns": c.netns,
                 "wan_ip": c.wan_ip,
                 "pod_subnet": c.pod_subnet,
+                "pod_net": c.net,
             }
             for c in state.clusters
         ],
@@ -204,6 +232,7 @@ def to_dict(state: RigState) -> dict[str, Any]:
                 "argv": list(p.argv),
                 "log_path": p.log_path,
                 "start_ticks": p.start_ticks,
+                "restarts": p.restarts,
             }
             for p in state.processes
         ],
@@ -277,6 +306,10 @@ class _Fields:
         return out
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def from_dict(data: object) -> RigState:
     top = _Fields(data, "state")
     version = top.req_int("version")
@@ -291,6 +324,7 @@ def from_dict(data: object) -> RigState:
                 netns=c.text("netns"),
                 wan_ip=c.text("wan_ip"),
                 pod_subnet=c.text("pod_subnet"),
+                pod_net=_or(c.integer("pod_net", optional=True), -1),
             )
             for c in top.objects("clusters")
         ),
@@ -315,6 +349,7 @@ def from_dict(data: object) -> RigState:
                 argv=p.str_list("argv"),
                 log_path=p.text("log_path"),
                 start_ticks=p.integer("start_ticks", optional=True),
+                restarts=p.integer("restarts", optional=True) or 0,
             )
             for p in top.objects("processes")
         ),

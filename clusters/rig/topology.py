@@ -8,6 +8,10 @@ plumbing (netns.py), the state file and the CLI agree without passing addresses 
     <prefix>-<cluster>      cluster i: `wan0` 172.30.0.(10+i)/24, bridge `pods0` 10.(1+i).0.1/24
     <prefix>-<cluster>-<p>  pod k of cluster i: `eth0` 10.(1+i).0.(10+k)/24, default via .1
 
+With `--pod-cidr-overlap`, north (index 2) uses west's pod network (10.2.0.0/24, `pod_net` 1)
+instead of its own, as kind-configs/ does: pod addresses are unique only within a cluster, and
+nothing outside a cluster may rely on them (gateways route by service name, never by pod IP).
+
 This module does no I/O and runs no command; it only names things.
 """
 
@@ -86,6 +90,15 @@ def cluster_name(index: int) -> str:
     return _FIRST_CLUSTER_NAMES[index] if index < len(_FIRST_CLUSTER_NAMES) else f"cluster{index}"
 
 
+# With overlapping pod CIDRs: cluster index -> the index whose pod network it shares.
+OVERLAP = {2: 1}
+
+
+def pod_net(index: int, overlap: bool) -> int:
+    """Which cluster's 10.(1+n).0.0/24 pod network cluster `index` uses."""
+    return OVERLAP.get(index, index) if overlap else index
+
+
 def index_of_cluster(name: str) -> int:
     """The inverse of `cluster_name`."""
     if name in _FIRST_CLUSTER_NAMES:
@@ -136,10 +149,11 @@ class ClusterPlan:
     index: int
     netns: str
     wan_ip: str
-    pod_subnet: str  # 10.(1+i).0.0/24
-    pod_gateway: str  # 10.(1+i).0.1, the pods0 bridge address and the pods' default route
+    pod_subnet: str  # 10.(1+n).0.0/24, n = pod_net
+    pod_gateway: str  # 10.(1+n).0.1, the pods0 bridge address and the pods' default route
     # The veth end inside the WAN netns; unique there because the index is.
     wan_peer: str
+    pod_net: int  # whose pod network this is: the index, unless pod CIDRs overlap
 
     @property
     def tunnel_address(self) -> tuple[str, int]:
@@ -166,16 +180,20 @@ class ClusterPlan:
         return (self.wan_ip, GATEWAY_METRICS_PORT)
 
 
-def cluster(prefix: str, index: int) -> ClusterPlan:
+def cluster(prefix: str, index: int, net: int | None = None) -> ClusterPlan:
+    """Cluster `index`; `net`: the pod network it uses (`pod_net`; default its own)."""
     name = cluster_name(index)
+    net = index if net is None else net
+    cluster_name(net)  # range check
     return ClusterPlan(
         name=name,
         index=index,
         netns=f"{check_prefix(prefix)}-{name}",
         wan_ip=f"172.30.0.{10 + index}",
-        pod_subnet=f"10.{1 + index}.0.0/{POD_PREFIXLEN}",
-        pod_gateway=f"10.{1 + index}.0.1",
+        pod_subnet=f"10.{1 + net}.0.0/{POD_PREFIXLEN}",
+        pod_gateway=f"10.{1 + net}.0.1",
         wan_peer=f"vc{index}",
+        pod_net=net,
     )
 
 
@@ -199,8 +217,10 @@ class PodPlan:
         return ("127.0.0.1", SIDECAR_ADMIN_PORT)
 
 
-def pod(prefix: str, cluster_index: int, pod_index: int, name: str) -> PodPlan:
-    c = cluster(prefix, cluster_index)
+def pod(
+    prefix: str, cluster_index: int, pod_index: int, name: str, net: int | None = None
+) -> PodPlan:
+    c = cluster(prefix, cluster_index, net)
     try:
         check_label(name, "pod name")
     except InvalidNameError as e:
@@ -215,7 +235,7 @@ def pod(prefix: str, cluster_index: int, pod_index: int, name: str) -> PodPlan:
         name=name,
         index=pod_index,
         netns=f"{c.netns}-{name}",
-        ip=f"10.{1 + cluster_index}.0.{10 + pod_index}",
+        ip=f"10.{1 + c.pod_net}.0.{10 + pod_index}",
         gateway=c.pod_gateway,
         veth=f"vp{pod_index}",
     )
