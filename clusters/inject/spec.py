@@ -44,6 +44,8 @@ from typing import Any
 INJECT_ANNOTATION = "fedgate.io/inject"
 INJECTED_ANNOTATION = "fedgate.io/injected"
 INJECTED_LABEL = "fedgate.io/injected"
+# The sidecar's --metrics-listen port: probes and Prometheus (deploy/monitoring selects it).
+METRICS_PORT_NAME = "fedgate-metrics"
 INIT_NAME = "fedgate-init"
 PROXY_NAME = "fedgate-proxy"
 IDENTITY_VOLUME = "fedgate-identity"
@@ -190,7 +192,7 @@ def proxy_container(s: InjectSettings) -> Json:
         ],
         "ports": [
             {"name": "fedgate-inbound", "containerPort": s.inbound_port, "protocol": "TCP"},
-            {"name": "fedgate-metrics", "containerPort": s.probe_port, "protocol": "TCP"},
+            {"name": METRICS_PORT_NAME, "containerPort": s.probe_port, "protocol": "TCP"},
         ],
         "resources": {
             "requests": {"cpu": s.proxy_cpu_request, "memory": s.proxy_memory_request},

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from clusters.inject.spec import INJECTED_LABEL, METRICS_PORT_NAME
 from tests.deploy.promql import dashboard_exprs, exposed, extract
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -162,7 +163,9 @@ def test_pod_monitors_select_the_fedgate_pods_on_their_admin_port() -> None:
     for m in monitors.values():
         assert (m["apiVersion"], m["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
         [endpoint] = m["spec"]["podMetricsEndpoints"]
-        assert (endpoint["port"], endpoint["path"]) == ("admin", "/metrics")
+        assert endpoint["path"] == "/metrics"
+    [control_endpoint] = monitors["fedgate-control-plane"]["spec"]["podMetricsEndpoints"]
+    assert control_endpoint["port"] == "admin"
     control = monitors["fedgate-control-plane"]["spec"]
     [expr] = control["selector"]["matchExpressions"]
     assert expr == {
@@ -172,7 +175,10 @@ def test_pod_monitors_select_the_fedgate_pods_on_their_admin_port() -> None:
     }
     assert control["namespaceSelector"] == {"matchNames": ["fedgate-system"]}
     sidecars = monitors["fedgate-sidecars"]["spec"]
-    assert sidecars["selector"] == {"matchLabels": {"fedgate.io/sidecar": "true"}}
+    # What the injector puts on a pod, so the two cannot drift apart.
+    assert sidecars["selector"] == {"matchLabels": {INJECTED_LABEL: "true"}}
+    [sidecar_endpoint] = sidecars["podMetricsEndpoints"]
+    assert sidecar_endpoint["port"] == METRICS_PORT_NAME
     assert sidecars["namespaceSelector"] == {"any": True}
 
 
@@ -182,19 +188,25 @@ def test_the_scrape_config_keeps_the_same_pods_and_port() -> None:
     assert set(jobs) == {"fedgate-control-plane", "fedgate-sidecars"}
     for job in jobs.values():
         assert job["kubernetes_sd_configs"][0]["role"] == "pod"
-        keeps = {
-            tuple(r["source_labels"]): r["regex"]
+    ports = {
+        name: {
+            r["regex"]
             for r in job["relabel_configs"]
             if r.get("action") == "keep"
+            and tuple(r["source_labels"]) == ("__meta_kubernetes_pod_container_port_name",)
         }
-        assert keeps[("__meta_kubernetes_pod_container_port_name",)] == "admin"
+        for name, job in jobs.items()
+    }
+    assert ports == {"fedgate-control-plane": {"admin"}, "fedgate-sidecars": {METRICS_PORT_NAME}}
     control = jobs["fedgate-control-plane"]["relabel_configs"]
     name = ("__meta_kubernetes_pod_label_app_kubernetes_io_name",)
     assert any(
         tuple(r["source_labels"]) == name and r["regex"] == "fedgate-(agent|gateway|controller)"
         for r in control
     )
-    sidecar = ("__meta_kubernetes_pod_label_fedgate_io_sidecar",)
+    # Prometheus's sanitised form of the injector's label.
+    label = INJECTED_LABEL.replace(".", "_").replace("/", "_")
+    sidecar = (f"__meta_kubernetes_pod_label_{label}",)
     assert any(
         tuple(r["source_labels"]) == sidecar and r["regex"] == "true"
         for r in jobs["fedgate-sidecars"]["relabel_configs"]
