@@ -22,11 +22,12 @@ from sidecar.traffic.attempt import (
     Try,
 )
 from sidecar.traffic.balance import remote_host
-from sidecar.traffic.match import Effective, effective
+from sidecar.traffic.match import NO_POLICY, Effective, effective
 from sidecar.traffic.outlier import Ejected, OutlierDetector
 from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import GRPC_STATUS, RequestRecord
 from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, MAX_BACKOFF, RESET, TIMEOUT, Outcome
+from sidecar.traffic.retry import REFUSED as REFUSED_STREAM
 from tests.sidecar.conftest import cluster, endpoint, snapshot
 
 VIP = "127.77.0.10"
@@ -99,14 +100,77 @@ def test_a_retry_goes_to_another_host_and_says_why() -> None:
 
 
 def test_a_failed_remote_cluster_is_not_tried_again_by_the_same_request() -> None:
-    r = route(EAST_EPS[:1] + WEST_EPS, weights=(("west", 100),))
+    r = route(EAST_EPS[:1] + WEST_EPS, weights=(("west", 99), ("east", 1)))
     eff = replace(effective(r.policy, None), retries=Retries(1))
     for seed in range(20):
         a = Attempts(r, eff, random.Random(seed), 0.0)
         t = first(a, 0.0)
-        assert t.target.host == WEST
+        if t.target.host != WEST:
+            continue
         assert isinstance(a.tried(REFUSED, 0.0), Retry)
         assert first(a, 0.1).target.cluster == "east"  # the previous-hosts predicate
+
+
+def test_a_retry_never_goes_to_a_cluster_the_weights_keep_at_zero() -> None:
+    # Istio: a destination without weight gets no traffic, retries included.
+    r = route(EAST_EPS[:1] + WEST_EPS, weights=(("west", 100),))
+    eff = replace(effective(r.policy, None), retries=Retries(1))
+    for seed in range(20):
+        a = Attempts(r, eff, random.Random(seed), 0.0)
+        assert first(a, 0.0).target.host == WEST
+        assert isinstance(a.tried(REFUSED, 0.0), Retry)
+        assert first(a, 0.1).target.host == WEST
+
+
+def test_a_retry_goes_to_another_cluster_when_the_weights_give_one_a_share() -> None:
+    # Two live local endpoints, one remote cluster, 70 % local / 30 % remote: after a local
+    # endpoint failed, the retry goes west (another endpoint *and* cluster), whatever the draw.
+    r = route(weights=(("local", 70), ("remote", 30)))
+    eff = effective(r.policy, None)
+    retried_to = set()
+    for seed in range(40):
+        a = Attempts(r, eff, random.Random(seed), 0.0)  # no policy retries: Istio's default
+        t = first(a, 0.0)
+        assert isinstance(a.tried(REFUSED, 0.0), Retry)
+        second = first(a, 0.0)
+        assert second.target.cluster != t.target.cluster, seed
+        retried_to.add(second.target.cluster)
+    assert retried_to == {"east", "west"}  # first tries went both ways
+
+
+def test_a_retry_stays_in_the_cluster_when_the_weights_keep_others_at_zero() -> None:
+    r = route(weights=(("local", 100),))
+    eff = effective(r.policy, None)
+    for seed in range(20):
+        a = Attempts(r, eff, random.Random(seed), 0.0)
+        t = first(a, 0.0)
+        assert isinstance(a.tried(REFUSED, 0.0), Retry)
+        second = first(a, 0.0)
+        assert second.target.cluster == "east"
+        assert second.target.host != t.target.host  # another endpoint, still
+
+
+def test_without_a_policy_a_request_gets_two_retries_on_istios_conditions() -> None:
+    a = attempts(NO_POLICY)
+    first(a)
+    assert isinstance(a.tried(RESET_503, 100.0), Answer)  # reset: not in the default retryOn
+    a = attempts(NO_POLICY)
+    for _ in range(2):
+        first(a)
+        assert isinstance(a.tried(Answered(503), 100.0), Retry)
+    first(a)
+    assert a.tried(Answered(503), 100.0) == Respond(a.target, None)  # type: ignore[arg-type]
+    assert a.record.retries == 2
+
+
+def test_an_unprocessed_try_is_replayed_even_without_retries() -> None:
+    a = attempts(Effective(retries=Retries(0)))
+    t = first(a)
+    step = a.tried(Failure(Outcome(REFUSED_STREAM), 503, "upstream reset", "GOAWAY"), 100.0)
+    assert isinstance(step, Retry)
+    assert step.backoff == 0.0
+    assert first(a).number == t.number + 1
+    assert isinstance(a.tried(Answered(200), 100.0), Respond)
 
 
 def test_last_failure_is_answered_with_its_status_and_recorded() -> None:
