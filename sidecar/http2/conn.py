@@ -117,6 +117,16 @@ class H2Conn:
             self.conn.write_eof()
             self.conn.close()
 
+    def drain(self, detail: str = "") -> None:
+        """GOAWAY that lets the streams the peer opened so far finish; the socket closes when
+        the last one is released (server side: `sidecar.inbound_gate`)."""
+        self.session.drain(detail)
+        self._flush()
+        if not self._streams:
+            self._flush_now()
+            self.conn.write_eof()
+            self.conn.close()
+
     def abort(self) -> None:
         self.conn.reset_if_open()
 
@@ -212,14 +222,19 @@ class H2Conn:
             self._push(sid, Reset(sid, int(CANCEL)))
             self._window.set()
 
-    def release(self, sid: int, reset: bool = False, *, early: bool = False) -> None:
+    def release(
+        self, sid: int, reset: bool = False, *, early: bool = False, refused: bool = False
+    ) -> None:
         """We are done with a stream: forget it, give back the window its unread data holds,
-        and reset it if `reset` (abandoned half-way: CANCEL; `early`: we answered before the
-        request ended, NO_ERROR as RFC 9113 §8.1 says)."""
+        and reset it if `reset` (abandoned half-way: CANCEL; `refused`: never processed,
+        REFUSED_STREAM, which the peer may retry; `early`: we answered before the request
+        ended, NO_ERROR as RFC 9113 §8.1 says)."""
         st = self._streams.pop(sid, None)
         if st is None:
             return
-        if reset or early:
+        if refused:
+            self.session.reset(sid, REFUSED_STREAM)
+        elif reset or early:
             self.session.reset(sid, NO_ERROR if early and not reset else CANCEL)
         for event in st.events:
             if isinstance(event, Data):

@@ -138,6 +138,7 @@ class H2Session:
         self.client = client
         self._h2 = _GracefulH2(config)
         self.gone_away = False
+        self._goaway = b""  # our graceful GOAWAY, queued after what h2 queued before it
 
     def start(self) -> None:
         """Queue our preface and settings (call once, before anything else)."""
@@ -257,5 +258,21 @@ class H2Session:
             self.gone_away = True
             self._h2.close_connection(error_code=code, additional_data=detail.encode()[:256])
 
+    def drain(self, detail: str = "") -> None:
+        """GOAWAY naming the last stream the peer opened, keeping the session open so the
+        streams up to it finish (RFC 9113 §6.8; h2's own GOAWAY would end them, see the
+        module docstring). The peer opens no new stream; one it opened meanwhile is refused."""
+        if not self.gone_away:
+            self.gone_away = True
+            frame = hyperframe.frame.GoAwayFrame(
+                0,
+                last_stream_id=self._h2.highest_inbound_stream_id,
+                error_code=NO_ERROR,
+                additional_data=detail.encode()[:256],
+            )
+            self._goaway = frame.serialize()
+
     def data_to_send(self) -> bytes:
-        return bytes(self._h2.data_to_send())
+        out = bytes(self._h2.data_to_send()) + self._goaway
+        self._goaway = b""
+        return out

@@ -22,9 +22,13 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import hyperframe.frame
+import pytest
 
+from mesh.model import AuthorizationPolicy, AuthorizationRule, AuthzSource
 from tests.sidecar.conftest import Pki
-from tests.sidecar.http_rig import HOST, VIP, start_http_rig, stop_http_rig
+from tests.sidecar.http_rig import HOST, SVC, VIP, start_http_rig, stop_http_rig
+
+CLIENT = "spiffe://east.fedgate.local/ns/shop/sa/client"
 
 LIMIT = 100  # requests per server connection before GOAWAY
 CONNECTIONS = 10
@@ -42,6 +46,7 @@ class _LimitedProtocol(asyncio.Protocol):
         self._requests = 0
         self._last: int | None = None  # the GOAWAY's last-stream-id, once sent
         self._open: set[int] = set()  # streams we owe an answer
+        self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -51,6 +56,8 @@ class _LimitedProtocol(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
         try:
             events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -94,9 +101,13 @@ class _LimitedProtocol(asyncio.Protocol):
             self._transport.write(out)
 
     def _close(self) -> None:
+        """A lingering close, as nginx and Envoy do: FIN after the last answer, then read and
+        drop what still comes until the peer closes. Closing the socket with unread bytes
+        would send a RST that destroys the last answers still in the send buffer."""
         self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._transport.write_eof()
 
 
 class GoawayServer:
@@ -187,9 +198,16 @@ async def h2_client(host: str, port: int, n: int, streams: int) -> collections.C
     return out
 
 
-async def test_streams_a_goaway_left_unprocessed_are_replayed_unseen(pki: Pki) -> None:
+@pytest.mark.parametrize("gate", [False, True], ids=["spliced", "authorized"])
+async def test_streams_a_goaway_left_unprocessed_are_replayed_unseen(pki: Pki, gate: bool) -> None:
+    """`gate`: with an AuthorizationPolicy, the destination sidecar terminates HTTP/2 on both
+    sides (`sidecar.inbound_gate`) and must pass the app's GOAWAY on as refused streams and a
+    GOAWAY of its own; without, the source sidecar sees the app's GOAWAY itself."""
     rig = await start_http_rig(pki, [("east", "a", {})], protocol="HTTP2")
     rig.source.outbound._original_dst_of = lambda sock: (VIP, rig.app_port)
+    if gate:
+        allow = AuthorizationRule((AuthzSource((CLIENT,)),))
+        rig.apply(authorization=[AuthorizationPolicy("client", SVC, "ALLOW", (allow,))])
     pod = rig.pod("a")
     await asyncio.to_thread(pod.stop_app)
     server = GoawayServer(pod.app_ip, rig.app_port)
@@ -203,7 +221,8 @@ async def test_streams_a_goaway_left_unprocessed_are_replayed_unseen(pki: Pki) -
         total = sum(results, collections.Counter[str]())
         stats = rig.source.outbound.h2.stats
         print(
-            f"\nh2 GOAWAY every {LIMIT}: {dict(total)}; server: {server.connections} connections,"
+            f"\nh2 GOAWAY every {LIMIT} ({'authorized' if gate else 'spliced'}):"
+            f" {dict(total)}; server: {server.connections} connections,"
             f" {server.goaways} GOAWAYs, {server.answered} answered, {server.ignored} streams"
             f" above a GOAWAY; sidecar retries {stats['retries']}"
         )
