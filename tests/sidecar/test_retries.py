@@ -76,6 +76,10 @@ async def test_tcp_dial_to_a_dead_remote_gateway_is_retried_before_the_app_sees_
     await rig.gateway.aclose()  # the egress refuses connections: every remote dial fails
     failed, by_app = await tcp_calls(rig, CALLS)
     stats = rig.source.outbound.http.stats
+    print(
+        f"\nTCP, west's gateway dead: {CALLS} connections, {failed} failed, {by_app},"
+        f" {stats['tcp_retries']} dials retried"
+    )
     assert failed == 0
     assert by_app == {"payments-0": CALLS}
     # About half the connections tried west first (50/50), and were moved east unseen.
@@ -89,6 +93,11 @@ async def test_tcp_dial_to_a_dead_local_endpoint_is_retried_through_the_gateway(
     rig = tcp_rig
     await rig.apps["east"].aclose()  # east's sidecar lives; its stream reply says 503
     failed, by_app = await tcp_calls(rig, CALLS)
+    retried = rig.source.outbound.http.stats["tcp_retries"]
+    print(
+        f"\nTCP, east's app dead: {CALLS} connections, {failed} failed, {by_app},"
+        f" {retried} dials retried"
+    )
     assert failed == 0
     assert by_app == {"payments-w0": CALLS}
     assert CALLS // 4 < rig.source.outbound.http.stats["tcp_retries"] < CALLS
@@ -125,6 +134,8 @@ async def test_http_dead_endpoint_in_one_cluster_is_saved_by_default_retries(
     await asyncio.to_thread(rig.pod("a").stop_app)  # east's endpoint: its sidecar answers 503
     replies = await rig.many(CALLS)
     failed = [r for r in replies if r.status != 200]
+    retries = rig.source.outbound.http.stats["retries"]
+    print(f"\nHTTP, east's endpoint dead: {CALLS} calls, {len(failed)} failed, {retries} retries")
     assert failed == []
     assert {r.pod for r in replies} == {"w"}
     assert CALLS // 4 < rig.source.outbound.http.stats["retries"] < CALLS
@@ -134,7 +145,10 @@ async def test_http_dead_remote_gateway_is_saved_by_default_retries(http_rig: Ht
     rig = http_rig
     await rig.gateway.aclose()
     replies = await rig.many(CALLS)
-    assert [r for r in replies if r.status != 200] == []
+    failed = [r for r in replies if r.status != 200]
+    retries = rig.source.outbound.http.stats["retries"]
+    print(f"\nHTTP, west's gateway dead: {CALLS} calls, {len(failed)} failed, {retries} retries")
+    assert failed == []
     assert {r.pod for r in replies} == {"a"}
     assert CALLS // 4 < rig.source.outbound.http.stats["retries"] < CALLS
 
@@ -197,7 +211,13 @@ async def test_a_request_on_a_connection_the_server_closed_is_replayed(
     try:
         # POST: not idempotent, replayed all the same, since the server never read it.
         replies = await rig.many(CALLS, method="POST", body=b"x" * 100)
-        assert [r for r in replies if r.status != 200] == []
+        failed = [r for r in replies if r.status != 200]
+        stale = rig.source.outbound.http.stats["stale_connections"]
+        print(
+            f"\nHTTP/1.1 keep-alive race ({'rst' if reset else 'fin'}): {CALLS} POSTs,"
+            f" {len(failed)} failed, {stale} replayed from a stale connection"
+        )
+        assert failed == []
         assert {r.body for r in replies} == {b"ok:" + b"x" * 100}
         stats = rig.source.outbound.http.stats
         assert app.served == CALLS  # each request processed once
