@@ -7,9 +7,11 @@ import random
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh import telemetry as tm
-from mesh.model import Mirror, OutlierDetection, Retries
+from mesh.model import ClusterWeight, Mirror, OutlierDetection, Retries
 from sidecar.routes import RouteTable, ServiceRoute
 from sidecar.traffic.attempt import (
     MIRROR_TIMEOUT,
@@ -21,7 +23,7 @@ from sidecar.traffic.attempt import (
     Retry,
     Try,
 )
-from sidecar.traffic.balance import remote_host
+from sidecar.traffic.balance import Balancer, remote_host
 from sidecar.traffic.match import NO_POLICY, Effective, effective
 from sidecar.traffic.outlier import Ejected, OutlierDetector
 from sidecar.traffic.peers import PeerHealth
@@ -311,3 +313,54 @@ def test_the_record_says_what_the_span_and_the_metrics_report() -> None:
     assert RequestRecord(status=503).span_error() == "status 503"
     assert RequestRecord(status=503, reason="no route").span_error() == "no route"
     assert (RequestRecord().span_error(), RequestRecord().code) == ("no response", "0")
+
+
+# -- retries elsewhere, as a property ------------------------------------------------------------
+
+CLUSTERS = ("east", "west", "north")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.tuples(*(st.integers(0, 3) for _ in CLUSTERS)),
+    weights=st.lists(st.tuples(st.sampled_from(CLUSTERS), st.integers(0, 100)), max_size=3),
+    tried=st.sets(st.sampled_from(CLUSTERS)),
+    seed=st.integers(0, 1000),
+)
+def test_a_retry_leaves_tried_clusters_for_weighted_ones_and_never_for_unweighted(
+    sizes: tuple[int, ...],
+    weights: list[tuple[str, int]],
+    tried: set[str],
+    seed: int,
+) -> None:
+    by_cluster = {
+        c: tuple(endpoint(c, f"10.{i}.0.{j + 1}", f"{c}-{j}") for j in range(n))
+        for i, (c, n) in enumerate(zip(CLUSTERS, sizes, strict=True))
+    }
+    if not any(by_cluster.values()):
+        return
+    balancer = Balancer("east", by_cluster, {})
+    eff = Effective(cluster_weights=tuple(ClusterWeight(c, w) for c, w in weights))
+    # What an earlier try of the request failed on: east's first endpoint, others as one host.
+    exclude = frozenset(
+        (by_cluster[c][0].address if c == "east" else remote_host(c))
+        for c in tried
+        if by_cluster[c]
+    )
+    target = balancer.pick(eff, random.Random(seed), exclude=exclude)
+
+    def weighted(c: str) -> bool:
+        return not weights or any(w > 0 and name == c for name, w in weights)
+
+    def fresh(c: str) -> bool:  # a host in `c` no try has failed on
+        return any(
+            (e.address if c == "east" else remote_host(c)) not in exclude for e in by_cluster[c]
+        )
+
+    untried = [c for c in CLUSTERS if by_cluster[c] and c not in tried and weighted(c)]
+    if untried:
+        assert target.cluster in untried  # another endpoint *and* cluster
+    elif any(by_cluster[c] and weighted(c) for c in CLUSTERS):
+        assert weighted(target.cluster)  # never to a cluster the weights keep at 0
+        if any(by_cluster[c] and weighted(c) and fresh(c) for c in CLUSTERS):
+            assert fresh(target.cluster)  # and to a host not tried, when one is left
