@@ -129,6 +129,7 @@ RETRY_CONDITIONS = (
     "gateway-error",
     "reset",
     "connect-failure",
+    "refused-stream",  # the upstream never processed it (HTTP/2 REFUSED_STREAM, GOAWAY)
     "retriable-status-codes",
     # gRPC (Istio accepts these in the same retryOn list): the answer's grpc-status.
     "cancelled",

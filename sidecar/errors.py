@@ -26,5 +26,10 @@ class ProxyError(SidecarError):
         self.detail = detail
 
 
+class UnprocessedError(ProxyError):
+    """A request the upstream provably never processed (an HTTP/2 stream refused or above a
+    GOAWAY's last-stream-id, a stale pooled HTTP/1.1 connection): safe to send again."""
+
+
 class ConfigRejectedError(SidecarError):
     """A snapshot or identity cannot be applied; the sidecar keeps running on the last good one."""

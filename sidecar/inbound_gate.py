@@ -28,7 +28,7 @@ from typing import Any
 
 from mesh.authz import AuthzDecision
 from mesh.tasks import TaskSet
-from sidecar.errors import ProxyError
+from sidecar.errors import ProxyError, UnprocessedError
 from sidecar.http.codec import HttpProtocolError, Request, sniff_http1
 from sidecar.http.encode import local_response
 from sidecar.http.flow import FlowConn
@@ -36,7 +36,15 @@ from sidecar.http.gate import H1Gate
 from sidecar.http2 import grpc
 from sidecar.http2.conn import LOST, H2Conn, serve_streams
 from sidecar.http2.messages import local_answer
-from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers, sniff_preface
+from sidecar.http2.session import (
+    REFUSED_STREAM,
+    Data,
+    Ended,
+    Headers,
+    Reset,
+    Trailers,
+    sniff_preface,
+)
 from sidecar.pipe import relay
 
 # (method, path) -> decision; (None, None) for a call that is not HTTP
@@ -217,12 +225,14 @@ async def _h2_stream(
         down.release(sid, early=not head.end)
         return
     usid = 0
-    ok = False
+    ok = unprocessed = False
     try:
         usid = up.open(head.headers, end=head.end)
         sender = None if head.end else asyncio.create_task(_pipe(down, sid, up, usid))
         try:
             first = await up.next(usid)
+            if isinstance(first, Reset) and first.code == REFUSED_STREAM:
+                raise UnprocessedError("upstream refused stream", "the app never processed it")
             if not isinstance(first, Headers):
                 raise ProxyError("upstream reset", f"before a response: {first!r}")
             down.send_headers(sid, first.headers, end=first.end)
@@ -232,12 +242,19 @@ async def _h2_stream(
         finally:
             if sender is not None and not sender.done():
                 sender.cancel()
+    except UnprocessedError:
+        # The app's connection is going away (its GOAWAY) or gone, and this request never
+        # reached it: refuse the stream so the source sidecar replays it, and go away too, so
+        # the source opens a new connection (and this one, a new app connection).
+        unprocessed = True
     except ProxyError:
         pass
     finally:
         if usid:
             up.release(usid, reset=not ok)
-        down.release(sid, reset=not ok)
+        down.release(sid, reset=not ok, refused=unprocessed)
+        if unprocessed:
+            down.drain("the app's connection is going away")
 
 
 async def _pipe(src: H2Conn, ssid: int, dst: H2Conn, dsid: int) -> None:

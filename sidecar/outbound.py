@@ -42,12 +42,11 @@ from typing import Any
 import structlog
 
 from mesh import telemetry as tm
-from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Span, Telemetry
 from sidecar.capture import original_dst
-from sidecar.dial import AUTHZ_DENIED, MeshDialer, SetupError
+from sidecar.dial import MeshDialer, SetupError
 from sidecar.errors import CaptureError, ProxyError
 from sidecar.http.exchange import Dialed
 from sidecar.http.flow import FlowConn, open_flow_conn
@@ -59,6 +58,7 @@ from sidecar.routes import Decision, Local, Remote, ServiceRoute
 from sidecar.settings import SidecarSettings
 from sidecar.smux_pool import SmuxPool
 from sidecar.state import ProxyState
+from sidecar.tcp_tries import dial_tries
 from sidecar.traffic.peers import PeerHealth
 
 _log = structlog.get_logger("fedgate.sidecar")
@@ -215,17 +215,24 @@ class Outbound:
                 )
                 log = log.bind(**tm.log_ids(span))
             traceparent = span.context.format() if span is not None else ""
+            tried: list[_Where] = []  # where each try went (the last: the connection's)
             try:
                 if route is not None:
                     # maxConnections holds for per-connection traffic too (Istio's tcp pool).
                     self.http.tcp_admit(route)
                     admitted = route
-                where = self._where(dst, state, route)
-                upstream, dialed = await self._upstream(dst, state, where, traceparent)
+                try:
+                    upstream, dialed = await self._upstream(
+                        dst, state, route, traceparent, tried, log
+                    )
+                finally:
+                    where = tried[-1] if tried else None
             except ProxyError as e:
                 self.failed += 1
                 code, outcome = "error", e.reason
                 fields = _Where.fields_of(where, route)
+                if len(tried) > 1:
+                    fields["tries"] = len(tried)
                 if isinstance(e, SetupError):
                     fields.update(e.learned())
                 log.warning("outbound failed", reason=e.reason, detail=e.detail, **fields)
@@ -293,40 +300,52 @@ class Outbound:
             destination_workload=workloads[1],
         )
 
-    def _where(self, dst: tuple[str, int], state: ProxyState, route: ServiceRoute | None) -> _Where:
-        """Where a per-connection call goes: passthrough, or the route's decision."""
+    def _where(
+        self, dst: tuple[str, int], state: ProxyState, route: ServiceRoute | None
+    ) -> _Where | None:
+        """Passthrough outside the mesh, else None (the tries decide); ProxyError if the
+        connection cannot be served at all."""
         if route is None:
             if state.routes.is_vip(dst[0]):
                 raise ProxyError("unknown port", f"mesh VIP {dst[0]} has no port {dst[1]}")
             return _Where(mode="passthrough")
         if state.client_ctx is None:
             raise ProxyError("not ready", "no SVID or trust bundle yet")
-        try:
-            decision = route.decide(self._rng, self.http.health(route))
-        except NoRouteError as e:
-            raise ProxyError("no route", str(e)) from e
-        return _Where.of(route, decision, self._settings.cluster)
+        return None
 
     async def _upstream(
-        self, dst: tuple[str, int], state: ProxyState, where: _Where, traceparent: str
+        self,
+        dst: tuple[str, int],
+        state: ProxyState,
+        route: ServiceRoute | None,
+        traceparent: str,
+        tried: list[_Where],
+        log: Any,
     ) -> tuple[Conn, Dialed | None]:
         """The connection to relay the app's bytes into, ready for them (and, into the mesh,
-        what setting it up learned)."""
+        what setting it up learned). Each mesh try is appended to `tried`."""
         s = self._settings
-        route, decision = where.route, where.decision
-        if route is None or decision is None:
+        where = self._where(dst, state, route)
+        if where is not None:
+            tried.append(where)
             return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout), None
+        assert route is not None
+        decisions: list[Decision] = []
         try:
-            if s.multiplex and state.mux_ctx is not None:
-                dialed = await self.dialer.multiplexed(route, decision, state, traceparent)
-            else:
-                dialed = await self.dialer.upstream(route, decision, state, traceparent)
-        except ProxyError as e:
-            # For outlier detection; an AuthorizationPolicy refusal is the caller's, not a
-            # sign of an unhealthy endpoint.
-            self.http.tcp_result(route, decision, ok=e.reason == AUTHZ_DENIED)
-            raise
-        self.http.tcp_result(route, decision, ok=True)
+            dialed = await dial_tries(
+                self.dialer,
+                route,
+                state,
+                traceparent,
+                rng=self._rng,
+                outlier=self.http.runtime(route).outlier,
+                multiplex=s.multiplex and state.mux_ctx is not None,
+                tried=decisions,
+                log=log,
+                stats=self.http.stats,
+            )
+        finally:
+            tried.extend(_Where.of(route, d, s.cluster) for d in decisions)
         return dialed.conn, dialed
 
 

@@ -254,6 +254,7 @@ class Reader:
         self.max_head = max_head
         self._buf = bytearray()
         self._eof = False
+        self.untouched = True  # not one byte fed yet (an unprocessed request, on a response)
         self.state = "head"  # head | body | done
         self.framing = NO_BODY
         self._method = "GET"
@@ -268,6 +269,7 @@ class Reader:
     def feed(self, data: bytes) -> None:
         if data:
             self._buf += data
+            self.untouched = False
 
     def feed_eof(self) -> None:
         self._eof = True

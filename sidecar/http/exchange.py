@@ -31,7 +31,7 @@ from mesh.errors import NoRouteError
 from mesh.naming import SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import Span
-from sidecar.errors import ProxyError
+from sidecar.errors import ProxyError, UnprocessedError
 from sidecar.http.flow import FlowConn
 from sidecar.http.pool import PoolKey, PoolRefusedError, ServicePool
 from sidecar.observe import log_outlier_events
@@ -44,7 +44,7 @@ from sidecar.traffic.match import Effective
 from sidecar.traffic.outlier import OutlierDetector
 from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import RequestRecord
-from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, RESET, TIMEOUT, Outcome
+from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, REFUSED, RESET, TIMEOUT, Outcome
 
 MAX_MIRRORS = 64  # mirrored requests in flight per sidecar; beyond, a mirror is dropped (counted)
 
@@ -233,14 +233,7 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
                         await self._drop(call, result)
                     if call.span is not None:
                         call.span.event(*command.span_event())
-                    call.log.info(
-                        "http retry",
-                        try_=command.attempt,
-                        host=command.host,
-                        reason=command.reason,
-                        detail=command.detail,
-                        backoff_s=command.backoff,
-                    )
+                    call.log.info("http retry", **command.log_fields())
                     await asyncio.sleep(command.backoff)
                 case Respond(target=target, deadline=deadline):
                     assert not isinstance(result, Failure)
@@ -300,10 +293,13 @@ class Exchanger(abc.ABC, Generic[C, G, P]):
 
 def try_failure(e: Exception, phase: str, eff: Effective) -> Failure:
     """How a try that raised `e` during `phase` ("connect", "request", "response") failed:
-    a pool refusal (never retried), a deadline (504), a failed connect, else a reset."""
+    a pool refusal (never retried), a deadline (504), a request the upstream never processed
+    (replayed), a failed connect, else a reset."""
     match e:
         case PoolRefusedError(reason=reason, detail=detail):
             return Failure(Outcome(LOCAL), 503, reason, detail)
+        case UnprocessedError():
+            return Failure(Outcome(REFUSED), 503, "upstream reset", f"{phase}: {e}")
         case TimeoutError():
             return Failure(Outcome(TIMEOUT), 504, "upstream timeout", timeout_detail(eff, phase))
         case ProxyError() if phase == "connect":

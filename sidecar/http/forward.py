@@ -4,7 +4,8 @@ Which target each try goes to, its deadline, retries, outlier reports and mirror
 the request-attempt core's (`sidecar.traffic.attempt`); the loop that drives it is
 `sidecar.http.exchange.Exchanger`. This layer moves the bytes: a try on a pooled inner mTLS
 connection (`sidecar.http.pool`) under the connection-pool limits and the try's deadline (a
-pooled connection the server closed while idle is replaced once, when that is safe to repeat),
+reused connection that ends before one byte of a response is an unprocessed try, which the
+core replays on a new connection),
 the response head, a retried response's body discarded, and the final response streamed back
 with backpressure under the overall timeout.
 
@@ -23,7 +24,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.errors import ProxyError
+from sidecar.errors import ProxyError, UnprocessedError
 from sidecar.http.body import RequestBody, next_event
 from sidecar.http.codec import (
     CHUNKED,
@@ -55,7 +56,6 @@ from sidecar.traffic.retry import RESET, Outcome
 
 DISCARD_LIMIT = 64 * 1024  # a retried response's body is read and dropped up to this, else closed
 DISCARD_TIMEOUT = 2.0
-IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 
 
 @dataclass(eq=False, slots=True)
@@ -63,6 +63,7 @@ class Call(Exchange):
     req: Request  # as forwarded (Expect handled)
     app: FlowConn
     body: RequestBody
+    fresh: bool = False  # a reused connection was stale: the next try opens a new one
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,36 +128,34 @@ class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
         phase = "connect"
         up: Upstream | None = None
         got_out = False
+        reader = Reader("response")
         try:
             async with asyncio.timeout_at(deadline):
-                for fresh in (False, True):
-                    phase = "connect"
-                    setup.dial.via = ""
-                    allowed = setup.decision.identities.__contains__
-                    up, reused = await self.pool.acquire(
-                        svc, setup.key, allowed, state.svid, setup.dial, fresh=fresh
-                    )
-                    phase = "request"
-                    if traced:
-                        tp = setup.dial.traceparent if reused else setup.dial.next_span()
-                        head = encode_request(call.req, call.body.out_framing, tp)
-                    try:
-                        await call.body.send(up.conn, head)
-                        phase = "response"
-                        resp, reader = await self._response_head(up.conn, call.req)
-                    except (ProxyError, HttpProtocolError):
-                        self.pool.discard(svc, up)
-                        up = None
-                        # A pooled connection the server closed while idle: the request never
-                        # reached it. Once, on a fresh connection, if that is safe to repeat.
-                        stale = reused and call.body.complete and not call.body.streamed
-                        if fresh or not stale or call.req.method not in IDEMPOTENT:
-                            raise
+                allowed = setup.decision.identities.__contains__
+                up, reused = await self.pool.acquire(
+                    svc, setup.key, allowed, state.svid, setup.dial, fresh=call.fresh
+                )
+                phase = "request"
+                if traced:
+                    tp = setup.dial.traceparent if reused else setup.dial.next_span()
+                    head = encode_request(call.req, call.body.out_framing, tp)
+                try:
+                    await call.body.send(up.conn, head)
+                    phase = "response"
+                    resp = await self._response_head(up.conn, call.req, reader)
+                except (ProxyError, HttpProtocolError) as e:
+                    if reused and reader.untouched and not _failed(call.body.app):
+                        # A pooled connection that closed (or was reset) before one byte of
+                        # a response: the server closed it while idle, racing our request,
+                        # which it never read. Replayed on a new connection (the core's
+                        # REFUSED), whatever the method, as Chromium does.
                         self.stats["stale_connections"] += 1
-                        continue
-                    got = _Got(up, resp, reader)
-                    up, got_out = None, True
-                    return got  # the request stays counted until the response is done
+                        call.fresh = True
+                        raise UnprocessedError("stale pooled connection", str(e)) from e
+                    raise
+                got = _Got(up, resp, reader)
+                up, got_out = None, True
+                return got  # the request stays counted until the response is done
         except HttpProtocolError as e:
             if phase == "request":
                 raise  # only the app's streamed body is parsed while sending the request
@@ -171,20 +170,18 @@ class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
                 self.pool.discard(svc, up)
             if not got_out:
                 svc.budget.end_request()
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _response_head(self, conn: FlowConn, req: Request) -> tuple[Response, Reader]:
-        reader = Reader("response")
+    async def _response_head(self, conn: FlowConn, req: Request, reader: Reader) -> Response:
         reader.expect(req.method)
         while True:
             event = await next_event(conn, reader)
             match event:
                 case Response(status=status) if status < 200:
                     if status == 101 and req.upgrade:
-                        return event, reader
+                        return event
                     continue  # 100, 102, 103: interim, dropped (we answered 100 ourselves)
                 case Response():
-                    return event, reader
+                    return event
                 case ConnectionClosed():
                     raise ProxyError("upstream closed", "the connection ended before a response")
                 case _:

@@ -54,12 +54,11 @@ from sidecar.http.flow import FlowConn
 from sidecar.http.forward import Call, Forwarder
 from sidecar.http.pool import PoolKey, ServicePool, UpstreamPool
 from sidecar.http2.session import sniff_preface
-from sidecar.observe import Observation, log_outlier_events
+from sidecar.observe import Observation
 from sidecar.pipe import Conn
-from sidecar.routes import Decision, Local, RouteTable, ServiceRoute
+from sidecar.routes import RouteTable, ServiceRoute
 from sidecar.state import ProxyState
 from sidecar.traffic.attempt import Answer, health_check
-from sidecar.traffic.balance import remote_host
 from sidecar.traffic.experiments import fault_action
 from sidecar.traffic.match import RequestInfo, effective
 from sidecar.traffic.outlier import OutlierDetector
@@ -172,20 +171,6 @@ class HttpProxy:
         rt = self._runtimes.get((route.service, route.port.port))
         if rt is not None:
             rt.pool.budget.closed()
-
-    def tcp_result(self, route: ServiceRoute, decision: Decision, ok: bool) -> None:
-        """A TCP connection's setup succeeded or failed (outlier detection's input)."""
-        outlier = self.runtime(route).outlier
-        if outlier is None:
-            return
-        if isinstance(decision, Local):
-            host = decision.endpoint.address
-        else:
-            host = remote_host(decision.cluster)
-        now = _now()
-        outlier.record(host, not ok, now, len(route.balancer.hosts()))
-        tlog = _log.bind(service=str(route.service), mode="tcp")
-        log_outlier_events(outlier.events, tlog, self.stats, now)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():

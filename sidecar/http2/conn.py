@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.tasks import TaskSet
-from sidecar.errors import ProxyError
+from sidecar.errors import ProxyError, UnprocessedError
 from sidecar.http.flow import FlowConn
 from sidecar.http2.session import (
     CANCEL,
     INTERNAL_ERROR,
     NO_ERROR,
+    REFUSED_STREAM,
     Data,
     Ended,
     Fields,
@@ -116,6 +117,16 @@ class H2Conn:
             self.conn.write_eof()
             self.conn.close()
 
+    def drain(self, detail: str = "") -> None:
+        """GOAWAY that lets the streams the peer opened so far finish; the socket closes when
+        the last one is released (server side: `sidecar.inbound_gate`)."""
+        self.session.drain(detail)
+        self._flush()
+        if not self._streams:
+            self._flush_now()
+            self.conn.write_eof()
+            self.conn.close()
+
     def abort(self) -> None:
         self.conn.reset_if_open()
 
@@ -130,13 +141,16 @@ class H2Conn:
         return self.alive and len(self._streams) < self.session.max_outbound_streams
 
     def open(self, fields: Fields, end: bool) -> int:
-        """Open a stream with its HEADERS (client side); its id."""
-        self._check()
+        """Open a stream with its HEADERS (client side); its id. UnprocessedError if the
+        request cannot go out on this connection (nothing of it was sent)."""
+        if not self.alive or self.error is not None:
+            why = "is going away" if self.gone_away or self.session.gone_away else "is closed"
+            raise UnprocessedError("stream refused", f"{self.conn.label} {why}")
         sid = self.session.new_stream()
         try:
             self.session.send_headers(sid, fields, end)
         except StreamClosedError as e:  # e.g. the peer lowered its stream limit meanwhile
-            raise ProxyError("stream refused", str(e)) from e
+            raise UnprocessedError("stream refused", str(e)) from e
         self._streams[sid] = _Stream()
         self._flush()
         return sid
@@ -208,14 +222,19 @@ class H2Conn:
             self._push(sid, Reset(sid, int(CANCEL)))
             self._window.set()
 
-    def release(self, sid: int, reset: bool = False, *, early: bool = False) -> None:
+    def release(
+        self, sid: int, reset: bool = False, *, early: bool = False, refused: bool = False
+    ) -> None:
         """We are done with a stream: forget it, give back the window its unread data holds,
-        and reset it if `reset` (abandoned half-way: CANCEL; `early`: we answered before the
-        request ended, NO_ERROR as RFC 9113 §8.1 says)."""
+        and reset it if `reset` (abandoned half-way: CANCEL; `refused`: never processed,
+        REFUSED_STREAM, which the peer may retry; `early`: we answered before the request
+        ended, NO_ERROR as RFC 9113 §8.1 says)."""
         st = self._streams.pop(sid, None)
         if st is None:
             return
-        if reset or early:
+        if refused:
+            self.session.reset(sid, REFUSED_STREAM)
+        elif reset or early:
             self.session.reset(sid, NO_ERROR if early and not reset else CANCEL)
         for event in st.events:
             if isinstance(event, Data):
@@ -257,8 +276,10 @@ class H2Conn:
             case GoneAway(last_stream=last) as gone:
                 self.gone_away = gone
                 if self.session.client:
+                    # RFC 9113 §6.8: streams above the last one the peer processed were not,
+                    # and may be retried elsewhere; they end as the peer refusing them would.
                     for sid in [s for s in self._streams if s > last]:
-                        self._push(sid, Reset(sid, int(CANCEL)))  # never processed by the peer
+                        self._push(sid, Reset(sid, int(REFUSED_STREAM)))
                 if self.on_change is not None:
                     self.on_change()
 

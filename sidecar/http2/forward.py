@@ -22,7 +22,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.errors import ProxyError
+from sidecar.errors import ProxyError, UnprocessedError
 from sidecar.http.exchange import Exchange, Exchanger, timeout_detail, try_failure
 from sidecar.http2.body import StreamBody
 from sidecar.http2.conn import LOST, H2Conn
@@ -36,7 +36,7 @@ from sidecar.http2.messages import (
     parse_response,
 )
 from sidecar.http2.pool import H2Pool, H2Upstream
-from sidecar.http2.session import Data, Ended, Headers, Reset, Trailers
+from sidecar.http2.session import REFUSED_STREAM, Data, Ended, Headers, Reset, Trailers
 from sidecar.traffic.attempt import Answer, Answered, Failure
 from sidecar.traffic.balance import Target
 from sidecar.traffic.record import RequestRecord
@@ -239,6 +239,9 @@ async def _response_head(h2: H2Conn, sid: int) -> Response:
     match event:
         case Headers(headers=fields, end=end):
             return parse_response(fields, end)
+        case Reset(code=code) if code == REFUSED_STREAM:
+            # Refused, or above a GOAWAY's last-stream-id: never processed (RFC 9113 §8.7).
+            raise UnprocessedError("upstream reset", "before a response: stream refused")
         case Reset(code=code):
             what = "connection lost" if code == LOST else f"stream reset ({code})"
             raise ProxyError("upstream reset", f"before a response: {what}")

@@ -10,6 +10,13 @@ control windows and the frame size allow and says how much; the driver waits for
 `WindowOpened` to send the rest. Received data is handed back to the peer's window only when
 the driver calls `ack` (after the bytes moved on), which is what bounds every buffer.
 No I/O, no clock: the driver (`sidecar.http2.conn`) moves `data_to_send()` to the socket.
+
+A received GOAWAY does not end the session (RFC 9113 §6.8: streams up to its last-stream-id
+may still complete). h2 4.x ends it at once, dropping what we queued and refusing every later
+frame, so the answers a server sends after its GOAWAY (nginx's `keepalive_requests`, Envoy's
+`max_requests_per_connection`, Go's graceful shutdown) would fail as protocol errors
+(python-hyper/h2#1181, open): `_GracefulH2` reports it and leaves the connection open; the
+driver opens no new stream on it and treats the streams above the last-stream-id as refused.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 Fields = tuple[tuple[str, str], ...]
 
@@ -110,12 +118,27 @@ def _pairs(headers: object) -> Fields:
     return tuple((str(k), str(v)) for k, v in headers)
 
 
+class _GracefulH2(h2.connection.H2Connection):
+    """h2's connection with RFC 9113 §6.8 GOAWAY handling on receipt (module docstring).
+    Checked against h2 4.x (`_receive_goaway_frame` is what its frame dispatch calls)."""
+
+    def _receive_goaway_frame(
+        self, frame: hyperframe.frame.GoAwayFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 class H2Session:
     def __init__(self, client: bool) -> None:
         config = h2.config.H2Configuration(client_side=client, header_encoding="utf-8")
         self.client = client
-        self._h2 = h2.connection.H2Connection(config)
+        self._h2 = _GracefulH2(config)
         self.gone_away = False
+        self._goaway = b""  # our graceful GOAWAY, queued after what h2 queued before it
 
     def start(self) -> None:
         """Queue our preface and settings (call once, before anything else)."""
@@ -235,5 +258,21 @@ class H2Session:
             self.gone_away = True
             self._h2.close_connection(error_code=code, additional_data=detail.encode()[:256])
 
+    def drain(self, detail: str = "") -> None:
+        """GOAWAY naming the last stream the peer opened, keeping the session open so the
+        streams up to it finish (RFC 9113 §6.8; h2's own GOAWAY would end them, see the
+        module docstring). The peer opens no new stream; one it opened meanwhile is refused."""
+        if not self.gone_away:
+            self.gone_away = True
+            frame = hyperframe.frame.GoAwayFrame(
+                0,
+                last_stream_id=self._h2.highest_inbound_stream_id,
+                error_code=NO_ERROR,
+                additional_data=detail.encode()[:256],
+            )
+            self._goaway = frame.serialize()
+
     def data_to_send(self) -> bytes:
-        return bytes(self._h2.data_to_send())
+        out = bytes(self._h2.data_to_send()) + self._goaway
+        self._goaway = b""
+        return out

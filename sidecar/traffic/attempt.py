@@ -5,9 +5,11 @@ The HTTP/1.1 and HTTP/2 drivers (`sidecar.http.exchange`, with `sidecar.http.for
 commands say; it does no I/O and reads no clock. It owns: which target a try goes to (the
 route's balancer, skipping hosts that outlier detection ejected, that the local gateway said it
 cannot reach, or that an earlier try of this request already failed on: Envoy's previous-hosts
-predicate), each try's deadline (the earlier of `perTryTimeout` and the overall `timeout`), the
-retry decision and its backoff (`sidecar.traffic.retry`), outlier reporting, and what the
-request's telemetry records (`sidecar.traffic.record`).
+predicate, extended to clusters, so a retry goes to another endpoint and, where the policy's
+weights allow one, another cluster), each try's deadline (the earlier of `perTryTimeout` and
+the overall `timeout`), the retry decision and its backoff (`sidecar.traffic.retry`), outlier
+reporting, and what the request's telemetry records (`sidecar.traffic.record`). Opaque TCP
+connections use it too (`sidecar.outbound`): a failed dial is a try, `Connected` its success.
 
 | state | driver calls | core answers | next state |
 |---|---|---|---|
@@ -38,7 +40,7 @@ from sidecar.traffic.outlier import Event as OutlierEvent
 from sidecar.traffic.outlier import OutlierDetector
 from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import RequestRecord
-from sidecar.traffic.retry import LOCAL, STATUS, Outcome, RetryPlan
+from sidecar.traffic.retry import LOCAL, REFUSED, STATUS, Outcome, RetryPlan
 
 MIRROR_TIMEOUT = 10.0  # a mirror's deadline when the policy sets no timeout
 
@@ -93,7 +95,17 @@ class Failure:
     detail: str
 
 
-TryResult = Answered | Failure
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """An opaque TCP try's upstream is set up: from here on its bytes are the app's."""
+
+    outcome = Outcome(STATUS, 200)
+    status = 0
+    grpc = None
+    detail = "connected"
+
+
+TryResult = Answered | Failure | Connected
 
 
 # -- what the driver does next (core -> driver) ------------------------------------------------
@@ -119,6 +131,16 @@ class Retry:
 
     def span_event(self) -> tuple[str, dict[str, str | int]]:
         return "retry", {"attempt": self.attempt, "host": self.host, "why": self.detail}
+
+    def log_fields(self) -> dict[str, object]:
+        """The fields of the driver's retry log line."""
+        return {
+            "try_": self.attempt,
+            "host": self.host,
+            "reason": self.reason,
+            "detail": self.detail,
+            "backoff_s": self.backoff,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +221,6 @@ class Attempts:
             target = self.route.target(self.eff, self._rng, healthy, frozenset(self.tried_hosts))
         except NoRouteError as e:
             return self._answer(Answer(503, "no route", str(e)))
-        self.tried_hosts.add(target.host)
         self._current = Try(self.plan.tries, target, deadline)
         self._state = "trying"
         return self._current
@@ -213,6 +234,10 @@ class Attempts:
         assert self._state == "trying", f"tried when {self._state}"
         assert current is not None
         target = current.target
+        if result.outcome.kind != REFUSED:
+            # A host that never processed the request (GOAWAY, a stale pooled connection) did
+            # nothing wrong: its replay may go there again, on a new connection.
+            self.tried_hosts.add(target.host)
         self._report(target.host, result.outcome, now)
         if replayable is not None:
             self.plan.replayable = replayable

@@ -10,8 +10,10 @@ Order of decisions, each over what the previous left:
 2. **Health**: a host (a local endpoint, or a whole remote cluster) is healthy unless outlier
    detection ejected it. If no host of the candidates is healthy, all are used (Envoy's panic
    mode: better an ejected host that may have recovered than certain failure). Hosts already
-   tried by this request are avoided when another healthy one exists (retries prefer another
-   endpoint or cluster).
+   tried by this request are avoided when another healthy one exists, and so are the clusters
+   they belong to when a healthy host remains in a cluster the policy's weights give a share
+   (Envoy's previous-hosts predicate, extended to clusters: a retry after a dead gateway or a
+   failing cluster goes elsewhere, never to a cluster the policy keeps at weight 0).
 3. **Cluster**: with `localityFailover`, priority tiers (own cluster, own region, any) get the
    shares `mesh.routing.priority_loads` computes from their healthy fractions, then clusters in
    the tier are weighed by `clusterWeights`; without it, `clusterWeights` over all clusters
@@ -104,7 +106,9 @@ class Balancer:
             what = f" in subset {subset_name}" if subset_name else ""
             where = f" in cluster {cluster_ref}" if cluster_ref else ""
             raise NoRouteError(f"no reachable endpoint{what}{where}")
-        usable, panic = self._usable(groups, healthy, exclude)
+        usable, panic = self._usable(eff, groups, healthy, exclude)
+        if exclude:
+            usable = self._elsewhere(eff, usable, exclude)
         counts = {c: float(len(u)) for c, u in usable.items()}
         cluster = self._cluster(eff, groups, counts, rng)
         eps = groups[cluster]
@@ -157,7 +161,11 @@ class Balancer:
         }
 
     def _usable(
-        self, groups: Mapping[str, tuple[Endpoint, ...]], healthy: Healthy, exclude: frozenset[str]
+        self,
+        eff: Effective,
+        groups: Mapping[str, tuple[Endpoint, ...]],
+        healthy: Healthy,
+        exclude: frozenset[str],
     ) -> tuple[dict[str, tuple[Endpoint, ...]], bool]:
         """Per cluster, the endpoints a try may use (remote: all or none, as one host)."""
 
@@ -176,9 +184,43 @@ class Balancer:
             usable = {c: tuple(eps) for c, eps in groups.items()}
         fresh = hosts_ok(lambda h: h not in exclude)
         preferred = {c: tuple(e for e in u if e in fresh[c]) for c, u in usable.items()}
-        if any(preferred.values()):
+        if self._weighted(eff, preferred) or (
+            any(preferred.values()) and not self._weighted(eff, usable)
+        ):
             usable = preferred
         return usable, panic
+
+    def _weighted(self, eff: Effective, usable: Mapping[str, tuple[Endpoint, ...]]) -> bool:
+        """Whether a cluster that the policy's weights give a share has a usable host."""
+        return any(u and self._eligible(eff, c) for c, u in usable.items())
+
+    def _eligible(self, eff: Effective, cluster: str) -> bool:
+        """Whether the policy's weights give `cluster` a share (no weights: every cluster)."""
+        weights = eff.cluster_weights
+        return not weights or any(
+            w.weight > 0 and self._refers(w.cluster, cluster) for w in weights
+        )
+
+    def _elsewhere(
+        self,
+        eff: Effective,
+        usable: dict[str, tuple[Endpoint, ...]],
+        exclude: frozenset[str],
+    ) -> dict[str, tuple[Endpoint, ...]]:
+        """`usable` without the clusters of hosts in `exclude`, if a cluster that the policy's
+        weights give a share still has usable hosts; else `usable`."""
+        tried = {
+            c
+            for c, eps in self.by_cluster.items()
+            if remote_host(c) in exclude
+            or (c == self.local_cluster and any(e.address in exclude for e in eps))
+        }
+        if not tried:
+            return usable
+        others = {c for c, u in usable.items() if u and c not in tried and self._eligible(eff, c)}
+        if not others:
+            return usable
+        return {c: u if c in others else () for c, u in usable.items()}
 
     def _cluster(
         self,

@@ -209,6 +209,7 @@ def test_an_endpoint_answering_unavailable_is_ejected_and_returns(rpc: Path) -> 
 clusterWeights: [{cluster: local, weight: 100}]
 outlierDetection: {consecutive5xxErrors: 3, interval: 500ms, baseEjectionTime: 3s,
                    maxEjectionPercent: 100}
+retries: {attempts: 0}  # every failure shows (Istio retries by default)
 """,
     )
     rpc2 = lifecycle.load(rpc).pod("east", "rpc-2")

@@ -232,6 +232,7 @@ def test_an_endpoint_with_consecutive_5xx_is_ejected_and_returns(web: Path) -> N
 clusterWeights: [{cluster: local, weight: 100}]
 outlierDetection: {consecutive5xxErrors: 3, interval: 500ms, baseEjectionTime: 3s,
                    maxEjectionPercent: 100}
+retries: {attempts: 0}  # every failure shows (Istio retries by default)
 """,
     )
     web2 = lifecycle.load(web).pod("east", "web-2")

@@ -7,9 +7,11 @@ import random
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh import telemetry as tm
-from mesh.model import Mirror, OutlierDetection, Retries
+from mesh.model import ClusterWeight, Mirror, OutlierDetection, Retries
 from sidecar.routes import RouteTable, ServiceRoute
 from sidecar.traffic.attempt import (
     MIRROR_TIMEOUT,
@@ -21,12 +23,13 @@ from sidecar.traffic.attempt import (
     Retry,
     Try,
 )
-from sidecar.traffic.balance import remote_host
-from sidecar.traffic.match import Effective, effective
+from sidecar.traffic.balance import Balancer, remote_host
+from sidecar.traffic.match import NO_POLICY, Effective, effective
 from sidecar.traffic.outlier import Ejected, OutlierDetector
 from sidecar.traffic.peers import PeerHealth
 from sidecar.traffic.record import GRPC_STATUS, RequestRecord
 from sidecar.traffic.retry import CONNECT_FAILURE, LOCAL, MAX_BACKOFF, RESET, TIMEOUT, Outcome
+from sidecar.traffic.retry import REFUSED as REFUSED_STREAM
 from tests.sidecar.conftest import cluster, endpoint, snapshot
 
 VIP = "127.77.0.10"
@@ -99,14 +102,77 @@ def test_a_retry_goes_to_another_host_and_says_why() -> None:
 
 
 def test_a_failed_remote_cluster_is_not_tried_again_by_the_same_request() -> None:
-    r = route(EAST_EPS[:1] + WEST_EPS, weights=(("west", 100),))
+    r = route(EAST_EPS[:1] + WEST_EPS, weights=(("west", 99), ("east", 1)))
     eff = replace(effective(r.policy, None), retries=Retries(1))
     for seed in range(20):
         a = Attempts(r, eff, random.Random(seed), 0.0)
         t = first(a, 0.0)
-        assert t.target.host == WEST
+        if t.target.host != WEST:
+            continue
         assert isinstance(a.tried(REFUSED, 0.0), Retry)
         assert first(a, 0.1).target.cluster == "east"  # the previous-hosts predicate
+
+
+def test_a_retry_never_goes_to_a_cluster_the_weights_keep_at_zero() -> None:
+    # Istio: a destination without weight gets no traffic, retries included.
+    r = route(EAST_EPS[:1] + WEST_EPS, weights=(("west", 100),))
+    eff = replace(effective(r.policy, None), retries=Retries(1))
+    for seed in range(20):
+        a = Attempts(r, eff, random.Random(seed), 0.0)
+        assert first(a, 0.0).target.host == WEST
+        assert isinstance(a.tried(REFUSED, 0.0), Retry)
+        assert first(a, 0.1).target.host == WEST
+
+
+def test_a_retry_goes_to_another_cluster_when_the_weights_give_one_a_share() -> None:
+    # Two live local endpoints, one remote cluster, 70 % local / 30 % remote: after a local
+    # endpoint failed, the retry goes west (another endpoint *and* cluster), whatever the draw.
+    r = route(weights=(("local", 70), ("remote", 30)))
+    eff = effective(r.policy, None)
+    retried_to = set()
+    for seed in range(40):
+        a = Attempts(r, eff, random.Random(seed), 0.0)  # no policy retries: Istio's default
+        t = first(a, 0.0)
+        assert isinstance(a.tried(REFUSED, 0.0), Retry)
+        second = first(a, 0.0)
+        assert second.target.cluster != t.target.cluster, seed
+        retried_to.add(second.target.cluster)
+    assert retried_to == {"east", "west"}  # first tries went both ways
+
+
+def test_a_retry_stays_in_the_cluster_when_the_weights_keep_others_at_zero() -> None:
+    r = route(weights=(("local", 100),))
+    eff = effective(r.policy, None)
+    for seed in range(20):
+        a = Attempts(r, eff, random.Random(seed), 0.0)
+        t = first(a, 0.0)
+        assert isinstance(a.tried(REFUSED, 0.0), Retry)
+        second = first(a, 0.0)
+        assert second.target.cluster == "east"
+        assert second.target.host != t.target.host  # another endpoint, still
+
+
+def test_without_a_policy_a_request_gets_two_retries_on_istios_conditions() -> None:
+    a = attempts(NO_POLICY)
+    first(a)
+    assert isinstance(a.tried(RESET_503, 100.0), Answer)  # reset: not in the default retryOn
+    a = attempts(NO_POLICY)
+    for _ in range(2):
+        first(a)
+        assert isinstance(a.tried(Answered(503), 100.0), Retry)
+    first(a)
+    assert a.tried(Answered(503), 100.0) == Respond(a.target, None)  # type: ignore[arg-type]
+    assert a.record.retries == 2
+
+
+def test_an_unprocessed_try_is_replayed_even_without_retries() -> None:
+    a = attempts(Effective(retries=Retries(0)))
+    t = first(a)
+    step = a.tried(Failure(Outcome(REFUSED_STREAM), 503, "upstream reset", "GOAWAY"), 100.0)
+    assert isinstance(step, Retry)
+    assert step.backoff == 0.0
+    assert first(a).number == t.number + 1
+    assert isinstance(a.tried(Answered(200), 100.0), Respond)
 
 
 def test_last_failure_is_answered_with_its_status_and_recorded() -> None:
@@ -247,3 +313,54 @@ def test_the_record_says_what_the_span_and_the_metrics_report() -> None:
     assert RequestRecord(status=503).span_error() == "status 503"
     assert RequestRecord(status=503, reason="no route").span_error() == "no route"
     assert (RequestRecord().span_error(), RequestRecord().code) == ("no response", "0")
+
+
+# -- retries elsewhere, as a property ------------------------------------------------------------
+
+CLUSTERS = ("east", "west", "north")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.tuples(*(st.integers(0, 3) for _ in CLUSTERS)),
+    weights=st.lists(st.tuples(st.sampled_from(CLUSTERS), st.integers(0, 100)), max_size=3),
+    tried=st.sets(st.sampled_from(CLUSTERS)),
+    seed=st.integers(0, 1000),
+)
+def test_a_retry_leaves_tried_clusters_for_weighted_ones_and_never_for_unweighted(
+    sizes: tuple[int, ...],
+    weights: list[tuple[str, int]],
+    tried: set[str],
+    seed: int,
+) -> None:
+    by_cluster = {
+        c: tuple(endpoint(c, f"10.{i}.0.{j + 1}", f"{c}-{j}") for j in range(n))
+        for i, (c, n) in enumerate(zip(CLUSTERS, sizes, strict=True))
+    }
+    if not any(by_cluster.values()):
+        return
+    balancer = Balancer("east", by_cluster, {})
+    eff = Effective(cluster_weights=tuple(ClusterWeight(c, w) for c, w in weights))
+    # What an earlier try of the request failed on: east's first endpoint, others as one host.
+    exclude = frozenset(
+        (by_cluster[c][0].address if c == "east" else remote_host(c))
+        for c in tried
+        if by_cluster[c]
+    )
+    target = balancer.pick(eff, random.Random(seed), exclude=exclude)
+
+    def weighted(c: str) -> bool:
+        return not weights or any(w > 0 and name == c for name, w in weights)
+
+    def fresh(c: str) -> bool:  # a host in `c` no try has failed on
+        return any(
+            (e.address if c == "east" else remote_host(c)) not in exclude for e in by_cluster[c]
+        )
+
+    untried = [c for c in CLUSTERS if by_cluster[c] and c not in tried and weighted(c)]
+    if untried:
+        assert target.cluster in untried  # another endpoint *and* cluster
+    elif any(by_cluster[c] and weighted(c) for c in CLUSTERS):
+        assert weighted(target.cluster)  # never to a cluster the weights keep at 0
+        if any(by_cluster[c] and weighted(c) and fresh(c) for c in CLUSTERS):
+            assert fresh(target.cluster)  # and to a host not tried, when one is left

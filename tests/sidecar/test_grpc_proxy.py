@@ -178,7 +178,7 @@ async def test_outlier_ejects_an_endpoint_answering_unavailable(grig: GrpcRig) -
     od = OutlierDetection(
         consecutive_5xx_errors=2, interval=0.2, base_ejection_time=30, max_ejection_percent=100
     )
-    grig.rig.apply(policy(outlier_detection=od))
+    grig.rig.apply(policy(outlier_detection=od, retries=Retries(0)))  # every failure shows
     grig.controls["b"].fail_ratio = 1.0
     out = await asyncio.to_thread(grig.calls, 40)
     assert collections.Counter(p for p, _ in out)["UNAVAILABLE"] == 2

@@ -4,6 +4,7 @@ request/response adaptation, the gRPC error mapping, and the gRPC retry conditio
 from __future__ import annotations
 
 import grpc as grpcio
+import hyperframe.frame
 import pytest
 
 from mesh.model import Retries
@@ -16,6 +17,7 @@ from sidecar.http2.messages import (
     parse_response,
 )
 from sidecar.http2.session import (
+    REFUSED_STREAM,
     WINDOW,
     Data,
     Event,
@@ -134,6 +136,28 @@ def test_garbage_is_a_session_error_and_goaway_is_reported() -> None:
     server.close(detail="bye")
     [gone] = [e for e in move(server, client) if isinstance(e, GoneAway)]
     assert (gone.code, gone.detail) == (0, "bye")
+
+
+def test_streams_up_to_a_received_goaways_last_stream_still_complete() -> None:
+    # RFC 9113 §6.8, as servers with a request limit do it: GOAWAY naming stream 1, then the
+    # answer to stream 1, in one read. h2 alone would end the session at the GOAWAY
+    # (python-hyper/h2#1181) and fail the answer as a protocol error.
+    client, server = pair()
+    sids = []
+    for _ in range(2):
+        sids.append(client.new_stream())
+        client.send_headers(sids[-1], REQ, end=True)
+    one, three = sids
+    move(client, server)
+    server.send_headers(one, ((":status", "200"),), end=True)
+    goaway = hyperframe.frame.GoAwayFrame(0, last_stream_id=one, error_code=0).serialize()
+    events = client.receive(goaway + server.data_to_send())
+    [gone] = [e for e in events if isinstance(e, GoneAway)]
+    assert gone.last_stream == one
+    assert any(isinstance(e, Headers) and e.stream == one and e.end for e in events)
+    assert client.gone_away
+    client.reset(three, REFUSED_STREAM)  # the client may still end what the server refused
+    assert client.data_to_send()
 
 
 def test_request_adaptation() -> None:

@@ -126,7 +126,7 @@ async def test_retries_hide_an_endpoint_failing_half_its_requests(rig: HttpRig) 
 
 async def test_without_retries_the_failures_show(rig: HttpRig) -> None:
     rig.pod("a").control.fail_ratio = 1.0
-    rig.apply(policy())
+    rig.apply(policy(retries=Retries(0)))  # `attempts: 0` turns Istio's default retries off
     replies = await rig.many(40)
     assert 5 < sum(r.status == 503 for r in replies) < 35
 
@@ -180,7 +180,7 @@ async def test_max_requests_limit(rig: HttpRig) -> None:
 async def test_outlier_ejects_after_consecutive_5xx_and_returns(rig: HttpRig, logs: Logs) -> None:
     rig.pod("a").control.fail_ratio = 1.0
     od = OutlierDetection(3, interval=0.1, base_ejection_time=1.0, max_ejection_percent=100)
-    rig.apply(policy(outlier_detection=od))
+    rig.apply(policy(outlier_detection=od, retries=Retries(0)))  # every failure shows
     first = await rig.many(20)
     assert sum(r.status == 503 for r in first) == 3  # exactly the three that ejected it
     assert any(e["event"] == "outlier ejected" and e["host"] == rig.pod("a").ip for e in logs)

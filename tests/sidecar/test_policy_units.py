@@ -24,8 +24,11 @@ from sidecar.traffic.limits import PoolBudget
 from sidecar.traffic.outlier import Ejected, OutlierDetector, Returned
 from sidecar.traffic.retry import (
     CONNECT_FAILURE,
+    DEFAULT_RETRIES,
     LOCAL,
     MAX_BACKOFF,
+    MAX_REPLAYS,
+    REFUSED,
     RESET,
     STATUS,
     TIMEOUT,
@@ -64,10 +67,14 @@ def test_retriable_status_codes_and_istio_default() -> None:
     codes = Retries(1, retry_on=("retriable-status-codes",), retriable_status_codes=(409,))
     assert retriable(codes, Outcome(STATUS, 409))
     assert not retriable(codes, Outcome(STATUS, 503))
-    default = Retries(1)  # connect-failure,reset,503
+    default = Retries(1)  # connect-failure,refused-stream,unavailable,cancelled,503
     assert retriable(default, Outcome(STATUS, 503))
     assert retriable(default, Outcome(CONNECT_FAILURE))
+    assert retriable(default, Outcome(REFUSED))
+    assert retriable(default, Outcome(STATUS, 200, grpc=14))  # unavailable
+    assert retriable(default, Outcome(STATUS, 200, grpc=1))  # cancelled
     assert not retriable(default, Outcome(STATUS, 500))
+    assert not retriable(default, Outcome(RESET))  # the server may have acted on it
 
 
 def test_plan_counts_tries_and_backs_off_with_jitter_within_the_cap() -> None:
@@ -97,10 +104,42 @@ def test_try_deadline_is_the_earlier_of_per_try_and_overall() -> None:
     assert plan.backoff(Outcome(TIMEOUT), 100.999) is None
 
 
-def test_no_policy_means_one_try_and_no_deadline() -> None:
+def test_no_policy_means_istios_default_two_retries_and_no_deadline() -> None:
     plan = RetryPlan(None, None, 5.0, random.Random(1))
+    assert plan.retries == DEFAULT_RETRIES
     assert plan.start_try(5.0) is None
-    assert plan.backoff(Outcome(CONNECT_FAILURE), 5.0) is None
+    assert plan.backoff(Outcome(RESET), 5.0) is None  # not in Istio's default retryOn
+    waits = []
+    for _ in range(3):
+        waits.append(plan.backoff(Outcome(CONNECT_FAILURE), 5.0))
+        plan.start_try(5.0)
+    assert [w is not None for w in waits] == [True, True, False]  # 1 + 2 tries
+    assert plan.tries == 4
+
+
+def test_unprocessed_tries_are_replayed_at_once_without_counting_as_retries() -> None:
+    plan = RetryPlan(Retries(0), None, 0.0, random.Random(1))  # no retries at all
+    for _ in range(MAX_REPLAYS):
+        plan.start_try(0.0)
+        assert plan.backoff(Outcome(REFUSED), 0.0) == 0.0
+    plan.start_try(0.0)
+    assert plan.backoff(Outcome(REFUSED), 0.0) is None  # bounded
+    assert plan.tries == MAX_REPLAYS + 1
+    # Still a retry of its own after replays, under a policy that allows one.
+    plan = RetryPlan(Retries(1), None, 0.0, random.Random(1))
+    plan.start_try(0.0)
+    assert plan.backoff(Outcome(REFUSED), 0.0) == 0.0
+    plan.start_try(0.0)
+    assert plan.backoff(Outcome(STATUS, 503), 0.0) is not None
+    plan.start_try(0.0)
+    assert plan.backoff(Outcome(STATUS, 503), 0.0) is None
+    # Never a body that cannot be sent again, never past the overall timeout.
+    plan = RetryPlan(None, 1.0, 0.0, random.Random(1), replayable=False)
+    plan.start_try(0.0)
+    assert plan.backoff(Outcome(REFUSED), 0.0) is None
+    plan = RetryPlan(None, 1.0, 0.0, random.Random(1))
+    plan.start_try(0.0)
+    assert plan.backoff(Outcome(REFUSED), 1.0) is None
 
 
 # --- outlier detection ------------------------------------------------------------------------

@@ -164,9 +164,10 @@ async def test_a_cluster_its_gateway_cannot_reach_is_avoided_by_every_service(
     rig.apply(weights=(("west", 100),))
     rig.gateway.refuse = "fedgate egress east: tunnel to west: cannot connect"
     rig.gateway.unreachable = True
-    await assert_reset(rig, (VIP, rig.app_port))
-    failed = await wait_log(logs, "outbound failed", pod="client-0")
-    assert failed["reason"] == "peer unreachable"
+    # The refusal marks west down; the connection's retry, unseen by the app, goes east.
+    assert await converse(rig, (VIP, rig.app_port), size=1000) == b"payments-0:bye"
+    retried = await wait_log(logs, "outbound retry", pod="client-0")
+    assert retried["reason"] == "peer unreachable"
     assert rig.source.status()["peers_unreachable"] == ["west"]
     # No outlier detection in this policy: the gateway's word alone keeps calls off west.
     rig.apply(weights=(("east", 50), ("west", 50)), version="v2")
@@ -181,7 +182,9 @@ async def test_a_cluster_its_gateway_cannot_reach_is_avoided_by_every_service(
     # ... and west as the only cluster is still tried (panic mode): no verdict makes an outage.
     rig.apply(endpoints=(endpoint("west", "127.0.0.3", "payments-w0"),), version="v4")
     await assert_reset(rig, (VIP, rig.app_port))
-    assert len(rig.gateway.requests) == connects + 1
+    assert len(rig.gateway.requests) == connects + 3  # a try and Istio's 2 retries
+    failed = await wait_log(logs, "outbound failed", pod="client-0")
+    assert (failed["reason"], failed["tries"]) == ("peer unreachable", 3)
 
 
 async def test_unexpected_server_identity_is_refused(rig: Rig, logs: Logs) -> None:
