@@ -3,7 +3,7 @@ prints, never asserts). Issue 14 kept one, `mesh.muxconn.encrypt` (the gateway's
 the gateway `tls` transport and the sidecars' smux; this measures it against the sidecars'
 former one (`smux_before`, below, as it was in `sidecar/smux.py`).
 
-    .venv/bin/python bench/mux_batching.py [--mib 256] [--streams 16] [--write 65536] [--rounds 5]
+    .venv/bin/python -m bench.mux_batching [--mib 256] [--streams 16] [--write 65536] [--rounds 5]
 
 Both encrypt the same `mesh.mux` output (each of `--streams` streams sending `--write`-byte
 payloads, flushed every `--streams` writes, as 16 busy relays do) with a real TLS 1.3
@@ -26,12 +26,11 @@ from collections.abc import Callable
 from typing import cast
 
 from ca.authority import CertificateAuthority
-from ca.bundle import TrustBundle
-from ca.tls import client_context, server_context
 from ca.verify import utcnow
 from mesh import mux
 from mesh.muxconn import TLS_RECORD, Seal, Take, encrypt
-from mesh.naming import gateway_identity
+from tests.gateway.conftest import EAST_TD
+from tests.gateway.test_tls_records import tls_pair
 
 SMALL_PIECE = 16 * 1024  # the sidecars' former threshold
 
@@ -61,22 +60,6 @@ def shared(seal: Seal, take: Take, chunks: list[bytes], out: list[bytes]) -> Non
     data = take()
     if data:
         out.append(data)
-
-
-def tls_pair() -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.SSLObject, ssl.MemoryBIO]:
-    ca = CertificateAuthority.create("east.example", utcnow())
-    svid = ca.issue(gateway_identity("east.example"), utcnow(), dns_names=("gw",))
-    bundle = TrustBundle.from_pem({"east.example": [ca.root_pem.decode()]})
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_context(svid, bundle).wrap_bio(c_in, c_out, server_hostname="gw")
-    server = server_context(svid, bundle).wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for end in (client, server):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                end.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-    return client, c_out, server, s_in
 
 
 def flushes(total: int, streams: int, write: int) -> list[list[bytes]]:
@@ -118,7 +101,7 @@ Policy = Callable[[Seal, Take, list[bytes], list[bytes]], None]
 def run(policy: Policy, work: list[list[bytes]]) -> tuple[float, float, list[bytes]]:
     """CPU seconds to encrypt every flush, and to decrypt it as the gateway's receive side
     does (into one buffer, one SSL_read per record); and the last flush's ciphertext."""
-    client, c_out, server, s_in = tls_pair()
+    client, c_out, server, s_in = tls_pair(CertificateAuthority.create(EAST_TD, utcnow()))
     seal, take = client.write, c_out.read
     buf = memoryview(bytearray(256 * 1024))
     sender = receiver = 0.0
