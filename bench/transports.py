@@ -41,7 +41,8 @@ The load generator runs in this process (uvloop). For each chain it measures:
 
 then prints each figure and its ratio to direct and to the HAProxy chain. Every load loop is
 bounded in count and time. Gateways and sidecars log at WARNING here (access logs off), as the
-HAProxy processes have no log target.
+HAProxy processes have no log target. `--out X.json` writes the medians there and every round
+to `X.rounds.json` (the run-to-run spread, which the medians hide).
 """
 
 from __future__ import annotations
@@ -943,6 +944,10 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     finally:
         server.terminate()
         server.wait(5)
+    if args.out:  # every round, for the run-to-run spread the medians hide
+        rounds = Path(args.out).with_suffix(".rounds.json")
+        rounds.write_text(json.dumps(runs, indent=2))
+        print(f"rounds written to {rounds}")
     return {name: median_of(r) for name, r in runs.items() if r}
 
 

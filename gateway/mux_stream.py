@@ -1,26 +1,47 @@
 """One call over the `tls` transport: a stream of a `gateway.tls_tunnel.TlsTunnelConnection`,
-implementing `gateway.transport.Stream` on top of the mux core (`mesh.mux`).
+implementing `gateway.transport.Stream` on top of the mux core (`mesh.mux`) and the shared
+driver (`mesh.muxconn`).
 
 Credit: bytes handed to the sink are reported consumed (the peer may send more) unless the
 sink holds credit (its TCP write buffer is full) or no sink is attached yet; then they are
-counted and reported on `release_credit`.
+counted and reported on `release_credit`. The stream sees its connection as a `MuxOwner`, not
+as the concrete class, so this module and the connection's do not import each other.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from gateway.transport import RESET_PROTOCOL, BaseStream
+from gateway.transport import RESET_PROTOCOL, BaseStream, SendMarks
 from mesh import mux
 
-if TYPE_CHECKING:
-    from gateway.tls_tunnel import TlsTunnelConnection
+
+class MuxOwner(Protocol):
+    """What a `MuxStream` needs of its connection (`TlsTunnelConnection`)."""
+
+    mux: mux.MuxConnection
+    log: Any
+    peer_cluster: str
+    counters: dict[str, int]
+
+    @property
+    def settings(self) -> SendMarks: ...
+
+    def send(self, stream_id: int, data: bytes, fin: bool) -> bool: ...
+
+    def flush_soon(self) -> None: ...
+
+    def write_backlog(self) -> int: ...
+
+    def watch(self, stream: MuxStream) -> None: ...
+
+    def forget(self, stream: MuxStream) -> None: ...
 
 
 class MuxStream(BaseStream):
     """One call: a stream of a `TlsTunnelConnection`."""
 
-    def __init__(self, conn: TlsTunnelConnection, stream_id: int) -> None:
+    def __init__(self, conn: MuxOwner, stream_id: int) -> None:
         super().__init__()
         self.conn = conn
         self.id = stream_id
@@ -45,13 +66,9 @@ class MuxStream(BaseStream):
         return self.conn.counters
 
     def _send(self, data: bytes, fin: bool) -> None:
-        try:
-            self.conn.mux.send_data(self.id, data, fin)
-        except mux.MuxError as e:
-            self.conn.log.debug("stream send refused", stream=self.id, error=str(e))
+        if not self.conn.send(self.id, data, fin):
+            self.conn.log.debug("stream send refused", stream=self.id)
             self.send_done = True
-            return
-        self.conn.flush_soon()
 
     def _abort(self, code: int) -> None:
         if not (self.send_done and self.recv_done):
@@ -67,7 +84,8 @@ class MuxStream(BaseStream):
             self.conn.flush_soon()
 
     def _maybe_done(self) -> None:
-        self.conn._stream_maybe_done(self)
+        if self.send_done and self.recv_done:
+            self.conn.forget(self)
 
     def backlog(self) -> int:
         return self.conn.mux.backlog(self.id) + self.conn.write_backlog()
@@ -75,7 +93,7 @@ class MuxStream(BaseStream):
     def notify_writable(self) -> None:
         if not self._watching:
             self._watching = True
-            self.conn._watched.add(self)
+            self.conn.watch(self)
 
     def hold_credit(self) -> None:
         self._held = True
@@ -87,9 +105,28 @@ class MuxStream(BaseStream):
             self.conn.mux.consumed(self.id, n)
             self.conn.flush_soon()
 
-    def _received(self, data: bytes, fin: bool) -> None:
+    # --- the driver's side (`mesh.muxconn.DrivenStream`) ----------------------------------
+
+    def received(self, data: bytes, fin: bool) -> None:
         self._on_data(data, fin)
         if self._held:
             self._unconsumed += len(data)
         else:
             self.conn.mux.consumed(self.id, len(data))
+
+    def peer_reset(self, code: int) -> None:
+        self.send_done = self.recv_done = True
+        self._on_abort(f"peer reset the stream ({code})", recv_finished=True)
+
+    def check_writable(self) -> bool:
+        if self.backlog() > self.conn.settings.send_low_water:
+            return False
+        self._watching = False
+        if self._sink is not None:
+            self._sink.stream_writable()
+        return True
+
+    def failed(self, reason: str) -> None:
+        """The connection closed under this stream."""
+        self.send_done = self.recv_done = True
+        self._on_abort(f"tunnel connection closed: {reason}")

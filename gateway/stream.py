@@ -6,30 +6,31 @@ after it wait (within the flow-control window) until a `StreamSink` is attached.
 `HeaderPhase` reads the `StreamHeader` frame and hands the stream to the `StreamHandler`, which
 answers with `refuse()` or attaches a sink after its 200. Then bytes flow both ways with FIN
 (half-close) propagated; `reset()` aborts both directions (RESET_STREAM + STOP_SENDING). The
-connection driver (`gateway.tunnel`) feeds the events in.
+connection driver (`gateway.tunnel`) feeds the events in; the stream sees it as a
+`QuicStreamOwner`, not as the concrete class, so the two modules do not import each other.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from gateway.quic_flow import TunnelQuicConnection
 from gateway.transport import (
     RESET_ABORTED,
     RESET_PROTOCOL,
     BaseStream,
     HeaderPhase,
+    SendMarks,
     StreamHandler,
     StreamSink,
 )
-
-if TYPE_CHECKING:
-    from gateway.tunnel import TunnelConnection
 
 __all__ = [
     "RESET_ABORTED",
     "RESET_PROTOCOL",
     "HeaderPhase",
+    "QuicStreamOwner",
     "StreamHandler",
     "StreamSink",
     "TunnelStream",
@@ -37,10 +38,28 @@ __all__ = [
 ]
 
 
+class QuicStreamOwner(Protocol):
+    """What a `TunnelStream` needs of its connection (`gateway.tunnel.TunnelConnection`)."""
+
+    quic: TunnelQuicConnection
+    log: Any
+    peer_cluster: str
+    counters: dict[str, int]
+
+    @property
+    def settings(self) -> SendMarks: ...
+
+    def transmit_soon(self) -> None: ...
+
+    def stream_maybe_done(self, stream: TunnelStream) -> None: ...
+
+    def watch(self, stream: TunnelStream) -> None: ...
+
+
 class TunnelStream(BaseStream):
     """One call: a bidirectional QUIC stream of a `TunnelConnection`."""
 
-    def __init__(self, conn: TunnelConnection, stream_id: int) -> None:
+    def __init__(self, conn: QuicStreamOwner, stream_id: int) -> None:
         super().__init__()
         self.conn = conn
         self.id = stream_id
@@ -82,7 +101,7 @@ class TunnelStream(BaseStream):
                 self.conn.quic.stop_stream(self.id, RESET_PROTOCOL)
 
     def _maybe_done(self) -> None:
-        self.conn._stream_maybe_done(self)
+        self.conn.stream_maybe_done(self)
 
     def backlog(self) -> int:
         return self.conn.quic.send_backlog(self.id)
@@ -91,7 +110,7 @@ class TunnelStream(BaseStream):
         """Call `sink.stream_writable()` once the backlog is under the low-water mark."""
         if not self._watching:
             self._watching = True
-            self.conn._watch(self)
+            self.conn.watch(self)
 
     def hold_credit(self) -> None:
         self.conn.quic.hold(self.id)

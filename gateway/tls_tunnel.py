@@ -20,9 +20,8 @@ TCP write buffer is full (`hold_credit`/`release_credit`). Health: the client PI
 `unhealthy_threshold` probes in a row is closed, its streams reset, and the pool re-dials);
 either side closes a connection that received nothing for `idle_timeout`. Not here: the
 listener and `connect` (`gateway.tls_server`), pooling (`gateway.pool`), the TCP side
-(`gateway.splice`). Over the ~400-line aim: the connection's handshake, record loop, event
-dispatch and teardown read best as one class, and `encrypt` (the send side's batching,
-docs/transports.md "Data path") belongs next to it.
+(`gateway.splice`), nor what `sidecar.smux` shares (`mesh.muxconn.MuxDriver`: the streams'
+table, backpressure and events, the send side's batching, docs/transports.md "Data path").
 """
 
 from __future__ import annotations
@@ -48,12 +47,11 @@ from gateway.mux_stream import MuxStream
 from gateway.quic_mtls import PeerPolicy
 from gateway.transport import HeaderPhase, StreamHandler
 from mesh import mux
+from mesh.muxconn import MuxDriver
 from mesh.naming import SpiffeId
 
 ALPN = "fedgate-mux/1"
 READ_SIZE = 256 * 1024
-TLS_RECORD = 16 * 1024  # the largest TLS plaintext record (RFC 8446 §5.1)
-ENCRYPT_BATCH = 4 * TLS_RECORD  # plaintext per SSL_write (see `encrypt`)
 _log = structlog.get_logger("fedgate.gateway.tls")
 _ids = itertools.count(1)
 
@@ -87,44 +85,7 @@ def tls_reason(e: ssl.SSLError) -> str:
     return f"tls error: {e.reason or e}"
 
 
-def encrypt(
-    tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, chunks: list[bytes], out: list[bytes]
-) -> None:
-    """Encrypt `chunks` (the mux's output) into `out`, at most `ENCRYPT_BATCH` bytes per
-    `SSL_write`, emptying `outgoing` after each. Raises ssl.SSLError.
-
-    One flush carries every stream's frames since the last one (up to megabytes under load).
-    Joining them first, then encrypting them in one call, copied everything once more and grew
-    the outgoing BIO to that size (a realloc, a copy and a wipe of the old buffer each time it
-    grew, on memory no longer in cache). Here small frames are coalesced (a header or a WINDOW
-    frame alone would be a record of its own), large payloads are encrypted from memoryview
-    slices in place, and the BIO stays small and warm. A batch is a multiple of the 16 KiB
-    record size, and what precedes a large payload is topped up to whole records from it, so
-    records stay full: only the last record of a batch may be short."""
-    write = tls.write
-    read = outgoing.read
-    small = bytearray()
-    for chunk in chunks:
-        if len(small) + len(chunk) <= ENCRYPT_BATCH:
-            small += chunk
-            continue
-        view = memoryview(chunk)
-        if small:
-            cut = -len(small) % TLS_RECORD  # top up to whole records
-            small += view[:cut]
-            view = view[cut:]
-            write(small)
-            out.append(read())
-            small = bytearray()
-        for start in range(0, len(view), ENCRYPT_BATCH):
-            write(view[start : start + ENCRYPT_BATCH])
-            out.append(read())
-    if small:
-        write(small)
-        out.append(read())
-
-
-class TlsTunnelConnection(asyncio.BufferedProtocol):
+class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
     """Drives one TLS connection carrying mux streams (client or server side)."""
 
     def __init__(
@@ -139,14 +100,15 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
         identify: Callable[[SpiffeId], str] | None = None,
         log: Any = _log,
     ) -> None:
-        self.settings = settings
-        self.mux = mux.MuxConnection(
-            is_client=is_client, window=settings.window, max_streams=settings.max_streams
+        super().__init__(
+            mux.MuxConnection(
+                is_client=is_client, window=settings.window, max_streams=settings.max_streams
+            )
         )
+        self.settings = settings
         self.log = log.bind(conn=f"t{next(_ids)}")
         self.peer_identity: SpiffeId | None = None
         self.peer_cluster = ""
-        self.close_reason = ""
         # probes: keepalive PINGs sent (client side); probes_answered: their PONGs, in time.
         self.counters: dict[str, int] = {
             "streams": 0,
@@ -154,8 +116,6 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
             "probes": 0,
             "probes_answered": 0,
         }
-        self.streams: dict[int, MuxStream] = {}
-        self.retiring = False
         self.on_closed: Callable[[Any], None] = lambda conn: None
         self._is_client = is_client
         self._policy = policy
@@ -163,28 +123,19 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
         self._identify = identify
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(
-            self._incoming,
-            self._outgoing,
-            server_side=not is_client,
-            server_hostname=server_hostname,
-        )
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, not is_client, server_hostname)
+        self._records = (self._ssl.write, self._outgoing.read)
+        self._sealing = False  # no mux frame before the handshake is done
         self._handshake_done = False
         self._rview = memoryview(bytearray(READ_SIZE))
         # Ciphertext is read into this (`get_buffer`), not into a new `bytes` per read: it is
         # copied into the incoming BIO anyway.
         self._inview = memoryview(bytearray(READ_SIZE))
         self._peer_der = b""
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
         self._connected: asyncio.Future[None] = self._loop.create_future()
         self._closed = asyncio.Event()
-        self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = self._loop.time()
-        self._paused = False
-        self._watched: set[MuxStream] = set()
-        self._in_receive = False
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
 
@@ -216,10 +167,6 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    def write_backlog(self) -> int:
-        t = self._transport
-        return t.get_write_buffer_size() if self._paused and t is not None else 0
-
     # --- API --------------------------------------------------------------------------------
 
     def open_stream(self) -> MuxStream:
@@ -229,26 +176,7 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
             stream_id = self.mux.open_stream()
         except mux.MuxError as e:
             raise TunnelError(f"tunnel connection takes no new streams: {e}") from e
-        stream = MuxStream(self, stream_id)
-        self.streams[stream_id] = stream
-        self.counters["streams"] += 1
-        return stream
-
-    def close(self, reason: str, code: int = 0) -> None:
-        """Tell the peer why (GOAWAY) and close; open streams are reset."""
-        if self.closed:
-            return
-        if not self.close_reason:
-            self.close_reason = reason
-        self.mux.goaway(reason)
-        self._flush()
-        self._terminated(reason)
-
-    def retire(self) -> None:
-        """Take no new streams; close once the open ones are done."""
-        self.retiring = True
-        if not self.streams:
-            self.close("retired")
+        return self._add(stream_id)
 
     def drain(self, reason: str = "draining") -> None:
         """Server side: the peer opens no new stream here (GOAWAY); close once idle."""
@@ -327,13 +255,6 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
         if not self.closed:
             self._terminated(f"connection lost: {exc}" if exc else "connection closed by peer")
 
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._check_writable()
-
     # --- driver ---------------------------------------------------------------------------------
 
     def _advance_handshake(self) -> None:
@@ -344,7 +265,8 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
         except ssl.SSLError as e:
             self._refuse(tls_reason(e), tell_peer=False)
             return
-        self._handshake_done = True
+        # Frames may go out from here: a refusal's GOAWAY; streams only once connected.
+        self._handshake_done = self._sealing = True
         try:
             if self._ssl.selected_alpn_protocol() != ALPN:
                 raise VerificationError(
@@ -369,7 +291,7 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
         if not self._is_client:
             self.mux.ready()
             self._set_connected()
-        # The client is connected once the server's READY arrives (`_process_events`).
+        # The client is connected once the server's READY arrives (`_on_event`).
 
     def _set_connected(self) -> None:
         uri = self.peer_identity.uri if self.peer_identity else None
@@ -421,100 +343,47 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
             self._process_events()  # what arrived before the end is still delivered
             self._terminated(ended)
 
-    def _process_events(self) -> None:
-        mux_conn = self.mux
-        while (event := mux_conn.next_event()) is not None:
-            match event:
-                case mux.StreamData(stream_id, data, end_stream):
-                    stream = self.streams.get(stream_id)
-                    if stream is not None:
-                        stream._received(data, end_stream)
-                case mux.StreamOpened(stream_id):
-                    self._accept(stream_id)
-                case mux.StreamReset(stream_id, code):
-                    stream = self.streams.get(stream_id)
-                    if stream is not None:
-                        stream.send_done = stream.recv_done = True
-                        stream._on_abort(f"peer reset the stream ({code})", recv_finished=True)
-                case mux.PeerReady():
-                    if self._is_client and self.peer_identity is not None:
-                        self._set_connected()
-                case mux.GoAway(_, reason):
-                    self.log.info("peer is going away", reason=reason)
-                    if not self.connected:
-                        self._terminated(reason or "peer refused the connection")
-                        return
-                    self.retire()
-                case mux.ConnectionFailed(reason):
-                    self.log.warning("tunnel protocol error", reason=reason)
-                    self._flush()
-                    self._terminated(f"protocol error: {reason}")
-                    return
-                case mux.PingAcked(value):
-                    # time.monotonic, not the loop's clock: uvloop's has millisecond
-                    # resolution, and a LAN round trip is well under a millisecond.
-                    if self.health.answered(value, time.monotonic()):
-                        self.rtt = self.health.rtt
-                        self.counters["probes_answered"] += 1
-                        self._health_changed()
-                case _:
-                    raise AssertionError(f"unhandled mux event {event!r}")
-        if self._watched:
-            self._check_writable()
+    def _on_event(self, event: mux.Event) -> bool:
+        match event:
+            case mux.PeerReady():
+                if self._is_client and self.peer_identity is not None:
+                    self._set_connected()
+            case mux.GoAway(_, reason):
+                self.log.info("peer is going away", reason=reason)
+                if not self.connected:
+                    self._terminated(reason or "peer refused the connection")
+                    return True
+                self.retire()
+            case mux.ConnectionFailed(reason):
+                self.log.warning("tunnel protocol error", reason=reason)
+                self._flush()
+                self._terminated(f"protocol error: {reason}")
+                return True
+            case mux.PingAcked(value):
+                # time.monotonic, not the loop's clock: uvloop's has millisecond
+                # resolution, and a LAN round trip is well under a millisecond.
+                if self.health.answered(value, time.monotonic()):
+                    self.rtt = self.health.rtt
+                    self.counters["probes_answered"] += 1
+                    self._health_changed()
+            case _:
+                raise AssertionError(f"unhandled mux event {event!r}")
+        return False
 
     def _accept(self, stream_id: int) -> None:
         if self._handler is None or not self.connected:
             self.mux.reset_stream(stream_id, mux.RESET_REFUSED)
             return
-        stream = MuxStream(self, stream_id)
-        self.streams[stream_id] = stream
-        self.counters["streams"] += 1
+        stream = self._add(stream_id)
         stream.attach(HeaderPhase(stream, self._handler))
 
-    def _stream_maybe_done(self, stream: MuxStream) -> None:
-        if stream.send_done and stream.recv_done:
-            self.streams.pop(stream.id, None)
-            self._watched.discard(stream)
-            if self.retiring and not self.streams:
-                self.close("retired")
+    def _add(self, stream_id: int) -> MuxStream:
+        stream = self.streams[stream_id] = MuxStream(self, stream_id)
+        self.counters["streams"] += 1
+        return stream
 
-    def _check_writable(self) -> None:
-        low = self.settings.send_low_water
-        for stream in list(self._watched):
-            if stream.backlog() <= low:
-                self._watched.discard(stream)
-                stream._watching = False
-                if stream._sink is not None:
-                    stream._sink.stream_writable()
-
-    def flush_soon(self) -> None:
-        if self._flush_handle is None and not self._in_receive:
-            self._flush_handle = self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        chunks = self.mux.pieces_to_send() if self._handshake_done else []
-        out: list[bytes] = []
-        if chunks:
-            try:
-                encrypt(self._ssl, self._outgoing, chunks, out)
-            except ssl.SSLError as e:
-                self._terminated(tls_reason(e))
-                return
-        data = self._outgoing.read()
-        if data:
-            out.append(data)
-        if len(out) == 1:
-            transport.write(out[0])
-        elif out:
-            transport.writelines(out)  # one writev with uvloop
-        if self._watched:
-            self._check_writable()
+    def _tls_failure(self, e: OSError) -> str:
+        return tls_reason(e) if isinstance(e, ssl.SSLError) else str(e)
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
@@ -560,20 +429,16 @@ class TlsTunnelConnection(asyncio.BufferedProtocol):
     def _terminated(self, reason: str) -> None:
         if self.closed:
             return
-        self.close_reason = self.close_reason or reason
+        streams = self._end(reason)
         self._closed.set()
-        for handle in (self._timer, self._flush_handle):
-            if handle is not None:
-                handle.cancel()
-        self._timer = self._flush_handle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._connected.done():
             self._connected.set_exception(TunnelError(f"tunnel connection failed: {reason}"))
             self._connected.exception()  # mark retrieved: on a server nobody waits for it
-        for stream in list(self.streams.values()):
-            stream.send_done = stream.recv_done = True
-            stream._on_abort(f"tunnel connection closed: {reason}")
-        self.streams.clear()
-        self._watched.clear()
+        for stream in streams:
+            stream.failed(reason)
         if self.peer_identity is not None:
             self.log.info("tunnel connection closed", reason=self.close_reason)
         if self._transport is not None:

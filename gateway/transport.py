@@ -158,6 +158,16 @@ class StreamDialer(Protocol):
     async def aclose(self, grace: float = 1.0) -> None: ...
 
 
+class SendMarks(Protocol):
+    """A connection's send-side marks for its streams (the transports' settings)."""
+
+    @property
+    def send_high_water(self) -> int: ...
+
+    @property
+    def send_low_water(self) -> int: ...
+
+
 class BaseStream:
     """Receive-side logic shared by every transport's stream (see the module docstring).
 

@@ -537,11 +537,11 @@ class TunnelConnection(asyncio.DatagramProtocol):
             # A refusing peer sends its reply, FIN and STOP_SENDING together, and aioquic
             # writes STOP_SENDING first in a packet: keep reading, the reply is coming.
             stream.send_done = True  # aioquic already reset our sending side (RFC 9000 §3.5)
-            self._stream_maybe_done(stream)
+            self.stream_maybe_done(stream)
             return
         self._abort_stream(stream_id, f"peer stopped reading ({code})")
 
-    def _stream_maybe_done(self, stream: TunnelStream) -> None:
+    def stream_maybe_done(self, stream: TunnelStream) -> None:
         if stream.send_done and stream.recv_done:
             self.streams.pop(stream.id, None)
             self._watched.discard(stream)
@@ -549,7 +549,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
             if self.retiring and not self.streams:
                 self.close("retired")
 
-    def _watch(self, stream: TunnelStream) -> None:
+    def watch(self, stream: TunnelStream) -> None:
         self._watched.add(stream)
         self.transmit_soon()
 

@@ -1,4 +1,4 @@
-"""How the `tls` transport encrypts the mux's output (`gateway.tls_tunnel.encrypt`): two real
+"""How the `tls` transport and smux encrypt the mux's output (`mesh.muxconn.encrypt`): two real
 TLS 1.3 endpoints on memory BIOs, the TLS records on the wire parsed and decrypted."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import struct
 from ca.authority import CertificateAuthority
 from ca.bundle import TrustBundle
 from ca.tls import client_context, server_context
-from gateway.tls_tunnel import ENCRYPT_BATCH, TLS_RECORD, encrypt
 from mesh import mux
+from mesh.muxconn import ENCRYPT_BATCH, TLS_RECORD, encrypt
 from tests.gateway.conftest import EAST_TD, gateway_svid
 
 # A full TLS 1.3 application-data record: header, 16 KiB, inner content type, AES-GCM tag.
@@ -73,7 +73,7 @@ def test_mux_output_goes_out_intact_in_full_records(east_ca: CertificateAuthorit
     chunks = conn.pieces_to_send()
     expected = b"".join(chunks)
     out: list[bytes] = []
-    encrypt(client, c_out, chunks, out)
+    encrypt(client.write, c_out.read, chunks, out)
     # The plaintext arrives exactly as the mux produced it.
     assert decrypt(server, s_in, b"".join(out)) == expected
     # Each piece is one batch: at most ENCRYPT_BATCH of plaintext, and only its last record
@@ -98,6 +98,6 @@ def test_small_frames_share_records(east_ca: CertificateAuthority) -> None:
         conn.send_data(sid, bytes([i % 256]) * 20)
     chunks = conn.pieces_to_send()
     out: list[bytes] = []
-    encrypt(client, c_out, chunks, out)
+    encrypt(client.write, c_out.read, chunks, out)
     assert decrypt(server, s_in, b"".join(out)) == b"".join(chunks)
     assert len(record_sizes(b"".join(out))) == 1  # 800 pieces, 12 KB: one record
