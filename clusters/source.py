@@ -14,8 +14,9 @@ locked read-modify-writes replaced atomically, so the agent polling the file nev
 one. `FileClusterSource` implements `mesh.interfaces.ClusterSource` by polling.
 
 This module does not publish anything (the agent does) and issues no certificate (tokens are only
-stored here; the agent's CA service checks them through `FileTokenAuthenticator`). It is a little
-over 400 lines because the format, its updates and its reader change together; if it grows, the
+stored here; the agent's CA service checks them through `FileTokenAuthenticator`).
+
+Over the 450-line aim: the format, its updates and its reader change together; if it grows, the
 parsing half (everything above "file updates") is the part to move out.
 """
 

@@ -16,6 +16,9 @@ Keys are written by agents of other clusters, so their reader trusts nothing: de
 skipping bad keys is `federation.catalog`'s, not done here.
 The controller-owned keys (VIPs, policies) live in `federation.owned`; the layout in
 `federation.keys`. Key layout, JSON codecs and merge rules are not decided here.
+
+Over the 450-line aim: the paged snapshot, the watch and the resume after a member fails are one
+state machine around one revision counter; split, that counter would be shared across modules.
 """
 
 from __future__ import annotations

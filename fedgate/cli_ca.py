@@ -3,6 +3,9 @@
 Every failure is a `click.ClickException` saying what was wrong and what to do; nothing here
 prints a traceback for an operator's mistake. The procedures these commands implement are in
 docs/identity.md.
+
+Over the 450-line aim: one command per CA procedure of docs/identity.md, each with its options and
+its operator-facing errors, sharing the option helpers at the top.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ request: a refusal is `403` with `x-fedgate-reason` (gRPC: `PERMISSION_DENIED`).
 is logged (`inbound request denied`) and counted by service and reason (`denials`). When a new
 snapshot stops admitting the caller of an open TCP stream (or of a spliced HTTP one), `enforce`
 resets it, as revocation does.
+
+Over the 450-line aim: admission, the splice and per-stream authorization share each connection's
+state; the HTTP gate is already its own module (`sidecar.inbound_gate`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """Observability end to end on the rig: one cross-cluster request as a trace of its four hops
 (exported with OTLP/gRPC to a collector in this process), the access-log lines of those hops
 with the same ids, the request counters of both clusters' `/metrics`, and a refusal at each
-hop logged with the hop and its reason."""
+hop logged with the hop and its reason.
+
+Over the 450-line aim: the hops of one traced request are asserted against one rig, with the same
+request ids, so they stay together.
+"""
 
 from __future__ import annotations
 

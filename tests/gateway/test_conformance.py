@@ -4,6 +4,9 @@ Two gateways on loopback; a sidecar-like client CONNECTs to east's egress, east 
 over the transport west publishes, west's ingress dials the echo server. Model: trio's
 `_check_streams.py`: one body of behaviour, run against every implementation. Checks that only
 make sense where a transport has the feature (peer authentication) are skipped elsewhere.
+
+Over the 450-line aim: the suite's point is one body of behaviour in one place, run against every
+transport.
 """
 
 from __future__ import annotations
