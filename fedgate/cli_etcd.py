@@ -1,0 +1,182 @@
+"""etcd client options shared by `fedgate agent` and `fedgate controller` (TLS and etcd auth),
+and `fedgate etcd provision`, which creates `federation.etcd_auth`'s users and roles.
+
+Provisioning is idempotent, so the management cluster's Job can run at every install: on an
+etcd without auth it is `etcd_auth.provision` (users, roles, then `auth enable`); once auth is
+on it logs in as root and adds only the users missing, e.g. the agent of a cluster that joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from federation.errors import StoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdClientOptions:
+    """How to reach etcd: TLS when `ca` is set, etcd auth when `user` is."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str = ""
+    user: str = ""
+    password_file: Path | None = None
+
+    def connect_kwargs(self, user: str = "", password: str = "") -> dict[str, Any]:
+        """Keyword arguments for `federation.etcd.open_client` (files read here, once)."""
+        from federation.etcd import EtcdCredentials
+
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        kw: dict[str, Any] = {
+            "ca_cert": read(self.ca),
+            "cert_chain": read(self.cert),
+            "cert_key": read(self.key),
+            "server_name": self.server_name or None,
+        }
+        user = user or self.user
+        if user:
+            if not password and self.password_file is not None:
+                password = self.password_file.read_text().strip()
+            kw["credentials"] = EtcdCredentials(user, password)
+        return kw
+
+
+def etcd_client_options(f: F) -> F:
+    """Adds --etcd-ca, --etcd-cert, --etcd-key, --etcd-server-name, --etcd-user and
+    --etcd-password-file, collected into one `etcd_client: EtcdClientOptions` parameter."""
+    # Not `exists=True`: a missing file is reported when the process reads it at start.
+    file = click.Path(path_type=Path, dir_okay=False)
+    options = [
+        click.option(
+            "--etcd-ca", type=file, default=None, help="CA verifying etcd (turns TLS on)."
+        ),
+        click.option("--etcd-cert", type=file, default=None, help="Client certificate (mTLS)."),
+        click.option("--etcd-key", type=file, default=None, help="Client certificate's key."),
+        click.option(
+            "--etcd-server-name",
+            default="",
+            help="Name to verify in etcd's certificate [default: the first endpoint's host].",
+        ),
+        click.option("--etcd-user", default="", help="etcd user (etcd auth; docs/kubernetes.md)."),
+        click.option("--etcd-password-file", type=file, default=None, help="Its password."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["etcd_client"] = EtcdClientOptions(
+            ca=kwargs.pop("etcd_ca"),
+            cert=kwargs.pop("etcd_cert"),
+            key=kwargs.pop("etcd_key"),
+            server_name=kwargs.pop("etcd_server_name"),
+            user=kwargs.pop("etcd_user"),
+            password_file=kwargs.pop("etcd_password_file"),
+        )
+        return f(*args, **kwargs)
+
+    out: Any = wrapper
+    for opt in reversed(options):
+        out = opt(out)
+    return out  # type: ignore[no-any-return]
+
+
+@click.group("etcd")
+def etcd_group() -> None:
+    """The federation's etcd: users and roles (federation/etcd_auth.py)."""
+
+
+def read_passwords(directory: Path) -> dict[str, str]:
+    """One file per etcd user, its content the password (a mounted Secret's layout)."""
+    return {
+        p.name: p.read_text().strip()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+@etcd_group.command("provision")
+@click.option("--etcd", "etcd_endpoints", required=True, help="host:port[,host:port...]")
+@etcd_client_options
+@click.option(
+    "--users-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="One file per user (root, controller, reader, config-sync, agent-<cluster>): its "
+    "password. Only the users present are created.",
+)
+@click.option("--clusters", required=True, help="Member clusters, comma-separated.")
+def provision(
+    etcd_endpoints: str, etcd_client: EtcdClientOptions, users_dir: Path, clusters: str
+) -> None:
+    """Create the etcd users and roles and enable auth; later runs add missing users."""
+    from federation.etcd_auth import ROOT_USER
+
+    passwords = read_passwords(users_dir)
+    root = passwords.pop(ROOT_USER, "")
+    if not root:
+        raise click.ClickException(f"{users_dir}/{ROOT_USER} is missing: the root password")
+    names = [c.strip() for c in clusters.split(",") if c.strip()]
+    try:
+        done = asyncio.run(
+            ensure_auth(etcd_endpoints.split(","), etcd_client, root, passwords, names)
+        )
+    except (StoreError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(done)
+
+
+async def ensure_auth(
+    endpoints: Sequence[str],
+    options: EtcdClientOptions,
+    root_password: str,
+    passwords: Mapping[str, str],
+    clusters: Sequence[str],
+) -> str:
+    from etcd3aio import prefix_range_end
+
+    from federation.etcd import etcd_client, store_errors
+    from federation.etcd_auth import ROOT_USER, grants
+    from federation.etcd_auth import provision as provision_auth
+
+    async with etcd_client(endpoints, **options.connect_kwargs()) as client:
+        assert client.auth is not None
+        with store_errors("auth status"):
+            enabled = (await client.auth.auth_status()).enabled
+        if not enabled:
+            await provision_auth(client, root_password, passwords, clusters)
+            return f"etcd auth enabled with users {sorted(passwords)}"
+    table = grants(clusters)
+    unknown = sorted(set(passwords) - table.keys())
+    if unknown:
+        raise ValueError(f"no role for users {unknown}")
+    kw = options.connect_kwargs(ROOT_USER, root_password)
+    async with etcd_client(endpoints, **kw) as client:
+        auth = client.auth
+        assert auth is not None
+        with store_errors("add etcd users"):
+            present = set((await auth.user_list()).users)
+            missing = sorted(set(passwords) - present)
+            for user in missing:
+                grant = table[user]
+                await auth.role_add(grant.role)
+                perms = [(grant.prefix, grant.permission)]
+                perms += [(p, type(grant.permission).READ) for p in grant.reads]
+                for prefix, perm in perms:
+                    await auth.role_grant_permission(
+                        grant.role, prefix, prefix_range_end(prefix), perm_type=perm
+                    )
+                await auth.user_add(user, passwords[user])
+                await auth.user_grant_role(user, grant.role)
+    return f"etcd auth already enabled; added users {missing}"

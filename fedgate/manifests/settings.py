@@ -1,0 +1,167 @@
+"""What `fedgate manifests` renders for one cluster: parsed once, checked, frozen.
+
+Names, ports and mount paths shared by several objects live here too, so the Service, the
+container's listen flags and the probes cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh.errors import InvalidNameError
+from mesh.naming import check_label, trust_domain_for
+
+NAMESPACE = "fedgate-system"
+DEFAULT_IMAGE = "fedgate:0.1.0"  # not :latest, so kind's loaded image is used (IfNotPresent)
+DEFAULT_ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.21"
+ROLES = ("member", "management")
+SERVICE_TYPES = ("LoadBalancer", "NodePort")
+TRANSPORTS = ("tls", "quic", "passthrough")
+
+# Ports: the rig's (clusters/rig/topology.py), so docs and dashboards hold for both.
+TUNNEL_PORT = 15443  # TCP (tls, passthrough) and UDP (quic)
+EGRESS_PORT = 15008
+CA_PORT = 15013
+CA_RENEW_PORT = 15014  # --ca-listen's port + 1, the CA's default
+GATEWAY_METRICS_PORT = 15020
+GATEWAY_ADMIN_PORT = 15021
+AGENT_ADMIN_PORT = 15022
+CONTROLLER_GRPC_PORT = 15012
+CONTROLLER_ADMIN_PORT = 15014
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_METRICS_PORT = 2381
+ETCD_MEMBERS = 3
+
+# Object names.
+AGENT = "fedgate-agent"
+GATEWAY = "fedgate-gateway"
+GATEWAY_EGRESS = "fedgate-gateway-egress"
+CA_SERVICE = "fedgate-ca"
+CONTROLLER = "fedgate-controller"
+CONTROL_SERVICE = "fedgate-control"  # the management cluster's address for member clusters
+ETCD = "fedgate-etcd"
+ETCD_PROVISION = "fedgate-etcd-provision"
+
+# Secrets and ConfigMaps the operator creates (docs/kubernetes.md); never rendered.
+CA_SECRET = "fedgate-ca"  # the cluster CA directory (`fedgate ca init`)
+CONTROL_CA_SECRET = "fedgate-control-ca"  # the control plane's CA directory
+BOOTSTRAP_CONFIGMAP = "fedgate-bootstrap"  # ca.pem, control.pem, trust-domain
+ETCD_CLIENT_SECRET = "fedgate-etcd-client"  # ca.crt and this cluster's agent password
+ETCD_SERVER_SECRET = "fedgate-etcd-server-tls"  # kubernetes.io/tls + ca.crt
+ETCD_PEER_SECRET = "fedgate-etcd-peer-tls"  # kubernetes.io/tls + ca.crt
+ETCD_USERS_SECRET = "fedgate-etcd-users"  # one key per etcd user: its password
+# The name every etcd client verifies in the server certificate, whatever address it dials
+# (a member cluster reaches etcd through a load balancer's IP or a node port).
+ETCD_SERVER_NAME = f"{ETCD}.{NAMESPACE}.svc"
+
+# Node ports of the NodePort variant (kind): in the default 30000-32767 range.
+GATEWAY_NODE_PORT = 31443
+CONTROLLER_NODE_PORT = 31012
+ETCD_NODE_PORT = 32379
+
+
+class ManifestError(ValueError):
+    """The settings cannot give a working install; the message names the option."""
+
+
+def in_cluster(name: str, port: int) -> str:
+    return f"{name}.{NAMESPACE}.svc:{port}"
+
+
+def etcd_member(index: int) -> str:
+    return f"{ETCD}-{index}"
+
+
+def etcd_member_host(index: int) -> str:
+    return f"{etcd_member(index)}.{ETCD}.{NAMESPACE}.svc"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestSettings:
+    """One cluster's install. `management` adds the controller and etcd to a member's objects
+    (as Istio's primary cluster is also a member of its mesh)."""
+
+    cluster: str
+    gateway_address: str  # host:port peers dial: the load balancer's (or a node's) address
+    role: str = "member"
+    image: str = DEFAULT_IMAGE
+    gateway_service: str = "LoadBalancer"
+    transport: str = "tls"
+    # Where this cluster reaches the management cluster; "" on the management cluster means
+    # its in-cluster Services.
+    etcd: str = ""
+    controller: str = ""
+    # The clusters whose etcd users the management cluster's provisioning Job creates.
+    clusters: tuple[str, ...] = field(default_factory=tuple)
+    etcd_image: str = DEFAULT_ETCD_IMAGE
+
+    def __post_init__(self) -> None:
+        try:
+            check_label(self.cluster, "cluster name")
+            for name in self.clusters:
+                check_label(name, "cluster name")
+        except InvalidNameError as e:
+            raise ManifestError(str(e)) from e
+        _choice("--role", self.role, ROLES)
+        _choice("--gateway-service", self.gateway_service, SERVICE_TYPES)
+        _choice("--transport", self.transport, TRANSPORTS)
+        _hostport("--gateway-address", self.gateway_address)
+        if self.role == "member":
+            for option, value in (("--etcd", self.etcd), ("--controller", self.controller)):
+                if not value:
+                    raise ManifestError(
+                        f"a member cluster needs {option} (the management cluster's address)"
+                    )
+        for endpoint in filter(None, self.etcd.split(",")):
+            _hostport("--etcd", endpoint)
+        for endpoint in filter(None, self.controller.split(",")):
+            _hostport("--controller", endpoint)
+        if self.role == "management" and self.cluster not in self.clusters:
+            # The management cluster is a member too: its own agent needs its etcd user.
+            object.__setattr__(self, "clusters", (self.cluster, *self.clusters))
+
+    @property
+    def trust_domain(self) -> str:
+        return trust_domain_for(self.cluster)
+
+    @property
+    def management(self) -> bool:
+        return self.role == "management"
+
+    @property
+    def etcd_endpoints(self) -> str:
+        return self.etcd or ",".join(
+            f"{etcd_member_host(i)}:{ETCD_CLIENT_PORT}" for i in range(ETCD_MEMBERS)
+        )
+
+    @property
+    def controller_address(self) -> str:
+        return self.controller or in_cluster(CONTROLLER, CONTROLLER_GRPC_PORT)
+
+    @property
+    def node_ports(self) -> bool:
+        return self.gateway_service == "NodePort"
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ManifestError(f"{option} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _hostport(option: str, text: str) -> None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ManifestError(f"{option}: {text!r} is not host:port")
+
+
+def etcd_client_args(endpoints: str, user: str, directory: str) -> list[str]:
+    """The `fedgate agent|controller` etcd flags: TLS to the management cluster's etcd, as
+    `user` (a role of `federation.etcd_auth`), from a mounted `ca.crt` and `password`."""
+    return [
+        f"--etcd={endpoints}",
+        f"--etcd-ca={directory}/ca.crt",
+        f"--etcd-server-name={ETCD_SERVER_NAME}",
+        f"--etcd-user={user}",
+        f"--etcd-password-file={directory}/password",
+    ]
