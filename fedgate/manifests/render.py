@@ -11,8 +11,10 @@ from fedgate.manifests import management, member, rbac
 from fedgate.manifests.common import Obj
 from fedgate.manifests.settings import ManifestError, ManifestSettings
 
-# deploy/ at the root of the source tree (fedgate/manifests/render.py -> ../../deploy).
-DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+# deploy/ at the root of the source tree (fedgate/manifests/render.py -> ../../deploy), or
+# where the image keeps a copy (Dockerfile) when fedgate is installed from a wheel.
+_CHECKOUT = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY_DIR = _CHECKOUT if _CHECKOUT.is_dir() else Path("/usr/local/share/fedgate/deploy")
 CRD_FILES = (
     "crds/multicluster.x-k8s.io_serviceexports.yaml",
     "crds/multicluster.x-k8s.io_serviceimports.yaml",

@@ -1,0 +1,156 @@
+"""kind-configs/ and `fedgate kind up|down`: the configs' address plan, and the plans the
+command would run (Docker and kind cannot run here, so nothing pretends to run them)."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import shlex
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fedgate import cli, kindplan
+from fedgate.manifests.demo import demo
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "kind-configs"
+
+
+def configs() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        out[path.stem] = config
+    return out
+
+
+def test_three_kind_clusters_with_the_intended_address_plan() -> None:
+    found = configs()
+    assert set(found) == set(kindplan.CLUSTERS) == {"east", "west", "north"}
+    for name, config in found.items():
+        assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+        assert config["kind"] == "Cluster"
+        assert config["name"] == name
+    ports = [c["networking"]["apiServerPort"] for c in found.values()]
+    assert len(set(ports)) == len(ports), ports
+    nets = {
+        (name, field): ipaddress.ip_network(c["networking"][field])
+        for name, c in found.items()
+        for field in ("podSubnet", "serviceSubnet")
+    }
+    overlaps = {
+        frozenset((a, b))
+        for (a, na), (b, nb) in itertools.combinations(nets.items(), 2)
+        if na.overlaps(nb)
+    }
+    # Exactly one overlap, on purpose: west's and north's pod subnets (gateways route by name).
+    assert overlaps == {frozenset({("west", "podSubnet"), ("north", "podSubnet")})}
+
+
+def plan() -> list[kindplan.Step]:
+    options = kindplan.KindOptions(REPO, Path("/tmp/state"), "fedgate:test", "fedgate")
+    return kindplan.up_plan(options)
+
+
+def test_up_plan_creates_loads_installs_joins_and_calls() -> None:
+    steps = plan()
+    argvs = [shlex.split(s.command.split(" | ")[0]) for s in steps]
+    created = [a[a.index("--config") + 1] for a in argvs if a[:3] == ["kind", "create", "cluster"]]
+    assert created == [str(CONFIGS / f"{c}.yaml") for c in ("east", "west", "north")]
+    assert all(Path(p).exists() for p in created)
+    build = argvs.index(["docker", "build", "-t", "fedgate:test", str(REPO)])
+    loads = [i for i, a in enumerate(argvs) if a[:3] == ["kind", "load", "docker-image"]]
+    assert len(loads) == 3
+    assert build < min(loads)
+    installs = [i for i, s in enumerate(steps) if s.what.endswith("install fedgate")]
+    assert [steps[i].what.split(":")[0] for i in installs] == ["east", "west", "north"]
+    assert max(loads) < installs[0]
+    east = steps[installs[0]].command
+    assert "--role=management" in east
+    assert "--clusters=east,west,north" in east
+    for i in installs[1:]:
+        assert "--etcd=" in steps[i].command
+        assert "--controller=" in steps[i].command
+        assert "kubectl --context kind-" in steps[i].command
+    # Each cluster's Secrets exist before its install; the etcd users before east's.
+    for cluster, i in zip(("east", "west", "north"), installs, strict=True):
+        secrets = [
+            j
+            for j, s in enumerate(steps)
+            if s.what.startswith(f"{cluster}: ") and "secret" in s.what
+        ]
+        assert secrets
+        assert max(secrets) < i
+    provision = next(i for i, s in enumerate(steps) if s.what == "east: etcd users and roles")
+    assert installs[0] < provision < installs[1]
+    calls = [s for s in steps if s.what.startswith("demo call")]
+    assert len(calls) == kindplan.DEMO_CALLS
+    assert all(kindplan.DEMO_URL in s.command for s in calls)
+    last_demo = max(i for i, s in enumerate(steps) if s.what.endswith("demo ready"))
+    assert last_demo < steps.index(calls[0])
+
+
+def test_every_fedgate_command_in_the_plan_parses() -> None:
+    """The plan's `fedgate ...` invocations are valid command lines of this CLI."""
+    seen = set()
+    for step in plan():
+        command = step.command
+        for cluster in kindplan.CLUSTERS:  # a node's address, known once the cluster exists
+            command = command.replace(kindplan.node_ip(cluster), "172.18.0.2")
+        for part in command.replace(" || ", " | ").split(" | "):
+            argv = shlex.split(part)
+            if argv[0] != "fedgate":
+                continue
+            group: Any = cli.main
+            args = argv[1:]
+            while args and hasattr(group, "commands") and args[0] in group.commands:
+                group, args = group.commands[args[0]], args[1:]
+            group.make_context(argv[1], args)
+            seen.add(group.name)
+    assert {"init", "manifests", "demo"} <= seen
+
+
+def test_demo_manifests_validate_and_export_echo() -> None:
+    objects = demo("west", serve=True, call=False) + demo("east", serve=False, call=True)
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert ("ServiceExport", "echo") in kinds
+    assert ("Deployment", "client") in kinds
+    ns = next(o for o in objects if o["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["fedgate.io/inject"] == "enabled"
+    for o in objects:
+        if o["apiVersion"].startswith("multicluster"):
+            continue  # checked against the CRD schema in test_manifests
+        kubernetes_validate.validate(o, "1.30", strict=True)
+        for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            # The sidecar's UID is exempt from capture: the app must not run as it.
+            assert c["securityContext"]["runAsUser"] != 1337
+
+
+def test_down_plan_deletes_every_cluster_and_the_state() -> None:
+    options = kindplan.KindOptions(REPO, Path("/tmp/state"), "fedgate:test", "fedgate")
+    commands = [s.command for s in kindplan.down_plan(options)]
+    assert commands == [
+        "kind delete cluster --name east",
+        "kind delete cluster --name west",
+        "kind delete cluster --name north",
+        "rm -rf /tmp/state",
+    ]
+
+
+def test_missing_tools_fail_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kindplan.missing_tools(lambda tool: None if tool in ("kind", "docker") else "/x") == [
+        "docker",
+        "kind",
+    ]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = CliRunner().invoke(cli.main, ["kind", "up"])
+    assert result.exit_code == 1
+    assert "fedgate kind needs docker, kind, kubectl, openssl on PATH" in result.output
+    dry = CliRunner().invoke(cli.main, ["kind", "down", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "kind delete cluster --name north" in dry.output
