@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from federation.errors import StoreError
+from federation.errors import StoreAuthError, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -152,8 +152,11 @@ async def ensure_auth(
 
     async with etcd_client(endpoints, **options.connect_kwargs()) as client:
         assert client.auth is not None
-        with store_errors("auth status"):
-            enabled = (await client.auth.auth_status()).enabled
+        try:
+            with store_errors("auth status"):
+                enabled = (await client.auth.auth_status()).enabled
+        except StoreAuthError:
+            enabled = True  # with auth on, etcd answers an anonymous AuthStatus so
         if not enabled:
             await provision_auth(client, root_password, passwords, clusters)
             return f"etcd auth enabled with users {sorted(passwords)}"
