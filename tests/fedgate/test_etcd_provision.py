@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from federation.etcd import etcd_client, store_errors
 from fedgate import cli
 from fedgate.cli_etcd import EtcdClientOptions
 from fedgate.manifests.settings import ETCD_SERVER_NAME
-from tests.etcd_fixture import START_TIMEOUT, EtcdServer, find_etcd
+from tests.etcd_fixture import EtcdServer, find_etcd
 
 pytestmark = pytest.mark.etcd
 
@@ -88,23 +85,10 @@ class TlsEtcd(EtcdServer):
             f"--key-file={tls / 'tls.key'}",
         ]
 
-    def _wait_ready(self) -> bool:
+    def health_check(self) -> tuple[str, ssl.SSLContext | None]:
         context = ssl.create_default_context(cafile=str(self.data_dir / "tls" / "ca.crt"))
         context.check_hostname = False  # the certificate names the Service, not 127.0.0.1
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                return False
-            try:
-                url = f"https://{self.endpoint}/health"
-                with urllib.request.urlopen(url, timeout=1, context=context) as response:
-                    if b'"health":"true"' in response.read():
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        return False
+        return f"https://{self.endpoint}/health", context
 
 
 @pytest.fixture(scope="module")
