@@ -17,10 +17,10 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # --- run -----------------------------------------------------------------------------------------
 FROM python:3.11-slim AS run
-# iptables for the sidecar injector's init container (it installs the capture rules);
-# nothing else from apt.
+# iptables for the sidecar injector's init container (it installs the capture rules), git for
+# the controllers' GitOps clone (--config-repo); nothing else from apt.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables \
+    && apt-get install -y --no-install-recommends iptables git \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels fedgate && rm -rf /wheels
