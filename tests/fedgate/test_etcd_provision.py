@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ca.cadir import init_ca_dir
+from ca.verify import utcnow
 from federation import keys
 from federation.errors import StoreAuthError, StoreUnavailableError
 from federation.etcd import etcd_client, store_errors
@@ -24,6 +28,7 @@ from fedgate import cli
 from fedgate.cli_etcd import EtcdClientOptions
 from fedgate.manifests.settings import ETCD_SERVER_NAME
 from tests.etcd_fixture import EtcdServer, find_etcd
+from tests.helpers import free_port, until_sync
 
 pytestmark = pytest.mark.etcd
 
@@ -140,38 +145,106 @@ async def put(server: EtcdServer, opts: EtcdClientOptions, key: str) -> None:
             await client.kv.put(key, b"x")
 
 
-def test_provision_then_extend(tls_etcd: EtcdServer, tmp_path: Path) -> None:
-    users = tmp_path / "users"
-    users.mkdir()
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("etcd-users")
     for user in ("root", "controller", "reader", "agent-east", "agent-west"):
-        (users / user).write_text(f"{user}-secret\n")
-    assert "etcd auth enabled" in provision(tls_etcd, users, "east,west")
+        (directory / user).write_text(f"{user}-secret\n")
+    return directory
 
-    east = options(tls_etcd, users, "agent-east")
-    asyncio.run(put(tls_etcd, east, keys.cluster_prefix("east") + "x"))
+
+@pytest.fixture(scope="module")
+def provisioned(tls_etcd: EtcdServer, users: Path) -> EtcdServer:
+    assert "etcd auth enabled" in provision(tls_etcd, users, "east,west")
+    return tls_etcd
+
+
+def test_agents_are_confined_and_a_joining_cluster_is_added(
+    provisioned: EtcdServer, users: Path
+) -> None:
+    east = options(provisioned, users, "agent-east")
+    asyncio.run(put(provisioned, east, keys.cluster_prefix("east") + "x"))
     with pytest.raises(StoreAuthError):
-        asyncio.run(put(tls_etcd, east, keys.cluster_prefix("west") + "x"))
-    controller = options(tls_etcd, users, "controller")
-    asyncio.run(put(tls_etcd, controller, keys.ROOT + "anything"))
+        asyncio.run(put(provisioned, east, keys.cluster_prefix("west") + "x"))
+    controller = options(provisioned, users, "controller")
+    asyncio.run(put(provisioned, controller, keys.ROOT + "anything"))
     # No password, no access (auth is on).
+    anonymous = EtcdClientOptions(ca=east.ca, server_name=ETCD_SERVER_NAME)
     with pytest.raises(StoreAuthError):
-        asyncio.run(
-            put(
-                tls_etcd,
-                EtcdClientOptions(ca=east.ca, server_name=ETCD_SERVER_NAME),
-                keys.cluster_prefix("east") + "y",
-            )
-        )
+        asyncio.run(put(provisioned, anonymous, keys.cluster_prefix("east") + "y"))
 
     # north joins: its password is added to the users Secret and the Job runs again.
     (users / "agent-north").write_text("agent-north-secret\n")
-    assert "added users ['agent-north']" in provision(tls_etcd, users, "east,west,north")
-    north = options(tls_etcd, users, "agent-north")
-    asyncio.run(put(tls_etcd, north, keys.cluster_prefix("north") + "x"))
+    assert "added users ['agent-north']" in provision(provisioned, users, "east,west,north")
+    north = options(provisioned, users, "agent-north")
+    asyncio.run(put(provisioned, north, keys.cluster_prefix("north") + "x"))
     with pytest.raises(StoreAuthError):
-        asyncio.run(put(tls_etcd, north, keys.cluster_prefix("east") + "x"))
+        asyncio.run(put(provisioned, north, keys.cluster_prefix("east") + "x"))
     # And once more: nothing to do.
-    assert "added users []" in provision(tls_etcd, users, "east,west,north")
+    assert "added users []" in provision(provisioned, users, "east,west,north")
+
+
+async def get(server: EtcdServer, opts: EtcdClientOptions, key: str) -> bytes | None:
+    async with etcd_client([server.endpoint], **opts.connect_kwargs()) as client:
+        assert client.kv is not None
+        with store_errors("get"):
+            response = await client.kv.get(key)
+        return bytes(response.kvs[0].value) if response.kvs else None
+
+
+def controller_argv(server: EtcdServer, password_file: Path, tmp_path: Path) -> list[str]:
+    """`fedgate controller` as the management cluster's Deployment runs it (its etcd flags)."""
+    ca_dir = tmp_path / "control-ca"
+    if not ca_dir.exists():
+        init_ca_dir(ca_dir, "control.fedgate.local", utcnow())
+    return [
+        sys.executable,
+        "-m",
+        "fedgate",
+        "controller",
+        f"--etcd={server.endpoint}",
+        f"--etcd-ca={server.data_dir / 'tls' / 'ca.crt'}",
+        f"--etcd-server-name={ETCD_SERVER_NAME}",
+        "--etcd-user=controller",
+        f"--etcd-password-file={password_file}",
+        f"--listen=127.0.0.1:{free_port()}",
+        f"--admin=127.0.0.1:{free_port()}",
+        f"--ca-dir={ca_dir}",
+        f"--config-workdir={tmp_path / 'gitops'}",
+        "--replica=controller-0",
+        "--leader-ttl=2",
+    ]
+
+
+def test_the_controller_runs_as_its_etcd_user_over_tls(
+    provisioned: EtcdServer, users: Path, tmp_path: Path
+) -> None:
+    reader = options(provisioned, users, "reader")
+    log = (tmp_path / "controller.log").open("wb")
+    process = subprocess.Popen(
+        controller_argv(provisioned, users / "controller", tmp_path), stdout=log, stderr=log
+    )
+    try:
+        leader = until_sync(
+            lambda: asyncio.run(get(provisioned, reader, keys.LEADER_KEY)),
+            within=30,
+            what="the controller's leader record in etcd",
+        )
+        assert leader is not None
+        assert b"controller-0" in leader
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    with (tmp_path / "refused.log").open("wb") as out:
+        refused = subprocess.run(
+            controller_argv(provisioned, wrong, tmp_path), stdout=out, stderr=out, timeout=60
+        )
+    assert refused.returncode != 0
+    assert "authentication failed" in (tmp_path / "refused.log").read_text()
 
 
 def test_a_wrong_server_name_is_refused(tls_etcd: EtcdServer, tmp_path: Path) -> None:
