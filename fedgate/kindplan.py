@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedgate.manifests import settings as ms
+from mesh.naming import DEFAULT_FEDERATION_DOMAIN, trust_domain_for
 
 CLUSTERS = ("east", "west", "north")
 MANAGEMENT = "east"
@@ -70,8 +71,10 @@ def _secrets(o: KindOptions) -> list[Step]:
     etcd = s / "etcd"
     users = s / "etcd-users"
     steps = [Step("state directory", f"mkdir -p {_q(etcd)} {_q(users)}")]
+    # The control plane's CA is the federation's own trust domain (mesh.naming's
+    # controller_identity); each cluster's is `<cluster>.<federation domain>`.
     for name in (*CLUSTERS, "control"):
-        td = f"{name}.fedgate.local"
+        td = DEFAULT_FEDERATION_DOMAIN if name == "control" else trust_domain_for(name)
         steps.append(
             Step(
                 f"CA of {name}",

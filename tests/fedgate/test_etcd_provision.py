@@ -196,7 +196,7 @@ def controller_argv(server: EtcdServer, password_file: Path, tmp_path: Path) -> 
     """`fedgate controller` as the management cluster's Deployment runs it (its etcd flags)."""
     ca_dir = tmp_path / "control-ca"
     if not ca_dir.exists():
-        init_ca_dir(ca_dir, "control.fedgate.local", utcnow())
+        init_ca_dir(ca_dir, "fedgate.local", utcnow())
     return [
         sys.executable,
         "-m",

@@ -113,6 +113,15 @@ def test_every_fedgate_command_in_the_plan_parses() -> None:
             group.make_context(argv[1], args)
             seen.add(group.name)
     assert {"init", "manifests", "demo"} <= seen
+    inits = [s.command for s in plan() if " ca init " in s.command]
+    domains = {shlex.split(c)[shlex.split(c).index("--trust-domain") + 1] for c in inits}
+    # The controllers' identity lives in the federation's domain (mesh.naming).
+    assert domains == {
+        "east.fedgate.local",
+        "west.fedgate.local",
+        "north.fedgate.local",
+        "fedgate.local",
+    }
 
 
 def test_demo_manifests_validate_and_export_echo() -> None:
