@@ -59,9 +59,6 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         *etcd_client_args(settings.etcd_endpoints, f"agent-{settings.cluster}", ETCD_DIR),
         f"--ca-dir={CA_DIR}",
         f"--ca-listen={ANY}:{CA_PORT}",
-        # With --source kubernetes workloads are authenticated by TokenReview; the rig's token
-        # table is not read, but the option is still required.
-        "--tokens=/dev/null",
         f"--gateway-tunnel={settings.gateway_address}",
         f"--transport={settings.transport}",
         f"--gateway-egress={in_cluster(GATEWAY_EGRESS, EGRESS_PORT)}",
