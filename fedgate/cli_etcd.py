@@ -11,47 +11,15 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from federation.errors import StoreAuthError, StoreError
+from fedgate.etcdopts import ENV, EtcdClientOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdClientOptions:
-    """How to reach etcd: TLS when `ca` is set, etcd auth when `user` is."""
-
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    server_name: str = ""
-    user: str = ""
-    password_file: Path | None = None
-
-    def connect_kwargs(self, user: str = "", password: str = "") -> dict[str, Any]:
-        """Keyword arguments for `federation.etcd.open_client` (files read here, once)."""
-        from federation.etcd import EtcdCredentials
-
-        def read(path: Path | None) -> bytes | None:
-            return path.read_bytes() if path is not None else None
-
-        kw: dict[str, Any] = {
-            "ca_cert": read(self.ca),
-            "cert_chain": read(self.cert),
-            "cert_key": read(self.key),
-            "server_name": self.server_name or None,
-        }
-        user = user or self.user
-        if user:
-            if not password and self.password_file is not None:
-                password = self.password_file.read_text().strip()
-            kw["credentials"] = EtcdCredentials(user, password)
-        return kw
 
 
 def etcd_client_options(f: F) -> F:
@@ -59,19 +27,24 @@ def etcd_client_options(f: F) -> F:
     --etcd-password-file, collected into one `etcd_client: EtcdClientOptions` parameter."""
     # Not `exists=True`: a missing file is reported when the process reads it at start.
     file = click.Path(path_type=Path, dir_okay=False)
+    helps = {
+        "ca": "CA verifying etcd's certificate (turns TLS on).",
+        "cert": "Client certificate (mutual TLS).",
+        "key": "The client certificate's key.",
+        "server_name": "Name to verify in etcd's certificate [default: the first endpoint's].",
+        "user": "etcd user (etcd auth: docs/kubernetes.md).",
+        "password_file": "File holding that user's password.",
+    }
     options = [
         click.option(
-            "--etcd-ca", type=file, default=None, help="CA verifying etcd (turns TLS on)."
-        ),
-        click.option("--etcd-cert", type=file, default=None, help="Client certificate (mTLS)."),
-        click.option("--etcd-key", type=file, default=None, help="Client certificate's key."),
-        click.option(
-            "--etcd-server-name",
-            default="",
-            help="Name to verify in etcd's certificate [default: the first endpoint's host].",
-        ),
-        click.option("--etcd-user", default="", help="etcd user (etcd auth; docs/kubernetes.md)."),
-        click.option("--etcd-password-file", type=file, default=None, help="Its password."),
+            "--etcd-" + field.replace("_", "-"),
+            type=str if field in ("server_name", "user") else file,
+            default="" if field in ("server_name", "user") else None,
+            envvar=ENV[field],
+            show_envvar=True,
+            help=text,
+        )
+        for field, text in helps.items()
     ]
 
     @functools.wraps(f)

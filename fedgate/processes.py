@@ -42,9 +42,9 @@ if TYPE_CHECKING:
     from clusters.kube.writeback import McsWriteBack
     from federation.gitops.sync import GitOpsSync, SyncSettings
     from federation.leader import LeaderElection
+    from fedgate.etcdopts import EtcdClientOptions
     from fedgate.identity import AgentCA
     from fedgate.inject_webhook import WebhookOptions
-    from fedgate.cli_etcd import EtcdClientOptions
 
 _log = structlog.get_logger("fedgate")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import ssl
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from federation import keys
 from federation.errors import StoreAuthError, StoreUnavailableError
 from federation.etcd import etcd_client, store_errors
 from fedgate import cli
-from fedgate.cli_etcd import EtcdClientOptions
+from fedgate.etcdopts import EtcdClientOptions
 from fedgate.manifests.settings import ETCD_SERVER_NAME
 from tests.etcd_fixture import EtcdServer, find_etcd
 from tests.helpers import free_port, until_sync
@@ -256,3 +257,22 @@ def test_a_wrong_server_name_is_refused(tls_etcd: EtcdServer, tmp_path: Path) ->
 
     with pytest.raises(StoreUnavailableError, match="connect"):
         asyncio.run(connect())
+
+
+def test_operator_tools_reach_the_tls_etcd_from_the_environment(
+    provisioned: EtcdServer, users: Path
+) -> None:
+    """`fedgate status --etcd ...` (like every tool taking --etcd) logs in from FEDGATE_ETCD_*,
+    as etcdctl does from ETCDCTL_*; without them the etcd refuses it."""
+    env = {
+        "FEDGATE_ETCD_CA": str(provisioned.data_dir / "tls" / "ca.crt"),
+        "FEDGATE_ETCD_SERVER_NAME": ETCD_SERVER_NAME,
+        "FEDGATE_ETCD_USER": "reader",
+        "FEDGATE_ETCD_PASSWORD_FILE": str(users / "reader"),
+    }
+    args = ["status", f"--etcd={provisioned.endpoint}", "--json"]
+    ok = CliRunner().invoke(cli.main, args, env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "clusters" in json.loads(ok.output)
+    anonymous = CliRunner().invoke(cli.main, args, env={**env, "FEDGATE_ETCD_USER": ""})
+    assert anonymous.exit_code != 0
