@@ -330,3 +330,17 @@ def test_cli_renders_yaml() -> None:
     bad = CliRunner().invoke(cli.main, ["manifests", "--cluster=west", "--gateway-address=x:1"])
     assert bad.exit_code != 0
     assert "--etcd" in bad.output
+
+
+@pytest.mark.parametrize("name", ["east-management.yaml", "west-member.yaml"])
+def test_the_examples_in_deploy_are_current(name: str) -> None:
+    """deploy/examples/ holds what the commands in their headers print, byte for byte."""
+    path = Path(__file__).parents[2] / "deploy" / "examples" / name
+    header, body = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        (header if line.startswith("#") and not body else body).append(line)
+    command = header[-1].lstrip("# ").split(" > ")[0].split()
+    assert command[0] == "fedgate"
+    result = CliRunner().invoke(cli.main, command[1:])
+    assert result.exit_code == 0, result.output
+    assert result.output == "".join(body), f"regenerate: {' '.join(command)} > {path}"
