@@ -75,8 +75,8 @@ def manifests(
     deploy_dir: Path | None,
 ) -> None:
     """Print the Kubernetes manifests installing fedgate on one cluster (kubectl apply -f -)."""
-    from fedgate.manifests import ManifestError, ManifestSettings, render, to_yaml
-    from fedgate.manifests.render import DEPLOY_DIR
+    from fedgate.manifests.render import DEPLOY_DIR, render, to_yaml
+    from fedgate.manifests.settings import ManifestError, ManifestSettings
 
     try:
         settings = ManifestSettings(
@@ -177,7 +177,7 @@ def kind_down(state_dir: Path, dry_run: bool) -> None:
 @click.option("--call", is_flag=True, help="Run the curl client here.")
 def kind_demo(cluster: str, image: str, serve: bool, call: bool) -> None:
     """Print the demo workload's manifests for one cluster."""
-    from fedgate.manifests import to_yaml
     from fedgate.manifests.demo import demo
+    from fedgate.manifests.render import to_yaml
 
     click.echo(to_yaml(demo(cluster, serve=serve, call=call, image=image)), nl=False)

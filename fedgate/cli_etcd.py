@@ -8,7 +8,6 @@ on it logs in as root and adds only the users missing, e.g. the agent of a clust
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any, TypeVar
 
 import click
 
-from federation.errors import StoreAuthError, StoreError
 from fedgate.etcdopts import ENV, EtcdClientOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,6 +92,9 @@ def provision(
     etcd_endpoints: str, etcd_client: EtcdClientOptions, users_dir: Path, clusters: str
 ) -> None:
     """Create the etcd users and roles and enable auth; later runs add missing users."""
+    import asyncio
+
+    from federation.errors import StoreError
     from federation.etcd_auth import ROOT_USER
 
     passwords = read_passwords(users_dir)
@@ -119,6 +120,7 @@ async def ensure_auth(
 ) -> str:
     from etcd3aio import prefix_range_end
 
+    from federation.errors import StoreAuthError
     from federation.etcd import etcd_client, store_errors
     from federation.etcd_auth import ROOT_USER, grants
     from federation.etcd_auth import provision as provision_auth

@@ -10,11 +10,8 @@ read are the MCS CRDs, vendored verbatim from kubernetes-sigs/mcs-api under `dep
 
 Secret material is never rendered: the Secrets the workloads mount are created by the operator
 (`docs/kubernetes.md`, or `fedgate kind up`), so manifests can be kept in git.
+
+Modules: `settings` (the options, names and ports), `render` (`render`, `to_yaml`, the CRDs),
+`common`, `rbac`, `member`, `management`, `demo`. The package imports nothing itself, so the
+CLI's option lists (`settings`) do not load YAML.
 """
-
-from __future__ import annotations
-
-from fedgate.manifests.render import render, to_yaml
-from fedgate.manifests.settings import ManifestError, ManifestSettings
-
-__all__ = ["ManifestError", "ManifestSettings", "render", "to_yaml"]

@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 from clusters.kube import mcs
 from fedgate import check_facts, cli
-from fedgate.manifests import ManifestError, ManifestSettings, render, to_yaml
 from fedgate.manifests import rbac as rbac_mod
+from fedgate.manifests.render import render, to_yaml
+from fedgate.manifests.settings import ManifestError, ManifestSettings
 from mesh.model import Condition, MergedService, ServicePort
 from mesh.naming import ServiceKey
 
