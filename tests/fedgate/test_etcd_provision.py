@@ -27,9 +27,15 @@ from federation.errors import StoreAuthError, StoreUnavailableError
 from federation.etcd import etcd_client, store_errors
 from fedgate import cli
 from fedgate.etcdopts import EtcdClientOptions
-from fedgate.manifests.settings import ETCD_SERVER_NAME
+from fedgate.manifests.render import render
+from fedgate.manifests.settings import AGENT, ETCD_SERVER_NAME, ManifestSettings
+from mesh.naming import ServiceKey
+from tests.clusters.kube_objects import NS, endpoint, endpoint_slice, pod, service, service_export
+from tests.clusters.kube_rig import write_kubeconfig
 from tests.etcd_fixture import EtcdServer, find_etcd
 from tests.helpers import free_port, until_sync
+from tests.kubefake import FakeKubeAPI
+from tests.kubefake.resources import ENDPOINTSLICES, PODS, SERVICEEXPORTS, SERVICES
 
 pytestmark = pytest.mark.etcd
 
@@ -276,3 +282,63 @@ def test_operator_tools_reach_the_tls_etcd_from_the_environment(
     assert "clusters" in json.loads(ok.output)
     anonymous = CliRunner().invoke(cli.main, args, env={**env, "FEDGATE_ETCD_USER": ""})
     assert anonymous.exit_code != 0
+
+
+def rendered_agent_argv(server: EtcdServer, root: Path, kubeconfig: Path) -> list[str]:
+    """The agent container's args from `fedgate manifests`, run as a local process: the pod's
+    mount paths under `root`, its 0.0.0.0 listeners on free loopback ports, and a kubeconfig
+    for the fake API server instead of the in-cluster ServiceAccount."""
+    settings = ManifestSettings(
+        cluster="east",
+        gateway_address="203.0.113.10:15443",
+        etcd=server.endpoint,
+        controller="203.0.113.1:15012",
+    )
+    (deployment,) = [
+        o for o in render(settings) if o["kind"] == "Deployment" and o["metadata"]["name"] == AGENT
+    ]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    out = []
+    for arg in args:
+        arg = arg.replace("/var/run/fedgate/", f"{root}/")
+        if "=0.0.0.0:" in arg:
+            arg = f"{arg.split('=')[0]}=127.0.0.1:{free_port()}"
+        out.append(arg)
+    return [sys.executable, "-m", "fedgate", *out, f"--kubeconfig={kubeconfig}"]
+
+
+def test_the_rendered_agent_publishes_its_cluster_through_the_tls_etcd(
+    provisioned: EtcdServer, users: Path, tmp_path: Path
+) -> None:
+    """The agent's rendered command line, end to end: TLS to etcd as `agent-east`, the
+    cluster's exports read from a (fake) API server, the catalog published under its prefix."""
+    root = tmp_path / "run"
+    (root / "etcd").mkdir(parents=True)
+    (root / "etcd" / "ca.crt").write_bytes((provisioned.data_dir / "tls" / "ca.crt").read_bytes())
+    (root / "etcd" / "password").write_text((users / "agent-east").read_text())
+    init_ca_dir(root / "ca", "east.fedgate.local", utcnow())
+    reader = options(provisioned, users, "reader")
+    export = keys.export_key("east", ServiceKey(NS, "pay"))
+    with FakeKubeAPI() as api:
+        api.store.create(SERVICES, service("pay", ("http", 8080, "http")))
+        api.store.create(SERVICEEXPORTS, service_export("pay"))
+        api.store.create(PODS, pod("p1", "payments"))
+        api.store.create(ENDPOINTSLICES, endpoint_slice("pay-a", "pay", endpoint("10.0.0.1", "p1")))
+        argv = rendered_agent_argv(provisioned, root, write_kubeconfig(tmp_path / "kc", api.url))
+        with (tmp_path / "agent.log").open("wb") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=log)
+            try:
+                published = until_sync(
+                    lambda: asyncio.run(get(provisioned, reader, export)),
+                    within=30,
+                    what="the agent's export of shop/pay in etcd",
+                )
+                assert b"10.0.0.1" in published
+                info = asyncio.run(get(provisioned, reader, keys.info_key("east")))
+                assert info is not None
+                assert b"203.0.113.10" in info  # the gateway address peers dial
+            finally:
+                process.terminate()
+                process.wait(timeout=15)
+    # A clean stop revokes the lease: the cluster leaves the catalog at once.
+    assert asyncio.run(get(provisioned, reader, keys.info_key("east"))) is None
