@@ -49,8 +49,18 @@ def pod_security() -> Obj:
 
 
 def http_probes(port: int) -> Obj:
-    """The admin port's /healthz (alive) and /readyz (ready), as every fedgate process serves."""
+    """The admin port's /healthz (alive) and /readyz (ready), as every fedgate process serves.
+
+    A proxy opens its admin port only once it holds an identity, which needs the agent's CA:
+    the startup probe gives it five minutes (a gateway started before its agent waits, instead
+    of being restarted by the liveness probe), after which liveness takes over.
+    """
     return {
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": port},
+            "periodSeconds": 5,
+            "failureThreshold": 60,
+        },
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": port},
             "periodSeconds": 10,

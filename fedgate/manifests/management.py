@@ -271,7 +271,7 @@ def provision_job(settings: ManifestSettings) -> Obj:
         f"--clusters={','.join(settings.clusters)}",
     ]
     container = fedgate_container(settings, "provision", args, [], 0, [])
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         del container[probe]  # a run-to-completion command has no admin port
     container["volumeMounts"] += [mount("etcd", ETCD_DIR), mount("users", USERS_DIR)]
     etcd_ca = {
