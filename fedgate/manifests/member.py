@@ -36,6 +36,7 @@ from fedgate.manifests.settings import (
     GATEWAY_EGRESS,
     GATEWAY_METRICS_PORT,
     GATEWAY_NODE_PORT,
+    GATEWAY_SERVICE_ACCOUNT,
     TUNNEL_PORT,
     ManifestSettings,
     etcd_client_args,
@@ -160,7 +161,7 @@ def gateway(settings: ManifestSettings) -> list[Obj]:
         [mount("identity", IDENTITY_DIR)],
         sizes=("500m", "256Mi", "1Gi"),
     )
-    spec = pod_spec(GATEWAY, GATEWAY, [container], [identity_volume()])
+    spec = pod_spec(GATEWAY, GATEWAY_SERVICE_ACCOUNT, [container], [identity_volume()])
     node_port = GATEWAY_NODE_PORT if settings.node_ports else None
     return [
         deployment(GATEWAY, GATEWAY_REPLICAS, spec),

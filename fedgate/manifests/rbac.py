@@ -13,7 +13,7 @@ from fedgate.manifests.settings import (
     AGENT,
     CONTROLLER,
     ETCD,
-    GATEWAY,
+    GATEWAY_SERVICE_ACCOUNT,
     NAMESPACE,
     ManifestSettings,
 )
@@ -66,5 +66,5 @@ def agent_rbac() -> list[Obj]:
 
 
 def accounts(settings: ManifestSettings) -> list[Obj]:
-    names = [AGENT, GATEWAY] + ([CONTROLLER, ETCD] if settings.management else [])
+    names = [AGENT, GATEWAY_SERVICE_ACCOUNT] + ([CONTROLLER, ETCD] if settings.management else [])
     return [service_account(name) for name in names]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mesh.errors import InvalidNameError
-from mesh.naming import check_label, trust_domain_for
+from mesh.naming import SYSTEM_NAMESPACE, check_label, gateway_identity, trust_domain_for
 
-NAMESPACE = "fedgate-system"
+NAMESPACE = SYSTEM_NAMESPACE
 DEFAULT_IMAGE = "fedgate:0.1.0"  # not :latest, so kind's loaded image is used (IfNotPresent)
 DEFAULT_ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.21"
 ROLES = ("member", "management")
@@ -37,6 +37,9 @@ ETCD_MEMBERS = 3
 AGENT = "fedgate-agent"
 GATEWAY = "fedgate-gateway"
 GATEWAY_EGRESS = "fedgate-gateway-egress"
+# The gateway's identity is fixed (mesh.naming): spiffe://<td>/ns/fedgate-system/sa/gateway, and
+# the CA issues the SVID of the ServiceAccount the projected token belongs to.
+GATEWAY_SERVICE_ACCOUNT = gateway_identity("fedgate.local").service_account
 CA_SERVICE = "fedgate-ca"
 CONTROLLER = "fedgate-controller"
 CONTROL_SERVICE = "fedgate-control"  # the management cluster's address for member clusters

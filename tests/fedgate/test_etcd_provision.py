@@ -5,11 +5,15 @@ adding the user of a cluster that joined, and the etcd flags of agent/controller
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import re
+import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from tests.clusters.kube_rig import write_kubeconfig
 from tests.etcd_fixture import EtcdServer, find_etcd
 from tests.helpers import free_port, until_sync
 from tests.kubefake import FakeKubeAPI
+from tests.kubefake.fake import TokenIdentity
 from tests.kubefake.resources import ENDPOINTSLICES, PODS, SERVICEEXPORTS, SERVICES
 
 pytestmark = pytest.mark.etcd
@@ -284,27 +289,45 @@ def test_operator_tools_reach_the_tls_etcd_from_the_environment(
     assert anonymous.exit_code != 0
 
 
-def rendered_agent_argv(server: EtcdServer, root: Path, kubeconfig: Path) -> list[str]:
-    """The agent container's args from `fedgate manifests`, run as a local process: the pod's
-    mount paths under `root`, its 0.0.0.0 listeners on free loopback ports, and a kubeconfig
-    for the fake API server instead of the in-cluster ServiceAccount."""
+_ADDRESS = re.compile(r"(?:0\.0\.0\.0|[a-z0-9-]+\.fedgate-system\.svc):(\d+)")
+
+
+def rendered(server: EtcdServer, controller: str = "203.0.113.1:15012") -> dict[str, list[str]]:
+    """Each fedgate container's args of east's management install, by Deployment name."""
     settings = ManifestSettings(
         cluster="east",
+        role="management",
         gateway_address="203.0.113.10:15443",
         etcd=server.endpoint,
-        controller="203.0.113.1:15012",
+        controller=controller,
     )
-    (deployment,) = [
-        o for o in render(settings) if o["kind"] == "Deployment" and o["metadata"]["name"] == AGENT
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["args"]
+        for o in render(settings)
+        if o["kind"] == "Deployment"
+    }
+
+
+def local(args: list[str], root: Path, ports: dict[int, int]) -> list[str]:
+    """A container's args as a local process: the pod's mounts under `root`, its listeners and
+    in-cluster Service addresses on the loopback ports `ports` maps their port numbers to."""
+
+    def address(m: re.Match[str]) -> str:
+        return f"127.0.0.1:{ports.setdefault(int(m.group(1)), free_port())}"
+
+    out = [
+        _ADDRESS.sub(address, arg.replace("/var/run/fedgate/", f"{root}/"))
+        .replace("/var/lib/fedgate/", f"{root}/")
+        .replace("$(POD_NAME)", "controller-0")
+        for arg in args
     ]
-    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    out = []
-    for arg in args:
-        arg = arg.replace("/var/run/fedgate/", f"{root}/")
-        if "=0.0.0.0:" in arg:
-            arg = f"{arg.split('=')[0]}=127.0.0.1:{free_port()}"
-        out.append(arg)
-    return [sys.executable, "-m", "fedgate", *out, f"--kubeconfig={kubeconfig}"]
+    return [sys.executable, "-m", "fedgate", *out]
+
+
+def etcd_mount(server: EtcdServer, directory: Path, password: Path) -> None:
+    directory.mkdir(parents=True)
+    (directory / "ca.crt").write_bytes((server.data_dir / "tls" / "ca.crt").read_bytes())
+    (directory / "password").write_text(password.read_text())
 
 
 def test_the_rendered_agent_publishes_its_cluster_through_the_tls_etcd(
@@ -313,9 +336,7 @@ def test_the_rendered_agent_publishes_its_cluster_through_the_tls_etcd(
     """The agent's rendered command line, end to end: TLS to etcd as `agent-east`, the
     cluster's exports read from a (fake) API server, the catalog published under its prefix."""
     root = tmp_path / "run"
-    (root / "etcd").mkdir(parents=True)
-    (root / "etcd" / "ca.crt").write_bytes((provisioned.data_dir / "tls" / "ca.crt").read_bytes())
-    (root / "etcd" / "password").write_text((users / "agent-east").read_text())
+    etcd_mount(provisioned, root / "etcd", users / "agent-east")
     init_ca_dir(root / "ca", "east.fedgate.local", utcnow())
     reader = options(provisioned, users, "reader")
     export = keys.export_key("east", ServiceKey(NS, "pay"))
@@ -324,7 +345,8 @@ def test_the_rendered_agent_publishes_its_cluster_through_the_tls_etcd(
         api.store.create(SERVICEEXPORTS, service_export("pay"))
         api.store.create(PODS, pod("p1", "payments"))
         api.store.create(ENDPOINTSLICES, endpoint_slice("pay-a", "pay", endpoint("10.0.0.1", "p1")))
-        argv = rendered_agent_argv(provisioned, root, write_kubeconfig(tmp_path / "kc", api.url))
+        kubeconfig = write_kubeconfig(tmp_path / "kc", api.url)
+        argv = [*local(rendered(provisioned)[AGENT], root, {}), f"--kubeconfig={kubeconfig}"]
         with (tmp_path / "agent.log").open("wb") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=log)
             try:
@@ -342,3 +364,64 @@ def test_the_rendered_agent_publishes_its_cluster_through_the_tls_etcd(
                 process.wait(timeout=15)
     # A clean stop revokes the lease: the cluster leaves the catalog at once.
     assert asyncio.run(get(provisioned, reader, keys.info_key("east"))) is None
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def ca_port() -> int:
+    """A port whose successor is free too: the CA renews on its port + 1."""
+    while True:
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 1))
+            return port
+
+
+def test_a_rendered_install_comes_up(provisioned: EtcdServer, users: Path, tmp_path: Path) -> None:
+    """Controller, agent and gateway from east's rendered install, as local processes: the
+    gateway's projected token passes the agent CA's TokenReview (fake API server), it gets its
+    SVID and its config stream from the controller (mTLS), and is ready, as its probe asks."""
+    ports = {15013: ca_port()}
+    ports[15012] = free_port()
+    control, agent_root, gw_root = (tmp_path / n for n in ("controller", "agent", "gateway"))
+    etcd_mount(provisioned, control / "etcd", users / "controller")
+    etcd_mount(provisioned, agent_root / "etcd", users / "agent-east")
+    init_ca_dir(control / "control-ca", "fedgate.local", utcnow())
+    init_ca_dir(agent_root / "ca", "east.fedgate.local", utcnow())
+    identity = gw_root / "identity"
+    identity.mkdir(parents=True)
+    (identity / "token").write_text("gateway-token\n")
+    (identity / "ca.pem").write_bytes((agent_root / "ca" / "root.pem").read_bytes())
+    (identity / "control.pem").write_bytes((control / "control-ca" / "root.pem").read_bytes())
+    (identity / "trust-domain").write_text("east.fedgate.local\n")
+    args = rendered(provisioned, controller=f"127.0.0.1:{ports[15012]}")
+    gateway_sa = TokenIdentity("system:serviceaccount:fedgate-system:gateway", ("fedgate",))
+    processes: list[subprocess.Popen[bytes]] = []
+    with FakeKubeAPI(token_reviews={"gateway-token": gateway_sa}) as api:
+        kubeconfig = write_kubeconfig(tmp_path / "kc", api.url)
+        argvs = {
+            "controller": local(args["fedgate-controller"], control, ports),
+            "agent": [*local(args[AGENT], agent_root, ports), f"--kubeconfig={kubeconfig}"],
+            "gateway": local(args["fedgate-gateway"], gw_root, ports),
+        }
+        try:
+            for name, argv in argvs.items():
+                log = (tmp_path / f"{name}.log").open("wb")
+                processes.append(subprocess.Popen(argv, stdout=log, stderr=log))
+                log.close()
+            until_sync(lambda: ready(ports[15021]), within=60, what="the gateway ready")
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[15021]}/config") as r:
+                config = json.loads(r.read())
+            assert config["identity"] == "spiffe://east.fedgate.local/ns/fedgate-system/sa/gateway"
+            assert config["version"]
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=15)
