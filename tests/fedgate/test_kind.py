@@ -163,3 +163,86 @@ def test_missing_tools_fail_with_a_clear_message(monkeypatch: pytest.MonkeyPatch
     dry = CliRunner().invoke(cli.main, ["kind", "down", "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "kind delete cluster --name north" in dry.output
+
+
+CA_DIR_FILES = {"root.pem", "root.key", "trust-domain"}  # a fresh `fedgate ca init` directory
+
+
+def created(cluster: str) -> dict[tuple[str, str], set[str]]:
+    """(kind, name) -> keys, of the Secrets and ConfigMaps the plan creates in `cluster`."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for step in plan():
+        argv = shlex.split(step.command.split(" | ")[0])
+        if argv[:3] != ["kubectl", "--context", kindplan.context(cluster)] or "create" not in argv:
+            continue
+        rest = argv[argv.index("create") + 1 :]
+        if rest[0] == "secret":
+            kind, name = "Secret", rest[2]
+        elif rest[0] == "configmap":
+            kind, name = "ConfigMap", rest[1]
+        else:
+            continue
+        keys = set()
+        for arg in rest:
+            if arg.startswith("--from-file="):
+                key, sep, _ = arg.removeprefix("--from-file=").partition("=")
+                # A directory: one key per file (the etcd users: one per user).
+                keys |= {key} if sep else {f"<each file of {key}>"}
+        out[(kind, name)] = keys
+    return out
+
+
+def needed(cluster: str) -> dict[tuple[str, str], set[str]]:
+    """(kind, name) -> keys the rendered install of `cluster` mounts."""
+    from fedgate.manifests.render import render
+    from fedgate.manifests.settings import ManifestSettings
+
+    management = cluster == kindplan.MANAGEMENT
+    settings = ManifestSettings(
+        cluster=cluster,
+        gateway_address="172.18.0.2:31443",
+        role="management" if management else "member",
+        etcd="" if management else "172.18.0.3:32379",
+        controller="" if management else "172.18.0.3:31012",
+        gateway_service="NodePort",
+        clusters=kindplan.CLUSTERS if management else (),
+    )
+    out: dict[tuple[str, str], set[str]] = {}
+    for o in render(settings):
+        spec = o.get("spec", {}).get("template", {}).get("spec", {})
+        args = " ".join(a for c in spec.get("containers", []) for a in c.get("args", []))
+        mounts = {
+            m["name"]: m["mountPath"]
+            for c in spec.get("containers", [])
+            for m in c.get("volumeMounts", [])
+        }
+        for volume in spec.get("volumes", []):
+            sources = volume.get("projected", {}).get("sources", [])
+            if "secret" in volume:
+                sources = [{"secret": {"name": volume["secret"]["secretName"], **volume["secret"]}}]
+            for source in sources:
+                for kind, field in (("Secret", "secret"), ("ConfigMap", "configMap")):
+                    if field not in source:
+                        continue
+                    ref = source[field]
+                    keys = {i["key"] for i in ref.get("items", [])}
+                    if not keys:  # the whole object: the files the container reads in it
+                        path = mounts[volume["name"]]
+                        keys = {a.split(path + "/", 1)[1] for a in args.split() if path + "/" in a}
+                        if f"--ca-dir={path}" in args.split():
+                            keys = CA_DIR_FILES
+                    out.setdefault((kind, ref["name"]), set()).update(keys)
+    return out
+
+
+@pytest.mark.parametrize("cluster", kindplan.CLUSTERS)
+def test_the_plan_creates_every_secret_and_key_the_install_mounts(cluster: str) -> None:
+    have, want = created(cluster), needed(cluster)
+    assert want, "the install mounts nothing?"
+    for ref, keys in want.items():
+        assert ref in have, f"{cluster}: {ref} is mounted but never created"
+        if ref == ("Secret", "fedgate-etcd-users"):
+            # One file per etcd user, whose names are the keys the pods read.
+            assert keys <= set(kindplan.ETCD_USERS), keys
+            continue
+        assert keys <= have[ref], f"{cluster}: {ref} lacks {keys - have[ref]}"
