@@ -56,6 +56,19 @@ _DEPLOY_HELP = "The deploy/ directory holding the vendored CRDs [default: this c
     help="management: every member cluster, comma-separated (their etcd users are created).",
 )
 @click.option(
+    "--ca-bundle",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The cluster CA's root(s), PEM (its CA directory's root.pem): the injection webhook's "
+    "caBundle [default: left out, to be set by the installer].",
+)
+@click.option(
+    "--cluster-dns",
+    default="10.96.0.10",
+    show_default=True,
+    help="kube-dns's Service IP in this cluster (injected pods' second nameserver).",
+)
+@click.option(
     "--deploy-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -72,12 +85,18 @@ def manifests(
     etcd: str,
     controller: str,
     clusters: str,
+    ca_bundle: Path | None,
+    cluster_dns: str,
     deploy_dir: Path | None,
 ) -> None:
     """Print the Kubernetes manifests installing fedgate on one cluster (kubectl apply -f -)."""
     from fedgate.manifests.render import DEPLOY_DIR, render, to_yaml
     from fedgate.manifests.settings import ManifestError, ManifestSettings
 
+    try:
+        bundle = ca_bundle.read_bytes() if ca_bundle is not None else None
+    except OSError as e:
+        raise click.ClickException(f"--ca-bundle: {e}") from e
     try:
         settings = ManifestSettings(
             cluster=cluster,
@@ -90,6 +109,8 @@ def manifests(
             controller=controller,
             clusters=tuple(c.strip() for c in clusters.split(",") if c.strip()),
             etcd_image=etcd_image,
+            ca_bundle=bundle,
+            cluster_dns=cluster_dns,
         )
         click.echo(to_yaml(render(settings, deploy_dir or DEPLOY_DIR)), nl=False)
     except ManifestError as e:

@@ -10,13 +10,17 @@ a local state directory and loaded as Secrets; nothing secret is printed.
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from fedgate.manifests import settings as ms
+from fedgate.manifests.demo import DEMO_NAMESPACE
 from mesh.naming import DEFAULT_FEDERATION_DOMAIN, trust_domain_for
 
 CLUSTERS = ("east", "west", "north")
@@ -111,10 +115,31 @@ def _secrets(o: KindOptions) -> list[Step]:
     return steps
 
 
-def _apply_secret(cluster: str, *args: str) -> str:
+def _apply_secret(cluster: str, *args: str, namespace: str = ms.NAMESPACE) -> str:
     """Create or update (kubectl create --dry-run | apply): re-running `up` is harmless."""
-    create = kubectl(cluster, "-n", ms.NAMESPACE, "create", *args, "--dry-run=client", "-o=yaml")
+    create = kubectl(cluster, "-n", namespace, "create", *args, "--dry-run=client", "-o=yaml")
     return f"{create} | {kubectl(cluster, 'apply', '-f', '-')}"
+
+
+def _bootstrap(o: KindOptions, cluster: str, namespace: str = ms.NAMESPACE) -> Step:
+    """The public roots and trust domain a proxy's identity starts from (`ca.bootstrap`): in
+    fedgate-system for the gateway, and in every injected namespace for the sidecars."""
+    ca = o.state / "ca" / cluster
+    pairs = (
+        ("ca.pem", ca / "root.pem"),
+        ("control.pem", o.state / "ca" / "control" / "root.pem"),
+        ("trust-domain", ca / "trust-domain"),
+    )
+    return Step(
+        f"{cluster}: bootstrap roots in {namespace}",
+        _apply_secret(
+            cluster,
+            "configmap",
+            ms.BOOTSTRAP_CONFIGMAP,
+            *(f"--from-file={key}={path}" for key, path in pairs),
+            namespace=namespace,
+        ),
+    )
 
 
 def _cluster_secrets(o: KindOptions, cluster: str) -> list[Step]:
@@ -139,19 +164,7 @@ def _cluster_secrets(o: KindOptions, cluster: str) -> list[Step]:
                 *files(*((n, ca / n) for n in ("root.pem", "root.key", "trust-domain"))),
             ),
         ),
-        Step(
-            f"{cluster}: bootstrap roots",
-            _apply_secret(
-                cluster,
-                "configmap",
-                ms.BOOTSTRAP_CONFIGMAP,
-                *files(
-                    ("ca.pem", ca / "root.pem"),
-                    ("control.pem", s / "ca" / "control" / "root.pem"),
-                    ("trust-domain", ca / "trust-domain"),
-                ),
-            ),
-        ),
+        _bootstrap(o, cluster),
         Step(
             f"{cluster}: etcd client secret",
             _apply_secret(
@@ -203,6 +216,12 @@ def _cluster_secrets(o: KindOptions, cluster: str) -> list[Step]:
     return steps
 
 
+def cluster_dns(repo: Path, cluster: str) -> str:
+    """kube-dns's Service IP in a kind cluster: the 10th address of its service subnet."""
+    config = yaml.safe_load((repo / "kind-configs" / f"{cluster}.yaml").read_text())
+    return str(ipaddress.ip_network(config["networking"]["serviceSubnet"])[10])
+
+
 def _install(o: KindOptions, cluster: str) -> Step:
     mgmt = node_ip(MANAGEMENT)
     args = [
@@ -220,7 +239,11 @@ def _install(o: KindOptions, cluster: str) -> Step:
             f"--etcd={mgmt}:{ms.ETCD_NODE_PORT}",
             f"--controller={mgmt}:{ms.CONTROLLER_NODE_PORT}",
         ]
-    args.append(f"--gateway-address={node_ip(cluster)}:{ms.GATEWAY_NODE_PORT}")
+    args += [
+        f"--gateway-address={node_ip(cluster)}:{ms.GATEWAY_NODE_PORT}",
+        f"--ca-bundle={_q(o.state / 'ca' / cluster / 'root.pem')}",
+        f"--cluster-dns={cluster_dns(o.repo, cluster)}",
+    ]
     return Step(
         f"{cluster}: install fedgate",
         f"{' '.join(args)} | {kubectl(cluster, 'apply', '--server-side', '-f', '-')}",
@@ -272,15 +295,20 @@ def _wait(cluster: str) -> list[Step]:
     return steps
 
 
-def _demo(o: KindOptions, cluster: str) -> Step:
+def _demo(o: KindOptions, cluster: str) -> list[Step]:
     flags = [f"--image={shlex.quote(o.image)}"]
     flags += ["--serve"] if cluster in SERVERS else []
     flags += ["--call"] if cluster == CLIENT else []
-    return Step(
-        f"{cluster}: demo workload",
-        f"{o.fedgate} kind demo --cluster={cluster} {' '.join(flags)} | "
-        f"{kubectl(cluster, 'apply', '--server-side', '-f', '-')}",
-    )
+    namespace = _apply_secret(cluster, "namespace", DEMO_NAMESPACE, namespace=DEMO_NAMESPACE)
+    return [
+        Step(f"{cluster}: namespace {DEMO_NAMESPACE}", namespace),
+        _bootstrap(o, cluster, DEMO_NAMESPACE),  # before the injected pods that mount it
+        Step(
+            f"{cluster}: demo workload",
+            f"{o.fedgate} kind demo --cluster={cluster} {' '.join(flags)} | "
+            f"{kubectl(cluster, 'apply', '--server-side', '-f', '-')}",
+        ),
+    ]
 
 
 def up_plan(o: KindOptions) -> list[Step]:
@@ -316,7 +344,9 @@ def up_plan(o: KindOptions) -> list[Step]:
         steps += _cluster_secrets(o, cluster)
         steps.append(_install(o, cluster))
         steps += _wait(cluster)
-    steps += [_demo(o, c) for c in CLUSTERS if c in SERVERS or c == CLIENT]
+    for cluster in CLUSTERS:
+        if cluster in SERVERS or cluster == CLIENT:
+            steps += _demo(o, cluster)
     for cluster in CLUSTERS:
         if cluster in SERVERS or cluster == CLIENT:
             steps.append(

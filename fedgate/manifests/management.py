@@ -96,7 +96,7 @@ def controller(settings: ManifestSettings) -> list[Obj]:
         settings,
         "controller",
         args,
-        [port("grpc-config", CONTROLLER_GRPC_PORT), port("http-admin", CONTROLLER_ADMIN_PORT)],
+        [port("grpc-config", CONTROLLER_GRPC_PORT), port("admin", CONTROLLER_ADMIN_PORT)],
         CONTROLLER_ADMIN_PORT,
         [
             mount("control-ca", CONTROL_CA_DIR),
@@ -122,7 +122,7 @@ def controller(settings: ManifestSettings) -> list[Obj]:
         deployment(CONTROLLER, CONTROLLER_REPLICAS, spec),
         service(
             CONTROLLER,
-            [grpc, service_port("http-admin", CONTROLLER_ADMIN_PORT)],
+            [grpc, service_port("admin", CONTROLLER_ADMIN_PORT)],
             CONTROLLER,
         ),
         # How member clusters' gateways and sidecars reach the config streams.

@@ -9,6 +9,7 @@ in seconds and a lease outlives that (`--lease-ttl`), so the catalog does not fl
 
 from __future__ import annotations
 
+from fedgate.manifests import injector
 from fedgate.manifests.common import (
     Obj,
     deployment,
@@ -64,6 +65,7 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         f"--transport={settings.transport}",
         f"--gateway-egress={in_cluster(GATEWAY_EGRESS, EGRESS_PORT)}",
         f"--admin={ANY}:{AGENT_ADMIN_PORT}",
+        *injector.agent_args(),
     ]
     container = fedgate_container(
         settings,
@@ -72,16 +74,21 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         [
             port("grpc-ca", CA_PORT),
             port("grpc-ca-renew", CA_RENEW_PORT),
-            port("http-admin", AGENT_ADMIN_PORT),
+            port("admin", AGENT_ADMIN_PORT),
+            injector.agent_port(),
         ],
         AGENT_ADMIN_PORT,
-        [mount("ca", CA_DIR), mount("etcd", ETCD_DIR)],
+        [mount("ca", CA_DIR), mount("etcd", ETCD_DIR), injector.agent_mount()],
     )
     spec = pod_spec(
         AGENT,
         AGENT,
         [container],
-        [secret_volume("ca", CA_SECRET), secret_volume("etcd", ETCD_CLIENT_SECRET)],
+        [
+            secret_volume("ca", CA_SECRET),
+            secret_volume("etcd", ETCD_CLIENT_SECRET),
+            injector.agent_volume(),
+        ],
         automount=True,  # the only fedgate pod that talks to the Kubernetes API
     )
     return [
@@ -155,7 +162,7 @@ def gateway(settings: ManifestSettings) -> list[Obj]:
             port("tunnel-udp", TUNNEL_PORT, "UDP"),
             port("tcp-egress", EGRESS_PORT),
             port("http-metrics", GATEWAY_METRICS_PORT),
-            port("http-admin", GATEWAY_ADMIN_PORT),
+            port("admin", GATEWAY_ADMIN_PORT),
         ],
         GATEWAY_ADMIN_PORT,
         [mount("identity", IDENTITY_DIR)],

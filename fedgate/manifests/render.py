@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from fedgate.manifests import management, member, rbac
+from fedgate.manifests import injector, management, member, rbac
 from fedgate.manifests.common import Obj
 from fedgate.manifests.settings import ManifestError, ManifestSettings
 
@@ -39,17 +39,10 @@ def render(settings: ManifestSettings, deploy_dir: Path = DEPLOY_DIR) -> list[Ob
     """Every object of `settings.cluster`'s install, CRDs and namespace first."""
     objects = [*crds(deploy_dir), rbac.namespace(), *rbac.accounts(settings), *rbac.agent_rbac()]
     objects += member.agent(settings) + member.gateway(settings)
-    objects += admission_webhook(settings)
+    objects += injector.objects(settings)
     if settings.management:
         objects += management.etcd(settings) + management.controller(settings)
     return objects
-
-
-def admission_webhook(settings: ManifestSettings) -> list[Obj]:
-    """Seam for the sidecar injector's MutatingWebhookConfiguration (issue 16, injection):
-    the injection work supplies it as a pure function of the settings; nothing until then."""
-    del settings
-    return []
 
 
 def to_yaml(objects: Iterable[Obj]) -> str:

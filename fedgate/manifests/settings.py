@@ -6,6 +6,7 @@ container's listen flags and the probes cannot drift apart.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from mesh.errors import InvalidNameError
@@ -26,6 +27,7 @@ CA_RENEW_PORT = 15014  # --ca-listen's port + 1, the CA's default
 GATEWAY_METRICS_PORT = 15020
 GATEWAY_ADMIN_PORT = 15021
 AGENT_ADMIN_PORT = 15022
+WEBHOOK_PORT = 15017  # the agent's injection webhook (HTTPS); its Service answers on 443
 CONTROLLER_GRPC_PORT = 15012
 CONTROLLER_ADMIN_PORT = 15014
 ETCD_CLIENT_PORT = 2379
@@ -50,6 +52,7 @@ ETCD_PROVISION = "fedgate-etcd-provision"
 CA_SECRET = "fedgate-ca"  # the cluster CA directory (`fedgate ca init`)
 CONTROL_CA_SECRET = "fedgate-control-ca"  # the control plane's CA directory
 BOOTSTRAP_CONFIGMAP = "fedgate-bootstrap"  # ca.pem, control.pem, trust-domain
+INJECT_CONFIGMAP = "fedgate-inject"  # the injector's settings (rendered: nothing secret)
 ETCD_CLIENT_SECRET = "fedgate-etcd-client"  # ca.crt and this cluster's agent password
 ETCD_SERVER_SECRET = "fedgate-etcd-server-tls"  # kubernetes.io/tls + ca.crt
 ETCD_PEER_SECRET = "fedgate-etcd-peer-tls"  # kubernetes.io/tls + ca.crt
@@ -98,6 +101,12 @@ class ManifestSettings:
     # The clusters whose etcd users the management cluster's provisioning Job creates.
     clusters: tuple[str, ...] = field(default_factory=tuple)
     etcd_image: str = DEFAULT_ETCD_IMAGE
+    # The cluster CA's root(s), PEM: the injection webhook's caBundle. Public; None leaves it
+    # to the installer (the API server cannot call the webhook until it is set).
+    ca_bundle: bytes | None = None
+    # kube-dns's Service IP: injected pods' second nameserver (it differs between clusters
+    # with different service subnets).
+    cluster_dns: str = "10.96.0.10"
 
     def __post_init__(self) -> None:
         try:
@@ -116,6 +125,10 @@ class ManifestSettings:
                     raise ManifestError(
                         f"a member cluster needs {option} (the management cluster's address)"
                     )
+        try:
+            ipaddress.ip_address(self.cluster_dns)
+        except ValueError as e:
+            raise ManifestError(f"--cluster-dns: {self.cluster_dns!r} is not an IP address") from e
         for endpoint in filter(None, self.etcd.split(",")):
             _hostport("--etcd", endpoint)
         for endpoint in filter(None, self.controller.split(",")):

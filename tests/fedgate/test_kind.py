@@ -88,6 +88,15 @@ def test_up_plan_creates_loads_installs_joins_and_calls() -> None:
         assert max(secrets) < i
     provision = next(i for i, s in enumerate(steps) if s.what == "east: etcd users and roles")
     assert installs[0] < provision < installs[1]
+    # Injected pods mount fedgate-bootstrap from their own namespace: created before them.
+    for cluster in ("east", "west", "north"):
+        whats = [s.what for s in steps]
+        roots = whats.index(f"{cluster}: bootstrap roots in demo")
+        assert roots < whats.index(f"{cluster}: demo workload")
+        assert "-n demo create configmap fedgate-bootstrap" in steps[roots].command
+    # The webhook's caBundle is the cluster's own root; kube-dns is its service subnet's .10.
+    assert "--ca-bundle=/tmp/state/ca/west/root.pem" in steps[installs[1]].command
+    assert "--cluster-dns=10.142.0.10" in steps[installs[1]].command
     calls = [s for s in steps if s.what.startswith("demo call")]
     assert len(calls) == kindplan.DEMO_CALLS
     assert all(kindplan.DEMO_URL in s.command for s in calls)

@@ -4,6 +4,7 @@ containers' command lines parse with the real `fedgate` CLI."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import itertools
@@ -18,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from clusters.kube import mcs
-from fedgate import check_facts, cli
+from fedgate import check_facts, cli, inject_config
 from fedgate.manifests import rbac as rbac_mod
 from fedgate.manifests.render import render, to_yaml
 from fedgate.manifests.settings import ManifestError, ManifestSettings
@@ -348,3 +349,61 @@ def test_the_examples_in_deploy_are_current(name: str) -> None:
     result = CliRunner().invoke(cli.main, command[1:])
     assert result.exit_code == 0, result.output
     assert result.output == "".join(body), f"regenerate: {' '.join(command)} > {path}"
+
+
+def test_the_injection_webhook_is_wired_to_the_agent(tmp_path: Path) -> None:
+    """The MutatingWebhookConfiguration (the injector's own function) calls the agent through
+    the Service its certificate names, and the agent reads the injector settings rendered for
+    this cluster."""
+    bundle = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    objects = list(
+        yaml.safe_load_all(to_yaml(render(settings(ca_bundle=bundle, cluster_dns="10.142.0.10"))))
+    )
+    (config,) = by_kind(objects, "MutatingWebhookConfiguration").values()
+    (hook,) = config["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["namespaceSelector"] == {"matchLabels": {"fedgate.io/inject": "enabled"}}
+    assert base64.b64decode(hook["clientConfig"]["caBundle"]) == bundle
+    target = hook["clientConfig"]["service"]
+    svc = by_kind(objects, "Service")[target["name"]]
+    assert target["namespace"] == svc["metadata"]["namespace"] == "fedgate-system"
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == target["port"]]
+    agent = containers(objects)["fedgate-agent"]
+    flags = dict(a.split("=", 1) for a in agent["args"][1:])
+    assert flags["--webhook-service"] == f"{target['name']}.{target['namespace']}"
+    assert flags["--webhook-listen"].endswith(f":{svc_port['targetPort']}")
+    # The settings file the agent reads is the ConfigMap mounted where --inject-config points.
+    path = Path(flags["--inject-config"])
+    (mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    deployment = by_kind(objects, "Deployment")["fedgate-agent"]
+    (volume,) = [
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
+    data = by_kind(objects, "ConfigMap")[volume["configMap"]["name"]]["data"][path.name]
+    (tmp_path / path.name).write_text(data)
+    inject = inject_config.load(tmp_path / path.name)
+    assert (inject.cluster, inject.controller_address) == ("east", "203.0.113.1:15012")
+    assert inject.cluster_dns == "10.142.0.10"
+    assert inject.image == settings().image
+    # Without a bundle, caBundle is left to the installer.
+    (bare,) = by_kind(rendered("member", "LoadBalancer"), "MutatingWebhookConfiguration").values()
+    assert "caBundle" not in bare["webhooks"][0]["clientConfig"]
+
+
+def test_the_podmonitors_select_the_control_plane_and_its_admin_ports() -> None:
+    """deploy/monitoring's PodMonitor scrapes a port named `admin` on pods labelled as the
+    manifests label them: each fedgate Deployment's pods match, and serve /metrics there."""
+    path = Path(__file__).parents[2] / "deploy" / "monitoring" / "podmonitors.yaml"
+    monitors = {m["metadata"]["name"]: m for m in yaml.safe_load_all(path.read_text()) if m}
+    monitor = monitors["fedgate-control-plane"]
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    for name, template in pods(rendered("management", "LoadBalancer")).items():
+        container = template["spec"]["containers"][0]
+        if container["image"] != settings().image:
+            continue  # etcd: its own metrics port, not fedgate's
+        value = template["metadata"]["labels"][expression["key"]]
+        assert value in expression["values"], name
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert endpoint["port"] in named, name
+        assert named[endpoint["port"]] == container["livenessProbe"]["httpGet"]["port"]
