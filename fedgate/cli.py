@@ -16,9 +16,8 @@ import click
 
 from clusters.rig import topology
 from fedgate import native_logs
-from fedgate.cli_etcd import etcd_client_options
-from fedgate.etcdopts import EtcdClientOptions
 from fedgate.cli_lazy import LazyGroup
+from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
 
 if TYPE_CHECKING:
     from fedgate.inject_webhook import WebhookOptions

@@ -1,5 +1,5 @@
-"""etcd client options shared by `fedgate agent` and `fedgate controller` (TLS and etcd auth),
-and `fedgate etcd provision`, which creates `federation.etcd_auth`'s users and roles.
+"""`fedgate etcd provision`, which creates `federation.etcd_auth`'s users and roles (the etcd
+client options it shares with `fedgate agent` and `fedgate controller`: `fedgate.etcdopts`).
 
 Provisioning is idempotent, so the management cluster's Job can run at every install: on an
 etcd without auth it is `etcd_auth.provision` (users, roles, then `auth enable`); once auth is
@@ -8,59 +8,12 @@ on it logs in as root and adds only the users missing, e.g. the agent of a clust
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from fedgate.etcdopts import ENV, EtcdClientOptions
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def etcd_client_options(f: F) -> F:
-    """Adds --etcd-ca, --etcd-cert, --etcd-key, --etcd-server-name, --etcd-user and
-    --etcd-password-file, collected into one `etcd_client: EtcdClientOptions` parameter."""
-    # Not `exists=True`: a missing file is reported when the process reads it at start.
-    file = click.Path(path_type=Path, dir_okay=False)
-    helps = {
-        "ca": "CA verifying etcd's certificate (turns TLS on).",
-        "cert": "Client certificate (mutual TLS).",
-        "key": "The client certificate's key.",
-        "server_name": "Name to verify in etcd's certificate [default: the first endpoint's].",
-        "user": "etcd user (etcd auth: docs/kubernetes.md).",
-        "password_file": "File holding that user's password.",
-    }
-    options = [
-        click.option(
-            "--etcd-" + field.replace("_", "-"),
-            type=str if field in ("server_name", "user") else file,
-            default="" if field in ("server_name", "user") else None,
-            envvar=ENV[field],
-            show_envvar=True,
-            help=text,
-        )
-        for field, text in helps.items()
-    ]
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs["etcd_client"] = EtcdClientOptions(
-            ca=kwargs.pop("etcd_ca"),
-            cert=kwargs.pop("etcd_cert"),
-            key=kwargs.pop("etcd_key"),
-            server_name=kwargs.pop("etcd_server_name"),
-            user=kwargs.pop("etcd_user"),
-            password_file=kwargs.pop("etcd_password_file"),
-        )
-        return f(*args, **kwargs)
-
-    out: Any = wrapper
-    for opt in reversed(options):
-        out = opt(out)
-    return out  # type: ignore[no-any-return]
+from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
 
 
 @click.group("etcd")

@@ -10,11 +10,14 @@ command line's edge; nothing below fedgate/ reads the environment.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import click
 
 ENV = {
     "ca": "FEDGATE_ETCD_CA",
@@ -78,3 +81,49 @@ def from_env(environ: Mapping[str, str] | None = None) -> EtcdClientOptions:
 def env_connect_kwargs() -> dict[str, Any]:
     """`open_client`/`etcd_client` keyword arguments from the FEDGATE_ETCD_* variables."""
     return from_env().connect_kwargs()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def etcd_client_options(f: F) -> F:
+    """Adds --etcd-ca, --etcd-cert, --etcd-key, --etcd-server-name, --etcd-user and
+    --etcd-password-file, collected into one `etcd_client: EtcdClientOptions` parameter."""
+    # Not `exists=True`: a missing file is reported when the process reads it at start.
+    file = click.Path(path_type=Path, dir_okay=False)
+    helps = {
+        "ca": "CA verifying etcd's certificate (turns TLS on).",
+        "cert": "Client certificate (mutual TLS).",
+        "key": "The client certificate's key.",
+        "server_name": "Name to verify in etcd's certificate [default: the first endpoint's].",
+        "user": "etcd user (etcd auth: docs/kubernetes.md).",
+        "password_file": "File holding that user's password.",
+    }
+    options = [
+        click.option(
+            "--etcd-" + field.replace("_", "-"),
+            type=str if field in ("server_name", "user") else file,
+            default="" if field in ("server_name", "user") else None,
+            envvar=ENV[field],
+            show_envvar=True,
+            help=text,
+        )
+        for field, text in helps.items()
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["etcd_client"] = EtcdClientOptions(
+            ca=kwargs.pop("etcd_ca"),
+            cert=kwargs.pop("etcd_cert"),
+            key=kwargs.pop("etcd_key"),
+            server_name=kwargs.pop("etcd_server_name"),
+            user=kwargs.pop("etcd_user"),
+            password_file=kwargs.pop("etcd_password_file"),
+        )
+        return f(*args, **kwargs)
+
+    out: Any = wrapper
+    for opt in reversed(options):
+        out = opt(out)
+    return out  # type: ignore[no-any-return]

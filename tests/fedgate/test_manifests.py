@@ -25,6 +25,7 @@ from fedgate.manifests.render import render, to_yaml
 from fedgate.manifests.settings import ManifestError, ManifestSettings
 from mesh.model import Condition, MergedService, ServicePort
 from mesh.naming import ServiceKey
+from tests.fedgate.cliparse import parse
 
 FIXTURES = Path(__file__).parents[1] / "kubefake" / "fixtures"
 VERSIONS = ("1.30", kubernetes_validate.utils.major_minor(kubernetes_validate.latest_version()))
@@ -173,11 +174,7 @@ def test_container_args_parse_with_the_real_cli(role: str, transport: str) -> No
     for name, container in containers(rendered(role, "LoadBalancer", transport)).items():
         if container["image"] != settings().image:
             continue  # etcd
-        args = container["args"]
-        group: Any = cli.main
-        while args and isinstance(group, type(cli.main)) and args[0] in group.commands:
-            group, args = group.commands[args[0]], args[1:]
-        ctx = group.make_context(name, list(args))  # raises on any bad or missing option
+        ctx = parse(container["args"], name)  # raises on any bad or missing option
         parsed.append(ctx.info_name)
         assert ctx.params.get("cluster", "east") == "east"
     expected = {"fedgate-agent", "fedgate-gateway"}
