@@ -40,6 +40,7 @@ from fedgate.manifests.settings import (
     CONTROLLER_NODE_PORT,
     ETCD,
     ETCD_CLIENT_PORT,
+    ETCD_CLIENT_SERVICE,
     ETCD_MEMBERS,
     ETCD_METRICS_PORT,
     ETCD_NODE_PORT,
@@ -248,7 +249,7 @@ def etcd(settings: ManifestSettings) -> list[Obj]:
         headless,
         # Member clusters' agents reach etcd here (client port only, never the peer port).
         service(
-            f"{ETCD}-client",
+            ETCD_CLIENT_SERVICE,
             [service_port("client", ETCD_CLIENT_PORT, node_port=node_port)],
             ETCD,
             settings.gateway_service,

@@ -46,6 +46,7 @@ CA_SERVICE = "fedgate-ca"
 CONTROLLER = "fedgate-controller"
 CONTROL_SERVICE = "fedgate-control"  # the management cluster's address for member clusters
 ETCD = "fedgate-etcd"
+ETCD_CLIENT_SERVICE = "fedgate-etcd-client"
 ETCD_PROVISION = "fedgate-etcd-provision"
 
 # Secrets and ConfigMaps the operator creates (docs/kubernetes.md); never rendered.
@@ -147,9 +148,10 @@ class ManifestSettings:
 
     @property
     def etcd_endpoints(self) -> str:
-        return self.etcd or ",".join(
-            f"{etcd_member_host(i)}:{ETCD_CLIENT_PORT}" for i in range(ETCD_MEMBERS)
-        )
+        # In the management cluster: the client Service's stable ClusterIP, not the members'
+        # names. federation.etcd resolves names once, at connect, and a member's pod IP
+        # changes when it is rescheduled; the Service's address does not.
+        return self.etcd or in_cluster(ETCD_CLIENT_SERVICE, ETCD_CLIENT_PORT)
 
     @property
     def controller_address(self) -> str:
