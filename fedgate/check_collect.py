@@ -40,6 +40,7 @@ from fedgate.check_facts import (
     Subscriber,
 )
 from fedgate.errors import FedgateError
+from fedgate.etcdopts import env_connect_kwargs
 from fedgate.topology import http_get_headers
 
 Json = dict[str, Any]
@@ -121,7 +122,7 @@ async def _etcd(endpoints: list[str], timeout: float) -> tuple[Json, GitOps]:  #
 
     async with asyncio.timeout(timeout):
         data = await status_collect(endpoints)
-        async with etcd_client(endpoints) as client:
+        async with etcd_client(endpoints, **env_connect_kwargs()) as client:
             state = await ConfigStore(client).state()
     g = GitOps()
     if state.commit is not None:

@@ -17,6 +17,7 @@ import click
 from clusters.rig import topology
 from fedgate import native_logs
 from fedgate.cli_lazy import LazyGroup
+from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
 
 if TYPE_CHECKING:
     from fedgate.inject_webhook import WebhookOptions
@@ -46,6 +47,9 @@ _LAZY = {
     "check": ("fedgate.cli_check", "check"),  # fedgate check
     "inject": ("fedgate.cli_inject", "inject"),  # sidecar injection
     "capture": ("fedgate.cli_capture", "capture"),  # the injected init container's rules
+    "etcd": ("fedgate.cli_etcd", "etcd_group"),  # etcd users and roles
+    "manifests": ("fedgate.cli_deploy", "manifests"),  # deploy/
+    "kind": ("fedgate.cli_deploy", "kind_group"),  # kind-configs/
 }
 
 
@@ -57,6 +61,7 @@ def main() -> None:
 # --- processes -------------------------------------------------------------------------------
 @main.command()
 @click.option("--etcd", "etcd_endpoints", required=True, help="host:port[,host:port...]")
+@etcd_client_options
 @click.option("--listen", required=True, help="gRPC config-stream address (mTLS).")
 @click.option("--admin", required=True, help="Admin HTTP address (host:port).")
 @click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
@@ -95,6 +100,7 @@ def main() -> None:
 )
 def controller(
     etcd_endpoints: str,
+    etcd_client: EtcdClientOptions,
     listen: str,
     admin: str,
     ca_dir: Path,
@@ -128,12 +134,14 @@ def controller(
         leader_ttl,
         gitops,
         gateway_metrics_port,
+        etcd=etcd_client,
     )
 
 
 @main.command()
 @click.option("--cluster", required=True)
 @click.option("--etcd", "etcd_endpoints", required=True)
+@etcd_client_options
 @click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--ca-listen", required=True)
 @click.option(
@@ -199,6 +207,7 @@ def controller(
 def agent(
     cluster: str,
     etcd_endpoints: str,
+    etcd_client: EtcdClientOptions,
     ca_dir: Path,
     ca_listen: str,
     source_kind: str,
@@ -241,6 +250,7 @@ def agent(
         transport,
         source=processes.SourceSettings(source_kind, kubeconfig, kube_context),
         webhook=_webhook_options(webhook_listen, webhook_service, inject_config),
+        etcd=etcd_client,
     )
 
 

@@ -33,6 +33,7 @@ from ca.errors import CAError, VerificationError
 from ca.rotation import DEFAULT_GRACE
 from ca.verify import spiffe_id_of, utcnow, verify_certs
 from clusters.rig import topology
+from fedgate.etcdopts import env_connect_kwargs
 
 T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -236,7 +237,7 @@ def _published_roots(etcd: str, cluster: str) -> tuple[str, ...] | None:
     from federation.etcd import etcd_client
 
     async def read() -> tuple[str, ...] | None:
-        async with etcd_client(etcd.split(",")) as client:
+        async with etcd_client(etcd.split(","), **env_connect_kwargs()) as client:
             info = await denied.cluster_info(client, cluster)
         return info.roots if info else None
 
@@ -377,7 +378,7 @@ def _entry(
     from federation.etcd import etcd_client
 
     async def lookup() -> str | None:
-        async with etcd_client(etcd.split(",")) as client:
+        async with etcd_client(etcd.split(","), **env_connect_kwargs()) as client:
             info = await denied.cluster_info(client, cluster)
         return info.trust_domain if info else None
 
@@ -422,7 +423,7 @@ def deny(
     denial = denylist.new_denial(entry, reason, utcnow(), by_cluster)
 
     async def write() -> None:
-        async with etcd_client(etcd.split(",")) as client:
+        async with etcd_client(etcd.split(","), **env_connect_kwargs()) as client:
             await denied.put(client, denial)
 
     try:
@@ -443,7 +444,7 @@ def allow(etcd: str, identity: str | None, cluster: str | None, trust_domain: st
     entry, _ = _entry(identity, cluster, trust_domain, etcd)
 
     async def remove() -> bool:
-        async with etcd_client(etcd.split(",")) as client:
+        async with etcd_client(etcd.split(","), **env_connect_kwargs()) as client:
             return await denied.delete(client, entry)
 
     try:
@@ -464,7 +465,7 @@ def list_denied(etcd: str) -> None:
     from federation.etcd import etcd_client
 
     async def read() -> tuple[denylist.Denial, ...]:
-        async with etcd_client(etcd.split(",")) as client:
+        async with etcd_client(etcd.split(","), **env_connect_kwargs()) as client:
             return await denied.load(client)
 
     try:

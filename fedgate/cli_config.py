@@ -22,6 +22,8 @@ from typing import Any
 
 import click
 
+from fedgate.etcdopts import env_connect_kwargs
+
 EXIT_INVALID = 1
 EXIT_ERROR = 2
 
@@ -100,7 +102,7 @@ def _etcd_state(endpoints: str) -> Any:
     from federation.gitops.store import ConfigStore
 
     async def read() -> Any:
-        async with etcd_client(endpoints.split(",")) as client:
+        async with etcd_client(endpoints.split(","), **env_connect_kwargs()) as client:
             return await ConfigStore(client).state()
 
     try:
@@ -226,7 +228,7 @@ def sync(
     logs.configure("config-sync")
 
     async def main() -> None:
-        client = await open_client(etcd_endpoints.split(","))
+        client = await open_client(etcd_endpoints.split(","), **env_connect_kwargs())
         tasks = TaskSet("config-sync")
         tasks.spawn(GitOpsSync.from_settings(settings, ConfigStore(client)).run(), "sync")
         try:

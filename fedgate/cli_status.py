@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from clusters.rig import topology
+from fedgate.etcdopts import env_connect_kwargs
 
 if TYPE_CHECKING:
     from clusters.rig.control import ControlLayout
@@ -57,7 +58,7 @@ async def collect(endpoints: list[str], controller_admins: list[str] | None = No
     from federation.store import load_prefix
     from mesh.codec import authorization_to_json
 
-    client = await open_client(endpoints)
+    client = await open_client(endpoints, **env_connect_kwargs())
     try:
         loaded = await load_prefix(client, keys.ROOT)
     finally:

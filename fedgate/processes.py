@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from clusters.kube.writeback import McsWriteBack
     from federation.gitops.sync import GitOpsSync, SyncSettings
     from federation.leader import LeaderElection
+    from fedgate.etcdopts import EtcdClientOptions
     from fedgate.identity import AgentCA
     from fedgate.inject_webhook import WebhookOptions
 
@@ -76,6 +77,8 @@ def controller(
     leader_ttl: int = 5,
     gitops: SyncSettings | None = None,
     gateway_metrics_port: int = 15020,
+    *,
+    etcd: EtcdClientOptions | None = None,
 ) -> None:
     logs.configure("controller")
     structlog.contextvars.bind_contextvars(replica=replica or listen)
@@ -90,6 +93,7 @@ def controller(
             leader_ttl,
             gitops,
             gateway_metrics_port,
+            etcd,
         )
     )
 
@@ -129,6 +133,7 @@ async def _controller(
     leader_ttl: int,
     gitops: SyncSettings | None,
     gateway_metrics_port: int = 15020,
+    etcd: EtcdClientOptions | None = None,
 ) -> None:
     from federation.controller import Controller, ControllerSettings
     from federation.controller_etcd import etcd_ports
@@ -144,7 +149,7 @@ async def _controller(
     svid = controller_svid(ca)
     # The config directory only seeds /fedgate/config/ until GitOps applies a commit.
     seed = load_policies(config_dir) if config_dir is not None else None
-    client = await open_client(etcd_endpoints)
+    client = await open_client(etcd_endpoints, **(etcd.connect_kwargs() if etcd else {}))
     publisher = SnapshotPublisher()
     settings = ControllerSettings(
         replica=replica or listen,
@@ -345,6 +350,7 @@ def agent(
     transport: str = "tls",
     source: SourceSettings = SourceSettings(),
     webhook: WebhookOptions | None = None,
+    etcd: EtcdClientOptions | None = None,
 ) -> None:
     logs.configure("agent", cluster)
     run_with_loop(
@@ -363,6 +369,7 @@ def agent(
             transport,
             source,
             webhook,
+            etcd,
         )
     )
 
@@ -382,6 +389,7 @@ async def _agent(
     transport: str = "tls",
     source_settings: SourceSettings = SourceSettings(),
     webhook_options: WebhookOptions | None = None,
+    etcd: EtcdClientOptions | None = None,
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
@@ -411,7 +419,7 @@ async def _agent(
         gateway=GatewayAddress(th, tp, eh, ep, transport),
         roots=ca.published_roots(),
     )
-    client = await open_client(etcd_endpoints)
+    client = await open_client(etcd_endpoints, **(etcd.connect_kwargs() if etcd else {}))
     publisher = EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
     the_agent = Agent(info, source, publisher)
     host, port = parse_hostport(admin_addr)

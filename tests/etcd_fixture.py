@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -99,15 +100,19 @@ class EtcdServer:
             self.stop()
         raise RuntimeError(f"etcd did not start; its log:\n{self.log_tail()}")
 
+    def health_check(self) -> tuple[str, ssl.SSLContext | None]:
+        """The URL telling when etcd is ready, and the TLS context to fetch it with."""
+        return f"http://{self.endpoint}/health", None
+
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
-        url = f"http://{self.endpoint}/health"
+        url, context = self.health_check()
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
                 return False
             try:
-                with urllib.request.urlopen(url, timeout=1) as response:
+                with urllib.request.urlopen(url, timeout=1, context=context) as response:
                     if b'"health":"true"' in response.read():
                         return True
             except (urllib.error.URLError, OSError):

@@ -1,0 +1,70 @@
+"""The namespace, ServiceAccounts and the agent's least-privilege RBAC.
+
+Every rule is justified in docs/kubernetes.md ("RBAC the agent needs"); `fedgate check` asks
+for the same list (`fedgate.check_facts.NEEDS`), and a test keeps the two in step. Only the
+agent talks to the Kubernetes API: the gateway, the controller and etcd get ServiceAccounts
+without any binding, and no mounted API token.
+"""
+
+from __future__ import annotations
+
+from fedgate.manifests.common import Obj, meta, obj
+from fedgate.manifests.settings import (
+    AGENT,
+    CONTROLLER,
+    ETCD,
+    GATEWAY_SERVICE_ACCOUNT,
+    NAMESPACE,
+    ManifestSettings,
+)
+
+MCS = "multicluster.x-k8s.io"
+RBAC = "rbac.authorization.k8s.io/v1"
+
+# (apiGroup, resources, verbs), one line per row of the docs' table.
+AGENT_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (MCS, ("serviceexports",), ("list", "watch")),
+    (MCS, ("serviceexports/status",), ("patch",)),
+    (MCS, ("serviceimports",), ("list", "create", "patch", "delete")),
+    (MCS, ("serviceimports/status",), ("patch",)),
+    ("", ("services", "pods"), ("list", "watch")),
+    ("discovery.k8s.io", ("endpointslices",), ("list", "watch")),
+    ("authentication.k8s.io", ("tokenreviews",), ("create",)),
+    # `fedgate check --in-cluster` run in the agent's pod: its own permissions, and whether the
+    # MCS CRDs are established.
+    ("authorization.k8s.io", ("selfsubjectaccessreviews",), ("create",)),
+    ("apiextensions.k8s.io", ("customresourcedefinitions",), ("list",)),
+)
+
+
+def namespace() -> Obj:
+    ns = meta(NAMESPACE, namespace=None)
+    # The control plane itself is never injected (the webhook selects `enabled` namespaces).
+    ns["labels"]["fedgate.io/inject"] = "disabled"
+    return obj("v1", "Namespace", ns)
+
+
+def service_account(name: str) -> Obj:
+    return obj("v1", "ServiceAccount", meta(name), automountServiceAccountToken=False)
+
+
+def agent_rbac() -> list[Obj]:
+    rules = [
+        {"apiGroups": [group], "resources": list(res), "verbs": list(verbs)}
+        for group, res, verbs in AGENT_RULES
+    ]
+    return [
+        obj(RBAC, "ClusterRole", meta(AGENT, namespace=None), rules=rules),
+        obj(
+            RBAC,
+            "ClusterRoleBinding",
+            meta(AGENT, namespace=None),
+            roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": AGENT},
+            subjects=[{"kind": "ServiceAccount", "name": AGENT, "namespace": NAMESPACE}],
+        ),
+    ]
+
+
+def accounts(settings: ManifestSettings) -> list[Obj]:
+    names = [AGENT, GATEWAY_SERVICE_ACCOUNT] + ([CONTROLLER, ETCD] if settings.management else [])
+    return [service_account(name) for name in names]
