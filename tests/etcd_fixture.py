@@ -89,15 +89,24 @@ class EtcdServer:
         for _ in range(3):
             self.client_port, self.peer_port = free_port(), free_port()
             shutil.rmtree(self.data_dir / "data", ignore_errors=True)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-            with self._log_path.open("ab") as log:
-                self._process = subprocess.Popen(
-                    self._command(), stdout=log, stderr=subprocess.STDOUT, env=env
-                )
+            self._spawn()
             if self._wait_ready():
                 return
             self.stop()
         raise RuntimeError(f"etcd did not start; its log:\n{self.log_tail()}")
+
+    def restart(self) -> None:
+        """Start again after `stop()`, on the same ports and data (an etcd restart)."""
+        self._spawn()
+        if not self._wait_ready():
+            raise RuntimeError(f"etcd did not restart; its log:\n{self.log_tail()}")
+
+    def _spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        with self._log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
