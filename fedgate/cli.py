@@ -72,6 +72,22 @@ def main() -> None:
     help="Port of each gateway's --metrics-listen, on its published tunnel host: the "
     "topology page (GET /topology on --admin) reads tunnel health and rates there.",
 )
+@click.option(
+    "--detach-grace",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a cluster whose agent lease expired stays routed on its last catalog "
+    "(Detached) before it is removed; 0 removes it with the lease.",
+)
+@click.option(
+    "--agent-lease-ttl",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="The agents' --lease-ttl: no cluster is dropped while this replica's etcd session "
+    "is younger than it.",
+)
 def controller(
     etcd_endpoints: str,
     listen: str,
@@ -86,6 +102,8 @@ def controller(
     config_poll: float,
     config_workdir: Path,
     gateway_metrics_port: int,
+    detach_grace: float,
+    agent_lease_ttl: int,
 ) -> None:
     """Run a federation controller replica (run several; one is elected leader)."""
     native_logs.take_over_stderr()  # before grpc is imported
@@ -107,6 +125,8 @@ def controller(
         leader_ttl,
         gitops,
         gateway_metrics_port,
+        detach_grace=detach_grace,
+        agent_lease_ttl=agent_lease_ttl,
     )
 
 
