@@ -300,6 +300,51 @@ def test_a_killed_agent_fails_no_call_and_its_cluster_stays_routed(ha_rig: Path)
     )
 
 
+def call(rig: Path, cluster: str, url: str) -> str:
+    """One curl from `cluster`'s client: the answer's body, or FAILED."""
+    record = lifecycle.load(rig).pod(cluster, "client")
+    assert record is not None
+    out = subprocess.run(
+        ["ip", "netns", "exec", record.netns, "curl", "-s", "--noproxy", "*", "--max-time", "5",
+         url],
+        capture_output=True, text=True, timeout=15, check=False,
+    )  # fmt: skip
+    return out.stdout if out.returncode == 0 else "FAILED"
+
+
+def test_a_killed_remote_gateway_fails_no_call(ha_rig: Path) -> None:
+    """Issue 15: west's gateway SIGKILLed (its agent and pods fine). East's gateway finds it
+    down at once, tells every east sidecar (the peer-health feed), and nothing is sent there
+    again until its probes pass: no call fails, none every 5 s either (docs/traffic.md)."""
+    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
+    seconds = 20  # several of the old 5 s re-admission rounds
+    proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+    try:
+        seen = flowing(proc, 10)
+        thread, lines = drained(proc)
+        kill(ha_rig, "west-gateway")
+        proc.wait(timeout=seconds + 30)
+        thread.join(timeout=10)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, failed = count([*seen, *lines])
+    print(f"west's gateway killed: {len(seen) + len(lines)} calls, {len(failed)} failed")
+    assert failed == [], f"{len(failed)} failed calls: {failed[:3]}"
+    assert len(lines) >= 20  # the traffic went on
+    control.restart(ha_rig, "west-gateway")
+    until_sync(
+        lambda: call(ha_rig, "east", SOLO),
+        30,
+        what="west reachable again",
+        interval=0.5,
+        check=lambda out: '"west"' in out,
+    )
+
+
 def test_routing_survives_losing_every_controller(ha_rig: Path) -> None:
     for replica in control.load(ha_rig, HA_PREFIX).controllers:
         kill(ha_rig, replica.process)
