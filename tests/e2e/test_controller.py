@@ -208,11 +208,21 @@ def outcomes(proc: subprocess.Popen[str], seen: list[str] | None = None) -> tupl
     return count([*(seen or []), *out.splitlines()])
 
 
-def drained(proc: subprocess.Popen[str]) -> tuple[threading.Thread, list[str]]:
-    """Read a traffic loop's lines as they come (a full pipe would stall the loop)."""
+def drained(
+    proc: subprocess.Popen[str], stamps: list[float] | None = None
+) -> tuple[threading.Thread, list[str]]:
+    """Read a traffic loop's lines as they come (a full pipe would stall the loop); with
+    `stamps`, the monotonic time each line arrived."""
     lines: list[str] = []
     assert proc.stdout is not None
-    thread = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+
+    def read() -> None:
+        for line in proc.stdout or ():
+            lines.append(line)
+            if stamps is not None:
+                stamps.append(time.monotonic())
+
+    thread = threading.Thread(target=read, daemon=True)
     thread.start()
     return thread, lines
 
@@ -227,10 +237,10 @@ def count(lines: list[str]) -> tuple[int, list[str]]:
     return ok, failed
 
 
-def west_state(rig: Path) -> tuple[bool, str]:
+def west_state(rig: Path, prefix: str = HA_PREFIX) -> tuple[bool, str]:
     """(routed, liveness state) of west in every controller replica's admin `/config` (a
     direct read: `fedgate status` takes seconds on a loaded machine)."""
-    plan = control.load(rig, HA_PREFIX)
+    plan = control.load(rig, prefix)
     states = set()
     for replica in plan.controllers:
         out = subprocess.run(
@@ -321,7 +331,9 @@ def test_a_killed_remote_gateway_fails_no_call(ha_rig: Path) -> None:
     proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
     try:
         seen = flowing(proc, 10)
-        thread, lines = drained(proc)
+        stamps: list[float] = []
+        thread, lines = drained(proc, stamps)
+        killed = time.monotonic()
         kill(ha_rig, "west-gateway")
         proc.wait(timeout=seconds + 30)
         thread.join(timeout=10)
@@ -332,8 +344,9 @@ def test_a_killed_remote_gateway_fails_no_call(ha_rig: Path) -> None:
     assert proc.stdout is not None
     proc.stdout.close()
     _, failed = count([*seen, *lines])
-    print(f"west's gateway killed: {len(seen) + len(lines)} calls, {len(failed)} failed")
-    assert failed == [], f"{len(failed)} failed calls: {failed[:3]}"
+    when = [round(t - killed, 2) for t, x in zip(stamps, lines, strict=True) if count([x])[1]]
+    print(f"west's gateway killed: {len(seen) + len(lines)} calls, {len(failed)} failed", when)
+    assert failed == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
     assert len(lines) >= 20  # the traffic went on
     control.restart(ha_rig, "west-gateway")
     until_sync(
