@@ -36,7 +36,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -206,9 +206,8 @@ class EgressConnection(Splice):
                 return
             head, rest = got
             if peerhealth.is_request(head):
-                assert isinstance(self.transport, asyncio.WriteTransport)
                 self._watching = True
-                self._egress.watch_peers(self.transport)
+                self._egress.watch_peers(self._writer())
                 return
             request = parse_request(head)
         except CodecError as e:
@@ -222,6 +221,11 @@ class EgressConnection(Splice):
         self.transport.pause_reading()
         self._egress.counters["calls"] += 1
         self._egress.tasks.spawn(self._route(request), f"route-e{self._id}")
+
+    def _writer(self) -> asyncio.WriteTransport:
+        # uvloop's TCPTransport is no asyncio.WriteTransport subclass, but has its methods.
+        assert self.transport is not None
+        return cast(asyncio.WriteTransport, self.transport)
 
     def eof_received(self) -> bool:
         if self.stream is not None:
@@ -237,8 +241,7 @@ class EgressConnection(Splice):
             return  # the socket lives on in a zero-copy relay, which ends the call
         self._egress.active.discard(self)
         if self._watching:
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            self._egress.peer_health.unsubscribe(self.transport)
+            self._egress.peer_health.unsubscribe(self._writer())
             return
         if self.stream is None:
             self._finish("client went away" if self._routing else "closed before CONNECT")
