@@ -26,7 +26,7 @@ from sidecar.traffic.peers import PeerHealth
 _log = structlog.get_logger("fedgate.sidecar.peers")
 
 RETRY = 1.0  # seconds before dialling the feed again
-RETRY_MAX = 30.0
+RETRY_MAX = 5.0  # a refused local dial is cheap; a late feed costs detours
 SILENCE = 2.5  # heartbeats without a report after which the feed counts as dead
 CONNECT_TIMEOUT = 2.0
 MAX_HEAD = 4096
