@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -323,6 +324,39 @@ def call(rig: Path, cluster: str, url: str) -> str:
     return out.stdout if out.returncode == 0 else "FAILED"
 
 
+@dataclass
+class Run:
+    """The calls of one traffic loop around a fault: each line and when it arrived."""
+
+    lines: list[str]
+    stamps: list[float]  # monotonic arrival of each of `lines`
+    fault_at: float  # monotonic time the fault began
+
+    def failures(self) -> tuple[list[str], list[float]]:
+        """The failed calls' lines, and seconds after the fault each arrived."""
+        failed = [(x, t) for x, t in zip(self.lines, self.stamps, strict=True) if count([x])[1]]
+        return [x for x, _ in failed], [round(t - self.fault_at, 2) for _, t in failed]
+
+
+def around(proc: subprocess.Popen[str], seconds: float, fault: Callable[[], None]) -> Run:
+    """Run `fault` while the traffic loop `proc` flows; every line once the loop ended."""
+    try:
+        seen = flowing(proc, 5)
+        stamps: list[float] = []
+        thread, lines = drained(proc, stamps)
+        fault_at = time.monotonic()
+        fault()
+        proc.wait(timeout=seconds + 30)
+        thread.join(timeout=10)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return Run([*seen, *lines], [fault_at] * len(seen) + stamps, fault_at)
+
+
 def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Path) -> None:
     """Issue 15: west's gateway SIGKILLed (its agent and pods fine). East's gateway finds it
     down at once, tells every east sidecar (the peer-health feed), and nothing is sent there
@@ -336,26 +370,12 @@ def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Pa
     wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
     seconds = 20  # several of the old 5 s re-admission rounds
     proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
-    try:
-        seen = flowing(proc, 10)
-        stamps: list[float] = []
-        thread, lines = drained(proc, stamps)
-        killed = time.monotonic()
-        kill(ha_rig, "west-gateway")
-        proc.wait(timeout=seconds + 30)
-        thread.join(timeout=10)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.stdout is not None
-    proc.stdout.close()
-    _, failed = count([*seen, *lines])
-    when = [round(t - killed, 2) for t, x in zip(stamps, lines, strict=True) if count([x])[1]]
-    print(f"west's gateway killed: {len(seen) + len(lines)} calls, {len(failed)} failed", when)
+    run = around(proc, seconds, lambda: kill(ha_rig, "west-gateway"))
+    failed, when = run.failures()
+    print(f"west's gateway killed: {len(run.lines)} calls, {len(failed)} failed", when)
     late = [t for t in when if t > RACE]
     assert late == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
-    assert len(lines) >= 20  # the traffic went on
+    assert len([t for t in run.stamps if t > run.fault_at + RACE]) >= 20  # the traffic went on
     control.restart(ha_rig, "west-gateway")
     until_sync(
         lambda: call(ha_rig, "east", SOLO),
@@ -377,30 +397,21 @@ def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> No
     lapsed_before = [log.read_text().count("lease expired") for log in agents]
     seconds = outage + 15
     proc = traffic(ha_rig, seconds)  # east to the west-only service
-    try:
-        seen = flowing(proc, 5)
-        stamps: list[float] = []
-        thread, lines = drained(proc, stamps)
+    back = [0.0]
+
+    def outage_of_etcd() -> None:
         for member in plan.etcd:
             kill(ha_rig, member.process)
-        killed = time.monotonic()
         time.sleep(outage)
         for member in plan.etcd:
             control.restart(ha_rig, member.process)
-        back = time.monotonic()
-        proc.wait(timeout=seconds + 30)
-        thread.join(timeout=10)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.stdout is not None
-    proc.stdout.close()
-    ok, failed = count([*seen, *lines])
-    when = [round(t - killed, 2) for t, x in zip(stamps, lines, strict=True) if count([x])[1]]
-    print(f"etcd down {outage:g} s: {ok + len(failed)} calls, {len(failed)} failed {when}")
+        back[0] = time.monotonic()
+
+    run = around(proc, seconds, outage_of_etcd)
+    failed, when = run.failures()
+    print(f"etcd down {outage:g} s: {len(run.lines)} calls, {len(failed)} failed {when}")
     assert failed == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
-    assert len([t for t in stamps if t > back]) >= 10  # calls went on after the restart
+    assert len([t for t in run.stamps if t > back[0]]) >= 10  # calls went on after it
     # No lease lapsed (an agent logs "lease expired" when it must grant a new one), west is
     # Live in every replica, and every sidecar kept west.
     assert [log.read_text().count("lease expired") for log in agents] == lapsed_before
