@@ -386,6 +386,37 @@ def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Pa
     )
 
 
+def test_a_hung_remote_gateway_is_avoided_once_its_probes_fail(ha_rig: Path) -> None:
+    """Issue 15: west's gateway SIGSTOPped (hung, not dead: no refusal, no reset). East's
+    gateway sees 3 probes unanswered (1 s apart), closes its links and pushes "west
+    unreachable" to every east sidecar; from then no call goes there. Calls already sent to
+    the hung gateway wait for curl's 5 s limit; saving those takes per-try timeouts and retries
+    (the retries work of issue 15), so this asserts that no call *started* after the probes
+    failed (3 s) plus `RACE` fails, and prints the count."""
+    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
+    seconds = 20
+    record = lifecycle.load(ha_rig).process("west-gateway")
+    assert record is not None
+    proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+    try:
+        run = around(proc, seconds, lambda: os.kill(record.pid, signal.SIGSTOP))
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
+    failed, when = run.failures()
+    print(f"west's gateway hung: {len(run.lines)} calls, {len(failed)} failed", when)
+    probes, curl_limit = 3.0, 5.0
+    late = [t for t in when if t > probes + RACE + curl_limit]
+    assert late == [], f"{len(failed)} failed calls, {when} s after the stop: {failed[:3]}"
+    assert len([t for t in run.stamps if t > run.fault_at + 10]) >= 20  # calls went on
+    until_sync(
+        lambda: call(ha_rig, "east", SOLO),
+        30,
+        what="west reachable again",
+        interval=0.5,
+        check=lambda out: '"west"' in out,
+    )
+
+
 def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> None:
     """Issue 15: every etcd member killed for `OUTAGE` seconds, then started again. Calls go on
     (the data plane never needs etcd); after the restart the agents renew their leases at once
