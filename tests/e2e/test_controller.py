@@ -357,6 +357,17 @@ def around(proc: subprocess.Popen[str], seconds: float, fault: Callable[[], None
     return Run([*seen, *lines], [fault_at] * len(seen) + stamps, fault_at)
 
 
+def west_reachable_again(rig: Path) -> None:
+    """Once east's calls reach the west-only service again (a test restored west's gateway)."""
+    until_sync(
+        lambda: call(rig, "east", SOLO),
+        30,
+        what="west reachable again",
+        interval=0.5,
+        check=lambda out: '"west"' in out,
+    )
+
+
 def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Path) -> None:
     """Issue 15: west's gateway SIGKILLed (its agent and pods fine). East's gateway finds it
     down at once, tells every east sidecar (the peer-health feed), and nothing is sent there
@@ -377,13 +388,7 @@ def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Pa
     assert late == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
     assert len([t for t in run.stamps if t > run.fault_at + RACE]) >= 20  # the traffic went on
     control.restart(ha_rig, "west-gateway")
-    until_sync(
-        lambda: call(ha_rig, "east", SOLO),
-        30,
-        what="west reachable again",
-        interval=0.5,
-        check=lambda out: '"west"' in out,
-    )
+    west_reachable_again(ha_rig)
 
 
 def test_a_hung_remote_gateway_is_avoided_once_its_probes_fail(ha_rig: Path) -> None:
@@ -408,13 +413,7 @@ def test_a_hung_remote_gateway_is_avoided_once_its_probes_fail(ha_rig: Path) -> 
     late = [t for t in when if t > probes + RACE + curl_limit]
     assert late == [], f"{len(failed)} failed calls, {when} s after the stop: {failed[:3]}"
     assert len([t for t in run.stamps if t > run.fault_at + 10]) >= 20  # calls went on
-    until_sync(
-        lambda: call(ha_rig, "east", SOLO),
-        30,
-        what="west reachable again",
-        interval=0.5,
-        check=lambda out: '"west"' in out,
-    )
+    west_reachable_again(ha_rig)
 
 
 def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> None:
