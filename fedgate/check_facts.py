@@ -68,7 +68,7 @@ class ClusterFacts:
     name: str
     lease_alive: bool
     routed: bool
-    state: str  # Live, Down, Suppressed, or "" with no liveness record
+    state: str  # Live, Detached, Down, Suppressed, or "" with no liveness record
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,22 @@ def main() -> None:
     help="Port of each gateway's --metrics-listen, on its published tunnel host: the "
     "topology page (GET /topology on --admin) reads tunnel health and rates there.",
 )
+@click.option(
+    "--detach-grace",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a cluster whose agent lease expired stays routed on its last catalog "
+    "(Detached) before it is removed; 0 removes it with the lease.",
+)
+@click.option(
+    "--agent-lease-ttl",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="The agents' --lease-ttl: no cluster is dropped while this replica's etcd session "
+    "is younger than it.",
+)
 def controller(
     etcd_endpoints: str,
     etcd_client: EtcdClientOptions,
@@ -113,6 +129,8 @@ def controller(
     config_poll: float,
     config_workdir: Path,
     gateway_metrics_port: int,
+    detach_grace: float,
+    agent_lease_ttl: int,
 ) -> None:
     """Run a federation controller replica (run several; one is elected leader)."""
     native_logs.take_over_stderr()  # before grpc is imported
@@ -135,6 +153,8 @@ def controller(
         gitops,
         gateway_metrics_port,
         etcd=etcd_client,
+        detach_grace=detach_grace,
+        agent_lease_ttl=agent_lease_ttl,
     )
 
 

@@ -79,6 +79,8 @@ def controller(
     gateway_metrics_port: int = 15020,
     *,
     etcd: EtcdClientOptions | None = None,
+    detach_grace: float = 300.0,
+    agent_lease_ttl: int = 10,
 ) -> None:
     logs.configure("controller")
     structlog.contextvars.bind_contextvars(replica=replica or listen)
@@ -94,6 +96,8 @@ def controller(
             gitops,
             gateway_metrics_port,
             etcd,
+            detach_grace,
+            agent_lease_ttl,
         )
     )
 
@@ -134,13 +138,17 @@ async def _controller(
     gitops: SyncSettings | None,
     gateway_metrics_port: int = 15020,
     etcd: EtcdClientOptions | None = None,
+    detach_grace: float = 300.0,
+    agent_lease_ttl: int = 10,
 ) -> None:
+    from federation.collapse import CollapseSettings
     from federation.controller import Controller, ControllerSettings
     from federation.controller_etcd import etcd_ports
     from federation.etcd import open_client
     from federation.gitops.checks import port_protocols
     from federation.gitops.store import ConfigStore
     from federation.gitops.sync import GitOpsSync
+    from federation.liveness import DampingSettings
     from federation.policy_file import load_policies
     from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
     from fedgate import topology  # the controller's page only: no other kind loads it
@@ -157,6 +165,8 @@ async def _controller(
         admin_address=admin_addr,
         leader_ttl=leader_ttl,
         freeze_gc=True,
+        damping=DampingSettings(detach_grace=detach_grace),
+        collapse=CollapseSettings(min_session=agent_lease_ttl),
     )
     feed, writer = etcd_ports(client, settings)
     election = writer.election  # the GitOps sync applies commits under the same fence
