@@ -8,8 +8,9 @@ over. Ownership is rendered into `metadata.managedFields` in the real `FieldsV1`
 
 Lists are atomic, except the associative lists the served schemas declare as
 `x-kubernetes-list-type: map` that matter here: `status.conditions`, keyed by `type` (the MCS
-CRDs and metav1.Condition). Their items are merged by key, so two managers can each own their
-own conditions; an item a manager stops applying goes when no one else owns part of it.
+CRDs and metav1.Condition), and a webhook configuration's `webhooks`, keyed by `name`. Their
+items are merged by key, so two managers can each own their own conditions (or fields of a
+webhook); an item a manager stops applying goes when no one else owns part of it.
 `metadata` contributes only labels and annotations.
 """
 
@@ -24,7 +25,7 @@ from tests.kubefake.resources import Obj
 Path = tuple[str, ...]
 Managed = dict[str, set[Path]]  # manager -> the leaf paths it owns
 # Associative lists: list path -> key field. An item is the path segment `k:<field>=<value>`.
-LIST_MAP_KEYS: dict[Path, str] = {("status", "conditions"): "type"}
+LIST_MAP_KEYS: dict[Path, str] = {("status", "conditions"): "type", ("webhooks",): "name"}
 
 
 def leaves(config: Obj, subresource: str) -> set[Path]:
