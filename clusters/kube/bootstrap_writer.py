@@ -133,8 +133,11 @@ class BootstrapWriter:
         try:
             wait: float | None = None  # until the informers have listed
             while True:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                # that lands as the wake-up completes, and the task would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 self._wake.clear()
                 with self._lock:
                     if not all(i.cache.synced for i in informers):

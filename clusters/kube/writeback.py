@@ -125,8 +125,11 @@ class McsWriteBack:
             tg.create_task(follow(), name="mcs-writeback:catalog")
             wait: float | None = None  # nothing to sync before the first catalog
             while True:
-                with contextlib.suppress(TimeoutError):  # a timeout: resync, or retry
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                # A timeout: resync, or retry. asyncio.timeout, not wait_for: 3.11's wait_for
+                # can swallow a cancellation that lands as the wake-up completes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 self._wake.clear()
                 if not latest:
                     continue  # poked before the first catalog arrived
