@@ -9,7 +9,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from clusters.kube.bootstrap_writer import BootstrapWriter
 from clusters.kube.cache import Backoff
 from fedgate import kube_bootstrap
 from fedgate.identity import AgentCA
-from tests.clusters.kube_rig import FAST, TD, api_client, until
+from tests.clusters.kube_rig import FAST, TD, fake_api, fake_client, until
 from tests.kubefake import FakeKubeAPI
 from tests.kubefake.resources import CONFIGMAPS, MUTATINGWEBHOOKS, NAMESPACES, Obj
 from tests.kubefake.store import StoreError
@@ -41,6 +41,7 @@ CONTROL = "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n"
 DATA = BootstrapData((ROOT_A,), CONTROL, TD)
 ENABLED = {"fedgate.io/inject": "enabled"}
 MANAGED = {"app.kubernetes.io/managed-by": "fedgate"}
+__all__ = ["fake_api", "fake_client"]  # fixtures
 
 
 def namespace(name: str, labels: dict[str, str] | None = None, **extra: Any) -> Obj:
@@ -114,15 +115,13 @@ def test_incomplete_data_is_refused() -> None:
 
 
 @pytest.fixture
-def api() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as fake:
-        yield fake
+def api(fake_api: FakeKubeAPI) -> FakeKubeAPI:
+    return fake_api
 
 
 @pytest.fixture
-def client(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
-    with api_client(tmp_path, api.url) as c:
-        yield c
+def client(fake_client: Any) -> Any:
+    return fake_client
 
 
 class Agent:
