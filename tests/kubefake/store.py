@@ -8,8 +8,11 @@ past `history_limit`) forgets old events, after which a watch from an older vers
 custom resources) and Service defaults (clusterIP, type, port protocol and targetPort) are set
 as the real server sets them; client-supplied values for them are ignored.
 
-Not modelled: graceful deletion (pods vanish at once), finalizers, owner references, admission,
-validation beyond names, pagination (`limit` is ignored: a list is always complete).
+Cluster-scoped resources (namespaces, webhook configurations) are stored under namespace "";
+deleting a namespace deletes what it holds. Not modelled: graceful deletion (pods and
+namespaces vanish at once), finalizers, owner references, admission, validation beyond names
+and `builtin.validate`, refusing objects in a missing namespace, pagination (`limit` is
+ignored: a list is always complete).
 """
 
 from __future__ import annotations
