@@ -29,6 +29,7 @@ from clusters.kube.bootstrap import (
 from clusters.kube.bootstrap_writer import BootstrapWriter
 from clusters.kube.cache import Backoff
 from fedgate import kube_bootstrap
+from fedgate.check_facts import NEEDS
 from fedgate.identity import AgentCA
 from tests.clusters.kube_rig import FAST, TD, fake_api, fake_client, until
 from tests.kubefake import FakeKubeAPI
@@ -321,3 +322,9 @@ async def test_a_missing_webhook_configuration_is_reported_not_created(
 def test_without_a_control_root_nothing_is_written(tmp_path: Path) -> None:
     init_ca_dir(tmp_path / "ca", TD, dt.datetime.now(dt.UTC))
     assert kube_bootstrap.writer(object(), AgentCA(tmp_path / "ca"), None) is None
+
+
+def test_fedgate_check_asks_for_the_named_webhook_configuration() -> None:
+    # check_facts keeps its own copy of the name (it imports nothing of clusters/).
+    named = {n.name for n in NEEDS if n.resource == "mutatingwebhookconfigurations"}
+    assert named == {CONFIGURATION_NAME}
