@@ -35,5 +35,8 @@ def writer(api_client: Any, ca: AgentCA, control_root: Path | None) -> Bootstrap
     def data() -> BootstrapData:
         return BootstrapData(ca.published_roots(), control_root.read_text(), ca.trust_domain)
 
-    data()  # fail at start, not at the first sync, if the file is unreadable or empty
+    try:
+        data()  # fail at start, not at the first sync, if the file is unreadable or empty
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"fedgate: --control-root {control_root}: {e}") from e
     return BootstrapWriter(api_client, data)

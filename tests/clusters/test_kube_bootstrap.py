@@ -41,6 +41,7 @@ ROOT_B = "-----BEGIN CERTIFICATE-----\nB\n-----END CERTIFICATE-----\n"
 CONTROL = "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n"
 DATA = BootstrapData((ROOT_A,), CONTROL, TD)
 ENABLED = {"fedgate.io/inject": "enabled"}
+NOW = "2026-12-06T10:00:00Z"
 MANAGED = {"app.kubernetes.io/managed-by": "fedgate"}
 __all__ = ["fake_api", "fake_client"]  # fixtures
 
@@ -58,14 +59,7 @@ def test_only_labelled_live_namespaces_get_the_config_map() -> None:
         namespace("plain"),
         namespace("off", {"fedgate.io/inject": "disabled"}),
         namespace("going", ENABLED, status={"phase": "Terminating"}),
-        namespace("gone", {**ENABLED})
-        | {
-            "metadata": {
-                "name": "gone",
-                "labels": ENABLED,
-                "deletionTimestamp": "2026-12-06T10:00:00Z",
-            }
-        },
+        {"metadata": {**namespace("gone", ENABLED)["metadata"], "deletionTimestamp": NOW}},
     ]
     writes = plan(namespaces, [], DATA)
     assert [(w.plural, w.namespace, w.name) for w in writes] == [("configmaps", "shop", CONFIG_MAP)]
@@ -328,3 +322,11 @@ def test_fedgate_check_asks_for_the_named_webhook_configuration() -> None:
     # check_facts keeps its own copy of the name (it imports nothing of clusters/).
     named = {n.name for n in NEEDS if n.resource == "mutatingwebhookconfigurations"}
     assert named == {CONFIGURATION_NAME}
+
+
+def test_an_unreadable_control_root_stops_the_agent_at_start(tmp_path: Path) -> None:
+    init_ca_dir(tmp_path / "ca", TD, dt.datetime.now(dt.UTC))
+    (tmp_path / "empty.pem").write_text("")
+    for path in (tmp_path / "missing.pem", tmp_path / "empty.pem"):
+        with pytest.raises(SystemExit, match="--control-root"):
+            kube_bootstrap.writer(object(), AgentCA(tmp_path / "ca"), path)

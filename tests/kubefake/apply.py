@@ -30,7 +30,13 @@ LIST_MAP_KEYS: dict[Path, str] = {("status", "conditions"): "type", ("webhooks",
 
 def leaves(config: Obj, subresource: str) -> set[Path]:
     """The leaf paths an applied configuration sets (for `status`, only under status)."""
-    out: set[Path] = set()
+    return set(_leaves_in_order(config, subresource))
+
+
+def _leaves_in_order(config: Obj, subresource: str) -> list[Path]:
+    """`leaves` in the configuration's order: new items of an associative list are added in
+    the order the applier sent them, as the real server keeps them."""
+    out: list[Path] = []
 
     def walk(value: Any, path: Path) -> None:
         key = LIST_MAP_KEYS.get(path)
@@ -44,7 +50,7 @@ def leaves(config: Obj, subresource: str) -> set[Path]:
                 for k, v in item.items():
                     walk(v, (*path, f"k:{key}={item[key]}", k))
         else:
-            out.add(path)
+            out.append(path)
 
     for key, value in config.items():
         if key in ("apiVersion", "kind"):
@@ -153,7 +159,7 @@ def apply(
     # An item's key field goes last: removing it first would lose the item's other fields.
     for p in sorted(managed.get(manager, set()) - wanted - others, key=_is_item_key):
         _remove(new, p)
-    for p in sorted(wanted):
+    for p in _leaves_in_order(config, subresource):
         _set(new, p, _get(config, p))
     managed[manager] = wanted
     return new
