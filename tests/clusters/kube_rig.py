@@ -55,16 +55,16 @@ def api_client(directory: Path, server: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def fake_api() -> Iterator[FakeKubeAPI]:
+def api() -> Iterator[FakeKubeAPI]:
     """A running fake API server (import the fixture into a test module to use it)."""
     with FakeKubeAPI() as fake:
         yield fake
 
 
 @pytest.fixture
-def fake_client(fake_api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
-    """An unmodified `kubernetes` client for `fake_api`."""
-    with api_client(tmp_path, fake_api.url) as c:
+def client(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
+    """An unmodified `kubernetes` client for `api`."""
+    with api_client(tmp_path, api.url) as c:
         yield c
 
 

@@ -31,7 +31,7 @@ from clusters.kube.cache import Backoff
 from fedgate import kube_bootstrap
 from fedgate.check_facts import NEEDS
 from fedgate.identity import AgentCA
-from tests.clusters.kube_rig import FAST, TD, fake_api, fake_client, until
+from tests.clusters.kube_rig import FAST, TD, api, client, until
 from tests.kubefake import FakeKubeAPI
 from tests.kubefake.resources import CONFIGMAPS, MUTATINGWEBHOOKS, NAMESPACES, Obj
 from tests.kubefake.store import StoreError
@@ -43,7 +43,7 @@ DATA = BootstrapData((ROOT_A,), CONTROL, TD)
 ENABLED = {"fedgate.io/inject": "enabled"}
 NOW = "2026-12-06T10:00:00Z"
 MANAGED = {"app.kubernetes.io/managed-by": "fedgate"}
-__all__ = ["fake_api", "fake_client"]  # fixtures
+__all__ = ["api", "client"]  # fixtures
 
 
 def namespace(name: str, labels: dict[str, str] | None = None, **extra: Any) -> Obj:
@@ -107,16 +107,6 @@ def test_incomplete_data_is_refused() -> None:
 
 
 # --- the writer against the fake API server, from a real CA directory --------------------------
-
-
-@pytest.fixture
-def api(fake_api: FakeKubeAPI) -> FakeKubeAPI:
-    return fake_api
-
-
-@pytest.fixture
-def client(fake_client: Any) -> Any:
-    return fake_client
 
 
 class Agent:

@@ -13,11 +13,11 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from clusters.inject.admission import webhook_configuration
-from tests.clusters.kube_rig import fake_api, fake_client
+from tests.clusters.kube_rig import api, client
 from tests.kubefake import FakeKubeAPI
 from tests.kubefake.resources import CONFIGMAPS, MUTATINGWEBHOOKS, NAMESPACES
 
-__all__ = ["fake_api", "fake_client"]  # fixtures
+__all__ = ["api", "client"]  # fixtures
 
 APPLY = "application/apply-patch+yaml"
 
@@ -35,11 +35,11 @@ def config_map(ns: str, name: str, **data: str) -> dict[str, Any]:
 
 
 def test_namespaces_are_cluster_scoped_with_the_servers_defaults(
-    fake_api: FakeKubeAPI, fake_client: Any
+    api: FakeKubeAPI, client: Any
 ) -> None:
-    core = kubernetes.client.CoreV1Api(fake_client)
+    core = kubernetes.client.CoreV1Api(client)
     core.create_namespace({"metadata": {"name": "shop", "labels": {"team": "pay"}}})
-    code, ns = get(fake_api, "/api/v1/namespaces/shop")
+    code, ns = get(api, "/api/v1/namespaces/shop")
     assert code == 200
     assert (ns["kind"], ns["apiVersion"]) == ("Namespace", "v1")
     assert "namespace" not in ns["metadata"]
@@ -50,20 +50,18 @@ def test_namespaces_are_cluster_scoped_with_the_servers_defaults(
     assert [n.metadata.name for n in listed.items] == ["shop"]
     # A cluster-scoped resource has no namespaced path.
     code, status = get(
-        fake_api,
+        api,
         "/apis/admissionregistration.k8s.io/v1/namespaces/shop/mutatingwebhookconfigurations",
     )
     assert (code, status["reason"]) == (404, "NotFound")
 
 
-def test_field_selectors_pick_one_name_in_every_namespace(
-    fake_api: FakeKubeAPI, fake_client: Any
-) -> None:
-    s = fake_api.store
+def test_field_selectors_pick_one_name_in_every_namespace(api: FakeKubeAPI, client: Any) -> None:
+    s = api.store
     for ns in ("a", "b"):
         s.create(CONFIGMAPS, config_map(ns, "fedgate-bootstrap", k="v"))
         s.create(CONFIGMAPS, config_map(ns, "other", k="v"))
-    core = kubernetes.client.CoreV1Api(fake_client)
+    core = kubernetes.client.CoreV1Api(client)
     listed = core.list_config_map_for_all_namespaces(
         field_selector="metadata.name=fedgate-bootstrap"
     )
@@ -96,9 +94,9 @@ def test_field_selectors_pick_one_name_in_every_namespace(
 
 
 def test_a_webhook_configuration_is_defaulted_validated_and_applied_by_webhook_name(
-    fake_api: FakeKubeAPI, fake_client: Any
+    api: FakeKubeAPI, client: Any
 ) -> None:
-    adm = kubernetes.client.AdmissionregistrationV1Api(fake_client)
+    adm = kubernetes.client.AdmissionregistrationV1Api(client)
     name = "fedgate-sidecar-injector"
     partial = {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -120,9 +118,9 @@ def test_a_webhook_configuration_is_defaulted_validated_and_applied_by_webhook_n
     installed = webhook_configuration(None)
     other = {**installed["webhooks"][0], "name": "other.example.com"}
     installed["webhooks"].append(other)
-    fake_api.store.apply(MUTATINGWEBHOOKS, "", name, installed, "kubectl")
+    api.store.apply(MUTATINGWEBHOOKS, "", name, installed, "kubectl")
     adm.patch_mutating_webhook_configuration(name, partial, **opts)
-    held = fake_api.store.get(MUTATINGWEBHOOKS, "", name)
+    held = api.store.get(MUTATINGWEBHOOKS, "", name)
     ours, theirs = held["webhooks"]
     assert ours["clientConfig"]["caBundle"] == "Y2E="
     assert ours["clientConfig"]["service"]["port"] == 443
