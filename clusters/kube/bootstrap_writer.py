@@ -8,7 +8,7 @@ ConfigMap deleted or edited, are seen at once; the writer also resyncs every `re
 and when the agent `poke()`s it because the published roots changed (a root rotation). Each sync
 plans from the informers' caches and sends the applies in a worker thread (the client is
 synchronous); syncs never overlap. A namespace deleted between the event and the write (404,
-or 403 for one being terminated) is skipped; any other error fails the sync, which is retried
+or the 403 "being terminated") is skipped; any other error fails the sync, which is retried
 after a jittered backoff.
 
 The webhook configuration is not watched (RBAC can then name it: `get`, `patch` on
@@ -53,8 +53,15 @@ _log = logging.getLogger("fedgate.clusters.kube")
 APPLY_PATCH = "application/apply-patch+yaml"
 TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 DEFAULT_RESYNC = 60.0
-GONE_NAMESPACE = (403, 404)  # terminating (Forbidden) or already gone
+NOT_FOUND, FORBIDDEN = 404, 403
 NOT_INSTALLED = (404, 422)
+
+
+def _namespace_gone(e: ApiException) -> bool:
+    """The namespace went away under the write: 404, or the 403 the API server answers for a
+    namespace being terminated (any other 403 is missing RBAC, which must fail the sync)."""
+    body = str(e.body or "")
+    return e.status == NOT_FOUND or (e.status == FORBIDDEN and "being terminated" in body)
 
 
 class BootstrapError(Exception):
@@ -163,7 +170,7 @@ class BootstrapWriter:
                     w.name, w.namespace, w.body, **self._apply_options()
                 )
             except ApiException as e:
-                if e.status in GONE_NAMESPACE:
+                if _namespace_gone(e):
                     _log.info("bootstrap: skipped %s: %s", w.namespace, _describe(e))
                     continue
                 raise BootstrapError(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from ca.bootstrap import Bootstrap
 from ca.cadir import init_ca_dir, prepare_rotation
@@ -26,7 +27,7 @@ from clusters.kube.bootstrap import (
     webhook_ca,
     webhook_holds,
 )
-from clusters.kube.bootstrap_writer import BootstrapWriter
+from clusters.kube.bootstrap_writer import BootstrapWriter, _namespace_gone
 from clusters.kube.cache import Backoff
 from fedgate import kube_bootstrap
 from fedgate.check_facts import NEEDS
@@ -320,3 +321,17 @@ def test_an_unreadable_control_root_stops_the_agent_at_start(tmp_path: Path) -> 
     for path in (tmp_path / "missing.pem", tmp_path / "empty.pem"):
         with pytest.raises(SystemExit, match="--control-root"):
             kube_bootstrap.writer(object(), AgentCA(tmp_path / "ca"), path)
+
+
+def test_only_a_vanished_namespace_is_skipped_a_denied_write_fails() -> None:
+    def refused(status: int, message: str) -> ApiException:
+        e = ApiException(status=status, reason="x")
+        e.body = json.dumps({"kind": "Status", "code": status, "message": message})
+        return e
+
+    terminating = 'configmaps "fedgate-bootstrap" is forbidden: unable to create new content in '
+    terminating += "namespace shop because it is being terminated"
+    assert _namespace_gone(refused(404, 'namespaces "shop" not found'))
+    assert _namespace_gone(refused(403, terminating))
+    denied = 'configmaps "fedgate-bootstrap" is forbidden: User "system:serviceaccount:..." cannot'
+    assert not _namespace_gone(refused(403, denied + ' patch resource "configmaps"'))
