@@ -188,6 +188,14 @@ def controller(
 )
 @click.option("--kube-context", default=None, help="The kubeconfig context [default: current].")
 @click.option(
+    "--control-root",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --source kubernetes: the control plane's root (PEM); with the cluster's roots it "
+    "is kept in the fedgate-bootstrap ConfigMap of each namespace labelled "
+    "fedgate.io/inject=enabled [default: no ConfigMaps written].",
+)
+@click.option(
     "--tokens",
     type=click.Path(path_type=Path),
     default=None,
@@ -234,6 +242,7 @@ def agent(
     exports: Path | None,
     kubeconfig: Path | None,
     kube_context: str | None,
+    control_root: Path | None,
     tokens: Path | None,
     gateway_tunnel: str,
     gateway_egress: str,
@@ -252,6 +261,8 @@ def agent(
         raise click.UsageError(
             "--exports is for --source file; the Kubernetes source reads the API"
         )
+    if source_kind == "file" and control_root is not None:
+        raise click.UsageError("--control-root is for --source kubernetes")
     native_logs.take_over_stderr()  # before grpc is imported (after the usage checks)
     from fedgate import processes
 
@@ -268,7 +279,7 @@ def agent(
         lease_ttl,
         ca_renew_listen,
         transport,
-        source=processes.SourceSettings(source_kind, kubeconfig, kube_context),
+        source=processes.SourceSettings(source_kind, kubeconfig, kube_context, control_root),
         webhook=_webhook_options(webhook_listen, webhook_service, inject_config),
         etcd=etcd_client,
     )

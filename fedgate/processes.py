@@ -283,11 +283,13 @@ async def _controller(
 @dataclass(frozen=True, slots=True)
 class SourceSettings:
     """Which `ClusterSource` the agent reads: `file` (the `exports` path) or `kubernetes`
-    (`kubeconfig`, or the in-cluster ServiceAccount when None)."""
+    (`kubeconfig`, or the in-cluster ServiceAccount when None). `control_root`: with
+    `kubernetes`, the control plane's root PEM for the `fedgate-bootstrap` ConfigMaps."""
 
     kind: str = "file"
     kubeconfig: Path | None = None
     context: str | None = None
+    control_root: Path | None = None
 
 
 def cluster_source(
@@ -416,6 +418,13 @@ async def _agent(
     authenticator, writeback = source_identity_and_writeback(
         source_settings, source, tokens, cluster
     )
+    bootstrap = None
+    if writeback is not None:  # the Kubernetes source (its API client)
+        from clusters.kube.source import KubeClusterSource
+        from fedgate import kube_bootstrap
+
+        assert isinstance(source, KubeClusterSource)
+        bootstrap = kube_bootstrap.writer(source.api_client, ca, source_settings.control_root)
     ca_server = await ca_service.serve(
         ca.view, authenticator, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
     )
@@ -441,6 +450,7 @@ async def _agent(
                 "ca": ca.status(),
                 "source": source_status(),
                 "writeBack": writeback.status() if writeback is not None else None,
+                "bootstrap": bootstrap.status() if bootstrap is not None else None,
             },
         ),
         host,
@@ -456,8 +466,12 @@ async def _agent(
     tasks = TaskSet("agent")
     tasks.spawn(the_agent.run(), "publish")
     webhook = await _start_webhook(webhook_options, cluster, ca, tasks)
+    if bootstrap is not None:
+        tasks.spawn(bootstrap.run(), "bootstrap-configmaps")
 
     async def publish_roots(roots: tuple[str, ...]) -> None:
+        if bootstrap is not None:
+            bootstrap.poke()  # the ConfigMaps and the webhook's caBundle follow the rotation
         await the_agent.set_info(replace(the_agent.info, roots=roots))
 
     tasks.spawn(ca.follow(publish_roots), "ca-directory")
