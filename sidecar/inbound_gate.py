@@ -3,7 +3,7 @@
 The destination sidecar (`sidecar.inbound`) splices an inbound stream to the app when its
 service has no AuthorizationPolicy. When it has some and the port's protocol is HTTP, HTTP2 or
 GRPC, every request is decided on its own (Istio enforces L7 policy per request too): `serve`
-sniffs the caller's first bytes and then
+sniffs the caller's first bytes (`sidecar.sniff`) and then
 
 - HTTP/1.1: `sidecar.http.gate.H1Gate` lets the raw bytes of admitted requests through and
   stops at the first refused one, which is answered `403` with `x-fedgate-reason` (after the
@@ -29,7 +29,7 @@ from typing import Any
 from mesh.authz import AuthzDecision
 from mesh.tasks import TaskSet
 from sidecar.errors import ProxyError, UnprocessedError
-from sidecar.http.codec import HttpProtocolError, Request, sniff_http1
+from sidecar.http.codec import HttpProtocolError, Request
 from sidecar.http.encode import local_response
 from sidecar.http.flow import FlowConn
 from sidecar.http.gate import H1Gate
@@ -43,30 +43,23 @@ from sidecar.http2.session import (
     Headers,
     Reset,
     Trailers,
-    sniff_preface,
 )
 from sidecar.pipe import relay
+from sidecar.sniff import H2, HTTP1, OPAQUE, first_bytes
 
 # (method, path) -> decision; (None, None) for a call that is not HTTP
 Decide = Callable[[str | None, str | None], AuthzDecision]
 Refused = Callable[[AuthzDecision, str, str], None]
 
 
-def _verdict(buf: bytes) -> tuple[str, bytes] | None:
-    h2, h1 = sniff_preface(buf), sniff_http1(buf)
-    if h2 or h1:
-        return ("h2" if h2 else "h1"), buf
-    return None if h2 is None or h1 is None else ("opaque", buf)
-
-
 async def _sniff(caller: FlowConn) -> str:
-    """ "h1", "h2" or "opaque" from the caller's first bytes (they stay buffered)."""
+    """`HTTP1`, `H2` or `OPAQUE` from the caller's first bytes (they stay buffered)."""
     caller.resume_reading()
     try:
-        return await caller.read_frame(_verdict, "first bytes")
+        return await caller.read_frame(first_bytes, "first bytes")
     except ProxyError:
         if caller.eof and caller.error is None:
-            return "opaque"  # ended before a verdict: nothing to decide per request
+            return OPAQUE  # ended before a verdict: nothing to decide per request
         raise
 
 
@@ -78,9 +71,9 @@ async def serve(
         kind = await _sniff(caller)
     except ProxyError as e:
         return e
-    if kind == "h1":
+    if kind == HTTP1:
         return await _serve_h1(caller, app, decide, refused)
-    if kind == "h2":
+    if kind == H2:
         return await _serve_h2(caller, app, decide, refused, log)
     decision = decide(None, None)
     if not decision.allowed:

@@ -1,15 +1,22 @@
 """Outbound proxy: captured app connections -> destination sidecars, inside mutual TLS.
 
-For each connection redirected to the outbound port:
+For each connection redirected to the outbound port, `Outbound` is the thin driver of three
+steps, each its own unit:
 
-1. `SO_ORIGINAL_DST` says where the app was going. Not a mesh VIP: plain passthrough to that
-   address (the sidecar's own sockets escape capture by GID). A VIP without that port: refused.
-2. The route table decides: `Local` -> TCP to `<endpoint>:<inbound_port>`; `Remote` -> TCP to the
-   local gateway's egress, `CONNECT` naming service, port and cluster, and a `200` required.
-3. Over that connection: TLS 1.3 with the pod's SVID, the server's SPIFFE ID checked against the
-   identities the decision allows, the stream header sent, a `200` stream reply required.
-   Steps 2-3 are `sidecar.dial.MeshDialer`'s (on a pooled multiplexed connection when allowed).
-4. Bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
+1. Route (`sidecar.steer`, pure): `SO_ORIGINAL_DST` says where the app was going. Not a mesh
+   VIP: plain passthrough to that address (the sidecar's own sockets escape capture by GID). A
+   VIP without that port: refused. A mesh service port: its `ServiceRoute`.
+2. Sniff (`sidecar.sniff`, pure; `HttpProxy.wants` waits for the bytes): a mesh port's declared
+   protocol or first bytes choose HTTP/1.1, HTTP/2 or per-connection (TCP) proxying.
+3. Dial (`sidecar.tcp_tries` over `sidecar.dial.MeshDialer`): the route table decides per try:
+   `Local` -> TCP to `<endpoint>:<inbound_port>`; `Remote` -> TCP to the local gateway's egress,
+   `CONNECT` naming service, port and cluster, and a `200` required. Over that connection: TLS
+   1.3 with the pod's SVID, the server's SPIFFE ID checked against the identities the decision
+   allows, the stream header sent, a `200` stream reply required (on a pooled multiplexed
+   connection when allowed).
+
+Then bytes are relayed both ways, with half-close, until both directions end (`sidecar.pipe`).
+What is left here: admission (`maxConnections`, shared with HTTP), TCP telemetry and the log.
 
 A service port declared `HTTP` (or a `TCP` port whose first bytes are an HTTP/1.x request) is
 served by `sidecar.http.proxy.HttpProxy` instead, one declared `HTTP2`/`GRPC` (or whose first
@@ -36,7 +43,6 @@ import itertools
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -50,15 +56,17 @@ from sidecar.dial import MeshDialer, SetupError
 from sidecar.errors import CaptureError, ProxyError
 from sidecar.http.exchange import Dialed
 from sidecar.http.flow import FlowConn, open_flow_conn
-from sidecar.http.proxy import H2, HTTP1, SNIFF_TIMEOUT, HttpProxy
+from sidecar.http.proxy import HttpProxy
 from sidecar.http2.proxy import H2Proxy
 from sidecar.peer_watch import watch_peer_health
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.resume import SessionCache
-from sidecar.routes import Decision, Local, Remote, ServiceRoute
+from sidecar.routes import Decision, ServiceRoute
 from sidecar.settings import SidecarSettings
 from sidecar.smux_pool import SmuxPool
+from sidecar.sniff import H2, HTTP1, SNIFF_TIMEOUT
 from sidecar.state import ProxyState
+from sidecar.steer import PASSTHROUGH, Access, Leg, Mesh, Passthrough, Refused, Target, steer
 from sidecar.tcp_tries import dial_tries
 from sidecar.traffic.peers import PeerHealth
 
@@ -186,10 +194,11 @@ class Outbound:
         self.active += 1
         started = time.monotonic()
         upstream: Conn | None = None
-        where: _Where | None = None  # where the connection goes, for the one log line
+        tried: list[Leg] = []  # where each try went (the last: the connection's)
         dialed: Dialed | None = None
         admitted: ServiceRoute | None = None
-        route = state.routes.lookup(*dst)
+        target = steer(state.routes, dst)
+        route = target.route if isinstance(target, Mesh) else None
         span: Span | None = None
         code, outcome = "error", "cancelled"
         tcp = False  # served per connection (not HTTP): one span and record for it
@@ -204,45 +213,24 @@ class Outbound:
                     await self.h2.serve(app, dst, log.bind(service=str(route.service), mode="h2"))
                     return
             tcp = True
-            tel = self.telemetry
-            if route is not None and tel.tracing:
-                span = tel.start_span(
-                    f"outbound {route.service}",
-                    tm.SOURCE,
-                    None,
-                    {
-                        tm.SOURCE_CLUSTER: s.cluster,
-                        tm.SERVICE: route.service.fqdn,
-                        tm.PROTOCOL: "tcp",
-                        "server.port": route.port.port,
-                    },
-                    server=False,
-                )
+            if route is not None and self.telemetry.tracing:
+                span = self._start_span(route)
                 log = log.bind(**tm.log_ids(span))
             traceparent = span.context.format() if span is not None else ""
-            tried: list[_Where] = []  # where each try went (the last: the connection's)
             try:
                 if route is not None:
                     # maxConnections holds for per-connection traffic too (Istio's tcp pool).
                     self.http.tcp_admit(route)
                     admitted = route
-                try:
-                    upstream, dialed = await self._upstream(
-                        dst, state, route, traceparent, tried, log
-                    )
-                finally:
-                    where = tried[-1] if tried else None
+                upstream, dialed = await self._upstream(target, state, traceparent, tried, log)
             except ProxyError as e:
                 self.failed += 1
                 code, outcome = "error", e.reason
-                fields = _Where.fields_of(where, route)
-                if len(tried) > 1:
-                    fields["tries"] = len(tried)
+                fields = Access(route, _last(tried), tries=len(tried)).log_fields()
                 if isinstance(e, SetupError):
                     fields.update(e.learned())
                 log.warning("outbound failed", reason=e.reason, detail=e.detail, **fields)
                 return
-            facts = {**_Where.fields_of(where, route), **_dialed_fields(dialed)}
             if dialed is not None:
                 self.live[upstream] = dialed.peer
             error = await relay(app, upstream)
@@ -252,7 +240,7 @@ class Outbound:
                 bytes_sent=app.relayed,
                 bytes_received=upstream.relayed,
                 duration_s=round(time.monotonic() - started, 3),
-                **facts,
+                **Access(route, _last(tried), dialed=dialed).log_fields(),
                 **({"reason": error.reason, "detail": error.detail} if error else {}),
             )
         finally:
@@ -260,6 +248,7 @@ class Outbound:
                 peer = dialed.peer if dialed is not None else None
                 own = state.svid.spiffe_id if state.svid is not None else None
                 workloads = (tm.workload(own), tm.workload(peer))
+                where = _last(tried)
                 self._observe(span, where, route, code, outcome, started, app, upstream, workloads)
             self.active -= 1
             if admitted is not None:
@@ -271,10 +260,25 @@ class Outbound:
             if upstream is not None:
                 upstream.reset_if_open()
 
+    def _start_span(self, route: ServiceRoute) -> Span:
+        """A TCP connection's CLIENT span, a new trace (TCP carries no context)."""
+        return self.telemetry.start_span(
+            f"outbound {route.service}",
+            tm.SOURCE,
+            None,
+            {
+                tm.SOURCE_CLUSTER: self._settings.cluster,
+                tm.SERVICE: route.service.fqdn,
+                tm.PROTOCOL: "tcp",
+                "server.port": route.port.port,
+            },
+            server=False,
+        )
+
     def _observe(
         self,
         span: Span | None,
-        where: _Where | None,
+        where: Leg | None,
         route: ServiceRoute,
         code: str,
         outcome: str,
@@ -305,36 +309,26 @@ class Outbound:
             destination_workload=workloads[1],
         )
 
-    def _where(
-        self, dst: tuple[str, int], state: ProxyState, route: ServiceRoute | None
-    ) -> _Where | None:
-        """Passthrough outside the mesh, else None (the tries decide); ProxyError if the
-        connection cannot be served at all."""
-        if route is None:
-            if state.routes.is_vip(dst[0]):
-                raise ProxyError("unknown port", f"mesh VIP {dst[0]} has no port {dst[1]}")
-            return _Where(mode="passthrough")
-        if state.client_ctx is None:
-            raise ProxyError("not ready", "no SVID or trust bundle yet")
-        return None
-
     async def _upstream(
         self,
-        dst: tuple[str, int],
+        target: Target,
         state: ProxyState,
-        route: ServiceRoute | None,
         traceparent: str,
-        tried: list[_Where],
+        tried: list[Leg],
         log: Any,
     ) -> tuple[Conn, Dialed | None]:
         """The connection to relay the app's bytes into, ready for them (and, into the mesh,
-        what setting it up learned). Each mesh try is appended to `tried`."""
+        what setting it up learned). Each try is appended to `tried`; ProxyError if the
+        connection cannot be served at all."""
         s = self._settings
-        where = self._where(dst, state, route)
-        if where is not None:
-            tried.append(where)
-            return await open_conn(dst[0], dst[1], "passthrough", s.connect_timeout), None
-        assert route is not None
+        if isinstance(target, Refused):
+            raise ProxyError(target.reason, target.detail)
+        if isinstance(target, Passthrough):
+            tried.append(PASSTHROUGH)
+            return await open_conn(target.host, target.port, "passthrough", s.connect_timeout), None
+        route = target.route
+        if state.client_ctx is None:
+            raise ProxyError("not ready", "no SVID or trust bundle yet")
         decisions: list[Decision] = []
         try:
             dialed = await dial_tries(
@@ -350,50 +344,9 @@ class Outbound:
                 stats=self.http.stats,
             )
         finally:
-            tried.extend(_Where.of(route, d, s.cluster) for d in decisions)
+            tried.extend(Leg.of(d, s.cluster) for d in decisions)
         return dialed.conn, dialed
 
 
-@dataclass(frozen=True, slots=True)
-class _Where:
-    """Where a per-connection call goes (what its log line and span say)."""
-
-    route: ServiceRoute | None = None
-    decision: Decision | None = None
-    mode: str = ""  # "passthrough" outside the mesh
-    dst_cluster: str = ""
-    endpoint: str = ""
-    gateway: str = ""
-
-    @classmethod
-    def of(cls, route: ServiceRoute, decision: Decision, local_cluster: str) -> _Where:
-        match decision:
-            case Local(endpoint=ep):
-                return cls(route, decision, dst_cluster=local_cluster, endpoint=ep.address)
-            case Remote(cluster=cluster, egress=egress):
-                gateway = f"{egress.host}:{egress.port}"
-                return cls(route, decision, dst_cluster=cluster, gateway=gateway)
-            case _:
-                raise AssertionError(f"unknown route decision {decision!r}")
-
-    @staticmethod
-    def fields_of(where: _Where | None, route: ServiceRoute | None) -> dict[str, object]:
-        """The access-log fields: what is known of the route and where it led."""
-        out: dict[str, object] = {}
-        if route is not None:
-            out.update(service=str(route.service), port=route.port.port)
-        if where is None:
-            return out
-        for name in ("mode", "dst_cluster", "endpoint", "gateway"):
-            if value := getattr(where, name):
-                out[name] = value
-        return out
-
-
-def _dialed_fields(dialed: Dialed | None) -> dict[str, object]:
-    if dialed is None:
-        return {}
-    out: dict[str, object] = {"peer": dialed.peer.uri, "tls_resumed": dialed.tls_resumed}
-    if dialed.smux:
-        out["smux"] = dialed.smux
-    return out
+def _last(tried: list[Leg]) -> Leg | None:
+    return tried[-1] if tried else None

@@ -417,28 +417,3 @@ class Reader:
                 if not line:
                     return self._end()
                 _parse_headers([line], self._status)
-
-
-_SNIFF_METHODS = (
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-)
-
-
-def sniff_http1(buf: bytes) -> bool | None:
-    """Whether the first bytes of a connection start an HTTP/1.x request (None: too few
-    bytes to tell). Only common methods count, as Istio's sniffing; CONNECT and the HTTP/2
-    preface (`PRI * HTTP/2.0`) are not HTTP/1.1 requests to route."""
-    undecided = False
-    for m in _SNIFF_METHODS:
-        if buf.startswith(m):
-            return True
-        if len(buf) < len(m) and m.startswith(buf):
-            undecided = True
-    return None if undecided else False

@@ -37,6 +37,7 @@ import structlog
 from mesh.naming import ServiceKey, SpiffeId
 from mesh.tasks import TaskSet
 from mesh.telemetry import OFF, Telemetry
+from sidecar import sniff
 from sidecar.errors import ProxyError
 from sidecar.http.body import RequestBody, next_event
 from sidecar.http.codec import (
@@ -44,7 +45,6 @@ from sidecar.http.codec import (
     HttpProtocolError,
     Reader,
     Request,
-    sniff_http1,
 )
 from sidecar.http.encode import (
     local_response,
@@ -53,7 +53,6 @@ from sidecar.http.exchange import MeshConnect, ServiceRuntime
 from sidecar.http.flow import FlowConn
 from sidecar.http.forward import Call, Forwarder
 from sidecar.http.pool import PoolKey, ServicePool, UpstreamPool
-from sidecar.http2.session import sniff_preface
 from sidecar.observe import Observation
 from sidecar.pipe import Conn
 from sidecar.routes import RouteTable, ServiceRoute
@@ -67,10 +66,6 @@ from sidecar.traffic.peers import PeerHealth
 _log = structlog.get_logger("fedgate.sidecar")
 _ids = itertools.count(1)
 
-SNIFF_TIMEOUT = 0.1  # wait this long for a TCP port's first bytes to tell HTTP/1.x from others
-HTTP1 = "http1"
-H2 = "h2"  # served by sidecar.http2.proxy
-
 
 class HttpProxy:
     def __init__(
@@ -80,7 +75,7 @@ class HttpProxy:
         live: dict[Conn, SpiffeId],
         rng: random.Random,
         *,
-        sniff_timeout: float = SNIFF_TIMEOUT,
+        sniff_timeout: float = sniff.SNIFF_TIMEOUT,
         telemetry: Telemetry = OFF,
         cluster: str = "",
         peers: PeerHealth | None = None,
@@ -185,32 +180,20 @@ class HttpProxy:
     # -- protocol choice --------------------------------------------------------------------
 
     async def wants(self, app: FlowConn, route: ServiceRoute) -> str:
-        """How to serve this connection: `HTTP1` (declared HTTP, or a TCP port whose first
-        bytes start an HTTP/1.x request), `H2` (declared HTTP2 or GRPC, or the HTTP/2 client
-        preface on a TCP port), or "" (per connection). Sniffing waits `sniff_timeout` for the
-        first bytes; they stay buffered for whichever path serves the connection."""
-        protocol = route.port.protocol
-        if protocol == "HTTP":
-            return HTTP1
-        if protocol in ("HTTP2", "GRPC"):
-            return H2  # prior knowledge: the client speaks first, with the preface
-        if protocol != "TCP" or self.sniff_timeout <= 0:
-            return ""
+        """How to serve this connection (`sidecar.sniff`): by the port's declared protocol,
+        else by its first bytes, waiting `sniff_timeout` for them (then: per connection).
+        The bytes stay buffered for whichever path serves the connection."""
+        mode = sniff.declared(route.port.protocol, self.sniff_timeout > 0)
+        if mode is not None:
+            return mode
         app.resume_reading()
-
-        def verdict(buf: bytes) -> tuple[str, bytes] | None:
-            h2, h1 = sniff_preface(buf), sniff_http1(buf)
-            if h2 or h1:
-                return (H2 if h2 else HTTP1), buf
-            return None if h2 is None or h1 is None else ("", buf)
-
         try:
             async with asyncio.timeout(self.sniff_timeout):
-                found = await app.read_frame(verdict, "first bytes")
+                found = await app.read_frame(sniff.first_bytes, "first bytes")
         except (TimeoutError, ProxyError):
-            return ""
+            return sniff.OPAQUE
         if found:
-            self.stats["sniffed_http" if found == HTTP1 else "sniffed_h2"] += 1
+            self.stats["sniffed_http" if found == sniff.HTTP1 else "sniffed_h2"] += 1
         return found
 
     # -- one app connection -----------------------------------------------------------------

@@ -27,8 +27,8 @@ from sidecar.http.codec import (
     Reader,
     Request,
     Response,
-    sniff_http1,
 )
+from sidecar.sniff import sniff_http1
 
 SNIFF_BYTES = 16  # more than the longest method sniff_http1 looks for
 

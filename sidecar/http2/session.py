@@ -34,7 +34,6 @@ import hyperframe.frame
 
 Fields = tuple[tuple[str, str], ...]
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 128  # what we let a peer open towards us
 WINDOW = 1 << 20  # our receive window per stream and for the connection (the default is 64 KiB)
 NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
@@ -102,15 +101,6 @@ class GoneAway:
 
 StreamEvent = Headers | Data | Trailers | Ended | Reset
 Event = StreamEvent | WindowOpened | SettingsChanged | GoneAway
-
-
-def sniff_preface(buf: bytes) -> bool | None:
-    """Whether a connection's first bytes are the HTTP/2 client preface (None: too few)."""
-    if buf.startswith(PREFACE):
-        return True
-    if PREFACE.startswith(buf):
-        return None
-    return False
 
 
 def _pairs(headers: object) -> Fields:

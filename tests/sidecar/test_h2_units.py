@@ -28,7 +28,6 @@ from sidecar.http2.session import (
     Reset,
     Trailers,
     WindowOpened,
-    sniff_preface,
 )
 from sidecar.traffic.retry import RESET, STATUS, Outcome, retriable
 
@@ -58,13 +57,6 @@ def move(src: H2Session, dst: H2Session) -> list[Event]:
 
 def stream_events(events: list[Event]) -> list[Event]:
     return [e for e in events if not isinstance(e, WindowOpened)]
-
-
-def test_preface_sniffing() -> None:
-    assert sniff_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00") is True
-    assert sniff_preface(b"PRI * HT") is None
-    assert sniff_preface(b"") is None
-    assert sniff_preface(b"GET / HTTP/1.1\r\n") is False
 
 
 def test_a_request_with_body_and_trailers_is_folded_into_stream_events() -> None:

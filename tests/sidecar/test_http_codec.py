@@ -19,7 +19,6 @@ from sidecar.http.codec import (
     Reader,
     Request,
     Response,
-    sniff_http1,
 )
 from sidecar.http.encode import (
     HOP_BY_HOP,
@@ -298,12 +297,3 @@ def test_local_responses_carry_the_reason() -> None:
     assert head.status == 503
     assert head.get("x-fedgate-reason") == "pending overflow"
     assert body_of(events) == b"503 pending overflow: 1/1 connections busy\n"
-
-
-def test_sniffing() -> None:
-    assert sniff_http1(b"GET / HTTP/1.1\r\n") is True
-    assert sniff_http1(b"PO") is None
-    assert sniff_http1(b"*3\r\n$3\r\nSET") is False
-    assert sniff_http1(b"PRI * HTTP/2.0") is False
-    assert sniff_http1(b"\x16\x03\x01") is False
-    assert sniff_http1(b"") is None

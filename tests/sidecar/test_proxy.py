@@ -252,6 +252,28 @@ async def test_non_vip_destination_is_passed_through(rig: Rig, logs: Logs) -> No
     assert not any(e["event"] == "inbound accepted" for e in logs)
 
 
+async def test_first_bytes_too_few_to_sniff_are_relayed_once_the_wait_ends(
+    rig: Rig, logs: Logs
+) -> None:
+    # "GE" may start an HTTP/1.1 request: the sniff waits out its timeout (100 ms), then the
+    # connection is proxied per connection with those bytes still first in line.
+    reader, writer = await rig.dial((VIP, rig.app_port))
+    try:
+        async with asyncio.timeout(10):
+            writer.write(b"GE")
+            await writer.drain()
+            assert await reader.readexactly(2) == b"GE"
+            writer.write(b"T / not sniffed any more")
+            writer.write_eof()
+            assert await reader.read() == b"T / not sniffed any more" + b"payments-0:bye"
+    finally:
+        await close(writer)
+    closed = await wait_log(logs, "outbound closed", pod="client-0")
+    assert (closed["dst_cluster"], closed["endpoint"]) == ("east", "127.0.0.2")
+    assert closed["bytes_sent"] == 2 + len(b"T / not sniffed any more")
+    assert "sniffed_http" not in rig.source.outbound.http.stats
+
+
 async def test_vip_with_undeclared_port_is_refused(rig: Rig, logs: Logs) -> None:
     await assert_reset(rig, (VIP, 1))
     failed = await wait_log(logs, "outbound failed", pod="client-0")
