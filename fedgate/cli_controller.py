@@ -1,7 +1,7 @@
 """`fedgate controller`: run a federation controller replica.
 
 Its options are parsed here into settings, as for every process (fedgate/cli.py); the replica
-itself is wired in `fedgate.processes.controller`.
+itself is wired in `fedgate.proc_controller.controller`.
 """
 
 from __future__ import annotations
@@ -90,14 +90,14 @@ def controller(
     """Run a federation controller replica (run several; one is elected leader)."""
     native_logs.take_over_stderr()  # before grpc is imported
     from federation.gitops.sync import SyncSettings
-    from fedgate import processes
+    from fedgate import proc_controller
 
     gitops = (
         SyncSettings(config_repo, config_branch, config_path, config_poll, config_workdir)
         if config_repo
         else None
     )
-    processes.controller(
+    proc_controller.controller(
         etcd_endpoints.split(","),
         listen,
         admin,

@@ -338,6 +338,12 @@ def inject_mount(args: dict[str, list[str]], root: Path) -> None:
     (root / "inject" / "inject.yaml").write_text(args["inject.yaml"][0])
 
 
+def control_mount(root: Path, control_root: Path) -> None:
+    """The agent's `control` volume (fedgate-system's fedgate-bootstrap, control.pem only)."""
+    (root / "control").mkdir(parents=True, exist_ok=True)
+    (root / "control" / "control.pem").write_bytes(control_root.read_bytes())
+
+
 def etcd_mount(server: EtcdServer, directory: Path, password: Path) -> None:
     directory.mkdir(parents=True)
     (directory / "ca.crt").write_bytes((server.data_dir / "tls" / "ca.crt").read_bytes())
@@ -352,6 +358,8 @@ def test_the_rendered_agent_publishes_its_cluster_through_the_tls_etcd(
     root = tmp_path / "run"
     etcd_mount(provisioned, root / "etcd", users / "agent-east")
     init_ca_dir(root / "ca", "east.fedgate.local", utcnow())
+    init_ca_dir(tmp_path / "control-ca", "fedgate.local", utcnow())
+    control_mount(root, tmp_path / "control-ca" / "root.pem")
     reader = options(provisioned, users, "reader")
     export = keys.export_key("east", ServiceKey(NS, "pay"))
     with FakeKubeAPI() as api:
@@ -410,6 +418,7 @@ def test_a_rendered_install_comes_up(provisioned: EtcdServer, users: Path, tmp_p
     etcd_mount(provisioned, agent_root / "etcd", users / "agent-east")
     init_ca_dir(control / "control-ca", "fedgate.local", utcnow())
     init_ca_dir(agent_root / "ca", "east.fedgate.local", utcnow())
+    control_mount(agent_root, control / "control-ca" / "root.pem")
     identity = gw_root / "identity"
     identity.mkdir(parents=True)
     (identity / "token").write_text("gateway-token\n")
