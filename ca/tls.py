@@ -22,11 +22,16 @@ from mesh.naming import SpiffeId
 
 
 def _load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
+    load_pem_chain(ctx, svid.cert_pem, svid.key_pem)
+
+
+def load_pem_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """`ctx.load_cert_chain` from memory (see the module docstring)."""
     fd_cert = os.memfd_create("fedgate-cert", os.MFD_CLOEXEC)
     fd_key = os.memfd_create("fedgate-key", os.MFD_CLOEXEC)
     try:
-        os.write(fd_cert, svid.cert_pem)
-        os.write(fd_key, svid.key_pem)
+        os.write(fd_cert, cert_pem)
+        os.write(fd_key, key_pem)
         ctx.load_cert_chain(f"/proc/self/fd/{fd_cert}", f"/proc/self/fd/{fd_key}")
     finally:
         os.close(fd_cert)
