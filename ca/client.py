@@ -11,6 +11,7 @@ imports grpc). Only the one chosen is imported; both speak the same `Sign` call.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
@@ -69,11 +70,14 @@ async def obtain_svid(
     if current is not None:
         token = ""
     request = ca_pb2.SignRequest(csr_pem=csr_pem, token=token, ttl_seconds=ttl_seconds)
+    if wire not in ("grpcio", "h2"):
+        raise ValueError(f"unknown gRPC client {wire!r}")
     sign = _sign_h2 if wire == "h2" else _sign_grpcio
+    call = _Sign(address, anchors_pem, current, ca_server_name(trust_domain), request, rpc_timeout)
     delay = 0.1
     for attempt in range(attempts):
         try:
-            resp = await sign(address, anchors_pem, current, trust_domain, request, rpc_timeout)
+            resp = await sign(call)
             break
         except _SignFailedError as e:
             if e.code not in RETRYABLE:
@@ -89,57 +93,57 @@ async def obtain_svid(
     return svid
 
 
-async def _sign_grpcio(
-    address: str,
-    anchors_pem: bytes,
-    current: Svid | None,
-    trust_domain: str,
-    request: ca_pb2.SignRequest,
-    rpc_timeout: float,
-) -> ca_pb2.SignResponse:
+@dataclass(frozen=True, slots=True)
+class _Sign:
+    """One `Sign` attempt, whichever client makes it."""
+
+    address: str
+    anchors_pem: bytes
+    current: Svid | None  # renewal: the client certificate
+    server_name: str  # the CA's serving name, checked against its certificate
+    request: ca_pb2.SignRequest
+    rpc_timeout: float
+
+
+async def _sign_grpcio(call: _Sign) -> ca_pb2.SignResponse:
     import grpc
     import grpc.aio
 
     from ca.api import ca_pb2_grpc
 
+    current = call.current
     if current is None:
-        creds = grpc.ssl_channel_credentials(root_certificates=anchors_pem)
+        creds = grpc.ssl_channel_credentials(root_certificates=call.anchors_pem)
     else:
         creds = grpc.ssl_channel_credentials(
-            root_certificates=anchors_pem,
+            root_certificates=call.anchors_pem,
             private_key=current.key_pem,
             certificate_chain=current.cert_pem,
         )
-    options = [("grpc.ssl_target_name_override", ca_server_name(trust_domain))]
-    async with grpc.aio.secure_channel(address, creds, options=options) as channel:
+    options = [("grpc.ssl_target_name_override", call.server_name)]
+    async with grpc.aio.secure_channel(call.address, creds, options=options) as channel:
         stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
         try:
-            response: ca_pb2.SignResponse = await stub.Sign(request, timeout=rpc_timeout)
+            response: ca_pb2.SignResponse = await stub.Sign(call.request, timeout=call.rpc_timeout)
         except grpc.aio.AioRpcError as e:
             raise _SignFailedError(e.code().value[0], e.details() or "") from e
         return response
 
 
-async def _sign_h2(
-    address: str,
-    anchors_pem: bytes,
-    current: Svid | None,
-    trust_domain: str,
-    request: ca_pb2.SignRequest,
-    rpc_timeout: float,
-) -> ca_pb2.SignResponse:
+async def _sign_h2(call: _Sign) -> ca_pb2.SignResponse:
     from ca.h2grpc import H2Channel, RpcError, TlsCredentials
 
+    current = call.current
     creds = (
-        TlsCredentials(anchors_pem)
+        TlsCredentials(call.anchors_pem)
         if current is None
-        else TlsCredentials(anchors_pem, current.cert_pem, current.key_pem)
+        else TlsCredentials(call.anchors_pem, current.cert_pem, current.key_pem)
     )
     try:
-        async with asyncio.timeout(rpc_timeout):
-            channel = await H2Channel.connect(address, creds, ca_server_name(trust_domain))
+        async with asyncio.timeout(call.rpc_timeout):
+            channel = await H2Channel.connect(call.address, creds, call.server_name)
             async with channel:
-                data = await channel.unary(SIGN, request.SerializeToString())
+                data = await channel.unary(SIGN, call.request.SerializeToString())
     except TimeoutError as e:
         raise _SignFailedError(grpcwire.DEADLINE_EXCEEDED, "deadline exceeded") from e
     except RpcError as e:

@@ -36,6 +36,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import Frame, GoAwayFrame
 
 from mesh import grpcwire
 
@@ -43,6 +44,22 @@ WINDOW = 1 << 20  # per-stream and connection receive window: a large snapshot i
 KEEPALIVE_INTERVAL = 30.0
 KEEPALIVE_TIMEOUT = 10.0
 USER_AGENT = "fedgate-h2grpc/1"
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2 closes the connection on any GOAWAY and then refuses every frame that follows, but
+    RFC 9113 §6.8 lets the streams up to the GOAWAY's last stream id finish, and grpcio's
+    graceful shutdown (`server.stop(grace)`) relies on it: GOAWAY, a PING, then the open calls
+    run out their grace. A graceful (NO_ERROR) GOAWAY therefore leaves the connection open for
+    them; `GrpcClientConnection.closing` keeps new calls off it."""
+
+    def _receive_goaway_frame(
+        self, frame: GoAwayFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        frames, events = super()._receive_goaway_frame(frame)
+        if frame.error_code == h2.errors.ErrorCodes.NO_ERROR:
+            self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return frames, events
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +109,7 @@ class GrpcClientConnection:
         self._max = max_message
         self._interval = keepalive_interval
         self._timeout = keepalive_timeout
-        self._h2 = h2.connection.H2Connection(
+        self._h2 = _H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         )
         self._calls: dict[int, _Call] = {}

@@ -6,7 +6,6 @@ so every existing test runs unchanged against the real grpcio servers with each 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,10 +15,10 @@ from federation.api.wire import WIRES
 
 
 @pytest.fixture(params=WIRES)
-def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     real = {"ConfigClient": ConfigClient, "obtain_svid": obtain_svid}
     for name, function in real.items():
         if hasattr(request.module, name):
             bound = functools.partial(function, wire=request.param)
             monkeypatch.setattr(request.module, name, bound)
-    yield request.param
+    return str(request.param)

@@ -49,10 +49,10 @@ from federation.api.session import (
 )
 from federation.api.wire import (
     MAX_MESSAGE,
+    WIRES,
     ConfigStream,
     StreamFailedError,
     Wire,
-    open_stream,
 )
 from mesh.model import Snapshot
 
@@ -293,3 +293,20 @@ async def _try_send(call: ConfigStream, request: ConfigRequest) -> StreamFailedE
     except StreamFailedError as e:
         return e
     return None
+
+
+async def open_stream(
+    wire: Wire,
+    target: str,
+    credentials: grpc.ChannelCredentials | TlsCredentials | None,
+    server_name: str | None,
+) -> ConfigStream:
+    if wire == "h2":
+        from federation.api.h2_stream import H2Stream
+
+        return await H2Stream.open(target, credentials, server_name)  # type: ignore[arg-type]
+    if wire == "grpcio":
+        from federation.api.grpcio_stream import GrpcioStream
+
+        return GrpcioStream(target, credentials, server_name)  # type: ignore[arg-type]
+    raise ValueError(f"unknown gRPC client {wire!r} (one of {', '.join(WIRES)})")

@@ -1,8 +1,9 @@
 """The config stream as `ConfigClient` drives it, over either gRPC client (issue 17).
 
-`open_stream(wire, ...)` returns a `ConfigStream`: `write` a request, `read` a response (None
-once the controller has ended the stream cleanly), `aclose`. Each implementation translates its
-own failures into `StreamFailedError`, so the client's session logic is the same over both:
+`federation.api.client.open_stream(wire, ...)` returns a `ConfigStream`: `write` a request,
+`read` a response (None once the controller has ended the stream cleanly), `aclose`. Each
+implementation translates its own failures into `StreamFailedError`, so the client's session
+logic is the same over both:
 - "grpcio": grpc.aio, the C core (`federation.api.grpcio_stream`);
 - "h2": the h2 + protobuf client of `ca.h2grpc`, which never imports grpc
   (`federation.api.h2_stream`), about 16 MiB and 7-9 threads lighter (docs/footprint.md).
@@ -11,14 +12,9 @@ Only the chosen implementation is imported.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
-
-if TYPE_CHECKING:
-    import grpc
-
-    from ca.h2grpc import TlsCredentials
 
 Wire = Literal["grpcio", "h2"]
 WIRES: tuple[Wire, ...] = ("grpcio", "h2")
@@ -38,20 +34,3 @@ class ConfigStream(Protocol):
     async def write(self, request: ConfigRequest) -> None: ...
     async def read(self) -> ConfigResponse | None: ...
     async def aclose(self) -> None: ...
-
-
-async def open_stream(
-    wire: Wire,
-    target: str,
-    credentials: grpc.ChannelCredentials | TlsCredentials | None,
-    server_name: str | None,
-) -> ConfigStream:
-    if wire == "h2":
-        from federation.api.h2_stream import H2Stream
-
-        return await H2Stream.open(target, credentials, server_name)  # type: ignore[arg-type]
-    if wire == "grpcio":
-        from federation.api.grpcio_stream import GrpcioStream
-
-        return GrpcioStream(target, credentials, server_name)  # type: ignore[arg-type]
-    raise ValueError(f"unknown gRPC client {wire!r} (one of {', '.join(WIRES)})")
