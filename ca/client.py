@@ -20,7 +20,7 @@ from ca.api import ca_pb2
 from ca.authority import Svid
 from ca.errors import IssuanceError
 from ca.keys import new_key_and_csr
-from ca.service import ca_server_name
+from ca.naming import ca_server_name
 from ca.verify import spiffe_id_of
 from mesh import grpcwire
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
 from ca.authority import CertificateAuthority
@@ -21,10 +20,10 @@ from federation.api.session import NodeInfo
 from federation.api.wire import METHOD
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
 from mesh import grpcwire
-from mesh.naming import SpiffeId, controller_dns_name, controller_identity
-from tests.federation.fed_factories import export, info
+from mesh.naming import SpiffeId, controller_dns_name
 from tests.federation.test_fed_stream import snapshot
 from tests.helpers import until
+from tests.wires import tls_config_server
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
@@ -130,25 +129,11 @@ async def test_a_grpc_status_from_the_server_is_surfaced() -> None:
 @pytest.fixture
 async def tls() -> AsyncIterator[tuple[ConfigServer, TlsCredentials]]:
     """A config server presenting the controller's identity, requiring a client SVID."""
-    now = utcnow()
-    control = CertificateAuthority.create("fedgate.local", now)
-    east = CertificateAuthority.create("east.fedgate.local", now)
-    server_svid = control.issue(controller_identity(), now, dns_names=(controller_dns_name(),))
-    client_svid = east.issue(SpiffeId("east.fedgate.local", "demo", "echo"), now)
-    creds = grpc.ssl_server_credentials(
-        [(server_svid.key_pem, server_svid.cert_pem)],
-        root_certificates=east.root_pem,
-        require_client_auth=True,
-    )
-    publisher = SnapshotPublisher()
-    clusters = [info("east")]
-    from federation.generate import generate
-    from federation.merge import merge
-
-    publisher.update(generate(clusters, merge(clusters, [export("east")], {}), []))
-    running = await serve(ConfigDiscoveryServicer(publisher), "127.0.0.1:0", creds)
+    east = CertificateAuthority.create("east.fedgate.local", utcnow())
+    client_svid = east.issue(SpiffeId("east.fedgate.local", "demo", "echo"), utcnow())
+    running, control_root = await tls_config_server(east.root_pem)
     try:
-        yield running, TlsCredentials(control.root_pem, client_svid.cert_pem, client_svid.key_pem)
+        yield running, TlsCredentials(control_root, client_svid.cert_pem, client_svid.key_pem)
     finally:
         await running.stop(None)
 
