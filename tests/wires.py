@@ -1,6 +1,7 @@
 """Run a module's config-stream and CA client tests over both gRPC clients (issue 17).
 
 `wire` rebinds the module's `ConfigClient` and `obtain_svid` to the real ones with `wire=` set,
+and `ProxyWiring` to one with `grpc_client=` set,
 so every existing test runs unchanged against the real grpcio servers with each client."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from federation.api.wire import WIRES
 from federation.generate import generate
 from federation.merge import merge
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
+from fedgate.wiring import ProxyWiring
 from mesh.naming import controller_dns_name, controller_identity
 from tests.federation.fed_factories import export, info
 
@@ -29,6 +31,9 @@ def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
         if hasattr(request.module, name):
             bound = functools.partial(function, wire=request.param)
             monkeypatch.setattr(request.module, name, bound)
+    if hasattr(request.module, "ProxyWiring"):  # fedgate's wiring: CA renewal and config
+        bound = functools.partial(ProxyWiring, grpc_client=request.param)
+        monkeypatch.setattr(request.module, "ProxyWiring", bound)
     return str(request.param)
 
 
