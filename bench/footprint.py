@@ -49,8 +49,32 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 # What each process kind imports on its way to running (fedgate/cli.py -> fedgate/processes.py).
 KINDS = {
-    "sidecar": ["fedgate.cli", "fedgate.processes", "sidecar.sidecar", "federation.api.client"],
-    "gateway": ["fedgate.cli", "fedgate.processes", "gateway.gateway", "federation.api.client"],
+    # The proxies' gRPC client: grpcio (the default) loads its stream module and the CA stub at
+    # the first call; `--grpc-client h2` (FEDGATE_GRPC_CLIENT=h2) loads ca.h2grpc instead.
+    "sidecar": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "sidecar.sidecar",
+        "federation.api.client",
+        "federation.api.grpcio_stream",
+        "ca.api.ca_pb2_grpc",
+    ],
+    "sidecar-h2": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "sidecar.sidecar",
+        "federation.api.client",
+        "federation.api.h2_stream",
+        "ca.h2grpc",
+    ],
+    "gateway": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "gateway.gateway",
+        "federation.api.client",
+        "federation.api.grpcio_stream",
+        "ca.api.ca_pb2_grpc",
+    ],
     "agent": [
         "fedgate.cli",
         "fedgate.processes",
@@ -79,6 +103,7 @@ HEAVY = {
     "jsonschema": "jsonschema",
     "pydantic": "pydantic",
     "aioquic": "aioquic",
+    "h2": "h2",
     "kubernetes": "kubernetes",
 }
 
