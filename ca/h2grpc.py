@@ -22,7 +22,7 @@ import contextlib
 import ssl
 from dataclasses import dataclass
 
-from ca.tls import load_pem_chain
+from ca.memkey import load_pem_chain
 from mesh import grpcwire
 from mesh.grpc_h2 import (
     KEEPALIVE_INTERVAL,
