@@ -116,6 +116,14 @@ def rss_mib(pid: int | str = "self") -> float:
     return 0.0
 
 
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
 def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -240,6 +248,7 @@ def measure(
     pids: dict[str, int], netns: str, host: str, port: int, vhost: str, a: argparse.Namespace
 ) -> dict[str, Any]:
     idle = {name: rss_mib(pid) for name, pid in pids.items()}
+    idle_threads = {name: threads(pid) for name, pid in pids.items()}
     cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
     peak = dict(idle)
     client = run_load(netns, host, port, vhost, a.rate, a.duration)
@@ -252,7 +261,13 @@ def measure(
     out = client.stdout.read()
     result = json.loads(out) if client.returncode == 0 and out else {"ok": 0, "errors": -1}
     per_k = {n: (c / result["ok"] * 1000 if result["ok"] else 0.0) for n, c in cpu.items()}
-    return {"load": result, "idle": idle, "peak": peak, "cpu_per_1k": per_k}
+    return {
+        "load": result,
+        "idle": idle,
+        "peak": peak,
+        "cpu_per_1k": per_k,
+        "threads": idle_threads,
+    }
 
 
 def rig_run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -337,11 +352,14 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"{ld.get('first_error', '')}), {ld.get('rate', 0):.0f}/s achieved, "
             f"p50 {ld.get('p50_ms', 0):.2f} ms, p99 {ld.get('p99_ms', 0):.2f} ms"
         )
-        print(f"  {'process':42s} {'idle MiB':>9s} {'load MiB':>9s} {'CPU s/1k req':>13s}")
+        print(
+            f"  {'process':42s} {'idle MiB':>9s} {'load MiB':>9s} {'CPU s/1k req':>13s} "
+            f"{'threads':>8s}"
+        )
         for name in r["idle"]:
             print(
                 f"  {name:42s} {r['idle'][name]:9.1f} {r['peak'][name]:9.1f} "
-                f"{r['cpu_per_1k'][name]:13.3f}"
+                f"{r['cpu_per_1k'][name]:13.3f} {r.get('threads', {}).get(name, 0):8d}"
             )
     if {"rig", "haproxy"} <= results.keys():
         rig, hp = results["rig"], results["haproxy"]
