@@ -7,6 +7,7 @@ so every existing test runs unchanged against the real grpcio servers with each 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -26,14 +27,17 @@ from tests.federation.fed_factories import export, info
 
 @pytest.fixture(params=WIRES)
 def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    real = {"ConfigClient": ConfigClient, "obtain_svid": obtain_svid}
+    real: dict[str, Callable[..., object]] = {
+        "ConfigClient": ConfigClient,
+        "obtain_svid": obtain_svid,
+    }
     for name, function in real.items():
         if hasattr(request.module, name):
             bound = functools.partial(function, wire=request.param)
             monkeypatch.setattr(request.module, name, bound)
     if hasattr(request.module, "ProxyWiring"):  # fedgate's wiring: CA renewal and config
-        bound = functools.partial(ProxyWiring, grpc_client=request.param)
-        monkeypatch.setattr(request.module, "ProxyWiring", bound)
+        wiring = functools.partial(ProxyWiring, grpc_client=request.param)
+        monkeypatch.setattr(request.module, "ProxyWiring", wiring)
     return str(request.param)
 
 

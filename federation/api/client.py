@@ -115,6 +115,7 @@ class ConfigClient:
             raise ValueError("pass either node= or node_id=/cluster=, not both")
         if credentials is None and not insecure:
             raise ValueError("ConfigClient needs channel credentials (insecure=True for tests)")
+        _check_credentials(wire, credentials)
         targets = target.split(",") if isinstance(target, str) else list(target)
         self._targets = [t.strip() for t in targets if t.strip()]
         if not self._targets:
@@ -147,6 +148,7 @@ class ConfigClient:
         is up keeps the TLS session it authenticated with."""
         if self._credentials is None:
             raise ValueError("an insecure ConfigClient cannot switch to TLS")
+        _check_credentials(self._wire, credentials)
         self._credentials = credentials
 
     @property
@@ -310,3 +312,16 @@ async def open_stream(
 
         return GrpcioStream(target, credentials, server_name)  # type: ignore[arg-type]
     raise ValueError(f"unknown gRPC client {wire!r} (one of {', '.join(WIRES)})")
+
+
+def _check_credentials(wire: Wire, credentials: object) -> None:
+    """Refuse at once what would otherwise fail on every reconnect: an unknown client, or the
+    other client's kind of credentials."""
+    if wire not in WIRES:
+        raise ValueError(f"unknown gRPC client {wire!r} (one of {', '.join(WIRES)})")
+    if credentials is None:
+        return
+    is_tls = type(credentials).__name__ == "TlsCredentials"  # no import of either client here
+    if (wire == "h2") != is_tls:
+        want = "ca.h2grpc.TlsCredentials" if wire == "h2" else "grpc.ChannelCredentials"
+        raise ValueError(f"the {wire} client needs {want}, not {type(credentials).__name__}")

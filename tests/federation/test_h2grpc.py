@@ -79,10 +79,11 @@ async def test_a_graceful_goaway_lets_the_open_call_run_and_refuses_new_ones(
         await until(lambda: channel.core.closing)
         with pytest.raises(RpcError, match="UNAVAILABLE"):
             channel.call(METHOD)
-        publisher.update(snapshot("10.0.0.2"))  # the open stream is still served
+        newer = snapshot("10.0.0.2")
+        publisher.update(newer)  # the open stream is still served
         data = await call.read()
         assert data is not None
-        assert ConfigResponse.FromString(data).version_info == publisher.current.version
+        assert ConfigResponse.FromString(data).version_info == newer.version
         call.cancel()
         await stopping
     finally:
@@ -184,3 +185,14 @@ async def _hello(target: str, creds: TlsCredentials) -> None:
 async def _drain(call: H2Call) -> None:
     while await call.read() is not None:
         pass
+
+
+def test_the_wrong_kind_of_credentials_is_refused_up_front() -> None:
+    tls = TlsCredentials(b"roots")
+    with pytest.raises(ValueError, match=r"the grpcio client needs grpc\.ChannelCredentials"):
+        ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls)
+    with pytest.raises(ValueError, match="unknown gRPC client"):
+        ConfigClient("127.0.0.1:1", node_id="n", cluster="east", insecure=True, wire="h3")  # type: ignore[arg-type]
+    client = ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls, wire="h2")
+    with pytest.raises(ValueError, match=r"the h2 client needs ca\.h2grpc\.TlsCredentials"):
+        client.set_credentials(object())  # type: ignore[arg-type]
