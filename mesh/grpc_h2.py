@@ -50,15 +50,16 @@ class _H2Connection(h2.connection.H2Connection):
     """h2 closes the connection on any GOAWAY and then refuses every frame that follows, but
     RFC 9113 §6.8 lets the streams up to the GOAWAY's last stream id finish, and grpcio's
     graceful shutdown (`server.stop(grace)`) relies on it: GOAWAY, a PING, then the open calls
-    run out their grace. A graceful (NO_ERROR) GOAWAY therefore leaves the connection open for
-    them; `GrpcClientConnection.closing` keeps new calls off it."""
+    run out their grace. So the connection stays open here and `GrpcClientConnection` decides
+    (`closing` keeps new calls off it; an error GOAWAY ends it). Otherwise a frame right behind
+    the GOAWAY in the same read raises, and the GOAWAY's reason (e.g. `too_many_pings`) is lost
+    to a protocol error."""
 
     def _receive_goaway_frame(
         self, frame: GoAwayFrame
     ) -> tuple[list[Frame], list[h2.events.Event]]:
         frames, events = super()._receive_goaway_frame(frame)
-        if frame.error_code == h2.errors.ErrorCodes.NO_ERROR:
-            self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         return frames, events
 
 
@@ -116,7 +117,7 @@ class GrpcClientConnection:
         self._events: list[Event] = []
         self._next_ping = 0.0
         self._ping_sent: float | None = None
-        self._pings = 0
+        self.pings = 0  # keepalive pings sent
         self.closing = False  # GOAWAY received (or sent): no new calls
         self.closed_reason = ""  # set once the connection is over
 
@@ -226,8 +227,8 @@ class GrpcClientConnection:
                 self._end_all(f"keepalive ping not answered in {self._timeout:g} s")
             return
         if now >= self._next_ping:
-            self._pings += 1
-            self._h2.ping(self._pings.to_bytes(8, "big"))
+            self.pings += 1
+            self._h2.ping(self.pings.to_bytes(8, "big"))
             self._ping_sent = now
 
     # --- internals ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from ca.verify import utcnow
 from federation.api.client import ConfigClient
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 from federation.api.session import NodeInfo
-from federation.api.wire import METHOD
+from federation.api.wire import KEEPALIVE_INTERVAL, METHOD
 from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPublisher, serve
 from mesh import grpcwire
 from mesh.naming import SpiffeId, controller_dns_name
@@ -196,3 +196,43 @@ def test_the_wrong_kind_of_credentials_is_refused_up_front() -> None:
     client = ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls, wire="h2")
     with pytest.raises(ValueError, match=r"the h2 client needs ca\.h2grpc\.TlsCredentials"):
         client.set_credentials(object())  # type: ignore[arg-type]
+
+
+async def _hold(running: ConfigServer, interval: float, seconds: float) -> tuple[int, str]:
+    """Hold a config stream open `seconds` with keepalive pings every `interval` s; the pings
+    sent and how the stream ended ("" if it was still up)."""
+    channel = await H2Channel.connect(
+        f"127.0.0.1:{running.port}", None, keepalive_interval=interval
+    )
+    try:
+        call = channel.call(METHOD)
+        await call.write(HELLO)
+        try:
+            async with asyncio.timeout(seconds):
+                await _drain(call)
+        except TimeoutError:
+            return channel.core.pings, ""
+        except RpcError as e:
+            return channel.core.pings, str(e)
+        return channel.core.pings, "ended OK"
+    finally:
+        await channel.aclose()
+
+
+async def test_pings_faster_than_the_controller_allows_earn_goaway_too_many_pings(
+    plain: tuple[SnapshotPublisher, ConfigServer],
+) -> None:
+    # The counterpart of the test below: the server's policy is real and the reason surfaces.
+    pings, ended = await _hold(plain[1], 1.0, 20.0)
+    assert "too_many_pings" in ended
+    assert pings >= 3
+
+
+async def test_pings_at_the_controllers_minimum_interval_keep_the_stream(
+    plain: tuple[SnapshotPublisher, ConfigServer],
+) -> None:
+    # federation.server allows one ping per 10 s without data; proxies ping every 30 s
+    # (KEEPALIVE_INTERVAL), so 11 s here is the tighter case, in less test time.
+    assert KEEPALIVE_INTERVAL >= 11.0
+    pings, ended = await _hold(plain[1], 11.0, 24.0)
+    assert (pings, ended) == (2, "")
