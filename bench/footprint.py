@@ -75,6 +75,14 @@ KINDS = {
         "federation.api.grpcio_stream",
         "ca.api.ca_pb2_grpc",
     ],
+    "gateway-h2": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "gateway.gateway",
+        "federation.api.client",
+        "federation.api.h2_stream",
+        "ca.h2grpc",
+    ],
     "agent": [
         "fedgate.cli",
         "fedgate.processes",

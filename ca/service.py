@@ -38,7 +38,7 @@ from ca.api import ca_pb2, ca_pb2_grpc
 from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority, Svid, cert_to_pem
 from ca.bundle import TrustBundle, denial_of
 from ca.errors import DeniedError, IssuanceError, VerificationError
-from ca.naming import ca_server_name, renew_address_for
+from ca.naming import ca_server_name, dns_names_for, renew_address_for
 from ca.tokens import (
     AuthenticatorUnavailableError,
     LookupTokens,
@@ -54,13 +54,6 @@ _log = structlog.get_logger("fedgate.ca")
 TokenResolver = Callable[[str], SpiffeId | None]
 Tokens = TokenAuthenticator | TokenResolver
 MIN_TTL = dt.timedelta(seconds=10)
-
-
-def dns_names_for(spiffe_id: SpiffeId) -> tuple[str, ...]:
-    """Gateways also carry a DNS SAN so QUIC/TLS peers can verify them by name."""
-    if spiffe_id.namespace == SYSTEM_NAMESPACE and spiffe_id.service_account == "gateway":
-        return (f"gateway.{spiffe_id.trust_domain}",)
-    return ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 # Every fedgate process starts through the CLI module, a sidecar through fedgate.processes.
 import fedgate.cli
 import fedgate.processes  # noqa: F401  (the sidecar command's module)
+import gateway.gateway  # noqa: F401  (a gateway takes the same path)
 import sidecar.sidecar  # noqa: F401
 from ca.client import obtain_svid
 from federation.api.client import ConfigClient

@@ -1,5 +1,5 @@
-"""A proxy using the h2 gRPC client (issue 17) never imports grpc, yet obtains its SVID from
-the real CA and its config from the real controller, both grpcio servers."""
+"""A proxy (sidecar or gateway) using the h2 gRPC client (issue 17) never imports grpc, yet
+obtains its SVID from the real CA and its config from the real controller (grpcio servers)."""
 
 from __future__ import annotations
 
@@ -49,5 +49,6 @@ async def test_a_proxy_on_the_h2_client_gets_identity_and_config_without_grpc(
     assert result["version"]
     modules = result["modules"]
     assert "sidecar.sidecar" in modules
+    assert "gateway.gateway" in modules
     assert "ca.h2grpc" in modules  # it did speak gRPC, over h2
     assert [m for m in modules if m == "grpc" or m.startswith(("grpc.", "grpc_"))] == []
