@@ -77,8 +77,8 @@ class H2Call:
         self._wake = asyncio.Event()
 
     async def write(self, message: bytes, end: bool = False) -> None:
-        if self._ended is not None:
-            raise _error(self._ended)
+        if self._ended is not None:  # the server ended the call (even with OK): nothing to send
+            raise RpcError(self._ended.code, f"call already ended: {self._ended.details}")
         try:
             self._channel.core.send_message(self._id, message, end)
         except ConnectionClosedError as e:
@@ -236,6 +236,8 @@ class H2Channel:
                 self.flush_nowait()
         except (OSError, ssl.SSLError) as e:
             reason = f"connection lost: {e}"
+        except Exception as e:  # a bug here must end the calls, not leave them waiting
+            reason = f"h2 gRPC driver failed: {e!r}"
         self._shutdown(self.core.closed_reason or reason)
 
     def _shutdown(self, reason: str) -> None:
