@@ -49,8 +49,40 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 # What each process kind imports on its way to running (fedgate/cli.py -> fedgate/processes.py).
 KINDS = {
-    "sidecar": ["fedgate.cli", "fedgate.processes", "sidecar.sidecar", "federation.api.client"],
-    "gateway": ["fedgate.cli", "fedgate.processes", "gateway.gateway", "federation.api.client"],
+    # The proxies' gRPC client: grpcio (the default) loads its stream module and the CA stub at
+    # the first call; `--grpc-client h2` (FEDGATE_GRPC_CLIENT=h2) loads ca.h2grpc instead.
+    "sidecar": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "sidecar.sidecar",
+        "federation.api.client",
+        "federation.api.grpcio_stream",
+        "ca.api.ca_pb2_grpc",
+    ],
+    "sidecar-h2": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "sidecar.sidecar",
+        "federation.api.client",
+        "federation.api.h2_stream",
+        "ca.h2grpc",
+    ],
+    "gateway": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "gateway.gateway",
+        "federation.api.client",
+        "federation.api.grpcio_stream",
+        "ca.api.ca_pb2_grpc",
+    ],
+    "gateway-h2": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "gateway.gateway",
+        "federation.api.client",
+        "federation.api.h2_stream",
+        "ca.h2grpc",
+    ],
     "agent": [
         "fedgate.cli",
         "fedgate.processes",
@@ -79,6 +111,7 @@ HEAVY = {
     "jsonschema": "jsonschema",
     "pydantic": "pydantic",
     "aioquic": "aioquic",
+    "h2": "h2",
     "kubernetes": "kubernetes",
 }
 
@@ -89,6 +122,14 @@ def rss_mib(pid: int | str = "self") -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
 
 
 def cpu_s(pid: int) -> float:
@@ -215,6 +256,7 @@ def measure(
     pids: dict[str, int], netns: str, host: str, port: int, vhost: str, a: argparse.Namespace
 ) -> dict[str, Any]:
     idle = {name: rss_mib(pid) for name, pid in pids.items()}
+    idle_threads = {name: threads(pid) for name, pid in pids.items()}
     cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
     peak = dict(idle)
     client = run_load(netns, host, port, vhost, a.rate, a.duration)
@@ -227,7 +269,13 @@ def measure(
     out = client.stdout.read()
     result = json.loads(out) if client.returncode == 0 and out else {"ok": 0, "errors": -1}
     per_k = {n: (c / result["ok"] * 1000 if result["ok"] else 0.0) for n, c in cpu.items()}
-    return {"load": result, "idle": idle, "peak": peak, "cpu_per_1k": per_k}
+    return {
+        "load": result,
+        "idle": idle,
+        "peak": peak,
+        "cpu_per_1k": per_k,
+        "threads": idle_threads,
+    }
 
 
 def rig_run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -312,11 +360,14 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"{ld.get('first_error', '')}), {ld.get('rate', 0):.0f}/s achieved, "
             f"p50 {ld.get('p50_ms', 0):.2f} ms, p99 {ld.get('p99_ms', 0):.2f} ms"
         )
-        print(f"  {'process':42s} {'idle MiB':>9s} {'load MiB':>9s} {'CPU s/1k req':>13s}")
+        print(
+            f"  {'process':42s} {'idle MiB':>9s} {'load MiB':>9s} {'CPU s/1k req':>13s} "
+            f"{'threads':>8s}"
+        )
         for name in r["idle"]:
             print(
                 f"  {name:42s} {r['idle'][name]:9.1f} {r['peak'][name]:9.1f} "
-                f"{r['cpu_per_1k'][name]:13.3f}"
+                f"{r['cpu_per_1k'][name]:13.3f} {r.get('threads', {}).get(name, 0):8d}"
             )
     if {"rig", "haproxy"} <= results.keys():
         rig, hp = results["rig"], results["haproxy"]

@@ -12,6 +12,8 @@ and keeps the stream open; then its RSS and thread count are read:
 * `h2 + protobuf`: no grpcio: the gRPC framing (a 5-byte length prefix per message, RFC 7540
   streams, `te: trailers`) written by hand over the `h2` library the sidecar already imports,
   the messages encoded with protobuf: the floor a sidecar could reach without grpcio.
+* `ca.h2grpc`: fedgate's own h2 gRPC client (`--grpc-client h2`: sans-I/O core `mesh.grpc_h2`,
+  asyncio driver `ca.h2grpc`), keepalive and flow control included;
 * `baseline`: the interpreter with uvloop, h2 and protobuf imported, no connection.
 
 TLS is left out of every case (each fedgate process loads `ssl` and `cryptography` anyway).
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("baseline", "grpc.aio", "grpc sync, thread", "h2 + protobuf")
+MODES = ("baseline", "grpc.aio", "grpc sync, thread", "h2 + protobuf", "ca.h2grpc")
 CHAT = "/fedgate.rig.echo.Echo/Chat"
 
 
@@ -123,6 +125,20 @@ async def _h2(host: str, port: int) -> None:
     writer.close()
 
 
+async def _fedgate_h2(target: str) -> None:
+    from ca.h2grpc import H2Channel
+    from clusters.rig.api import echo_pb2
+
+    async with await H2Channel.connect(target, None) as channel:
+        call = channel.call(CHAT)
+        await call.write(echo_pb2.CallRequest(text="hello").SerializeToString())
+        reply = await call.read()
+        assert reply is not None
+        echo_pb2.CallReply.FromString(reply)
+        print(json.dumps(status()), flush=True)
+        call.cancel()
+
+
 def client(mode: str, target: str) -> None:
     import uvloop
 
@@ -136,6 +152,8 @@ def client(mode: str, target: str) -> None:
         uvloop.run(_aio(target))
     elif mode == "grpc sync, thread":
         _sync(target)
+    elif mode == "ca.h2grpc":
+        uvloop.run(_fedgate_h2(target))
     else:
         uvloop.run(_h2(host, int(port)))
 

@@ -38,6 +38,7 @@ from ca.api import ca_pb2, ca_pb2_grpc
 from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority, Svid, cert_to_pem
 from ca.bundle import TrustBundle, denial_of
 from ca.errors import DeniedError, IssuanceError, VerificationError
+from ca.naming import ca_server_name, dns_names_for, renew_address_for
 from ca.tokens import (
     AuthenticatorUnavailableError,
     LookupTokens,
@@ -53,25 +54,6 @@ _log = structlog.get_logger("fedgate.ca")
 TokenResolver = Callable[[str], SpiffeId | None]
 Tokens = TokenAuthenticator | TokenResolver
 MIN_TTL = dt.timedelta(seconds=10)
-
-
-def ca_server_name(trust_domain: str) -> str:
-    return f"ca.{trust_domain}"
-
-
-def renew_address_for(address: str) -> str:
-    """The default renewal address: the bootstrap address's port + 1."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise IssuanceError(f"CA address {address!r} is not host:port")
-    return f"{host}:{int(port) + 1}"
-
-
-def dns_names_for(spiffe_id: SpiffeId) -> tuple[str, ...]:
-    """Gateways also carry a DNS SAN so QUIC/TLS peers can verify them by name."""
-    if spiffe_id.namespace == SYSTEM_NAMESPACE and spiffe_id.service_account == "gateway":
-        return (f"gateway.{spiffe_id.trust_domain}",)
-    return ()
 
 
 @dataclass(frozen=True, slots=True)

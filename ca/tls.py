@@ -10,27 +10,19 @@ required: a context alone accepts a west-signed certificate that claims an east 
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Callable
 
 from ca.authority import Svid
 from ca.bundle import TrustBundle
 from ca.errors import VerificationError
+from ca.memkey import load_pem_chain
 from ca.verify import utcnow, verify_chain
 from mesh.naming import SpiffeId
 
 
 def _load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
-    fd_cert = os.memfd_create("fedgate-cert", os.MFD_CLOEXEC)
-    fd_key = os.memfd_create("fedgate-key", os.MFD_CLOEXEC)
-    try:
-        os.write(fd_cert, svid.cert_pem)
-        os.write(fd_key, svid.key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd_cert}", f"/proc/self/fd/{fd_key}")
-    finally:
-        os.close(fd_cert)
-        os.close(fd_key)
+    load_pem_chain(ctx, svid.cert_pem, svid.key_pem)
 
 
 def _base(purpose: ssl.Purpose, svid: Svid, bundle: TrustBundle) -> ssl.SSLContext:

@@ -17,6 +17,10 @@ from fedgate import native_logs
 from fedgate.cli_lazy import LazyGroup
 from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
 
+# The proxies' gRPC client (CA and config stream); the first is the default. To make h2 the
+# default, put it first (and ProxyWiring.grpc_client's default in fedgate/wiring.py follows).
+GRPC_CLIENTS = ("grpcio", "h2")
+
 if TYPE_CHECKING:
     from fedgate.inject_webhook import WebhookOptions
 
@@ -219,6 +223,15 @@ def _proxy_options(f: click.decorators.FC) -> click.decorators.FC:
                 default="",
                 help="The CA's renewal address (mTLS) [default: --ca with port + 1].",
             ),
+            click.option(
+                "--grpc-client",
+                type=click.Choice(GRPC_CLIENTS),
+                default=GRPC_CLIENTS[0],
+                show_default=True,
+                envvar="FEDGATE_GRPC_CLIENT",
+                help="The gRPC client for the CA and the config stream: grpcio, or h2 (h2 + "
+                "protobuf, no grpc import: lighter, docs/footprint.md).",
+            ),
         ]
     ):
         f = opt(f)
@@ -289,6 +302,7 @@ def gateway(
     svid_ttl: int,
     otlp_endpoint: str,
     ca_renew_address: str,
+    grpc_client: str,
     tunnel_listen: str,
     egress_listen: str,
     tls_listen: str,
@@ -327,7 +341,7 @@ def gateway(
         admin,
         tunnel_listen,
         egress_listen,
-        identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
+        identity=processes.IdentityOptions(svid_ttl, ca_renew_address, grpc_client),
         tunnels=processes.TunnelListeners(tls_listen, passthrough_listen, not no_quic, reuse_port),
         otlp_endpoint=otlp_endpoint,
         metrics_listen=metrics_listen,
@@ -389,6 +403,7 @@ def sidecar(
     svid_ttl: int,
     otlp_endpoint: str,
     ca_renew_address: str,
+    grpc_client: str,
     pod: str,
     namespace: str,
     no_capture: bool,
@@ -409,7 +424,7 @@ def sidecar(
         namespace,
         capture=not no_capture,
         multiplex=not no_multiplex,
-        identity=processes.IdentityOptions(svid_ttl, ca_renew_address),
+        identity=processes.IdentityOptions(svid_ttl, ca_renew_address, grpc_client),
         otlp_endpoint=otlp_endpoint,
         metrics_listen=metrics_listen,
     )

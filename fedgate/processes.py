@@ -9,14 +9,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.core import Metric
 
 from ca.authority import Svid
 from ca.bootstrap import Bootstrap
-from ca.service import SelfIssued, dynamic_server_credentials
 from fedgate import admin, logs, metrics, telemetry
 from fedgate.wiring import (
     ProxyWiring,
@@ -32,6 +30,9 @@ from mesh.tasks import TaskSet
 from mesh.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    import grpc
+
+    from ca.service import SelfIssued
     from ca.tokens import TokenAuthenticator
     from clusters.inject.webhook import WebhookServer
     from clusters.kube.writeback import McsWriteBack
@@ -51,6 +52,9 @@ def controller_credentials(
     """mTLS server credentials whose client roots follow the federated trust bundle and whose
     own certificate follows the controller's renewed identity (`ca.service`'s dynamic
     credentials): a cluster that joins later is trusted from its root's arrival on."""
+    # Imported here: ca.service is the CA's gRPC server and loads grpc, which a proxy using
+    # the h2 client never needs (docs/footprint.md).
+    from ca.service import SelfIssued, dynamic_server_credentials
 
     def serving() -> tuple[Svid, bytes]:
         own = svid.svid if isinstance(svid, SelfIssued) else svid
@@ -295,6 +299,7 @@ class IdentityOptions:
 
     svid_ttl: int = 0
     ca_renew_address: str = ""
+    grpc_client: str = "grpcio"  # --grpc-client / FEDGATE_GRPC_CLIENT: "grpcio" or "h2"
 
 
 def _proxy_wiring(
@@ -319,6 +324,7 @@ def _proxy_wiring(
         admin_port=port,
         svid_ttl_seconds=identity.svid_ttl,
         ca_renew_address=identity.ca_renew_address,
+        grpc_client="h2" if identity.grpc_client == "h2" else "grpcio",
     )
 
 

@@ -12,9 +12,8 @@ import datetime as dt
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
 import structlog
 import uvloop
 from prometheus_client import REGISTRY
@@ -23,16 +22,22 @@ from prometheus_client.core import Metric
 from ca.authority import DEFAULT_SVID_TTL, CertificateAuthority, Svid
 from ca.bootstrap import Bootstrap
 from ca.bundle import EMPTY_BUNDLE, TrustBundle
-from ca.client import obtain_svid
+from ca.client import Wire, obtain_svid
 from ca.errors import VerificationError
+from ca.naming import renew_address_for
 from ca.renewal import RenewalPolicy, RenewalSchedule
-from ca.service import SelfIssued, renew_address_for
 from ca.verify import utcnow, verify_chain
 from fedgate import admin, metrics
 from mesh import codec
 from mesh.model import Snapshot
 from mesh.naming import controller_dns_name, controller_identity
 from mesh.tasks import TaskSet
+
+if TYPE_CHECKING:
+    import grpc
+
+    from ca.h2grpc import TlsCredentials
+    from ca.service import SelfIssued
 
 _log = structlog.get_logger("fedgate")
 
@@ -79,13 +84,26 @@ class ProxyWiring:
     metrics_address: tuple[str, int] | None = (
         None  # a metrics-only listener (gateways; sidecars in Kubernetes)
     )
+    # The gRPC client for the CA and the config stream: "grpcio" or "h2" (issue 17: h2 +
+    # protobuf, no grpc import, docs/footprint.md). FEDGATE_GRPC_CLIENT sets it (fedgate/cli).
+    grpc_client: Wire = "grpcio"
 
     @property
     def renew_address(self) -> str:
         return self.ca_renew_address or renew_address_for(self.ca_address)
 
 
-def config_credentials(svid: Svid, control_root_pem: bytes) -> grpc.ChannelCredentials:
+def config_credentials(
+    svid: Svid, control_root_pem: bytes, wire: Wire = "grpcio"
+) -> grpc.ChannelCredentials | TlsCredentials:
+    """The proxy's mTLS credentials for the config stream, in the form `wire`'s client takes;
+    only that client's module is imported."""
+    if wire == "h2":
+        from ca.h2grpc import TlsCredentials
+
+        return TlsCredentials(control_root_pem, svid.cert_pem, svid.key_pem)
+    import grpc
+
     return grpc.ssl_channel_credentials(
         root_certificates=control_root_pem,
         private_key=svid.key_pem,
@@ -110,8 +128,14 @@ async def run_proxy(
         w.bootstrap.cluster_root_pem,
         w.bootstrap.trust_domain,
         ttl_seconds=w.svid_ttl_seconds,
+        wire=w.grpc_client,
     )
-    _log.info("identity obtained", spiffe_id=svid.spiffe_id.uri, not_after=str(svid.not_after))
+    _log.info(
+        "identity obtained",
+        grpc_client=w.grpc_client,
+        spiffe_id=svid.spiffe_id.uri,
+        not_after=str(svid.not_after),
+    )
     proxy.set_identity(svid)
     current = [svid]  # the SVID in use (renewal replaces it)
     started = False
@@ -164,9 +188,10 @@ async def run_proxy(
         node_id=w.node_id,
         cluster=w.cluster,
         kind=w.kind,
-        credentials=config_credentials(svid, w.bootstrap.control_root_pem),
+        credentials=config_credentials(svid, w.bootstrap.control_root_pem, w.grpc_client),
         server_name_override=controller_dns_name(),
         validate=apply,
+        wire=w.grpc_client,
     )
     streams.append(client)
     tasks = TaskSet(w.kind)
@@ -202,7 +227,7 @@ async def run_proxy(
 
     def install(new: Svid) -> None:
         proxy.set_identity(new)  # new handshakes use it; established connections keep theirs
-        client.set_credentials(config_credentials(new, w.bootstrap.control_root_pem))
+        client.set_credentials(config_credentials(new, w.bootstrap.control_root_pem, w.grpc_client))
         current[0] = new
 
     tasks.spawn(follow(), "config-stream")
@@ -264,6 +289,7 @@ async def keep_identity(
                 ttl_seconds=w.svid_ttl_seconds,
                 attempts=1,
                 current=None if via == "token" else current,
+                wire=w.grpc_client,
             )
             install(new)
         except Exception as e:  # CA refusal or outage, or the proxy refusing the new SVID:
@@ -336,6 +362,7 @@ def controller_svid(
 ) -> SelfIssued:
     """The controller's serving identity, issued in-process by the control-plane CA and
     re-issued at half life (pulled by new handshakes, see `ca.service.SelfIssued`)."""
+    from ca.service import SelfIssued
 
     def issue(at: dt.datetime) -> Svid:
         return ca.issue(

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.authority import Svid, cert_to_pem
 from ca.bundle import EMPTY_BUNDLE, TrustBundle
 from ca.errors import CAError, VerificationError
-from ca.service import dns_names_for
+from ca.naming import dns_names_for
 from ca.tls import client_context, server_context
 from ca.verify import utcnow
 from gateway import server as tunnel_server

@@ -21,6 +21,10 @@ are several) and asks for the full snapshot. `lag_seconds` is how long it has tr
 
 Session rules live in `federation.api.session`; credentials (mTLS with the proxy's SVID) are the
 caller's business. `credentials=None` means a plaintext channel, for tests on loopback only.
+
+`wire` picks the gRPC client underneath (`federation.api.wire`): "grpcio" (grpc.aio, with
+`grpc.ChannelCredentials`) or "h2" (h2 + protobuf, with `ca.h2grpc.TlsCredentials`; grpc is
+never imported). The session logic here is the same for both.
 """
 
 from __future__ import annotations
@@ -29,14 +33,11 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-import grpc
-import grpc.aio
 import structlog
 
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
-from federation.api.config_pb2_grpc import ConfigDiscoveryStub
 from federation.api.session import (
     Accepted,
     ClientSession,
@@ -46,15 +47,26 @@ from federation.api.session import (
     ResyncNeeded,
     Validator,
 )
+from federation.api.wire import (
+    MAX_MESSAGE,
+    WIRES,
+    ConfigStream,
+    StreamFailedError,
+    Wire,
+)
 from mesh.model import Snapshot
 
-__all__ = ["ConfigClient", "NodeInfo"]
+if TYPE_CHECKING:
+    import grpc
+
+    from ca.h2grpc import TlsCredentials
+
+__all__ = ["MAX_MESSAGE", "ConfigClient", "NodeInfo"]
 
 _log = structlog.get_logger("fedgate.federation.api.client")
 
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
-MAX_MESSAGE = 64 * 1024 * 1024  # a large federation's snapshot outgrows gRPC's 4 MiB default
 RESYNC_AFTER = 5.0  # seconds trailing the controller's current version before a full resync
 SILENCE_LIMIT = 10.0  # seconds without any message (heartbeats come every 2 s) before one
 
@@ -80,7 +92,7 @@ class ConfigClient:
         self,
         target: str | Sequence[str],
         node: NodeInfo | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
+        credentials: grpc.ChannelCredentials | TlsCredentials | None = None,
         server_name_override: str | None = None,
         *,
         node_id: str | None = None,
@@ -93,6 +105,7 @@ class ConfigClient:
         rng: random.Random | None = None,
         resync_after: float = RESYNC_AFTER,
         silence_limit: float = SILENCE_LIMIT,
+        wire: Wire = "grpcio",
     ) -> None:
         if node is None:
             if not node_id or not cluster:
@@ -102,10 +115,12 @@ class ConfigClient:
             raise ValueError("pass either node= or node_id=/cluster=, not both")
         if credentials is None and not insecure:
             raise ValueError("ConfigClient needs channel credentials (insecure=True for tests)")
+        _check_credentials(wire, credentials)
         targets = target.split(",") if isinstance(target, str) else list(target)
         self._targets = [t.strip() for t in targets if t.strip()]
         if not self._targets:
             raise ValueError("ConfigClient needs at least one controller address")
+        self._wire: Wire = wire
         self._node = node
         self._credentials = credentials
         self._server_name = server_name_override
@@ -128,11 +143,12 @@ class ConfigClient:
     def node(self) -> NodeInfo:
         return self._node
 
-    def set_credentials(self, credentials: grpc.ChannelCredentials) -> None:
+    def set_credentials(self, credentials: grpc.ChannelCredentials | TlsCredentials) -> None:
         """Use `credentials` from the next (re)connect on (a renewed SVID); the stream that
         is up keeps the TLS session it authenticated with."""
         if self._credentials is None:
             raise ValueError("an insecure ConfigClient cannot switch to TLS")
+        _check_credentials(self._wire, credentials)
         self._credentials = credentials
 
     @property
@@ -158,21 +174,6 @@ class ConfigClient:
         """How long the controller's current version has been one we neither run nor refused."""
         return self._session.trailing_for(time.monotonic())
 
-    def _channel(self, target: str) -> grpc.aio.Channel:
-        options: list[tuple[str, str | int]] = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            # Notice a dead controller on an idle stream: ping every 30 s, also without data
-            # (gRPC stops after 2 such pings by default); `federation.server.serve` permits it.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
-        if self._credentials is None:
-            return grpc.aio.insecure_channel(target, options=options)
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
-        return grpc.aio.secure_channel(target, self._credentials, options=options)
-
     async def snapshots(self) -> AsyncGenerator[Snapshot, None]:
         """Each new good snapshot, for ever; reconnects (and fails over) on its own."""
         delay = self._backoff_initial
@@ -180,9 +181,9 @@ class ConfigClient:
         full = False  # the next hello asks for the full snapshot (after a stall)
         while True:
             target = self._targets[self._index]
-            channel = self._channel(target)
-            call = ConfigDiscoveryStub(channel).StreamConfig()
+            call: ConfigStream | None = None
             try:
+                call = await open_stream(self._wire, target, self._credentials, self._server_name)
                 await _send(call, self._session.hello(full=full))
                 full = False
                 while True:
@@ -227,17 +228,15 @@ class ConfigClient:
                     error=str(e),
                     version=self._session.version,
                 )
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, _StreamEndedError) as e:
-                self._log.warning(
-                    "config stream failed, reconnecting", target=target, error=_describe(e)
-                )
+            except (StreamFailedError, _StreamEndedError) as e:
+                self._log.warning("config stream failed, reconnecting", target=target, error=str(e))
             except Exception as e:  # a bug must not end the config stream for good
                 self._log.exception(
                     "config stream broke, reconnecting", target=target, error=repr(e)
                 )
             finally:
-                call.cancel()
-                await channel.close(None)
+                if call is not None:
+                    await call.aclose()
             self.reconnects += 1
             failed_in_a_row += 1
             if len(self._targets) > 1:
@@ -252,7 +251,7 @@ class ConfigClient:
             await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
             delay = min(delay * 2, self._backoff_max)
 
-    async def _read(self, call: Any) -> ConfigResponse:
+    async def _read(self, call: ConfigStream) -> ConfigResponse:
         """The next response; `_StreamStalledError` once the stream has trailed the
         controller's version for `resync_after` s or been silent for `silence_limit` s."""
         trailing = self._session.trailing_for(time.monotonic())
@@ -279,37 +278,50 @@ class ConfigClient:
                 )
             raise _StreamStalledError(f"nothing from the controller for {timeout:.1f} s")
         response = read.result()
-        if not isinstance(response, ConfigResponse):  # grpc.aio.EOF
+        if response is None:
             raise _StreamEndedError("controller closed the config stream")
         return response
 
 
-async def _send(call: Any, request: ConfigRequest) -> None:
-    """Write `request`; `_StreamEndedError` if the stream has ended meanwhile.
-
-    grpc.aio raises asyncio.InvalidStateError ("RPC already finished") for a write on a call
-    whose status has arrived: a stream the controller (or the connection) ended between our
-    read and our answer. Before issue 15 that escaped `snapshots()` and ended the proxy's
-    config stream for good, silently: the proxy kept its last config for ever.
-    """
-    try:
-        await call.write(request)
-    except asyncio.InvalidStateError as e:
-        raise _StreamEndedError(f"the config stream ended before our answer: {e}") from e
+async def _send(call: ConfigStream, request: ConfigRequest) -> None:
+    """Write `request`; a stream that has ended meanwhile raises `StreamFailedError`."""
+    await call.write(request)
 
 
-async def _try_send(call: Any, request: ConfigRequest) -> _StreamEndedError | None:
-    """`_send`, returning the error instead of raising it (AioRpcError becomes one too)."""
+async def _try_send(call: ConfigStream, request: ConfigRequest) -> StreamFailedError | None:
+    """`_send`, returning the error instead of raising it."""
     try:
         await _send(call, request)
-    except _StreamEndedError as e:
+    except StreamFailedError as e:
         return e
-    except grpc.aio.AioRpcError as e:
-        return _StreamEndedError(_describe(e))
     return None
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details() or ''}"
-    return str(e)
+async def open_stream(
+    wire: Wire,
+    target: str,
+    credentials: grpc.ChannelCredentials | TlsCredentials | None,
+    server_name: str | None,
+) -> ConfigStream:
+    if wire == "h2":
+        from federation.api.h2_stream import H2Stream
+
+        return await H2Stream.open(target, credentials, server_name)  # type: ignore[arg-type]
+    if wire == "grpcio":
+        from federation.api.grpcio_stream import GrpcioStream
+
+        return GrpcioStream(target, credentials, server_name)  # type: ignore[arg-type]
+    raise ValueError(f"unknown gRPC client {wire!r} (one of {', '.join(WIRES)})")
+
+
+def _check_credentials(wire: Wire, credentials: object) -> None:
+    """Refuse at once what would otherwise fail on every reconnect: an unknown client, or the
+    other client's kind of credentials."""
+    if wire not in WIRES:
+        raise ValueError(f"unknown gRPC client {wire!r} (one of {', '.join(WIRES)})")
+    if credentials is None:
+        return
+    is_tls = type(credentials).__name__ == "TlsCredentials"  # no import of either client here
+    if (wire == "h2") != is_tls:
+        want = "ca.h2grpc.TlsCredentials" if wire == "h2" else "grpc.ChannelCredentials"
+        raise ValueError(f"the {wire} client needs {want}, not {type(credentials).__name__}")

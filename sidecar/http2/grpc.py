@@ -6,32 +6,48 @@ reason instead of a protocol error. Which code: a timeout is DEADLINE_EXCEEDED, 
 refusals and upstream failures are UNAVAILABLE (the code clients treat as "try again"), and an
 HTTP status (e.g. a fault abort's `httpStatus`) maps as in gRPC's
 doc/http-grpc-status-mapping.md. The reverse map (`http_status_of`) is Envoy's, used to judge a
-gRPC answer for outlier detection (UNAVAILABLE counts as a 503).
+gRPC answer for outlier detection (UNAVAILABLE counts as a 503). The codes, the HTTP-to-gRPC
+map and the `grpc-message` codec live in `mesh.grpcwire`, shared with the h2 gRPC client.
 """
 
 from __future__ import annotations
 
-OK = 0
-CANCELLED = 1
-UNKNOWN = 2
-DEADLINE_EXCEEDED = 4
-RESOURCE_EXHAUSTED = 8
-UNIMPLEMENTED = 12
-INTERNAL = 13
-UNAVAILABLE = 14
-UNAUTHENTICATED = 16
-PERMISSION_DENIED = 7
+from mesh.grpcwire import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    OK,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    UNKNOWN,
+    code_of_http,
+    decode_message,
+    encode_message,
+    is_grpc,
+    parse_status,
+)
 
-_FROM_HTTP = {
-    400: INTERNAL,
-    401: UNAUTHENTICATED,
-    403: PERMISSION_DENIED,
-    404: UNIMPLEMENTED,
-    429: UNAVAILABLE,
-    502: UNAVAILABLE,
-    503: UNAVAILABLE,
-    504: UNAVAILABLE,
-}
+__all__ = [
+    "CANCELLED",
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
+    "OK",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "UNIMPLEMENTED",
+    "UNKNOWN",
+    "code_for",
+    "decode_message",
+    "encode_message",
+    "http_status_of",
+    "is_grpc",
+    "parse_status",
+]
 
 # Envoy's Grpc::Utility::grpcToHttpStatus.
 _TO_HTTP = {
@@ -67,57 +83,14 @@ _FROM_REASON = {
 }
 
 
-def is_grpc(content_type: str | None) -> bool:
-    """`application/grpc` and its `+proto`/`+json` variants (gRPC over HTTP/2, §Requests)."""
-    if not content_type:
-        return False
-    ct = content_type.lower()
-    return ct == "application/grpc" or ct.startswith(("application/grpc+", "application/grpc;"))
-
-
 def code_for(status: int, reason: str) -> int:
     """The gRPC code for a failure the sidecar answers itself (`reason` wins over `status`)."""
     code = _FROM_REASON.get(reason)
     if code is not None:
         return code
-    return _FROM_HTTP.get(status, UNKNOWN)
+    return code_of_http(status)
 
 
 def http_status_of(grpc_status: int) -> int:
     """What a gRPC status counts as in HTTP terms (unknown codes: 500)."""
     return _TO_HTTP.get(grpc_status, 500)
-
-
-def parse_status(value: str | None) -> int | None:
-    """A `grpc-status` header value; None if absent or not a number."""
-    if value is None:
-        return None
-    value = value.strip()
-    return int(value) if value.isdigit() else None
-
-
-_UNRESERVED = frozenset(range(0x20, 0x7F)) - {ord("%")}
-
-
-def encode_message(text: str) -> str:
-    """`grpc-message` encoding: UTF-8, percent-encoding anything outside printable ASCII and %."""
-    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in text.encode())
-
-
-def decode_message(value: str) -> str:
-    """The inverse of `encode_message` (malformed escapes are kept as they are, as gRPC says)."""
-    out = bytearray()
-    raw = value.encode("latin-1", "replace")
-    i = 0
-    while i < len(raw):
-        if raw[i] == ord("%") and i + 2 < len(raw) and _is_hex(raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "replace")
-
-
-def _is_hex(pair: bytes) -> bool:
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)

@@ -18,10 +18,13 @@ from ca.service import CaView, renew_address_for, serve
 from ca.verify import utcnow
 from mesh.naming import SpiffeId
 from tests.ca.conftest import free_pair
+from tests.wires import wire  # noqa: F401  (the fixture)
 
 TD = "east.fedgate.local"
 ECHO = SpiffeId(TD, "demo", "echo")
 GATEWAY = SpiffeId(TD, "fedgate-system", "gateway")
+
+pytestmark = pytest.mark.usefixtures("wire")
 
 
 def issuer_id(pem: bytes) -> str:
@@ -90,7 +93,7 @@ async def test_renewal_refusals_name_their_reason(logs: LogCapture) -> None:
         denied.add(ECHO.uri)
         with pytest.raises(CaRefusedError, match="PERMISSION_DENIED") as info:
             await obtain_svid(renew, "", ca.root_pem, TD, attempts=1, current=first)
-        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
         with pytest.raises(CaRefusedError, match="denied"):
             await obtain_svid(addr, "t", ca.root_pem, TD, attempts=1)
         denied.clear()

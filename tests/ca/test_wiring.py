@@ -28,6 +28,7 @@ from fedgate.wiring import ProxyWiring, authorize_peer, controller_svid, keep_id
 from mesh.naming import SpiffeId
 from tests.ca.conftest import free_pair
 from tests.helpers import until
+from tests.wires import wire  # noqa: F401  (the fixture)
 
 TD = "east.fedgate.local"
 ECHO = SpiffeId(TD, "demo", "echo")
@@ -43,6 +44,7 @@ def named(logs: LogCapture, event: str) -> list[dict[str, Any]]:
     return [dict(e) for e in logs.entries if e["event"] == event]
 
 
+@pytest.mark.usefixtures("wire")
 async def test_keep_identity_renews_repeatedly_with_the_current_svid(logs: LogCapture) -> None:
     ca = CertificateAuthority.create(TD, utcnow())
     addr = free_pair()
@@ -71,6 +73,7 @@ async def test_keep_identity_renews_repeatedly_with_the_current_svid(logs: LogCa
     assert len(named(logs, "svid renewed")) >= 3  # the CA saw renewals, not token issuances
 
 
+@pytest.mark.usefixtures("wire")
 async def test_unreachable_ca_keeps_the_svid_logs_time_left_then_recovers(
     logs: LogCapture,
 ) -> None:
@@ -98,6 +101,7 @@ async def test_unreachable_ca_keeps_the_svid_logs_time_left_then_recovers(
     assert installed[0].spiffe_id == ECHO
 
 
+@pytest.mark.usefixtures("wire")
 async def test_an_expired_svid_is_replaced_through_the_bootstrap_token(logs: LogCapture) -> None:
     ca = CertificateAuthority.create(TD, utcnow())
     addr = free_pair()

@@ -13,10 +13,13 @@ import pytest
 import structlog
 
 from tests.federation.churn import GRPC_STATUS_TASK, run_round
+from tests.wires import wire  # noqa: F401  (the fixture)
 
 # grpc.aio's own `_AioCall._handle_status_once_received` tasks of calls to the replica the
 # round restarts stay "cancelling" after their channels closed (grpcio 1.85); every other task
 # must be gone, as `no_leaked_tasks` demands elsewhere.
+
+pytestmark = pytest.mark.usefixtures("wire")
 
 
 @pytest.fixture(autouse=True)

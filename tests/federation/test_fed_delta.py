@@ -32,8 +32,9 @@ from mesh.model import ClusterWeight, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey
 from tests.federation.fed_factories import export, info
 from tests.helpers import until
+from tests.wires import wire  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks", "wire")
 
 ECHO = ServiceKey("demo", "echo")
 POLICY = TrafficPolicy(ECHO, (ClusterWeight("local", 70), ClusterWeight("remote", 30)))

@@ -27,8 +27,9 @@ from mesh.naming import ServiceKey
 from tests.etcd_fixture import EtcdServer
 from tests.federation.fed_factories import export, info
 from tests.helpers import until
+from tests.wires import wire  # noqa: F401  (the fixture)
 
-pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
+pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks", "wire")]
 
 ECHO = ServiceKey("demo", "echo")
 TTL = 2

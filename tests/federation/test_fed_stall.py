@@ -13,7 +13,7 @@ import grpc.aio
 import pytest
 
 from federation import server as server_module
-from federation.api import client as client_module
+from federation.api import grpcio_stream
 from federation.api.client import ConfigClient
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 from federation.api.config_pb2_grpc import ConfigDiscoveryServicer as ConfigDiscoveryServicerBase
@@ -27,8 +27,9 @@ from mesh.codec import dumps, snapshot_to_json
 from mesh.model import Snapshot
 from tests.federation.test_fed_stream import snapshot
 from tests.helpers import until
+from tests.wires import wire  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks", "wire")
 
 
 class StallingSession(ServerSession):
@@ -269,8 +270,16 @@ async def test_a_stream_that_ends_before_the_ack_is_written_reconnects(
             return calls.pop(0) if len(calls) > 1 else calls[0]
 
     second = calls[1]
-    monkeypatch.setattr(client_module, "ConfigDiscoveryStub", Stub)
-    c = proxy(1, "sidecar-1", backoff_initial=0.01)
+    # grpc.aio's own failure mode (a write after the status arrived), so grpcio in both runs.
+    monkeypatch.setattr(grpcio_stream, "ConfigDiscoveryStub", Stub)
+    c = ConfigClient(
+        "127.0.0.1:1",
+        node_id="sidecar-1",
+        cluster="east",
+        insecure=True,
+        wire="grpcio",
+        backoff_initial=0.01,
+    )
     stream = c.snapshots()
     try:
         assert await asyncio.wait_for(anext(stream), 5.0) == s1

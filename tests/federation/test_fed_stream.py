@@ -20,8 +20,9 @@ from federation.server import ConfigDiscoveryServicer, ConfigServer, SnapshotPub
 from mesh.model import Snapshot
 from tests.federation.fed_factories import export, info
 from tests.helpers import until
+from tests.wires import wire  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks", "wire")
 
 
 def snapshot(*addresses: str, roots: tuple[str, ...] | None = None) -> Snapshot:

@@ -51,9 +51,12 @@ for m in sys.argv[1:]:
     importlib.import_module(m)
 print(json.dumps({"modules": sorted(sys.modules)}))
 """
+# The proxies' gRPC client module is the default --grpc-client's (grpcio), loaded at the first
+# connect; with `--grpc-client h2` grpc is never loaded (test_footprint_h2.py).
+_CLIENT = ("federation.api.client", "federation.api.grpcio_stream")
 _PATHS = {  # what each `fedgate <kind>` command imports on its way to running
-    "sidecar": ("fedgate.cli", "fedgate.processes", "sidecar.sidecar", "federation.api.client"),
-    "gateway": ("fedgate.cli", "fedgate.processes", "gateway.gateway", "federation.api.client"),
+    "sidecar": ("fedgate.cli", "fedgate.processes", "sidecar.sidecar", *_CLIENT),
+    "gateway": ("fedgate.cli", "fedgate.processes", "gateway.gateway", *_CLIENT),
     "agent": ("fedgate.cli", "fedgate.processes", "clusters.agent", "federation.store"),
 }
 
