@@ -104,9 +104,9 @@ def test_a_silently_dropped_wan_fails_no_call_started_once_it_is_detected(chaos_
     until east's gateway gives up on west (3 unanswered probes, 1 s apart: 3-4 s, 6 s seen on
     a loaded machine) and refuses it; that refusal is a connect-failure and is retried on
     another cluster, so the call succeeds, unless the client's own timeout (5 s here) ends it
-    first. Seen in 4 runs: 0 failed with detection at 4.3 s; 1 failed (a call 0.4-0.6 s after
-    the drop) with detection at 5.5 and 6.0 s. Such a call is allowed: it started before the
-    sidecars knew, and it is the client's timeout."""
+    first. Seen in 4 runs: 0 failed twice (detection 4.3 s where measured); 1 failed, started
+    0.4-0.6 s after the drop, with detection at 5.5 and 6.0 s. Such a call is allowed: it
+    started before the sidecars knew, and it is the client's timeout."""
     hold, seconds = 10.0, 20.0
     healed: list[Callable[[], None]] = []
     began_at, healed_at, avoided_at = [time.time()], [0.0], [0.0]
