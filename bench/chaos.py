@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,53 +43,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clusters.rig import bringup, config_repo, control, lifecycle, procs, ready, topology
-from clusters.rig.cmd import run_in
+from clusters.rig import bringup, control, lifecycle, procs, ready, topology
+from clusters.rig.faults import calls, kill, pid, redis_in_both, sigstop, start_load, wan_drop
 from mesh.model import ServicePort
 
 FAULT_AT = 5.0  # seconds of clean load before the fault
 HOLD = 12.0  # seconds a temporary fault lasts
 ECHO = "http://echo.demo.svc.clusterset.local:8080/"
 REDIS_HOST = "redis.demo.svc.clusterset.local"
-CHAIN = "FGCHAOS"
-
-# One call per iteration (h2: 10 concurrent streams), a new client connection each; one JSON
-# line per call: time, ok, why.
-LOAD = r"""
-import json, subprocess, sys, time, urllib.request, urllib.error
-mode, target, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-def calls():
-    if mode == "http":
-        with opener.open(target, timeout=5) as r:
-            return [(r.status == 200, str(r.status))]
-    if mode == "redis":
-        out = subprocess.run(["redis-cli", "-h", target, "-p", "6379", "PING"],
-                             capture_output=True, text=True, timeout=5)
-        return [(out.stdout.strip() == "PONG", (out.stdout + out.stderr).strip()[:120])]
-    n = 10  # curl 7.88: one connection per transfer with prior knowledge (curl#10634)
-    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "--noproxy", "*",
-                          "--max-time", "5", "--parallel", "--parallel-immediate",
-                          "--parallel-max", str(n), "-w", "%{http_code} %{errormsg}\\n",
-                          *(["-o", "/dev/null"] * n), f"{target}?i=[1-{n}]"],
-                         capture_output=True, text=True, timeout=15)
-    return [(line.startswith("200"), line.strip()) for line in out.stdout.splitlines()]
-
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    t = time.time()
-    try:
-        got = calls()
-    except urllib.error.HTTPError as e:
-        body = e.read()[:160].decode(errors="replace")
-        got = [(False, body if body.startswith(str(e.code)) else f"{e.code} {body}")]
-    except Exception as e:
-        got = [(False, f"{type(e).__name__}: {e}"[:140])]
-    for ok, why in got:
-        print(json.dumps({"t": t, "ok": ok, "why": why}), flush=True)
-    time.sleep(0.05)
-"""
 
 # An upstream HTTP/2 server (h2c) that sends GOAWAY after `limit` requests on a connection,
 # as servers with a per-connection request limit do (nginx `keepalive_requests`); streams above
@@ -159,55 +118,11 @@ class Scenario:
     report: Callable[[Path], str] | None = None  # what the scenario adds to the reasons column
 
 
-def _pid(rig: Path, name: str) -> int:
-    record = lifecycle.load(rig).process(name)
-    assert record is not None, name
-    return record.pid
-
-
-def kill(name: str) -> Callable[[Path], None]:
-    def fault(rig: Path) -> None:
-        os.kill(_pid(rig, name), signal.SIGKILL)
-
-    return fault
-
-
-def sigstop(name: str) -> Callable[[Path], Callable[[], None]]:
-    def fault(rig: Path) -> Callable[[], None]:
-        pid = _pid(rig, name)
-        os.kill(pid, signal.SIGSTOP)
-        return lambda: os.kill(pid, signal.SIGCONT)
-
-    return fault
-
-
-def wan_drop(rig: Path) -> Callable[[], None]:
-    state = lifecycle.load(rig)
-    east, west = state.plan("east"), state.plan("west")
-
-    def ipt(*args: str) -> None:
-        run_in(west.netns, ["iptables", *args])
-
-    ipt("-N", CHAIN)
-    ipt("-A", CHAIN, "-s", east.wan_ip, "-j", "DROP")
-    ipt("-A", CHAIN, "-d", east.wan_ip, "-j", "DROP")
-    ipt("-I", "INPUT", "-j", CHAIN)
-    ipt("-I", "OUTPUT", "-j", CHAIN)
-
-    def heal() -> None:
-        ipt("-D", "INPUT", "-j", CHAIN)
-        ipt("-D", "OUTPUT", "-j", CHAIN)
-        ipt("-F", CHAIN)
-        ipt("-X", CHAIN)
-
-    return heal
-
-
 def etcd_stop(rig: Path) -> Callable[[], None]:
     members = [m.process for m in control.load(rig, lifecycle.load(rig).prefix).etcd]
-    pids = [_pid(rig, m) for m in members]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
+    pids = [pid(rig, m) for m in members]
+    for member_pid in pids:
+        os.kill(member_pid, signal.SIGTERM)
     procs.terminate(pids)  # the record stays: control.restart starts each with its argv
 
     def heal() -> None:
@@ -220,7 +135,7 @@ def etcd_stop(rig: Path) -> Callable[[], None]:
 def leader_kill(rig: Path) -> None:
     lead = ready.leadership(rig)
     assert lead is not None, "no leader"
-    os.kill(_pid(rig, lead.leader), signal.SIGKILL)
+    os.kill(pid(rig, lead.leader), signal.SIGKILL)
 
 
 def goaways_sent(rig: Path) -> str:
@@ -255,21 +170,6 @@ SCENARIOS = (
     ),
 )
 
-REDIS_POLICY = """\
-apiVersion: fedgate.io/v1alpha1
-kind: TrafficPolicy
-metadata:
-  name: redis
-  namespace: demo
-spec:
-  host: redis.demo.svc.clusterset.local
-  clusterWeights:
-    - cluster: local
-      weight: 70
-    - cluster: remote
-      weight: 30
-"""
-
 
 def bring_up(rig: Path, prefix: str) -> None:
     etcd = shutil.which("etcd", path=str(Path(sys.executable).parent)) or shutil.which("etcd")
@@ -277,24 +177,10 @@ def bring_up(rig: Path, prefix: str) -> None:
     command = bringup.RigCommand(fedgate=(sys.executable, "-m", "fedgate"), etcd=etcd)
     lifecycle.down(rig, prefix)
     bringup.up(rig, 2, command, prefix=prefix, etcd_members=3, controllers=2, progress=print)
-    for cluster in ("east", "west"):  # redis in both clusters, so a remote failure has a way out
-        bringup.add_pod(
-            rig,
-            command,
-            cluster,
-            "redis",
-            bringup.DEMO_NAMESPACE,
-            "redis",
-            list(bringup.REDIS_ARGV),
-            (f"redis.{bringup.DEMO_NAMESPACE}", ServicePort("tcp", 6379, "TCP")),
-        )
+    redis_in_both(rig, command)
     goaway = [sys.executable, "-c", GOAWAY_SERVER, "100"]
     port = ServicePort("http2", 8443, "HTTP2")
     bringup.add_pod(rig, command, "east", "goaway", "demo", "goaway", goaway, ("goaway.demo", port))
-    config_repo.commit(
-        config_repo.repo_dir(rig), {"policies/redis.yaml": REDIS_POLICY}, "redis 70/30"
-    )
-    bringup.wait_routes(rig, "redis", bringup.DEMO_NAMESPACE, 2)
     bringup.wait_routes(rig, "goaway", bringup.DEMO_NAMESPACE, 1)
 
 
@@ -313,20 +199,7 @@ def settle(rig: Path, scenario: Scenario) -> str:
 
 
 def run_scenario(rig: Path, scenario: Scenario, seconds: float) -> Outcome:
-    state = lifecycle.load(rig)
-    loads = []
-    for cluster, mode, target in scenario.clients:
-        pod = state.pod(cluster, "client")
-        assert pod is not None
-        argv = [sys.executable, "-I", "-c", LOAD, mode, target, str(seconds)]
-        loads.append(
-            subprocess.Popen(
-                ["ip", "netns", "exec", pod.netns, *argv],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-        )
+    loads = [start_load(rig, c, mode, target, seconds) for c, mode, target in scenario.clients]
     out = Outcome(scenario.name)
     time.sleep(FAULT_AT)
     fault_time = time.time()
@@ -341,17 +214,15 @@ def run_scenario(rig: Path, scenario: Scenario, seconds: float) -> Outcome:
     per_client: list[str] = []
     for (cluster, _, _), p in zip(scenario.clients, loads, strict=True):
         stdout, _ = p.communicate(timeout=seconds + 60)
-        failed = sum(not json.loads(line)["ok"] for line in stdout.splitlines())
-        per_client.append(f"{cluster}/client {failed} of {len(stdout.splitlines())} failed")
-        for line in stdout.splitlines():
-            call = json.loads(line)
+        got = calls(stdout)
+        per_client.append(f"{cluster}/client {sum(not c.ok for c in got)} of {len(got)} failed")
+        for call in got:
             out.calls += 1
-            if not call["ok"]:
+            if not call.ok:
                 out.failed += 1
-                out.reasons[" ".join(str(call["why"]).split())[:110]] += 1
-                last_failure = max(last_failure, float(call["t"]))
-        lines = stdout.splitlines()
-        last_ok = last_ok and (not lines or json.loads(lines[-1])["ok"])
+                out.reasons[" ".join(call.why.split())[:110]] += 1
+                last_failure = max(last_failure, call.t)
+        last_ok = last_ok and (not got or got[-1].ok)
     if out.failed:
         out.recover = f"{max(0.0, last_failure - fault_time):.1f} s" if last_ok else "never"
     report = scenario.report(rig) if scenario.report is not None else ""

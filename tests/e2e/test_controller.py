@@ -31,7 +31,7 @@ pytestmark = pytest.mark.rig
 HA_PREFIX = (PREFIX + "h")[:8]
 SOLO = "http://solo.demo.svc.clusterset.local:9090/"
 ECHO = f"http://echo.demo.svc.clusterset.local:{bringup.ECHO_PORT}/"
-RACE = 1.0  # seconds after a gateway's death in which a call may still be sent its way
+RACE = 1.0  # seconds after a fault: the traffic must go on past it
 PUSH = 2.0  # seconds allowed for one debounced sync and its push to every sidecar
 
 
@@ -368,36 +368,40 @@ def west_reachable_again(rig: Path) -> None:
     )
 
 
-def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Path) -> None:
-    """Issue 15: west's gateway SIGKILLed (its agent and pods fine). East's gateway finds it
-    down at once, tells every east sidecar (the peer-health feed), and nothing is sent there
-    again until its probes pass: no call fails after that, none every 5 s either (before the
-    feed: one every 5 s, for as long as the gateway stayed down; docs/traffic.md).
-
-    A call racing the kill (sent before the feed's report arrived) is refused by east's
-    gateway at once; saving it too takes the retry of a refused try on another cluster
-    (the retries work of issue 15), so this asserts the feed's part: no failure later than
-    `RACE` seconds after the kill, and prints the count."""
+def test_a_killed_remote_gateway_costs_no_call(ha_rig: Path) -> None:
+    """Issue 15: west's gateway SIGKILLed (its agent and pods fine): 0 failed calls. East's
+    gateway finds it down at once and tells every east sidecar (the peer-health feed), so
+    nothing is sent there again until its probes pass (before the feed: one failed call every
+    5 s, for as long as the gateway stayed down; docs/traffic.md); a call racing the kill is
+    refused by east's gateway and its retry goes to another cluster (default retries on
+    connect-failure, Envoy's previous-hosts predicate extended to clusters)."""
     wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
     seconds = 20  # several of the old 5 s re-admission rounds
     proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
     run = around(proc, seconds, lambda: kill(ha_rig, "west-gateway"))
     failed, when = run.failures()
     print(f"west's gateway killed: {len(run.lines)} calls, {len(failed)} failed", when)
-    late = [t for t in when if t > RACE]
-    assert late == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
+    assert failed == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
     assert len([t for t in run.stamps if t > run.fault_at + RACE]) >= 20  # the traffic went on
     control.restart(ha_rig, "west-gateway")
     west_reachable_again(ha_rig)
 
 
-def test_a_hung_remote_gateway_is_avoided_once_its_probes_fail(ha_rig: Path) -> None:
-    """Issue 15: west's gateway SIGSTOPped (hung, not dead: no refusal, no reset). East's
-    gateway sees 3 probes unanswered (1 s apart), closes its links and pushes "west
-    unreachable" to every east sidecar; from then no call goes there. Calls already sent to
-    the hung gateway wait for curl's 5 s limit; saving those takes per-try timeouts and retries
-    (the retries work of issue 15), so this asserts that no call *started* after the probes
-    failed (3 s) plus `RACE` fails, and prints the count."""
+def test_a_hung_remote_gateway_costs_no_call(ha_rig: Path) -> None:
+    """Issue 15: west's gateway SIGSTOPped (hung, not dead: no refusal, no reset): 0 failed
+    calls. A call's try to west waits in its connect phase (east's gateway opens the stream to
+    west's gateway, which never answers); after 3 unanswered probes (1 s apart) east's gateway
+    closes its links, refuses those connects and pushes "west unreachable" to every east
+    sidecar. A refused connect is a `connect-failure`, so the default retries send the call to
+    another cluster; from then no call goes to west.
+
+    Not covered by the default `retryOn` (Istio's, without `reset`): a call whose request had
+    already been forwarded to west, connect done, in the milliseconds before the stop. Its
+    stream is reset when the links close, and a reset after the request was sent is not
+    retried unless the policy says `reset` (the upstream may have acted on it). That window is
+    a few ms per call. A try waiting in its connect phase fails only if curl's 5 s limit ends
+    it before the probes give up (3-4 s; the WAN-drop test in test_chaos.py saw 6 s once on a
+    loaded machine). This asserts 0: in 5 runs it held, 0 failed of 184-408 calls each."""
     wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
     seconds = 20
     record = lifecycle.load(ha_rig).process("west-gateway")
@@ -409,9 +413,7 @@ def test_a_hung_remote_gateway_is_avoided_once_its_probes_fail(ha_rig: Path) -> 
         os.kill(record.pid, signal.SIGCONT)
     failed, when = run.failures()
     print(f"west's gateway hung: {len(run.lines)} calls, {len(failed)} failed", when)
-    probes, curl_limit = 3.0, 5.0
-    late = [t for t in when if t > probes + RACE + curl_limit]
-    assert late == [], f"{len(failed)} failed calls, {when} s after the stop: {failed[:3]}"
+    assert failed == [], f"{len(failed)} failed calls, {when} s after the stop: {failed[:3]}"
     assert len([t for t in run.stamps if t > run.fault_at + 10]) >= 20  # calls went on
     west_reachable_again(ha_rig)
 
