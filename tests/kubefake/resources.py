@@ -2,7 +2,8 @@
 
 Only what fedgate reads or writes is served: core/v1 services and pods, discovery.k8s.io/v1
 endpointslices, multicluster.x-k8s.io/v1alpha1 serviceexports and serviceimports (MCS API
-CRDs, both with a `status` subresource), and authentication.k8s.io/v1 tokenreviews (create only);
+CRDs, both with a `status` subresource), coordination.k8s.io/v1 leases, and
+authentication.k8s.io/v1 tokenreviews (create only);
 selfsubjectaccessreviews and the CRDs themselves are answered by access.py.
 """
 
@@ -44,7 +45,9 @@ SERVICEEXPORTS = Resource(
 SERVICEIMPORTS = Resource(
     MCS, "v1alpha1", "serviceimports", "ServiceImport", builtin=False, status_subresource=True
 )
-RESOURCES = (SERVICES, PODS, ENDPOINTSLICES, SERVICEEXPORTS, SERVICEIMPORTS)
+# Leader election of the agent's replicas (clusters/kube/lease.py).
+LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+RESOURCES = (SERVICES, PODS, ENDPOINTSLICES, SERVICEEXPORTS, SERVICEIMPORTS, LEASES)
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
