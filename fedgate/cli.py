@@ -20,6 +20,7 @@ from fedgate.cli_lazy import LazyGroup
 from fedgate.etcdopts import EtcdClientOptions, etcd_client_options
 
 if TYPE_CHECKING:
+    from fedgate.agent_election import LeaderElectionOptions
     from fedgate.inject_webhook import WebhookOptions
 
 RIG_DIR_HELP = "Directory holding the rig's state, identities and logs."
@@ -204,6 +205,30 @@ def controller(
     help="<service>.<namespace> of the Service in front of the webhook (its certificate's name).",
 )
 @click.option("--inject-config", type=click.Path(path_type=Path), help=INJECT_CONFIG_HELP)
+@click.option(
+    "--leader-elect/--no-leader-elect",
+    default=True,
+    show_default=True,
+    help="With --source kubernetes: elect one publishing replica on a coordination.k8s.io "
+    "Lease (the others serve the CA and the webhook). The file source never elects.",
+)
+@click.option(
+    "--leader-elect-lease",
+    default="fedgate-system/fedgate-agent",
+    show_default=True,
+    help="<namespace>/<name> of the Lease.",
+)
+@click.option(
+    "--leader-elect-identity",
+    default="",
+    help="This replica's holder identity [default: the hostname, i.e. the pod name].",
+)
+@click.option(
+    "--leader-elect-durations",
+    default="15,10,2",
+    show_default=True,
+    help="Lease duration, renew deadline and retry period, in seconds.",
+)
 def agent(
     cluster: str,
     etcd_endpoints: str,
@@ -224,6 +249,10 @@ def agent(
     webhook_listen: str,
     webhook_service: str,
     inject_config: Path | None,
+    leader_elect: bool,
+    leader_elect_lease: str,
+    leader_elect_identity: str,
+    leader_elect_durations: str,
 ) -> None:
     """Run a cluster's agent (publishes the catalog) and its CA."""
     if source_kind == "file" and (exports is None or tokens is None):
@@ -248,10 +277,36 @@ def agent(
         lease_ttl,
         ca_renew_listen,
         transport,
-        source=processes.SourceSettings(source_kind, kubeconfig, kube_context),
+        source=processes.SourceSettings(
+            source_kind,
+            kubeconfig,
+            kube_context,
+            _election(
+                leader_elect and source_kind == "kubernetes",
+                leader_elect_lease,
+                leader_elect_identity,
+                leader_elect_durations,
+            ),
+        ),
         webhook=_webhook_options(webhook_listen, webhook_service, inject_config),
         etcd=etcd_client,
     )
+
+
+def _election(
+    enabled: bool, lease: str, identity: str, durations: str
+) -> LeaderElectionOptions | None:
+    if not enabled:
+        return None
+    from fedgate.agent_election import LeaderElectionOptions
+
+    try:
+        d = [float(x) for x in durations.split(",")]
+        if len(d) != 3:
+            raise ValueError("three numbers, comma-separated")
+        return LeaderElectionOptions(True, lease, identity, d[0], d[1], d[2])
+    except ValueError as e:
+        raise click.UsageError(f"leader election: {e}") from e
 
 
 def _webhook_options(listen: str, service: str, config: Path | None) -> WebhookOptions:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from clusters.kube.writeback import McsWriteBack
     from federation.gitops.sync import GitOpsSync, SyncSettings
     from federation.leader import LeaderElection
+    from fedgate.agent_election import LeaderElectionOptions
     from fedgate.etcdopts import EtcdClientOptions
     from fedgate.identity import AgentCA
     from fedgate.inject_webhook import WebhookOptions
@@ -278,6 +279,8 @@ class SourceSettings:
     kind: str = "file"
     kubeconfig: Path | None = None
     context: str | None = None
+    # Kubernetes only: the replicas' leader election (None: this agent always publishes).
+    election: LeaderElectionOptions | None = None
 
 
 def cluster_source(
@@ -393,6 +396,7 @@ async def _agent(
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
+    from clusters.leadership import GatedPublisher, LeaderTasks
     from federation import denied
     from federation.etcd import open_client
     from federation.merged_feed import EtcdMergedCatalog
@@ -420,8 +424,21 @@ async def _agent(
         roots=ca.published_roots(),
     )
     client = await open_client(etcd_endpoints, **(etcd.connect_kwargs() if etcd else {}))
-    publisher = EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
+
+    def etcd_publisher() -> EtcdCatalogPublisher:
+        return EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
+
+    election = source_settings.election if source_settings.kind == "kubernetes" else None
+    gated = GatedPublisher(etcd_publisher) if election is not None else None
+    leader_tasks = LeaderTasks()
+    publisher = gated or etcd_publisher()
     the_agent = Agent(info, source, publisher)
+    lease_election = None
+    if election is not None and gated is not None:
+        from fedgate.agent_election import elect
+
+        api = getattr(source, "api_client")  # noqa: B009 (the Kubernetes source's client)
+        lease_election = elect(election, api, gated, leader_tasks)
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(
         admin.AdminState(
@@ -431,6 +448,7 @@ async def _agent(
                 "ca": ca.status(),
                 "source": source_status(),
                 "writeBack": writeback.status() if writeback is not None else None,
+                "leaderElection": lease_election.status() if lease_election else None,
             },
         ),
         host,
@@ -453,16 +471,25 @@ async def _agent(
     tasks.spawn(ca.follow(publish_roots), "ca-directory")
     tasks.spawn(denied.follow(client, ca.set_denied), "deny-list")
     if writeback is not None:
-        tasks.spawn(writeback.run(EtcdMergedCatalog(client)), "mcs-writeback")
+        wb = writeback
+        if gated is None:
+            tasks.spawn(wb.run(EtcdMergedCatalog(client)), "mcs-writeback")
+        else:  # only the leader writes to the cluster
+            leader_tasks.add("mcs-writeback", lambda: wb.run(EtcdMergedCatalog(client)))
+    if lease_election is not None:
+        tasks.spawn(lease_election.run(), "leader-election")
     try:
         await until_signalled()
     finally:
         REGISTRY.unregister(collector)
-        await tasks.aclose()
+        await tasks.aclose()  # (the election releases the Lease: a follower takes over)
+        await leader_tasks.aclose()
         if webhook is not None:
             await webhook.aclose()
         close_source()
-        await publisher.aclose()  # revoke the lease: a clean stop leaves routing at once
+        # Without election: revoke the lease, a clean stop leaves routing at once. With it:
+        # abandon, so the catalog stays until the next leader overwrites it (or the TTL ends).
+        await publisher.aclose()
         await ca_server.stop(None)
         admin_server.close()
         await client.close()
