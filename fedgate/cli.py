@@ -176,7 +176,19 @@ def controller(
     "with a warning, with --source kubernetes, whose CA checks projected ServiceAccount tokens "
     "with TokenReview).",
 )
-@click.option("--gateway-tunnel", required=True)
+@click.option(
+    "--gateway-tunnel",
+    default="",
+    help="host:port peers dial (required unless --gateway-service; with it, the fallback "
+    "while the load balancer has no address).",
+)
+@click.option(
+    "--gateway-service",
+    default="",
+    help="With --source kubernetes: <namespace>/<name> of the gateway's LoadBalancer Service "
+    "(e.g. fedgate-system/fedgate-gateway); its status.loadBalancer.ingress address is "
+    "published and followed.",
+)
 @click.option("--gateway-egress", required=True)
 @click.option("--admin", required=True)
 @click.option("--lease-ttl", type=int, default=10, show_default=True)
@@ -241,6 +253,7 @@ def agent(
     kube_context: str | None,
     tokens: Path | None,
     gateway_tunnel: str,
+    gateway_service: str,
     gateway_egress: str,
     admin: str,
     lease_ttl: int,
@@ -261,6 +274,8 @@ def agent(
         raise click.UsageError(
             "--exports is for --source file; the Kubernetes source reads the API"
         )
+    if not gateway_tunnel and not (gateway_service and source_kind == "kubernetes"):
+        raise click.UsageError("--gateway-tunnel is required (unless --gateway-service)")
     native_logs.take_over_stderr()  # before grpc is imported (after the usage checks)
     from fedgate import processes
 
@@ -287,6 +302,7 @@ def agent(
                 leader_elect_identity,
                 leader_elect_durations,
             ),
+            gateway_service,
         ),
         webhook=_webhook_options(webhook_listen, webhook_service, inject_config),
         etcd=etcd_client,

@@ -281,6 +281,9 @@ class SourceSettings:
     context: str | None = None
     # Kubernetes only: the replicas' leader election (None: this agent always publishes).
     election: LeaderElectionOptions | None = None
+    # Kubernetes only: `<namespace>/<name>` of the gateway's LoadBalancer Service, whose
+    # address the agent publishes ("": publish `--gateway-tunnel` only).
+    gateway_service: str = ""
 
 
 def cluster_source(
@@ -410,10 +413,12 @@ async def _agent(
     authenticator, writeback = source_identity_and_writeback(
         source_settings, source, tokens, cluster
     )
+    kube_api = getattr(source, "api_client", None)  # the Kubernetes source's client (or None)
     ca_server = await ca_service.serve(
         ca.view, authenticator, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
     )
-    th, tp = parse_hostport(gateway_tunnel)
+    # No --gateway-tunnel: only with --gateway-service, which fills it in (agent_gateway).
+    th, tp = parse_hostport(gateway_tunnel) if gateway_tunnel else ("", 0)
     eh, ep = parse_hostport(gateway_egress)
     info = ClusterInfo(
         name=cluster,
@@ -437,8 +442,7 @@ async def _agent(
     if election is not None and gated is not None:
         from fedgate.agent_election import elect
 
-        api = getattr(source, "api_client")  # noqa: B009 (the Kubernetes source's client)
-        lease_election = elect(election, api, gated, leader_tasks)
+        lease_election = elect(election, kube_api, gated, leader_tasks)
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(
         admin.AdminState(
@@ -462,7 +466,20 @@ async def _agent(
 
     collector = metrics.register(families)
     tasks = TaskSet("agent")
-    tasks.spawn(the_agent.run(), "publish")
+    follow = source_settings.gateway_service if source_settings.kind == "kubernetes" else ""
+    if follow:
+        from clusters.kube.gateway_service import GatewayServiceWatcher, parse_service_ref
+        from fedgate.agent_gateway import follow_gateway, when_ready
+
+        watcher = GatewayServiceWatcher(kube_api, *parse_service_ref(follow))
+        ready = asyncio.Event()
+        fallback = (th, tp) if gateway_tunnel else None
+        tasks.spawn(
+            follow_gateway(watcher.changes(), the_agent, fallback, ready, follow), "gateway-service"
+        )
+        tasks.spawn(when_ready(ready, the_agent), "publish")
+    else:
+        tasks.spawn(the_agent.run(), "publish")
     webhook = await _start_webhook(webhook_options, cluster, ca, tasks)
 
     async def publish_roots(roots: tuple[str, ...]) -> None:

@@ -64,7 +64,9 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         *etcd_client_args(settings.etcd_endpoints, f"agent-{settings.cluster}", ETCD_DIR),
         f"--ca-dir={CA_DIR}",
         f"--ca-listen={ANY}:{CA_PORT}",
+        # Published until the gateway Service's load balancer has an address, then followed.
         f"--gateway-tunnel={settings.gateway_address}",
+        f"--gateway-service={NAMESPACE}/{GATEWAY}",
         f"--transport={settings.transport}",
         f"--gateway-egress={in_cluster(GATEWAY_EGRESS, EGRESS_PORT)}",
         f"--admin={ANY}:{AGENT_ADMIN_PORT}",
