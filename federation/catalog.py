@@ -12,6 +12,14 @@ than its key, endpoints of other clusters: the key is skipped and reported in
 another trust domain than their cluster's `info` are dropped at merge time (`exports_of`), since
 the `info` may arrive after the export.
 
+Departed clusters: when a cluster's `info` key goes (its lease expired or was revoked, or a
+reload no longer finds it), the view keeps that cluster's last info and exports in `departed`,
+so the controller can keep routing a Detached cluster on its last catalog
+(federation.liveness) until it returns (its `info` reappears: the copy goes) or the controller
+gives up on it (`drop_departed`). Exports deleted in the same batch as the info are part of
+that copy: a lease expiry deletes every key of the cluster in one revision, in key order, so
+the exports go before the info. An export deleted while the info stays is a real removal.
+
 Tracked: cluster infos and exports, VIPs, everything under /fedgate/config/, the liveness
 records under /fedgate/status/clusters/, and /fedgate/leader. Other keys (the leader's service
 status) are ignored, so the leader's own status writes never wake the controller.
@@ -66,6 +74,14 @@ class Problem:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """The last catalog of a cluster whose `info` key went away."""
+
+    info: ClusterInfo
+    exports: dict[ServiceKey, ServiceExport]
+
+
 @dataclass(slots=True)
 class Changes:
     """What a batch of events changed."""
@@ -91,9 +107,13 @@ class Changes:
 
 class CatalogView:
     def __init__(self) -> None:
+        self.departed: dict[str, Departed] = {}
+        self._batch_deleted: dict[str, dict[ServiceKey, ServiceExport]] = {}
+        self._batch_departed: dict[str, ClusterInfo] = {}
         self.reset()
 
     def reset(self) -> None:
+        """Forget everything but `departed` (a reload keeps what it no longer finds there)."""
         self.infos: dict[str, ClusterInfo] = {}
         self.exports: dict[ServiceKey, dict[str, ServiceExport]] = {}
         self.by_cluster: dict[str, set[ServiceKey]] = {}
@@ -107,13 +127,24 @@ class CatalogView:
 
     # --- queries ----------------------------------------------------------------------------
 
+    def info_of(self, cluster: str) -> ClusterInfo | None:
+        """The cluster's info, or the last one it had if it departed."""
+        info = self.infos.get(cluster)
+        if info is None and cluster in self.departed:
+            info = self.departed[cluster].info
+        return info
+
     def exports_of(self, service: ServiceKey, clusters: Iterable[str]) -> list[ServiceExport]:
-        """The exports of `service` by `clusters` whose endpoints are in their trust domain."""
+        """The exports of `service` by `clusters` whose endpoints are in their trust domain
+        (a departed cluster's: from its last catalog)."""
         by_cluster = self.exports.get(service, {})
         out = []
         for cluster in clusters:
             x = by_cluster.get(cluster)
             info = self.infos.get(cluster)
+            if info is None and cluster in self.departed:
+                info = self.departed[cluster].info
+                x = self.departed[cluster].exports.get(service)
             if x is None or info is None:
                 continue
             if any(e.identity.trust_domain != info.trust_domain for e in x.endpoints):
@@ -125,6 +156,17 @@ class CatalogView:
         out: set[ServiceKey] = set()
         for c in clusters:
             out |= self.by_cluster.get(c, set())
+            if c in self.departed:
+                out |= set(self.departed[c].exports)
+        return out
+
+    def drop_departed(self, clusters: Iterable[str]) -> set[ServiceKey]:
+        """Forget the last catalog of these departed clusters; the services it held."""
+        out: set[ServiceKey] = set()
+        for c in clusters:
+            gone = self.departed.pop(c, None)
+            if gone is not None:
+                out |= set(gone.exports)
         return out
 
     def config(self) -> FederationConfig:
@@ -141,6 +183,7 @@ class CatalogView:
 
     def apply(self, events: Iterable[KeyEvent]) -> Changes:
         changes = Changes()
+        self._batch_deleted, self._batch_departed = {}, {}
         for ev in events:
             self.revision = max(self.revision, ev.revision)
             try:
@@ -148,6 +191,28 @@ class CatalogView:
             except (ValueError, MeshError) as e:
                 changes.problems.append(Problem(ev.key, ev.revision, str(e)))
                 self._forget(ev.key, changes)  # a bad new value replaces the old good one
+        for cluster, info in self._batch_departed.items():
+            if cluster in self.infos:  # it came back within the batch
+                continue
+            exports = dict(self._batch_deleted.get(cluster, {}))
+            for service in self.by_cluster.get(cluster, set()):
+                exports[service] = self.exports[service][cluster]
+            self.departed[cluster] = Departed(info, exports)
+        return changes
+
+    def reload(self, events: Iterable[KeyEvent]) -> Changes:
+        """A full load replacing the view; clusters it no longer holds become departed."""
+        before = {
+            c: Departed(info, {k: self.exports[k][c] for k in self.by_cluster.get(c, set())})
+            for c, info in self.infos.items()
+        }
+        self.reset()
+        changes = self.apply(events)
+        for cluster, last in before.items():
+            if cluster not in self.infos:
+                self.departed[cluster] = last
+                changes.clusters.add(cluster)
+                changes.services |= set(last.exports)
         return changes
 
     def _apply(self, ev: KeyEvent, changes: Changes) -> None:
@@ -199,6 +264,7 @@ class CatalogView:
         info: ClusterInfo = decode(raw, cluster_from_json, key)
         if info.name != cluster:
             raise ValueError(f"info names cluster {info.name!r}")
+        self.departed.pop(cluster, None)  # back: its live keys replace the last catalog
         if self.infos.get(cluster) != info:
             self.infos[cluster] = info
             changes.clusters.add(cluster)
@@ -237,12 +303,16 @@ class CatalogView:
         except ValueError:
             return
         if parsed.service is None:
-            if self.infos.pop(parsed.cluster, None) is not None:
+            info = self.infos.pop(parsed.cluster, None)
+            if info is not None:
+                self._batch_departed[parsed.cluster] = info
                 changes.clusters.add(parsed.cluster)
                 changes.services |= self.by_cluster.get(parsed.cluster, set())
             return
         by_cluster = self.exports.get(parsed.service)
-        if by_cluster is not None and by_cluster.pop(parsed.cluster, None) is not None:
+        gone = None if by_cluster is None else by_cluster.pop(parsed.cluster, None)
+        if by_cluster is not None and gone is not None:
+            self._batch_deleted.setdefault(parsed.cluster, {})[parsed.service] = gone
             if not by_cluster:
                 del self.exports[parsed.service]
             services = self.by_cluster.get(parsed.cluster, set())

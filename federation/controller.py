@@ -32,6 +32,14 @@ written there by the leader only while no GitOps commit exists.
 
 A failing etcd never stops the replica from serving its last good snapshot: loads and watches
 are retried with backoff, and a failed leader write is logged and retried at the next sync.
+
+The data plane outlives the control plane: a cluster whose lease goes away is Detached, still
+routed on its last catalog (federation.liveness, federation.catalog `departed`), for
+`damping.detach_grace`. A cluster that leaves routing keeps its trust roots in the bundle for
+`trust_grace` more seconds, so connections from it and to it are not cut by a blip. And no
+config that collapses (drops too many clusters or endpoints at once, or drops any while this
+replica's etcd session is younger than the lease TTL) is published: the last good config is
+held, and `status()["held"]` says why (federation.collapse).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import structlog
 from federation.aio import wait_event
 from federation.api.delta import FragmentCache
 from federation.catalog import CatalogView, Changed, Changes, KeyEvent, Loaded, Problem
+from federation.collapse import CollapseGuard, CollapseSettings
 from federation.controller_ports import EventFeed, LeaderWriter, SnapshotSink
 from federation.controller_status import StatusWriteBack
 from federation.errors import NotLeaderError, StoreError
@@ -57,7 +66,7 @@ from federation.liveness import DampingSettings, Liveness
 from federation.merge import merge_service
 from mesh.clock import SystemClock
 from mesh.interfaces import Clock
-from mesh.model import MergedService, Snapshot, TrafficPolicy
+from mesh.model import ClusterInfo, MergedService, Snapshot, TrafficPolicy
 from mesh.naming import ServiceKey
 
 _log = structlog.get_logger("fedgate.federation.controller")
@@ -81,6 +90,9 @@ class ControllerSettings:
     leader_ttl: int = 5  # seconds: a killed leader is replaced within about this
     elect: bool = True  # False: a single replica that always leads (tests, tools)
     damping: DampingSettings = field(default_factory=DampingSettings)
+    collapse: CollapseSettings = field(default_factory=CollapseSettings)
+    # Seconds a cluster that left routing keeps its roots in the trust bundle.
+    trust_grace: float = 60.0
     write_status: bool = True
     # After a full sync, move every object to the GC's permanent generation: 100,000 endpoints
     # are ~1M long-lived objects whose full collections pause the loop for ~0.1-0.4 s. A
@@ -124,7 +136,10 @@ class Controller:
         self._merged: dict[ServiceKey, MergedService] = {}
         self._admitted: frozenset[str] = frozenset()
         self._fragments = FragmentCache()
-        self._current: Snapshot | None = None
+        self._current: Snapshot | None = None  # the last snapshot published
+        self._guard = CollapseGuard(s.collapse)
+        self._session_started = self._clock.now()  # when the view of etcd became continuous
+        self._feed_epoch = -1  # resumes + reloads of the feed when the session started
         self._dirty = asyncio.Event()
         self._led_term: int | None = None  # the term the leader duties last started in
         self._seed_due = False  # the seed failed in this term: retry it
@@ -137,7 +152,7 @@ class Controller:
     # --- what the admin port and tests read -------------------------------------------------
 
     def current(self) -> Snapshot | None:
-        """The last snapshot generated (what /config shows); None before the first sync."""
+        """The last snapshot published (what /config shows); None before the first sync."""
         return self._current
 
     @property
@@ -156,6 +171,8 @@ class Controller:
             "term": self._writer.term,
             "revision": self.view.revision,
             "admitted": sorted(self._admitted),
+            "detached": sorted(self.liveness.detached()),
+            "held": self.held(),
             "liveness": {
                 n: {"state": r.state, "losses": r.losses, "since": r.since}
                 for n, r in sorted(self.liveness.records().items())
@@ -166,6 +183,19 @@ class Controller:
             "lastSyncSeconds": round(self.stats.last_seconds, 6),
             "watchResumes": self._feed.resumes,
             "watchReloads": self._feed.reloads,
+        }
+
+    def held(self) -> dict[str, Any] | None:
+        """The collapse guard's hold of the last good config (None: not holding)."""
+        verdict, since = self._guard.held, self._guard.held_since
+        if verdict is None or since is None:
+            return None
+        current = self._current
+        return {
+            "reason": verdict.reason,
+            "since": since,
+            "version": current.version if current else "",
+            "holds": self._guard.holds,
         }
 
     # --- the loops ----------------------------------------------------------------------------
@@ -197,10 +227,13 @@ class Controller:
                 self._apply(batch)
 
     def _apply(self, batch: Loaded | Changed) -> None:
+        epoch = self._feed.resumes + self._feed.reloads
+        if epoch != self._feed_epoch:  # the first batch after a (re)load or a resumed watch
+            self._feed_epoch = epoch
+            self._session_started = self._clock.now()
         match batch:
             case Loaded(events=events):
-                self.view.reset()
-                changes = self.view.apply(events)
+                changes = self.view.reload(events)
                 self._full = True
                 self._loaded = True
                 self._loaded_event.set()
@@ -221,7 +254,7 @@ class Controller:
         """Until a change (then debounce) or a timer (damping, write retry) is due."""
         await self._loaded_event.wait()
         while not self._dirty.is_set():
-            deadline = self.liveness.next_deadline()
+            deadline = self._next_deadline()
             if self._write_retry_at:
                 deadline = min(deadline or self._write_retry_at, self._write_retry_at)
             timeout = None if deadline is None else max(0.05, deadline - self._clock.now() + 0.01)
@@ -229,6 +262,33 @@ class Controller:
                 return  # a timer is due: sync now
         await asyncio.sleep(self.settings.debounce)
         self._dirty.clear()
+
+    def _next_deadline(self) -> float | None:
+        times = [t for t in (self.liveness.next_deadline(), self._trust_deadline()) if t]
+        if self._guard.held_since is not None:  # a held drop is looked at again
+            s = self.settings.collapse
+            times.append(
+                max(self._session_started + s.min_session, self._guard.held_since + s.confirm_after)
+            )
+        return min(times) if times else None
+
+    def _trusted(self, now: float) -> list[ClusterInfo]:
+        """Clusters out of routing whose roots stay trusted (within `trust_grace`)."""
+        out = []
+        for name, r in sorted(self.liveness.records().items()):
+            if name not in self._admitted and now < r.since + self.settings.trust_grace:
+                info = self.view.info_of(name)
+                if info is not None:
+                    out.append(info)
+        return out
+
+    def _trust_deadline(self) -> float | None:
+        ends = [
+            r.since + self.settings.trust_grace
+            for n, r in self.liveness.records().items()
+            if n not in self._admitted and r.since + self.settings.trust_grace > self._clock.now()
+        ]
+        return min(ends) if ends else None
 
     # --- one sync -------------------------------------------------------------------------
 
@@ -264,12 +324,28 @@ class Controller:
         for key in dirty:
             self._remerge(key)
         self.stats.merged = len(dirty)
-        clusters = [self.view.infos[c] for c in sorted(admitted) if c in self.view.infos]
+        trusted = self._trusted(now)
+        # A departed cluster's last catalog is kept while it is routed or its roots trusted.
+        keep = admitted | {c.name for c in trusted}
+        self.view.drop_departed(set(self.view.departed) - keep)
+        clusters = [i for i in map(self.view.info_of, sorted(admitted)) if i is not None]
         snapshot = generate(
-            clusters, self._merged.values(), self.view.config(), cache=self._fragments
+            clusters,
+            self._merged.values(),
+            self.view.config(),
+            cache=self._fragments,
+            trusted=trusted,
         )
         if len(self._fragments) > len(self._merged):
             self._fragments.retain(self._merged)
+        verdict = self._guard.check(self._current, snapshot, now - self._session_started, now)
+        if not verdict.publish:
+            if self._guard.held_since == now:
+                _log.warning("holding the last good config", reason=verdict.reason)
+            assert self._current is not None  # the first snapshot is never held
+            snapshot = self._current
+        elif verdict.reason:
+            _log.warning("publishing a held drop", reason=verdict.reason)
         self._current = snapshot
         if self._publisher.update(snapshot):
             _log.info(
@@ -343,8 +419,9 @@ class Controller:
                     self._merged,
                     self.view,
                     self.liveness.persistable().values(),
-                    self._admitted,
+                    [c.name for c in snapshot.clusters],
                     self._clock.now(),
+                    held=self.held(),
                 )
         except NotLeaderError as e:
             _log.warning("lost leadership while writing", error=str(e))

@@ -11,6 +11,7 @@ records encode, and does no I/O of its own (the writer port does).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from federation import keys
 from federation.catalog import CatalogView
@@ -46,6 +47,7 @@ class StatusWriteBack:
         liveness: Iterable[ClusterLiveness],
         admitted: Iterable[str],
         now: float,
+        held: Mapping[str, Any] | None = None,
     ) -> int:
         """Write what changed; the number of operations written. Raises what the writer does."""
         full = self._cache is None
@@ -84,9 +86,10 @@ class StatusWriteBack:
                 len(snapshot.services),
                 sum(len(s.endpoints) for s in snapshot.services),
                 now,
+                held,
             )
         )
-        if full or _version_of(cache.get(keys.CONFIG_STATUS_KEY)) != snapshot.version:
+        if full or _identity(cache.get(keys.CONFIG_STATUS_KEY)) != (snapshot.version, held):
             puts[keys.CONFIG_STATUS_KEY] = config_value
         written = 0
         if puts or deletes:
@@ -106,10 +109,12 @@ def _is_service_key(key: str) -> bool:
     return True
 
 
-def _version_of(raw: bytes | None) -> str:
+def _identity(raw: bytes | None) -> tuple[str, Any]:
+    """What decides a rewrite of the config status: its version and hold."""
     if raw is None:
-        return ""
+        return "", None
     try:
-        return str(loads(raw, "config status").get("version", ""))
+        value = loads(raw, "config status")
     except CodecError:
-        return ""
+        return "", None
+    return str(value.get("version", "")), value.get("held")

@@ -44,6 +44,15 @@ __all__ = [
 ]
 
 MAX_RECEIVE = 64 * 1024 * 1024
+# gRPC re-dials a lost server with exponential backoff up to 120 s by default: after an etcd
+# restart of ~20 s the channel would wait ~10 s more before trying again, and every lease
+# would lapse meanwhile (issue 15). A refused dial on a LAN costs microseconds, so retry
+# every 0.3 s at most.
+RECONNECT_BACKOFF = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 300),
+)
 TOKEN_REFRESH = 120.0  # seconds; etcd's simple tokens live 300 s (--auth-token-ttl)
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _AUTH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -161,6 +170,7 @@ async def open_client(
     # gRPC's default 4 MiB receive limit is one page of a large catalog or one big watch
     # response; etcd3aio has no option for it (pinned <0.4, so its manager's list is stable).
     client._manager.grpc_options.append(("grpc.max_receive_message_length", MAX_RECEIVE))
+    client._manager.grpc_options.extend(RECONNECT_BACKOFF)
     try:
         with store_errors("connect"):
             await client.connect()

@@ -16,8 +16,11 @@ operator's reviewed config, and locality failover's "same region" tier depends o
 
 The federated trust bundle maps each live cluster's trust domain to the roots that cluster
 published; a root vouches only for its own domain (SPIFFE federation, enforced by ca/'s
-verifier). If two clusters claim one trust domain their roots are unioned: this module cannot
-tell which is right, so validating trust domains against cluster names belongs upstream.
+verifier). `trusted` adds the roots of clusters out of routing but still in their trust grace
+(federation.controller): a cluster's identity stays verifiable through a brief loss, so a
+blip does not cut the connections it has open. If two clusters claim one trust domain their
+roots are unioned: this module cannot tell which is right, so validating trust domains against
+cluster names belongs upstream.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def generate(
     config: FederationConfig | Iterable[TrafficPolicy] = EMPTY_CONFIG,
     *,
     cache: FragmentCache | None = None,
+    trusted: Iterable[ClusterInfo] = (),
 ) -> Snapshot:
     cfg = _as_config(config)
     live = tuple(
@@ -86,7 +90,7 @@ def generate(
         clusters=live,
         services=sort_services(services),
         policies=tuple(sorted(cfg.policies, key=lambda p: (p.key.namespace, p.key.name))),
-        trust_bundle=MappingProxyType(trust_bundle(live)),
+        trust_bundle=MappingProxyType(trust_bundle((*live, *trusted))),
         # Every AuthorizationPolicy: destination sidecars enforce those of their services.
         authorization=cfg.authorization,
         # Identity issue: the deny list (/fedgate/config/denied/, format in ca.denylist);

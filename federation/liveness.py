@@ -1,9 +1,19 @@
-"""Cluster liveness with flap damping, pure: which present clusters may be routed to.
+"""Cluster liveness with flap damping, pure: which clusters may be routed to.
 
-A cluster is *present* while its agent's leased `info` key exists in etcd. Removal is never
-delayed: the moment the lease is gone (expired or revoked) the cluster leaves routing. What is
-damped is the way back: a cluster that keeps losing its lease is not re-added on every blip.
-The rule is route-flap damping as in BGP (RFC 2439, figure of merit with exponential decay):
+A cluster is *present* while its agent's leased `info` key exists in etcd. A lease that goes
+away means "the agent is gone", not "the cluster is gone": the gateway and pods of a cluster
+whose agent crashed (or lost etcd) keep serving, as Istio and Linkerd keep serving a remote
+cluster on its last config. So a Live cluster whose lease vanishes becomes *Detached*: it stays
+routed, on the last catalog the controller saw (federation.catalog keeps it), for
+`detach_grace` seconds, while the data plane's probes decide whether calls go there (peer
+gateways probe its gateway; an unreachable one is refused at once and avoided by sidecars,
+docs/traffic.md). "Cluster gone" is: lease expired AND `detach_grace` elapsed without it
+returning. Only then is it Down. A return within the grace is no loss at all: nothing was
+removed, so nothing is damped. `detach_grace=0` removes a cluster the moment its lease goes.
+
+What is damped is the way back after a removal: a cluster that keeps being removed is not
+re-added on every blip. The rule is route-flap damping as in BGP (RFC 2439, figure of merit
+with exponential decay):
 
 - every loss adds `penalty` to the cluster's figure of merit, which halves every `half_life`;
 - a cluster that returns while its merit is at or above `suppress` is held out (Suppressed)
@@ -17,7 +27,10 @@ for ~10-15 s; a cluster flapping for ever is held out at most 60 s at a time.
 | state      | event (at `observe`)            | condition               | next       | routed |
 |------------|---------------------------------|-------------------------|------------|--------|
 | (unknown)  | present                         |                         | Live       | yes    |
-| Live       | absent                          |                         | Down, +P   | no     |
+| Live       | absent                          | detach_grace > 0        | Detached   | yes    |
+| Live       | absent                          | detach_grace = 0        | Down, +P   | no     |
+| Detached   | present                         |                         | Live       | yes    |
+| Detached   | absent                          | since + grace <= now    | Down, +P   | no     |
 | Down       | present                         | merit < suppress        | Live       | yes    |
 | Down       | present                         | merit >= suppress       | Suppressed | no     |
 | Down       | absent                          | merit < forget          | (unknown)  | no     |
@@ -38,9 +51,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 LIVE = "Live"
+DETACHED = "Detached"  # lease gone, still routed on its last catalog (module docstring)
 DOWN = "Down"
 SUPPRESSED = "Suppressed"
-STATES = (LIVE, DOWN, SUPPRESSED)
+STATES = (LIVE, DETACHED, DOWN, SUPPRESSED)
+ROUTED = (LIVE, DETACHED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +68,12 @@ class DampingSettings:
     half_life: float = 10.0  # seconds
     max_hold: float = 60.0  # seconds a returned cluster may be held out at most
     forget: float = 100.0
+    # Seconds a cluster whose lease went away stays routed on its last catalog (Detached).
+    detach_grace: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.half_life <= 0 or self.max_hold < 0:
-            raise ValueError("half_life must be > 0 and max_hold >= 0")
+        if self.half_life <= 0 or self.max_hold < 0 or self.detach_grace < 0:
+            raise ValueError("half_life must be > 0, max_hold and detach_grace >= 0")
         if not 0 < self.reuse <= self.suppress:
             raise ValueError("need 0 < reuse <= suppress")
 
@@ -114,7 +131,13 @@ class Liveness:
         for name, r in list(self._records.items()):
             here = name in present_set
             merit = r.merit_at(now, s)
-            if r.state == LIVE and not here:
+            if r.state == LIVE and not here and s.detach_grace > 0:
+                self._records[name] = ClusterLiveness(name, DETACHED, merit, now, now, r.losses)
+            elif r.state == DETACHED and here:
+                self._records[name] = ClusterLiveness(name, LIVE, merit, now, now, r.losses)
+            elif (r.state == LIVE and not here) or (
+                r.state == DETACHED and now >= r.since + s.detach_grace
+            ):
                 merit = min(merit + s.penalty, s.ceiling)
                 self._records[name] = ClusterLiveness(name, DOWN, merit, now, now, r.losses + 1)
             elif r.state == DOWN and here:
@@ -127,12 +150,20 @@ class Liveness:
             elif r.state == SUPPRESSED and not here:
                 merit = min(merit + s.penalty, s.ceiling)
                 self._records[name] = ClusterLiveness(name, DOWN, merit, now, now, r.losses + 1)
-        return frozenset(n for n, r in self._records.items() if r.state == LIVE)
+        return self.routed()
+
+    def routed(self) -> frozenset[str]:
+        """The clusters to route to: Live, and Detached within their grace."""
+        return frozenset(n for n, r in self._records.items() if r.state in ROUTED)
+
+    def detached(self) -> frozenset[str]:
+        return frozenset(n for n, r in self._records.items() if r.state == DETACHED)
 
     def next_deadline(self) -> float | None:
         """The earliest time `observe` may change something without any cluster changing."""
         s = self.settings
         times = [r.reusable_at(s) for r in self._records.values() if r.state == SUPPRESSED]
+        times += [r.since + s.detach_grace for r in self._records.values() if r.state == DETACHED]
         for r in self._records.values():
             if r.state == DOWN and r.merit > 0:
                 times.append(r.updated + s.half_life * math.log2(r.merit / s.forget))

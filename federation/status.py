@@ -132,7 +132,9 @@ def config_status_json(
     services: int,
     endpoints: int,
     updated: float,
+    held: Mapping[str, Any] | None = None,
 ) -> Json:
+    """`held`: the collapse guard holds this (last good) config (federation.collapse)."""
     return {
         "version": version,
         "commit": commit,
@@ -142,6 +144,7 @@ def config_status_json(
         "services": services,
         "endpoints": endpoints,
         "updated": updated,
+        "held": dict(held) if held else None,
     }
 
 

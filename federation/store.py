@@ -64,6 +64,10 @@ DEFAULT_TIMEOUT = 5.0  # seconds per etcd request: a partitioned etcd must not h
 TXN_ATTEMPTS = 5  # compare-and-swap retries before giving up with StoreConflictError
 TXN_MAX_OPS = 128  # etcd's default --max-txn-ops
 LOAD_PAGE = 500  # keys per range request: stays under gRPC's 4 MiB default message size
+# Seconds between keepalives after one failed: etcd keeps leases across a restart (and extends
+# them when its new leader takes over), so renewing within moments of its return keeps every
+# key; waiting the normal TTL/3 would let short leases lapse (issue 15: agents were 9 s late).
+KEEPALIVE_RETRY = 0.2
 
 
 def kv_service(client: Etcd3Client) -> KVService:
@@ -130,6 +134,9 @@ class EtcdCatalogPublisher:
         self._keepalive: asyncio.Task[None] | None = None
         self._log = _log.bind(cluster=cluster)
         self.leases_lost = 0  # metric: times etcd had forgotten our lease
+        self.keepalive_failures = 0  # metric: keepalives that failed (etcd unreachable)
+        self.keepalive_failures_in_a_row = 0
+        self.renewed_at: float | None = None  # loop time of the last good keepalive
 
     @property
     def cluster(self) -> str:
@@ -248,12 +255,27 @@ class EtcdCatalogPublisher:
 
     async def _keepalive_loop(self) -> None:
         interval = self._ttl / 3
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)  # a period, not synchronisation
             try:
                 await self._tick()
             except StoreError as e:
-                self._log.warning("lease keepalive failed", lease=self._lease, error=str(e))
+                if not self.keepalive_failures_in_a_row:  # once per outage, not 5 a second
+                    self._log.warning("lease keepalive failed", lease=self._lease, error=str(e))
+                self.keepalive_failures += 1
+                self.keepalive_failures_in_a_row += 1
+                delay = min(KEEPALIVE_RETRY, interval)
+                continue
+            if self.keepalive_failures_in_a_row:
+                self._log.info(
+                    "lease keepalive recovered",
+                    lease=self._lease,
+                    failures=self.keepalive_failures_in_a_row,
+                )
+                self.keepalive_failures_in_a_row = 0
+            self.renewed_at = asyncio.get_running_loop().time()
+            delay = interval
 
     async def _tick(self) -> None:
         lease = self._lease

@@ -263,6 +263,7 @@ def kube_facts(api_client: Any, context: str = "") -> KubeFacts:
                     group=need.group,
                     resource=need.resource,
                     subresource=need.subresource or None,
+                    name=need.name or None,
                 )
             )
         )

@@ -68,7 +68,7 @@ class ClusterFacts:
     name: str
     lease_alive: bool
     routed: bool
-    state: str  # Live, Down, Suppressed, or "" with no liveness record
+    state: str  # Live, Detached, Down, Suppressed, or "" with no liveness record
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +89,17 @@ class Need:
     resource: str
     subresource: str = ""
     why: str = ""
+    name: str = ""  # one object (RBAC `resourceNames`), "" for any
 
     @property
     def label(self) -> str:
         res = f"{self.resource}.{self.group}" if self.group else self.resource
-        return f"{self.verb} {res}{'/' + self.subresource if self.subresource else ''}"
+        sub = "/" + self.subresource if self.subresource else ""
+        return f"{self.verb} {res}{sub}" + (f" {self.name}" if self.name else "")
 
 
 MCS = "multicluster.x-k8s.io"
+WEBHOOK_CONFIGURATION = "fedgate-sidecar-injector"  # clusters.inject.admission.CONFIGURATION_NAME
 _READ = "the cluster source lists and watches them"
 # In step with docs/kubernetes.md's RBAC table: the informers only list and watch (no get);
 # server-side apply of an object that does not exist yet is authorized as create and patch.
@@ -118,6 +121,24 @@ NEEDS: tuple[Need, ...] = (
     Need("patch", MCS, "serviceimports", "status", why="the write-back sets status.clusters"),
     Need("patch", MCS, "serviceexports", "status", why="the write-back sets Valid and Conflict"),
     Need("create", "authentication.k8s.io", "tokenreviews", why="the CA reviews pod tokens"),
+    *(
+        Need(verb, "", resource, why="injected namespaces get their bootstrap ConfigMap")
+        for resource, verbs in (
+            ("namespaces", ("list", "watch")),
+            ("configmaps", ("list", "watch", "create", "patch")),
+        )
+        for verb in verbs
+    ),
+    *(
+        Need(
+            verb,
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            why="the injector webhook's caBundle follows the CA's roots",
+            name=WEBHOOK_CONFIGURATION,
+        )
+        for verb in ("get", "patch")
+    ),
 )
 CRDS = (f"serviceexports.{MCS}", f"serviceimports.{MCS}")
 

@@ -203,7 +203,16 @@ def _clusters(f: Facts) -> Iterator[Result]:
         )
     for c in f.clusters:
         name = f"cluster {c.name} is live"
-        if not c.lease_alive:
+        if not c.lease_alive and c.state == "Detached":
+            yield Result(
+                s,
+                name,
+                WARN,
+                "lease expired, still routed on its last catalog (Detached)",
+                f"the agent of {c.name} stopped renewing its lease; its gateway and pods keep "
+                "serving until the detach grace ends: restart the agent, its log says why",
+            )
+        elif not c.lease_alive:
             yield Result(
                 s,
                 name,

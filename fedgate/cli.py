@@ -2,6 +2,9 @@
 
 Arguments are parsed here, once, into settings objects; nothing below fedgate/ reads the
 environment or the command line.
+
+Over the 450-line aim: the long-running processes' options are declared here, one decorator
+per option (operator commands live in the lazily loaded cli_* modules).
 """
 
 from __future__ import annotations
@@ -99,6 +102,22 @@ def main() -> None:
     help="Port of each gateway's --metrics-listen, on its published tunnel host: the "
     "topology page (GET /topology on --admin) reads tunnel health and rates there.",
 )
+@click.option(
+    "--detach-grace",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a cluster whose agent lease expired stays routed on its last catalog "
+    "(Detached) before it is removed; 0 removes it with the lease.",
+)
+@click.option(
+    "--agent-lease-ttl",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="The agents' --lease-ttl: no cluster is dropped while this replica's etcd session "
+    "is younger than it.",
+)
 def controller(
     etcd_endpoints: str,
     etcd_client: EtcdClientOptions,
@@ -114,6 +133,8 @@ def controller(
     config_poll: float,
     config_workdir: Path,
     gateway_metrics_port: int,
+    detach_grace: float,
+    agent_lease_ttl: int,
 ) -> None:
     """Run a federation controller replica (run several; one is elected leader)."""
     native_logs.take_over_stderr()  # before grpc is imported
@@ -136,6 +157,8 @@ def controller(
         gitops,
         gateway_metrics_port,
         etcd=etcd_client,
+        detach_grace=detach_grace,
+        agent_lease_ttl=agent_lease_ttl,
     )
 
 
@@ -168,6 +191,14 @@ def controller(
     "ServiceAccount].",
 )
 @click.option("--kube-context", default=None, help="The kubeconfig context [default: current].")
+@click.option(
+    "--control-root",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --source kubernetes: the control plane's root (PEM); with the cluster's roots it "
+    "is kept in the fedgate-bootstrap ConfigMap of each namespace labelled "
+    "fedgate.io/inject=enabled [default: no ConfigMaps written].",
+)
 @click.option(
     "--tokens",
     type=click.Path(path_type=Path),
@@ -251,6 +282,7 @@ def agent(
     exports: Path | None,
     kubeconfig: Path | None,
     kube_context: str | None,
+    control_root: Path | None,
     tokens: Path | None,
     gateway_tunnel: str,
     gateway_service: str,
@@ -276,6 +308,8 @@ def agent(
         )
     if not gateway_tunnel and not (gateway_service and source_kind == "kubernetes"):
         raise click.UsageError("--gateway-tunnel is required (unless --gateway-service)")
+    if source_kind == "file" and control_root is not None:
+        raise click.UsageError("--control-root is for --source kubernetes")
     native_logs.take_over_stderr()  # before grpc is imported (after the usage checks)
     from fedgate import processes
 
@@ -296,13 +330,14 @@ def agent(
             source_kind,
             kubeconfig,
             kube_context,
-            _election(
+            election=_election(
                 leader_elect and source_kind == "kubernetes",
                 leader_elect_lease,
                 leader_elect_identity,
                 leader_elect_durations,
             ),
-            gateway_service,
+            gateway_service=gateway_service,
+            control_root=control_root,
         ),
         webhook=_webhook_options(webhook_listen, webhook_service, inject_config),
         etcd=etcd_client,

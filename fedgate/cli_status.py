@@ -2,10 +2,12 @@
 
 Reads (never writes) etcd: the leader record, the config status the leader wrote (version,
 commit), the last GitOps commit rejected (while no later one is applied), every cluster's
-leased `info` key (present = its agent's lease is alive) and liveness record (Live / Down /
-Suppressed by flap damping), and every service's status (VIP, ports, endpoints per cluster,
-MCS conditions with the conflict message). With `--rig-dir` and no
-`--etcd` it runs itself inside the rig's control namespace, where etcd listens.
+leased `info` key (present = its agent's lease is alive) and liveness record (Live /
+Detached: lease gone, still routed on its last catalog / Down / Suppressed by flap damping),
+whether the leader holds the last good config instead of a collapsed one (`HELD`), and every
+service's status (VIP, ports, endpoints per cluster, MCS conditions with the conflict
+message). With `--rig-dir` and no `--etcd` it runs itself inside the rig's control
+namespace, where etcd listens.
 
 Gateways and the links between them (health, RTT) are not in etcd: they come from the
 leader's topology data (`GET /topology.json` on the admin address its record names), which
@@ -201,6 +203,12 @@ def render(data: Json, now: float | None = None) -> str:
         f"config    version {config.get('version') or '-'}  commit {commit}  "
         f"etcd revision {data['revision']}"
     )
+    held = config.get("held") or {}
+    if held:
+        out.append(
+            f"HELD      the last good config is served since {_ago(held.get('since'), now)}: "
+            f"{held.get('reason', '?')} (stale is better than empty: docs/controller.md)"
+        )
     rejection = data.get("rejection") or {}
     if rejection.get("sha"):
         out.append(

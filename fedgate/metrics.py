@@ -291,9 +291,17 @@ def controller_families(status: Mapping[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "fedgate_controller_sync_failures", "Syncs that failed.", value=status["syncFailures"]
     )
+    held = status.get("held")
+    yield GaugeMetricFamily(
+        "fedgate_controller_config_held",
+        "1 while the collapse guard holds the last good config instead of publishing one that "
+        "drops too many clusters or endpoints at once (docs/controller.md).",
+        value=1.0 if held else 0.0,
+    )
     live = GaugeMetricFamily(
         "fedgate_cluster_live",
-        "1 if the cluster is Live (routed), 0 if Down or Suppressed by flap damping.",
+        "1 if the cluster is Live (routed), 0 if Detached (agent lease gone, still routed on "
+        "its last catalog), Down or Suppressed by flap damping.",
         labels=["cluster", "state"],
     )
     for name, record in sorted(status.get("liveness", {}).items()):

@@ -1,4 +1,9 @@
-"""One function per fedgate process: build the adapters, wire them, run until signalled."""
+"""One function per fedgate process: build the adapters, wire them, run until signalled.
+
+Over the 450-line aim: this is the one place that wires concrete adapters together (DESIGN.md:
+only fedgate/ wires), one section per process; the agent's optional parts live in their own
+modules (agent_election, agent_gateway, identity, inject_webhook, kube_bootstrap).
+"""
 
 from __future__ import annotations
 
@@ -80,6 +85,8 @@ def controller(
     gateway_metrics_port: int = 15020,
     *,
     etcd: EtcdClientOptions | None = None,
+    detach_grace: float = 300.0,
+    agent_lease_ttl: int = 10,
 ) -> None:
     logs.configure("controller")
     structlog.contextvars.bind_contextvars(replica=replica or listen)
@@ -95,6 +102,8 @@ def controller(
             gitops,
             gateway_metrics_port,
             etcd,
+            detach_grace,
+            agent_lease_ttl,
         )
     )
 
@@ -135,13 +144,17 @@ async def _controller(
     gitops: SyncSettings | None,
     gateway_metrics_port: int = 15020,
     etcd: EtcdClientOptions | None = None,
+    detach_grace: float = 300.0,
+    agent_lease_ttl: int = 10,
 ) -> None:
+    from federation.collapse import CollapseSettings
     from federation.controller import Controller, ControllerSettings
     from federation.controller_etcd import etcd_ports
     from federation.etcd import open_client
     from federation.gitops.checks import port_protocols
     from federation.gitops.store import ConfigStore
     from federation.gitops.sync import GitOpsSync
+    from federation.liveness import DampingSettings
     from federation.policy_file import load_policies
     from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
     from fedgate import topology  # the controller's page only: no other kind loads it
@@ -158,6 +171,8 @@ async def _controller(
         admin_address=admin_addr,
         leader_ttl=leader_ttl,
         freeze_gc=True,
+        damping=DampingSettings(detach_grace=detach_grace),
+        collapse=CollapseSettings(min_session=agent_lease_ttl),
     )
     feed, writer = etcd_ports(client, settings)
     election = writer.election  # the GitOps sync applies commits under the same fence
@@ -274,7 +289,8 @@ async def _controller(
 @dataclass(frozen=True, slots=True)
 class SourceSettings:
     """Which `ClusterSource` the agent reads: `file` (the `exports` path) or `kubernetes`
-    (`kubeconfig`, or the in-cluster ServiceAccount when None)."""
+    (`kubeconfig`, or the in-cluster ServiceAccount when None). `control_root`: with
+    `kubernetes`, the control plane's root PEM for the `fedgate-bootstrap` ConfigMaps."""
 
     kind: str = "file"
     kubeconfig: Path | None = None
@@ -284,6 +300,7 @@ class SourceSettings:
     # Kubernetes only: `<namespace>/<name>` of the gateway's LoadBalancer Service, whose
     # address the agent publishes ("": publish `--gateway-tunnel` only).
     gateway_service: str = ""
+    control_root: Path | None = None
 
 
 def cluster_source(
@@ -414,6 +431,13 @@ async def _agent(
         source_settings, source, tokens, cluster
     )
     kube_api = getattr(source, "api_client", None)  # the Kubernetes source's client (or None)
+    bootstrap = None
+    if writeback is not None:  # the Kubernetes source (its API client)
+        from clusters.kube.source import KubeClusterSource
+        from fedgate import kube_bootstrap
+
+        assert isinstance(source, KubeClusterSource)
+        bootstrap = kube_bootstrap.writer(source.api_client, ca, source_settings.control_root)
     ca_server = await ca_service.serve(
         ca.view, authenticator, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
     )
@@ -453,6 +477,7 @@ async def _agent(
                 "source": source_status(),
                 "writeBack": writeback.status() if writeback is not None else None,
                 "leaderElection": lease_election.status() if lease_election else None,
+                "bootstrap": bootstrap.status() if bootstrap is not None else None,
             },
         ),
         host,
@@ -481,8 +506,15 @@ async def _agent(
     else:
         tasks.spawn(the_agent.run(), "publish")
     webhook = await _start_webhook(webhook_options, cluster, ca, tasks)
+    if bootstrap is not None:
+        if gated is None:
+            tasks.spawn(bootstrap.run(), "bootstrap-configmaps")
+        else:  # only the leader writes to the cluster
+            leader_tasks.add("bootstrap-configmaps", bootstrap.run)
 
     async def publish_roots(roots: tuple[str, ...]) -> None:
+        if bootstrap is not None:
+            bootstrap.poke()  # the ConfigMaps and the webhook's caBundle follow the rotation
         await the_agent.set_info(replace(the_agent.info, roots=roots))
 
     tasks.spawn(ca.follow(publish_roots), "ca-directory")

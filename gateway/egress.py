@@ -17,6 +17,10 @@ and a reason phrase naming the hop and the cause, and logged:
 
 The inner bytes after the CONNECT head are the sidecars' end-to-end TLS: relayed, never read.
 
+The same port answers `GET /fedgate/v1/peer-health` (mesh.peerhealth) with a stream of peer
+health reports, so every local sidecar avoids a peer gateway the pools found down before any
+call is refused, and takes it back when its probes pass (gateway.peer_feed).
+
 Telemetry (hop `egress-gateway`): with tracing on, a CLIENT span per call, child of the
 CONNECT's `traceparent`, from the CONNECT to the remote reply (the bytes after are opaque;
 the access line at the call's end has their count and duration); the stream header carries
@@ -33,7 +37,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -44,10 +48,11 @@ from gateway.errors import (
     TunnelError,
     TunnelTimeoutError,
 )
+from gateway.peer_feed import PeerHealthFeed, unreachable_peers
 from gateway.splice import Splice
 from gateway.transport import RESET_ABORTED, PeerTarget, Stream, StreamDialer
+from mesh import peerhealth, tracecontext
 from mesh import telemetry as tm
-from mesh import tracecontext
 from mesh.codec import StreamHeader, encode_header
 from mesh.connect import ConnectRequest, encode_response, parse_request, split_head
 from mesh.errors import CodecError
@@ -85,6 +90,14 @@ class Egress:
         self.active: set[EgressConnection] = set()
         self.counters: dict[str, int] = {"calls": 0, "ok": 0, "refused": 0, "bytes_up": 0}
         self.counters["bytes_down"] = 0
+        self.peer_health = PeerHealthFeed(lambda: unreachable_peers(dialers), log=log)
+        self._feed: asyncio.Task[None] | None = None
+
+    def watch_peers(self, transport: asyncio.WriteTransport) -> None:
+        """A sidecar subscribes to peer health (gateway.peer_feed)."""
+        self.peer_health.subscribe(transport)
+        if self._feed is None or self._feed.done():
+            self._feed = self.tasks.spawn(self.peer_health.run(), "peer-health")
 
     def protocol(self) -> EgressConnection:
         return EgressConnection(self)
@@ -177,6 +190,7 @@ class EgressConnection(Splice):
         self._request: ConnectRequest | None = None
         self._span: Span | None = None
         self._code = ""
+        self._watching = False  # a peer-health subscriber, not a call
         self.log = egress.log.bind(cluster=egress.cluster, conn=f"e{self._id}", hop=tm.EGRESS)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -187,6 +201,8 @@ class EgressConnection(Splice):
         if self.stream is not None:
             super().data_received(data)
             return
+        if self._watching:  # a subscriber has nothing more to say
+            return
         if self._routing:  # not reading while routing, but a chunk may already be queued
             self._head += data
             return
@@ -196,6 +212,10 @@ class EgressConnection(Splice):
             if got is None:
                 return
             head, rest = got
+            if peerhealth.is_request(head):
+                self._watching = True
+                self._egress.watch_peers(self._writer())
+                return
             request = parse_request(head)
         except CodecError as e:
             self.log.warning("egress call refused", status=400, reason=f"malformed CONNECT: {e}")
@@ -209,9 +229,16 @@ class EgressConnection(Splice):
         self._egress.counters["calls"] += 1
         self._egress.tasks.spawn(self._route(request), f"route-e{self._id}")
 
+    def _writer(self) -> asyncio.WriteTransport:
+        # uvloop's TCPTransport is no asyncio.WriteTransport subclass, but has its methods.
+        assert self.transport is not None
+        return cast(asyncio.WriteTransport, self.transport)
+
     def eof_received(self) -> bool:
         if self.stream is not None:
             return super().eof_received()
+        if self._watching:
+            return False  # the subscriber left: close
         self._early_eof = True
         self._tcp_eof = True
         return self._routing  # keep the socket open only if a route is being set up
@@ -220,6 +247,9 @@ class EgressConnection(Splice):
         if self._handing_off:
             return  # the socket lives on in a zero-copy relay, which ends the call
         self._egress.active.discard(self)
+        if self._watching:
+            self._egress.peer_health.unsubscribe(self._writer())
+            return
         if self.stream is None:
             self._finish("client went away" if self._routing else "closed before CONNECT")
             return

@@ -52,6 +52,7 @@ from sidecar.http.exchange import Dialed
 from sidecar.http.flow import FlowConn, open_flow_conn
 from sidecar.http.proxy import H2, HTTP1, SNIFF_TIMEOUT, HttpProxy
 from sidecar.http2.proxy import H2Proxy
+from sidecar.peer_watch import watch_peer_health
 from sidecar.pipe import Conn, open_conn, relay
 from sidecar.resume import SessionCache
 from sidecar.routes import Decision, Local, Remote, ServiceRoute
@@ -120,6 +121,10 @@ class Outbound:
             s.outbound_host,
             s.outbound_port,
             backlog=BACKLOG,
+        )
+        # The local gateway's view of its peers, pushed (sidecar.peer_watch).
+        self._tasks.spawn(
+            watch_peer_health(lambda: self._state().routes.egress, self.http.peers), "peer-health"
         )
 
     @property

@@ -201,6 +201,8 @@ class Sidecar:
             "routes": st.routes.describe(),
             # remote clusters the local gateway said it cannot reach (avoided for now)
             "peers_unreachable": self.outbound.http.peers.down(time.monotonic()),
+            # whether the gateway's peer-health feed is connected (sidecar.peer_watch)
+            "peer_health_feed": self.outbound.http.peers.feed,
             "listeners": {
                 "inbound": _addr(self.inbound.address) if self._started else None,
                 "outbound": _addr(self.outbound.address) if self._started else None,

@@ -90,11 +90,7 @@ class EtcdServer:
         for _ in range(3):
             self.client_port, self.peer_port = free_port(), free_port()
             shutil.rmtree(self.data_dir / "data", ignore_errors=True)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-            with self._log_path.open("ab") as log:
-                self._process = subprocess.Popen(
-                    self._command(), stdout=log, stderr=subprocess.STDOUT, env=env
-                )
+            self._spawn()
             if self._wait_ready():
                 return
             self.stop()
@@ -103,6 +99,19 @@ class EtcdServer:
     def health_check(self) -> tuple[str, ssl.SSLContext | None]:
         """The URL telling when etcd is ready, and the TLS context to fetch it with."""
         return f"http://{self.endpoint}/health", None
+
+    def restart(self) -> None:
+        """Start again after `stop()`, on the same ports and data (an etcd restart)."""
+        self._spawn()
+        if not self._wait_ready():
+            raise RuntimeError(f"etcd did not restart; its log:\n{self.log_tail()}")
+
+    def _spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        with self._log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT

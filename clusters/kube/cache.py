@@ -106,3 +106,26 @@ class Backoff:
 
     def reset(self) -> None:
         self._steps = 0
+
+
+@dataclass(slots=True)
+class SyncOutcomes:
+    """A level-triggered sync loop's bookkeeping (the MCS write-back, the bootstrap writer):
+    its failures and last error for /config, and how long to wait before the next run."""
+
+    resync: float
+    backoff: Backoff
+    failures: int = 0
+    last_error: str = ""
+
+    def failed(self, e: Exception) -> float:
+        """Count the failure; the (backed-off) delay before the retry."""
+        self.failures += 1
+        self.last_error = str(e)
+        return self.backoff.next()
+
+    def succeeded(self) -> float:
+        """Reset the backoff; the delay before the next resync."""
+        self.backoff.reset()
+        self.last_error = ""
+        return self.resync

@@ -74,6 +74,7 @@ class ListWatch:
     kind: str
     call: Callable[..., Any]
     label_selector: str | None = None
+    field_selector: str | None = None  # e.g. metadata.name=<name>: one name in every namespace
 
 
 def _api_error(code: int, body: str | bytes | dict[str, Any]) -> KubeApiError:
@@ -208,6 +209,8 @@ class Informer:
         }
         if self.lw.label_selector:
             kw["label_selector"] = self.lw.label_selector
+        if self.lw.field_selector:
+            kw["field_selector"] = self.lw.field_selector
         return kw
 
     def _call(self, **kwargs: Any) -> Any:

@@ -34,7 +34,7 @@ import kubernetes
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from clusters.kube.cache import Backoff
+from clusters.kube.cache import Backoff, SyncOutcomes
 from clusters.kube.mcs import (
     EXPORTS,
     IMPORTS,
@@ -80,17 +80,24 @@ class McsWriteBack:
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self.cluster = check_label(cluster, "cluster name")
-        self._resync = resync
-        self._backoff = backoff or Backoff(initial=1.0, cap=30.0, rng=random.Random())
+        self._outcomes = SyncOutcomes(
+            resync, backoff or Backoff(initial=1.0, cap=30.0, rng=random.Random())
+        )
         self._clock = clock
         self._rejected = rejected  # the exports the source rejected (read on the event loop)
         self._wake = asyncio.Event()
         self.syncs = 0  # metrics and /config
         self.writes = 0
-        self.failures = 0
-        self.last_error = ""
         self.synced: tuple[MergedService, ...] | None = None  # the catalog of the last good sync
         self.skipped: set[str] = set()  # writes skipped (404) at the last sync, logged once
+
+    @property
+    def failures(self) -> int:
+        return self._outcomes.failures
+
+    @property
+    def last_error(self) -> str:
+        return self._outcomes.last_error
 
     def status(self) -> dict[str, object]:
         return {
@@ -118,21 +125,21 @@ class McsWriteBack:
             tg.create_task(follow(), name="mcs-writeback:catalog")
             wait: float | None = None  # nothing to sync before the first catalog
             while True:
-                with contextlib.suppress(TimeoutError):  # a timeout: resync, or retry
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                # A timeout: resync, or retry. asyncio.timeout, not wait_for: 3.11's wait_for
+                # can swallow a cancellation that lands as the wake-up completes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 self._wake.clear()
                 if not latest:
                     continue  # poked before the first catalog arrived
                 try:
                     await asyncio.to_thread(self.sync, latest[0], dict(self._rejected()))
                 except WriteBackError as e:
-                    self.failures += 1
-                    self.last_error = str(e)
-                    wait = self._backoff.next()
+                    wait = self._outcomes.failed(e)
                     _log.warning("mcs write-back failed, retrying in %.1fs: %s", wait, e)
                     continue
-                self._backoff.reset()
-                wait = self._resync
+                wait = self._outcomes.succeeded()
 
     def sync(
         self, services: tuple[MergedService, ...], rejected: Mapping[Key, str] | None = None
@@ -167,7 +174,7 @@ class McsWriteBack:
         self.syncs += 1
         self.writes += sent
         self.synced = services
-        self.last_error = ""
+        self._outcomes.last_error = ""
         return sent
 
     def _list(self, plural: str, selector: str | None = None) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ GATEWAY_REPLICAS = 2
 CA_DIR = "/var/run/fedgate/ca"
 IDENTITY_DIR = "/var/run/fedgate/identity"
 ETCD_DIR = "/var/run/fedgate/etcd"
+CONTROL_DIR = "/var/run/fedgate/control"  # the control plane's root, for injected namespaces
 TOKEN_AUDIENCE = "fedgate"  # what the agent's TokenReview requires (docs/kubernetes.md)
 ANY = "0.0.0.0"
 
@@ -72,6 +73,8 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         f"--admin={ANY}:{AGENT_ADMIN_PORT}",
         # Holder identity: the hostname, which is the pod's name.
         f"--leader-elect-lease={NAMESPACE}/{AGENT_LEASE}",
+        # Written, with the cluster's roots, into each injected namespace's fedgate-bootstrap.
+        f"--control-root={CONTROL_DIR}/control.pem",
         *injector.agent_args(),
     ]
     container = fedgate_container(
@@ -85,7 +88,12 @@ def agent(settings: ManifestSettings) -> list[Obj]:
             injector.agent_port(),
         ],
         AGENT_ADMIN_PORT,
-        [mount("ca", CA_DIR), mount("etcd", ETCD_DIR), injector.agent_mount()],
+        [
+            mount("ca", CA_DIR),
+            mount("etcd", ETCD_DIR),
+            mount("control", CONTROL_DIR),
+            injector.agent_mount(),
+        ],
     )
     spec = pod_spec(
         AGENT,
@@ -94,6 +102,14 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         [
             secret_volume("ca", CA_SECRET),
             secret_volume("etcd", ETCD_CLIENT_SECRET),
+            # fedgate-system's own bootstrap ConfigMap (the install writes it), control.pem only.
+            {
+                "name": "control",
+                "configMap": {
+                    "name": BOOTSTRAP_CONFIGMAP,
+                    "items": [{"key": "control.pem", "path": "control.pem"}],
+                },
+            },
             injector.agent_volume(),
         ],
         automount=True,  # the only fedgate pod that talks to the Kubernetes API

@@ -8,6 +8,7 @@ without any binding, and no mounted API token.
 
 from __future__ import annotations
 
+from clusters.inject.admission import CONFIGURATION_NAME as WEBHOOK_CONFIGURATION
 from fedgate.manifests.common import Obj, meta, obj
 from fedgate.manifests.settings import (
     AGENT,
@@ -34,6 +35,20 @@ AGENT_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     # MCS CRDs are established.
     ("authorization.k8s.io", ("selfsubjectaccessreviews",), ("create",)),
     ("apiextensions.k8s.io", ("customresourcedefinitions",), ("list",)),
+    # The bootstrap writer (clusters/kube/bootstrap_writer.py): `fedgate-bootstrap` in every
+    # namespace labelled for injection; the namespaces are not known in advance.
+    ("", ("namespaces",), ("list", "watch")),
+    ("", ("configmaps",), ("list", "watch", "create", "patch")),
+)
+# Rules limited to named objects: the injector webhook's own configuration, whose caBundle the
+# agent keeps equal to its roots (and no other webhook).
+AGENT_NAMED_RULES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        (WEBHOOK_CONFIGURATION,),
+        ("get", "patch"),
+    ),
 )
 
 
@@ -67,6 +82,14 @@ def agent_rbac() -> list[Obj]:
     rules = [
         {"apiGroups": [group], "resources": list(res), "verbs": list(verbs)}
         for group, res, verbs in AGENT_RULES
+    ] + [
+        {
+            "apiGroups": [group],
+            "resources": [res],
+            "resourceNames": list(names),
+            "verbs": list(verbs),
+        }
+        for group, res, names, verbs in AGENT_NAMED_RULES
     ]
     return [
         obj(RBAC, "ClusterRole", meta(AGENT, namespace=None), rules=rules),

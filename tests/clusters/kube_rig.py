@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import pytest
 import yaml
 
 from clusters.kube.informer import InformerSettings
 from clusters.kube.source import KubeClusterSource
 from mesh.model import ServiceExport
 from tests import helpers
+from tests.kubefake import FakeKubeAPI
 
 TD = "east.fedgate.local"
 # Fast retries so tests see recoveries quickly; the logic is the production one.
@@ -50,6 +52,20 @@ def api_client(directory: Path, server: str) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    """A running fake API server (import the fixture into a test module to use it)."""
+    with FakeKubeAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def client(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
+    """An unmodified `kubernetes` client for `api`."""
+    with api_client(tmp_path, api.url) as c:
+        yield c
 
 
 async def until(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:

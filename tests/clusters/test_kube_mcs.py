@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,23 @@ from mesh.interfaces import MergedCatalog
 from mesh.model import Condition, MergedService, ServiceExport, ServicePort
 from mesh.naming import ServiceKey
 from tests.clusters.kube_objects import NS, service_export
-from tests.clusters.kube_rig import FAST, TD, Recorder, api_client, until, write_kubeconfig
+from tests.clusters.kube_rig import (
+    FAST,
+    TD,
+    Recorder,
+    api,
+    api_client,
+    client,
+    until,
+    write_kubeconfig,
+)
 from tests.etcd_fixture import etcd, etcd_server
 from tests.kubefake import FakeKubeAPI
 from tests.kubefake.resources import SERVICEEXPORTS, SERVICEIMPORTS
 from tests.kubefake.store import StoreError
 
-__all__ = ["etcd", "etcd_server"]  # fixtures: the session's etcd and a client
+# fixtures: the session's etcd and a client, the fake API server and a client for it
+__all__ = ["api", "client", "etcd", "etcd_server"]
 
 MANAGED = {"app.kubernetes.io/managed-by": "fedgate"}
 NOW, LATER = "2026-12-06T10:00:00Z", "2026-12-06T11:00:00Z"
@@ -158,18 +168,6 @@ def test_the_plan_deletes_only_fedgates_stale_imports_and_skips_foreign_exports(
 
 
 # --- the driver against the fake API server ---------------------------------------------------
-
-
-@pytest.fixture
-def api() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def client(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Any]:
-    with api_client(tmp_path, api.url) as c:
-        yield c
 
 
 def test_write_back_stores_imports_and_conditions_leaving_other_managers_fields(
@@ -291,7 +289,15 @@ async def test_the_driver_follows_the_catalog_resyncs_and_retries(
         await catalog.queue.put((merged("pay"),))
         await until(lambda: imported(api, "pay"), "the import written")
         api.store.delete(SERVICEIMPORTS, NS, "pay")  # someone deletes it: the resync restores it
-        await until(lambda: imported(api, "pay"), "the import restored by the resync")
+        # Restored with its status: stopping the API before the status apply would fail that
+        # apply, not the list the assertion below expects.
+        await until(
+            lambda: (
+                imported(api, "pay")
+                and bool(api.store.get(SERVICEIMPORTS, NS, "pay").get("status"))
+            ),
+            "the import restored by the resync",
+        )
         api.stop()  # the API server goes away: syncs fail and are retried
         await catalog.queue.put((merged("cart"),))
         await until(lambda: writer.failures > 0, "a failed sync")

@@ -13,8 +13,10 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.rig
 
 HA_PREFIX = (PREFIX + "h")[:8]
 SOLO = "http://solo.demo.svc.clusterset.local:9090/"
+ECHO = f"http://echo.demo.svc.clusterset.local:{bringup.ECHO_PORT}/"
+RACE = 1.0  # seconds after a gateway's death in which a call may still be sent its way
 PUSH = 2.0  # seconds allowed for one debounced sync and its push to every sidecar
 
 
@@ -166,29 +170,17 @@ def test_fedgate_status_shows_leader_clusters_and_services(ha_rig: Path) -> None
     assert f"leader    {leader['id']}" in text
 
 
-def test_killed_agent_leaves_every_sidecar_within_the_lease_and_comes_back(
-    ha_rig: Path,
-) -> None:
-    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
-    kill(ha_rig, "west-agent")  # no chance to revoke its lease: expiry must remove it
-    gone = wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 0, 30)
-    print(f"west endpoints gone from every sidecar after {max(gone.values()):.1f} s")
-    assert max(gone.values()) <= bringup.LEASE_TTL + PUSH, gone
-    control.restart(ha_rig, "west-agent")
-    back = wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 30)
-    print(f"west endpoints back in every sidecar {max(back.values()):.1f} s after restart")
-    # One loss is never damped: it returns as soon as it republishes (+ one push).
-    assert max(back.values()) <= 10, back
-
-
-def traffic(rig: Path, seconds: float) -> subprocess.Popen[str]:
-    """A bounded loop of calls from east to the west-only service, one line per call."""
-    record = lifecycle.load(rig).pod("east", "client")
+def traffic(
+    rig: Path, seconds: float, cluster: str = "east", url: str = SOLO
+) -> subprocess.Popen[str]:
+    """A bounded loop of calls from `cluster`'s client (by default: from east to the west-only
+    service), one line per call."""
+    record = lifecycle.load(rig).pod(cluster, "client")
     assert record is not None
     script = (
         f"end=$(( $(date +%s) + {int(seconds)} )); "
         f'while [ "$(date +%s)" -lt "$end" ]; do '
-        f"curl -s --noproxy '*' --max-time 5 {SOLO} || echo FAILED; echo; sleep 0.05; done"
+        f"curl -s --noproxy '*' --max-time 5 {url} || echo FAILED; echo; sleep 0.05; done"
     )
     return subprocess.Popen(
         ["ip", "netns", "exec", record.netns, "sh", "-c", script],
@@ -213,14 +205,248 @@ def flowing(proc: subprocess.Popen[str], calls: int, timeout: float = 15.0) -> l
 
 
 def outcomes(proc: subprocess.Popen[str], seen: list[str] | None = None) -> tuple[int, list[str]]:
+    """(answers from west, failed calls' lines) of a finished traffic loop."""
     out, _ = proc.communicate(timeout=60)
+    return count([*(seen or []), *out.splitlines()])
+
+
+def drained(
+    proc: subprocess.Popen[str], stamps: list[float] | None = None
+) -> tuple[threading.Thread, list[str]]:
+    """Read a traffic loop's lines as they come (a full pipe would stall the loop); with
+    `stamps`, the monotonic time each line arrived."""
+    lines: list[str] = []
+    assert proc.stdout is not None
+
+    def read() -> None:
+        for line in proc.stdout or ():
+            lines.append(line)
+            if stamps is not None:
+                stamps.append(time.monotonic())
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, lines
+
+
+def count(lines: list[str]) -> tuple[int, list[str]]:
     ok, failed = 0, []
-    for line in filter(None, (x.strip() for x in [*(seen or []), *out.splitlines()])):
+    for line in filter(None, (x.strip() for x in lines)):
         try:
             ok += json.loads(line)["cluster"] == "west"
         except (ValueError, KeyError, TypeError):
             failed.append(line)
     return ok, failed
+
+
+def west_state(rig: Path, prefix: str = HA_PREFIX) -> tuple[bool, str]:
+    """(routed, liveness state) of west in every controller replica's admin `/config` (a
+    direct read: `fedgate status` takes seconds on a loaded machine)."""
+    plan = control.load(rig, prefix)
+    states = set()
+    for replica in plan.controllers:
+        out = subprocess.run(
+            ["ip", "netns", "exec", plan.netns, "curl", "-s", "--noproxy", "*", "-m", "2",
+             f"http://{replica.admin}/config"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout  # fmt: skip
+        ctl = json.loads(out or "{}").get("controller", {})
+        live = ctl.get("liveness", {}).get("west", {}).get("state", "")
+        states.add(("west" in ctl.get("admitted", []), live))
+    return states.pop() if len(states) == 1 else (False, f"replicas disagree: {states}")
+
+
+def test_a_killed_agent_fails_no_call_and_its_cluster_stays_routed(ha_rig: Path) -> None:
+    """Issue 15: a dead agent means "agent gone", not "cluster gone" (docs/controller.md)."""
+    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
+    # Past the lease's expiry, with margin.
+    seconds = bringup.LEASE_TTL + 15
+    loops = {
+        "east": traffic(ha_rig, seconds),  # to the west-only service, across the WAN
+        "west": traffic(ha_rig, seconds, "west", ECHO),  # west's own local and remote calls
+    }
+    try:
+        seen = {name: flowing(proc, 5) for name, proc in loops.items()}
+        readers = {name: drained(proc) for name, proc in loops.items()}
+        kill(ha_rig, "west-agent")  # no chance to revoke its lease: it expires
+        killed = time.monotonic()
+        until_sync(
+            lambda: west_state(ha_rig),
+            bringup.LEASE_TTL + 8,
+            what="west Detached",
+            interval=0.2,
+            check=lambda s: s == (True, "Detached"),
+            ignoring=(subprocess.CalledProcessError,),
+        )
+        detached = time.monotonic() - killed
+    except BaseException:
+        for proc in loops.values():
+            proc.kill()
+            proc.communicate()
+        raise
+    results = {}
+    for name, proc in loops.items():
+        proc.wait(timeout=seconds + 30)
+        thread, lines = readers[name]
+        thread.join(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        results[name] = count([*seen[name], *lines])
+    ran = time.monotonic() - killed
+    print(f"west Detached {detached:.1f} s after its agent died; calls {results}")
+    assert ran > detached + 3, "the traffic must go on after the lease expired"
+    for name, (_, failed) in results.items():
+        assert failed == [], f"{name}/client: {len(failed)} failed calls: {failed[:3]}"
+    assert results["east"][0] >= 20  # east reached the west-only service all along
+    # Every sidecar, west's own included, still has west's endpoints.
+    assert all(west_endpoints(ha_rig, c, p) == 2 for c, p in sidecars(ha_rig))
+    assert west_state(ha_rig) == (True, "Detached")
+    control.restart(ha_rig, "west-agent")
+    until_sync(
+        lambda: west_state(ha_rig),
+        20,
+        what="west Live again",
+        interval=0.2,
+        check=lambda s: s == (True, "Live"),
+        ignoring=(subprocess.CalledProcessError,),
+    )
+
+
+def call(rig: Path, cluster: str, url: str) -> str:
+    """One curl from `cluster`'s client: the answer's body, or FAILED."""
+    record = lifecycle.load(rig).pod(cluster, "client")
+    assert record is not None
+    out = subprocess.run(
+        ["ip", "netns", "exec", record.netns, "curl", "-s", "--noproxy", "*", "--max-time", "5",
+         url],
+        capture_output=True, text=True, timeout=15, check=False,
+    )  # fmt: skip
+    return out.stdout if out.returncode == 0 else "FAILED"
+
+
+@dataclass
+class Run:
+    """The calls of one traffic loop around a fault: each line and when it arrived."""
+
+    lines: list[str]
+    stamps: list[float]  # monotonic arrival of each of `lines`
+    fault_at: float  # monotonic time the fault began
+
+    def failures(self) -> tuple[list[str], list[float]]:
+        """The failed calls' lines, and seconds after the fault each arrived."""
+        failed = [(x, t) for x, t in zip(self.lines, self.stamps, strict=True) if count([x])[1]]
+        return [x for x, _ in failed], [round(t - self.fault_at, 2) for _, t in failed]
+
+
+def around(proc: subprocess.Popen[str], seconds: float, fault: Callable[[], None]) -> Run:
+    """Run `fault` while the traffic loop `proc` flows; every line once the loop ended."""
+    try:
+        seen = flowing(proc, 5)
+        stamps: list[float] = []
+        thread, lines = drained(proc, stamps)
+        fault_at = time.monotonic()
+        fault()
+        proc.wait(timeout=seconds + 30)
+        thread.join(timeout=10)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return Run([*seen, *lines], [fault_at] * len(seen) + stamps, fault_at)
+
+
+def west_reachable_again(rig: Path) -> None:
+    """Once east's calls reach the west-only service again (a test restored west's gateway)."""
+    until_sync(
+        lambda: call(rig, "east", SOLO),
+        30,
+        what="west reachable again",
+        interval=0.5,
+        check=lambda out: '"west"' in out,
+    )
+
+
+def test_a_killed_remote_gateway_costs_no_call_after_the_first_second(ha_rig: Path) -> None:
+    """Issue 15: west's gateway SIGKILLed (its agent and pods fine). East's gateway finds it
+    down at once, tells every east sidecar (the peer-health feed), and nothing is sent there
+    again until its probes pass: no call fails after that, none every 5 s either (before the
+    feed: one every 5 s, for as long as the gateway stayed down; docs/traffic.md).
+
+    A call racing the kill (sent before the feed's report arrived) is refused by east's
+    gateway at once; saving it too takes the retry of a refused try on another cluster
+    (the retries work of issue 15), so this asserts the feed's part: no failure later than
+    `RACE` seconds after the kill, and prints the count."""
+    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
+    seconds = 20  # several of the old 5 s re-admission rounds
+    proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+    run = around(proc, seconds, lambda: kill(ha_rig, "west-gateway"))
+    failed, when = run.failures()
+    print(f"west's gateway killed: {len(run.lines)} calls, {len(failed)} failed", when)
+    late = [t for t in when if t > RACE]
+    assert late == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
+    assert len([t for t in run.stamps if t > run.fault_at + RACE]) >= 20  # the traffic went on
+    control.restart(ha_rig, "west-gateway")
+    west_reachable_again(ha_rig)
+
+
+def test_a_hung_remote_gateway_is_avoided_once_its_probes_fail(ha_rig: Path) -> None:
+    """Issue 15: west's gateway SIGSTOPped (hung, not dead: no refusal, no reset). East's
+    gateway sees 3 probes unanswered (1 s apart), closes its links and pushes "west
+    unreachable" to every east sidecar; from then no call goes there. Calls already sent to
+    the hung gateway wait for curl's 5 s limit; saving those takes per-try timeouts and retries
+    (the retries work of issue 15), so this asserts that no call *started* after the probes
+    failed (3 s) plus `RACE` fails, and prints the count."""
+    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
+    seconds = 20
+    record = lifecycle.load(ha_rig).process("west-gateway")
+    assert record is not None
+    proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+    try:
+        run = around(proc, seconds, lambda: os.kill(record.pid, signal.SIGSTOP))
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
+    failed, when = run.failures()
+    print(f"west's gateway hung: {len(run.lines)} calls, {len(failed)} failed", when)
+    probes, curl_limit = 3.0, 5.0
+    late = [t for t in when if t > probes + RACE + curl_limit]
+    assert late == [], f"{len(failed)} failed calls, {when} s after the stop: {failed[:3]}"
+    assert len([t for t in run.stamps if t > run.fault_at + 10]) >= 20  # calls went on
+    west_reachable_again(ha_rig)
+
+
+def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> None:
+    """Issue 15: every etcd member killed for `OUTAGE` seconds, then started again. Calls go on
+    (the data plane never needs etcd); after the restart the agents renew their leases at once
+    (no cluster expires, none is dropped from any config) and routing is whole."""
+    outage = 18.0  # the issue's outage: the fault's length, not a wait for something
+    plan = control.load(ha_rig, HA_PREFIX)
+    wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
+    agents = [lifecycle.log_path(ha_rig, f"{c}-agent") for c in ("east", "west")]
+    lapsed_before = [log.read_text().count("lease expired") for log in agents]
+    seconds = outage + 15
+    proc = traffic(ha_rig, seconds)  # east to the west-only service
+    back = [0.0]
+
+    def outage_of_etcd() -> None:
+        for member in plan.etcd:
+            kill(ha_rig, member.process)
+        time.sleep(outage)
+        for member in plan.etcd:
+            control.restart(ha_rig, member.process)
+        back[0] = time.monotonic()
+
+    run = around(proc, seconds, outage_of_etcd)
+    failed, when = run.failures()
+    print(f"etcd down {outage:g} s: {len(run.lines)} calls, {len(failed)} failed {when}")
+    assert failed == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
+    assert len([t for t in run.stamps if t > back[0]]) >= 10  # calls went on after it
+    # No lease lapsed (an agent logs "lease expired" when it must grant a new one), west is
+    # Live in every replica, and every sidecar kept west.
+    assert [log.read_text().count("lease expired") for log in agents] == lapsed_before
+    assert west_state(ha_rig) == (True, "Live")
+    assert all(west_endpoints(ha_rig, c, p) == 2 for c, p in sidecars(ha_rig))
 
 
 def test_routing_survives_losing_every_controller(ha_rig: Path) -> None:

@@ -40,17 +40,48 @@ def test_events_build_the_view_and_name_the_services_they_touch() -> None:
     assert changes.clusters == set()
     assert view.services_of(["west"]) == {ECHO}
 
-    # Losing west's info (lease expiry deletes every key of the lease) touches its services.
+    # Losing west's info (lease expiry deletes every key of the lease, exports first, in key
+    # order) touches its services; its last catalog is kept as departed.
     changes = view.apply(
         [
-            KeyEvent(keys.info_key("west"), None, 4),
             KeyEvent(keys.export_key("west", ECHO), None, 4),
+            KeyEvent(keys.info_key("west"), None, 4),
         ]
     )
     assert changes.clusters == {"west"}
     assert changes.services == {ECHO}
-    assert view.services_of(["west"]) == set()
     assert set(view.infos) == {"east"}
+    assert ECHO not in view.by_cluster.get("west", set())
+    assert view.services_of(["west"]) == {ECHO}  # from the departed copy
+    assert [x.created for x in view.exports_of(ECHO, ["west"])] == [5.0]
+    assert view.info_of("west") == info("west")
+    assert view.drop_departed(["west"]) == {ECHO}
+    assert view.services_of(["west"]) == set()
+    assert view.exports_of(ECHO, ["west"]) == []
+
+
+def test_an_export_removed_while_the_info_stays_is_gone_and_a_return_replaces_the_copy() -> None:
+    view = CatalogView()
+    view.apply([put_info("west"), put_export(export("west")), put_export(export("west", "db"))])
+    view.apply([KeyEvent(keys.export_key("west", DB), None, 2)])
+    # Then the lease went, with every key left.
+    view.apply(
+        [KeyEvent(keys.export_key("west", ECHO), None, 3), KeyEvent(keys.info_key("west"), None, 3)]
+    )
+    assert set(view.departed["west"].exports) == {ECHO}  # db was really removed before
+    view.apply([put_info("west", 4)])  # the agent is back: its live keys count again
+    assert "west" not in view.departed
+    assert view.exports_of(ECHO, ["west"]) == []  # not republished yet: nothing
+
+
+def test_a_reload_keeps_the_last_catalog_of_clusters_it_no_longer_finds() -> None:
+    view = CatalogView()
+    view.apply([put_info("east"), put_info("west"), put_export(export("west"))])
+    changes = view.reload([put_info("east", 9)])
+    assert "west" in changes.clusters
+    assert ECHO in changes.services
+    assert set(view.infos) == {"east"}
+    assert [x.cluster for x in view.exports_of(ECHO, ["east", "west"])] == ["west"]
 
 
 def test_bad_keys_are_reported_and_never_reach_the_merge() -> None:

@@ -9,8 +9,10 @@ from etcd3aio import Etcd3Client
 
 from federation.api.client import ConfigClient
 from federation.api.session import NodeInfo
+from federation.collapse import CollapseSettings
 from federation.controller import ControllerSettings
 from federation.controller_etcd import etcd_controller
+from federation.liveness import DampingSettings
 from federation.owned import ControllerStore
 from federation.server import ConfigDiscoveryServicer, SnapshotPublisher, serve
 from federation.store import EtcdCatalogPublisher
@@ -23,7 +25,16 @@ pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
 ECHO = ServiceKey("demo", "echo")
 POLICY = TrafficPolicy(ECHO, (ClusterWeight("local", 80), ClusterWeight("remote", 20)))
-SINGLE = ControllerSettings(debounce=0.05, elect=False)  # one replica that always leads
+# One replica that always leads. The agents' leases live 2 s here: a cluster whose lease is
+# gone stays Detached 1 s, its roots are not kept after (no trust grace), and the collapse
+# guard's session is as old as the lease TTL.
+SINGLE = ControllerSettings(
+    debounce=0.05,
+    elect=False,
+    damping=DampingSettings(detach_grace=1),
+    collapse=CollapseSettings(min_session=2),
+    trust_grace=0,
+)
 
 
 def endpoint_clusters(snapshot: Snapshot | None) -> set[str]:
@@ -72,7 +83,8 @@ async def test_controller_merges_publishes_and_drops_a_dead_cluster(etcd: Etcd3C
 
         await until(next_snapshot, check=lambda s: s.version == snapshot.version)
 
-        # West's agent dies: its lease expires and the next snapshot has east only.
+        # West's agent dies: its lease expires, and after the Detached grace the next snapshot
+        # has east only.
         await west.abandon()
         after = await until(current, 6.0, check=lambda s: endpoint_clusters(s) == {"east"})
         assert after is not None

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from federation import keys
+from federation.collapse import CollapseSettings
 from federation.controller import Controller, ControllerSettings
 from federation.controller_ports import EventFeed, LeaderWriter, SnapshotSink
 from federation.errors import StoreError
@@ -62,13 +63,19 @@ def replica(
     *,
     always: bool = False,
     seed: tuple[TrafficPolicy, ...] | None = None,
+    settings: ControllerSettings | None = None,
+    clock: FakeClock | None = None,
 ) -> Replica:
     store = store or MemoryStore()
     feed, writer, sink = MemoryFeed(store), MemoryWriter(store, always=always), MemorySink()
     # The fakes are the ports (a mypy check of this file would say if they drifted).
     ports: tuple[EventFeed, LeaderWriter, SnapshotSink] = (feed, writer, sink)
-    settings = ControllerSettings(replica="r1", debounce=0.0)
-    ctl = Controller(*ports, settings=settings, seed_policies=seed, clock=FakeClock())
+    # The fake clock stands still, so every etcd session would stay "young" for the collapse
+    # guard: these tests are about other things (tests/federation/test_fed_collapse.py).
+    settings = settings or ControllerSettings(
+        replica="r1", debounce=0.0, collapse=CollapseSettings(min_session=0)
+    )
+    ctl = Controller(*ports, settings=settings, seed_policies=seed, clock=clock or FakeClock())
     return Replica(store, feed, writer, sink, ctl)
 
 
@@ -181,17 +188,25 @@ async def test_one_shot_sync_without_the_feed_loop() -> None:
 
 
 async def test_a_lost_cluster_leaves_routing_and_the_leader_records_it() -> None:
-    r = replica(always=True)
+    clock = FakeClock()
+    r = replica(always=True, clock=clock)
     east_and_west(r.store, ECHO)
     async with running(r):
         await until(lambda: r.ctl.current() is not None and r.status(ECHO) is not None)
         r.store.expire("west")
 
-        def west_down() -> bool:
+        def west_is(state: str) -> bool:
             raw = r.store.data.get(keys.cluster_status_key("west"))
-            return raw is not None and loads(raw, "liveness")["state"] == "Down"
+            return raw is not None and loads(raw, "liveness")["state"] == state
 
-        await until(west_down)
+        await until(lambda: west_is("Detached"))  # the agent is gone, not the cluster
+        snapshot = r.ctl.current()
+        assert snapshot is not None
+        assert [c.name for c in snapshot.clusters] == ["east", "west"]
+        assert r.status(ECHO)["endpoints"] == {"east": 1, "west": 1}  # type: ignore[index]
+        clock.advance(r.ctl.settings.damping.detach_grace)
+        r.store.publish(info("east"), [export("east", "echo", "demo"), export("east", "web")])
+        await until(lambda: west_is("Down"))
         snapshot = r.ctl.current()
         assert snapshot is not None
         assert [c.name for c in snapshot.clusters] == ["east"]

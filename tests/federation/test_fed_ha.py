@@ -13,6 +13,7 @@ from etcd3aio import Etcd3Client
 
 from federation import keys
 from federation.api.client import ConfigClient
+from federation.collapse import CollapseSettings
 from federation.controller import Controller, ControllerSettings
 from federation.controller_etcd import etcd_controller
 from federation.etcd import open_client
@@ -31,7 +32,7 @@ pytestmark = [pytest.mark.etcd, pytest.mark.usefixtures("no_leaked_tasks")]
 
 ECHO = ServiceKey("demo", "echo")
 TTL = 2
-FAST_DAMPING = DampingSettings(half_life=1.0, max_hold=3.0)
+FAST_DAMPING = DampingSettings(detach_grace=0, half_life=1.0, max_hold=3.0)
 
 
 class Replica:
@@ -47,8 +48,14 @@ class Replica:
 
     async def start(self, endpoints: list[str], port: int = 0) -> None:
         self.client = await open_client(endpoints)
+        # Clusters come and go within seconds of a replica's start here: the collapse guard's
+        # young-session rule (tests/federation/test_fed_collapse.py) would hold those drops.
         settings = ControllerSettings(
-            replica=self.name, debounce=0.02, leader_ttl=TTL, damping=FAST_DAMPING
+            replica=self.name,
+            debounce=0.02,
+            leader_ttl=TTL,
+            damping=FAST_DAMPING,
+            collapse=CollapseSettings(min_session=0),
         )
         self.controller = etcd_controller(self.client, self.publisher, settings=settings)
         servicer = ConfigDiscoveryServicer(self.publisher, replica=self.name)

@@ -4,10 +4,44 @@ from __future__ import annotations
 
 import pytest
 
-from federation.liveness import DOWN, LIVE, SUPPRESSED, DampingSettings, Liveness
+from federation.liveness import DETACHED, DOWN, LIVE, SUPPRESSED, DampingSettings, Liveness
 from mesh.clock import FakeClock
 
-S = DampingSettings()  # penalty 1000, suppress 1500, reuse 750, half-life 10 s, max hold 60 s
+# penalty 1000, suppress 1500, reuse 750, half-life 10 s, max hold 60 s; the damping rows are
+# tested without the Detached grace (a lost lease removes at once), the grace rows below.
+S = DampingSettings(detach_grace=0)
+G = DampingSettings(detach_grace=30)
+
+
+def test_a_lost_lease_detaches_the_cluster_which_stays_routed_for_the_grace() -> None:
+    clock, live = FakeClock(), Liveness(G)
+    live.observe({"east", "west"}, clock.now())
+    clock.advance(1)
+    assert live.observe({"east"}, clock.now()) == {"east", "west"}
+    assert states(live) == {"east": LIVE, "west": DETACHED}
+    assert live.detached() == {"west"}
+    assert live.next_deadline() == clock.now() + 30
+    clock.advance(29.9)
+    assert live.observe({"east"}, clock.now()) == {"east", "west"}
+    clock.advance(0.1)
+    assert live.observe({"east"}, clock.now()) == {"east"}  # lease gone AND grace over
+    record = live.record("west")
+    assert record is not None
+    assert (record.state, record.losses, record.merit) == (DOWN, 1, G.penalty)
+
+
+def test_a_detached_cluster_that_returns_is_live_and_undamped() -> None:
+    clock, live = FakeClock(), Liveness(G)
+    live.observe({"west"}, clock.now())
+    for _ in range(5):  # an agent restarting over and over: never removed, never damped
+        clock.advance(1)
+        assert live.observe(set(), clock.now()) == {"west"}
+        clock.advance(1)
+        assert live.observe({"west"}, clock.now()) == {"west"}
+    record = live.record("west")
+    assert record is not None
+    assert (record.state, record.losses, record.merit) == (LIVE, 0, 0.0)
+    assert live.next_deadline() is None
 
 
 def states(live: Liveness) -> dict[str, str]:
@@ -104,7 +138,7 @@ def test_restored_records_damp_the_same_way_on_another_replica() -> None:
 
 
 def test_damping_can_be_disabled() -> None:
-    clock, live = FakeClock(), Liveness(DampingSettings(penalty=0))
+    clock, live = FakeClock(), Liveness(DampingSettings(penalty=0, detach_grace=0))
     live.observe({"west"}, clock.now())
     for _ in range(5):
         clock.advance(0.1)

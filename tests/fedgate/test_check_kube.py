@@ -16,17 +16,12 @@ from click.testing import CliRunner
 from fedgate.check_collect import kube_client, kube_facts
 from fedgate.check_facts import CRDS, NEEDS, Facts, KubeFacts
 from fedgate.checks import FAIL, OK, Result, evaluate
-from tests.clusters.kube_rig import write_kubeconfig
+from tests.clusters.kube_rig import api, write_kubeconfig
 from tests.helpers import free_port
 from tests.kubefake import FakeKubeAPI
 
+__all__ = ["api"]  # fixture: the fake API server
 FIXTURES = Path(__file__).resolve().parents[1] / "kubefake" / "fixtures"
-
-
-@pytest.fixture
-def api() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as fake:
-        yield fake
 
 
 @pytest.fixture

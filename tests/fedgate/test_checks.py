@@ -240,13 +240,16 @@ def test_cluster_states() -> None:
         ClusterFacts("west", False, False, "Down"),
         ClusterFacts("north", True, True, "Suppressed"),
         ClusterFacts("south", True, False, "Live"),
+        ClusterFacts("up", False, True, "Detached"),
     )
     results = evaluate(healthy(clusters=clusters), NOW)
     assert statuses(results) == {
         "cluster west is live": FAIL,
         "cluster north is live": FAIL,
         "cluster south is live": WARN,
+        "cluster up is live": WARN,
     }
+    assert "still routed" in by_name(results)["cluster up is live"].detail
     assert "lease expired" in by_name(results)["cluster west is live"].detail
 
 

@@ -91,6 +91,21 @@ def test_a_rejected_commit_is_shown_under_the_applied_one() -> None:
     assert not any(x.startswith("rejected") for x in render({**BASE, "gateways": {}}).splitlines())
 
 
+def test_a_held_config_and_a_detached_cluster_are_shown() -> None:
+    held = {"reason": "would drop 2 of 2 clusters (east, west)", "since": 90.0, "version": "v1"}
+    clusters = {
+        **BASE["clusters"],  # type: ignore[dict-item]
+        "west": {"lease": "expired", "routed": True, "liveness": {"state": "Detached"}},
+    }
+    data = {**BASE, "config": {"version": "v1", "held": held}, "clusters": clusters}
+    lines = render({**data, "gateways": {"error": "x"}}, now=100.0).splitlines()
+    assert lines[1].startswith("HELD      the last good config is served since 10s ago: ")
+    assert "would drop 2 of 2 clusters (east, west)" in lines[1]
+    west = next(x for x in lines if x.startswith("west"))
+    assert west.split()[:4] == ["west", "expired", "yes", "Detached"]
+    assert not any(x.startswith("HELD") for x in render({**BASE, "gateways": {}}).splitlines())
+
+
 def stream_row(node: str, version: str, lag: float, nacked: str = "") -> dict[str, object]:
     kind = "gateway" if node.startswith("gw") else "sidecar"
     return {"node": node, "kind": kind, "cluster": "east", "version": version,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+import uvloop
 from structlog.testing import LogCapture
 
 from ca.authority import CertificateAuthority, Svid
@@ -37,6 +38,16 @@ WEST_TD = "west.fedgate.local"
 ECHO = ServiceKey("demo", "echo")
 ECHO_PORT = 7000
 LOOPBACK = "127.0.0.1"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The peer-health feed runs on asyncio and on uvloop (what fedgate runs in production:
+    uvloop's transports are no asyncio.Transport subclasses)."""
+    if item.path.name == "test_peer_feed.py":
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def utcnow() -> dt.datetime:

@@ -8,8 +8,9 @@ over. Ownership is rendered into `metadata.managedFields` in the real `FieldsV1`
 
 Lists are atomic, except the associative lists the served schemas declare as
 `x-kubernetes-list-type: map` that matter here: `status.conditions`, keyed by `type` (the MCS
-CRDs and metav1.Condition). Their items are merged by key, so two managers can each own their
-own conditions; an item a manager stops applying goes when no one else owns part of it.
+CRDs and metav1.Condition), and a webhook configuration's `webhooks`, keyed by `name`. Their
+items are merged by key, so two managers can each own their own conditions (or fields of a
+webhook); an item a manager stops applying goes when no one else owns part of it.
 `metadata` contributes only labels and annotations.
 """
 
@@ -24,12 +25,18 @@ from tests.kubefake.resources import Obj
 Path = tuple[str, ...]
 Managed = dict[str, set[Path]]  # manager -> the leaf paths it owns
 # Associative lists: list path -> key field. An item is the path segment `k:<field>=<value>`.
-LIST_MAP_KEYS: dict[Path, str] = {("status", "conditions"): "type"}
+LIST_MAP_KEYS: dict[Path, str] = {("status", "conditions"): "type", ("webhooks",): "name"}
 
 
 def leaves(config: Obj, subresource: str) -> set[Path]:
     """The leaf paths an applied configuration sets (for `status`, only under status)."""
-    out: set[Path] = set()
+    return set(_leaves_in_order(config, subresource))
+
+
+def _leaves_in_order(config: Obj, subresource: str) -> list[Path]:
+    """`leaves` in the configuration's order: new items of an associative list are added in
+    the order the applier sent them, as the real server keeps them."""
+    out: list[Path] = []
 
     def walk(value: Any, path: Path) -> None:
         key = LIST_MAP_KEYS.get(path)
@@ -43,7 +50,7 @@ def leaves(config: Obj, subresource: str) -> set[Path]:
                 for k, v in item.items():
                     walk(v, (*path, f"k:{key}={item[key]}", k))
         else:
-            out.add(path)
+            out.append(path)
 
     for key, value in config.items():
         if key in ("apiVersion", "kind"):
@@ -152,7 +159,7 @@ def apply(
     # An item's key field goes last: removing it first would lose the item's other fields.
     for p in sorted(managed.get(manager, set()) - wanted - others, key=_is_item_key):
         _remove(new, p)
-    for p in sorted(wanted):
+    for p in _leaves_in_order(config, subresource):
         _set(new, p, _get(config, p))
     managed[manager] = wanted
     return new

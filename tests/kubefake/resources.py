@@ -1,9 +1,10 @@
 """The resources the fake API server serves, and the shapes of its Status and list answers.
 
-Only what fedgate reads or writes is served: core/v1 services and pods, discovery.k8s.io/v1
-endpointslices, multicluster.x-k8s.io/v1alpha1 serviceexports and serviceimports (MCS API
-CRDs, both with a `status` subresource), coordination.k8s.io/v1 leases, and
-authentication.k8s.io/v1 tokenreviews (create only);
+Only what fedgate reads or writes is served: core/v1 services, pods, configmaps and namespaces
+(cluster-scoped), discovery.k8s.io/v1 endpointslices, admissionregistration.k8s.io/v1
+mutatingwebhookconfigurations (cluster-scoped), multicluster.x-k8s.io/v1alpha1 serviceexports
+and serviceimports (MCS API CRDs, both with a `status` subresource), coordination.k8s.io/v1
+leases, and authentication.k8s.io/v1 tokenreviews (create only);
 selfsubjectaccessreviews and the CRDs themselves are answered by access.py.
 """
 
@@ -45,9 +46,30 @@ SERVICEEXPORTS = Resource(
 SERVICEIMPORTS = Resource(
     MCS, "v1alpha1", "serviceimports", "ServiceImport", builtin=False, status_subresource=True
 )
+NAMESPACES = Resource(
+    "", "v1", "namespaces", "Namespace", namespaced=False, status_subresource=True
+)
+CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
+MUTATINGWEBHOOKS = Resource(
+    "admissionregistration.k8s.io",
+    "v1",
+    "mutatingwebhookconfigurations",
+    "MutatingWebhookConfiguration",
+    namespaced=False,
+)
 # Leader election of the agent's replicas (clusters/kube/lease.py).
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
-RESOURCES = (SERVICES, PODS, ENDPOINTSLICES, SERVICEEXPORTS, SERVICEIMPORTS, LEASES)
+RESOURCES = (
+    SERVICES,
+    PODS,
+    ENDPOINTSLICES,
+    SERVICEEXPORTS,
+    SERVICEIMPORTS,
+    NAMESPACES,
+    CONFIGMAPS,
+    MUTATINGWEBHOOKS,
+    LEASES,
+)
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 

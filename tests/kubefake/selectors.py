@@ -1,4 +1,5 @@
-"""Label selectors as the API server parses them from `?labelSelector=`.
+"""Label selectors as the API server parses them from `?labelSelector=`, and the field
+selectors (`?fieldSelector=`) every resource supports: `metadata.name` and `metadata.namespace`.
 
 Equality-based (`k=v`, `k==v`, `k!=v`), set-based (`k in (a,b)`, `k notin (a)`) and existence
 (`k`, `!k`) requirements, comma-separated and ANDed (k8s.io/apimachinery labels/selector.go).
@@ -74,3 +75,35 @@ def parse(text: str | None) -> Selector:
         else:
             raise ValueError(f"unable to parse requirement: {part!r}")
     return Selector(tuple(reqs))
+
+
+# The field labels every resource supports (k8s.io/apiserver registry generic.ObjectMetaFieldsSet).
+_FIELDS = {"metadata.name": "name", "metadata.namespace": "namespace"}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSelector:
+    """A `?fieldSelector=`: `metadata.name` / `metadata.namespace` with `=`, `==` or `!=`."""
+
+    requirements: tuple[Requirement, ...] = ()
+
+    def matches(self, obj: Mapping[str, object]) -> bool:
+        meta = obj.get("metadata")
+        fields = {
+            k: str(meta.get(v) or "") for k, v in _FIELDS.items() if isinstance(meta, Mapping)
+        }
+        return all(r.matches(fields) for r in self.requirements)
+
+
+def parse_fields(text: str | None) -> FieldSelector:
+    """Parse a field selector; ValueError (400) on a malformed one or an unsupported field."""
+    reqs = []
+    for part in _split(text or ""):
+        op = "!=" if "!=" in part else "="
+        if op not in part:
+            raise ValueError(f"invalid field selector: {part!r}")
+        k, v = part.replace("==", "=").split(op, 1)
+        if k.strip() not in _FIELDS:
+            raise ValueError(f"field label not supported: {k.strip()}")
+        reqs.append(Requirement(k.strip(), op, (v.strip(),)))
+    return FieldSelector(tuple(reqs))

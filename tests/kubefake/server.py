@@ -11,7 +11,10 @@ What a client sees is what kube-apiserver sends (see docs/kubernetes.md and the 
   carrying a 410 `Expired` Status and ends the stream, as the watch cache does. With
   `allowWatchBookmarks=true` it sends BOOKMARK events (an object of the watched kind holding only
   `metadata.resourceVersion`) every `bookmark_interval` and on `bookmark_now()`.
-  `timeoutSeconds` ends the stream cleanly.
+  `timeoutSeconds` ends the stream cleanly. Lists and watches take `labelSelector` and
+  `fieldSelector` (`metadata.name`, `metadata.namespace`).
+* Cluster-scoped resources (namespaces, mutatingwebhookconfigurations) live under
+  `<prefix>/<plural>[/<name>]`; `/api/v1/namespaces/<name>` is the Namespace itself.
 * GET, POST, PUT, DELETE of single objects; PATCH with `application/apply-patch+yaml`
   (server-side apply, `fieldManager` required, `force`) on objects and their `/status`;
   POST tokenreviews answered from a token table; POST selfsubjectaccessreviews (allowed unless
@@ -196,7 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
         namespace = None
         if len(rest) >= 2 and rest[0] == "namespaces":
             namespace, rest = rest[1], rest[2:]
+            if prefix == r.NAMESPACES.prefix and rest in ([], ["status"]):
+                # /api/v1/namespaces/<name>[/status]: the Namespace itself, not a scope
+                rest, namespace = ["namespaces", namespace, *rest], None
         res = r.by_path(prefix, rest[0]) if rest else None
+        if res is not None and not res.namespaced and namespace is not None:
+            res = None  # a cluster-scoped resource has no namespaced path
         if res is not None and not res.builtin and access.crd_name(res) not in self._installed():
             res = None  # its CRD is not installed
         if res is None or len(rest) > 3 or (len(rest) == 3 and rest[2] != "status"):
@@ -211,7 +219,12 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and query.get("watch") in ("1", "true"):
                 self._watch(res, namespace, query)
             elif method == "GET":
-                items, rv = store.list(res, namespace, selectors.parse(query.get("labelSelector")))
+                items, rv = store.list(
+                    res,
+                    namespace,
+                    selectors.parse(query.get("labelSelector")),
+                    selectors.parse_fields(query.get("fieldSelector")),
+                )
                 if res.builtin:
                     items = [
                         {k: v for k, v in o.items() if k not in ("kind", "apiVersion")}
@@ -226,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "items": items,
                     },
                 )
-            elif method == "POST" and namespace is not None:
+            elif method == "POST" and (namespace is not None or not res.namespaced):
                 self._send_json(201, store.create(res, json.loads(self._body()), namespace))
             else:
                 self._error(r.status(405, "MethodNotAllowed", f"{method} is not supported here"))
@@ -322,6 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _watch(self, res: Resource, namespace: str | None, query: dict[str, str]) -> None:
         api, store = self.server.api, self.server.api.store
         selector = selectors.parse(query.get("labelSelector"))
+        fields = selectors.parse_fields(query.get("fieldSelector"))
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
@@ -330,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         with store.cond:
             drops, marks, epoch = store.drops, store.bookmarks, api.epoch
             if since == "0":
-                items, cursor = store.list(res, namespace, selector)
+                items, cursor = store.list(res, namespace, selector, fields)
                 initial = [("ADDED", o) for o in items]
             else:
                 cursor = int(since)
@@ -352,7 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if store.drops != drops or api.epoch != epoch:
                         raise _DroppedError(store.drop_partial)
                     try:
-                        events = store.events_after(cursor, res, namespace, selector)
+                        events = store.events_after(cursor, res, namespace, selector, fields)
                     except StoreError as e:
                         self._event("ERROR", e.body)
                         break

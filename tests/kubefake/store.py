@@ -8,8 +8,11 @@ past `history_limit`) forgets old events, after which a watch from an older vers
 custom resources) and Service defaults (clusterIP, type, port protocol and targetPort) are set
 as the real server sets them; client-supplied values for them are ignored.
 
-Not modelled: graceful deletion (pods vanish at once), finalizers, owner references, admission,
-validation beyond names, pagination (`limit` is ignored: a list is always complete).
+Cluster-scoped resources (namespaces, webhook configurations) are stored under namespace "";
+deleting a namespace deletes what it holds. Not modelled: graceful deletion (pods and
+namespaces vanish at once), finalizers, owner references, admission, validation beyond names
+and `builtin.validate`, refusing objects in a missing namespace, pagination (`limit` is
+ignored: a list is always complete).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.kubefake import apply as ssa
+from tests.kubefake import builtin
 from tests.kubefake.resources import Obj, Resource, status
-from tests.kubefake.selectors import Selector
+from tests.kubefake.selectors import FieldSelector, Selector
 
+ANY_FIELDS = FieldSelector()
 SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
 
 
@@ -60,9 +65,12 @@ def _meta(obj: Obj) -> Obj:
 
 
 def _spec(res: Resource, obj: Obj) -> object:
-    """What `metadata.generation` counts changes of (EndpointSlices have no `spec`)."""
+    """What `metadata.generation` counts changes of (EndpointSlices and webhook configurations
+    have no `spec`)."""
     if res.plural == "endpointslices":
         return (obj.get("endpoints"), obj.get("ports"), obj.get("addressType"))
+    if res.plural == "mutatingwebhookconfigurations":
+        return obj.get("webhooks")
     return obj.get("spec")
 
 
@@ -109,18 +117,29 @@ class Store:
             return copy.deepcopy(obj)
 
     def list(
-        self, res: Resource, namespace: str | None, selector: Selector
+        self,
+        res: Resource,
+        namespace: str | None,
+        selector: Selector,
+        fields: FieldSelector = ANY_FIELDS,
     ) -> tuple[list[Obj], int]:
         with self.cond:
             items = [
                 copy.deepcopy(o)
                 for (ns, _), o in sorted(self.objects.get(res, {}).items())
-                if (namespace is None or ns == namespace) and selector.matches(_labels(o))
+                if (namespace is None or ns == namespace)
+                and selector.matches(_labels(o))
+                and fields.matches(o)
             ]
             return items, self.rv
 
     def events_after(
-        self, rv: int, res: Resource, namespace: str | None, selector: Selector
+        self,
+        rv: int,
+        res: Resource,
+        namespace: str | None,
+        selector: Selector,
+        fields: FieldSelector = ANY_FIELDS,
     ) -> builtins.list[tuple[str, Obj]]:
         """Events after `rv` as a watcher with this filter sees them (call with `cond` held).
 
@@ -136,6 +155,8 @@ class Store:
             if e.rv <= rv or e.resource != res:
                 continue
             if namespace is not None and e.obj["metadata"].get("namespace") != namespace:
+                continue
+            if not fields.matches(e.obj):  # name and namespace: no transitions to track
                 continue
             now = selector.matches(_labels(e.obj))
             before = e.prev is not None and selector.matches(_labels(e.prev))
@@ -158,7 +179,7 @@ class Store:
     def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
         obj = copy.deepcopy(obj)
         meta = _meta(obj)
-        ns = namespace or meta.get("namespace") or "default"
+        ns = (namespace or meta.get("namespace") or "default") if res.namespaced else ""
         name = meta.get("name")
         if not name:
             raise StoreError(status(422, "Invalid", "metadata.name: Required value"))
@@ -179,14 +200,18 @@ class Store:
             for server_set in ("uid", "resourceVersion", "creationTimestamp", "generation"):
                 meta.pop(server_set, None)
             meta.update(
-                namespace=ns,
                 uid=str(uuid.uuid4()),
                 resourceVersion=str(self.rv),
                 creationTimestamp=rfc3339(self.clock()),
             )
-            if not res.builtin or res.plural == "endpointslices":
+            if res.namespaced:
+                meta["namespace"] = ns
+            else:
+                meta.pop("namespace", None)
+            if not res.builtin or res.plural in builtin.GENERATION:
                 meta["generation"] = 1
             self._defaults(res, obj)
+            builtin.validate(res, obj)
             bucket[(ns, name)] = obj
             self._record(res, "ADDED", obj, None)
             return copy.deepcopy(obj)
@@ -199,6 +224,9 @@ class Store:
         obj = copy.deepcopy(obj)
         meta = _meta(obj)
         ns, name = meta.get("namespace") or "default", meta.get("name", "")
+        if not res.namespaced:
+            ns = ""
+            meta.pop("namespace", None)
         with self.cond:
             old = self.get(res, ns, name)
             sent_rv = meta.get("resourceVersion")
@@ -232,6 +260,7 @@ class Store:
                 _meta(new)["managedFields"] = fields
             _meta(new)["resourceVersion"] = old["metadata"]["resourceVersion"]
             self._defaults(res, new)
+            builtin.validate(res, new)
             if new == old:
                 return old  # a no-op write is not an event and bumps no version
             if "generation" in old["metadata"] and _spec(res, new) != _spec(res, old):
@@ -245,6 +274,11 @@ class Store:
     def delete(self, res: Resource, namespace: str, name: str) -> Obj:
         with self.cond:
             obj = self.get(res, namespace, name)
+            if res.plural == "namespaces":
+                # The namespace controller empties it (here at once: no graceful deletion).
+                for other, bucket in list(self.objects.items()):
+                    for ns, n in [k for k in bucket if k[0] == name and other.namespaced]:
+                        self.delete(other, ns, n)
             del self.objects[res][(namespace, name)]
             self.managed.pop((res, namespace, name), None)
             self.stamps.pop((res, namespace, name), None)
@@ -274,7 +308,9 @@ class Store:
             except StoreError as e:
                 if e.code != 404 or subresource:
                     raise
-                existing = {"metadata": {"name": name, "namespace": namespace}}
+                existing = {"metadata": {"name": name}}
+                if res.namespaced:
+                    existing["metadata"]["namespace"] = namespace
                 created = True
             managed = {m: set(p) for m, p in self.managed.get(key, {}).items()}
             new = ssa.apply(existing, config, managed, mkey, subresource, force)
@@ -316,6 +352,7 @@ class Store:
 
     def _defaults(self, res: Resource, obj: Obj) -> None:
         """The defaults kube-apiserver fills in (pkg/apis/*/v1/defaults.go), for what we serve."""
+        builtin.defaults(res, obj)
         if res.plural == "pods":
             self._pod_defaults(obj)
         elif res.plural == "endpointslices":

@@ -16,6 +16,7 @@ from typing import Any
 from ca.bundle import TrustBundle
 from mesh.connect import encode_response, parse_request, split_head
 from mesh.model import Snapshot
+from mesh.peerhealth import RESPONSE_HEAD, encode_report, is_request
 from sidecar.sidecar import Sidecar, SidecarSettings
 from tests.sidecar.conftest import EAST, WEST, Pki, cluster, endpoint, snapshot, spiffe
 
@@ -91,6 +92,8 @@ class FakeGateway:
     unreachable: bool = False  # refusals say the peer cluster's gateway is unreachable
     requests: list[Any] = field(default_factory=list)
     server: asyncio.Server | None = None
+    watchers: int = 0  # peer-health feeds subscribed (mesh.peerhealth)
+    _feeds: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -106,6 +109,13 @@ class FakeGateway:
                     return
                 buf += chunk
             head, rest = split
+            if is_request(head):  # a sidecar's peer-health feed: nothing is ever down here
+                self.watchers += 1
+                self._feeds.add(writer)
+                writer.write(RESPONSE_HEAD + encode_report(frozenset(), 0))
+                await reader.read()  # until the sidecar leaves
+                self._feeds.discard(writer)
+                return
             request = parse_request(head)
             self.requests.append(request)
             if self.refuse:
@@ -122,13 +132,15 @@ class FakeGateway:
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
-                    with contextlib.suppress(ConnectionError):
+                    with contextlib.suppress(OSError):  # ConnectionError, ENOTCONN
                         await w.wait_closed()
 
     async def aclose(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        for writer in list(self._feeds):
+            writer.transport.abort()
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

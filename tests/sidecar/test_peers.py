@@ -42,3 +42,26 @@ def test_the_health_check_combines_the_gateways_word_with_outlier_detection() ->
     healthy = health_check(None, 2.0, peers)
     assert not healthy(remote_host("west"))
     assert healthy(remote_host("east"))
+
+
+def test_with_the_gateways_feed_only_its_reports_decide() -> None:
+    peers = PeerHealth(down_seconds=5.0)
+    peers.report(frozenset({"west"}))  # the gateway's probes found west down
+    assert not peers.healthy(remote_host("west"), 100.0)
+    assert not peers.healthy(remote_host("west"), 1000.0)  # no timer brings it back
+    peers.mark_down("north", now=100.0)  # refused before the gateway's report said so
+    assert not peers.healthy(remote_host("north"), 200.0)  # still: the feed decides
+    assert peers.down(200.0) == ["north", "west"]
+    peers.report(frozenset())  # the probes pass again: both are back, no call needed
+    assert peers.healthy(remote_host("west"), 200.0)
+    assert peers.healthy(remote_host("north"), 200.0)
+    assert peers.reports == 2
+
+
+def test_a_lost_feed_leaves_what_it_listed_to_the_refusal_rule() -> None:
+    peers = PeerHealth(down_seconds=5.0)
+    peers.report(frozenset({"west"}))
+    peers.feed_lost(now=100.0)
+    assert not peers.feed
+    assert not peers.healthy(remote_host("west"), 104.9)
+    assert peers.healthy(remote_host("west"), 105.0)
