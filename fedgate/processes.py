@@ -1,4 +1,9 @@
-"""One function per fedgate process: build the adapters, wire them, run until signalled."""
+"""One function per fedgate process: build the adapters, wire them, run until signalled.
+
+Over the 450-line aim: this is the one place that wires concrete adapters together (DESIGN.md:
+only fedgate/ wires), one section per process; the agent's optional parts live in their own
+modules (agent_election, agent_gateway, identity, inject_webhook, kube_bootstrap).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from ca.tokens import TokenAuthenticator
     from clusters.inject.webhook import WebhookServer
     from clusters.kube.writeback import McsWriteBack
+    from fedgate.agent_election import LeaderElectionOptions
     from fedgate.etcdopts import EtcdClientOptions
     from fedgate.identity import AgentCA
     from fedgate.inject_webhook import WebhookOptions
@@ -76,6 +82,11 @@ class SourceSettings:
     kind: str = "file"
     kubeconfig: Path | None = None
     context: str | None = None
+    # Kubernetes only: the replicas' leader election (None: this agent always publishes).
+    election: LeaderElectionOptions | None = None
+    # Kubernetes only: `<namespace>/<name>` of the gateway's LoadBalancer Service, whose
+    # address the agent publishes ("": publish `--gateway-tunnel` only).
+    gateway_service: str = ""
     control_root: Path | None = None
 
 
@@ -192,6 +203,7 @@ async def _agent(
 ) -> None:
     from ca import service as ca_service
     from clusters.agent import Agent
+    from clusters.leadership import GatedPublisher, LeaderTasks
     from federation import denied
     from federation.etcd import open_client
     from federation.merged_feed import EtcdMergedCatalog
@@ -205,6 +217,7 @@ async def _agent(
     authenticator, writeback = source_identity_and_writeback(
         source_settings, source, tokens, cluster
     )
+    kube_api = getattr(source, "api_client", None)  # the Kubernetes source's client (or None)
     bootstrap = None
     if writeback is not None:  # the Kubernetes source (its API client)
         from clusters.kube.source import KubeClusterSource
@@ -215,7 +228,8 @@ async def _agent(
     ca_server = await ca_service.serve(
         ca.view, authenticator, ca_listen, renew_listen=ca_renew_listen or None, denied=ca.denied
     )
-    th, tp = parse_hostport(gateway_tunnel)
+    # No --gateway-tunnel: only with --gateway-service, which fills it in (agent_gateway).
+    th, tp = parse_hostport(gateway_tunnel) if gateway_tunnel else ("", 0)
     eh, ep = parse_hostport(gateway_egress)
     info = ClusterInfo(
         name=cluster,
@@ -226,8 +240,20 @@ async def _agent(
         roots=ca.published_roots(),
     )
     client = await open_client(etcd_endpoints, **(etcd.connect_kwargs() if etcd else {}))
-    publisher = EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
+
+    def etcd_publisher() -> EtcdCatalogPublisher:
+        return EtcdCatalogPublisher(client, cluster, ttl=lease_ttl)
+
+    election = source_settings.election if source_settings.kind == "kubernetes" else None
+    gated = GatedPublisher(etcd_publisher) if election is not None else None
+    leader_tasks = LeaderTasks()
+    publisher = gated or etcd_publisher()
     the_agent = Agent(info, source, publisher)
+    lease_election = None
+    if election is not None and gated is not None:
+        from fedgate.agent_election import elect
+
+        lease_election = elect(election, kube_api, gated, leader_tasks)
     host, port = parse_hostport(admin_addr)
     admin_server = await admin.serve(
         admin.AdminState(
@@ -237,6 +263,7 @@ async def _agent(
                 "ca": ca.status(),
                 "source": source_status(),
                 "writeBack": writeback.status() if writeback is not None else None,
+                "leaderElection": lease_election.status() if lease_election else None,
                 "bootstrap": bootstrap.status() if bootstrap is not None else None,
             },
         ),
@@ -251,10 +278,26 @@ async def _agent(
 
     collector = metrics.register(families)
     tasks = TaskSet("agent")
-    tasks.spawn(the_agent.run(), "publish")
+    follow = source_settings.gateway_service if source_settings.kind == "kubernetes" else ""
+    if follow:
+        from clusters.kube.gateway_service import GatewayServiceWatcher, parse_service_ref
+        from fedgate.agent_gateway import follow_gateway, when_ready
+
+        watcher = GatewayServiceWatcher(kube_api, *parse_service_ref(follow))
+        ready = asyncio.Event()
+        fallback = (th, tp) if gateway_tunnel else None
+        tasks.spawn(
+            follow_gateway(watcher.changes(), the_agent, fallback, ready, follow), "gateway-service"
+        )
+        tasks.spawn(when_ready(ready, the_agent), "publish")
+    else:
+        tasks.spawn(the_agent.run(), "publish")
     webhook = await _start_webhook(webhook_options, cluster, ca, tasks)
     if bootstrap is not None:
-        tasks.spawn(bootstrap.run(), "bootstrap-configmaps")
+        if gated is None:
+            tasks.spawn(bootstrap.run(), "bootstrap-configmaps")
+        else:  # only the leader writes to the cluster
+            leader_tasks.add("bootstrap-configmaps", bootstrap.run)
 
     async def publish_roots(roots: tuple[str, ...]) -> None:
         if bootstrap is not None:
@@ -264,16 +307,25 @@ async def _agent(
     tasks.spawn(ca.follow(publish_roots), "ca-directory")
     tasks.spawn(denied.follow(client, ca.set_denied), "deny-list")
     if writeback is not None:
-        tasks.spawn(writeback.run(EtcdMergedCatalog(client)), "mcs-writeback")
+        wb = writeback
+        if gated is None:
+            tasks.spawn(wb.run(EtcdMergedCatalog(client)), "mcs-writeback")
+        else:  # only the leader writes to the cluster
+            leader_tasks.add("mcs-writeback", lambda: wb.run(EtcdMergedCatalog(client)))
+    if lease_election is not None:
+        tasks.spawn(lease_election.run(), "leader-election")
     try:
         await until_signalled()
     finally:
         REGISTRY.unregister(collector)
-        await tasks.aclose()
+        await tasks.aclose()  # (the election releases the Lease: a follower takes over)
+        await leader_tasks.aclose()
         if webhook is not None:
             await webhook.aclose()
         close_source()
-        await publisher.aclose()  # revoke the lease: a clean stop leaves routing at once
+        # Without election: revoke the lease, a clean stop leaves routing at once. With it:
+        # abandon, so the catalog stays until the next leader overwrites it (or the TTL ends).
+        await publisher.aclose()
         await ca_server.stop(None)
         admin_server.close()
         await client.close()

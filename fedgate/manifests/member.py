@@ -1,10 +1,11 @@
 """What every member cluster runs: the agent (catalog publisher, CA, write-back) and the
 east-west gateway, with their Services.
 
-The agent runs one replica: two agents of one cluster would each attach the cluster's keys to
-their own etcd lease, and the one that stops would take the catalog with it (the agent has no
-leader election yet; `federation.leader` holds the controller's single key). Its pod restarts
-in seconds and a lease outlives that (`--lease-ttl`), so the catalog does not flap.
+The agent runs two replicas (spread over nodes, a PodDisruptionBudget keeps one): both serve
+the CA and the webhook (stateless given the CA Secret); the one elected on the Lease
+`fedgate-system/fedgate-agent` (`clusters.kube.lease`, its pod name as holder identity) alone
+publishes the catalog to etcd and writes ServiceImports back, since two publishers would attach
+the cluster's keys to two etcd leases.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fedgate.manifests.common import (
     service,
     service_port,
 )
+from fedgate.manifests.rbac import AGENT_LEASE
 from fedgate.manifests.settings import (
     AGENT,
     AGENT_ADMIN_PORT,
@@ -38,13 +40,14 @@ from fedgate.manifests.settings import (
     GATEWAY_METRICS_PORT,
     GATEWAY_NODE_PORT,
     GATEWAY_SERVICE_ACCOUNT,
+    NAMESPACE,
     TUNNEL_PORT,
     ManifestSettings,
     etcd_client_args,
     in_cluster,
 )
 
-AGENT_REPLICAS = 1
+AGENT_REPLICAS = 2
 GATEWAY_REPLICAS = 2
 CA_DIR = "/var/run/fedgate/ca"
 IDENTITY_DIR = "/var/run/fedgate/identity"
@@ -62,10 +65,14 @@ def agent(settings: ManifestSettings) -> list[Obj]:
         *etcd_client_args(settings.etcd_endpoints, f"agent-{settings.cluster}", ETCD_DIR),
         f"--ca-dir={CA_DIR}",
         f"--ca-listen={ANY}:{CA_PORT}",
+        # Published until the gateway Service's load balancer has an address, then followed.
         f"--gateway-tunnel={settings.gateway_address}",
+        f"--gateway-service={NAMESPACE}/{GATEWAY}",
         f"--transport={settings.transport}",
         f"--gateway-egress={in_cluster(GATEWAY_EGRESS, EGRESS_PORT)}",
         f"--admin={ANY}:{AGENT_ADMIN_PORT}",
+        # Holder identity: the hostname, which is the pod's name.
+        f"--leader-elect-lease={NAMESPACE}/{AGENT_LEASE}",
         # Written, with the cluster's roots, into each injected namespace's fedgate-bootstrap.
         f"--control-root={CONTROL_DIR}/control.pem",
         *injector.agent_args(),
@@ -109,6 +116,7 @@ def agent(settings: ManifestSettings) -> list[Obj]:
     )
     return [
         deployment(AGENT, AGENT_REPLICAS, spec),
+        pdb(AGENT, 1),
         service(
             CA_SERVICE,
             [

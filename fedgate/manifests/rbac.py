@@ -52,6 +52,21 @@ AGENT_NAMED_RULES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
 )
 
 
+# The agent replicas' leader election: a Role in fedgate-system only (a Lease is namespaced),
+# `get`/`update` limited to the one Lease by name; `create` cannot be (the name is not known to
+# RBAC before the object exists), so it is granted on leases of this namespace.
+AGENT_LEASE = "fedgate-agent"
+AGENT_LEASE_RULES: tuple[Obj, ...] = (
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "resourceNames": [AGENT_LEASE],
+        "verbs": ["get", "update"],
+    },
+)
+
+
 def namespace() -> Obj:
     ns = meta(NAMESPACE, namespace=None)
     # The control plane itself is never injected (the webhook selects `enabled` namespaces).
@@ -83,6 +98,14 @@ def agent_rbac() -> list[Obj]:
             "ClusterRoleBinding",
             meta(AGENT, namespace=None),
             roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": AGENT},
+            subjects=[{"kind": "ServiceAccount", "name": AGENT, "namespace": NAMESPACE}],
+        ),
+        obj(RBAC, "Role", meta(AGENT), rules=list(AGENT_LEASE_RULES)),
+        obj(
+            RBAC,
+            "RoleBinding",
+            meta(AGENT),
+            roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT},
             subjects=[{"kind": "ServiceAccount", "name": AGENT, "namespace": NAMESPACE}],
         ),
     ]

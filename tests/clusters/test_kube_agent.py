@@ -18,6 +18,7 @@ from clusters.kube.tokenreview import TokenReviewAuthenticator
 from clusters.kube.writeback import McsWriteBack
 from clusters.source import FileClusterSource, FileTokenAuthenticator
 from fedgate import native_logs, processes
+from fedgate.agent_election import LeaderElectionOptions
 from fedgate.cli import main
 from fedgate.processes import SourceSettings, cluster_source, source_identity_and_writeback
 from mesh.model import ClusterInfo, ServiceExport
@@ -146,5 +147,9 @@ def test_agent_cli_runs_the_kubernetes_source_without_tokens(
     result = runner.invoke(main, [*argv, "--tokens", str(tmp_path / "t")])
     assert result.exit_code == 0, result.output
     without, given = seen
-    assert without[-1] == given[-1] == SourceSettings("kubernetes", config, None)
+    assert (
+        without[-1]
+        == given[-1]
+        == SourceSettings("kubernetes", config, None, LeaderElectionOptions())
+    )
     assert (without[5], given[5]) == (None, tmp_path / "t")  # processes.agent's `tokens`

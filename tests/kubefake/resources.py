@@ -3,8 +3,8 @@
 Only what fedgate reads or writes is served: core/v1 services, pods, configmaps and namespaces
 (cluster-scoped), discovery.k8s.io/v1 endpointslices, admissionregistration.k8s.io/v1
 mutatingwebhookconfigurations (cluster-scoped), multicluster.x-k8s.io/v1alpha1 serviceexports
-and serviceimports (MCS API CRDs, both with a `status` subresource), and
-authentication.k8s.io/v1 tokenreviews (create only);
+and serviceimports (MCS API CRDs, both with a `status` subresource), coordination.k8s.io/v1
+leases, and authentication.k8s.io/v1 tokenreviews (create only);
 selfsubjectaccessreviews and the CRDs themselves are answered by access.py.
 """
 
@@ -57,6 +57,8 @@ MUTATINGWEBHOOKS = Resource(
     "MutatingWebhookConfiguration",
     namespaced=False,
 )
+# Leader election of the agent's replicas (clusters/kube/lease.py).
+LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 RESOURCES = (
     SERVICES,
     PODS,
@@ -66,6 +68,7 @@ RESOURCES = (
     NAMESPACES,
     CONFIGMAPS,
     MUTATINGWEBHOOKS,
+    LEASES,
 )
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
