@@ -40,6 +40,10 @@ routed on its last catalog (federation.liveness, federation.catalog `departed`),
 config that collapses (drops too many clusters or endpoints at once, or drops any while this
 replica's etcd session is younger than the lease TTL) is published: the last good config is
 held, and `status()["held"]` says why (federation.collapse).
+
+Over the 450-line aim: the loop's steps (sync, liveness, merge, VIPs, publish with its collapse
+guard and grace periods) act on one state and read best in one place; its ports and status view are
+already their own modules.
 """
 
 from __future__ import annotations

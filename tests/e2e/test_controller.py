@@ -3,6 +3,9 @@
 One rig for the module (its own prefix, `<FEDGATE_TEST_RIG_PREFIX>h`, so it never meets the
 session rig of the other e2e tests). Every test leaves the rig whole again (it restarts what it
 killed), so they do not depend on their order.
+
+Over the 450-line aim: each control-plane fault here needs the same 3-member rig, which is costly
+to bring up, so they share one module and one rig.
 """
 
 from __future__ import annotations

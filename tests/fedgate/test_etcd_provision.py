@@ -1,6 +1,10 @@
 """`fedgate etcd provision` on a real etcd speaking TLS, as the management cluster's Job runs
 it: users and roles created and auth enabled, agents confined to their prefix, a later run
-adding the user of a cluster that joined, and the etcd flags of agent/controller working."""
+adding the user of a cluster that joined, and the etcd flags of agent/controller working.
+
+Over the 450-line aim: the rendered install's processes run against the one TLS etcd these tests
+provision, so its fixtures and the end-to-end checks stay together.
+"""
 
 from __future__ import annotations
 
