@@ -14,7 +14,7 @@ load ends ("end"): RSS (/proc/<pid>/status VmRSS), threads, open file descriptor
 (/proc/<pid>/fd) and, for fedgate processes, asyncio tasks (the `fedgate_asyncio_tasks` gauge
 on the admin port's /metrics). A sample every `--every` seconds goes to the rig's
 `soak-samples.jsonl`, for the trend in between. The rig is torn down at the end, also on error
-or Ctrl-C (unless `--keep`).
+Ctrl-C or SIGTERM (unless `--keep`).
 
     sudo nice -n 10 .venv/bin/python bench/soak.py [--rig-prefix fgz] [--duration 3600]
         [--rate 50] [--tcp 4] [--every 300]
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,14 +150,14 @@ def _tasks(record: ProcessRecord) -> int | None:
         f"http://{admin}/metrics",
     ]
     try:
-        text = run_in(record.netns, fetch, timeout=15) if record.netns else procs_run(fetch)
+        text = run_in(record.netns, fetch, timeout=15) if record.netns else _run_here(fetch)
     except (CommandError, subprocess.SubprocessError):
         return None
     found = _TASKS.search(text)
     return int(float(found.group(1))) if found else None
 
 
-def procs_run(argv: list[str]) -> str:
+def _run_here(argv: list[str]) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=15, check=True).stdout
 
 
@@ -268,6 +269,8 @@ def main() -> int:
     topology.check_prefix(args.rig_prefix)
     if args.duration <= 0 or args.rate <= 0 or args.tcp < 0 or args.every <= 0:
         parser.error("--duration, --rate and --every must be positive, --tcp not negative")
+    # SIGTERM unwinds like Ctrl-C, through the `finally` that tears the rig down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rig = args.rig_dir or Path(tempfile.mkdtemp(prefix="fedgate-soak-"))
     print(f"rig {rig} (prefix {args.rig_prefix})", flush=True)
     try:
