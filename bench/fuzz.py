@@ -168,7 +168,8 @@ def run_mutate(
     try:
         for data in _inputs(target, rng, corpus, inputs):
             shape = check(target, data, stats, crash_dir)
-            if shape not in seen:  # a new behaviour: worth mutating further
+            # A new behaviour is worth mutating further; `seen` is bounded like the tally.
+            if shape not in seen and len(seen) < 10 * MAX_SHAPES:
                 seen.add(shape)
                 corpus.append(data)
                 del corpus[: max(0, len(corpus) - MAX_CORPUS)]
