@@ -10,6 +10,7 @@ counters, `_info` for info metrics); docs/operations.md lists them with their la
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import time
@@ -413,3 +414,16 @@ def tunnel_families(cluster: str, links: Iterable[LinkStats]) -> Iterator[Metric
         opened.add_metric(labels, link.streams)
     yield from (up, rtt, streams, conns, probes, lost, hs, losses, opened)
     yield from (healthy, healthy_conns, loss)
+
+
+def _asyncio_tasks() -> Iterator[Metric]:
+    # Scraped from the admin server's handler, i.e. on the process's event loop: a count that
+    # only grows over a soak is a task leak (bench/soak.py reads it at start and end).
+    try:
+        n = len(asyncio.all_tasks())
+    except RuntimeError:  # scraped off the loop (a test's registry): nothing to report
+        return
+    yield GaugeMetricFamily("fedgate_asyncio_tasks", "asyncio tasks not yet done.", value=n)
+
+
+register(_asyncio_tasks)

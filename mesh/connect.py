@@ -104,7 +104,8 @@ def parse_request(head: bytes) -> ConnectRequest:
     if len(parts) != 3 or parts[0] != "CONNECT" or parts[2] != "HTTP/1.1":
         raise CodecError(f"malformed CONNECT request line {request_line[:80]!r}")
     host, sep, port_text = parts[1].rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # At most 5 digits before int(): Python refuses to convert over 4300 (a ValueError).
+    if not sep or not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
         raise CodecError(f"CONNECT authority {parts[1][:80]!r} has no valid port")
     headers: dict[str, str] = {}
     for line in header_lines:
@@ -146,7 +147,7 @@ def encode_response(
 def parse_response(head: bytes) -> tuple[int, str]:
     line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
     parts = line.split(" ", 2)
-    if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] != "HTTP/1.1" or len(parts[1]) != 3 or not parts[1].isdigit():
         raise CodecError(f"malformed CONNECT response {line[:80]!r}")
     return int(parts[1]), parts[2] if len(parts) > 2 else ""
 

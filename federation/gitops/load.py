@@ -107,8 +107,10 @@ def _lines(node: Any, path: FieldPath, out: dict[FieldPath, int]) -> None:
 def parse_yaml(text: str) -> tuple[list[ParsedDocument], YamlProblem | None]:
     """Every document of a YAML stream, up to the first syntax problem (returned, not raised)."""
     docs: list[ParsedDocument] = []
-    loader = _StrictLoader(text)
+    loader: _StrictLoader | None = None
     try:
+        # Inside the try: the loader's reader refuses non-printable characters as it is made.
+        loader = _StrictLoader(text)
         while loader.check_node():
             node = loader.get_node()
             lines: dict[FieldPath, int] = {}
@@ -116,15 +118,20 @@ def parse_yaml(text: str) -> tuple[list[ParsedDocument], YamlProblem | None]:
             data = loader.construct_document(node)
             start = node.start_mark.line + 1 if node is not None else 1
             docs.append(ParsedDocument(len(docs) + 1, start, data, lines))
-    except yaml.YAMLError as e:
+    # ValueError: an integer of over 4300 digits, which Python refuses to convert.
+    except (yaml.YAMLError, ValueError) as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.reader.ReaderError):  # no mark: it checks the text before parsing
+            line = text.count("\n", 0, e.position) + 1
+            problem = f"character #x{e.character:04x}: {e.reason}"
         context = getattr(e, "context", None)
         reason = f"not valid YAML: {problem}" + (f" ({context})" if context else "")
         return docs, YamlProblem(len(docs) + 1, line, reason)
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs, None
 
 

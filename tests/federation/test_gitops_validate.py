@@ -358,3 +358,20 @@ def test_l7_operation_fields_are_validated() -> None:
         "spec.rules[0].to[1].operation.methods[0]",
         "spec.rules[0].to[1].operation.paths[0]",
     }
+
+
+def test_a_control_character_is_an_issue_not_an_exception() -> None:
+    # Found by bench/fuzz.py: YAML's reader refuses non-printable characters while the loader
+    # is made, which used to escape validation as a ReaderError.
+    found = issues_of(federation_yaml=FEDERATION, echo_yaml=policy().replace("demo", "de\x01mo"))
+    assert found == [
+        "echo.yaml:5: document 1: not valid YAML: character #x0001: special characters are not"
+        " allowed",
+    ], found
+
+
+def test_an_integer_of_thousands_of_digits_is_an_issue_not_an_exception() -> None:
+    # Found by bench/fuzz.py: Python refuses to convert over 4300 digits (a ValueError).
+    found = issues_of(federation_yaml=FEDERATION, echo_yaml=f"weight: {'9' * 5000}\n")
+    assert len(found) == 1, found
+    assert found[0].startswith("echo.yaml: document 1: not valid YAML: Exceeds the limit"), found

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import re
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -153,3 +155,24 @@ def test_tunnel_families_per_gateway_pair() -> None:
     assert s.value("fedgate_tunnel_healthy_connections", **west) == 2
     assert s.value("fedgate_tunnel_probe_loss_ratio", **west) == 0.05
     assert s.value("fedgate_tunnel_probe_loss_ratio", **north) == 1.0
+
+
+def test_asyncio_tasks_gauge_counts_the_loops_tasks() -> None:
+    # bench/soak.py reads it at start and end: a count that only grows is a task leak.
+    def scraped() -> int:
+        found = re.search(r"^fedgate_asyncio_tasks (\S+)$", metrics.exposition(), re.M)
+        assert found is not None
+        return int(float(found.group(1)))
+
+    async def main() -> tuple[int, int]:
+        before = scraped()
+        waiters = [asyncio.create_task(asyncio.sleep(30)) for _ in range(5)]
+        after = scraped()
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert after == before + 5
+    assert "fedgate_asyncio_tasks" not in metrics.exposition()  # off the loop: not reported

@@ -139,6 +139,16 @@ def test_connect_head_is_bounded() -> None:
         connect.split_head(b"CONNECT " + b"a" * connect.MAX_REQUEST)
 
 
+def test_a_port_or_status_of_thousands_of_digits_is_a_codec_error() -> None:
+    # Found by bench/fuzz.py: int() refuses over 4300 digits with a ValueError, which a head
+    # within MAX_REQUEST can carry.
+    digits = "9" * 5000
+    with pytest.raises(CodecError, match="no valid port"):
+        connect.parse_request(f"CONNECT echo.demo.svc.clusterset.local:{digits} HTTP/1.1".encode())
+    with pytest.raises(CodecError, match="malformed CONNECT response"):
+        connect.parse_response(f"HTTP/1.1 {digits} OK".encode())
+
+
 @given(st.binary(max_size=300))
 def test_connect_parse_fuzz(data: bytes) -> None:
     with contextlib.suppress(CodecError):
