@@ -303,8 +303,12 @@ def test_a_tcp_port_is_refused_and_an_open_stream_cut_off(redis: Path) -> None:
                 assert redis_ping(redis, REDIS_PORTS[1]) == "PONG"  # refused per port
 
                 # The source sidecar logs why its stream was refused (its log goes through a
-                # pipe, fedgate.native_logs: poll for the line).
+                # pipe, fedgate.native_logs: poll for the line). The first non-PONG may have
+                # been a stream the destination admitted just before its config changed and
+                # then cut (`enforce`), which is logged as a close, not a refusal: each poll
+                # opens a new connection, which the destination refuses by its header.
                 def refusals() -> list[dict[str, object]]:
+                    redis_ping(redis, REDIS_PORTS[0])
                     failed = log_lines(redis, "east-client-sidecar", "outbound failed")
                     want = "denied by authorization policy demo/no-redis"
                     return [r for r in failed if want in str(r.get("detail"))]

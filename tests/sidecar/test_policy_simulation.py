@@ -246,7 +246,15 @@ def test_a_retry_prefers_a_host_not_tried_yet() -> None:
         assert again.host != first.host
         assert again.cluster == "east"  # the other local endpoint before another cluster
     both = frozenset(e.address for e in EAST_V1)
-    assert route.target(eff, rng, lambda h: True, both).cluster == "west"
+    # Every local host tried: a cluster the weights keep at 0 still gets no retry (Istio), so
+    # the retry stays in east; with a share, west gets it.
+    assert route.target(eff, rng, lambda h: True, both).cluster == "east"
+    shared = route_for(
+        "clusterWeights: [{cluster: local, weight: 90}, {cluster: west, weight: 10}]",
+        (*EAST_V1, ep("west", 0)),
+    )
+    shared_eff = effective(shared.policy, None)
+    assert shared.target(shared_eff, rng, lambda h: True, both).cluster == "west"
 
 
 def test_mirror_target_is_restricted_to_its_subset_and_cluster() -> None:
