@@ -38,6 +38,11 @@ class TaskSet:
 
     async def aclose(self) -> None:
         tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
+        pending = set(tasks)
+        while pending:
+            for t in pending:
+                t.cancel()
+            # Cancel again rather than wait for ever: a task can lose one cancellation (on
+            # Python 3.11, `asyncio.wait_for` drops one that lands as its inner call completes).
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         await asyncio.gather(*tasks, return_exceptions=True)

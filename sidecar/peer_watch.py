@@ -72,18 +72,22 @@ async def watch_peer_health(egress: Callable[[], Egress | None], peers: PeerHeal
 
 
 async def _follow(target: Egress, peers: PeerHealth) -> None:
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(target.host, target.port, limit=MAX_REPORT + 1),
-        CONNECT_TIMEOUT,
-    )
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+    # arrives as its inner call completes, and this loop would then outlive its task set.
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        reader, writer = await asyncio.open_connection(
+            target.host, target.port, limit=MAX_REPORT + 1
+        )
     try:
         writer.write(REQUEST)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEARTBEAT * SILENCE)
+        async with asyncio.timeout(HEARTBEAT * SILENCE):
+            head = await reader.readuntil(b"\r\n\r\n")
         if len(head) > MAX_HEAD or not head.startswith(b"HTTP/1.1 200 "):
             status = head.split(b"\r\n", 1)[0][:80]
             raise CodecError(f"the egress answered {status!r}")
         while True:
-            line = await asyncio.wait_for(reader.readline(), HEARTBEAT * SILENCE)
+            async with asyncio.timeout(HEARTBEAT * SILENCE):
+                line = await reader.readline()
             if not line:
                 return  # the gateway closed (restart, drain)
             peers.report(decode_report(line))
