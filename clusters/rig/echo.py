@@ -74,11 +74,14 @@ def make_handler(
             body = json.dumps(payload, sort_keys=True).encode() + b"\n"
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            # 204 and 304 have no content (RFC 9110 15.3.5, 15.4.5): a body here would be read
+            # as the start of the connection's next response; 204 has no Content-Length either.
+            if status != 204:
+                self.send_header("Content-Length", "0" if status == 304 else str(len(body)))
             self.send_header("X-Fedgate-Cluster", cluster)
             self.send_header("X-Fedgate-Pod", pod)
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command != "HEAD" and status not in (204, 304):
                 self.wfile.write(body)
 
         def _answer(self) -> None:
