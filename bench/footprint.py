@@ -49,39 +49,39 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 # What each process kind imports on its way to running (fedgate/cli.py -> fedgate/processes.py).
 KINDS = {
-    # The proxies' gRPC client: grpcio (the default) loads its stream module and the CA stub at
-    # the first call; `--grpc-client h2` (FEDGATE_GRPC_CLIENT=h2) loads ca.h2grpc instead.
+    # The proxies' gRPC client: h2 (the default) loads ca.h2grpc at the first call;
+    # `--grpc-client grpcio` (FEDGATE_GRPC_CLIENT=grpcio) its stream module and the CA stub.
     "sidecar": [
-        "fedgate.cli",
-        "fedgate.processes",
-        "sidecar.sidecar",
-        "federation.api.client",
-        "federation.api.grpcio_stream",
-        "ca.api.ca_pb2_grpc",
-    ],
-    "sidecar-h2": [
         "fedgate.cli",
         "fedgate.processes",
         "sidecar.sidecar",
         "federation.api.client",
         "federation.api.h2_stream",
         "ca.h2grpc",
+    ],
+    "sidecar-grpcio": [
+        "fedgate.cli",
+        "fedgate.processes",
+        "sidecar.sidecar",
+        "federation.api.client",
+        "federation.api.grpcio_stream",
+        "ca.api.ca_pb2_grpc",
     ],
     "gateway": [
         "fedgate.cli",
         "fedgate.processes",
         "gateway.gateway",
         "federation.api.client",
-        "federation.api.grpcio_stream",
-        "ca.api.ca_pb2_grpc",
+        "federation.api.h2_stream",
+        "ca.h2grpc",
     ],
-    "gateway-h2": [
+    "gateway-grpcio": [
         "fedgate.cli",
         "fedgate.processes",
         "gateway.gateway",
         "federation.api.client",
-        "federation.api.h2_stream",
-        "ca.h2grpc",
+        "federation.api.grpcio_stream",
+        "ca.api.ca_pb2_grpc",
     ],
     "agent": [
         "fedgate.cli",

@@ -4,8 +4,8 @@ First issuance goes to the CA's bootstrap port with a join token; renewal goes t
 port over mutual TLS, authenticated by the current SVID (no token). Either way the private key
 is generated in this process and never sent.
 
-`wire` picks the gRPC client (issue 17): "grpcio" (grpc.aio) or "h2" (`ca.h2grpc`, which never
-imports grpc). Only the one chosen is imported; both speak the same `Sign` call.
+`wire` picks the gRPC client (issue 17): "h2" (`ca.h2grpc`, which never imports grpc; the
+default) or "grpcio" (grpc.aio). Only the one chosen is imported; both speak the same `Sign` call.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ async def obtain_svid(
     *,
     current: Svid | None = None,
     rpc_timeout: float = 5.0,
-    wire: Wire = "grpcio",
+    wire: Wire = "h2",
 ) -> Svid:
     """Ask the CA at `address` for an SVID; retries while the CA is unreachable (start-up).
 

@@ -351,7 +351,7 @@ class IdentityOptions:
 
     svid_ttl: int = 0
     ca_renew_address: str = ""
-    grpc_client: str = "grpcio"  # --grpc-client / FEDGATE_GRPC_CLIENT: "grpcio" or "h2"
+    grpc_client: str = "h2"  # --grpc-client / FEDGATE_GRPC_CLIENT: "h2" or "grpcio"
 
 
 def _proxy_wiring(
@@ -376,7 +376,7 @@ def _proxy_wiring(
         admin_port=port,
         svid_ttl_seconds=identity.svid_ttl,
         ca_renew_address=identity.ca_renew_address,
-        grpc_client="h2" if identity.grpc_client == "h2" else "grpcio",
+        grpc_client="grpcio" if identity.grpc_client == "grpcio" else "h2",
     )
 
 

@@ -84,9 +84,9 @@ class ProxyWiring:
     metrics_address: tuple[str, int] | None = (
         None  # a metrics-only listener (gateways; sidecars in Kubernetes)
     )
-    # The gRPC client for the CA and the config stream: "grpcio" or "h2" (issue 17: h2 +
-    # protobuf, no grpc import, docs/footprint.md). FEDGATE_GRPC_CLIENT sets it (fedgate/cli).
-    grpc_client: Wire = "grpcio"
+    # The gRPC client for the CA and the config stream: "h2" (issue 17: h2 + protobuf, no grpc
+    # import, docs/footprint.md) or "grpcio". FEDGATE_GRPC_CLIENT sets it (fedgate/cli).
+    grpc_client: Wire = "h2"
 
     @property
     def renew_address(self) -> str:
@@ -94,7 +94,7 @@ class ProxyWiring:
 
 
 def config_credentials(
-    svid: Svid, control_root_pem: bytes, wire: Wire = "grpcio"
+    svid: Svid, control_root_pem: bytes, wire: Wire = "h2"
 ) -> grpc.ChannelCredentials | TlsCredentials:
     """The proxy's mTLS credentials for the config stream, in the form `wire`'s client takes;
     only that client's module is imported."""

@@ -105,7 +105,7 @@ class ConfigClient:
         rng: random.Random | None = None,
         resync_after: float = RESYNC_AFTER,
         silence_limit: float = SILENCE_LIMIT,
-        wire: Wire = "grpcio",
+        wire: Wire = "h2",
     ) -> None:
         if node is None:
             if not node_id or not cluster:

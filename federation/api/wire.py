@@ -4,9 +4,9 @@
 `read` a response (None once the controller has ended the stream cleanly), `aclose`. Each
 implementation translates its own failures into `StreamFailedError`, so the client's session
 logic is the same over both:
-- "grpcio": grpc.aio, the C core (`federation.api.grpcio_stream`);
-- "h2": the h2 + protobuf client of `ca.h2grpc`, which never imports grpc
-  (`federation.api.h2_stream`), about 16 MiB and 7-9 threads lighter (docs/footprint.md).
+- "h2" (the default): the h2 + protobuf client of `ca.h2grpc`, which never imports grpc
+  (`federation.api.h2_stream`), about 16 MiB and 7-9 threads lighter (docs/footprint.md);
+- "grpcio": grpc.aio, the C core (`federation.api.grpcio_stream`).
 Only the chosen implementation is imported.
 """
 
@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 from federation.api.config_pb2 import ConfigRequest, ConfigResponse
 
 Wire = Literal["grpcio", "h2"]
-WIRES: tuple[Wire, ...] = ("grpcio", "h2")
+WIRES: tuple[Wire, ...] = ("h2", "grpcio")  # the first is the default
 METHOD = "/fedgate.config.v1.ConfigDiscovery/StreamConfig"
 MAX_MESSAGE = 64 * 1024 * 1024  # a large federation's snapshot outgrows gRPC's 4 MiB default
 # Notice a dead controller on an idle stream: ping every 30 s, also without data;

@@ -190,10 +190,10 @@ async def _drain(call: H2Call) -> None:
 def test_the_wrong_kind_of_credentials_is_refused_up_front() -> None:
     tls = TlsCredentials(b"roots")
     with pytest.raises(ValueError, match=r"the grpcio client needs grpc\.ChannelCredentials"):
-        ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls)
+        ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls, wire="grpcio")
     with pytest.raises(ValueError, match="unknown gRPC client"):
         ConfigClient("127.0.0.1:1", node_id="n", cluster="east", insecure=True, wire="h3")  # type: ignore[arg-type]
-    client = ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls, wire="h2")
+    client = ConfigClient("127.0.0.1:1", node_id="n", cluster="east", credentials=tls)  # h2
     with pytest.raises(ValueError, match=r"the h2 client needs ca\.h2grpc\.TlsCredentials"):
         client.set_credentials(object())  # type: ignore[arg-type]
 

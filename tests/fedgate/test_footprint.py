@@ -51,9 +51,10 @@ for m in sys.argv[1:]:
     importlib.import_module(m)
 print(json.dumps({"modules": sorted(sys.modules)}))
 """
-# The proxies' gRPC client module is the default --grpc-client's (grpcio), loaded at the first
-# connect; with `--grpc-client h2` grpc is never loaded (test_footprint_h2.py).
-_CLIENT = ("federation.api.client", "federation.api.grpcio_stream")
+# The proxies' gRPC client modules are the default --grpc-client's (h2), loaded at the first
+# connect; `--grpc-client grpcio` loads grpc.aio instead.
+_CLIENT = ("federation.api.client", "federation.api.h2_stream", "ca.h2grpc")
+_GRPCIO = ("federation.api.client", "federation.api.grpcio_stream", "ca.api.ca_pb2_grpc")
 _PATHS = {  # what each `fedgate <kind>` command imports on its way to running
     "sidecar": ("fedgate.cli", "fedgate.processes", "sidecar.sidecar", *_CLIENT),
     "gateway": ("fedgate.cli", "fedgate.processes", "gateway.gateway", *_CLIENT),
@@ -61,13 +62,33 @@ _PATHS = {  # what each `fedgate <kind>` command imports on its way to running
 }
 
 
+def _is_grpc(module: str) -> bool:
+    return module == "grpc" or module.startswith(("grpc.", "grpc_"))
+
+
 @pytest.mark.parametrize("kind", sorted(_PATHS))
 def test_only_the_controller_loads_the_yaml_and_schema_stack(kind: str) -> None:
     loaded = _child("-c", _IMPORTS, *_PATHS[kind])["modules"]
     assert isinstance(loaded, list)
-    assert "grpc" in loaded  # the config wire contract stays gRPC
+    assert "ca.api.ca_pb2" in loaded  # the wire contract stays gRPC's protobuf messages
     assert [m for m in loaded if m.startswith(CONFIG_STACK)] == []
     assert EXPORTER not in loaded
+
+
+@pytest.mark.parametrize("kind", ["sidecar", "gateway"])
+def test_a_proxy_on_the_default_grpc_client_never_imports_grpc(kind: str) -> None:
+    loaded = _child("-c", _IMPORTS, *_PATHS[kind])["modules"]
+    assert isinstance(loaded, list)
+    assert "ca.h2grpc" in loaded
+    assert [m for m in loaded if _is_grpc(m)] == []
+
+
+def test_the_grpcio_client_is_still_selectable() -> None:
+    # The counterpart: `--grpc-client grpcio` loads grpc.aio, so the check above can fail.
+    base = ("fedgate.cli", "fedgate.processes", "sidecar.sidecar")
+    loaded = _child("-c", _IMPORTS, *base, *_GRPCIO)["modules"]
+    assert isinstance(loaded, list)
+    assert "grpc.aio" in loaded
 
 
 def test_the_controller_does_load_the_yaml_and_schema_stack() -> None:
