@@ -26,14 +26,16 @@ def _load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
 
 
 def _base(purpose: ssl.Purpose, svid: Svid, bundle: TrustBundle) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False  # SPIFFE IDs live in URI SANs; `peer_identity` checks them.
-    ctx.verify_mode = ssl.CERT_REQUIRED
     roots = bundle.all_roots_pem().decode()
     if not roots:
         raise VerificationError("trust bundle is empty: cannot verify any peer")
-    ctx.load_verify_locations(cadata=roots)
+    # Only the bundle's roots: given no `cadata`, a client context would also load the system's
+    # public CAs (~140 certificates, ~0.95 MiB per context; issue 17), which no mesh peer
+    # chains to, and would let OpenSSL accept a public-CA chain (`peer_identity` refuses it).
+    ctx = ssl.create_default_context(purpose, cadata=roots)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # SPIFFE IDs live in URI SANs; `peer_identity` checks them.
+    ctx.verify_mode = ssl.CERT_REQUIRED
     _load_svid(ctx, svid)
     return ctx
 
