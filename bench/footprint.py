@@ -255,16 +255,25 @@ def run_load(netns: str, host: str, port: int, vhost: str, rate: int, duration: 
 def measure(
     pids: dict[str, int], netns: str, host: str, port: int, vhost: str, a: argparse.Namespace
 ) -> dict[str, Any]:
+    from bench import pyspy
+
     idle = {name: rss_mib(pid) for name, pid in pids.items()}
     idle_threads = {name: threads(pid) for name, pid in pids.items()}
     cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
     peak = dict(idle)
     client = run_load(netns, host, port, vhost, a.rate, a.duration)
+    if a.profile is not None and netns:  # the rig's sidecars only (HAProxy is not Python)
+        sidecars = {n: pid for n, pid in pids.items() if n.startswith("sidecar")}
+        pyspy.record(sidecars, a.profile, a.duration)
     while client.poll() is None:
         for name, pid in pids.items():
             peak[name] = max(peak[name], rss_mib(pid))
         time.sleep(0.25)
     cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
+    if a.profile is not None and netns:
+        pyspy.wait()
+        for path in sorted(a.profile.glob("sidecar-*.raw")):
+            print(f"== {path.stem} (py-spy, {path})\n{pyspy.summary(path)}\n")
     assert client.stdout is not None
     out = client.stdout.read()
     result = json.loads(out) if client.returncode == 0 and out else {"ok": 0, "errors": -1}
@@ -394,6 +403,12 @@ def main() -> None:
     p.add_argument("--no-haproxy", action="store_true")
     p.add_argument("--imports", action="store_true", help="only the per-kind import weight")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the two sidecars during the rig's load; raw profiles and a summary in DIR",
+    )
     p.add_argument("--role", choices=["load", "imports"], help=argparse.SUPPRESS)
     p.add_argument("--kind", choices=list(KINDS), help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
