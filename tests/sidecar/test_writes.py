@@ -3,7 +3,9 @@
 Every send is a system call, and on the inner connection a TLS record; on the HTTP path a small
 request or response used to leave in parts (head, body; or a record at a time). Observed from
 outside, with the kernel's count of data segments a TCP socket received (`tcpi_data_segs_in`,
-Linux >= 4.6): on loopback with TCP_NODELAY, each small send arrives as one segment.
+Linux >= 4.6): on loopback with TCP_NODELAY, each small send arrives as one segment. Also
+here, with the same one-send app: `Expect: 100-continue`, answered by the source sidecar and
+dropped from the forwarded request (which is copied only when it has the header).
 """
 
 from __future__ import annotations
@@ -96,14 +98,19 @@ async def test_tls_records_read_at_once_reach_the_peer_as_one_send(pki: Pki) -> 
 
 
 async def _one_send_app(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, segments: list[int]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    segments: list[int],
+    heads: list[bytes] | None = None,
 ) -> None:
     """An app answering each request (Content-Length body) in one send; it records how many
-    data segments each request came in."""
+    data segments each request came in (and its head)."""
     sock = writer.get_extra_info("socket")
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
+            if heads is not None:
+                heads.append(head)
             length = next(
                 int(line.split(b":", 1)[1])
                 for line in head.split(b"\r\n")
@@ -156,6 +163,58 @@ async def test_a_small_request_and_its_response_each_travel_as_one_send(pki: Pki
         # and sent both as one TLS record, which the destination passed on as one send.
         assert segments == [1, 1]
         assert rig.source.outbound.http.pool.opened == 1
+    finally:
+        app.close()
+        await app.wait_closed()
+        await stop_http_rig(rig)
+
+
+def _expect_continue(rig: HttpRig) -> tuple[bytes, bytes]:
+    """A request with `Expect: 100-continue` whose body waits for the 100: the interim
+    response and the final one (blocking: run in a thread)."""
+    conn = rig.connection()
+    sock = conn.sock
+    assert sock is not None
+    try:
+        sock.sendall(
+            b"POST /x HTTP/1.1\r\nHost: api\r\nX-Kept: 1\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 3\r\n\r\n"
+        )
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(1)
+            assert chunk, interim
+            interim += chunk
+        sock.sendall(b"abc")
+        response = b""
+        while not response.endswith(b"hello world"):
+            chunk = sock.recv(65536)
+            assert chunk, response
+            response += chunk
+        return interim, response
+    finally:
+        conn.close()
+
+
+async def test_expect_100_continue_is_answered_by_the_sidecar_and_not_forwarded(pki: Pki) -> None:
+    rig = await start_http_rig(pki, [("east", "a", {})])
+    pod = rig.pods[0]
+    await asyncio.to_thread(pod.stop_app)
+    heads: list[bytes] = []
+    app = await asyncio.start_server(
+        lambda r, w: _one_send_app(r, w, [], heads), pod.app_ip, rig.app_port
+    )
+    try:
+        rig.source.outbound.http.sniff_timeout = 0
+        rig.apply(TrafficPolicy(SVC, (ClusterWeight("local", 100),)))
+        interim, response = await asyncio.to_thread(_expect_continue, rig)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        await asyncio.to_thread(_exchange, rig, b"z")  # no Expect: the headers as they were
+        fields = [[line.split(b":")[0].lower() for line in h.split(b"\r\n")[1:]] for h in heads]
+        assert b"expect" not in fields[0]
+        assert b"x-kept" in fields[0]
+        assert fields[1][:1] == [b"host"]
     finally:
         app.close()
         await app.wait_closed()
