@@ -2,10 +2,17 @@
 
     .venv/bin/python bench/access_log.py
 
-`fedgate.logs.configure` as every process runs it, then a sidecar's access line (its fields as
-`sidecar/observe.py` logs them) written to /dev/null, best of 7 rounds of 5,000 each: once with
-stdlib logging's per-record caller, thread and process lookups back on (how it was), once as
-configured (off), alternating. Both render the same JSON line (tests/fedgate/test_footprint.py).
+A sidecar's access line (its fields as `sidecar/observe.py` logs them) written to /dev/null,
+best of 7 rounds of 5,000 each, three ways, alternating (the machine's load varies meanwhile):
+
+- `stdlib route, lookups on`: structlog -> a stdlib `LogRecord` -> `ProcessorFormatter` ->
+  `StreamHandler`, with stdlib logging's per-record caller, thread and process lookups (how
+  every line was written at first);
+- `stdlib route, lookups off`: the same without the lookups (`fedgate.logs` turned them off);
+- `direct (fedgate.logs now)`: `fedgate.logs.configure` as every process runs it: structlog
+  renders and writes the line itself.
+
+All three render the same JSON line (tests/fedgate/test_logs.py).
 """
 
 from __future__ import annotations
@@ -42,23 +49,54 @@ def lookups(on: bool) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = on
 
 
+def stdlib_route(stream: object) -> None:
+    """How `fedgate.logs.configure` routed structlog's lines before the direct writer."""
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    logging.getLogger().handlers[:] = [handler]
+
+
 def main() -> None:
-    best = {True: float("inf"), False: float("inf")}
+    ways = ("stdlib route, lookups on", "stdlib route, lookups off", "direct (fedgate.logs now)")
+    best = dict.fromkeys(ways, float("inf"))
     n = 5000
     with open(os.devnull, "w") as devnull:
         sys.stderr = devnull
-        logs.configure("sidecar", "east")
-        log = structlog.get_logger("fedgate.sidecar").bind(hop="source-sidecar", conn="c/o1")
-        for _ in range(7):  # alternating, best of each: the machine's load varies meanwhile
-            for on in (True, False):
-                lookups(on)
+        for _ in range(7):
+            for way in ways:
+                logs.configure("sidecar", "east")  # the lookups off, the direct writer
+                if way.startswith("stdlib"):
+                    stdlib_route(devnull)
+                    lookups(way.endswith("on"))
+                log = structlog.get_logger("fedgate.sidecar").bind(hop="source-sidecar", conn="c")
                 start = time.perf_counter()
                 for _ in range(n):
                     log.info("request", **FIELDS)
-                best[on] = min(best[on], (time.perf_counter() - start) / n)
+                best[way] = min(best[way], (time.perf_counter() - start) / n)
         sys.stderr = sys.__stderr__
-    print(f"access line, lookups on (before): {best[True] * 1e6:6.1f} us")
-    print(f"access line, lookups off (now):   {best[False] * 1e6:6.1f} us")
+    for way in ways:
+        print(f"access line, {way + ':':28s} {best[way] * 1e6:6.1f} us")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ On the rig (root; its own prefix, brought up and removed by this run):
   per second, open loop over 16 keep-alive connections, for `--duration` seconds; RSS is
   sampled during the load (the peak is shown), CPU is utime+stime from /proc/<pid>/stat over
   the load, divided by the requests answered;
+* read(2)/write(2) system calls per request, from /proc/<pid>/io (exact, unlike CPU time on a
+  shared machine; HAProxy's send/recv are not counted there);
 * the baseline, in the same run: HAProxy doing the sidecars' job (bench/transports.py's
   `haproxy_chain`: mTLS origination -> TCP relay -> TCP relay -> mTLS termination, on loopback
   addresses in this namespace) in front of the same echo program, under the same load.
@@ -138,6 +140,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime (fields 14, 15)
 
 
+def syscalls(pid: int) -> tuple[int, int]:
+    """(read, write) system calls so far (/proc/<pid>/io `syscr`, `syscw`): read(2)/readv(2) and
+    write(2)/writev(2), which libuv uses on sockets and Python on stderr; send(2) and recv(2),
+    which HAProxy uses, are not counted there."""
+    counts = {}
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            counts[key] = int(value)
+    return counts["syscr"], counts["syscw"]
+
+
 # --- --imports: one interpreter per kind --------------------------------------------------------
 
 
@@ -255,25 +269,41 @@ def run_load(netns: str, host: str, port: int, vhost: str, rate: int, duration: 
 def measure(
     pids: dict[str, int], netns: str, host: str, port: int, vhost: str, a: argparse.Namespace
 ) -> dict[str, Any]:
+    from bench import pyspy
+
     idle = {name: rss_mib(pid) for name, pid in pids.items()}
     idle_threads = {name: threads(pid) for name, pid in pids.items()}
     cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    io0 = {name: syscalls(pid) for name, pid in pids.items()}
     peak = dict(idle)
     client = run_load(netns, host, port, vhost, a.rate, a.duration)
+    if a.profile is not None and netns:  # the rig's sidecars only (HAProxy is not Python)
+        sidecars = {n: pid for n, pid in pids.items() if n.startswith("sidecar")}
+        pyspy.record(sidecars, a.profile, a.duration)
     while client.poll() is None:
         for name, pid in pids.items():
             peak[name] = max(peak[name], rss_mib(pid))
         time.sleep(0.25)
     cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
+    io = {
+        name: [n - n0 for n, n0 in zip(syscalls(pid), io0[name], strict=True)]
+        for name, pid in pids.items()
+    }
+    if a.profile is not None and netns:
+        pyspy.wait()
+        for path in sorted(a.profile.glob("sidecar-*.raw")):
+            print(f"== {path.stem} (py-spy, {path})\n{pyspy.summary(path)}\n")
     assert client.stdout is not None
     out = client.stdout.read()
     result = json.loads(out) if client.returncode == 0 and out else {"ok": 0, "errors": -1}
     per_k = {n: (c / result["ok"] * 1000 if result["ok"] else 0.0) for n, c in cpu.items()}
+    per_req = {n: [c / result["ok"] if result["ok"] else 0.0 for c in rw] for n, rw in io.items()}
     return {
         "load": result,
         "idle": idle,
         "peak": peak,
         "cpu_per_1k": per_k,
+        "syscalls_per_request": per_req,  # [reads, writes]
         "threads": idle_threads,
     }
 
@@ -362,12 +392,14 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         )
         print(
             f"  {'process':42s} {'idle MiB':>9s} {'load MiB':>9s} {'CPU s/1k req':>13s} "
-            f"{'threads':>8s}"
+            f"{'threads':>8s} {'reads/req':>10s} {'writes/req':>11s}"
         )
         for name in r["idle"]:
+            reads, writes = r.get("syscalls_per_request", {}).get(name, (0.0, 0.0))
             print(
                 f"  {name:42s} {r['idle'][name]:9.1f} {r['peak'][name]:9.1f} "
-                f"{r['cpu_per_1k'][name]:13.3f} {r.get('threads', {}).get(name, 0):8d}"
+                f"{r['cpu_per_1k'][name]:13.3f} {r.get('threads', {}).get(name, 0):8d} "
+                f"{reads:10.2f} {writes:11.2f}"
             )
     if {"rig", "haproxy"} <= results.keys():
         rig, hp = results["rig"], results["haproxy"]
@@ -394,6 +426,12 @@ def main() -> None:
     p.add_argument("--no-haproxy", action="store_true")
     p.add_argument("--imports", action="store_true", help="only the per-kind import weight")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the two sidecars during the rig's load; raw profiles and a summary in DIR",
+    )
     p.add_argument("--role", choices=["load", "imports"], help=argparse.SUPPRESS)
     p.add_argument("--kind", choices=list(KINDS), help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)

@@ -121,8 +121,10 @@ class Conn(asyncio.BufferedProtocol):
             return
         self._flush_tls()
         self._wake()  # the handshake may have completed
-        for chunk in chunks:
-            self._on_plain(chunk)
+        if chunks:
+            # A read holding several records decrypts to a chunk each: passed on joined, they
+            # cost the peer one send (one TLS record) instead of one per record.
+            self._on_plain(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if tls.read_closed:
             self._on_eof()
 
@@ -232,6 +234,17 @@ class Conn(asyncio.BufferedProtocol):
             self._transport.write(out[0])
         else:
             self._transport.writelines(out)  # one writev with uvloop
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        """`write` of `chunks` as one send: a response's head and the body that came with it
+        reach the peer together (one system call, and over TLS one record while small)."""
+        if len(chunks) <= 1:
+            if chunks:
+                self.write(chunks[0])
+        elif self.tls is not None:
+            self.write(b"".join(chunks))
+        elif self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(chunks)  # one writev with uvloop, without a join
 
     def write_eof(self) -> None:
         """End our direction: close_notify (TLS) and a TCP FIN; the peer may keep sending."""

@@ -29,11 +29,16 @@ async def next_event(conn: FlowConn, reader: Reader) -> Event:
         event = reader.next_event()
         if not isinstance(event, NeedData):
             return event
-        data = await conn.read_some()
-        if data:
-            reader.feed(data)
-        else:
-            reader.feed_eof()
+        await read_more(conn, reader)
+
+
+async def read_more(conn: FlowConn, reader: Reader) -> None:
+    """Feed `reader` what arrives next on `conn` (waiting for it), or its end."""
+    data = await conn.read_some()
+    if data:
+        reader.feed(data)
+    else:
+        reader.feed_eof()
 
 
 class RequestBody:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sidecar.errors import ProxyError, UnprocessedError
-from sidecar.http.body import RequestBody, next_event
+from sidecar.http.body import RequestBody, next_event, read_more
 from sidecar.http.codec import (
     CHUNKED,
     UNTIL_CLOSE,
@@ -34,6 +34,7 @@ from sidecar.http.codec import (
     EndOfMessage,
     Framing,
     HttpProtocolError,
+    NeedData,
     Reader,
     Request,
     Response,
@@ -225,18 +226,14 @@ class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
             keep = call.req.keep_alive and out.kind != "close" and call.body.complete
             try:
                 async with asyncio.timeout_at(deadline):
-                    app.write(encode_response(resp, out, close=not keep))
-                    while True:
-                        event = await next_event(up.conn, reader)
-                        if isinstance(event, EndOfMessage):
-                            break
-                        assert isinstance(event, Data), event
-                        if seen is not None:
-                            seen.response_bytes += len(event.data)
-                        app.write(encode_chunk(event.data) if out is CHUNKED else event.data)
-                        await app.drain()
-                    if out is CHUNKED:
-                        app.write(LAST_CHUNK)
+                    await _stream(
+                        app,
+                        up.conn,
+                        reader,
+                        out,
+                        [encode_response(resp, out, close=not keep)],
+                        seen,
+                    )
             except (TimeoutError, ProxyError, HttpProtocolError) as e:
                 self.pool.discard(svc, up)
                 why = "response timeout" if isinstance(e, TimeoutError) else "response failed"
@@ -268,6 +265,42 @@ class Forwarder(Exchanger[Call, _Got, UpstreamPool]):
         if error is not None:
             call.log.info("http upgraded connection ended", reason=error.reason)
         return False
+
+
+async def _stream(
+    app: FlowConn,
+    upstream: FlowConn,
+    reader: Reader,
+    out: Framing,
+    pending: list[bytes],
+    seen: RequestRecord | None,
+) -> None:
+    """Send `pending` (the response head) and the body to the app. What has arrived goes out
+    in one write whenever the upstream is to be waited for, and when the message ends: a small
+    body that came with its head leaves with it as one send; nothing waits for more bytes.
+    What is pending when a failure ends the response still goes out (as when every part was
+    written on its own)."""
+    try:
+        while True:
+            event = reader.next_event()
+            if isinstance(event, NeedData):
+                if pending:
+                    app.writelines(pending)
+                    pending = []
+                await app.drain()
+                await read_more(upstream, reader)
+                continue
+            if isinstance(event, EndOfMessage):
+                if out is CHUNKED:
+                    pending.append(LAST_CHUNK)
+                return
+            assert isinstance(event, Data), event
+            if seen is not None:
+                seen.response_bytes += len(event.data)
+            pending.append(encode_chunk(event.data) if out is CHUNKED else event.data)
+    finally:
+        if pending:
+            app.writelines(pending)
 
 
 def _failed(conn: FlowConn) -> bool:

@@ -259,10 +259,15 @@ class HttpProxy:
         record = obs.record if obs is not None else None
         state = self._state()
         route = state.routes.lookup(*dst)
-        if (req.get("expect") or "").lower() == "100-continue" and reader.framing.kind != "none":
+        expect = req.get("expect")
+        if (expect or "").lower() == "100-continue" and reader.framing.kind != "none":
             # Answer for the upstream (Envoy's default): the body is read ahead anyway.
             app.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        fwd = replace(req, headers=tuple((k, v) for k, v in req.headers if k.lower() != "expect"))
+        fwd = req  # as forwarded: without `Expect` (a copy only when there is one)
+        if expect is not None:
+            fwd = replace(
+                req, headers=tuple((k, v) for k, v in req.headers if k.lower() != "expect")
+            )
         body = RequestBody(app, reader)
         try:
             await body.prefetch()

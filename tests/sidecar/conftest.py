@@ -37,7 +37,12 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Proxy tests run on asyncio and on uvloop (what fedgate runs in production)."""
-    if item.path.name in ("test_proxy.py", "test_smux.py", "test_smux_sidecar.py"):
+    if item.path.name in (
+        "test_proxy.py",
+        "test_smux.py",
+        "test_smux_sidecar.py",
+        "test_writes.py",
+    ):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 
@@ -74,8 +79,8 @@ class Pki:
         return ca.issue(spiffe_id, self.now)
 
 
-@pytest.fixture(scope="session")
-def pki() -> Pki:
+def new_pki() -> Pki:
+    """Fresh CAs for both trust domains and a rogue east one (benches use it too)."""
     now = dt.datetime.now(dt.UTC)
     return Pki(
         east=CertificateAuthority.create(EAST, now),
@@ -83,6 +88,11 @@ def pki() -> Pki:
         rogue_east=CertificateAuthority.create(EAST, now),
         now=now,
     )
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    return new_pki()
 
 
 def cluster(name: str, egress: tuple[str, int] | None = ("127.0.0.1", 15443)) -> ClusterInfo:
