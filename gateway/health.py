@@ -22,6 +22,18 @@ probes (the handshake counts as the first). `changes()` hands out the transition
 for the driver to act on (the pool stops placing streams on an unhealthy connection; the
 driver closes it).
 
+Suspicion (Envoy's HTTP/2 `connection_keepalive`: a PING with a short timeout, here sent on
+demand): a stream this side opened that has had no reply for `open_timeout` makes the link
+suspect (`overdue`, the stream-open deadline); the driver then sends a liveness probe at once
+(`suspect(now)`, one at a time) with `suspect_timeout` (or 2 round trips, if longer) to be
+answered. Its answer proves the
+link alive (the peer's ingress is only slow: the stream keeps waiting); its loss marks the
+connection unhealthy at once, without waiting for `unhealthy_threshold`: it takes no new
+stream and the streams still waiting for their reply are refused, to be retried elsewhere.
+It is closed, as before, only after `unhealthy_threshold` consecutive misses (the suspect
+probe counts as one), so a busy peer whose loop stalled past the short timeout costs new calls
+a detour, not the streams in flight. `suspect_expiry()` says when that probe times out.
+
 Figures: `rtt` is smoothed as TCP does (RFC 6298: 1/8 of each new sample); `loss_ratio` is the
 share of lost probes among the last `window` that were decided (answered or lost).
 """
@@ -33,9 +45,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HealthSettings", "ProbeHealth", "State"]
+__all__ = ["HealthSettings", "ProbeHealth", "State", "overdue"]
 
 RTT_GAIN = 0.125  # RFC 6298 alpha
+SUSPECT_RTTS = 2.0  # a suspect link's liveness probe waits at least this many round trips
 # Event-loop timers may fire up to a clock tick early (uvloop: 1 ms): a probe that waited its
 # timeout less this counts as lost, else a due miss would wait for the next tick.
 TIMER_SLACK = 0.005
@@ -55,10 +68,14 @@ class HealthSettings:
     unhealthy_threshold: int = 3  # consecutive misses that mark a connection unhealthy
     healthy_threshold: int = 2  # consecutive answers that bring it back
     window: int = 20  # probes the loss ratio is computed over
+    # The stream-open deadline: a stream without a reply this long makes the link suspect.
+    open_timeout: float = 1.0
+    suspect_timeout: float = 0.5  # seconds a liveness probe of a suspect link has to be answered
 
     def __post_init__(self) -> None:
-        if self.probe_interval <= 0:
-            raise ValueError(f"probe_interval must be > 0 seconds, got {self.probe_interval}")
+        for name in ("probe_interval", "open_timeout", "suspect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.probe_timeout is not None and self.probe_timeout <= 0:
             raise ValueError(f"probe_timeout must be > 0 seconds, got {self.probe_timeout}")
         for name in ("unhealthy_threshold", "healthy_threshold", "window"):
@@ -77,7 +94,10 @@ class ProbeHealth:
         self.sent = 0
         self.answered_total = 0
         self.lost = 0
-        self._outstanding: dict[int, float] = {}  # probe id -> sent at
+        self._outstanding: dict[int, tuple[float, float]] = {}  # probe id -> (sent, timeout)
+        self._suspect: int | None = None  # the outstanding liveness probe of a suspect link
+        self.suspected = 0  # metric: liveness probes sent on suspicion
+        self.failures = 0  # turns from healthy to unhealthy by missed probes (not probation)
         self._next_id = 1
         self._misses = 0  # consecutive
         self._answers = 0  # consecutive
@@ -106,26 +126,60 @@ class ProbeHealth:
     def tick(self, now: float) -> int:
         """A probe is due: count the timed-out ones as lost; return the id to send now."""
         self.expire(now)
+        return self._send(now, self.timeout)
+
+    def suspect(self, now: float) -> int | None:
+        """The link is suspect (a stream's reply is overdue): the id of a liveness probe to
+        send now, answered within `suspect_timeout` or the connection turns unhealthy; None
+        if one is already out or the connection is unhealthy anyway."""
+        self.expire(now)
+        if self._suspect is not None or not self.healthy:
+            return None
+        self._suspect = self._send(now, self.suspect_timeout)
+        self.suspected += 1
+        return self._suspect
+
+    @property
+    def suspect_timeout(self) -> float:
+        """`suspect_timeout`, or `SUSPECT_RTTS` round trips on a long link (the larger of the
+        smoothed and the last sample, so a link that just slowed down is not judged dead)."""
+        rtt = max(self.rtt or 0.0, self.last_rtt or 0.0)
+        return max(self.settings.suspect_timeout, SUSPECT_RTTS * rtt)
+
+    def _send(self, now: float, timeout: float) -> int:
         probe = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        self._outstanding[probe] = now
+        self._outstanding[probe] = (now, timeout)
         self.sent += 1
         return probe
 
+    def suspect_expiry(self) -> float | None:
+        """When the outstanding liveness probe of a suspect link times out (None: none)."""
+        if self._suspect is None:
+            return None
+        sent, timeout = self._outstanding[self._suspect]
+        return sent + timeout
+
     def expire(self, now: float) -> None:
         """Count as lost, oldest first, the probes unanswered for their timeout."""
-        limit = now - self.timeout + min(TIMER_SLACK, self.timeout / 10)
-        for probe in [p for p, sent in self._outstanding.items() if sent <= limit]:
+        late = [
+            p
+            for p, (sent, timeout) in self._outstanding.items()
+            if sent + timeout - min(TIMER_SLACK, timeout / 10) <= now
+        ]
+        for probe in late:
             del self._outstanding[probe]
-            self._missed()
+            self._missed(suspect=probe == self._suspect)
 
     def answered(self, probe: int, now: float) -> bool:
         """The answer to `probe` arrived; False if it is not one we wait for (late or unknown:
         already counted as lost)."""
-        sent = self._outstanding.pop(probe, None)
-        if sent is None:
+        out = self._outstanding.pop(probe, None)
+        if out is None:
             return False
-        sample = max(0.0, now - sent)
+        if probe == self._suspect:
+            self._suspect = None
+        sample = max(0.0, now - out[0])
         self.last_rtt = sample
         self.rtt = sample if self.rtt is None else self.rtt + RTT_GAIN * (sample - self.rtt)
         self.answered_total += 1
@@ -168,12 +222,16 @@ class ProbeHealth:
             return None
         return f"unhealthy: {self._misses} probes unanswered"
 
-    def _missed(self) -> None:
+    def _missed(self, *, suspect: bool = False) -> None:
         self.lost += 1
         self._recent.append(False)
         self._answers = 0
         self._misses += 1
-        if self.state is State.HEALTHY and self._misses >= self.settings.unhealthy_threshold:
+        if suspect:
+            self._suspect = None
+        threshold = 1 if suspect else self.settings.unhealthy_threshold
+        if self.state is State.HEALTHY and self._misses >= threshold:
+            self.failures += 1
             self.state = State.UNHEALTHY
             self._changes.append(State.UNHEALTHY)
 
@@ -181,3 +239,13 @@ class ProbeHealth:
         if self.state is State.UNHEALTHY and self._answers >= self.settings.healthy_threshold:
             self.state = State.HEALTHY
             self._changes.append(State.HEALTHY)
+
+
+def overdue(opened: list[float], now: float, open_timeout: float) -> tuple[bool, float | None]:
+    """The stream-open deadline over the streams still waiting for their reply (`opened`: when
+    each was opened): whether one waited `open_timeout` or more (the link is suspect), and when
+    the next one will have (None: no other is waiting)."""
+    slack = min(TIMER_SLACK, open_timeout / 10)
+    late = any(t + open_timeout - slack <= now for t in opened)
+    later = [t + open_timeout for t in opened if t + open_timeout - slack > now]
+    return late, min(later, default=None)

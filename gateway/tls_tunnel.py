@@ -43,6 +43,7 @@ from ca.tls import peer_identity
 from ca.verify import verify_chain
 from gateway.errors import TunnelError
 from gateway.health import HealthSettings, ProbeHealth
+from gateway.liveness import LinkWatch
 from gateway.mux_stream import MuxStream
 from gateway.quic_mtls import PeerPolicy
 from gateway.transport import HeaderPhase, StreamHandler
@@ -117,6 +118,8 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             "probes_answered": 0,
         }
         self.on_closed: Callable[[Any], None] = lambda conn: None
+        # The pool's: this connection failed a probe of a suspect link (`gateway.liveness`).
+        self.on_unhealthy: Callable[[Any], None] = lambda conn: None
         self._is_client = is_client
         self._policy = policy
         self._handler = stream_handler
@@ -138,6 +141,8 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         self._last_rx = self._loop.time()
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
+        # Client side: the stream-open deadline and suspect probes.
+        self._watch = LinkWatch(self.health, self._ping, self.streams.values, self._health_changed)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -176,7 +181,14 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             stream_id = self.mux.open_stream()
         except mux.MuxError as e:
             raise TunnelError(f"tunnel connection takes no new streams: {e}") from e
-        return self._add(stream_id)
+        stream = self._add(stream_id)
+        stream.opened_at = self._watch.opened()
+        return stream
+
+    def suspect(self) -> None:
+        """Probe the link now, with the short timeout of a suspect link (`gateway.liveness`)."""
+        if self._is_client and self.connected and not self.closed:
+            self._watch.suspect()
 
     def drain(self, reason: str = "draining") -> None:
         """Server side: the peer opens no new stream here (GOAWAY); close once idle."""
@@ -409,14 +421,22 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             probe = self.health.tick(time.monotonic())
             if self._health_changed():
                 return
-            self.counters["probes"] += 1
-            self.mux.ping(probe)
-            self._flush()
+            self._ping(probe)
         self._arm_timer()
 
+    def _ping(self, probe: int) -> None:
+        self.counters["probes"] += 1
+        self.mux.ping(probe)
+        self._flush()
+
     def _health_changed(self) -> bool:
-        """Act on the probes' verdict (`gateway.health`); True if the connection was closed."""
+        """Act on the probes' verdict (`gateway.health`); True if the connection was closed.
+        Turned unhealthy, the streams still waiting for their reply are refused now (a connect
+        failure their callers retry elsewhere) and the pool hears of it."""
         reason = self.health.close_reason(self.log)
+        if self._watch.failed() and not self.closed:
+            self._watch.refuse_opening(reason)
+            self.on_unhealthy(self)
         if reason is None:
             return False
         self.close(reason)
@@ -429,6 +449,7 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
     def _terminated(self, reason: str) -> None:
         if self.closed:
             return
+        self._watch.cancel()
         streams = self._end(reason)
         self._closed.set()
         if self._timer is not None:

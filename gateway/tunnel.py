@@ -56,6 +56,7 @@ from ca.errors import CertificateExpiredError, VerificationError
 from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.health import HealthSettings, ProbeHealth
+from gateway.liveness import LinkWatch
 from gateway.quic_ack import AckingQuicConnection, new_connection
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
@@ -152,6 +153,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self.on_cid_issued: Callable[[bytes], None] = lambda cid: None
         self.on_cid_retired: Callable[[bytes], None] = lambda cid: None
         self.on_closed: Callable[[TunnelConnection], None] = lambda conn: None
+        # The pool's: this connection failed a probe of a suspect link (`gateway.liveness`).
+        self.on_unhealthy: Callable[[TunnelConnection], None] = lambda conn: None
         self._stream_handler = stream_handler
         self._identify = identify
         self._loop = asyncio.get_running_loop()
@@ -172,6 +175,10 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._refused = 0
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
+        # Client side: the stream-open deadline and suspect probes.
+        self._watch = LinkWatch(
+            self.health, self._send_probe, self.streams.values, self._health_changed
+        )
 
     # --- state ----------------------------------------------------------------------------
 
@@ -205,7 +212,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         stream = TunnelStream(self, stream_id)
         self.streams[stream_id] = stream
         self.counters["streams"] += 1
+        stream.opened_at = self._watch.opened()
         return stream
+
+    def suspect(self) -> None:
+        """Probe the link now, with the short timeout of a suspect link (`gateway.liveness`)."""
+        if self.quic.configuration.is_client and self.connected and not self.closed:
+            self._watch.suspect()
 
     def close(self, reason: str, code: int = CLOSE_SHUTDOWN) -> None:
         if not self.close_reason:
@@ -578,16 +591,23 @@ class TunnelConnection(asyncio.DatagramProtocol):
         uid = self.health.tick(_clock())
         if self._health_changed():
             return
+        self._send_probe(uid)
+        self._schedule_keepalive()
+
+    def _send_probe(self, uid: int) -> None:
         self.counters["probes"] += 1
         self.quic.send_ping(uid)
         self.transmit()
-        self._schedule_keepalive()
 
     def _health_changed(self) -> bool:
         """Act on the probes' verdict (`gateway.health`); True if the connection was closed:
         at once, not after aioquic's closing period, so its streams reset now and the pool
-        re-dials."""
+        re-dials. Turned unhealthy, the streams still waiting for their reply are refused now
+        (a connect failure their callers retry elsewhere) and the pool hears of it."""
         reason = self.health.close_reason(self.log)
+        if self._watch.failed() and not self.closed:
+            self._watch.refuse_opening(reason)
+            self.on_unhealthy(self)
         if reason is None:
             return False
         self.close(reason, CLOSE_INTERNAL)
@@ -605,6 +625,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self.close_reason = self.close_reason or reason
         self._closed.set()
         self._cancel_keepalive()
+        self._watch.cancel()
         for handle in (self._timer, self._transmit_handle, self._flush_handle):
             if handle is not None:
                 handle.cancel()
