@@ -22,17 +22,17 @@ probes (the handshake counts as the first). `changes()` hands out the transition
 for the driver to act on (the pool stops placing streams on an unhealthy connection; the
 driver closes it).
 
-Suspicion (Envoy's HTTP/2 `connection_keepalive`: a PING with a short timeout, here sent on
-demand): a stream this side opened that has had no reply for `open_timeout` makes the link
-suspect (`overdue`, the stream-open deadline); the driver then sends a liveness probe at once
-(`suspect(now)`, one at a time) with `suspect_timeout` (or 2 round trips, if longer) to be
-answered. Its answer proves the
-link alive (the peer's ingress is only slow: the stream keeps waiting); its loss marks the
-connection unhealthy at once, without waiting for `unhealthy_threshold`: it takes no new
-stream and the streams still waiting for their reply are refused, to be retried elsewhere.
-It is closed, as before, only after `unhealthy_threshold` consecutive misses (the suspect
-probe counts as one), so a busy peer whose loop stalled past the short timeout costs new calls
-a detour, not the streams in flight. `suspect_expiry()` says when that probe times out.
+Suspicion (Envoy's HTTP/2 `connection_keepalive`: a PING with a short timeout that closes
+the connection, here sent on demand): a connection that carries streams and has heard nothing
+from the peer for `silence_timeout` is suspect (`silent`: a stream's header, or a request on a
+stream already open, waits for an answer the periodic probes would declare lost only after
+`unhealthy_threshold` misses). The driver then sends a liveness probe at once (`suspect(now)`,
+one at a time) with `suspect_timeout` (or 2 round trips, if longer) to be answered. Its answer
+proves the link alive (the peer is only slow to answer its streams); its loss makes the
+connection unhealthy and `close_reason` says to close it now: its streams reset (a stream
+still waiting for its reply is a connect failure, a request on an idle pooled connection one
+that was never answered: both retried elsewhere by the sidecar), and the pool marks the peer
+unreachable. `suspect_expiry()` says when that probe times out.
 
 Figures: `rtt` is smoothed as TCP does (RFC 6298: 1/8 of each new sample); `loss_ratio` is the
 share of lost probes among the last `window` that were decided (answered or lost).
@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HealthSettings", "ProbeHealth", "State", "overdue"]
+__all__ = ["HealthSettings", "ProbeHealth", "State", "silent"]
 
 RTT_GAIN = 0.125  # RFC 6298 alpha
 SUSPECT_RTTS = 2.0  # a suspect link's liveness probe waits at least this many round trips
@@ -68,12 +68,12 @@ class HealthSettings:
     unhealthy_threshold: int = 3  # consecutive misses that mark a connection unhealthy
     healthy_threshold: int = 2  # consecutive answers that bring it back
     window: int = 20  # probes the loss ratio is computed over
-    # The stream-open deadline: a stream without a reply this long makes the link suspect.
-    open_timeout: float = 1.0
+    # Seconds without a byte from the peer after which a connection carrying streams is suspect.
+    silence_timeout: float = 1.0
     suspect_timeout: float = 0.5  # seconds a liveness probe of a suspect link has to be answered
 
     def __post_init__(self) -> None:
-        for name in ("probe_interval", "open_timeout", "suspect_timeout"):
+        for name in ("probe_interval", "silence_timeout", "suspect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.probe_timeout is not None and self.probe_timeout <= 0:
@@ -97,7 +97,7 @@ class ProbeHealth:
         self._outstanding: dict[int, tuple[float, float]] = {}  # probe id -> (sent, timeout)
         self._suspect: int | None = None  # the outstanding liveness probe of a suspect link
         self.suspected = 0  # metric: liveness probes sent on suspicion
-        self.failures = 0  # turns from healthy to unhealthy by missed probes (not probation)
+        self._suspect_missed = False
         self._next_id = 1
         self._misses = 0  # consecutive
         self._answers = 0  # consecutive
@@ -128,8 +128,15 @@ class ProbeHealth:
         self.expire(now)
         return self._send(now, self.timeout)
 
+    def seed_rtt(self, sample: float) -> None:
+        """A round-trip sample from the handshake (an upper bound: it took a few round
+        trips), until the probes measure one: a suspect probe on a young connection to a far
+        peer then waits long enough."""
+        if self.rtt is None:
+            self.rtt = self.last_rtt = sample
+
     def suspect(self, now: float) -> int | None:
-        """The link is suspect (a stream's reply is overdue): the id of a liveness probe to
+        """The link is suspect (silent while carrying streams): the id of a liveness probe to
         send now, answered within `suspect_timeout` or the connection turns unhealthy; None
         if one is already out or the connection is unhealthy anyway."""
         self.expire(now)
@@ -214,10 +221,16 @@ class ProbeHealth:
     def close_reason(self, log: Any) -> str | None:
         """What a driver does after each probe or answer: log the transitions since the last
         call (on `log`, a structlog logger) and return why the connection must be closed now
-        (`unhealthy_threshold` consecutive misses), or None."""
+        (`unhealthy_threshold` consecutive misses, or the liveness probe of a suspect link
+        missed), or None."""
         for state in self.changes():
             level = log.info if state is State.HEALTHY else log.warning
             level(f"tunnel connection {state.value}", **self.figures())
+        if self._suspect_missed:
+            return (
+                f"unhealthy: peer silent for {self.settings.silence_timeout:g}s and a liveness "
+                f"probe unanswered for {self.suspect_timeout:.2g}s"
+            )
         if self._misses < self.settings.unhealthy_threshold:
             return None
         return f"unhealthy: {self._misses} probes unanswered"
@@ -229,9 +242,9 @@ class ProbeHealth:
         self._misses += 1
         if suspect:
             self._suspect = None
+            self._suspect_missed = True
         threshold = 1 if suspect else self.settings.unhealthy_threshold
         if self.state is State.HEALTHY and self._misses >= threshold:
-            self.failures += 1
             self.state = State.UNHEALTHY
             self._changes.append(State.UNHEALTHY)
 
@@ -241,11 +254,14 @@ class ProbeHealth:
             self._changes.append(State.HEALTHY)
 
 
-def overdue(opened: list[float], now: float, open_timeout: float) -> tuple[bool, float | None]:
-    """The stream-open deadline over the streams still waiting for their reply (`opened`: when
-    each was opened): whether one waited `open_timeout` or more (the link is suspect), and when
-    the next one will have (None: no other is waiting)."""
-    slack = min(TIMER_SLACK, open_timeout / 10)
-    late = any(t + open_timeout - slack <= now for t in opened)
-    later = [t + open_timeout for t in opened if t + open_timeout - slack > now]
-    return late, min(later, default=None)
+def silent(
+    last_heard: float, streams: int, now: float, silence_timeout: float
+) -> tuple[bool, float | None]:
+    """Whether a connection carrying `streams` that last heard from its peer at `last_heard`
+    is suspect now, and when to look again (None: it carries no stream, nothing to watch)."""
+    if not streams:
+        return False, None
+    due = last_heard + silence_timeout
+    if due - min(TIMER_SLACK, silence_timeout / 10) <= now:
+        return True, now + silence_timeout
+    return False, due

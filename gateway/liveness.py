@@ -1,15 +1,17 @@
-"""The stream-open deadline and on-demand liveness probes of one client tunnel connection: the
-asyncio glue both pooled transports (`tls`, `quic`) share. The rules are `gateway.health`'s
-(`overdue`, `ProbeHealth.suspect`); this module only keeps the timers and calls back.
+"""Silence watch and on-demand liveness probes of one client tunnel connection: the asyncio
+glue both pooled transports (`tls`, `quic`) share. The rules are `gateway.health`'s (`silent`,
+`ProbeHealth.suspect`); this module only keeps the timers and calls back.
 
 Why: a silently dropped WAN (no RST, no ICMP) leaves every connection to the peer looking
-healthy until `unhealthy_threshold` periodic probes are missed (3-4 s with the defaults), and
-a call whose stream was opened meanwhile waits for a reply that never comes; the caller's own
-timeout may end it before the connection is declared dead. Here a stream whose reply is
-`open_timeout` late sends a liveness probe at once; unanswered within `suspect_timeout`, the
-connection turns unhealthy and `on_unhealthy` runs (the driver refuses the streams still waiting
-for their reply, a connect failure the sidecar retries elsewhere, and the pool marks the peer
-unreachable for every sidecar, `gateway.peer_feed`). So a call pays ~1.5 s, not its timeout.
+healthy until `unhealthy_threshold` periodic probes are missed (3-4 s with the defaults, 6 s
+seen on a loaded machine). Meanwhile a call waits: for its stream's reply, or, on an inner
+connection the sidecar pooled (a stream opened long ago), for the response to a request just
+written; the caller's own timeout may end it first. Here a connection that carries streams
+and has heard nothing from the peer for `silence_timeout` sends a liveness probe at once;
+unanswered within `suspect_timeout`, the driver closes the connection (`close_reason`): its
+streams reset, which the sidecar retries on another cluster (a connect failure, or a request
+on a pooled connection that got no response byte), and the pool marks the peer unreachable
+for every sidecar (`gateway.peer_feed`). So such a call pays ~1.5 s, not its timeout.
 
 Not here: the periodic probes (each driver's keepalive timer), closing the connection.
 """
@@ -18,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sized
 
-from gateway.health import ProbeHealth, overdue
-from gateway.transport import BaseStream
+from gateway.health import ProbeHealth, silent
 
 # A probe timer that fires this late means our own loop was stalled: the answer may be read
 # but not yet processed (libuv runs due timers before polling I/O), so judge after one more
@@ -34,81 +35,57 @@ _clock = time.monotonic
 
 
 class LinkWatch:
-    """One client connection's open deadline and suspect probes (module docstring)."""
+    """One client connection's silence watch and suspect probes (module docstring)."""
 
     def __init__(
         self,
         health: ProbeHealth,
         send_ping: Callable[[int], None],
-        streams: Callable[[], Iterable[BaseStream]],
+        streams: Sized,
         on_verdict: Callable[[], object],
     ) -> None:
-        """`send_ping(id)`: send a probe now; `streams()`: the connection's open streams;
-        `on_verdict()`: a probe timed out (the driver acts on health; what it returns is
-        ignored)."""
+        """`send_ping(id)`: send a probe now; `streams`: the connection's open streams;
+        `on_verdict()`: a probe timed out (the driver acts on `health.close_reason`)."""
         self._health = health
         self._send_ping = send_ping
         self._streams = streams
         self._on_verdict = on_verdict
-        self._loop = asyncio.get_running_loop()
-        self._failures = health.failures
-        self._open_timer: asyncio.TimerHandle | None = None
+        self.last_heard = _clock()  # the driver sets it at every receive
+        self._silence_timer: asyncio.TimerHandle | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
 
-    def opened(self) -> float:
-        """A stream was opened now (its header is sent next): returns its opening time, and
-        arms the deadline if it is not armed yet."""
-        now = _clock()
-        if self._open_timer is None:
-            self._arm_open(now + self._health.settings.open_timeout)
-        return now
+    def opened(self) -> None:
+        """A stream was opened: watch the silence while the connection carries streams."""
+        if self._silence_timer is None:
+            self._arm_silence(self.last_heard + self._health.settings.silence_timeout)
 
     def suspect(self) -> None:
-        """Check the link now (e.g. the pool found a sibling connection dead)."""
+        """Check the link now: a liveness probe with the short timeout."""
         probe = self._health.suspect(_clock())
         if probe is None:
             return
         self._send_ping(probe)
         self._arm_probe()
 
-    def failed(self) -> bool:
-        """Whether the connection turned unhealthy by missed probes since the last call (once
-        per turn; a connection on probation did not turn)."""
-        turned, self._failures = self._health.failures != self._failures, self._health.failures
-        return turned
-
-    def refuse_opening(self, closing: str | None) -> None:
-        """The connection turned unhealthy: refuse the streams still waiting for their reply
-        (the caller sees the link fail under them: a connect failure, retried elsewhere)."""
-        why = closing or (
-            "peer gateway not answering: liveness probe unanswered for "
-            f"{self._health.suspect_timeout:.2g}s"
-        )
-        for stream in [s for s in self._streams() if s.awaiting_reply]:
-            stream._on_abort(why)
-
     def cancel(self) -> None:
-        for timer in (self._open_timer, self._probe_timer):
+        for timer in (self._silence_timer, self._probe_timer):
             if timer is not None:
                 timer.cancel()
-        self._open_timer = self._probe_timer = None
+        self._silence_timer = self._probe_timer = None
 
-    def _arm_open(self, at: float) -> None:
-        self._open_timer = self._loop.call_later(max(0.0, at - _clock()), self._check_opens)
+    def _arm_silence(self, at: float) -> None:
+        delay = max(0.0, at - _clock())
+        self._silence_timer = self._loop.call_later(delay, self._check_silence)
 
-    def _check_opens(self) -> None:
-        self._open_timer = None
-        now = _clock()
-        opening = [s.opened_at for s in self._streams() if s.awaiting_reply]
-        late, then = overdue(opening, now, self._health.settings.open_timeout)
+    def _check_silence(self) -> None:
+        self._silence_timer = None
+        timeout = self._health.settings.silence_timeout
+        late, then = silent(self.last_heard, len(self._streams), _clock(), timeout)
         if late:
             self.suspect()
-            # A late stream still waiting after the probe's answer is looked at again one
-            # deadline later (its peer is slow, or the link died since).
-            again = now + self._health.settings.open_timeout
-            then = again if then is None else min(then, again)
         if then is not None:
-            self._arm_open(then)
+            self._arm_silence(then)
 
     def _arm_probe(self) -> None:
         at = self._health.suspect_expiry()

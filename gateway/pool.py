@@ -11,13 +11,11 @@ Rules (per peer cluster, per slot `0..size-1`):
 * an established connection is lost            -> one immediate reconnect attempt in the
   background, so the next call finds a warm connection; on failure, re-dials in the
   background with a bounded backoff per slot (`redial_backoff`), which calls do not shorten
-* a connection fails its health probes (`gateway.health`: `unhealthy_threshold` in a row)
-  -> it takes no new stream at once; its driver closes it (only its streams reset), and it
-  is lost as above
-* a connection misses the liveness probe of a suspect link (a stream's reply `open_timeout`
-  late, `gateway.liveness`) -> it takes no new stream, the streams waiting for their reply
-  are refused, the peer is unreachable unless another connection to it is usable, and those
-  others are probed at once (a dead WAN takes them all); it closes after the thresholds
+* a connection fails its health probes (`gateway.health`: `unhealthy_threshold` in a row,
+  or the liveness probe sent when the peer fell silent while streams waited,
+  `gateway.liveness`) -> it takes no new stream at once; its driver closes it (only its
+  streams reset), and it is lost as above; the peer's other connections are probed at once
+  (a dead WAN takes them all)
 Peer health (per peer cluster), what the egress routes on:
 * the peer is *unreachable* once a connection to it was closed as unhealthy or a dial failed
   (refused, or a handshake not finished within the transport's `handshake_timeout`), and until
@@ -59,7 +57,6 @@ class PooledConnection(Protocol):
     rtt: float | None
     health: ProbeHealth
     on_closed: Callable[[Any], None]
-    on_unhealthy: Callable[[Any], None]
 
     @property
     def closed(self) -> bool: ...
@@ -208,7 +205,6 @@ class PeerPool:
         if target.cluster in self._down:
             conn.health.start_probation()
         conn.on_closed = lambda c: self._lost(slot, target, c)
-        conn.on_unhealthy = lambda c: self._unhealthy(target.cluster, c)
         self._conns[slot] = (target, conn)
         fut.set_result(conn)
 
@@ -218,15 +214,6 @@ class PeerPool:
         if cluster not in self._down:
             self._log.warning("peer gateway unreachable", peer=cluster, reason=why)
         self._down[cluster] = why
-
-    def _unhealthy(self, cluster: str, conn: PooledConnection) -> None:
-        """A connection failed its probes (a suspect link's liveness probe, or the thresholds):
-        the peer is unreachable unless another connection still answers, which is asked now."""
-        reason = conn.health.figures()
-        self._mark_down(cluster, f"liveness probes unanswered ({reason['misses']} in a row)")
-        for other in self.connections_to(cluster):
-            if other is not conn and other.usable:
-                other.suspect()
 
     def _redial_later(self, slot: _Slot, target: PeerTarget) -> None:
         """Keep dialling a peer in the background (bounded backoff) while calls want it."""
@@ -261,6 +248,9 @@ class PeerPool:
         self._log.info("tunnel lost", peer=target.cluster, reason=conn.close_reason)
         if not conn.health.healthy:
             self._mark_down(target.cluster, conn.close_reason)
+            for other in self.connections_to(target.cluster):
+                if other.usable:
+                    other.suspect()  # the same path: find out now, not after 3 probes
         if not self._closing and slot not in self._connecting:
             self._start(slot, target)  # warm reconnect; a failure is logged, the next call retries
 

@@ -17,7 +17,8 @@ Backpressure: a stream's backlog is what waits for the peer's credit, plus the c
 TCP write buffer while it is above its high-water mark; receive credit is held while the sink's
 TCP write buffer is full (`hold_credit`/`release_credit`). Health: the client PINGs every
 `health.probe_interval` (`gateway.health` decides; a connection that misses
-`unhealthy_threshold` probes in a row is closed, its streams reset, and the pool re-dials);
+`unhealthy_threshold` probes in a row is closed, its streams reset, and the pool re-dials),
+and at once when the peer is silent while streams wait (`gateway.liveness`);
 either side closes a connection that received nothing for `idle_timeout`. Not here: the
 listener and `connect` (`gateway.tls_server`), pooling (`gateway.pool`), the TCP side
 (`gateway.splice`), nor what `sidecar.smux` shares (`mesh.muxconn.MuxDriver`: the streams'
@@ -118,8 +119,6 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             "probes_answered": 0,
         }
         self.on_closed: Callable[[Any], None] = lambda conn: None
-        # The pool's: this connection failed a probe of a suspect link (`gateway.liveness`).
-        self.on_unhealthy: Callable[[Any], None] = lambda conn: None
         self._is_client = is_client
         self._policy = policy
         self._handler = stream_handler
@@ -139,10 +138,11 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         self._closed = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = self._loop.time()
+        self._dialled_at = time.monotonic()
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
-        # Client side: the stream-open deadline and suspect probes.
-        self._watch = LinkWatch(self.health, self._ping, self.streams.values, self._health_changed)
+        # Client side: a silent peer while streams wait is probed at once (`gateway.liveness`).
+        self._watch = LinkWatch(self.health, self._ping, self.streams, self._health_changed)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -181,9 +181,8 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             stream_id = self.mux.open_stream()
         except mux.MuxError as e:
             raise TunnelError(f"tunnel connection takes no new streams: {e}") from e
-        stream = self._add(stream_id)
-        stream.opened_at = self._watch.opened()
-        return stream
+        self._watch.opened()
+        return self._add(stream_id)
 
     def suspect(self) -> None:
         """Probe the link now, with the short timeout of a suspect link (`gateway.liveness`)."""
@@ -230,6 +229,7 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         if peer:
             self.log = self.log.bind(peer_addr=f"{peer[0]}:{peer[1]}")
         self._timer = self._loop.call_later(self.settings.handshake_timeout, self._tick)
+        self._dialled_at = time.monotonic()
         if self._is_client:
             self._advance_handshake()
             self._flush()
@@ -244,6 +244,7 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         if self.closed:
             return
         self._last_rx = self._loop.time()
+        self._watch.last_heard = time.monotonic()
         self._incoming.write(data)
         if not self._handshake_done:
             self._advance_handshake()
@@ -310,6 +311,8 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         self.log.info("tunnel connected", peer_identity=uri, transport="tls")
         if not self._connected.done():
             self._connected.set_result(None)
+        if self._is_client:
+            self.health.seed_rtt(time.monotonic() - self._dialled_at)
         self._arm_timer()
 
     def _refuse(self, reason: str, *, tell_peer: bool) -> None:
@@ -430,13 +433,8 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         self._flush()
 
     def _health_changed(self) -> bool:
-        """Act on the probes' verdict (`gateway.health`); True if the connection was closed.
-        Turned unhealthy, the streams still waiting for their reply are refused now (a connect
-        failure their callers retry elsewhere) and the pool hears of it."""
+        """Act on the probes' verdict (`gateway.health`); True if the connection was closed."""
         reason = self.health.close_reason(self.log)
-        if self._watch.failed() and not self.closed:
-            self._watch.refuse_opening(reason)
-            self.on_unhealthy(self)
         if reason is None:
             return False
         self.close(reason)

@@ -191,12 +191,6 @@ class BaseStream:
         self._pending_reset: str | None = None
         self._reply: asyncio.Future[StreamReply] | None = None
         self._reader: FrameReader | None = None
-        self.opened_at = 0.0  # client side: when opened (`gateway.liveness` clock)
-
-    @property
-    def awaiting_reply(self) -> bool:
-        """Client side: the header is out and the peer's reply is not in yet."""
-        return self._reply is not None and not self._reply.done()
 
     # --- hooks ------------------------------------------------------------------------------
 

@@ -153,8 +153,6 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self.on_cid_issued: Callable[[bytes], None] = lambda cid: None
         self.on_cid_retired: Callable[[bytes], None] = lambda cid: None
         self.on_closed: Callable[[TunnelConnection], None] = lambda conn: None
-        # The pool's: this connection failed a probe of a suspect link (`gateway.liveness`).
-        self.on_unhealthy: Callable[[TunnelConnection], None] = lambda conn: None
         self._stream_handler = stream_handler
         self._identify = identify
         self._loop = asyncio.get_running_loop()
@@ -173,12 +171,11 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._watched: set[TunnelStream] = set()
         self._next_peer_stream = 0
         self._refused = 0
+        self._dialled_at = _clock()
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
-        # Client side: the stream-open deadline and suspect probes.
-        self._watch = LinkWatch(
-            self.health, self._send_probe, self.streams.values, self._health_changed
-        )
+        # Client side: a silent peer while streams wait is probed at once (`gateway.liveness`).
+        self._watch = LinkWatch(self.health, self._send_probe, self.streams, self._health_changed)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -212,7 +209,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         stream = TunnelStream(self, stream_id)
         self.streams[stream_id] = stream
         self.counters["streams"] += 1
-        stream.opened_at = self._watch.opened()
+        self._watch.opened()
         return stream
 
     def suspect(self) -> None:
@@ -283,11 +280,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         return self.quic.max_datagram_size
 
     def connect(self, addr: NetworkAddress) -> None:
+        self._dialled_at = _clock()
         self.quic.connect(addr, now=_clock())
         self.transmit()
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         self._refused = 0
+        self._watch.last_heard = _clock()
         try:
             self.quic.receive_datagram(cast(bytes, data), addr, now=_clock())
         except Exception as e:  # aioquic bug or unexpected input: lose this connection only
@@ -509,6 +508,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         if not self._connected.done():
             self._connected.set_result(None)
         if self.quic.configuration.is_client:
+            self.health.seed_rtt(_clock() - self._dialled_at)
             self._schedule_keepalive()
 
     def _on_stream_data(self, event: events.StreamDataReceived) -> None:
@@ -602,12 +602,8 @@ class TunnelConnection(asyncio.DatagramProtocol):
     def _health_changed(self) -> bool:
         """Act on the probes' verdict (`gateway.health`); True if the connection was closed:
         at once, not after aioquic's closing period, so its streams reset now and the pool
-        re-dials. Turned unhealthy, the streams still waiting for their reply are refused now
-        (a connect failure their callers retry elsewhere) and the pool hears of it."""
+        re-dials."""
         reason = self.health.close_reason(self.log)
-        if self._watch.failed() and not self.closed:
-            self._watch.refuse_opening(reason)
-            self.on_unhealthy(self)
         if reason is None:
             return False
         self.close(reason, CLOSE_INTERNAL)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.health import HealthSettings, ProbeHealth, State, overdue
+from gateway.health import HealthSettings, ProbeHealth, State, silent
 
 S = HealthSettings(probe_interval=1.0, unhealthy_threshold=3, healthy_threshold=2, window=10)
 
@@ -123,8 +123,8 @@ def test_settings_are_checked() -> None:
         HealthSettings(probe_timeout=0)
     with pytest.raises(ValueError, match="unhealthy_threshold"):
         HealthSettings(unhealthy_threshold=0)
-    with pytest.raises(ValueError, match="open_timeout"):
-        HealthSettings(open_timeout=0)
+    with pytest.raises(ValueError, match="silence_timeout"):
+        HealthSettings(silence_timeout=0)
     with pytest.raises(ValueError, match="suspect_timeout"):
         HealthSettings(suspect_timeout=-1)
 
@@ -173,41 +173,37 @@ def test_close_reason_logs_each_transition_once_and_says_when_to_close() -> None
     assert [(lvl, ev) for lvl, ev, _ in log.lines][1:] == [("info", "tunnel connection healthy")]
 
 
-# --- the stream-open deadline and suspect probes ---------------------------------------------
+# --- silence and suspect probes -------------------------------------------------------------
 
 
-def test_a_stream_is_overdue_after_the_open_timeout_and_the_next_deadline_is_given() -> None:
-    assert overdue([], 5.0, 1.0) == (False, None)
-    assert overdue([0.0], 0.5, 1.0) == (False, 1.0)
-    assert overdue([0.0, 0.4], 1.0, 1.0) == (True, 1.4)  # the first is late; look again at 1.4
-    assert overdue([0.0, 0.4], 1.4, 1.0) == (True, None)
+def test_a_connection_carrying_streams_is_suspect_after_the_silence_timeout() -> None:
+    assert silent(0.0, 0, 5.0, 1.0) == (False, None)  # no stream: nothing waits on the peer
+    assert silent(0.0, 2, 0.5, 1.0) == (False, 1.0)  # look again when the silence is due
+    assert silent(0.0, 2, 1.0, 1.0) == (True, 2.0)  # suspect; look again a timeout later
     # A timer may fire a clock tick early (`TIMER_SLACK`): that still counts as due.
-    assert overdue([0.0], 0.998, 1.0) == (True, None)
+    assert silent(0.0, 1, 0.998, 1.0)[0]
+    assert silent(0.9, 1, 1.5, 1.0) == (False, 1.9)  # heard since: the clock restarted
 
 
-def test_an_unanswered_suspect_probe_turns_the_connection_unhealthy_at_once() -> None:
+def test_an_unanswered_suspect_probe_closes_the_connection_at_once() -> None:
     s = HealthSettings(suspect_timeout=0.5)
-    h = ProbeHealth(s)
-    run(h, "a")  # a healthy link, now quiet: t = 1.0
+    h, log = ProbeHealth(s), Recorder()
+    run(h, "a")  # a healthy link, now silent: t = 1.0
     probe = h.suspect(2.0)
     assert probe is not None
     assert h.suspect(2.1) is None  # one at a time
     assert h.suspect_expiry() == pytest.approx(2.5)
     h.expire(2.4)
     assert h.healthy
+    assert h.close_reason(log) is None
     h.expire(2.5)
-    assert not h.healthy  # 1 miss, not `unhealthy_threshold`: the suspicion is the evidence
-    assert h.failures == 1
+    assert not h.healthy  # 1 miss, not `unhealthy_threshold`: the silence was the evidence
     assert h.changes() == [State.UNHEALTHY]
     assert h.suspect_expiry() is None
     assert h.suspect(2.6) is None  # unhealthy already: nothing to check
-    # Not closed on one miss: the periodic probes close it after the thresholds ...
-    log = Recorder()
-    assert h.close_reason(log) is None
-    h.tick(3.0)
-    h.tick(4.0)
-    h.expire(5.0)
-    assert h.close_reason(log) == "unhealthy: 3 probes unanswered"
+    assert h.close_reason(log) == (
+        "unhealthy: peer silent for 1s and a liveness probe unanswered for 0.5s"
+    )
 
 
 def test_an_answered_suspect_probe_proves_the_link_alive() -> None:
@@ -217,21 +213,9 @@ def test_an_answered_suspect_probe_proves_the_link_alive() -> None:
     assert h.answered(probe, 1.02)
     h.expire(10.0)
     assert h.healthy
-    assert h.failures == 0
+    assert h.close_reason(Recorder()) is None
     assert h.suspected == 1
-    assert h.suspect(10.0) is not None  # the next suspicion may probe again
-
-
-def test_a_connection_that_recovers_from_a_suspect_miss_needs_the_healthy_threshold() -> None:
-    h = ProbeHealth(S)
-    h.suspect(0.0)
-    h.expire(0.5)
-    assert not h.healthy
-    t = run(h, "a", start=1.0)
-    assert not h.healthy
-    run(h, "a", start=t)
-    assert h.healthy
-    assert h.changes() == [State.UNHEALTHY, State.HEALTHY]
+    assert h.suspect(10.0) is not None  # the next silence may probe again
 
 
 def test_a_suspect_probe_waits_two_round_trips_on_a_long_link() -> None:
@@ -245,9 +229,8 @@ def test_a_suspect_probe_waits_two_round_trips_on_a_long_link() -> None:
     assert h.healthy
 
 
-def test_a_probation_is_not_a_failure() -> None:
+def test_a_connection_on_probation_is_not_suspected() -> None:
     h = ProbeHealth(S)
     h.start_probation()
-    assert not h.healthy
-    assert h.failures == 0  # the driver must not refuse streams or tell the pool
-    assert h.suspect(0.0) is None  # a connection on probation carries no stream to suspect
+    assert h.suspect(0.0) is None  # it carries no stream; its own probes decide
+    assert h.close_reason(Recorder()) is None
