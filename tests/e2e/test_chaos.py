@@ -99,13 +99,15 @@ def test_a_silently_dropped_wan_fails_no_call(chaos_rig: Path) -> None:
     reset: what a broken link looks like) for `hold` seconds, then healed while the calls go
     on: no call fails, with the client's own 5 s timeout.
 
-    A call whose try went to west just after the drop waits, in its connect phase, for the
-    stream reply; east's gateway does not wait for 3 missed periodic probes (3-6 s, longer
-    than the client's timeout) but, the reply being `open_timeout` (1 s) late, probes the
-    link at once and, unanswered within `suspect_timeout` (0.5 s), refuses the stream as a
-    peer-unreachable connect failure, which the sidecar retries on another cluster
-    (`gateway.liveness`); west is then unreachable for every sidecar of east (the peer-health
-    feed) ~1.5-2 s after the first such call. Taking west back (by probes) costs no call."""
+    A call whose try went to west just after the drop waits for an answer: the reply to its
+    new tunnel stream, or (most often: the sidecar pools its inner connections) the response
+    to a request written on a stream opened before. East's gateway does not wait for 3 missed
+    periodic probes (3-6 s, longer than the client's timeout): its connection, carrying
+    streams and silent for `silence_timeout` (1 s), is probed at once and, unanswered within
+    `suspect_timeout` (0.5 s), closed (`gateway.liveness`); the stream's reset is a connect
+    failure, or an unanswered request on a pooled connection, which the sidecar retries on
+    another cluster. West is then unreachable for every sidecar of east (the peer-health feed)
+    ~2 s after the drop. Taking west back (by probes) costs no call."""
     hold, seconds = 6.0, 14.0
     healed: list[Callable[[], None]] = []
     began_at, healed_at, avoided_at = [time.time()], [0.0], [0.0]
@@ -113,7 +115,7 @@ def test_a_silently_dropped_wan_fails_no_call(chaos_rig: Path) -> None:
     def drop() -> None:
         began_at[0] = time.time()
         healed.append(faults.wan_drop(chaos_rig))
-        # The fault bites: a call's stream finds the link dead and its sidecars avoid west.
+        # The fault bites: a call finds the link silent and east's sidecars avoid west.
         until_sync(
             lambda: unreachable(chaos_rig),
             hold,
