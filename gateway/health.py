@@ -71,9 +71,12 @@ class HealthSettings:
     # Seconds without a byte from the peer after which a connection carrying streams is suspect.
     silence_timeout: float = 1.0
     suspect_timeout: float = 0.5  # seconds a liveness probe of a suspect link has to be answered
+    # Seconds a call waits for a tunnel dial (Envoy's cluster `connect_timeout`, for the call
+    # only: the dial goes on to its handshake timeout for the next calls).
+    dial_wait: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("probe_interval", "silence_timeout", "suspect_timeout"):
+        for name in ("probe_interval", "silence_timeout", "suspect_timeout", "dial_wait"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.probe_timeout is not None and self.probe_timeout <= 0:
@@ -136,14 +139,22 @@ class ProbeHealth:
             self.rtt = self.last_rtt = sample
 
     def suspect(self, now: float) -> int | None:
-        """The link is suspect (silent while carrying streams): the id of a liveness probe to
-        send now, answered within `suspect_timeout` or the connection turns unhealthy; None
-        if one is already out or the connection is unhealthy anyway."""
+        """The link is suspect (silent while carrying streams): a liveness probe must be
+        answered within `suspect_timeout` or the connection turns unhealthy. A periodic probe
+        already out becomes that probe (timed from when it was sent: no extra PING on an idle
+        link, whose silence ends with that probe's answer); else returns the id of one to send
+        now. None: nothing to send (one is out, or the connection is unhealthy anyway)."""
         self.expire(now)
         if self._suspect is not None or not self.healthy:
             return None
-        self._suspect = self._send(now, self.suspect_timeout)
         self.suspected += 1
+        if self._outstanding:
+            probe = max(self._outstanding, key=lambda p: self._outstanding[p][0])
+            sent, timeout = self._outstanding[probe]
+            self._outstanding[probe] = (sent, min(timeout, self.suspect_timeout))
+            self._suspect = probe
+            return None
+        self._suspect = self._send(now, self.suspect_timeout)
         return self._suspect
 
     @property

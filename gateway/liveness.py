@@ -63,10 +63,9 @@ class LinkWatch:
     def suspect(self) -> None:
         """Check the link now: a liveness probe with the short timeout."""
         probe = self._health.suspect(_clock())
-        if probe is None:
-            return
-        self._send_ping(probe)
-        self._arm_probe()
+        if probe is not None:
+            self._send_ping(probe)
+        self._arm_probe()  # also when a periodic probe already out became the suspect one
 
     def cancel(self) -> None:
         for timer in (self._silence_timer, self._probe_timer):

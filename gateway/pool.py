@@ -19,7 +19,9 @@ Rules (per peer cluster, per slot `0..size-1`):
 Peer health (per peer cluster), what the egress routes on:
 * the peer is *unreachable* once a connection to it was closed as unhealthy or a dial failed
   (refused, or a handshake not finished within the transport's `handshake_timeout`), and until
-  one of its connections is usable again; while it is unreachable with no usable connection,
+  one of its connections is usable again; a call waits for a dial at most `dial_wait` (2 s),
+  then is refused (504, retried elsewhere by the sidecar) while the dial goes on; while it is
+  unreachable with no usable connection,
   a call fails at once (`PeerDownError`: the egress answers 503 with
   `Fedgate-Peer-Health: unreachable`) instead of waiting for a dial, while the pool re-dials
 * a connection dialled to an unreachable peer starts on probation: it carries calls only after
@@ -35,7 +37,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway.errors import PeerDownError, TunnelError
+from gateway.errors import PeerDownError, TunnelError, TunnelTimeoutError
 from gateway.health import ProbeHealth
 from gateway.transport import PeerTarget, Stream
 from mesh.naming import SpiffeId
@@ -90,6 +92,7 @@ class PeerPool:
         size: int = 1,
         log: Any = _log,
         redial_backoff: tuple[float, float] = (0.5, 8.0),
+        dial_wait: float | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a peer pool needs at least one connection per peer")
@@ -97,6 +100,9 @@ class PeerPool:
         self._size = size
         self._log = log
         self._backoff = redial_backoff  # first and longest wait between background re-dials
+        # How long a call waits for a dial (None: the dial's own handshake timeout); the dial
+        # goes on in the background for the next calls.
+        self._dial_wait = dial_wait
         self._down: dict[str, str] = {}  # unreachable peer cluster -> why
         self._dial_failures: dict[_Slot, int] = {}  # consecutive
         self._wanted: dict[str, PeerTarget] = {}  # the latest target of each peer called
@@ -161,7 +167,14 @@ class PeerPool:
         attempts = [
             self._connecting[s][1] for s in self._slots(target.cluster) if s in self._connecting
         ]
-        done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            attempts, timeout=self._dial_wait, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            # A dial over a silently dropped link would hold the call for the whole handshake
+            # timeout (5 s, as long as many clients wait): the call is refused, and retried
+            # elsewhere by the sidecar, once the dial took as long as a silent link may.
+            raise TunnelTimeoutError(f"peer gateway not connected within {self._dial_wait:g}s")
         first = sorted(done, key=lambda f: f.cancelled() or f.exception() is not None)[0]
         if first.cancelled():
             raise TunnelError("tunnel connect cancelled")

@@ -218,6 +218,24 @@ def test_an_answered_suspect_probe_proves_the_link_alive() -> None:
     assert h.suspect(10.0) is not None  # the next silence may probe again
 
 
+def test_a_periodic_probe_already_out_becomes_the_suspect_probe() -> None:
+    """No extra PING: the probe in flight is judged with the short timeout, from its send."""
+    h = ProbeHealth(HealthSettings(suspect_timeout=0.5))
+    periodic = h.tick(1.0)  # timeout 1 s: due at 2.0
+    assert h.suspect(1.2) is None  # nothing new to send
+    assert h.suspected == 1
+    assert h.suspect_expiry() == pytest.approx(1.5)
+    assert h.answered(periodic, 1.3)  # the silence ends with its answer
+    assert h.suspect_expiry() is None
+    assert h.healthy
+    late = h.tick(2.0)
+    assert h.suspect(2.9) is None
+    h.expire(2.9)  # already 0.9 s old: lost under the suspect timeout
+    assert not h.answered(late, 2.95)
+    assert not h.healthy
+    assert h.close_reason(Recorder()) is not None
+
+
 def test_a_suspect_probe_waits_two_round_trips_on_a_long_link() -> None:
     h = ProbeHealth(HealthSettings(suspect_timeout=0.5))
     run(h, "a", rtt=0.6)  # a 600 ms round trip

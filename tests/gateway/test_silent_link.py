@@ -230,6 +230,24 @@ async def test_a_call_on_a_silently_dropped_link_is_refused_fast_as_peer_unreach
 
 
 @pytest.mark.parametrize("link", ["tls", "quic"], indirect=True)
+async def test_a_call_that_waits_for_a_dial_over_a_silent_link_is_refused_fast(
+    link: Link,
+) -> None:
+    """No connection to west yet (calls went local until the drop): the first call's dial
+    hangs in its handshake (5 s); the call is refused after `dial_wait` (2 s), marked
+    peer-unreachable, and retried elsewhere by the sidecar."""
+    link.relay.silent = True
+    began = time.monotonic()
+    status, reason, _, writer = await connect_via(link.east)
+    took = time.monotonic() - began
+    await close_writer(writer)
+    print(f"\n{link.relay.__class__.__name__}: refused {took:.2f} s after: {status} {reason}")
+    assert status == 504
+    assert "not connected within 2s" in reason
+    assert took < REFUSED_WITHIN
+
+
+@pytest.mark.parametrize("link", ["tls", "quic"], indirect=True)
 async def test_a_request_on_a_stream_opened_before_the_drop_ends_fast(link: Link) -> None:
     """An inner connection pooled by a sidecar: its stream was answered before the link went
     silent; a request written on it then gets no answer, and the stream is reset within the
