@@ -107,8 +107,9 @@ def test_a_silently_dropped_wan_fails_no_call(chaos_rig: Path) -> None:
     `suspect_timeout` (0.5 s), closed (`gateway.liveness`); the stream's reset is a connect
     failure, or an unanswered request on a pooled connection, which the sidecar retries on
     another cluster. A call that finds no connection yet (the load's first calls went local)
-    waits for a dial at most `dial_wait` (2 s), not its 5 s handshake timeout. West is then unreachable for every sidecar of east (the peer-health feed)
-    ~2 s after the drop. Taking west back (by probes) costs no call."""
+    waits for a dial at most `dial_wait` (2 s), not its 5 s handshake timeout. West is then
+    unreachable for every sidecar of east (the peer-health feed) 1.4-3.5 s after the drop.
+    Taking west back (by probes) costs no call."""
     hold, seconds = 6.0, 14.0
     healed: list[Callable[[], None]] = []
     began_at, healed_at, avoided_at = [time.time()], [0.0], [0.0]
