@@ -147,8 +147,15 @@ class Gateway:
         self._egress_server: asyncio.Server | None = None
         self._ctx_cache: dict[tuple[Any, ...], ssl.SSLContext] = {}
         self.pools: dict[str, PeerPool] = {
-            "quic": PeerPool(self._dial, size=1, log=self.log),
-            "tls": PeerPool(self._dial_tls, size=settings.tls.connections_per_peer, log=self.log),
+            "quic": PeerPool(
+                self._dial, size=1, log=self.log, dial_wait=settings.tunnel.health.dial_wait
+            ),
+            "tls": PeerPool(
+                self._dial_tls,
+                size=settings.tls.connections_per_peer,
+                log=self.log,
+                dial_wait=settings.tls.health.dial_wait,
+            ),
         }
         self.passthrough = PassthroughDialer(settings.passthrough, log=self.log)
         every: dict[str, StreamDialer] = {**self.pools, "passthrough": self.passthrough}

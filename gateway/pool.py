@@ -11,13 +11,17 @@ Rules (per peer cluster, per slot `0..size-1`):
 * an established connection is lost            -> one immediate reconnect attempt in the
   background, so the next call finds a warm connection; on failure, re-dials in the
   background with a bounded backoff per slot (`redial_backoff`), which calls do not shorten
-* a connection fails its health probes (`gateway.health`: `unhealthy_threshold` in a row)
-  -> it takes no new stream at once; its driver closes it (only its streams reset), and it
-  is lost as above
+* a connection fails its health probes (`gateway.health`: `unhealthy_threshold` in a row,
+  or the liveness probe sent when the peer fell silent while streams waited,
+  `gateway.liveness`) -> it takes no new stream at once; its driver closes it (only its
+  streams reset), and it is lost as above; the peer's other connections are probed at once
+  (a dead WAN takes them all)
 Peer health (per peer cluster), what the egress routes on:
 * the peer is *unreachable* once a connection to it was closed as unhealthy or a dial failed
   (refused, or a handshake not finished within the transport's `handshake_timeout`), and until
-  one of its connections is usable again; while it is unreachable with no usable connection,
+  one of its connections is usable again; a call waits for a dial at most `dial_wait` (2 s),
+  then is refused (504, retried elsewhere by the sidecar) while the dial goes on; while it is
+  unreachable with no usable connection,
   a call fails at once (`PeerDownError`: the egress answers 503 with
   `Fedgate-Peer-Health: unreachable`) instead of waiting for a dial, while the pool re-dials
 * a connection dialled to an unreachable peer starts on probation: it carries calls only after
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway.errors import PeerDownError, TunnelError
+from gateway.errors import PeerDownError, TunnelError, TunnelTimeoutError
 from gateway.health import ProbeHealth
 from gateway.transport import PeerTarget, Stream
 from mesh.naming import SpiffeId
@@ -68,6 +72,8 @@ class PooledConnection(Protocol):
 
     def retire(self) -> None: ...
 
+    def suspect(self) -> None: ...
+
     def revalidate(self) -> str | None: ...
 
     async def wait_closed(self) -> None: ...
@@ -86,6 +92,7 @@ class PeerPool:
         size: int = 1,
         log: Any = _log,
         redial_backoff: tuple[float, float] = (0.5, 8.0),
+        dial_wait: float | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a peer pool needs at least one connection per peer")
@@ -93,6 +100,9 @@ class PeerPool:
         self._size = size
         self._log = log
         self._backoff = redial_backoff  # first and longest wait between background re-dials
+        # How long a call waits for a dial (None: the dial's own handshake timeout); the dial
+        # goes on in the background for the next calls.
+        self._dial_wait = dial_wait
         self._down: dict[str, str] = {}  # unreachable peer cluster -> why
         self._dial_failures: dict[_Slot, int] = {}  # consecutive
         self._wanted: dict[str, PeerTarget] = {}  # the latest target of each peer called
@@ -157,7 +167,14 @@ class PeerPool:
         attempts = [
             self._connecting[s][1] for s in self._slots(target.cluster) if s in self._connecting
         ]
-        done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            attempts, timeout=self._dial_wait, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            # A dial over a silently dropped link would hold the call for the whole handshake
+            # timeout (5 s, as long as many clients wait): the call is refused, and retried
+            # elsewhere by the sidecar, once the dial took as long as a silent link may.
+            raise TunnelTimeoutError(f"peer gateway not connected within {self._dial_wait:g}s")
         first = sorted(done, key=lambda f: f.cancelled() or f.exception() is not None)[0]
         if first.cancelled():
             raise TunnelError("tunnel connect cancelled")
@@ -244,6 +261,9 @@ class PeerPool:
         self._log.info("tunnel lost", peer=target.cluster, reason=conn.close_reason)
         if not conn.health.healthy:
             self._mark_down(target.cluster, conn.close_reason)
+            for other in self.connections_to(target.cluster):
+                if other.usable:
+                    other.suspect()  # the same path: find out now, not after 3 probes
         if not self._closing and slot not in self._connecting:
             self._start(slot, target)  # warm reconnect; a failure is logged, the next call retries
 

@@ -17,7 +17,8 @@ Backpressure: a stream's backlog is what waits for the peer's credit, plus the c
 TCP write buffer while it is above its high-water mark; receive credit is held while the sink's
 TCP write buffer is full (`hold_credit`/`release_credit`). Health: the client PINGs every
 `health.probe_interval` (`gateway.health` decides; a connection that misses
-`unhealthy_threshold` probes in a row is closed, its streams reset, and the pool re-dials);
+`unhealthy_threshold` probes in a row is closed, its streams reset, and the pool re-dials),
+and at once when the peer is silent while streams wait (`gateway.liveness`);
 either side closes a connection that received nothing for `idle_timeout`. Not here: the
 listener and `connect` (`gateway.tls_server`), pooling (`gateway.pool`), the TCP side
 (`gateway.splice`), nor what `sidecar.smux` shares (`mesh.muxconn.MuxDriver`: the streams'
@@ -43,6 +44,7 @@ from ca.tls import peer_identity
 from ca.verify import verify_chain
 from gateway.errors import TunnelError
 from gateway.health import HealthSettings, ProbeHealth
+from gateway.liveness import LinkWatch
 from gateway.mux_stream import MuxStream
 from gateway.quic_mtls import PeerPolicy
 from gateway.transport import HeaderPhase, StreamHandler
@@ -136,8 +138,11 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         self._closed = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = self._loop.time()
+        self._dialled_at = time.monotonic()
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
+        # Client side: a silent peer while streams wait is probed at once (`gateway.liveness`).
+        self._watch = LinkWatch(self.health, self._ping, self.streams, self._health_changed)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -176,7 +181,13 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             stream_id = self.mux.open_stream()
         except mux.MuxError as e:
             raise TunnelError(f"tunnel connection takes no new streams: {e}") from e
+        self._watch.opened()
         return self._add(stream_id)
+
+    def suspect(self) -> None:
+        """Probe the link now, with the short timeout of a suspect link (`gateway.liveness`)."""
+        if self._is_client and self.connected and not self.closed:
+            self._watch.suspect()
 
     def drain(self, reason: str = "draining") -> None:
         """Server side: the peer opens no new stream here (GOAWAY); close once idle."""
@@ -218,6 +229,7 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         if peer:
             self.log = self.log.bind(peer_addr=f"{peer[0]}:{peer[1]}")
         self._timer = self._loop.call_later(self.settings.handshake_timeout, self._tick)
+        self._dialled_at = time.monotonic()
         if self._is_client:
             self._advance_handshake()
             self._flush()
@@ -232,6 +244,7 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         if self.closed:
             return
         self._last_rx = self._loop.time()
+        self._watch.last_heard = time.monotonic()
         self._incoming.write(data)
         if not self._handshake_done:
             self._advance_handshake()
@@ -298,6 +311,8 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
         self.log.info("tunnel connected", peer_identity=uri, transport="tls")
         if not self._connected.done():
             self._connected.set_result(None)
+        if self._is_client:
+            self.health.seed_rtt(time.monotonic() - self._dialled_at)
         self._arm_timer()
 
     def _refuse(self, reason: str, *, tell_peer: bool) -> None:
@@ -409,10 +424,13 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
             probe = self.health.tick(time.monotonic())
             if self._health_changed():
                 return
-            self.counters["probes"] += 1
-            self.mux.ping(probe)
-            self._flush()
+            self._ping(probe)
         self._arm_timer()
+
+    def _ping(self, probe: int) -> None:
+        self.counters["probes"] += 1
+        self.mux.ping(probe)
+        self._flush()
 
     def _health_changed(self) -> bool:
         """Act on the probes' verdict (`gateway.health`); True if the connection was closed."""
@@ -429,6 +447,7 @@ class TlsTunnelConnection(MuxDriver[MuxStream], asyncio.BufferedProtocol):
     def _terminated(self, reason: str) -> None:
         if self.closed:
             return
+        self._watch.cancel()
         streams = self._end(reason)
         self._closed.set()
         if self._timer is not None:

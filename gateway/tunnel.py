@@ -56,6 +56,7 @@ from ca.errors import CertificateExpiredError, VerificationError
 from gateway import quic_socket, quic_udp
 from gateway.errors import TunnelError, TunnelTimeoutError
 from gateway.health import HealthSettings, ProbeHealth
+from gateway.liveness import LinkWatch
 from gateway.quic_ack import AckingQuicConnection, new_connection
 from gateway.quic_flow import TunnelQuicConnection
 from gateway.quic_mtls import PeerPolicy
@@ -170,8 +171,11 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self._watched: set[TunnelStream] = set()
         self._next_peer_stream = 0
         self._refused = 0
+        self._dialled_at = _clock()
         self.health = ProbeHealth(settings.health)  # client side: our probes of the peer
         self.rtt: float | None = None  # seconds, smoothed, from the probes (client side)
+        # Client side: a silent peer while streams wait is probed at once (`gateway.liveness`).
+        self._watch = LinkWatch(self.health, self._send_probe, self.streams, self._health_changed)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -205,7 +209,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         stream = TunnelStream(self, stream_id)
         self.streams[stream_id] = stream
         self.counters["streams"] += 1
+        self._watch.opened()
         return stream
+
+    def suspect(self) -> None:
+        """Probe the link now, with the short timeout of a suspect link (`gateway.liveness`)."""
+        if self.quic.configuration.is_client and self.connected and not self.closed:
+            self._watch.suspect()
 
     def close(self, reason: str, code: int = CLOSE_SHUTDOWN) -> None:
         if not self.close_reason:
@@ -270,11 +280,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         return self.quic.max_datagram_size
 
     def connect(self, addr: NetworkAddress) -> None:
+        self._dialled_at = _clock()
         self.quic.connect(addr, now=_clock())
         self.transmit()
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         self._refused = 0
+        self._watch.last_heard = _clock()
         try:
             self.quic.receive_datagram(cast(bytes, data), addr, now=_clock())
         except Exception as e:  # aioquic bug or unexpected input: lose this connection only
@@ -496,6 +508,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         if not self._connected.done():
             self._connected.set_result(None)
         if self.quic.configuration.is_client:
+            self.health.seed_rtt(_clock() - self._dialled_at)
             self._schedule_keepalive()
 
     def _on_stream_data(self, event: events.StreamDataReceived) -> None:
@@ -578,10 +591,13 @@ class TunnelConnection(asyncio.DatagramProtocol):
         uid = self.health.tick(_clock())
         if self._health_changed():
             return
+        self._send_probe(uid)
+        self._schedule_keepalive()
+
+    def _send_probe(self, uid: int) -> None:
         self.counters["probes"] += 1
         self.quic.send_ping(uid)
         self.transmit()
-        self._schedule_keepalive()
 
     def _health_changed(self) -> bool:
         """Act on the probes' verdict (`gateway.health`); True if the connection was closed:
@@ -605,6 +621,7 @@ class TunnelConnection(asyncio.DatagramProtocol):
         self.close_reason = self.close_reason or reason
         self._closed.set()
         self._cancel_keepalive()
+        self._watch.cancel()
         for handle in (self._timer, self._transmit_handle, self._flush_handle):
             if handle is not None:
                 handle.cancel()

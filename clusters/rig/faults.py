@@ -151,8 +151,8 @@ def wan_drop(rig: Path) -> Callable[[], None]:
 def redis_in_both(rig: Path, command: bringup.RigCommand) -> None:
     """Redis in east and west, 70 % local / 30 % remote: an opaque TCP service whose remote
     failure has a way out."""
-    for cluster in ("east", "west"):
-        bringup.add_redis(rig, command, cluster)
+    for n, cluster in enumerate(("east", "west"), 1):
+        bringup.add_redis(rig, command, cluster, expected=n)
     repo = config_repo.repo_dir(rig)
     config_repo.commit(repo, {"policies/redis.yaml": REDIS_POLICY}, "redis 70/30")
     bringup.wait_routes(rig, "redis", bringup.DEMO_NAMESPACE, 2)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.health import HealthSettings, ProbeHealth, State
+from gateway.health import HealthSettings, ProbeHealth, State, silent
 
 S = HealthSettings(probe_interval=1.0, unhealthy_threshold=3, healthy_threshold=2, window=10)
 
@@ -123,6 +123,10 @@ def test_settings_are_checked() -> None:
         HealthSettings(probe_timeout=0)
     with pytest.raises(ValueError, match="unhealthy_threshold"):
         HealthSettings(unhealthy_threshold=0)
+    with pytest.raises(ValueError, match="silence_timeout"):
+        HealthSettings(silence_timeout=0)
+    with pytest.raises(ValueError, match="suspect_timeout"):
+        HealthSettings(suspect_timeout=-1)
 
 
 @given(st.lists(st.booleans(), max_size=60))
@@ -167,3 +171,84 @@ def test_close_reason_logs_each_transition_once_and_says_when_to_close() -> None
     run(h, "aa", start=4.0)  # recovered before the driver closed it
     assert h.close_reason(log) is None
     assert [(lvl, ev) for lvl, ev, _ in log.lines][1:] == [("info", "tunnel connection healthy")]
+
+
+# --- silence and suspect probes -------------------------------------------------------------
+
+
+def test_a_connection_carrying_streams_is_suspect_after_the_silence_timeout() -> None:
+    assert silent(0.0, 0, 5.0, 1.0) == (False, None)  # no stream: nothing waits on the peer
+    assert silent(0.0, 2, 0.5, 1.0) == (False, 1.0)  # look again when the silence is due
+    assert silent(0.0, 2, 1.0, 1.0) == (True, 2.0)  # suspect; look again a timeout later
+    # A timer may fire a clock tick early (`TIMER_SLACK`): that still counts as due.
+    assert silent(0.0, 1, 0.998, 1.0)[0]
+    assert silent(0.9, 1, 1.5, 1.0) == (False, 1.9)  # heard since: the clock restarted
+
+
+def test_an_unanswered_suspect_probe_closes_the_connection_at_once() -> None:
+    s = HealthSettings(suspect_timeout=0.5)
+    h, log = ProbeHealth(s), Recorder()
+    run(h, "a")  # a healthy link, now silent: t = 1.0
+    probe = h.suspect(2.0)
+    assert probe is not None
+    assert h.suspect(2.1) is None  # one at a time
+    assert h.suspect_expiry() == pytest.approx(2.5)
+    h.expire(2.4)
+    assert h.healthy
+    assert h.close_reason(log) is None
+    h.expire(2.5)
+    assert not h.healthy  # 1 miss, not `unhealthy_threshold`: the silence was the evidence
+    assert h.changes() == [State.UNHEALTHY]
+    assert h.suspect_expiry() is None
+    assert h.suspect(2.6) is None  # unhealthy already: nothing to check
+    assert h.close_reason(log) == (
+        "unhealthy: peer silent for 1s and a liveness probe unanswered for 0.5s"
+    )
+
+
+def test_an_answered_suspect_probe_proves_the_link_alive() -> None:
+    h = ProbeHealth(HealthSettings(suspect_timeout=0.5))
+    probe = h.suspect(1.0)
+    assert probe is not None
+    assert h.answered(probe, 1.02)
+    h.expire(10.0)
+    assert h.healthy
+    assert h.close_reason(Recorder()) is None
+    assert h.suspected == 1
+    assert h.suspect(10.0) is not None  # the next silence may probe again
+
+
+def test_a_periodic_probe_already_out_becomes_the_suspect_probe() -> None:
+    """No extra PING: the probe in flight is judged with the short timeout, from its send."""
+    h = ProbeHealth(HealthSettings(suspect_timeout=0.5))
+    periodic = h.tick(1.0)  # timeout 1 s: due at 2.0
+    assert h.suspect(1.2) is None  # nothing new to send
+    assert h.suspected == 1
+    assert h.suspect_expiry() == pytest.approx(1.5)
+    assert h.answered(periodic, 1.3)  # the silence ends with its answer
+    assert h.suspect_expiry() is None
+    assert h.healthy
+    late = h.tick(2.0)
+    assert h.suspect(2.9) is None
+    h.expire(2.9)  # already 0.9 s old: lost under the suspect timeout
+    assert not h.answered(late, 2.95)
+    assert not h.healthy
+    assert h.close_reason(Recorder()) is not None
+
+
+def test_a_suspect_probe_waits_two_round_trips_on_a_long_link() -> None:
+    h = ProbeHealth(HealthSettings(suspect_timeout=0.5))
+    run(h, "a", rtt=0.6)  # a 600 ms round trip
+    probe = h.suspect(2.0)
+    assert probe is not None
+    assert h.suspect_expiry() == pytest.approx(2.0 + 1.2)
+    h.expire(2.7)
+    assert h.answered(probe, 2.6)  # answered after one round trip: not lost
+    assert h.healthy
+
+
+def test_a_connection_on_probation_is_not_suspected() -> None:
+    h = ProbeHealth(S)
+    h.start_probation()
+    assert h.suspect(0.0) is None  # it carries no stream; its own probes decide
+    assert h.close_reason(Recorder()) is None
