@@ -4,7 +4,8 @@ usage:
   identity_client.py hold HOST PORT SECONDS
       one long-lived Redis connection sending PING every 0.2 s for SECONDS (stops early if it
       fails), plus a fresh connection with one PING every 2 s (new handshakes); says
-      "connected" on stderr once the first PING was answered.
+      "connected" on stderr once the first PING was answered; reports how long it held
+      (`held_s`: a test may end it early with SIGTERM).
   identity_client.py calls SECONDS URL_OR_REDIS...
       back-to-back short calls, round robin over the targets (`http://...` GET, or
       `redis://host:port` PING), each on a new connection.
@@ -71,6 +72,7 @@ def hold(host: str, port: int, seconds: float) -> dict[str, object]:
             time.sleep(0.2)
     finally:
         sock.close()
+    out["held_s"] = round(time.monotonic() - start, 2)
     return out
 
 
