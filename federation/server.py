@@ -302,6 +302,12 @@ class ConfigDiscoveryServicer(_ServicerBase):
                     raise AssertionError(f"unknown session event {event!r}")
 
 
+# Proxies ping every 30 s (`federation.api.wire.KEEPALIVE_INTERVAL`) to notice a dead
+# controller on an idle stream; gRPC's default (one ping per 5 min without data) would answer
+# them with GOAWAY too_many_pings.
+MIN_PING_INTERVAL = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigServer:
     server: grpc.aio.Server
@@ -315,19 +321,20 @@ async def serve(
     servicer: ConfigDiscoveryServicer,
     listen: str,
     credentials: grpc.ServerCredentials | None,
+    min_ping_interval: float = MIN_PING_INTERVAL,
 ) -> ConfigServer:
     """Start a gRPC server for `servicer` on `listen` ("127.0.0.1:0" picks a free port).
 
     `credentials` are the controller's mTLS server credentials; None serves plaintext, which
-    only tests on loopback should do.
+    only tests on loopback should do. `min_ping_interval` (seconds) is the closest two client
+    pings without data may come before GOAWAY too_many_pings: a test scales it down to see
+    the policy in seconds rather than tens of seconds.
     """
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.keepalive_time_ms", 30_000),
-            # Proxies ping every 30 s to notice a dead controller on an idle stream; gRPC's
-            # default (one ping per 5 min without data) would answer with GOAWAY too_many_pings.
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", round(min_ping_interval * 1000)),
         ]
     )
     add_ConfigDiscoveryServicer_to_server(servicer, server)

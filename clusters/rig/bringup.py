@@ -411,9 +411,9 @@ REDIS_ARGV = (
 )
 
 
-def add_redis(rigdir: Path, command: RigCommand, cluster: str, expected: int = 1) -> None:
-    """Pod `<cluster>/redis` running Redis, exported as redis.demo:6379, routed everywhere
-    (once every client routes to `expected` Redis endpoints: this and those added before)."""
+def add_redis(rigdir: Path, command: RigCommand, cluster: str, endpoints: int = 1) -> None:
+    """Pod `<cluster>/redis` running Redis, exported as redis.demo:6379; returns once every
+    client routes redis.demo to `endpoints` endpoints (this one and any added before)."""
     add_pod(
         rigdir,
         command,
@@ -424,4 +424,4 @@ def add_redis(rigdir: Path, command: RigCommand, cluster: str, expected: int = 1
         list(REDIS_ARGV),
         (f"redis.{DEMO_NAMESPACE}", ServicePort("tcp", 6379, "TCP")),
     )
-    wait_routes(rigdir, "redis", DEMO_NAMESPACE, expected)
+    wait_routes(rigdir, "redis", DEMO_NAMESPACE, endpoints)

@@ -35,10 +35,13 @@ spec:
 """
 
 # One call per iteration (h2: 10 concurrent streams), a new client connection each; one JSON
-# line per call: time, ok, why. Bounded by its `seconds` argument.
+# line per call: time, ok, why. Bounded by its `seconds` argument; SIGTERM ends it after the
+# call under way (a test that has seen what it asserts needs no more).
 LOAD = r"""
-import json, subprocess, sys, time, urllib.request, urllib.error
+import json, signal, subprocess, sys, time, urllib.request, urllib.error
 mode, target, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def calls():
@@ -58,7 +61,7 @@ def calls():
     return [(line.startswith("200"), line.strip()) for line in out.stdout.splitlines()]
 
 end = time.monotonic() + seconds
-while time.monotonic() < end:
+while time.monotonic() < end and not stop:
     t = time.time()
     try:
         got = calls()
@@ -151,8 +154,9 @@ def wan_drop(rig: Path) -> Callable[[], None]:
 def redis_in_both(rig: Path, command: bringup.RigCommand) -> None:
     """Redis in east and west, 70 % local / 30 % remote: an opaque TCP service whose remote
     failure has a way out."""
-    for n, cluster in enumerate(("east", "west"), 1):
-        bringup.add_redis(rig, command, cluster, expected=n)
+    # The second waits for both: a client may learn west's before the wait saw east's alone.
+    for endpoints, cluster in enumerate(("east", "west"), start=1):
+        bringup.add_redis(rig, command, cluster, endpoints)
     repo = config_repo.repo_dir(rig)
     config_repo.commit(repo, {"policies/redis.yaml": REDIS_POLICY}, "redis 70/30")
     bringup.wait_routes(rig, "redis", bringup.DEMO_NAMESPACE, 2)

@@ -177,6 +177,7 @@ def down(rigdir: Path, prefix: str | None = None) -> list[str]:
         # All at once (one shared grace period), and only pids that are still ours.
         procs.terminate([p.pid for p in current.processes if procs.owned(p)])
     removed = netns.delete_all(prefix or topology.DEFAULT_PREFIX)
+    procs.reap()  # processes of the rig that died and were restarted by the supervisor
     shutil.rmtree(etcd_data_dir(rigdir, "etcd").parent, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

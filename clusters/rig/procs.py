@@ -114,6 +114,16 @@ def _spawn(
     return proc
 
 
+def reap() -> list[int]:
+    """Wait for every child of this interpreter that has exited; return their pids. A child
+    killed and then replaced by the rig's supervisor is never polled by pid again: without
+    this it stays a zombie, and its Popen warns "still running" when the interpreter exits."""
+    done = [pid for pid, child in _children.items() if child.poll() is not None]
+    for pid in done:
+        del _children[pid]
+    return done
+
+
 def adopt(proc: subprocess.Popen[bytes]) -> None:
     """Track a child started elsewhere in this interpreter, so `alive` reaps it."""
     _children[proc.pid] = proc

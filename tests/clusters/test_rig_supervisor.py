@@ -167,6 +167,7 @@ def test_the_supervisor_process_restarts_and_down_stops_it_and_removes_etcd_data
     assert '"restarted"' in (rigdir / "logs" / "supervisor.log").read_text()
 
     lifecycle.down(rigdir)
+    assert first not in procs.reap()  # the killed one was reaped by `down` (no zombie left)
     assert not procs.alive(sup)
     assert not procs.alive(record.pid)
     assert not data.exists()

@@ -4,7 +4,8 @@ usage:
   identity_client.py hold HOST PORT SECONDS
       one long-lived Redis connection sending PING every 0.2 s for SECONDS (stops early if it
       fails), plus a fresh connection with one PING every 2 s (new handshakes); says
-      "connected" on stderr once the first PING was answered.
+      "connected" on stderr once the first PING was answered; reports how long it held
+      from then (`held_s`: a test may end it early with SIGTERM).
   identity_client.py calls SECONDS URL_OR_REDIS...
       back-to-back short calls, round robin over the targets (`http://...` GET, or
       `redis://host:port` PING), each on a new connection.
@@ -50,6 +51,7 @@ def hold(host: str, port: int, seconds: float) -> dict[str, object]:
     start = time.monotonic()
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     next_fresh = start + 2
+    connected = start
     try:
         while time.monotonic() - start < seconds and not _stop:
             try:
@@ -60,6 +62,7 @@ def hold(host: str, port: int, seconds: float) -> dict[str, object]:
                 break
             out["pings"] = int(out["pings"]) + 1  # type: ignore[call-overload]
             if out["pings"] == 1:
+                connected = time.monotonic()
                 print("connected", file=sys.stderr, flush=True)
             if time.monotonic() >= next_fresh:
                 next_fresh += 2
@@ -71,6 +74,7 @@ def hold(host: str, port: int, seconds: float) -> dict[str, object]:
             time.sleep(0.2)
     finally:
         sock.close()
+    out["held_s"] = round(time.monotonic() - connected, 2) if out["pings"] else 0.0
     return out
 
 

@@ -48,10 +48,16 @@ def chaos_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def around(
-    rig: Path, mode: str, target: str, seconds: float, fault: Callable[[], None]
+    rig: Path,
+    mode: str,
+    target: str,
+    seconds: float,
+    fault: Callable[[], None],
+    enough: Callable[[list[faults.Call], float], bool] | None = None,
 ) -> tuple[list[faults.Call], float]:
     """The calls of a `seconds` loop from east/client with `fault` run once 3 calls answered,
-    and the wall-clock time the fault began."""
+    and the wall-clock time the fault began. With `enough(calls, began)`, the loop is ended
+    (after its call under way) as soon as the calls so far satisfy it."""
     load = faults.start_load(rig, "east", mode, target, seconds)
     assert load.stdout is not None
     try:
@@ -59,12 +65,28 @@ def around(
         assert all(first), f"the load ended early: {first}"
         began = time.time()
         fault()
+        lines = list(first)
+        while enough is not None and (line := load.stdout.readline()):
+            lines.append(line)
+            if enough(faults.calls("".join(lines)), began):
+                load.terminate()
+                break
         rest, _ = load.communicate(timeout=seconds + 60)
     except BaseException:
         load.kill()
         load.communicate()
         raise
-    return faults.calls("".join(first) + rest), began
+    return faults.calls("".join(lines) + rest), began
+
+
+def went_on(seconds: float) -> Callable[[list[faults.Call], float], bool]:
+    """Enough once calls went on `seconds` past the fault, 20 of them after `RACE` (asserted)."""
+
+    def enough(got: list[faults.Call], began: float) -> bool:
+        late = [c for c in got if c.t > began + RACE]
+        return len(late) >= 20 and late[-1].t > began + seconds
+
+    return enough
 
 
 def report(what: str, got: list[faults.Call], began: float) -> list[faults.Call]:
@@ -152,14 +174,20 @@ def test_new_tcp_connections_fail_none_a_second_after_a_remote_gateway_dies(
     call) while west's gateway is SIGKILLed. A failed dial to the dead gateway is retried
     elsewhere before the client's connection is answered; a connection racing the kill may
     fail, none started `RACE` seconds after it."""
-    seconds = 15.0
+    seconds = 15.0  # at most: the calls end once they went on two of the old 5 s rounds
     got, began = around(
-        chaos_rig, "redis", REDIS, seconds, lambda: faults.kill("west-gateway")(chaos_rig)
+        chaos_rig,
+        "redis",
+        REDIS,
+        seconds,
+        lambda: faults.kill("west-gateway")(chaos_rig),
+        went_on(RACE + 2 * 5.0),
     )
     failed = report("west's gateway SIGKILLed, redis-cli", got, began)
     late = [c for c in failed if c.t > began + RACE]
     assert late == [], f"{len(failed)} failed: {failed[:3]}"
     assert len([c for c in got if c.t > began + RACE]) >= 20
+    assert got[-1].t > began + RACE + 2 * 5.0  # the calls went on past the old 5 s rounds
     control.restart(chaos_rig, "west-gateway")
     west_reachable(chaos_rig)
 
@@ -188,7 +216,7 @@ def test_a_whole_cluster_killed_fails_only_calls_in_flight_and_leaves_routing_in
         )
         out_at.append(time.time())
 
-    got, began = around(chaos_rig, "http", ECHO, seconds, kill_west)
+    got, began = around(chaos_rig, "http", ECHO, seconds, kill_west, went_on(RACE + 2 * 5.0))
     failed = report("west killed whole", got, began)
     out_of_routing = out_at[0] - began
     print(f"west out of routing {out_of_routing:.1f} s after the kill")

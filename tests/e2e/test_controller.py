@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ import pytest
 from clusters.rig import bringup, control, lifecycle
 from mesh.model import ServicePort
 from tests.e2e.conftest import PREFIX, _why_no_rig, rig_command
+from tests.e2e.ha_traffic import around, calls_after, count, drained, flowing, outcomes, traffic
 from tests.helpers import until_sync
 
 pytestmark = pytest.mark.rig
@@ -35,6 +33,7 @@ HA_PREFIX = (PREFIX + "h")[:8]
 SOLO = "http://solo.demo.svc.clusterset.local:9090/"
 ECHO = f"http://echo.demo.svc.clusterset.local:{bringup.ECHO_PORT}/"
 RACE = 1.0  # seconds after a fault: the traffic must go on past it
+AFTER = 4.0  # seconds the traffic goes on once a fault's effect was seen
 PUSH = 2.0  # seconds allowed for one debounced sync and its push to every sidecar
 
 
@@ -173,75 +172,6 @@ def test_fedgate_status_shows_leader_clusters_and_services(ha_rig: Path) -> None
     assert f"leader    {leader['id']}" in text
 
 
-def traffic(
-    rig: Path, seconds: float, cluster: str = "east", url: str = SOLO
-) -> subprocess.Popen[str]:
-    """A bounded loop of calls from `cluster`'s client (by default: from east to the west-only
-    service), one line per call."""
-    record = lifecycle.load(rig).pod(cluster, "client")
-    assert record is not None
-    script = (
-        f"end=$(( $(date +%s) + {int(seconds)} )); "
-        f'while [ "$(date +%s)" -lt "$end" ]; do '
-        f"curl -s --noproxy '*' --max-time 5 {url} || echo FAILED; echo; sleep 0.05; done"
-    )
-    return subprocess.Popen(
-        ["ip", "netns", "exec", record.netns, "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def flowing(proc: subprocess.Popen[str], calls: int, timeout: float = 15.0) -> list[str]:
-    """The first `calls` answers' lines, once they came (the traffic is flowing)."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while len([x for x in lines if x.strip()]) < calls:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"only {len(lines)} lines of traffic within {timeout} s: {lines}"
-        line = proc.stdout.readline()
-        assert line, f"the traffic ended early: {lines}"
-        lines.append(line)
-    return lines
-
-
-def outcomes(proc: subprocess.Popen[str], seen: list[str] | None = None) -> tuple[int, list[str]]:
-    """(answers from west, failed calls' lines) of a finished traffic loop."""
-    out, _ = proc.communicate(timeout=60)
-    return count([*(seen or []), *out.splitlines()])
-
-
-def drained(
-    proc: subprocess.Popen[str], stamps: list[float] | None = None
-) -> tuple[threading.Thread, list[str]]:
-    """Read a traffic loop's lines as they come (a full pipe would stall the loop); with
-    `stamps`, the monotonic time each line arrived."""
-    lines: list[str] = []
-    assert proc.stdout is not None
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.append(line)
-            if stamps is not None:
-                stamps.append(time.monotonic())
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    return thread, lines
-
-
-def count(lines: list[str]) -> tuple[int, list[str]]:
-    ok, failed = 0, []
-    for line in filter(None, (x.strip() for x in lines)):
-        try:
-            ok += json.loads(line)["cluster"] == "west"
-        except (ValueError, KeyError, TypeError):
-            failed.append(line)
-    return ok, failed
-
-
 def west_state(rig: Path, prefix: str = HA_PREFIX) -> tuple[bool, str]:
     """(routed, liveness state) of west in every controller replica's admin `/config` (a
     direct read: `fedgate status` takes seconds on a loaded machine)."""
@@ -262,15 +192,16 @@ def west_state(rig: Path, prefix: str = HA_PREFIX) -> tuple[bool, str]:
 def test_a_killed_agent_fails_no_call_and_its_cluster_stays_routed(ha_rig: Path) -> None:
     """Issue 15: a dead agent means "agent gone", not "cluster gone" (docs/controller.md)."""
     wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
-    # Past the lease's expiry, with margin.
+    # At most past the lease's expiry with margin; stopped `AFTER` s after west is Detached.
     seconds = bringup.LEASE_TTL + 15
     loops = {
-        "east": traffic(ha_rig, seconds),  # to the west-only service, across the WAN
+        "east": traffic(ha_rig, seconds, "east", SOLO),  # the west-only service, across the WAN
         "west": traffic(ha_rig, seconds, "west", ECHO),  # west's own local and remote calls
     }
+    stamps: dict[str, list[float]] = {name: [] for name in loops}
     try:
-        seen = {name: flowing(proc, 5) for name, proc in loops.items()}
-        readers = {name: drained(proc) for name, proc in loops.items()}
+        seen = {name: flowing(loop.proc, 5) for name, loop in loops.items()}
+        readers = {name: drained(loop.proc, stamps[name]) for name, loop in loops.items()}
         kill(ha_rig, "west-agent")  # no chance to revoke its lease: it expires
         killed = time.monotonic()
         until_sync(
@@ -282,22 +213,28 @@ def test_a_killed_agent_fails_no_call_and_its_cluster_stays_routed(ha_rig: Path)
             ignoring=(subprocess.CalledProcessError,),
         )
         detached = time.monotonic() - killed
+        time.sleep(AFTER)  # the calls go on past the expiry
+        for loop in loops.values():
+            loop.stop()
     except BaseException:
-        for proc in loops.values():
-            proc.kill()
-            proc.communicate()
+        for loop in loops.values():
+            loop.proc.kill()
+            loop.proc.communicate()
         raise
     results = {}
-    for name, proc in loops.items():
-        proc.wait(timeout=seconds + 30)
+    for name, loop in loops.items():
+        loop.proc.wait(timeout=seconds + 30)
         thread, lines = readers[name]
         thread.join(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        assert loop.proc.stdout is not None
+        loop.proc.stdout.close()
         results[name] = count([*seen[name], *lines])
     ran = time.monotonic() - killed
     print(f"west Detached {detached:.1f} s after its agent died; calls {results}")
     assert ran > detached + 3, "the traffic must go on after the lease expired"
+    for name, arrived in stamps.items():
+        later = len([t for t in arrived if t > killed + detached])
+        assert later >= 10, f"{name}/client: {later} calls after west was Detached"
     for name, (_, failed) in results.items():
         assert failed == [], f"{name}/client: {len(failed)} failed calls: {failed[:3]}"
     assert results["east"][0] >= 20  # east reached the west-only service all along
@@ -327,39 +264,6 @@ def call(rig: Path, cluster: str, url: str) -> str:
     return out.stdout if out.returncode == 0 else "FAILED"
 
 
-@dataclass
-class Run:
-    """The calls of one traffic loop around a fault: each line and when it arrived."""
-
-    lines: list[str]
-    stamps: list[float]  # monotonic arrival of each of `lines`
-    fault_at: float  # monotonic time the fault began
-
-    def failures(self) -> tuple[list[str], list[float]]:
-        """The failed calls' lines, and seconds after the fault each arrived."""
-        failed = [(x, t) for x, t in zip(self.lines, self.stamps, strict=True) if count([x])[1]]
-        return [x for x, _ in failed], [round(t - self.fault_at, 2) for _, t in failed]
-
-
-def around(proc: subprocess.Popen[str], seconds: float, fault: Callable[[], None]) -> Run:
-    """Run `fault` while the traffic loop `proc` flows; every line once the loop ended."""
-    try:
-        seen = flowing(proc, 5)
-        stamps: list[float] = []
-        thread, lines = drained(proc, stamps)
-        fault_at = time.monotonic()
-        fault()
-        proc.wait(timeout=seconds + 30)
-        thread.join(timeout=10)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.stdout is not None
-    proc.stdout.close()
-    return Run([*seen, *lines], [fault_at] * len(seen) + stamps, fault_at)
-
-
 def west_reachable_again(rig: Path) -> None:
     """Once east's calls reach the west-only service again (a test restored west's gateway)."""
     until_sync(
@@ -379,13 +283,20 @@ def test_a_killed_remote_gateway_costs_no_call(ha_rig: Path) -> None:
     refused by east's gateway and its retry goes to another cluster (default retries on
     connect-failure, Envoy's previous-hosts predicate extended to clusters)."""
     wait_all(ha_rig, lambda c, p: west_endpoints(ha_rig, c, p) == 2, 10)  # all settled
-    seconds = 20  # several of the old 5 s re-admission rounds
-    proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
-    run = around(proc, seconds, lambda: kill(ha_rig, "west-gateway"))
+    seconds = 20
+    loop = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+    rounds = RACE + 2 * 5.0  # two of the old 5 s re-admission rounds after the race
+
+    def enough(lines: list[str], stamps: list[float], fault_at: float) -> bool:
+        late = calls_after(lines, stamps, fault_at + RACE)
+        return time.monotonic() > fault_at + rounds and late >= 20
+
+    run = around(loop, seconds, lambda: kill(ha_rig, "west-gateway"), enough)
     failed, when = run.failures()
     print(f"west's gateway killed: {len(run.lines)} calls, {len(failed)} failed", when)
     assert failed == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
     assert len([t for t in run.stamps if t > run.fault_at + RACE]) >= 20  # the traffic went on
+    assert run.stamps[-1] > run.fault_at + rounds  # past the rounds that used to fail a call
     control.restart(ha_rig, "west-gateway")
     west_reachable_again(ha_rig)
 
@@ -409,9 +320,13 @@ def test_a_hung_remote_gateway_costs_no_call(ha_rig: Path) -> None:
     seconds = 20
     record = lifecycle.load(ha_rig).process("west-gateway")
     assert record is not None
-    proc = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+    loop = traffic(ha_rig, seconds, "east", ECHO)  # 70 % local, 30 % to west
+
+    def enough(lines: list[str], stamps: list[float], fault_at: float) -> bool:
+        return calls_after(lines, stamps, fault_at + 10) >= 20  # asserted below
+
     try:
-        run = around(proc, seconds, lambda: os.kill(record.pid, signal.SIGSTOP))
+        run = around(loop, seconds, lambda: os.kill(record.pid, signal.SIGSTOP), enough)
     finally:
         os.kill(record.pid, signal.SIGCONT)
     failed, when = run.failures()
@@ -431,7 +346,7 @@ def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> No
     agents = [lifecycle.log_path(ha_rig, f"{c}-agent") for c in ("east", "west")]
     lapsed_before = [log.read_text().count("lease expired") for log in agents]
     seconds = outage + 15
-    proc = traffic(ha_rig, seconds)  # east to the west-only service
+    loop = traffic(ha_rig, seconds, "east", SOLO)
     back = [0.0]
 
     def outage_of_etcd() -> None:
@@ -442,7 +357,7 @@ def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> No
             control.restart(ha_rig, member.process)
         back[0] = time.monotonic()
 
-    run = around(proc, seconds, outage_of_etcd)
+    run = around(loop, seconds, outage_of_etcd)
     failed, when = run.failures()
     print(f"etcd down {outage:g} s: {len(run.lines)} calls, {len(failed)} failed {when}")
     assert failed == [], f"{len(failed)} failed calls, {when} s after the kill: {failed[:3]}"
@@ -457,8 +372,7 @@ def test_an_etcd_restart_fails_no_call_and_collapses_nothing(ha_rig: Path) -> No
 def test_routing_survives_losing_every_controller(ha_rig: Path) -> None:
     for replica in control.load(ha_rig, HA_PREFIX).controllers:
         kill(ha_rig, replica.process)
-    calls = traffic(ha_rig, 4)
-    ok, failed = outcomes(calls)
+    ok, failed = outcomes(traffic(ha_rig, 4, "east", SOLO).proc)
     assert failed == []
     assert ok >= 10
     for replica in control.load(ha_rig, HA_PREFIX).controllers:
@@ -489,7 +403,7 @@ def test_killing_the_controller_leader_and_an_etcd_member_fails_no_request(
 ) -> None:
     leader = wait_leader(ha_rig)
     member = etcd_raft_leader(ha_rig)
-    calls = traffic(ha_rig, 12)
+    calls = traffic(ha_rig, 12, "east", SOLO).proc
     try:
         seen = flowing(calls, 10)  # traffic flowing before the kills (outcome asserted below)
         kill(ha_rig, leader)
