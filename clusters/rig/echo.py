@@ -135,6 +135,9 @@ def _int(text: str) -> int:
         return 0
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -143,7 +146,12 @@ class _Server(ThreadingHTTPServer):
         # probe that connects and resets is routine).
         peer = ":".join(map(str, client_address)) if isinstance(client_address, tuple) else ""
         line = {"event": "echo request failed", "peer": peer, "error": repr(sys.exc_info()[1])}
-        print(json.dumps({**line, "level": "warning"}), file=sys.stderr, flush=True)
+        text = json.dumps({**line, "level": "warning"}) + "\n"
+        # One write under a lock: `print` writes the line and its newline apart, so two
+        # handler threads failing at once interleaved into one line of two objects.
+        with _STDERR_LOCK:
+            sys.stderr.write(text)
+            sys.stderr.flush()
 
 
 def make_server(
