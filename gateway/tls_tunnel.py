@@ -23,6 +23,10 @@ either side closes a connection that received nothing for `idle_timeout`. Not he
 listener and `connect` (`gateway.tls_server`), pooling (`gateway.pool`), the TCP side
 (`gateway.splice`), nor what `sidecar.smux` shares (`mesh.muxconn.MuxDriver`: the streams'
 table, backpressure and events, the send side's batching, docs/transports.md "Data path").
+
+Over the 450-line aim: the handshake, the record I/O and the probes share one connection's
+state and timers; the rules they apply already live apart (`mesh.mux`, `gateway.health`,
+`gateway.liveness`), what is left is their wiring to one socket.
 """
 
 from __future__ import annotations
