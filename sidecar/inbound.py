@@ -311,7 +311,7 @@ class Inbound:
         except ProxyError as e:
             self._refuse(log, caller, e, 400)
             return None
-        return await self._proxy(caller, caller_id, raw, state, log, started)
+        return await self._proxy(caller, caller_id, raw, log, started)
 
     def _multiplex(self, caller: Conn, caller_id: SpiffeId, log: Any) -> None:
         """Serve the caller's connection as a `SmuxConnection`: each stream as a connection."""
@@ -341,7 +341,6 @@ class Inbound:
     async def handle_stream(self, caller: Conn, caller_id: SpiffeId, log: Any) -> None:
         """Serve one stream of a multiplexed connection, as `handle` serves a connection."""
         s = self._settings
-        state = self._state()
         log = log.bind(conn=f"{s.pod}/i{next(_ids)}")
         self.total += 1
         self.active += 1
@@ -358,7 +357,7 @@ class Inbound:
             except ProxyError as e:
                 self._refuse(log, caller, e, 400)
                 return
-            app = await self._proxy(caller, caller_id, raw, state, log, started)
+            app = await self._proxy(caller, caller_id, raw, log, started)
         finally:
             self.active -= 1
             self.live.pop(caller, None)
@@ -372,7 +371,6 @@ class Inbound:
         caller: Conn,
         caller_id: SpiffeId,
         raw: Mapping[str, Any],
-        state: ProxyState,
         log: Any,
         started: float,
     ) -> Conn | None:
@@ -384,12 +382,15 @@ class Inbound:
             self._refuse(log, caller, ProxyError("malformed stream header", str(e)), 400)
             return None
         log = log.bind(service=str(header.service), port=header.port)
-        if not state.routes.serves(header.service, header.port):
+        # The config current now, not at the handshake: one applied since (`enforce` ran
+        # before this call was registered) would otherwise never reach this stream.
+        routes = self._state().routes
+        if not routes.serves(header.service, header.port):
             detail = f"{header.service} port {header.port} is not a known service port"
             self._refuse(log, caller, ProxyError("unknown service", detail), 404)
             return None
-        policies = state.routes.policies(header.service)
-        http = state.routes.protocol(header.service, header.port) in HTTP_PROTOCOLS
+        policies = routes.policies(header.service)
+        http = routes.protocol(header.service, header.port) in HTTP_PROTOCOLS
         call = _Call(caller_id, header.service, header.port, bool(policies) and http)
         if policies and not call.gated:
             decision = authorize(policies, AuthzRequest(caller_id.uri, header.port))
@@ -397,6 +398,10 @@ class Inbound:
                 self._denied(log, call, decision, "", "")
                 self._refuse(log, caller, ProxyError(AUTHZ_REFUSAL, decision.reason), 403)
                 return None
+        # Registered before the app's connect is awaited, so a config applied meanwhile is
+        # enforced on it (`enforce`); `handle` unregisters it whatever happens.
+        self.live[caller] = caller_id
+        self.calls[caller] = call
         gated = call.gated and isinstance(caller, FlowConn)
         try:
             if gated:
@@ -406,9 +411,9 @@ class Inbound:
         except ProxyError as e:
             self._refuse(log, caller, ProxyError("app unavailable", e.detail), 503)
             return None
+        if caller not in self.calls:  # reset by `enforce` while the app's connect was awaited
+            return app
         caller.write(encode_reply(StreamReply(200)))
-        self.live[caller] = caller_id
-        self.calls[caller] = call
         log.info("inbound accepted")
         watch: _Watch | None = None
         if self.telemetry.tracing or self.telemetry.metrics:
