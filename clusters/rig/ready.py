@@ -161,26 +161,36 @@ def sidecar_config(rigdir: Path, cluster: str, pod: str) -> dict[str, object]:
     return data
 
 
-def endpoints_seen(config: dict[str, object], name: str, namespace: str) -> list[dict[str, str]]:
+def service_seen(config: dict[str, object], name: str, namespace: str) -> dict[str, object]:
+    """The sidecar's snapshot entry of `name.namespace` ({} if it has none)."""
     snap = config.get("snapshot")
     if not isinstance(snap, dict):
-        return []
+        return {}
     for svc in snap.get("services", []):
         if svc.get("name") == name and svc.get("namespace") == namespace:
-            return list(svc.get("endpoints", []))
-    return []
+            return dict(svc)
+    return {}
+
+
+def endpoints_seen(config: dict[str, object], name: str, namespace: str) -> list[dict[str, str]]:
+    endpoints = service_seen(config, name, namespace).get("endpoints")
+    return list(endpoints) if isinstance(endpoints, list) else []
 
 
 def wait_routes(
     rigdir: Path, name: str, namespace: str, expected: int, timeout: float = READY_TIMEOUT
 ) -> None:
-    """Wait until every client sidecar routes `name.namespace` to `expected` endpoints."""
+    """Wait until every client sidecar routes `name.namespace` to `expected` endpoints, and
+    (with any) resolves its name: the VIP may come in a later config than the endpoints (the
+    leader allocates it), and until then the name is NXDOMAIN."""
     state = lifecycle.load(rigdir)
     deadline = time.monotonic() + timeout
     for c in state.clusters:
         while True:
-            seen = len(endpoints_seen(sidecar_config(rigdir, c.name, "client"), name, namespace))
-            if seen == expected:
+            svc = service_seen(sidecar_config(rigdir, c.name, "client"), name, namespace)
+            endpoints = svc.get("endpoints")
+            seen = len(endpoints) if isinstance(endpoints, list) else 0
+            if seen == expected and (expected == 0 or svc.get("vip")):
                 break
             if time.monotonic() > deadline:
                 raise RigError(
