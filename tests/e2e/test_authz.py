@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from clusters.rig import config_repo, control, lifecycle, topology
+from clusters.rig import bringup, config_repo, control, lifecycle, topology
+from clusters.rig.cmd import CommandError
 from mesh.model import ServicePort
 from tests.e2e.conftest import revive_agents
 from tests.e2e.policy_rig import pod_netns, run_in_pod, start_workload
@@ -110,6 +111,23 @@ def until_status(rig: Path, cluster: str, url: str, status: int) -> tuple[float,
         assert time.monotonic() < deadline, f"{url} still answers {code} {reason!r}"
 
 
+def until_everywhere(rig: Path, policy: str, pods: list[tuple[str, str]]) -> None:
+    """Until every pod's sidecar in `pods` runs AuthorizationPolicy `policy`: a status seen
+    from one endpoint says nothing of the service's others (each gets its push apart)."""
+
+    def running(cluster: str, pod: str) -> bool:
+        snap = bringup.sidecar_config(rig, cluster, pod).get("snapshot")
+        policies = snap.get("authorization", []) if isinstance(snap, dict) else []
+        return policy in {a.get("name") for a in policies}
+
+    until_sync(
+        lambda: all(running(c, p) for c, p in pods),
+        WITHIN,
+        what=f"{policy} in every sidecar of {pods}",
+        ignoring=(CommandError, ValueError),
+    )
+
+
 def denied_metric(rig: Path, cluster: str, pod: str, service: str, reason: str) -> float:
     """`fedgate_authz_denied_total` of one pod's sidecar for `service` and `reason`."""
     url = f"http://127.0.0.1:{topology.SIDECAR_ADMIN_PORT}/metrics"
@@ -143,6 +161,7 @@ def test_allow_only_west_client_refuses_east_within_a_second(echo: Path) -> None
         took = refused_at - committed
         print(f"east/client refused {took:.2f} s after the commit")
         assert reason == "no ALLOW policy matched"
+        until_everywhere(echo, "west-only", [("east", "echo-1"), ("west", "echo-1")])
         # Steady state: every east call refused, every west call served (both clusters' pods).
         east = [curl(echo, "east", ECHO + f"/?i={i}") for i in range(10)]
         west = [curl(echo, "west", ECHO + f"/?i={i}") for i in range(10)]
@@ -194,6 +213,7 @@ def test_deny_on_one_path_serves_the_others(echo: Path) -> None:
     try:
         _, reason = until_status(echo, "east", ECHO + "/private/x", 403)
         assert reason == "denied by authorization policy demo/no-private"
+        until_everywhere(echo, "no-private", [("east", "echo-1"), ("west", "echo-1")])
         # Path normalisation: a dot segment or a doubled slash does not walk around the DENY.
         assert curl(echo, "east", ECHO + "/public/%2E%2E/private/x")[0] == 403
         assert curl(echo, "east", ECHO + "//private/x")[0] == 403
